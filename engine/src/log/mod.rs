@@ -1,0 +1,941 @@
+//! A segmented, append-only, durable log: one per depot partition, and the
+//! write-ahead log of every PState store.
+//!
+//! Records get consecutive offsets. [`Log::append`] returns only once the
+//! record is durable: appends queue into a bounded buffer, one flusher task
+//! writes everything queued and issues one `fdatasync` for it (group commit),
+//! then acknowledges the whole group. While one sync runs, the next group
+//! fills. All I/O goes through glommio (io_uring).
+//!
+//! Segments are named by their base offset (`00000000000000000042.log`) and
+//! pre-written with zeros ahead of the writer: a sync of a pre-written file
+//! changes no metadata and is markedly cheaper than a sync of a growing one.
+//! The zero fill also marks the end of the log (see [`format`]).
+//!
+//! Recovery ([`Log::open`]) scans the last segment, keeps the good frames
+//! and zeroes a torn or corrupt tail. Closed segments are verified as they
+//! are read: a bad frame there is [`Error::Corrupt`] naming the segment and
+//! offset, never skipped.
+//!
+//! A failed write or sync poisons the log: every waiting and later append
+//! fails, because nothing written after the failure can be proven durable.
+
+pub mod format;
+
+use std::cell::RefCell;
+use std::collections::{BTreeMap, VecDeque};
+use std::ops::Range;
+use std::path::{Path, PathBuf};
+use std::rc::Rc;
+
+use glommio::io::{BufferedFile, OpenOptions};
+
+use self::format::{FrameError, ScanStop, FRAME_HEAD_BYTES, HEADER_BYTES};
+use crate::error::{gio, Error, Result};
+use crate::sync::Waiters;
+
+/// Configuration of one log. Every size has a bound.
+#[derive(Debug, Clone)]
+pub struct LogConfig {
+    /// A segment is closed once the next record would take it past this
+    /// size. Default 64 MiB.
+    pub segment_bytes_max: u64,
+    /// Largest record payload accepted. Default 1 MiB.
+    pub record_bytes_max: u32,
+    /// Bytes of appended records queued and not yet durable, beyond which
+    /// appenders wait (back-pressure). Default 8 MiB.
+    pub pending_bytes_max: usize,
+    /// Largest single write issued by the flusher. Default 1 MiB.
+    pub write_bytes_max: usize,
+    /// Zeros written ahead of the writer. Default 4 MiB.
+    pub prewrite_bytes: u64,
+    /// One sparse index entry per this many bytes of a segment. Default 16 KiB.
+    pub index_interval_bytes: usize,
+    /// Keep at most this many records; older whole segments are deleted.
+    /// Default: keep everything.
+    pub entries_max: Option<u64>,
+}
+
+impl Default for LogConfig {
+    fn default() -> Self {
+        LogConfig {
+            segment_bytes_max: 64 << 20,
+            record_bytes_max: 1 << 20,
+            pending_bytes_max: 8 << 20,
+            write_bytes_max: 1 << 20,
+            prewrite_bytes: 4 << 20,
+            index_interval_bytes: 16 << 10,
+            entries_max: None,
+        }
+    }
+}
+
+impl LogConfig {
+    /// Checks the configuration, naming the first bad key.
+    pub fn validate(&self) -> Result<()> {
+        let frame_max = format::frame_bytes(self.record_bytes_max as usize) as u64;
+        if self.segment_bytes_max < HEADER_BYTES as u64 + frame_max {
+            return Err(Error::Config {
+                key: "segment_bytes_max",
+                value: self.segment_bytes_max.to_string(),
+                reason: "must hold the header and one record of record_bytes_max",
+            });
+        }
+        if (self.pending_bytes_max as u64) < frame_max {
+            return Err(Error::Config {
+                key: "pending_bytes_max",
+                value: self.pending_bytes_max.to_string(),
+                reason: "must hold one record of record_bytes_max",
+            });
+        }
+        if self.write_bytes_max == 0 {
+            return Err(Error::Config {
+                key: "write_bytes_max",
+                value: "0".into(),
+                reason: "must be positive",
+            });
+        }
+        if self.index_interval_bytes == 0 {
+            return Err(Error::Config {
+                key: "index_interval_bytes",
+                value: "0".into(),
+                reason: "must be positive",
+            });
+        }
+        if self.entries_max == Some(0) {
+            return Err(Error::Config {
+                key: "entries_max",
+                value: "0".into(),
+                reason: "must be positive when set",
+            });
+        }
+        Ok(())
+    }
+}
+
+/// A record read back from the log.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Record {
+    pub offset: u64,
+    pub payload: Vec<u8>,
+}
+
+/// What recovery found when the log was opened.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Recovery {
+    /// Bytes of a torn or corrupt tail that were zeroed.
+    pub truncated_bytes: u64,
+    /// Why the tail was cut, if it was.
+    pub reason: Option<String>,
+    /// A segment file whose creation never completed and was removed.
+    pub removed_incomplete_segment: Option<PathBuf>,
+}
+
+/// An append-only log on one task thread. Cheap to clone; all clones share
+/// the same log. Not `Send`: a log belongs to one task thread.
+#[derive(Debug, Clone)]
+pub struct Log {
+    shared: Rc<Shared>,
+}
+
+#[derive(Debug)]
+struct Shared {
+    dir: PathBuf,
+    config: LogConfig,
+    state: RefCell<State>,
+    /// Woken when `durable_end` advances or the log is poisoned or closed.
+    durable: Waiters,
+    /// Woken when pending bytes shrink.
+    space: Waiters,
+    /// Woken when there is something to flush, or on close.
+    work: Waiters,
+}
+
+#[derive(Debug)]
+struct State {
+    /// Every segment by base offset; the last one is the tail.
+    segments: BTreeMap<u64, Segment>,
+    /// The tail segment's file, open for writing.
+    tail_file: Rc<BufferedFile>,
+    /// File position up to which the tail is pre-written with zeros.
+    prewritten_to: u64,
+    /// Offset the next append gets.
+    next_offset: u64,
+    /// Segment base and file position the next frame will be written to.
+    reserve_base: u64,
+    reserve_position: u64,
+    /// Encoded frames not yet written, in order.
+    pending: VecDeque<Chunk>,
+    pending_bytes: usize,
+    /// Every offset below this is durable.
+    durable_end: u64,
+    /// Offset of the first record still kept.
+    start_offset: u64,
+    poisoned: Option<String>,
+    closed: bool,
+    flusher_running: bool,
+}
+
+/// Frames bound for one contiguous range of one segment.
+#[derive(Debug)]
+struct Chunk {
+    segment_base: u64,
+    /// The first chunk of a segment that does not exist yet.
+    new_segment: bool,
+    position: u64,
+    end_offset: u64,
+    bytes: Vec<u8>,
+    /// Sparse index entries `(offset, file position)` of these frames.
+    index: Vec<(u64, u64)>,
+}
+
+#[derive(Debug)]
+struct Segment {
+    path: PathBuf,
+    base: u64,
+    /// Offset after the last record (for the tail: the durable end).
+    end_offset: u64,
+    /// File position after the last frame, once known.
+    data_end: Option<u64>,
+    /// Sparse `(offset, file position)` index, once built.
+    index: Option<Vec<(u64, u64)>>,
+    /// Position after the last indexed frame, for keeping the tail's index sparse.
+    next_index_position: u64,
+}
+
+fn segment_path(dir: &Path, base: u64) -> PathBuf {
+    dir.join(format!("{base:020}.log"))
+}
+
+fn parse_segment_name(name: &str) -> Option<u64> {
+    let digits = name.strip_suffix(".log")?;
+    if digits.len() != 20 || !digits.bytes().all(|b| b.is_ascii_digit()) {
+        return None;
+    }
+    digits.parse().ok()
+}
+
+async fn open_rw(path: &Path, create: bool) -> Result<BufferedFile> {
+    OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(create)
+        .buffered_open(path)
+        .await
+        .map_err(|e| Error::io("open segment", path, gio(e)))
+}
+
+/// Writes all of `buf` at `position`. A short write (a full device) is an
+/// error: the log is then poisoned rather than retried, since the buffer
+/// was handed to the kernel and is not kept for a second attempt.
+async fn write_all(file: &BufferedFile, path: &Path, buf: Vec<u8>, position: u64) -> Result<()> {
+    let len = buf.len();
+    let written = file
+        .write_at(buf, position)
+        .await
+        .map_err(|e| Error::io("write segment", path, gio(e)))?;
+    if written < len {
+        return Err(Error::io(
+            "write segment",
+            path,
+            std::io::Error::new(
+                std::io::ErrorKind::WriteZero,
+                format!("short write ({written} of {len} bytes at {position}); the device may be full"),
+            ),
+        ));
+    }
+    Ok(())
+}
+
+async fn read_exact(file: &BufferedFile, path: &Path, position: u64, len: usize) -> Result<Vec<u8>> {
+    let mut out = Vec::with_capacity(len);
+    while out.len() < len {
+        let got = file
+            .read_at(position + out.len() as u64, len - out.len())
+            .await
+            .map_err(|e| Error::io("read segment", path, gio(e)))?;
+        if got.is_empty() {
+            break;
+        }
+        out.extend_from_slice(&got);
+    }
+    Ok(out)
+}
+
+fn sync_dir(dir: &Path) -> Result<()> {
+    std::fs::File::open(dir)
+        .and_then(|d| d.sync_all())
+        .map_err(|e| Error::io("sync directory", dir, e))
+}
+
+/// Creates a segment: header plus pre-written zeros, synced, and the
+/// directory synced, before any record may target it.
+async fn create_segment(dir: &Path, base: u64, prewrite: u64) -> Result<(BufferedFile, u64)> {
+    let path = segment_path(dir, base);
+    let file = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .buffered_open(&path)
+        .await
+        .map_err(|e| Error::io("create segment", &path, gio(e)))?;
+    let size = HEADER_BYTES as u64 + prewrite;
+    let mut buf = vec![0u8; size as usize];
+    buf[..HEADER_BYTES].copy_from_slice(&format::encode_header(base));
+    write_all(&file, &path, buf, 0).await?;
+    file.fdatasync()
+        .await
+        .map_err(|e| Error::io("sync segment", &path, gio(e)))?;
+    sync_dir(dir)?;
+    Ok((file, size))
+}
+
+impl Log {
+    /// Opens (or creates) the log in `dir`, recovering a torn tail.
+    pub async fn open(dir: impl AsRef<Path>, config: LogConfig) -> Result<(Log, Recovery)> {
+        config.validate()?;
+        let dir = dir.as_ref().to_path_buf();
+        std::fs::create_dir_all(&dir).map_err(|e| Error::io("create log directory", &dir, e))?;
+        let mut bases = Vec::new();
+        for entry in std::fs::read_dir(&dir).map_err(|e| Error::io("list log directory", &dir, e))? {
+            let entry = entry.map_err(|e| Error::io("list log directory", &dir, e))?;
+            if let Some(base) = entry.file_name().to_str().and_then(parse_segment_name) {
+                bases.push(base);
+            }
+        }
+        bases.sort_unstable();
+        let mut recovery = Recovery::default();
+
+        // The last segment's creation may have been cut short by a crash
+        // (no complete header): no record was ever acknowledged in it.
+        while let Some(&last) = bases.last() {
+            let path = segment_path(&dir, last);
+            let mut head = [0u8; HEADER_BYTES];
+            let complete = std::fs::File::open(&path)
+                .and_then(|f| std::os::unix::fs::FileExt::read_exact_at(&f, &mut head, 0))
+                .is_ok()
+                && format::decode_header(&head) == Ok(last);
+            if complete {
+                break;
+            }
+            std::fs::remove_file(&path).map_err(|e| Error::io("remove incomplete segment", &path, e))?;
+            sync_dir(&dir)?;
+            recovery.removed_incomplete_segment = Some(path);
+            bases.pop();
+        }
+
+        let mut segments = BTreeMap::new();
+        for (i, &base) in bases.iter().enumerate() {
+            let path = segment_path(&dir, base);
+            let end_offset = bases.get(i + 1).copied().unwrap_or(base);
+            segments.insert(
+                base,
+                Segment {
+                    path,
+                    base,
+                    end_offset,
+                    data_end: None,
+                    index: None,
+                    next_index_position: 0,
+                },
+            );
+        }
+
+        let (tail_file, prewritten_to, tail_base) = match bases.last() {
+            None => {
+                let (file, size) = create_segment(&dir, 0, config.prewrite_bytes).await?;
+                segments.insert(
+                    0,
+                    Segment {
+                        path: segment_path(&dir, 0),
+                        base: 0,
+                        end_offset: 0,
+                        data_end: Some(HEADER_BYTES as u64),
+                        index: Some(Vec::new()),
+                        next_index_position: 0,
+                    },
+                );
+                (file, size, 0)
+            }
+            Some(&base) => {
+                let path = segment_path(&dir, base);
+                let file = open_rw(&path, false).await?;
+                let size = file
+                    .file_size()
+                    .await
+                    .map_err(|e| Error::io("stat segment", &path, gio(e)))?;
+                let bytes = read_exact(&file, &path, 0, size as usize).await?;
+                let scan = format::scan(
+                    &bytes[HEADER_BYTES..],
+                    base,
+                    config.record_bytes_max,
+                    config.index_interval_bytes,
+                );
+                let data_end = (HEADER_BYTES + scan.end_position) as u64;
+                if let ScanStop::Bad(e) = scan.stop {
+                    // Zero everything after the last good frame, so stale
+                    // bytes there can never be read as frames later.
+                    let garbage = size - data_end;
+                    write_all(&file, &path, vec![0u8; garbage as usize], data_end).await?;
+                    file.fdatasync()
+                        .await
+                        .map_err(|e| Error::io("sync segment", &path, gio(e)))?;
+                    recovery.truncated_bytes = garbage;
+                    recovery.reason = Some(match e {
+                        FrameError::Truncated { .. } => format!("torn frame at offset {}", scan.end_offset),
+                        FrameError::Corrupt(why) => format!("{why} at offset {}", scan.end_offset),
+                    });
+                }
+                let seg = segments.get_mut(&base).expect("tail segment is listed");
+                seg.end_offset = scan.end_offset;
+                seg.data_end = Some(data_end);
+                seg.next_index_position = scan
+                    .index
+                    .last()
+                    .map_or(0, |&(_, p)| (HEADER_BYTES + p + config.index_interval_bytes) as u64);
+                seg.index = Some(
+                    scan.index
+                        .into_iter()
+                        .map(|(o, p)| (o, (HEADER_BYTES + p) as u64))
+                        .collect(),
+                );
+                (file, size, base)
+            }
+        };
+
+        let tail = &segments[&tail_base];
+        let end = tail.end_offset;
+        let reserve_position = tail.data_end.expect("tail data end is known");
+        let start_offset = *segments.keys().next().expect("at least one segment");
+        let state = State {
+            segments,
+            tail_file: Rc::new(tail_file),
+            prewritten_to,
+            next_offset: end,
+            reserve_base: tail_base,
+            reserve_position,
+            pending: VecDeque::new(),
+            pending_bytes: 0,
+            durable_end: end,
+            start_offset,
+            poisoned: None,
+            closed: false,
+            flusher_running: true,
+        };
+        let log = Log {
+            shared: Rc::new(Shared {
+                dir,
+                config,
+                state: RefCell::new(state),
+                durable: Waiters::default(),
+                space: Waiters::default(),
+                work: Waiters::default(),
+            }),
+        };
+        glommio::spawn_local(flusher(log.shared.clone())).detach();
+        Ok((log, recovery))
+    }
+
+    /// The directory holding the segments.
+    pub fn dir(&self) -> &Path {
+        &self.shared.dir
+    }
+
+    /// Offset of the oldest record kept.
+    pub fn start_offset(&self) -> u64 {
+        self.shared.state.borrow().start_offset
+    }
+
+    /// Offset after the last durable record; reads see records below it.
+    pub fn end_offset(&self) -> u64 {
+        self.shared.state.borrow().durable_end
+    }
+
+    /// Appends one record and returns its offset once it is durable.
+    pub async fn append(&self, payload: &[u8]) -> Result<u64> {
+        let range = self.append_batch(std::iter::once(payload)).await?;
+        Ok(range.start)
+    }
+
+    /// Appends records in order and returns their offsets once all of them
+    /// are durable. Every record is checked against the limits before any is
+    /// queued, so a refused batch appends nothing.
+    pub async fn append_batch<'p>(&self, payloads: impl IntoIterator<Item = &'p [u8]> + Clone) -> Result<Range<u64>> {
+        let range = self.enqueue_batch(payloads).await?;
+        self.wait_durable(range.end).await?;
+        Ok(range)
+    }
+
+    /// Queues records and returns their offsets without waiting for
+    /// durability; [`Log::wait_durable`] waits for it. Waits only for room in
+    /// the pending buffer.
+    pub async fn enqueue_batch<'p>(&self, payloads: impl IntoIterator<Item = &'p [u8]> + Clone) -> Result<Range<u64>> {
+        let config = &self.shared.config;
+        let mut total = 0usize;
+        for p in payloads.clone() {
+            Error::check_limit("record", "record_bytes_max", p.len(), config.record_bytes_max as usize)?;
+            total += format::frame_bytes(p.len());
+        }
+        Error::check_limit("batch", "pending_bytes_max", total, config.pending_bytes_max)?;
+        self.shared
+            .space
+            .wait(|| {
+                let s = self.shared.state.borrow();
+                (s.poisoned.is_some() || s.closed || s.pending_bytes + total <= config.pending_bytes_max).then_some(())
+            })
+            .await;
+        let mut s = self.shared.state.borrow_mut();
+        self.check_usable(&s)?;
+        let start = s.next_offset;
+        for p in payloads {
+            s.reserve(config, p);
+        }
+        let end = s.next_offset;
+        drop(s);
+        self.shared.work.wake_all();
+        Ok(start..end)
+    }
+
+    /// Waits until every record below `end` is durable.
+    pub async fn wait_durable(&self, end: u64) -> Result<()> {
+        self.shared
+            .durable
+            .wait(|| {
+                let s = self.shared.state.borrow();
+                if s.durable_end >= end {
+                    Some(Ok(()))
+                } else {
+                    self.check_usable(&s).err().map(Err)
+                }
+            })
+            .await
+    }
+
+    fn check_usable(&self, s: &State) -> Result<()> {
+        if let Some(cause) = &s.poisoned {
+            return Err(Error::Poisoned {
+                what: format!("log {}", self.shared.dir.display()),
+                cause: cause.clone(),
+            });
+        }
+        if s.closed {
+            return Err(Error::Closed(format!("log {}", self.shared.dir.display())));
+        }
+        Ok(())
+    }
+
+    /// Reads durable records with offsets in `[start, end)`, stopping once
+    /// `bytes_max` payload bytes are collected (at least one record is
+    /// returned when any is in range, however large). `end` is clamped to
+    /// the durable end.
+    pub async fn read(&self, start: u64, end: u64, bytes_max: usize) -> Result<Vec<Record>> {
+        let (log_start, durable_end) = {
+            let s = self.shared.state.borrow();
+            (s.start_offset, s.durable_end)
+        };
+        if start < log_start || start > durable_end {
+            return Err(Error::OffsetOutOfRange {
+                requested: start,
+                start: log_start,
+                end: durable_end,
+            });
+        }
+        let end = end.min(durable_end);
+        let mut out = Vec::new();
+        let mut bytes = 0usize;
+        let mut offset = start;
+        while offset < end && (out.is_empty() || bytes < bytes_max) {
+            let before = out.len();
+            self.read_segment(offset, end, bytes_max, &mut bytes, &mut out).await?;
+            if out.len() == before {
+                // Nothing more in range (the segment was trimmed under us).
+                break;
+            }
+            offset = out.last().map_or(offset, |r| r.offset + 1);
+        }
+        Ok(out)
+    }
+
+    /// Reads from the segment holding `offset`.
+    async fn read_segment(
+        &self,
+        offset: u64,
+        end: u64,
+        bytes_max: usize,
+        bytes: &mut usize,
+        out: &mut Vec<Record>,
+    ) -> Result<()> {
+        let config = &self.shared.config;
+        let (base, path, file) = {
+            let s = self.shared.state.borrow();
+            let Some((&base, seg)) = s.segments.range(..=offset).next_back() else {
+                return Ok(());
+            };
+            let file = (base == s.reserve_base_of_tail()).then(|| s.tail_file.clone());
+            (base, seg.path.clone(), file)
+        };
+        let file = match file {
+            Some(f) => f,
+            None => Rc::new(
+                BufferedFile::open(&path)
+                    .await
+                    .map_err(|e| Error::io("open segment", &path, gio(e)))?,
+            ),
+        };
+        self.ensure_index(base, &path, &file).await?;
+        let (mut position, mut at, data_end, seg_end) = {
+            let s = self.shared.state.borrow();
+            let Some(seg) = s.segments.get(&base) else {
+                return Ok(());
+            };
+            let index = seg.index.as_ref().expect("index was just built");
+            let i = index.partition_point(|&(o, _)| o <= offset);
+            let (at, position) = if i == 0 {
+                (base, HEADER_BYTES as u64)
+            } else {
+                index[i - 1]
+            };
+            (
+                position,
+                at,
+                seg.data_end.expect("data end known once indexed"),
+                seg.end_offset,
+            )
+        };
+        let end = end.min(seg_end);
+        let window = bytes_max.saturating_add(FRAME_HEAD_BYTES).clamp(64 << 10, 4 << 20);
+        while at < end && position < data_end {
+            let len = (data_end - position).min(window as u64) as usize;
+            let buf = read_exact(&file, &path, position, len).await?;
+            let mut pos = 0usize;
+            loop {
+                if at >= end || (!out.is_empty() && *bytes >= bytes_max) {
+                    return Ok(());
+                }
+                match format::decode_frame(&buf[pos..], at, config.record_bytes_max) {
+                    Ok(Some(frame)) => {
+                        if at >= offset {
+                            *bytes += frame.payload.len();
+                            out.push(Record {
+                                offset: at,
+                                payload: frame.payload.to_vec(),
+                            });
+                        }
+                        pos += frame.bytes();
+                        at += 1;
+                    }
+                    Err(FrameError::Truncated { needed }) if position + pos as u64 + (needed as u64) <= data_end => {
+                        if pos == 0 {
+                            // A frame larger than the window: read it whole.
+                            let whole = read_exact(&file, &path, position, needed).await?;
+                            match format::decode_frame(&whole, at, config.record_bytes_max) {
+                                Ok(Some(frame)) => {
+                                    if at >= offset {
+                                        *bytes += frame.payload.len();
+                                        out.push(Record {
+                                            offset: at,
+                                            payload: frame.payload.to_vec(),
+                                        });
+                                    }
+                                    pos = frame.bytes();
+                                    at += 1;
+                                }
+                                other => return Err(corrupt(&path, at, position, other.err())),
+                            }
+                        }
+                        break;
+                    }
+                    Ok(None) | Err(_) => {
+                        return Err(corrupt(
+                            &path,
+                            at,
+                            position + pos as u64,
+                            format::decode_frame(&buf[pos..], at, config.record_bytes_max).err(),
+                        ));
+                    }
+                }
+            }
+            position += pos as u64;
+        }
+        Ok(())
+    }
+
+    /// Builds the sparse index of a closed segment by scanning it once,
+    /// verifying every frame.
+    async fn ensure_index(&self, base: u64, path: &Path, file: &BufferedFile) -> Result<()> {
+        let expected_end = {
+            let s = self.shared.state.borrow();
+            match s.segments.get(&base) {
+                Some(seg) if seg.index.is_none() => seg.end_offset,
+                _ => return Ok(()),
+            }
+        };
+        let config = &self.shared.config;
+        let size = file
+            .file_size()
+            .await
+            .map_err(|e| Error::io("stat segment", path, gio(e)))?;
+        let bytes = read_exact(file, path, 0, size as usize).await?;
+        match format::decode_header(&bytes) {
+            Ok(b) if b == base => {}
+            Ok(_) => {
+                return Err(corrupt(
+                    path,
+                    base,
+                    0,
+                    Some(FrameError::Corrupt("header base offset differs from the file name")),
+                ))
+            }
+            Err(e) => return Err(corrupt(path, base, 0, Some(e))),
+        }
+        let scan = format::scan(
+            &bytes[HEADER_BYTES..],
+            base,
+            config.record_bytes_max,
+            config.index_interval_bytes,
+        );
+        if scan.end_offset != expected_end {
+            let why = match scan.stop {
+                ScanStop::Bad(e) => Some(e),
+                ScanStop::Clean => Some(FrameError::Corrupt(
+                    "segment ends before the next segment's base offset",
+                )),
+            };
+            return Err(corrupt(
+                path,
+                scan.end_offset,
+                (HEADER_BYTES + scan.end_position) as u64,
+                why,
+            ));
+        }
+        let mut s = self.shared.state.borrow_mut();
+        if let Some(seg) = s.segments.get_mut(&base) {
+            seg.data_end = Some((HEADER_BYTES + scan.end_position) as u64);
+            seg.index = Some(
+                scan.index
+                    .into_iter()
+                    .map(|(o, p)| (o, (HEADER_BYTES + p) as u64))
+                    .collect(),
+            );
+        }
+        Ok(())
+    }
+
+    /// Deletes whole closed segments whose records are all below `offset`.
+    /// Returns the new start offset.
+    pub fn trim_before(&self, offset: u64) -> Result<u64> {
+        trim_before(&self.shared, offset)
+    }
+
+    /// Stops the flusher after everything queued is written. Appends after
+    /// this fail with [`Error::Closed`].
+    pub async fn close(&self) -> Result<()> {
+        let end = self.shared.state.borrow().next_offset;
+        let result = self.wait_durable(end).await;
+        self.shared.state.borrow_mut().closed = true;
+        self.shared.work.wake_all();
+        self.shared
+            .work
+            .wait(|| (!self.shared.state.borrow().flusher_running).then_some(()))
+            .await;
+        result
+    }
+}
+
+fn corrupt(path: &Path, offset: u64, position: u64, e: Option<FrameError>) -> Error {
+    let reason = match e {
+        Some(FrameError::Corrupt(why)) => why.to_string(),
+        Some(FrameError::Truncated { .. }) => "frame cut short inside a closed segment".to_string(),
+        None => "end of data inside the expected range".to_string(),
+    };
+    Error::Corrupt {
+        path: path.to_path_buf(),
+        offset,
+        position,
+        reason,
+    }
+}
+
+impl State {
+    fn reserve_base_of_tail(&self) -> u64 {
+        *self.segments.keys().next_back().expect("at least one segment")
+    }
+
+    /// Assigns the next offset to `payload` and queues its frame.
+    fn reserve(&mut self, config: &LogConfig, payload: &[u8]) {
+        let frame = format::frame_bytes(payload.len()) as u64;
+        let offset = self.next_offset;
+        let roll =
+            self.reserve_position + frame > config.segment_bytes_max && self.reserve_position > HEADER_BYTES as u64;
+        if roll {
+            self.reserve_base = offset;
+            self.reserve_position = HEADER_BYTES as u64;
+        }
+        let fits_last = !roll
+            && self.pending.back().is_some_and(|c| {
+                c.segment_base == self.reserve_base && c.bytes.len() + frame as usize <= config.write_bytes_max
+            });
+        if !fits_last {
+            self.pending.push_back(Chunk {
+                segment_base: self.reserve_base,
+                new_segment: roll,
+                position: self.reserve_position,
+                end_offset: offset,
+                bytes: Vec::with_capacity((frame as usize).max(config.write_bytes_max.min(256 << 10))),
+                index: Vec::new(),
+            });
+        }
+        let chunk = self.pending.back_mut().expect("a chunk was just ensured");
+        if chunk
+            .index
+            .last()
+            .is_none_or(|&(_, p)| self.reserve_position >= p + config.index_interval_bytes as u64)
+        {
+            chunk.index.push((offset, self.reserve_position));
+        }
+        format::encode_frame(offset, payload, &mut chunk.bytes);
+        chunk.end_offset = offset + 1;
+        self.reserve_position += frame;
+        self.pending_bytes += frame as usize;
+        self.next_offset += 1;
+    }
+}
+
+/// The background task that writes queued frames and syncs them.
+async fn flusher(shared: Rc<Shared>) {
+    loop {
+        let run = shared
+            .work
+            .wait(|| {
+                let s = shared.state.borrow();
+                if s.poisoned.is_some() || (s.closed && s.pending.is_empty()) {
+                    Some(false)
+                } else {
+                    (!s.pending.is_empty()).then_some(true)
+                }
+            })
+            .await;
+        if !run {
+            break;
+        }
+        if let Err(e) = flush_once(&shared).await {
+            shared.state.borrow_mut().poisoned = Some(e.to_string());
+            shared.durable.wake_all();
+            shared.space.wake_all();
+            break;
+        }
+    }
+    shared.state.borrow_mut().flusher_running = false;
+    shared.work.wake_all();
+}
+
+/// Writes all queued chunks of the first pending segment and syncs once.
+async fn flush_once(shared: &Rc<Shared>) -> Result<()> {
+    let config = &shared.config;
+    let chunks: Vec<Chunk> = {
+        let mut s = shared.state.borrow_mut();
+        let base = s.pending.front().expect("flusher runs with pending work").segment_base;
+        let mut taken = Vec::new();
+        while s
+            .pending
+            .front()
+            .is_some_and(|c| c.segment_base == base && (taken.is_empty() || !c.new_segment))
+        {
+            taken.push(s.pending.pop_front().expect("front exists"));
+        }
+        taken
+    };
+    let base = chunks[0].segment_base;
+    if chunks[0].new_segment {
+        let (file, size) = create_segment(&shared.dir, base, config.prewrite_bytes).await?;
+        let mut s = shared.state.borrow_mut();
+        let old_tail = s.reserve_base_of_tail();
+        let old = s.segments.get_mut(&old_tail).expect("tail segment exists");
+        debug_assert_eq!(old.end_offset, base, "a new segment starts where the old one ended");
+        s.segments.insert(
+            base,
+            Segment {
+                path: segment_path(&shared.dir, base),
+                base,
+                end_offset: base,
+                data_end: Some(HEADER_BYTES as u64),
+                index: Some(Vec::new()),
+                next_index_position: 0,
+            },
+        );
+        s.tail_file = Rc::new(file);
+        s.prewritten_to = size;
+    }
+    let (file, path, prewritten_to) = {
+        let s = shared.state.borrow();
+        (s.tail_file.clone(), segment_path(&shared.dir, base), s.prewritten_to)
+    };
+    let last = chunks.last().expect("at least one chunk");
+    let write_end = last.position + last.bytes.len() as u64;
+    if write_end > prewritten_to {
+        // Extend the zero fill well past this write; this sync pays for the
+        // size change once, the following ones do not.
+        let target = (write_end + config.prewrite_bytes).min(config.segment_bytes_max.max(write_end));
+        write_all(
+            &file,
+            &path,
+            vec![0u8; (target - prewritten_to) as usize],
+            prewritten_to,
+        )
+        .await?;
+        shared.state.borrow_mut().prewritten_to = target;
+    }
+    let mut written = 0usize;
+    let mut index = Vec::new();
+    let mut end_offset = 0;
+    for chunk in chunks {
+        written += chunk.bytes.len();
+        index.extend(chunk.index);
+        end_offset = chunk.end_offset;
+        write_all(&file, &path, chunk.bytes, chunk.position).await?;
+    }
+    file.fdatasync()
+        .await
+        .map_err(|e| Error::io("sync segment", &path, gio(e)))?;
+    {
+        let mut s = shared.state.borrow_mut();
+        let seg = s.segments.get_mut(&base).expect("flushed segment exists");
+        seg.end_offset = end_offset;
+        seg.data_end = Some(write_end);
+        let seg_index = seg.index.get_or_insert_with(Vec::new);
+        seg_index.extend(index);
+        s.durable_end = end_offset;
+        s.pending_bytes -= written;
+    }
+    shared.durable.wake_all();
+    shared.space.wake_all();
+    if let Some(max) = config.entries_max {
+        let end = shared.state.borrow().durable_end;
+        if end > max {
+            trim_before(shared, end - max)?;
+        }
+    }
+    Ok(())
+}
+
+fn trim_before(shared: &Shared, offset: u64) -> Result<u64> {
+    let mut s = shared.state.borrow_mut();
+    let tail = s.reserve_base_of_tail();
+    let doomed: Vec<u64> = s
+        .segments
+        .values()
+        .filter(|seg| seg.base != tail && seg.end_offset <= offset)
+        .map(|seg| seg.base)
+        .collect();
+    if doomed.is_empty() {
+        return Ok(s.start_offset);
+    }
+    for base in doomed {
+        let seg = s.segments.remove(&base).expect("listed above");
+        std::fs::remove_file(&seg.path).map_err(|e| Error::io("remove trimmed segment", &seg.path, e))?;
+    }
+    s.start_offset = *s.segments.keys().next().expect("the tail is never trimmed");
+    sync_dir(&shared.dir)?;
+    Ok(s.start_offset)
+}

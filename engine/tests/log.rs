@@ -1,0 +1,228 @@
+//! Depot partition log: appends, reads, segment rolls, recovery, limits.
+
+use std::fs::OpenOptions;
+use std::io::{Seek, SeekFrom, Write};
+use std::path::Path;
+
+use engine::executor::ExecutorConfig;
+use engine::log::{Log, LogConfig};
+use engine::Error;
+
+fn run<T>(fut: impl std::future::Future<Output = T>) -> T {
+    ExecutorConfig::default().block_on(fut).expect("executor starts")
+}
+
+fn small() -> LogConfig {
+    LogConfig {
+        segment_bytes_max: 4096,
+        prewrite_bytes: 1024,
+        index_interval_bytes: 256,
+        record_bytes_max: 1000,
+        pending_bytes_max: 64 << 10,
+        ..LogConfig::default()
+    }
+}
+
+fn payload(i: u64) -> Vec<u8> {
+    let len = (i * 37 % 300) as usize;
+    (0..len).map(|j| (i as usize + j) as u8).collect()
+}
+
+fn segments(dir: &Path) -> Vec<std::path::PathBuf> {
+    let mut v: Vec<_> = std::fs::read_dir(dir)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| p.extension().is_some_and(|e| e == "log"))
+        .collect();
+    v.sort();
+    v
+}
+
+#[test]
+fn appends_read_back_across_segments_and_reopen() {
+    let dir = tempfile::tempdir().unwrap();
+    run(async {
+        let (log, rec) = Log::open(dir.path(), small()).await.unwrap();
+        assert_eq!(rec.truncated_bytes, 0);
+        for i in 0..200u64 {
+            assert_eq!(log.append(&payload(i)).await.unwrap(), i);
+        }
+        let all = log.read(0, u64::MAX, usize::MAX).await.unwrap();
+        assert_eq!(all.len(), 200);
+        for r in &all {
+            assert_eq!(r.payload, payload(r.offset));
+        }
+        log.close().await.unwrap();
+    });
+    assert!(segments(dir.path()).len() > 5, "small segments must have rolled");
+    run(async {
+        let (log, rec) = Log::open(dir.path(), small()).await.unwrap();
+        assert_eq!(rec.truncated_bytes, 0);
+        assert_eq!(log.end_offset(), 200);
+        // Ranged reads from every start, with a byte cap.
+        for start in (0..200).step_by(7) {
+            let got = log.read(start, start + 10, 500).await.unwrap();
+            assert!(!got.is_empty());
+            assert_eq!(got[0].offset, start);
+            let bytes: usize = got.iter().map(|r| r.payload.len()).sum();
+            assert!(got.len() == 1 || bytes - got.last().unwrap().payload.len() < 500);
+            for r in &got {
+                assert_eq!(r.payload, payload(r.offset));
+                assert!(r.offset < start + 10);
+            }
+        }
+        assert_eq!(log.append(b"after reopen").await.unwrap(), 200);
+        assert!(matches!(
+            log.read(202, 300, 10).await,
+            Err(Error::OffsetOutOfRange { .. })
+        ));
+        assert!(
+            log.read(201, 300, 10).await.unwrap().is_empty(),
+            "reading at the end is empty"
+        );
+        assert!(log.read(200, 300, 10).await.unwrap()[0].payload == b"after reopen");
+    });
+}
+
+#[test]
+fn many_appenders_are_group_committed() {
+    let dir = tempfile::tempdir().unwrap();
+    run(async {
+        let (log, _) = Log::open(dir.path(), LogConfig::default()).await.unwrap();
+        let tasks: Vec<_> = (0..64u64)
+            .map(|t| {
+                let log = log.clone();
+                glommio::spawn_local(async move {
+                    let mut offsets = Vec::new();
+                    for i in 0..20u64 {
+                        let bytes = (t * 1000 + i).to_le_bytes();
+                        offsets.push((log.append(&bytes).await.unwrap(), t * 1000 + i));
+                    }
+                    offsets
+                })
+            })
+            .collect();
+        let mut acked = Vec::new();
+        for t in tasks {
+            acked.extend(t.await);
+        }
+        assert_eq!(acked.len(), 64 * 20);
+        let all = log.read(0, u64::MAX, usize::MAX).await.unwrap();
+        for (offset, value) in acked {
+            assert_eq!(all[offset as usize].payload, value.to_le_bytes());
+        }
+    });
+}
+
+#[test]
+fn torn_tail_is_truncated_and_later_appends_survive() {
+    let dir = tempfile::tempdir().unwrap();
+    run(async {
+        let (log, _) = Log::open(dir.path(), LogConfig::default()).await.unwrap();
+        for i in 0..10u64 {
+            log.append(&payload(i)).await.unwrap();
+        }
+        log.close().await.unwrap();
+    });
+    // Simulate a torn write: half a frame of garbage right after the data.
+    let tail = segments(dir.path()).pop().unwrap();
+    let data_end = 32 + (0..10u64).map(|i| 16 + payload(i).len() as u64).sum::<u64>();
+    let mut f = OpenOptions::new().write(true).open(&tail).unwrap();
+    f.seek(SeekFrom::Start(data_end)).unwrap();
+    f.write_all(&[7u8; 9]).unwrap();
+    drop(f);
+    run(async {
+        let (log, rec) = Log::open(dir.path(), LogConfig::default()).await.unwrap();
+        assert!(rec.truncated_bytes > 0, "{rec:?}");
+        assert!(rec.reason.as_deref().unwrap().contains("offset 10"), "{rec:?}");
+        assert_eq!(log.end_offset(), 10);
+        // A shorter record now, so stale bytes could line up behind it if
+        // the tail had not been zeroed.
+        assert_eq!(log.append(b"x").await.unwrap(), 10);
+        log.close().await.unwrap();
+    });
+    run(async {
+        let (log, rec) = Log::open(dir.path(), LogConfig::default()).await.unwrap();
+        assert_eq!(rec.truncated_bytes, 0, "{rec:?}");
+        assert_eq!(log.end_offset(), 11);
+        assert_eq!(log.read(10, 11, 100).await.unwrap()[0].payload, b"x");
+    });
+}
+
+#[test]
+fn flipped_bit_in_a_closed_segment_is_an_error_naming_it() {
+    let dir = tempfile::tempdir().unwrap();
+    run(async {
+        let (log, _) = Log::open(dir.path(), small()).await.unwrap();
+        for i in 0..100u64 {
+            log.append(&payload(i + 1)).await.unwrap();
+        }
+        log.close().await.unwrap();
+    });
+    let first = segments(dir.path()).remove(0);
+    let mut bytes = std::fs::read(&first).unwrap();
+    bytes[32 + 16 + 3] ^= 0x10; // inside the first record's payload
+    std::fs::write(&first, &bytes).unwrap();
+    run(async {
+        let (log, _) = Log::open(dir.path(), small()).await.unwrap();
+        match log.read(0, 10, usize::MAX).await {
+            Err(Error::Corrupt {
+                path, offset, reason, ..
+            }) => {
+                assert_eq!(path, first);
+                assert_eq!(offset, 0);
+                assert!(reason.contains("checksum"), "{reason}");
+            }
+            other => panic!("expected a corruption error, got {other:?}"),
+        }
+    });
+}
+
+#[test]
+fn limits_are_typed_errors_and_nothing_is_appended() {
+    let dir = tempfile::tempdir().unwrap();
+    run(async {
+        let (log, _) = Log::open(dir.path(), small()).await.unwrap();
+        log.append(b"ok").await.unwrap();
+        let big = vec![1u8; 1001];
+        let batch: Vec<&[u8]> = vec![b"fine", &big];
+        match log.append_batch(batch.iter().copied()).await {
+            Err(Error::LimitExceeded { limit, size, max, .. }) => {
+                assert_eq!((limit, size, max), ("record_bytes_max", 1001, 1000));
+            }
+            other => panic!("expected a limit error, got {other:?}"),
+        }
+        assert_eq!(log.end_offset(), 1, "a refused batch appends nothing");
+        assert!(log.append(b"").await.is_ok(), "empty records are valid");
+    });
+    let bad = LogConfig {
+        segment_bytes_max: 10,
+        ..LogConfig::default()
+    };
+    let err = run(async { Log::open(dir.path(), bad).await.map(|_| ()) }).unwrap_err();
+    assert!(err.to_string().contains("segment_bytes_max"), "{err}");
+}
+
+#[test]
+fn entries_max_trims_whole_old_segments() {
+    let dir = tempfile::tempdir().unwrap();
+    run(async {
+        let config = LogConfig {
+            entries_max: Some(50),
+            ..small()
+        };
+        let (log, _) = Log::open(dir.path(), config).await.unwrap();
+        for i in 0..300u64 {
+            log.append(&payload(i)).await.unwrap();
+        }
+        let start = log.start_offset();
+        assert!(start > 0 && start <= 250, "start {start}");
+        assert!(matches!(
+            log.read(0, 10, 100).await,
+            Err(Error::OffsetOutOfRange { .. })
+        ));
+        let kept = log.read(start, u64::MAX, usize::MAX).await.unwrap();
+        assert_eq!(kept.len() as u64, 300 - start);
+        assert_eq!(kept[0].payload, payload(start));
+    });
+}
