@@ -9,6 +9,7 @@
 pub mod error;
 pub mod executor;
 pub mod log;
+pub mod lsm;
 mod sync;
 pub mod value;
 

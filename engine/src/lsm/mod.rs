@@ -1,0 +1,607 @@
+//! The PState store of a task thread: a log-structured merge tree.
+//!
+//! Writes go as [`WriteBatch`]es: each batch is one record of the
+//! write-ahead log (a [`Log`], the same durable log as depots, so it can
+//! later be shipped to replicas as the replication log). A batch is applied
+//! to the memtable only once durable, in WAL order, in one synchronous step:
+//! readers on the thread see all of a batch or none of it, and after a
+//! crash recovery replays whole batches only.
+//!
+//! A full memtable is frozen and written to an immutable sorted table in
+//! the background; the manifest then records the table and the WAL offset
+//! it covers, and WAL segments below that are deleted. Size-tiered
+//! compaction merges the newest tables when there are too many; it runs on
+//! the task thread as an ordinary task whose I/O awaits let other work run
+//! between slices. Reads (`get`, `scan`) are synchronous: memtables plus
+//! memory-mapped tables, no I/O wait on the hot path.
+
+mod batch;
+mod bloom;
+mod manifest;
+mod merge;
+pub mod table;
+
+use std::cell::{Cell, RefCell};
+use std::collections::{BTreeMap, VecDeque};
+use std::ops::Bound;
+use std::path::{Path, PathBuf};
+use std::rc::Rc;
+
+pub use self::batch::WriteBatch;
+use self::manifest::Manifest;
+use self::merge::{Merge, Source};
+use self::table::{Table, TableOptions, TableWriter};
+use crate::error::{Error, Result};
+use crate::log::{Log, LogConfig};
+use crate::sync::Waiters;
+
+/// Configuration of a store. Every size has a bound.
+#[derive(Debug, Clone)]
+pub struct LsmConfig {
+    /// A memtable is frozen and flushed past this size. Default 32 MiB.
+    pub memtable_bytes_max: usize,
+    /// Largest key. Default 16 KiB.
+    pub key_bytes_max: usize,
+    /// Largest value. Default 1 MiB.
+    pub value_bytes_max: usize,
+    /// Largest encoded batch. Default 4 MiB.
+    pub batch_bytes_max: usize,
+    /// Compaction starts at this many tables. Default 4.
+    pub compaction_trigger: usize,
+    pub table: TableOptions,
+    /// WAL settings; `record_bytes_max` is raised to `batch_bytes_max`.
+    pub wal: LogConfig,
+}
+
+impl Default for LsmConfig {
+    fn default() -> Self {
+        LsmConfig {
+            memtable_bytes_max: 32 << 20,
+            key_bytes_max: 16 << 10,
+            value_bytes_max: 1 << 20,
+            batch_bytes_max: 4 << 20,
+            compaction_trigger: 4,
+            table: TableOptions::default(),
+            wal: LogConfig {
+                segment_bytes_max: 32 << 20,
+                ..LogConfig::default()
+            },
+        }
+    }
+}
+
+impl LsmConfig {
+    fn wal_config(&self) -> LogConfig {
+        let mut wal = self.wal.clone();
+        wal.record_bytes_max = wal.record_bytes_max.max(self.batch_bytes_max as u32);
+        let frame = self.batch_bytes_max + 64;
+        wal.pending_bytes_max = wal.pending_bytes_max.max(frame);
+        wal.segment_bytes_max = wal.segment_bytes_max.max(frame as u64 + 64);
+        wal
+    }
+
+    pub fn validate(&self) -> Result<()> {
+        if self.compaction_trigger < 2 {
+            return Err(Error::Config {
+                key: "compaction_trigger",
+                value: self.compaction_trigger.to_string(),
+                reason: "must be at least 2",
+            });
+        }
+        if self.key_bytes_max + self.value_bytes_max + 16 > self.batch_bytes_max {
+            return Err(Error::Config {
+                key: "batch_bytes_max",
+                value: self.batch_bytes_max.to_string(),
+                reason: "must hold one key of key_bytes_max and one value of value_bytes_max",
+            });
+        }
+        self.wal_config().validate()
+    }
+}
+
+#[derive(Debug, Default)]
+struct Memtable {
+    map: BTreeMap<Vec<u8>, Option<Vec<u8>>>,
+    bytes: usize,
+    /// WAL offset after the last batch applied here.
+    wal_end: u64,
+}
+
+impl Memtable {
+    fn apply(&mut self, batch: WriteBatch) {
+        for (key, value) in batch.ops {
+            let add = key.len() + value.as_ref().map_or(0, Vec::len) + 48;
+            self.bytes += add;
+            self.map.insert(key, value);
+        }
+    }
+
+    fn source<'a>(&'a self, lower: Bound<&'a [u8]>, upper: Bound<&'a [u8]>, reverse: bool) -> Source<'a> {
+        let range = self
+            .map
+            .range::<[u8], _>((lower, upper))
+            .map(|(k, v)| Ok((k.as_slice(), v.as_deref())));
+        if reverse {
+            Box::new(range.rev())
+        } else {
+            Box::new(range)
+        }
+    }
+}
+
+/// What [`Store::open`] found.
+#[derive(Debug, Clone, Default)]
+pub struct StoreRecovery {
+    pub wal: crate::log::Recovery,
+    /// WAL batches replayed into the memtable.
+    pub replayed_batches: u64,
+    /// Table files not in the manifest (an interrupted flush or compaction)
+    /// that were removed.
+    pub removed_tables: Vec<PathBuf>,
+}
+
+/// Counters of a store, for tests and telemetry.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct StoreStats {
+    pub tables: usize,
+    pub flushes: u64,
+    pub compactions: u64,
+    pub memtable_bytes: usize,
+}
+
+/// A PState store on one task thread. Cheap to clone; not `Send`.
+#[derive(Debug, Clone)]
+pub struct Store {
+    inner: Rc<Inner>,
+}
+
+#[derive(Debug)]
+struct Inner {
+    dir: PathBuf,
+    config: LsmConfig,
+    wal: Log,
+    mem: RefCell<Memtable>,
+    /// The frozen memtable being written to a table.
+    imm: RefCell<Option<Rc<Memtable>>>,
+    /// Live tables, newest first.
+    tables: RefCell<Vec<Rc<Table>>>,
+    manifest: RefCell<Manifest>,
+    /// Batches in the WAL, in offset order, not yet applied.
+    unapplied: RefCell<VecDeque<(u64, WriteBatch)>>,
+    compacting: Cell<bool>,
+    /// Woken when a flush or compaction finishes.
+    background: Waiters,
+    /// A failed flush or compaction poisons the store.
+    failed: RefCell<Option<String>>,
+    stats: Cell<StoreStats>,
+}
+
+fn table_path(dir: &Path, id: u64) -> PathBuf {
+    dir.join(format!("{id:08}.sst"))
+}
+
+/// `BTreeMap::range` panics on an inverted or empty-exclusive range, so
+/// such bounds are checked first.
+fn bounds_empty(lower: Bound<&[u8]>, upper: Bound<&[u8]>) -> bool {
+    match (lower, upper) {
+        (Bound::Included(l), Bound::Included(u)) => l > u,
+        (Bound::Included(l), Bound::Excluded(u))
+        | (Bound::Excluded(l), Bound::Included(u))
+        | (Bound::Excluded(l), Bound::Excluded(u)) => l >= u,
+        _ => false,
+    }
+}
+
+impl Store {
+    /// Opens (or creates) the store in `dir`, replaying its WAL.
+    pub async fn open(dir: impl AsRef<Path>, config: LsmConfig) -> Result<(Store, StoreRecovery)> {
+        config.validate()?;
+        let dir = dir.as_ref().to_path_buf();
+        std::fs::create_dir_all(&dir).map_err(|e| Error::io("create store directory", &dir, e))?;
+        let manifest = Manifest::load(&dir)?.unwrap_or_default();
+        let mut recovery = StoreRecovery::default();
+        for entry in std::fs::read_dir(&dir).map_err(|e| Error::io("list store directory", &dir, e))? {
+            let path = entry.map_err(|e| Error::io("list store directory", &dir, e))?.path();
+            let id = path
+                .file_name()
+                .and_then(|n| n.to_str())
+                .and_then(|n| n.strip_suffix(".sst"))
+                .and_then(|n| n.parse::<u64>().ok());
+            let leftover = match id {
+                Some(id) => !manifest.tables.contains(&id),
+                None => path.file_name().is_some_and(|n| n == "MANIFEST.tmp"),
+            };
+            if leftover {
+                std::fs::remove_file(&path).map_err(|e| Error::io("remove leftover table", &path, e))?;
+                recovery.removed_tables.push(path);
+            }
+        }
+        let tables = manifest
+            .tables
+            .iter()
+            .map(|&id| Table::open(id, &table_path(&dir, id)).map(Rc::new))
+            .collect::<Result<Vec<_>>>()?;
+        let (wal, wal_recovery) = Log::open(dir.join("wal"), config.wal_config()).await?;
+        recovery.wal = wal_recovery;
+        if wal.start_offset() > manifest.wal_checkpoint {
+            return Err(Error::Corrupt {
+                path: dir.join("wal"),
+                offset: manifest.wal_checkpoint,
+                position: 0,
+                reason: format!(
+                    "the WAL starts at {} but the tables only hold batches below {}",
+                    wal.start_offset(),
+                    manifest.wal_checkpoint
+                ),
+            });
+        }
+        let mut mem = Memtable::default();
+        let mut next = manifest.wal_checkpoint;
+        let end = wal.end_offset();
+        while next < end {
+            for record in wal.read(next, end, 4 << 20).await? {
+                mem.apply(WriteBatch::decode(&record.payload)?);
+                recovery.replayed_batches += 1;
+                next = record.offset + 1;
+            }
+        }
+        mem.wal_end = end;
+        let stats = StoreStats {
+            tables: tables.len(),
+            ..StoreStats::default()
+        };
+        let store = Store {
+            inner: Rc::new(Inner {
+                dir,
+                config,
+                wal,
+                mem: RefCell::new(mem),
+                imm: RefCell::new(None),
+                tables: RefCell::new(tables),
+                manifest: RefCell::new(manifest),
+                unapplied: RefCell::new(VecDeque::new()),
+                compacting: Cell::new(false),
+                background: Waiters::default(),
+                failed: RefCell::new(None),
+                stats: Cell::new(stats),
+            }),
+        };
+        Ok((store, recovery))
+    }
+
+    /// The WAL (the replication log of this store).
+    pub fn wal(&self) -> &Log {
+        &self.inner.wal
+    }
+
+    pub fn stats(&self) -> StoreStats {
+        let mut s = self.inner.stats.get();
+        s.tables = self.inner.tables.borrow().len();
+        s.memtable_bytes = self.inner.mem.borrow().bytes;
+        s
+    }
+
+    fn check_failed(&self) -> Result<()> {
+        match &*self.inner.failed.borrow() {
+            Some(cause) => Err(Error::Poisoned {
+                what: format!("store {}", self.inner.dir.display()),
+                cause: cause.clone(),
+            }),
+            None => Ok(()),
+        }
+    }
+
+    /// Checks a batch against the limits without applying it.
+    pub fn check_batch(&self, batch: &WriteBatch) -> Result<()> {
+        let c = &self.inner.config;
+        for (key, value) in &batch.ops {
+            Error::check_limit("key", "key_bytes_max", key.len(), c.key_bytes_max)?;
+            if let Some(v) = value {
+                Error::check_limit("value", "value_bytes_max", v.len(), c.value_bytes_max)?;
+            }
+        }
+        Error::check_limit("batch", "batch_bytes_max", batch.encoded_bytes(), c.batch_bytes_max)
+    }
+
+    /// Writes a batch atomically; returns once it is durable and visible.
+    pub async fn write(&self, batch: WriteBatch) -> Result<()> {
+        self.check_batch(&batch)?;
+        self.check_failed()?;
+        if batch.is_empty() {
+            return Ok(());
+        }
+        self.make_room().await?;
+        let payload = batch.encode();
+        let range = self
+            .inner
+            .wal
+            .enqueue_batch(std::iter::once(payload.as_slice()))
+            .await?;
+        self.inner.unapplied.borrow_mut().push_back((range.start, batch));
+        self.inner.wal.wait_durable(range.end).await?;
+        self.apply_durable();
+        Ok(())
+    }
+
+    /// Applies every durable batch, in WAL order.
+    fn apply_durable(&self) {
+        let durable = self.inner.wal.end_offset();
+        let mut unapplied = self.inner.unapplied.borrow_mut();
+        let mut mem = self.inner.mem.borrow_mut();
+        while unapplied.front().is_some_and(|(offset, _)| *offset < durable) {
+            let (offset, batch) = unapplied.pop_front().expect("front exists");
+            mem.apply(batch);
+            mem.wal_end = offset + 1;
+        }
+        let full = mem.bytes >= self.inner.config.memtable_bytes_max;
+        drop(mem);
+        drop(unapplied);
+        if full && self.inner.imm.borrow().is_none() {
+            self.start_flush();
+        }
+    }
+
+    /// Waits while the memtable is full and the previous one is still being
+    /// flushed (back-pressure instead of unbounded memory).
+    async fn make_room(&self) -> Result<()> {
+        self.inner
+            .background
+            .wait(|| {
+                let full = self.inner.mem.borrow().bytes >= self.inner.config.memtable_bytes_max;
+                let flushing = self.inner.imm.borrow().is_some();
+                (self.inner.failed.borrow().is_some() || !(full && flushing)).then_some(())
+            })
+            .await;
+        self.check_failed()?;
+        if self.inner.mem.borrow().bytes >= self.inner.config.memtable_bytes_max {
+            self.start_flush();
+        }
+        Ok(())
+    }
+
+    /// Freezes the memtable and writes it to a table in the background.
+    fn start_flush(&self) {
+        if self.inner.imm.borrow().is_some() || self.inner.mem.borrow().map.is_empty() {
+            return;
+        }
+        let frozen = std::mem::take(&mut *self.inner.mem.borrow_mut());
+        self.inner.mem.borrow_mut().wal_end = frozen.wal_end;
+        *self.inner.imm.borrow_mut() = Some(Rc::new(frozen));
+        let store = self.clone();
+        glommio::spawn_local(async move {
+            if let Err(e) = store.flush_frozen().await {
+                *store.inner.failed.borrow_mut() = Some(e.to_string());
+            }
+            store.inner.background.wake_all();
+        })
+        .detach();
+    }
+
+    async fn flush_frozen(&self) -> Result<()> {
+        let frozen = self.inner.imm.borrow().clone().expect("a frozen memtable exists");
+        let id = {
+            let mut m = self.inner.manifest.borrow_mut();
+            m.next_table_id += 1;
+            m.next_table_id
+        };
+        let path = table_path(&self.inner.dir, id);
+        let mut writer = TableWriter::create(&path, self.inner.config.table.clone()).await?;
+        for (key, value) in &frozen.map {
+            writer.add(key, value.as_deref()).await?;
+        }
+        writer.finish().await?;
+        let table = Rc::new(Table::open(id, &path)?);
+        let checkpoint = {
+            let mut m = self.inner.manifest.borrow_mut();
+            m.tables.insert(0, id);
+            m.wal_checkpoint = frozen.wal_end;
+            m.store(&self.inner.dir)?;
+            m.wal_checkpoint
+        };
+        self.inner.tables.borrow_mut().insert(0, table);
+        *self.inner.imm.borrow_mut() = None;
+        let mut stats = self.inner.stats.get();
+        stats.flushes += 1;
+        self.inner.stats.set(stats);
+        self.inner.wal.trim_before(checkpoint)?;
+        if self.inner.tables.borrow().len() >= self.inner.config.compaction_trigger && !self.inner.compacting.get() {
+            let store = self.clone();
+            glommio::spawn_local(async move {
+                if let Err(e) = store.compact_tables().await {
+                    *store.inner.failed.borrow_mut() = Some(e.to_string());
+                }
+                store.inner.background.wake_all();
+            })
+            .detach();
+        }
+        Ok(())
+    }
+
+    /// Flushes the memtable to a table and waits for it (and for any flush
+    /// already running).
+    pub async fn flush(&self) -> Result<()> {
+        self.wait_flush_idle().await;
+        self.check_failed()?;
+        self.apply_durable();
+        self.start_flush();
+        self.wait_flush_idle().await;
+        self.check_failed()
+    }
+
+    async fn wait_flush_idle(&self) {
+        self.inner
+            .background
+            .wait(|| (self.inner.imm.borrow().is_none() || self.inner.failed.borrow().is_some()).then_some(()))
+            .await;
+    }
+
+    /// Compacts until fewer than `compaction_trigger` tables remain, or
+    /// merges everything into one table with `full`.
+    pub async fn compact(&self, full: bool) -> Result<()> {
+        self.inner
+            .background
+            .wait(|| (!self.inner.compacting.get()).then_some(()))
+            .await;
+        let result = if full {
+            self.inner.compacting.set(true);
+            let r = self.compact_run(usize::MAX).await;
+            self.inner.compacting.set(false);
+            r
+        } else {
+            self.compact_tables().await
+        };
+        self.inner.background.wake_all();
+        result
+    }
+
+    async fn compact_tables(&self) -> Result<()> {
+        if self.inner.compacting.replace(true) {
+            return Ok(());
+        }
+        let result = async {
+            while self.inner.tables.borrow().len() >= self.inner.config.compaction_trigger {
+                // Size-tiered: merge the newest tables while the next older
+                // one is no bigger than twice what is merged so far.
+                let run = {
+                    let tables = self.inner.tables.borrow();
+                    let mut k = 2;
+                    let mut merged: u64 = tables[..2].iter().map(|t| t.size_bytes()).sum();
+                    while k < tables.len() && tables[k].size_bytes() <= 2 * merged {
+                        merged += tables[k].size_bytes();
+                        k += 1;
+                    }
+                    k
+                };
+                self.compact_run(run).await?;
+            }
+            Ok(())
+        }
+        .await;
+        self.inner.compacting.set(false);
+        result
+    }
+
+    /// Merges the newest `count` tables into one.
+    async fn compact_run(&self, count: usize) -> Result<()> {
+        let run: Vec<Rc<Table>> = {
+            let tables = self.inner.tables.borrow();
+            tables[..count.min(tables.len())].to_vec()
+        };
+        if run.len() < 2 {
+            return Ok(());
+        }
+        let includes_oldest = {
+            let tables = self.inner.tables.borrow();
+            run.last().map(|t| t.id) == tables.last().map(|t| t.id)
+        };
+        let id = {
+            let mut m = self.inner.manifest.borrow_mut();
+            m.next_table_id += 1;
+            m.next_table_id
+        };
+        let path = table_path(&self.inner.dir, id);
+        let mut writer = TableWriter::create(&path, self.inner.config.table.clone()).await?;
+        {
+            let sources: Vec<Source<'_>> = run
+                .iter()
+                .map(|t| Box::new(t.range(Bound::Unbounded, Bound::Unbounded, false)) as Source<'_>)
+                .collect();
+            for entry in Merge::new(sources, false) {
+                let (key, value) = entry?;
+                // A tombstone can go once no older table can hold the key.
+                if value.is_none() && includes_oldest {
+                    continue;
+                }
+                writer.add(key, value).await?;
+            }
+        }
+        writer.finish().await?;
+        let table = Rc::new(Table::open(id, &path)?);
+        let ids: Vec<u64> = run.iter().map(|t| t.id).collect();
+        {
+            // Flushes may have added newer tables meanwhile; the run is
+            // still contiguous, so it is replaced in place.
+            let mut tables = self.inner.tables.borrow_mut();
+            let at = tables
+                .iter()
+                .position(|t| t.id == ids[0])
+                .expect("compacted tables are live");
+            tables.splice(at..at + ids.len(), [table]);
+            let mut m = self.inner.manifest.borrow_mut();
+            m.tables = tables.iter().map(|t| t.id).collect();
+            m.store(&self.inner.dir)?;
+        }
+        for t in &run {
+            std::fs::remove_file(t.path()).map_err(|e| Error::io("remove compacted table", t.path(), e))?;
+        }
+        let mut stats = self.inner.stats.get();
+        stats.compactions += 1;
+        self.inner.stats.set(stats);
+        Ok(())
+    }
+
+    /// Returns the value of `key`, if any.
+    pub fn get(&self, key: &[u8]) -> Result<Option<Vec<u8>>> {
+        self.apply_durable();
+        if let Some(v) = self.inner.mem.borrow().map.get(key) {
+            return Ok(v.clone());
+        }
+        if let Some(imm) = &*self.inner.imm.borrow() {
+            if let Some(v) = imm.map.get(key) {
+                return Ok(v.clone());
+            }
+        }
+        for table in self.inner.tables.borrow().iter() {
+            if let Some(v) = table.get(key)? {
+                return Ok(v.map(<[u8]>::to_vec));
+            }
+        }
+        Ok(None)
+    }
+
+    /// Returns up to `limit` live entries within bounds, ascending or
+    /// descending.
+    pub fn scan(
+        &self,
+        lower: Bound<&[u8]>,
+        upper: Bound<&[u8]>,
+        reverse: bool,
+        limit: usize,
+    ) -> Result<Vec<(Vec<u8>, Vec<u8>)>> {
+        self.apply_durable();
+        let mut out = Vec::new();
+        if bounds_empty(lower, upper) || limit == 0 {
+            return Ok(out);
+        }
+        let mem = self.inner.mem.borrow();
+        let imm = self.inner.imm.borrow().clone();
+        let tables = self.inner.tables.borrow().clone();
+        let mut sources = vec![mem.source(lower, upper, reverse)];
+        if let Some(imm) = &imm {
+            sources.push(imm.source(lower, upper, reverse));
+        }
+        for t in &tables {
+            sources.push(Box::new(t.range(lower, upper, reverse)));
+        }
+        for entry in Merge::new(sources, reverse) {
+            if let (key, Some(value)) = entry? {
+                out.push((key.to_vec(), value.to_vec()));
+                if out.len() >= limit {
+                    break;
+                }
+            }
+        }
+        Ok(out)
+    }
+
+    /// Waits for background work and closes the WAL.
+    pub async fn close(&self) -> Result<()> {
+        self.wait_flush_idle().await;
+        self.inner
+            .background
+            .wait(|| (!self.inner.compacting.get()).then_some(()))
+            .await;
+        self.check_failed()?;
+        self.inner.wal.close().await
+    }
+}
