@@ -28,7 +28,7 @@ impl WriteBatch {
     /// Sets `key` to `value`.
     pub fn put(&mut self, key: impl Into<Vec<u8>>, value: impl Into<Vec<u8>>) -> &mut Self {
         let (key, value) = (key.into(), value.into());
-        self.bytes += 9 + key.len() + 4 + value.len();
+        self.bytes += 9 + key.len() + value.len();
         self.ops.push((key, Some(value)));
         self
     }
