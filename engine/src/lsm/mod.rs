@@ -182,7 +182,7 @@ fn table_path(dir: &Path, id: u64) -> PathBuf {
 
 /// `BTreeMap::range` panics on an inverted or empty-exclusive range, so
 /// such bounds are checked first.
-fn bounds_empty(lower: Bound<&[u8]>, upper: Bound<&[u8]>) -> bool {
+pub(crate) fn bounds_empty(lower: Bound<&[u8]>, upper: Bound<&[u8]>) -> bool {
     match (lower, upper) {
         (Bound::Included(l), Bound::Included(u)) => l > u,
         (Bound::Included(l), Bound::Excluded(u))
