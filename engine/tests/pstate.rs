@@ -236,7 +236,7 @@ fn random_bound(rng: &mut Rng) -> Bound<Value> {
 
 fn random_sub_nav(rng: &mut Rng) -> Nav {
     match rng.below(6) {
-        0 | 1 | 2 => Nav::key(rng.below(30)),
+        0..=2 => Nav::key(rng.below(30)),
         3 => Nav::Range {
             lower: random_bound(rng),
             upper: random_bound(rng),
