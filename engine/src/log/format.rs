@@ -7,10 +7,10 @@
 //! header (32 bytes)
 //!   0..8   magic  "RAMALOG1"
 //!   8..12  format version (u32 LE) = 1
-//!  12..16  reserved, zero
+//!  12..16  reserved, must be zero
 //!  16..24  base offset (u64 LE): offset of the first record
 //!  24..28  CRC32 of bytes 0..24 (u32 LE)
-//!  28..32  reserved, zero
+//!  28..32  reserved, must be zero
 //!
 //! frame (16-byte head + payload)
 //!   0..4   payload length (u32 LE)
@@ -67,6 +67,9 @@ pub fn decode_header(bytes: &[u8]) -> Result<u64, FrameError> {
     }
     if u32_at(h, 24) != crc32fast::hash(&h[0..24]) {
         return Err(FrameError::Corrupt("segment header checksum mismatch"));
+    }
+    if u32_at(h, 12) != 0 || u32_at(h, 28) != 0 {
+        return Err(FrameError::Corrupt("reserved segment header bytes are not zero"));
     }
     Ok(u64_at(h, 16))
 }
@@ -166,7 +169,10 @@ pub fn scan(body: &[u8], base_offset: u64, payload_max: u32, index_interval_byte
     let mut index = Vec::new();
     let mut next_index_pos = 0;
     let stop = loop {
-        if pos == body.len() {
+        let rest = &body[pos..];
+        // A segment filled to within a frame head of its size ends in fewer
+        // than 16 zero bytes: that is a clean end too.
+        if rest.len() < FRAME_HEAD_BYTES && rest.iter().all(|&b| b == 0) {
             break ScanStop::Clean;
         }
         match decode_frame(&body[pos..], offset, payload_max) {
@@ -177,7 +183,10 @@ pub fn scan(body: &[u8], base_offset: u64, payload_max: u32, index_interval_byte
                     next_index_pos = pos + index_interval_bytes;
                 }
                 pos += frame.bytes();
-                offset += 1;
+                match offset.checked_add(1) {
+                    Some(next) => offset = next,
+                    None => break ScanStop::Bad(FrameError::Corrupt("frame offset overflows u64")),
+                }
             }
             Err(e) => break ScanStop::Bad(e),
         }

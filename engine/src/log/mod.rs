@@ -49,6 +49,10 @@ pub struct LogConfig {
     pub write_bytes_max: usize,
     /// Zeros written ahead of the writer. Default 4 MiB.
     pub prewrite_bytes: u64,
+    /// A group write at least this large grows the file itself instead of
+    /// extending the zero fill (filling would write its bytes twice, and a
+    /// large write spreads the cost of the size change). Default 64 KiB.
+    pub prewrite_skip_bytes: u64,
     /// One sparse index entry per this many bytes of a segment. Default 16 KiB.
     pub index_interval_bytes: usize,
     /// Keep at most this many records; older whole segments are deleted.
@@ -64,6 +68,7 @@ impl Default for LogConfig {
             pending_bytes_max: 8 << 20,
             write_bytes_max: 1 << 20,
             prewrite_bytes: 4 << 20,
+            prewrite_skip_bytes: 64 << 10,
             index_interval_bytes: 16 << 10,
             entries_max: None,
         }
@@ -307,17 +312,32 @@ impl Log {
         bases.sort_unstable();
         let mut recovery = Recovery::default();
 
-        // The last segment's creation may have been cut short by a crash
-        // (no complete header): no record was ever acknowledged in it.
+        // The last segment's creation may have been cut short by a crash:
+        // its header and zero fill are synced before any record targets it,
+        // so a bad header over a body of zeros held no record and is
+        // removed. A bad header in front of data is damage, not an
+        // interrupted creation: refuse to open rather than drop records.
         while let Some(&last) = bases.last() {
             let path = segment_path(&dir, last);
-            let mut head = [0u8; HEADER_BYTES];
-            let complete = std::fs::File::open(&path)
-                .and_then(|f| std::os::unix::fs::FileExt::read_exact_at(&f, &mut head, 0))
-                .is_ok()
-                && format::decode_header(&head) == Ok(last);
-            if complete {
+            let bytes = std::fs::read(&path).map_err(|e| Error::io("read segment", &path, e))?;
+            let header = format::decode_header(&bytes);
+            if header == Ok(last) {
                 break;
+            }
+            if bytes.iter().skip(HEADER_BYTES).any(|&b| b != 0) {
+                let reason = match header {
+                    Ok(_) => "header base offset differs from the file name".to_string(),
+                    Err(FrameError::Corrupt(why)) => why.to_string(),
+                    Err(FrameError::Truncated { .. }) => "header cut short".to_string(),
+                };
+                return Err(Error::Corrupt {
+                    path,
+                    offset: last,
+                    position: 0,
+                    reason: format!(
+                        "{reason}, and the segment holds data; restore it or move it away to drop its records"
+                    ),
+                });
             }
             std::fs::remove_file(&path).map_err(|e| Error::io("remove incomplete segment", &path, e))?;
             sync_dir(&dir)?;
@@ -874,17 +894,20 @@ async fn flush_once(shared: &Rc<Shared>) -> Result<()> {
     let last = chunks.last().expect("at least one chunk");
     let write_end = last.position + last.bytes.len() as u64;
     if write_end > prewritten_to {
-        // Extend the zero fill well past this write; this sync pays for the
-        // size change once, the following ones do not.
-        let target = (write_end + config.prewrite_bytes).min(config.segment_bytes_max.max(write_end));
-        write_all(
-            &file,
-            &path,
-            vec![0u8; (target - prewritten_to) as usize],
-            prewritten_to,
-        )
-        .await?;
-        shared.state.borrow_mut().prewritten_to = target;
+        let write_bytes = write_end - chunks[0].position;
+        let fill_to = (write_end + config.prewrite_bytes).min(config.segment_bytes_max.max(write_end));
+        if write_bytes < config.prewrite_skip_bytes && fill_to > write_end {
+            // A small write: extend the zero fill well past it. This sync
+            // pays for the size change once; the following small ones
+            // overwrite written blocks and change no metadata.
+            write_all(&file, &path, vec![0u8; (fill_to - write_end) as usize], write_end).await?;
+            shared.state.borrow_mut().prewritten_to = fill_to;
+        } else {
+            // A large write grows the file itself: the metadata cost is
+            // spread over many bytes, and filling ahead would write every
+            // byte twice.
+            shared.state.borrow_mut().prewritten_to = write_end;
+        }
     }
     let mut written = 0usize;
     let mut index = Vec::new();
