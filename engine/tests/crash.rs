@@ -657,7 +657,7 @@ fn writer_batch(seed: u64, cycle: u32, writer: u32, batch: u64, k: u64) -> Write
         b.put(format!("{prefix}/{i:02}"), item_value(seed, cycle, writer, batch, i));
     }
     b.put(format!("{prefix}/count"), k.to_string());
-    b.put(format!("{prefix}/tmp"), b"t".to_vec());
+    b.put(format!("{prefix}/tmp"), b"t");
     if batch > 0 {
         b.delete(format!("{}/tmp", batch_prefix(cycle, writer, batch - 1)));
     }

@@ -4,8 +4,10 @@
 //! batch = count:u32 op*
 //! op    = kind:u8 (1 put, 2 delete) key_len:u32 key [value_len:u32 value]
 //! ```
-//! (integers little-endian). A batch is one WAL record, so the record's CRC
-//! makes it all-or-nothing after a crash.
+//! (integers little-endian). A batch is kept in this encoded form from the
+//! first `put` on: no allocation per operation, and the bytes go to the WAL
+//! as they are. A batch is one WAL record, so the record's CRC makes it
+//! all-or-nothing after a crash.
 
 use crate::error::{Error, Result};
 
@@ -14,10 +16,24 @@ const DELETE: u8 = 2;
 
 /// Writes applied together: all are visible at once, and after a crash
 /// either all or none are present.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct WriteBatch {
-    pub(crate) ops: Vec<(Vec<u8>, Option<Vec<u8>>)>,
-    pub(crate) bytes: usize,
+    /// The encoded batch; bytes 0..4 hold the count.
+    rep: Vec<u8>,
+    count: u32,
+    key_bytes_max: usize,
+    value_bytes_max: usize,
+}
+
+impl Default for WriteBatch {
+    fn default() -> Self {
+        WriteBatch {
+            rep: vec![0; 4],
+            count: 0,
+            key_bytes_max: 0,
+            value_bytes_max: 0,
+        }
+    }
 }
 
 impl WriteBatch {
@@ -26,47 +42,71 @@ impl WriteBatch {
     }
 
     /// Sets `key` to `value`.
-    pub fn put(&mut self, key: impl Into<Vec<u8>>, value: impl Into<Vec<u8>>) -> &mut Self {
-        let (key, value) = (key.into(), value.into());
-        self.bytes += 9 + key.len() + value.len();
-        self.ops.push((key, Some(value)));
+    pub fn put(&mut self, key: impl AsRef<[u8]>, value: impl AsRef<[u8]>) -> &mut Self {
+        let (key, value) = (key.as_ref(), value.as_ref());
+        self.rep.reserve(9 + key.len() + value.len());
+        self.rep.push(PUT);
+        self.push_bytes(key);
+        self.push_bytes(value);
+        self.key_bytes_max = self.key_bytes_max.max(key.len());
+        self.value_bytes_max = self.value_bytes_max.max(value.len());
+        self.bump();
         self
     }
 
     /// Removes `key`.
-    pub fn delete(&mut self, key: impl Into<Vec<u8>>) -> &mut Self {
-        let key = key.into();
-        self.bytes += 5 + key.len();
-        self.ops.push((key, None));
+    pub fn delete(&mut self, key: impl AsRef<[u8]>) -> &mut Self {
+        let key = key.as_ref();
+        self.rep.push(DELETE);
+        self.push_bytes(key);
+        self.key_bytes_max = self.key_bytes_max.max(key.len());
+        self.bump();
         self
     }
 
+    fn push_bytes(&mut self, bytes: &[u8]) {
+        // Lengths above u32::MAX never get this far in practice; the limits
+        // (key_bytes_max, value_bytes_max, batch_bytes_max) refuse them
+        // before a batch is written.
+        self.rep.extend_from_slice(&(bytes.len() as u32).to_le_bytes());
+        self.rep.extend_from_slice(bytes);
+    }
+
+    fn bump(&mut self) {
+        self.count += 1;
+        self.rep[..4].copy_from_slice(&self.count.to_le_bytes());
+    }
+
     pub fn len(&self) -> usize {
-        self.ops.len()
+        self.count as usize
     }
 
     pub fn is_empty(&self) -> bool {
-        self.ops.is_empty()
+        self.count == 0
     }
 
     /// Encoded size in bytes.
     pub fn encoded_bytes(&self) -> usize {
-        4 + self.bytes
+        self.rep.len()
     }
 
-    pub(crate) fn encode(&self) -> Vec<u8> {
-        let mut out = Vec::with_capacity(self.encoded_bytes());
-        out.extend_from_slice(&(self.ops.len() as u32).to_le_bytes());
-        for (key, value) in &self.ops {
-            out.push(if value.is_some() { PUT } else { DELETE });
-            out.extend_from_slice(&(key.len() as u32).to_le_bytes());
-            out.extend_from_slice(key);
-            if let Some(value) = value {
-                out.extend_from_slice(&(value.len() as u32).to_le_bytes());
-                out.extend_from_slice(value);
-            }
-        }
-        out
+    /// The longest key and value in the batch.
+    pub(crate) fn largest(&self) -> (usize, usize) {
+        (self.key_bytes_max, self.value_bytes_max)
+    }
+
+    /// The encoded batch, as written to the WAL.
+    pub(crate) fn encoded(&self) -> &[u8] {
+        &self.rep
+    }
+
+    /// The operations in order: `(key, Some(value))` or `(key, None)`.
+    pub fn ops(&self) -> impl Iterator<Item = (&[u8], Option<&[u8]>)> {
+        let mut r = Reader {
+            bytes: &self.rep,
+            pos: 4,
+        };
+        (0..self.count).map(move |_| r.op().expect("a batch built by put/delete is well formed"))
     }
 
     /// Decodes a batch; any malformation is an error (the WAL's CRC already
@@ -80,22 +120,16 @@ impl WriteBatch {
         };
         let mut r = Reader { bytes, pos: 0 };
         let count = r.u32().ok_or_else(|| bad("truncated batch count"))?;
-        let mut batch = WriteBatch::new();
+        let mut batch = WriteBatch {
+            rep: bytes.to_vec(),
+            count,
+            key_bytes_max: 0,
+            value_bytes_max: 0,
+        };
         for _ in 0..count {
-            let kind = r.take(1).ok_or_else(|| bad("truncated op"))?[0];
-            let klen = r.u32().ok_or_else(|| bad("truncated key length"))? as usize;
-            let key = r.take(klen).ok_or_else(|| bad("truncated key"))?.to_vec();
-            match kind {
-                PUT => {
-                    let vlen = r.u32().ok_or_else(|| bad("truncated value length"))? as usize;
-                    let value = r.take(vlen).ok_or_else(|| bad("truncated value"))?.to_vec();
-                    batch.put(key, value);
-                }
-                DELETE => {
-                    batch.delete(key);
-                }
-                _ => return Err(bad("unknown op kind")),
-            }
+            let (key, value) = r.op().map_err(bad)?;
+            batch.key_bytes_max = batch.key_bytes_max.max(key.len());
+            batch.value_bytes_max = batch.value_bytes_max.max(value.map_or(0, <[u8]>::len));
         }
         if r.pos != bytes.len() {
             return Err(bad("trailing bytes after batch"));
@@ -119,6 +153,21 @@ impl<'a> Reader<'a> {
     fn u32(&mut self) -> Option<u32> {
         self.take(4).map(|b| u32::from_le_bytes(b.try_into().expect("4 bytes")))
     }
+
+    fn op(&mut self) -> std::result::Result<(&'a [u8], Option<&'a [u8]>), &'static str> {
+        let kind = self.take(1).ok_or("truncated op")?[0];
+        let klen = self.u32().ok_or("truncated key length")? as usize;
+        let key = self.take(klen).ok_or("truncated key")?;
+        match kind {
+            PUT => {
+                let vlen = self.u32().ok_or("truncated value length")? as usize;
+                let value = self.take(vlen).ok_or("truncated value")?;
+                Ok((key, Some(value)))
+            }
+            DELETE => Ok((key, None)),
+            _ => Err("unknown op kind"),
+        }
+    }
 }
 
 #[cfg(test)]
@@ -128,12 +177,19 @@ mod tests {
     #[test]
     fn round_trips() {
         let mut b = WriteBatch::new();
-        b.put(b"a".to_vec(), b"1".to_vec())
-            .delete(b"b".to_vec())
-            .put(Vec::new(), Vec::new());
-        assert_eq!(b.encode().len(), b.encoded_bytes());
-        assert_eq!(WriteBatch::decode(&b.encode()).unwrap(), b);
-        let enc = b.encode();
+        b.put(b"a", b"1").delete(b"b").put(b"", b"");
+        assert_eq!(b.len(), 3);
+        let ops: Vec<_> = b.ops().collect();
+        assert_eq!(
+            ops,
+            vec![
+                (&b"a"[..], Some(&b"1"[..])),
+                (&b"b"[..], None),
+                (&b""[..], Some(&b""[..]))
+            ]
+        );
+        assert_eq!(WriteBatch::decode(b.encoded()).unwrap(), b);
+        let enc = b.encoded();
         for cut in 0..enc.len() {
             assert!(WriteBatch::decode(&enc[..cut]).is_err(), "cut at {cut}");
         }

@@ -18,17 +18,19 @@
 mod batch;
 mod bloom;
 mod manifest;
+mod memtable;
 mod merge;
 pub mod table;
 
 use std::cell::{Cell, RefCell};
-use std::collections::{BTreeMap, VecDeque};
+use std::collections::VecDeque;
 use std::ops::Bound;
 use std::path::{Path, PathBuf};
 use std::rc::Rc;
 
 pub use self::batch::WriteBatch;
 use self::manifest::Manifest;
+use self::memtable::Memtable;
 use self::merge::{Merge, Source};
 use self::table::{Table, TableOptions, TableWriter};
 use crate::error::{Error, Result};
@@ -38,7 +40,7 @@ use crate::sync::Waiters;
 /// Configuration of a store. Every size has a bound.
 #[derive(Debug, Clone)]
 pub struct LsmConfig {
-    /// A memtable is frozen and flushed past this size. Default 32 MiB.
+    /// A memtable is frozen and flushed past this size. Default 64 MiB.
     pub memtable_bytes_max: usize,
     /// Largest key. Default 16 KiB.
     pub key_bytes_max: usize,
@@ -56,7 +58,7 @@ pub struct LsmConfig {
 impl Default for LsmConfig {
     fn default() -> Self {
         LsmConfig {
-            memtable_bytes_max: 32 << 20,
+            memtable_bytes_max: 64 << 20,
             key_bytes_max: 16 << 10,
             value_bytes_max: 1 << 20,
             batch_bytes_max: 4 << 20,
@@ -96,36 +98,6 @@ impl LsmConfig {
             });
         }
         self.wal_config().validate()
-    }
-}
-
-#[derive(Debug, Default)]
-struct Memtable {
-    map: BTreeMap<Vec<u8>, Option<Vec<u8>>>,
-    bytes: usize,
-    /// WAL offset after the last batch applied here.
-    wal_end: u64,
-}
-
-impl Memtable {
-    fn apply(&mut self, batch: WriteBatch) {
-        for (key, value) in batch.ops {
-            let add = key.len() + value.as_ref().map_or(0, Vec::len) + 48;
-            self.bytes += add;
-            self.map.insert(key, value);
-        }
-    }
-
-    fn source<'a>(&'a self, lower: Bound<&'a [u8]>, upper: Bound<&'a [u8]>, reverse: bool) -> Source<'a> {
-        let range = self
-            .map
-            .range::<[u8], _>((lower, upper))
-            .map(|(k, v)| Ok((k.as_slice(), v.as_deref())));
-        if reverse {
-            Box::new(range.rev())
-        } else {
-            Box::new(range)
-        }
     }
 }
 
@@ -174,6 +146,12 @@ struct Inner {
     /// A failed flush or compaction poisons the store.
     failed: RefCell<Option<String>>,
     stats: Cell<StoreStats>,
+}
+
+fn apply(mem: &mut Memtable, batch: &WriteBatch) {
+    for (key, value) in batch.ops() {
+        mem.insert(key, value);
+    }
 }
 
 fn table_path(dir: &Path, id: u64) -> PathBuf {
@@ -240,7 +218,7 @@ impl Store {
         let end = wal.end_offset();
         while next < end {
             for record in wal.read(next, end, 4 << 20).await? {
-                mem.apply(WriteBatch::decode(&record.payload)?);
+                apply(&mut mem, &WriteBatch::decode(&record.payload)?);
                 recovery.replayed_batches += 1;
                 next = record.offset + 1;
             }
@@ -294,12 +272,9 @@ impl Store {
     /// Checks a batch against the limits without applying it.
     pub fn check_batch(&self, batch: &WriteBatch) -> Result<()> {
         let c = &self.inner.config;
-        for (key, value) in &batch.ops {
-            Error::check_limit("key", "key_bytes_max", key.len(), c.key_bytes_max)?;
-            if let Some(v) = value {
-                Error::check_limit("value", "value_bytes_max", v.len(), c.value_bytes_max)?;
-            }
-        }
+        let (key, value) = batch.largest();
+        Error::check_limit("key", "key_bytes_max", key, c.key_bytes_max)?;
+        Error::check_limit("value", "value_bytes_max", value, c.value_bytes_max)?;
         Error::check_limit("batch", "batch_bytes_max", batch.encoded_bytes(), c.batch_bytes_max)
     }
 
@@ -311,12 +286,7 @@ impl Store {
             return Ok(());
         }
         self.make_room().await?;
-        let payload = batch.encode();
-        let range = self
-            .inner
-            .wal
-            .enqueue_batch(std::iter::once(payload.as_slice()))
-            .await?;
+        let range = self.inner.wal.enqueue_batch(std::iter::once(batch.encoded())).await?;
         self.inner.unapplied.borrow_mut().push_back((range.start, batch));
         self.inner.wal.wait_durable(range.end).await?;
         self.apply_durable();
@@ -330,7 +300,7 @@ impl Store {
         let mut mem = self.inner.mem.borrow_mut();
         while unapplied.front().is_some_and(|(offset, _)| *offset < durable) {
             let (offset, batch) = unapplied.pop_front().expect("front exists");
-            mem.apply(batch);
+            apply(&mut mem, &batch);
             mem.wal_end = offset + 1;
         }
         let full = mem.bytes >= self.inner.config.memtable_bytes_max;
@@ -361,7 +331,7 @@ impl Store {
 
     /// Freezes the memtable and writes it to a table in the background.
     fn start_flush(&self) {
-        if self.inner.imm.borrow().is_some() || self.inner.mem.borrow().map.is_empty() {
+        if self.inner.imm.borrow().is_some() || self.inner.mem.borrow().is_empty() {
             return;
         }
         let frozen = std::mem::take(&mut *self.inner.mem.borrow_mut());
@@ -386,8 +356,8 @@ impl Store {
         };
         let path = table_path(&self.inner.dir, id);
         let mut writer = TableWriter::create(&path, self.inner.config.table.clone()).await?;
-        for (key, value) in &frozen.map {
-            writer.add(key, value.as_deref()).await?;
+        for (key, value) in frozen.iter() {
+            writer.add(key, value).await?;
         }
         writer.finish().await?;
         let table = Rc::new(Table::open(id, &path)?);
@@ -543,12 +513,12 @@ impl Store {
     /// Returns the value of `key`, if any.
     pub fn get(&self, key: &[u8]) -> Result<Option<Vec<u8>>> {
         self.apply_durable();
-        if let Some(v) = self.inner.mem.borrow().map.get(key) {
-            return Ok(v.clone());
+        if let Some(v) = self.inner.mem.borrow().get(key) {
+            return Ok(v.map(<[u8]>::to_vec));
         }
         if let Some(imm) = &*self.inner.imm.borrow() {
-            if let Some(v) = imm.map.get(key) {
-                return Ok(v.clone());
+            if let Some(v) = imm.get(key) {
+                return Ok(v.map(<[u8]>::to_vec));
             }
         }
         for table in self.inner.tables.borrow().iter() {

@@ -21,6 +21,7 @@ use std::path::{Path, PathBuf};
 use glommio::io::{BufferedFile, OpenOptions};
 
 use super::bloom::{self, BloomBuilder};
+use super::memtable::compare;
 use crate::error::{gio, Error, Result};
 
 const MAGIC: &[u8; 8] = b"RAMASST1";
@@ -330,20 +331,30 @@ impl Table {
         self.map.len() as u64
     }
 
-    /// Verifies block `block` and decodes its entries.
-    fn block(&self, block: usize) -> Result<Vec<EntryRanges>> {
-        let IndexEntry { offset, len, .. } = self.index[block];
-        let data = &self.map[offset..offset + len - 4];
-        let crc = u32::from_le_bytes(self.map[offset + len - 4..offset + len].try_into().expect("4 bytes"));
-        let corrupt = |reason: &str| Error::Corrupt {
+    fn block_corrupt(&self, offset: usize, reason: &str) -> Error {
+        Error::Corrupt {
             path: self.path.clone(),
             offset: 0,
             position: offset as u64,
             reason: reason.to_string(),
-        };
-        if crc32fast::hash(data) != crc {
-            return Err(corrupt("block checksum mismatch"));
         }
+    }
+
+    /// The entries of the block at `offset`, after checking its CRC.
+    fn verified_block(&self, offset: usize, len: usize) -> Result<&[u8]> {
+        let data = &self.map[offset..offset + len - 4];
+        let crc = u32::from_le_bytes(self.map[offset + len - 4..offset + len].try_into().expect("4 bytes"));
+        if crc32fast::hash(data) != crc {
+            return Err(self.block_corrupt(offset, "block checksum mismatch"));
+        }
+        Ok(data)
+    }
+
+    /// Verifies block `block` and decodes its entries.
+    fn block(&self, block: usize) -> Result<Vec<EntryRanges>> {
+        let IndexEntry { offset, len, .. } = self.index[block];
+        let data = self.verified_block(offset, len)?;
+        let corrupt = |reason: &str| self.block_corrupt(offset, reason);
         let mut out = Vec::new();
         let mut pos = 0;
         while pos < data.len() {
@@ -372,14 +383,31 @@ impl Table {
         if !bloom::may_contain(&self.map[self.bloom.clone()], key) {
             return Ok(None);
         }
-        let block = self.index.partition_point(|e| &self.map[e.last_key.clone()] < key);
+        let block = self
+            .index
+            .partition_point(|e| compare(&self.map[e.last_key.clone()], key).is_lt());
         if block == self.index.len() {
             return Ok(None);
         }
-        for (k, v) in self.block(block)? {
-            match self.map[k].cmp(key) {
-                std::cmp::Ordering::Less => continue,
-                std::cmp::Ordering::Equal => return Ok(Some(v.map(|v| &self.map[v]))),
+        let IndexEntry { offset, len, .. } = self.index[block];
+        let data = self.verified_block(offset, len)?;
+        // Scan the block in place: no allocation on the point-read path.
+        let mut pos = 0;
+        while pos < data.len() {
+            let (klen, tag) = match (get_varint(data, &mut pos), get_varint(data, &mut pos)) {
+                (Some(k), Some(t)) => (k as usize, t as usize),
+                _ => return Err(self.block_corrupt(offset, "bad entry")),
+            };
+            let vlen = tag.saturating_sub(1);
+            let end = pos + klen + vlen;
+            if end > data.len() {
+                return Err(self.block_corrupt(offset, "entry runs past its block"));
+            }
+            match compare(&data[pos..pos + klen], key) {
+                std::cmp::Ordering::Less => pos = end,
+                std::cmp::Ordering::Equal => {
+                    return Ok(Some((tag != 0).then(|| &data[pos + klen..end])));
+                }
                 std::cmp::Ordering::Greater => return Ok(None),
             }
         }
@@ -391,17 +419,17 @@ impl Table {
         let block = if reverse {
             let b = match upper {
                 Bound::Unbounded => self.index.len(),
-                Bound::Included(k) | Bound::Excluded(k) => {
-                    self.index.partition_point(|e| &self.map[e.last_key.clone()] < k)
-                }
+                Bound::Included(k) | Bound::Excluded(k) => self
+                    .index
+                    .partition_point(|e| compare(&self.map[e.last_key.clone()], k).is_lt()),
             };
             b.min(self.index.len().saturating_sub(1))
         } else {
             match lower {
                 Bound::Unbounded => 0,
-                Bound::Included(k) | Bound::Excluded(k) => {
-                    self.index.partition_point(|e| &self.map[e.last_key.clone()] < k)
-                }
+                Bound::Included(k) | Bound::Excluded(k) => self
+                    .index
+                    .partition_point(|e| compare(&self.map[e.last_key.clone()], k).is_lt()),
             }
         };
         TableRange {
