@@ -1,1 +1,175 @@
-fn main() {}
+//! `rama-bench`: storage benchmarks of the engine next to raw hardware
+//! loops and other engines, and the BENCHMARKS.md report of their results.
+
+mod depot;
+mod keys;
+mod lsm;
+mod machine;
+mod raw;
+mod report;
+mod results;
+
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::time::{Instant, SystemTime, UNIX_EPOCH};
+
+use clap::{Args, Parser, Subcommand};
+
+use crate::machine::Machine;
+use crate::results::{ensure, BenchResult, Results};
+
+#[derive(Debug, Parser)]
+#[command(name = "rama-bench", about = "Benchmarks of the rama storage engine")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Runs every storage benchmark and writes the results as JSON.
+    Storage(StorageArgs),
+    /// Prints the markdown report (BENCHMARKS.md) of a results file.
+    Report {
+        /// A results file written by `rama-bench storage`.
+        results: PathBuf,
+    },
+}
+
+#[derive(Debug, Args)]
+struct StorageArgs {
+    /// Tiny counts: checks the harness and the sanity of results in seconds.
+    #[arg(long)]
+    quick: bool,
+    /// Where to write the JSON results.
+    #[arg(long, default_value = "results.json")]
+    out: PathBuf,
+    /// Directory for benchmark data, on the disk to measure (not tmpfs).
+    /// Default: target/rama-bench-data under the current directory.
+    #[arg(long)]
+    dir: Option<PathBuf>,
+    /// Records per `append_batch` in the batched-append benchmark.
+    #[arg(long, default_value_t = 1000, value_parser = clap::value_parser!(u64).range(1..=50_000))]
+    batch: u64,
+}
+
+/// How much every benchmark does, in quick or full mode.
+fn plan(quick: bool, batch: usize) -> (depot::Plan, lsm::Workload) {
+    let depot = depot::Plan {
+        batched_records: if quick { 50_000 } else { 2_000_000 },
+        batch_records: batch,
+        single_appends: if quick { 500 } else { 20_000 },
+        rounds: if quick { 5 } else { 100 },
+        concurrent_tasks: 64,
+        appends_per_task: if quick { 100 } else { 3_125 },
+    };
+    let keys = if quick { 20_000 } else { 1_000_000 };
+    let lsm = lsm::Workload {
+        keys,
+        key_bytes: 16,
+        value_bytes: 100,
+        batch: 1000,
+        reads: keys,
+        scans: if quick { 1_000 } else { 10_000 },
+        scan_len: 100,
+    };
+    (depot, lsm)
+}
+
+/// The command line this run was started with; `bench/run` passes its own.
+fn invocation() -> String {
+    std::env::var("RAMA_BENCH_INVOCATION").unwrap_or_else(|_| std::env::args().collect::<Vec<_>>().join(" "))
+}
+
+fn storage(args: &StorageArgs) -> BenchResult<()> {
+    let started = Instant::now();
+    let started_unix = SystemTime::now().duration_since(UNIX_EPOCH)?.as_secs();
+    let parent = args
+        .dir
+        .clone()
+        .unwrap_or_else(|| PathBuf::from("target/rama-bench-data"));
+    let data = parent.join(format!("run-{}", std::process::id()));
+    std::fs::create_dir_all(&data).map_err(|e| format!("creating {}: {e}", data.display()))?;
+    let data = data.canonicalize()?;
+    let outcome = run_all(args, &data, started, started_unix);
+    // The data directory is ours alone (named by pid); remove it either way.
+    let removed = std::fs::remove_dir_all(&data);
+    let results = outcome?;
+    removed.map_err(|e| format!("removing {}: {e}", data.display()))?;
+
+    let json = serde_json::to_string_pretty(&results)?;
+    std::fs::write(&args.out, json + "\n").map_err(|e| format!("writing {}: {e}", args.out.display()))?;
+    eprintln!("\nresults written to {}", args.out.display());
+    for t in report::targets(&results) {
+        eprintln!("  {}", t.line());
+    }
+    Ok(())
+}
+
+fn run_all(args: &StorageArgs, data: &Path, started: Instant, started_unix: u64) -> BenchResult<Results> {
+    machine::check_real_disk(data)?;
+    let (depot_plan, workload) = plan(args.quick, usize::try_from(args.batch)?);
+    let mut machine = Machine::probe(data);
+    eprintln!(
+        "rama-bench storage ({} mode), data in {}",
+        if args.quick { "quick" } else { "full" },
+        data.display()
+    );
+
+    eprintln!("1. batched appends");
+    let depot_batched = depot::batched(&depot_plan, data)?;
+    eprintln!(
+        "  ours {}; raw growing {:.1} MB/s",
+        report::brief(&depot_batched.ours),
+        depot_batched.raw_growing.mb_per_sec
+    );
+    eprintln!("2. single appends");
+    let depot_single = depot::single(&depot_plan, data)?;
+    eprintln!(
+        "  ours p99 {:.0} µs; raw growing p99 {:.0} µs",
+        depot_single.ours.latency.p99_us, depot_single.raw_growing.latency.p99_us
+    );
+    eprintln!("3. {} concurrent appenders", depot_plan.concurrent_tasks);
+    let depot_concurrent = depot::concurrent(&depot_plan, data)?;
+    eprintln!("  ours {}", report::brief(&depot_concurrent.ours.throughput));
+    eprintln!("4. LSM key-value stores");
+    let lsm = lsm::run(&workload, data)?;
+    ensure(lsm.engines.len() == lsm::ENGINES.len(), || {
+        "an LSM engine did not report".into()
+    })?;
+    machine.load_end = machine::load_average();
+
+    Ok(Results {
+        mode: if args.quick { "quick" } else { "full" }.into(),
+        invocation: invocation(),
+        started_unix,
+        seconds: started.elapsed().as_secs_f64(),
+        machine,
+        depot_batched,
+        depot_single,
+        depot_concurrent,
+        lsm,
+    })
+}
+
+fn report(path: &Path) -> BenchResult<()> {
+    let text = std::fs::read_to_string(path).map_err(|e| format!("reading {}: {e}", path.display()))?;
+    let results: Results = serde_json::from_str(&text).map_err(|e| format!("parsing {}: {e}", path.display()))?;
+    print!("{}", report::markdown(&results));
+    Ok(())
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let outcome = match &cli.command {
+        Command::Storage(args) => storage(args),
+        Command::Report { results } => report(results),
+    };
+    match outcome {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("rama-bench: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}

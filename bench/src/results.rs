@@ -64,7 +64,9 @@ impl Throughput {
 
     /// Fails unless the run did `ops` operations at a positive, finite rate.
     pub fn check(&self, what: &str, ops: u64) -> BenchResult<()> {
-        ensure(self.ops == ops, || format!("{what}: {} operations, expected {ops}", self.ops))?;
+        ensure(self.ops == ops, || {
+            format!("{what}: {} operations, expected {ops}", self.ops)
+        })?;
         ensure(self.ops_per_sec.is_finite() && self.ops_per_sec > 0.0, || {
             format!("{what}: rate {} is not a positive number", self.ops_per_sec)
         })
@@ -114,9 +116,11 @@ impl Latency {
 pub struct DepotBatched {
     pub record_bytes: usize,
     pub batch_records: usize,
+    /// Rounds ours and the raw loops were interleaved in.
+    pub rounds: u64,
     /// `Log::append_batch`; bytes are payload bytes.
     pub ours: Throughput,
-    /// Bytes our log wrote for those records (frames), excluding zero fill.
+    /// Bytes of the frames holding those records.
     pub ours_frame_bytes: u64,
     /// Records read back and verified after reopening the log.
     pub ours_read_back: u64,
@@ -139,6 +143,8 @@ pub struct LatencyRun {
 pub struct DepotSingle {
     pub record_bytes: usize,
     pub raw_write_bytes: usize,
+    /// Rounds ours and the raw loops were interleaved in.
+    pub rounds: u64,
     pub ours: LatencyRun,
     pub ours_read_back: u64,
     pub raw_growing: LatencyRun,

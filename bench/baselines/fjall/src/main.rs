@@ -1,10 +1,9 @@
 //! `fjall-baseline`: the fillrandom / readrandom / range-scan workload of
 //! `rama-bench storage` run against fjall, printed as one JSON line.
 //!
-//! Keys are 16 pseudo-random bytes derived from the key's index, so reads
-//! can regenerate existing keys without keeping them in memory. Every write
-//! batch is committed with `PersistMode::SyncData` (fdatasync'd). Values
-//! compress to about half their size, as db_bench's do.
+//! Keys and values come from `bench/src/keys.rs`, shared with the other
+//! in-process engines. Every write batch is committed with
+//! `PersistMode::SyncData` (fdatasync'd).
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -41,7 +40,11 @@ fn parse_args() -> Result<Args, String> {
     let mut it = std::env::args().skip(1);
     while let Some(flag) = it.next() {
         let value = it.next().ok_or_else(|| format!("{flag} needs a value\n{USAGE}"))?;
-        let num = || value.parse::<u64>().map_err(|e| format!("{flag} {value}: {e}\n{USAGE}"));
+        let num = || {
+            value
+                .parse::<u64>()
+                .map_err(|e| format!("{flag} {value}: {e}\n{USAGE}"))
+        };
         match flag.as_str() {
             "--dir" => dir = Some(PathBuf::from(&value)),
             "--keys" => keys = Some(num()?),
@@ -71,49 +74,10 @@ fn parse_args() -> Result<Args, String> {
     })
 }
 
-/// SplitMix64: a small, fast, well-mixed generator.
-fn mix(mut z: u64) -> u64 {
-    z = z.wrapping_add(0x9e37_79b9_7f4a_7c15);
-    z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-    z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-    z ^ (z >> 31)
-}
+#[path = "../../../src/keys.rs"]
+mod keys;
 
-/// Sequential pseudo-random numbers.
-struct Rng(u64);
-
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(1);
-        mix(self.0)
-    }
-
-    fn below(&mut self, n: u64) -> u64 {
-        self.next() % n
-    }
-}
-
-/// The 16-byte key of index `i`.
-fn key(seed: u64, i: u64) -> [u8; 16] {
-    let a = mix(seed ^ mix(i));
-    let mut k = [0u8; 16];
-    k[..8].copy_from_slice(&a.to_be_bytes());
-    k[8..].copy_from_slice(&mix(a).to_be_bytes());
-    k
-}
-
-/// Fills `value` so that it compresses to about half its size, like
-/// db_bench's values: random bytes, then a copy of them.
-fn fill_value(rng: &mut Rng, value: &mut [u8]) {
-    let half = value.len() / 2;
-    for chunk in value[..half].chunks_mut(8) {
-        chunk.copy_from_slice(&rng.next().to_le_bytes()[..chunk.len()]);
-    }
-    value.copy_within(..half, half);
-    if value.len() % 2 == 1 {
-        value[value.len() - 1] = value[0];
-    }
-}
+use keys::{fill_value, key, Rng};
 
 fn rate(ops: u64, seconds: f64) -> f64 {
     ops as f64 / seconds

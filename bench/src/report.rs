@@ -1,0 +1,539 @@
+//! BENCHMARKS.md, generated from a results file: machine, command, one
+//! table per benchmark, and whether each target is met.
+
+use std::fmt::Write;
+
+use crate::lsm::{EngineRun, OpRate};
+use crate::results::{LatencyRun, Results, Throughput};
+
+/// How a target compares a measured value with its goal.
+#[derive(Debug, Clone, Copy)]
+enum Goal {
+    /// A ratio that must be at least the goal.
+    RatioAtLeast(f64),
+    /// A ratio that must be at most the goal.
+    RatioAtMost(f64),
+    /// A rate (per second) that must be at least the goal.
+    RateAtLeast(f64),
+}
+
+/// One target of the storage benchmarks.
+#[derive(Debug, Clone)]
+pub struct Target {
+    name: &'static str,
+    measured: f64,
+    goal: Goal,
+}
+
+impl Target {
+    fn met(&self) -> bool {
+        match self.goal {
+            Goal::RatioAtLeast(g) | Goal::RateAtLeast(g) => self.measured >= g,
+            Goal::RatioAtMost(g) => self.measured <= g,
+        }
+    }
+
+    fn measured_text(&self) -> String {
+        match self.goal {
+            Goal::RatioAtLeast(_) | Goal::RatioAtMost(_) => ratio(self.measured),
+            Goal::RateAtLeast(_) => format!("{}/s", int(self.measured)),
+        }
+    }
+
+    fn goal_text(&self) -> String {
+        match self.goal {
+            Goal::RatioAtLeast(g) => format!(">= {g}x"),
+            Goal::RatioAtMost(g) => format!("<= {g}x"),
+            Goal::RateAtLeast(g) => format!(">= {}/s", int(g)),
+        }
+    }
+
+    /// `met`, or `missed (0.62x of 0.8x)`.
+    pub fn status(&self) -> String {
+        if self.met() {
+            return "met".into();
+        }
+        match self.goal {
+            Goal::RatioAtLeast(g) => format!("missed ({} of {g}x)", ratio(self.measured)),
+            Goal::RatioAtMost(g) => format!("missed ({} of at most {g}x)", ratio(self.measured)),
+            Goal::RateAtLeast(g) => format!(
+                "missed ({}/s of {}/s, {})",
+                int(self.measured),
+                int(g),
+                ratio(self.measured / g)
+            ),
+        }
+    }
+
+    /// One line for a terminal.
+    pub fn line(&self) -> String {
+        format!(
+            "{}: {} (goal {}): {}",
+            self.name,
+            self.measured_text(),
+            self.goal_text(),
+            self.status()
+        )
+    }
+}
+
+/// The targets, measured.
+pub fn targets(r: &Results) -> Vec<Target> {
+    let b = &r.depot_batched;
+    let s = &r.depot_single;
+    vec![
+        Target {
+            name: "batched appends: bandwidth vs raw loop (growing file)",
+            measured: b.ours.mb_per_sec / b.raw_growing.mb_per_sec,
+            goal: Goal::RatioAtLeast(0.8),
+        },
+        Target {
+            name: "batched appends: records/s",
+            measured: b.ours.ops_per_sec,
+            goal: Goal::RateAtLeast(1_000_000.0),
+        },
+        Target {
+            name: "single appends: p99 vs raw loop p99 (growing file)",
+            measured: s.ours.latency.p99_us / s.raw_growing.latency.p99_us,
+            goal: Goal::RatioAtMost(1.3),
+        },
+        Target {
+            name: "64 appenders: appends/s vs single appends/s",
+            measured: concurrency_gain(r),
+            goal: Goal::RatioAtLeast(10.0),
+        },
+    ]
+    .into_iter()
+    .chain(lsm_targets(r))
+    .collect()
+}
+
+/// Ours over each other engine, for fillrandom and readrandom (target 1.5x).
+fn lsm_targets(r: &Results) -> Vec<Target> {
+    const NAMES: [(&str, &str, &str); 2] = [
+        ("fjall", "LSM fillrandom vs fjall", "LSM readrandom vs fjall"),
+        (
+            "rocksdb",
+            "LSM fillrandom vs RocksDB db_bench",
+            "LSM readrandom vs RocksDB db_bench",
+        ),
+    ];
+    let engines = &r.lsm.engines;
+    let Some(ours) = engines.iter().find(|e| e.engine == "ours") else {
+        return Vec::new();
+    };
+    let mut out = Vec::new();
+    for (engine, fill, read) in NAMES {
+        if let Some(other) = engines.iter().find(|e| e.engine == engine) {
+            out.push(Target {
+                name: fill,
+                measured: ours.fill.ops_per_sec / other.fill.ops_per_sec,
+                goal: Goal::RatioAtLeast(1.5),
+            });
+            out.push(Target {
+                name: read,
+                measured: ours.read.ops_per_sec / other.read.ops_per_sec,
+                goal: Goal::RatioAtLeast(1.5),
+            });
+        }
+    }
+    out
+}
+
+fn concurrency_gain(r: &Results) -> f64 {
+    r.depot_concurrent.ours.throughput.ops_per_sec / r.depot_single.ours.throughput.ops_per_sec
+}
+
+/// `1234567.8` as `1,234,568`.
+fn int(x: f64) -> String {
+    let digits = format!("{:.0}", x.abs());
+    let mut out = String::new();
+    for (i, c) in digits.chars().enumerate() {
+        if i > 0 && (digits.len() - i) % 3 == 0 {
+            out.push(',');
+        }
+        out.push(c);
+    }
+    if x < 0.0 {
+        out.insert(0, '-');
+    }
+    out
+}
+
+fn ratio(x: f64) -> String {
+    if x >= 10.0 {
+        format!("{x:.1}x")
+    } else {
+        format!("{x:.2}x")
+    }
+}
+
+fn micros(us: f64) -> String {
+    if us >= 1000.0 {
+        format!("{:.2} ms", us / 1000.0)
+    } else {
+        format!("{us:.0} µs")
+    }
+}
+
+fn mb(x: f64) -> String {
+    format!("{x:.1}")
+}
+
+fn batched_section(out: &mut String, r: &Results) {
+    let b = &r.depot_batched;
+    let batch_bytes = b.batch_records * b.record_bytes;
+    let _ = writeln!(
+        out,
+        "## 1. Depot appends, batched\n\n\
+         {} records of {} bytes appended by one task thread with `Log::append_batch`, {} records per batch \
+         (each batch durable before the next is sent). Raw loop: plain libc sequential `pwrite` of {} bytes + \
+         `fdatasync`, the same total bytes, on a growing file and on a file zero-filled and synced beforehand. \
+         The three run interleaved in {} rounds (a slice of each per round); times are summed over the \
+         appends (or writes) themselves. MB/s counts payload bytes (10^6 bytes).\n",
+        int(b.ours.ops as f64),
+        b.record_bytes,
+        int(b.batch_records as f64),
+        int(batch_bytes as f64),
+        b.rounds,
+    );
+    let _ = writeln!(
+        out,
+        "| run | writes | records/s | MB/s | seconds | ours / this (MB/s) |\n|---|---:|---:|---:|---:|---:|"
+    );
+    let _ = writeln!(
+        out,
+        "| ours: `Log::append_batch` | {} batches | {} | {} | {:.2} | |",
+        int(b.ours.ops.div_ceil(b.batch_records as u64) as f64),
+        int(b.ours.ops_per_sec),
+        mb(b.ours.mb_per_sec),
+        b.ours.seconds,
+    );
+    for (name, raw) in [
+        ("raw pwrite + fdatasync, growing file", &b.raw_growing),
+        ("raw pwrite + fdatasync, pre-written file", &b.raw_prewritten),
+    ] {
+        let _ = writeln!(
+            out,
+            "| {name} | {} | {} | {} | {:.2} | {} |",
+            int(raw.ops as f64),
+            int(raw.bytes as f64 / b.record_bytes as f64 / raw.seconds),
+            mb(raw.mb_per_sec),
+            raw.seconds,
+            ratio(b.ours.mb_per_sec / raw.mb_per_sec)
+        );
+    }
+    let _ = writeln!(
+        out,
+        "\nRecords/s of a raw loop: its bytes/s divided by {} bytes. Our log frames the {} MB of payload as \
+         {} MB (+{:.0}%). All {} records were read back and verified after reopening the log.\n",
+        b.record_bytes,
+        mb(b.ours.bytes as f64 / 1e6),
+        mb(b.ours_frame_bytes as f64 / 1e6),
+        (b.ours_frame_bytes as f64 / b.ours.bytes as f64 - 1.0) * 100.0,
+        int(b.ours_read_back as f64),
+    );
+}
+
+fn latency_row(out: &mut String, name: &str, run: &LatencyRun, extra: &str) {
+    let l = &run.latency;
+    let _ = writeln!(
+        out,
+        "| {name} | {} | {} | {} | {} | {} | {} | {} | {} |",
+        int(run.throughput.ops_per_sec),
+        micros(l.mean_us),
+        micros(l.p50_us),
+        micros(l.p90_us),
+        micros(l.p99_us),
+        micros(l.p999_us),
+        micros(l.max_us),
+        extra
+    );
+}
+
+fn single_section(out: &mut String, r: &Results) {
+    let s = &r.depot_single;
+    let _ = writeln!(
+        out,
+        "## 2. Durable single appends, one in flight\n\n\
+         {} `Log::append` calls of a {}-byte record, each awaited before the next. Raw loop: plain libc \
+         sequential `pwrite` of {} bytes + `fdatasync`, as many times, on a growing and on a pre-written \
+         file. The three run interleaved in {} rounds. Latency per operation from an HDR histogram; ops/s \
+         from the summed latencies.\n",
+        int(s.ours.throughput.ops as f64),
+        s.record_bytes,
+        s.raw_write_bytes,
+        s.rounds
+    );
+    let _ = writeln!(
+        out,
+        "| run | ops/s | mean | p50 | p90 | p99 | p99.9 | max | ours p99 / this p99 |\n\
+         |---|---:|---:|---:|---:|---:|---:|---:|---:|"
+    );
+    latency_row(out, "ours: `Log::append`", &s.ours, "");
+    for (file, raw) in [("growing", &s.raw_growing), ("pre-written", &s.raw_prewritten)] {
+        let name = format!("raw {}-byte pwrite + fdatasync, {file} file", s.raw_write_bytes);
+        latency_row(out, &name, raw, &ratio(s.ours.latency.p99_us / raw.latency.p99_us));
+    }
+    let _ = writeln!(
+        out,
+        "\nAll {} records were read back and verified after reopening the log.\n",
+        int(s.ours_read_back as f64)
+    );
+}
+
+fn concurrent_section(out: &mut String, r: &Results) {
+    let c = &r.depot_concurrent;
+    let _ = writeln!(
+        out,
+        "## 3. {} appenders in flight\n\n\
+         {} glommio tasks (`glommio::spawn_local`) on one task thread, each looping `Log::append` of a \
+         {}-byte record; {} appends in all. Rate = acknowledged (durable) appends over the whole run.\n",
+        c.tasks,
+        c.tasks,
+        c.record_bytes,
+        int(c.ours.throughput.ops as f64)
+    );
+    let _ = writeln!(
+        out,
+        "| run | appends/s | mean | p50 | p90 | p99 | p99.9 | max | vs single appends/s |\n\
+         |---|---:|---:|---:|---:|---:|---:|---:|---:|"
+    );
+    latency_row(
+        out,
+        &format!("ours: {} tasks looping `Log::append`", c.tasks),
+        &c.ours,
+        &ratio(concurrency_gain(r)),
+    );
+    latency_row(
+        out,
+        "ours: `Log::append`, one in flight (from 2)",
+        &r.depot_single.ours,
+        "1.00x",
+    );
+    let _ = writeln!(
+        out,
+        "\nEvery acknowledged offset was distinct; all {} records were read back after reopening and each \
+         held the record its appender sent.\n",
+        int(c.ours_read_back as f64)
+    );
+}
+
+fn engine_cell(rate: &OpRate, first: &OpRate, is_first: bool) -> String {
+    if is_first {
+        int(rate.ops_per_sec)
+    } else {
+        format!(
+            "{} (ours {})",
+            int(rate.ops_per_sec),
+            ratio(first.ops_per_sec / rate.ops_per_sec)
+        )
+    }
+}
+
+fn lsm_section(out: &mut String, r: &Results) {
+    let w = &r.lsm.workload;
+    let engines = &r.lsm.engines;
+    let _ = writeln!(
+        out,
+        "## 4. LSM key-value stores\n\n\
+         fillrandom: {} random {}-byte keys with {}-byte values, in batches of {} keys, each batch synced \
+         (fdatasync) before the next. readrandom: {} point gets of random keys. Range scans: {} scans of {} \
+         entries from a random key. Each engine is a column; in parentheses, how many times that engine's rate \
+         ours is.\n",
+        int(w.keys as f64),
+        w.key_bytes,
+        w.value_bytes,
+        int(w.batch as f64),
+        int(w.reads as f64),
+        int(w.scans as f64),
+        w.scan_len
+    );
+    let Some(first) = engines.first() else {
+        let _ = writeln!(out, "No engine ran.\n");
+        return;
+    };
+    let header: Vec<String> = engines
+        .iter()
+        .map(|e| match &e.version {
+            Some(v) => format!("{} {v}", e.engine),
+            None => e.engine.clone(),
+        })
+        .collect();
+    let _ = writeln!(out, "| phase | {} |", header.join(" | "));
+    let _ = writeln!(out, "|---|{}", "---:|".repeat(engines.len()));
+    type Phase = fn(&EngineRun) -> &OpRate;
+    let phases: [(&str, Phase); 3] = [
+        ("fillrandom, keys/s", |e| &e.fill),
+        ("readrandom, gets/s", |e| &e.read),
+        ("range scans, scans/s", |e| &e.scan),
+    ];
+    for (name, phase) in phases {
+        let cells: Vec<String> = engines
+            .iter()
+            .enumerate()
+            .map(|(i, e)| engine_cell(phase(e), phase(first), i == 0))
+            .collect();
+        let _ = writeln!(out, "| {name} | {} |", cells.join(" | "));
+    }
+    let found: Vec<String> = engines
+        .iter()
+        .map(|e| match e.read.found {
+            Some(f) => format!(
+                "{} of {} ({:.0}%)",
+                int(f as f64),
+                int(e.read.ops as f64),
+                100.0 * f as f64 / e.read.ops as f64
+            ),
+            None => "not reported".into(),
+        })
+        .collect();
+    let _ = writeln!(out, "| readrandom gets that found a key | {} |", found.join(" | "));
+    let entries: Vec<String> = engines
+        .iter()
+        .map(|e| match e.scan.entries {
+            Some(n) => format!("{:.1}", n as f64 / e.scan.ops as f64),
+            None => "not reported".into(),
+        })
+        .collect();
+    let _ = writeln!(out, "| entries per scan | {} |\n", entries.join(" | "));
+    for e in engines {
+        let _ = writeln!(out, "**{}**:", e.engine);
+        for note in &e.notes {
+            let _ = writeln!(out, "- {note}");
+        }
+        if !e.commands.is_empty() {
+            let _ = writeln!(out, "\n```\n{}\n```", e.commands.join("\n"));
+        }
+        let _ = writeln!(out);
+    }
+}
+
+/// Unix time as `2025-01-31 12:00 UTC` (proleptic Gregorian calendar).
+fn utc(unix: u64) -> String {
+    let days = (unix / 86_400) as i64;
+    let (hour, minute) = (unix % 86_400 / 3600, unix % 3600 / 60);
+    // Days to civil date, after Howard Hinnant's `civil_from_days`.
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z - era * 146_097;
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let day = doy - (153 * mp + 2) / 5 + 1;
+    let month = if mp < 10 { mp + 3 } else { mp - 9 };
+    let year = yoe + era * 400 + i64::from(month <= 2);
+    format!("{year:04}-{month:02}-{day:02} {hour:02}:{minute:02} UTC")
+}
+
+fn bytes_gib(b: u64) -> String {
+    format!("{:.1} GiB", b as f64 / (1u64 << 30) as f64)
+}
+
+fn machine_section(out: &mut String, r: &Results) {
+    let m = &r.machine;
+    let or_unknown = |v: &Option<String>| v.clone().unwrap_or_else(|| "unknown".into());
+    let disk = format!(
+        "{}, {}, rotational flag {}, model {}",
+        or_unknown(&m.device),
+        or_unknown(&m.disk_size),
+        m.disk_rotational.map_or("unknown", |r| if r { "1" } else { "0" }),
+        m.disk_model.clone().unwrap_or_else(|| "not reported".into()),
+    );
+    let _ = writeln!(
+        out,
+        "## Machine\n\n| | |\n|---|---|\n\
+         | cores (`nproc`) | {} |\n| CPU | {} |\n| memory | {} |\n| kernel (`uname -r`) | {} |\n\
+         | disk (`lsblk`) | {} |\n| file system (`df`) | {} |\n| data directory | `{}` |\n\
+         | load average (1, 5, 15 min) at start / end | {} / {} |\n\
+         | I/O pressure before the run (`/proc/pressure/io`, some, %) | {} |\n",
+        m.cores.map_or("unknown".into(), |c| c.to_string()),
+        or_unknown(&m.cpu_model),
+        m.memory_bytes.map_or("unknown".into(), bytes_gib),
+        or_unknown(&m.kernel),
+        disk,
+        or_unknown(&m.filesystem),
+        m.data_dir,
+        or_unknown(&m.load_start),
+        or_unknown(&m.load_end),
+        or_unknown(&m.io_pressure_start),
+    );
+}
+
+/// The whole BENCHMARKS.md.
+pub fn markdown(r: &Results) -> String {
+    let mut out = String::new();
+    let _ = writeln!(
+        out,
+        "# Benchmarks\n\n\
+         Generated by `bench/run` from the results of `rama-bench storage`; do not edit by hand. \
+         Every number below was measured in the run described here.\n"
+    );
+    if r.mode == "quick" {
+        let _ = writeln!(
+            out,
+            "> **Quick mode**: counts are tiny; this run checks the harness, its numbers mean little.\n"
+        );
+    }
+    let _ = writeln!(
+        out,
+        "- command: `{}`\n- mode: {}\n- started: {}; the whole run took {:.0} s\n",
+        r.invocation,
+        r.mode,
+        utc(r.started_unix),
+        r.seconds
+    );
+    machine_section(&mut out, r);
+    let _ = writeln!(
+        out,
+        "## Targets\n\n| target | measured | goal | status |\n|---|---:|---:|---|"
+    );
+    for t in targets(r) {
+        let _ = writeln!(
+            out,
+            "| {} | {} | {} | {} |",
+            t.name,
+            t.measured_text(),
+            t.goal_text(),
+            t.status()
+        );
+    }
+    let _ = writeln!(out);
+    batched_section(&mut out, r);
+    single_section(&mut out, r);
+    concurrent_section(&mut out, r);
+    lsm_section(&mut out, r);
+    out
+}
+
+/// Throughput in a line, for progress output.
+pub fn brief(t: &Throughput) -> String {
+    format!("{} ops/s, {} MB/s", int(t.ops_per_sec), mb(t.mb_per_sec))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn formats_numbers_and_statuses() {
+        assert_eq!(int(1_234_567.6), "1,234,568");
+        assert_eq!(int(999.0), "999");
+        assert_eq!(ratio(0.623), "0.62x");
+        let t = Target {
+            name: "t",
+            measured: 0.623,
+            goal: Goal::RatioAtLeast(0.8),
+        };
+        assert_eq!(t.status(), "missed (0.62x of 0.8x)");
+        let t = Target {
+            name: "t",
+            measured: 1.1,
+            goal: Goal::RatioAtMost(1.3),
+        };
+        assert_eq!(t.status(), "met");
+        assert_eq!(utc(0), "1970-01-01 00:00 UTC");
+        assert_eq!(utc(951_825_600), "2000-02-29 12:00 UTC");
+        assert_eq!(utc(1_767_225_600), "2026-01-01 00:00 UTC");
+    }
+}
