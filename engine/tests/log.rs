@@ -226,3 +226,75 @@ fn entries_max_trims_whole_old_segments() {
         assert_eq!(kept[0].payload, payload(start));
     });
 }
+
+/// A write that fails (here: the file system is full) poisons the log:
+/// the append that hit it fails, and nothing is acknowledged afterwards,
+/// even when space comes back. Needs root to mount a small tmpfs.
+#[test]
+fn failed_write_poisons_the_log() {
+    let mount = tempfile::tempdir().unwrap();
+    let ok = std::process::Command::new("mount")
+        .args(["-t", "tmpfs", "-o", "size=256k", "tmpfs"])
+        .arg(mount.path())
+        .status()
+        .is_ok_and(|s| s.success());
+    if !ok {
+        eprintln!("skipped: cannot mount a tmpfs here (needs root); CI runs as root");
+        return;
+    }
+    struct Unmount<'a>(&'a Path);
+    impl Drop for Unmount<'_> {
+        fn drop(&mut self) {
+            let _ = std::process::Command::new("umount").arg(self.0).status();
+        }
+    }
+    let _guard = Unmount(mount.path());
+    let config = LogConfig {
+        segment_bytes_max: 64 << 10,
+        prewrite_bytes: 4 << 10,
+        prewrite_skip_bytes: u64::MAX,
+        record_bytes_max: 8 << 10,
+        ..LogConfig::default()
+    };
+    run(async {
+        let (log, _) = Log::open(mount.path().join("log"), config).await.unwrap();
+        let record = vec![9u8; 4000];
+        let mut acked = 0u64;
+        let err = loop {
+            match log.append(&record).await {
+                Ok(offset) => {
+                    assert_eq!(offset, acked);
+                    acked += 1;
+                    assert!(acked < 1000, "a 256 KiB file system cannot hold this much");
+                }
+                Err(e) => break e,
+            }
+        };
+        assert!(matches!(err, Error::Io { .. } | Error::Poisoned { .. }), "{err}");
+        // Free space again: the log must still refuse, since it cannot prove
+        // that what it wrote after the failure is durable.
+        std::fs::write(mount.path().join("ballast"), b"").unwrap();
+        match log.append(b"after").await {
+            Err(Error::Poisoned { cause, .. }) => assert!(!cause.is_empty()),
+            other => panic!("expected Poisoned after a failed write, got {other:?}"),
+        }
+        assert_eq!(log.end_offset(), acked, "nothing is acknowledged past the failure");
+    });
+    // Reopening recovers everything that was acknowledged.
+    run(async {
+        let (log, _) = Log::open(
+            mount.path().join("log"),
+            LogConfig {
+                prewrite_bytes: 0,
+                segment_bytes_max: 64 << 10,
+                record_bytes_max: 8 << 10,
+                ..LogConfig::default()
+            },
+        )
+        .await
+        .unwrap();
+        assert!(log.end_offset() >= 1);
+        let records = log.read(0, u64::MAX, usize::MAX).await.unwrap();
+        assert!(records.iter().all(|r| r.payload == vec![9u8; 4000]));
+    });
+}

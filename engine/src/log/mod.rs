@@ -3,9 +3,13 @@
 //!
 //! Records get consecutive offsets. [`Log::append`] returns only once the
 //! record is durable: appends queue into a bounded buffer, one flusher task
-//! writes everything queued and issues one `fdatasync` for it (group commit),
-//! then acknowledges the whole group. While one sync runs, the next group
-//! fills. All I/O goes through glommio (io_uring).
+//! writes everything queued in one durable write (group commit), then
+//! acknowledges the whole group. While one write runs, the next group fills.
+//! All I/O goes through glommio (io_uring). Segment files are opened with
+//! `O_DSYNC`, so a write completes only once its data (and any metadata
+//! needed to read it back) is durable: one io_uring operation per group
+//! instead of a write and a separate `fdatasync`, which measured lower and
+//! steadier latency for single appends.
 //!
 //! Segments are named by their base offset (`00000000000000000042.log`) and
 //! pre-written with zeros ahead of the writer: a sync of a pre-written file
@@ -225,6 +229,7 @@ async fn open_rw(path: &Path, create: bool) -> Result<BufferedFile> {
         .read(true)
         .write(true)
         .create(create)
+        .custom_flags(libc::O_DSYNC)
         .buffered_open(path)
         .await
         .map_err(|e| Error::io("open segment", path, gio(e)))
@@ -282,6 +287,7 @@ async fn create_segment(dir: &Path, base: u64, prewrite: u64) -> Result<(Buffere
         .write(true)
         .create(true)
         .truncate(true)
+        .custom_flags(libc::O_DSYNC)
         .buffered_open(&path)
         .await
         .map_err(|e| Error::io("create segment", &path, gio(e)))?;
@@ -916,11 +922,9 @@ async fn flush_once(shared: &Rc<Shared>) -> Result<()> {
         written += chunk.bytes.len();
         index.extend(chunk.index);
         end_offset = chunk.end_offset;
+        // O_DSYNC: when this returns, the chunk is durable.
         write_all(&file, &path, chunk.bytes, chunk.position).await?;
     }
-    file.fdatasync()
-        .await
-        .map_err(|e| Error::io("sync segment", &path, gio(e)))?;
     {
         let mut s = shared.state.borrow_mut();
         let seg = s.segments.get_mut(&base).expect("flushed segment exists");

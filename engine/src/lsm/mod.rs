@@ -148,6 +148,10 @@ struct Inner {
     stats: Cell<StoreStats>,
 }
 
+/// Flushes and compactions offer to yield the task thread this often, so a
+/// long merge runs in slices between foreground appends and reads.
+const YIELD_EVERY_ENTRIES: usize = 256;
+
 fn apply(mem: &mut Memtable, batch: &WriteBatch) {
     for (key, value) in batch.ops() {
         mem.insert(key, value);
@@ -356,8 +360,11 @@ impl Store {
         };
         let path = table_path(&self.inner.dir, id);
         let mut writer = TableWriter::create(&path, self.inner.config.table.clone()).await?;
-        for (key, value) in frozen.iter() {
+        for (i, (key, value)) in frozen.iter().enumerate() {
             writer.add(key, value).await?;
+            if i % YIELD_EVERY_ENTRIES == 0 {
+                glommio::yield_if_needed().await;
+            }
         }
         writer.finish().await?;
         let table = Rc::new(Table::open(id, &path)?);
@@ -476,8 +483,11 @@ impl Store {
                 .iter()
                 .map(|t| Box::new(t.range(Bound::Unbounded, Bound::Unbounded, false)) as Source<'_>)
                 .collect();
-            for entry in Merge::new(sources, false) {
+            for (i, entry) in Merge::new(sources, false).enumerate() {
                 let (key, value) = entry?;
+                if i % YIELD_EVERY_ENTRIES == 0 {
+                    glommio::yield_if_needed().await;
+                }
                 // A tombstone can go once no older table can hold the key.
                 if value.is_none() && includes_oldest {
                     continue;
