@@ -17,6 +17,9 @@
 //! Every test prints its seed; rerun one with `RAMA_CRASH_SEED=<seed>`
 //! (kill timing still varies between runs, the payloads and delays do not).
 
+mod common;
+use common::Rng;
+
 use std::collections::{BTreeMap, HashMap};
 use std::io::{BufRead, BufReader, Read};
 use std::ops::Bound;
@@ -45,36 +48,6 @@ const ACK: &str = "@@ack ";
 const KILL_CYCLES: u32 = 10;
 /// A child that outlives this is stuck (or its parent died): it exits.
 const CHILD_DEADLINE: Duration = Duration::from_secs(60);
-
-/// xorshift64*, seeded through splitmix64 so any seed (even 0) works.
-struct Rng(u64);
-
-impl Rng {
-    fn new(seed: u64) -> Rng {
-        let mut z = seed.wrapping_add(0x9E37_79B9_7F4A_7C15);
-        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-        Rng((z ^ (z >> 31)) | 1)
-    }
-    fn next(&mut self) -> u64 {
-        self.0 ^= self.0 >> 12;
-        self.0 ^= self.0 << 25;
-        self.0 ^= self.0 >> 27;
-        self.0.wrapping_mul(0x2545_F491_4F6C_DD1D)
-    }
-    fn below(&mut self, n: u64) -> u64 {
-        self.next() % n
-    }
-    fn range(&mut self, lo: u64, hi: u64) -> u64 {
-        lo + self.below(hi - lo)
-    }
-    fn fill(&mut self, out: &mut [u8]) {
-        for chunk in out.chunks_mut(8) {
-            let v = self.next().to_le_bytes();
-            chunk.copy_from_slice(&v[..chunk.len()]);
-        }
-    }
-}
 
 /// FNV-1a, 64 bits: the content hash in ack lines.
 fn fnv(bytes: &[u8]) -> u64 {

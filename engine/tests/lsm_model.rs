@@ -8,19 +8,8 @@ use std::ops::Bound;
 use engine::executor::ExecutorConfig;
 use engine::lsm::{table::TableOptions, LsmConfig, Store, WriteBatch};
 
-/// xorshift64*: small, deterministic, no dependency.
-struct Rng(u64);
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 ^= self.0 >> 12;
-        self.0 ^= self.0 << 25;
-        self.0 ^= self.0 >> 27;
-        self.0.wrapping_mul(0x2545_F491_4F6C_DD1D)
-    }
-    fn below(&mut self, n: u64) -> u64 {
-        self.next() % n
-    }
-}
+mod common;
+use common::Rng;
 
 fn config() -> LsmConfig {
     LsmConfig {
@@ -58,7 +47,7 @@ fn as_ref(b: &Bound<Vec<u8>>) -> Bound<&[u8]> {
 
 fn run_model(seed: u64) {
     let dir = tempfile::tempdir().unwrap();
-    let mut rng = Rng(seed | 1);
+    let mut rng = Rng::new(seed);
     let mut model: BTreeMap<Vec<u8>, Vec<u8>> = BTreeMap::new();
     let mut steps = 0;
     for _round in 0..4 {

@@ -10,6 +10,9 @@ use engine::pstate::{Nav, Op, PState, PStateSchema, Tx, ValueSchema};
 use engine::value::{Kind, Value};
 use engine::Error;
 
+mod common;
+use common::Rng;
+
 fn run<T>(fut: impl std::future::Future<Output = T>) -> T {
     ExecutorConfig::default().block_on(fut).expect("executor starts")
 }
@@ -212,31 +215,17 @@ fn bad_paths_and_values_are_typed_errors_and_nothing_is_applied() {
     });
 }
 
-/// xorshift64*.
-struct Rng(u64);
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 ^= self.0 >> 12;
-        self.0 ^= self.0 << 25;
-        self.0 ^= self.0 >> 27;
-        self.0.wrapping_mul(0x2545_F491_4F6C_DD1D)
-    }
-    fn below(&mut self, n: u64) -> i64 {
-        (self.next() % n) as i64
-    }
-}
-
 fn random_bound(rng: &mut Rng) -> Bound<Value> {
     match rng.below(3) {
         0 => Bound::Unbounded,
-        1 => Bound::Included(Value::Int(rng.below(30))),
-        _ => Bound::Excluded(Value::Int(rng.below(30))),
+        1 => Bound::Included(Value::Int(rng.below(30) as i64)),
+        _ => Bound::Excluded(Value::Int(rng.below(30) as i64)),
     }
 }
 
 fn random_sub_nav(rng: &mut Rng) -> Nav {
     match rng.below(6) {
-        0..=2 => Nav::key(rng.below(30)),
+        0..=2 => Nav::key(rng.below(30) as i64),
         3 => Nav::Range {
             lower: random_bound(rng),
             upper: random_bound(rng),
@@ -282,9 +271,9 @@ fn subindexed_layout_matches_in_memory_semantics() {
             PStateSchema::new(ValueSchema::Any, value_schema(false)),
         )
         .unwrap();
-        let mut rng = Rng(seed | 1);
+        let mut rng = Rng::new(seed);
         for step in 0..1500 {
-            let top = Nav::key(rng.below(4));
+            let top = Nav::key(rng.below(4) as i64);
             let mut path = vec![top];
             for _ in 0..rng.below(2) + 1 {
                 path.push(random_sub_nav(&mut rng));
@@ -294,8 +283,8 @@ fn subindexed_layout_matches_in_memory_semantics() {
                 let at_int = path.iter().skip(1).any(|n| matches!(n, Nav::Key(_) | Nav::MapVals));
                 let op = match rng.below(3) {
                     0 => Op::Remove,
-                    1 if at_int => Op::Set(Value::Int(rng.below(1000))),
-                    1 => Op::Set(Value::map([(rng.below(30), rng.below(9))])),
+                    1 if at_int => Op::Set(Value::Int(rng.below(1000) as i64)),
+                    1 => Op::Set(Value::map([(rng.below(30) as i64, rng.below(9) as i64)])),
                     _ if at_int => Op::update(|v| Value::Int(v.as_int().unwrap_or(0) * 2 + 1)),
                     _ => Op::Remove,
                 };

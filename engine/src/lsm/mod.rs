@@ -341,9 +341,28 @@ impl Store {
         let frozen = std::mem::take(&mut *self.inner.mem.borrow_mut());
         self.inner.mem.borrow_mut().wal_end = frozen.wal_end;
         *self.inner.imm.borrow_mut() = Some(Rc::new(frozen));
+        self.spawn_background(|store| async move { store.flush_frozen().await });
+    }
+
+    /// Allocates the next table id and starts writing that table.
+    async fn new_table(&self) -> Result<(u64, PathBuf, TableWriter)> {
+        let id = {
+            let mut m = self.inner.manifest.borrow_mut();
+            m.next_table_id += 1;
+            m.next_table_id
+        };
+        let path = table_path(&self.inner.dir, id);
+        let writer = TableWriter::create(&path, self.inner.config.table.clone()).await?;
+        Ok((id, path, writer))
+    }
+
+    /// Runs a flush or compaction as a task of this thread; a failure
+    /// poisons the store (nothing more is acknowledged).
+    fn spawn_background<F: std::future::Future<Output = Result<()>> + 'static>(&self, work: impl FnOnce(Store) -> F) {
         let store = self.clone();
+        let fut = work(self.clone());
         glommio::spawn_local(async move {
-            if let Err(e) = store.flush_frozen().await {
+            if let Err(e) = fut.await {
                 *store.inner.failed.borrow_mut() = Some(e.to_string());
             }
             store.inner.background.wake_all();
@@ -353,13 +372,7 @@ impl Store {
 
     async fn flush_frozen(&self) -> Result<()> {
         let frozen = self.inner.imm.borrow().clone().expect("a frozen memtable exists");
-        let id = {
-            let mut m = self.inner.manifest.borrow_mut();
-            m.next_table_id += 1;
-            m.next_table_id
-        };
-        let path = table_path(&self.inner.dir, id);
-        let mut writer = TableWriter::create(&path, self.inner.config.table.clone()).await?;
+        let (id, path, mut writer) = self.new_table().await?;
         for (i, (key, value)) in frozen.iter().enumerate() {
             writer.add(key, value).await?;
             if i % YIELD_EVERY_ENTRIES == 0 {
@@ -382,14 +395,7 @@ impl Store {
         self.inner.stats.set(stats);
         self.inner.wal.trim_before(checkpoint)?;
         if self.inner.tables.borrow().len() >= self.inner.config.compaction_trigger && !self.inner.compacting.get() {
-            let store = self.clone();
-            glommio::spawn_local(async move {
-                if let Err(e) = store.compact_tables().await {
-                    *store.inner.failed.borrow_mut() = Some(e.to_string());
-                }
-                store.inner.background.wake_all();
-            })
-            .detach();
+            self.spawn_background(|store| async move { store.compact_tables().await });
         }
         Ok(())
     }
@@ -471,13 +477,7 @@ impl Store {
             let tables = self.inner.tables.borrow();
             run.last().map(|t| t.id) == tables.last().map(|t| t.id)
         };
-        let id = {
-            let mut m = self.inner.manifest.borrow_mut();
-            m.next_table_id += 1;
-            m.next_table_id
-        };
-        let path = table_path(&self.inner.dir, id);
-        let mut writer = TableWriter::create(&path, self.inner.config.table.clone()).await?;
+        let (id, path, mut writer) = self.new_table().await?;
         {
             let sources: Vec<Source<'_>> = run
                 .iter()

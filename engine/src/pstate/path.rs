@@ -194,6 +194,23 @@ fn range_keys<'a>(
     }
 }
 
+/// Removes and returns the entries of `m` selected by a range navigator.
+fn take_range(
+    m: &mut BTreeMap<Value, Value>,
+    lower: &Bound<Value>,
+    upper: &Bound<Value>,
+    reverse: bool,
+    limit: Option<usize>,
+) -> BTreeMap<Value, Value> {
+    range_keys(m.keys(), lower, upper, reverse, limit)
+        .into_iter()
+        .map(|k| {
+            let v = m.remove(&k).expect("key was just listed");
+            (k, v)
+        })
+        .collect()
+}
+
 /// Collects every value `navs` reaches from `value`.
 pub(crate) fn select(value: Value, navs: &[Nav], full: &[Nav], base: usize, out: &mut Vec<Value>) -> Result<()> {
     let Some((nav, rest)) = navs.split_first() else {
@@ -228,14 +245,7 @@ pub(crate) fn select(value: Value, navs: &[Nav], full: &[Nav], base: usize, out:
             },
             Value::Map(mut m),
         ) => {
-            let keys = range_keys(m.keys(), lower, upper, *reverse, *limit);
-            let sub: BTreeMap<Value, Value> = keys
-                .into_iter()
-                .map(|k| {
-                    let v = m.remove(&k).expect("key was just listed");
-                    (k, v)
-                })
-                .collect();
+            let sub = take_range(&mut m, lower, upper, *reverse, *limit);
             select(Value::Map(sub), rest, full, next, out)
         }
         (
@@ -340,14 +350,7 @@ pub(crate) fn transform(value: Value, navs: &[Nav], op: &Op, full: &[Nav], base:
             },
             Value::Map(mut m),
         ) => {
-            let keys = range_keys(m.keys(), lower, upper, *reverse, *limit);
-            let sub: BTreeMap<Value, Value> = keys
-                .into_iter()
-                .map(|k| {
-                    let v = m.remove(&k).expect("key was just listed");
-                    (k, v)
-                })
-                .collect();
+            let sub = take_range(&mut m, lower, upper, *reverse, *limit);
             match transform(Value::Map(sub), rest, op, full, next)? {
                 None | Some(Value::Nil) => {}
                 Some(Value::Map(new)) => m.extend(new),
