@@ -1,7 +1,9 @@
 //! The storage engine of a task thread.
 //!
 //! Owns: the value model ([`value`]), depot partition logs ([`log`]), the
-//! PState LSM ([`lsm`]) and PState schemas and paths ([`pstate`]).
+//! PState LSM ([`lsm`]), PState schemas and paths ([`pstate`]), and the
+//! task-thread runtime of a worker: placement of tasks on threads and
+//! workers, and bounded channels between task threads ([`runtime`]).
 //! Depends on no other workspace crate; `net`, `control` and `cli` depend on it.
 //! Everything here runs on one glommio executor (a task thread) and is
 //! deliberately `!Send`: storage is never shared between threads.
@@ -11,6 +13,7 @@ pub mod executor;
 pub mod log;
 pub mod lsm;
 pub mod pstate;
+pub mod runtime;
 mod sync;
 pub mod value;
 
