@@ -25,6 +25,13 @@ pub struct Workload {
     pub scans: u64,
     /// Entries read by each scan.
     pub scan_len: u64,
+    /// Runs of each engine, round-robin; each phase reports the median.
+    #[serde(default = "one")]
+    pub repeats: u32,
+}
+
+fn one() -> u32 {
+    1
 }
 
 /// One phase of one engine's run.
@@ -174,21 +181,59 @@ fn ours(w: &Workload, dir: &Path) -> BenchResult<EngineRun> {
 
 /// Runs every engine in [`ENGINES`], each in its own directory under `dir`.
 pub fn run(workload: &Workload, dir: &Path) -> BenchResult<LsmComparison> {
-    let mut engines = Vec::new();
-    for (name, runner) in ENGINES {
-        let engine_dir = dir.join(format!("lsm-{name}"));
-        eprintln!("  lsm: {name}");
-        let result = runner(workload, &engine_dir).map_err(|e| format!("lsm engine {name}: {e}"))?;
-        check(workload, &result).map_err(|e| format!("lsm engine {name}: {e}"))?;
-        if engine_dir.exists() {
-            std::fs::remove_dir_all(&engine_dir).map_err(|e| format!("removing {}: {e}", engine_dir.display()))?;
+    // Round-robin repeats, so that a slow spell of the (shared, virtual)
+    // disk hits every engine alike; each phase then reports its median.
+    let mut runs: Vec<Vec<EngineRun>> = vec![Vec::new(); ENGINES.len()];
+    for round in 0..workload.repeats.max(1) {
+        for (i, (name, runner)) in ENGINES.iter().enumerate() {
+            let engine_dir = dir.join(format!("lsm-{name}"));
+            eprintln!("  lsm: {name} (run {} of {})", round + 1, workload.repeats.max(1));
+            let result = runner(workload, &engine_dir).map_err(|e| format!("lsm engine {name}: {e}"))?;
+            check(workload, &result).map_err(|e| format!("lsm engine {name}: {e}"))?;
+            if engine_dir.exists() {
+                std::fs::remove_dir_all(&engine_dir).map_err(|e| format!("removing {}: {e}", engine_dir.display()))?;
+            }
+            runs[i].push(result);
         }
-        engines.push(result);
     }
     Ok(LsmComparison {
         workload: workload.clone(),
-        engines,
+        engines: runs.into_iter().map(median_run).collect(),
     })
+}
+
+/// One engine's runs folded into one: each phase is the run with the
+/// median rate of that phase; the notes list every run's rates.
+fn median_run(mut runs: Vec<EngineRun>) -> EngineRun {
+    fn median(runs: &[EngineRun], phase: fn(&EngineRun) -> &OpRate) -> OpRate {
+        let mut rates: Vec<&OpRate> = runs.iter().map(phase).collect();
+        rates.sort_by(|a, b| a.ops_per_sec.total_cmp(&b.ops_per_sec));
+        rates[rates.len() / 2].clone()
+    }
+    let fill = median(&runs, |r| &r.fill);
+    let read = median(&runs, |r| &r.read);
+    let scan = median(&runs, |r| &r.scan);
+    let list = |phase: fn(&EngineRun) -> &OpRate| {
+        runs.iter()
+            .map(|r| format!("{:.0}", phase(r).ops_per_sec))
+            .collect::<Vec<_>>()
+            .join(", ")
+    };
+    let spread = (runs.len() > 1).then(|| {
+        format!(
+            "median of {} runs; fillrandom {} keys/s; readrandom {} gets/s; scans {} scans/s",
+            runs.len(),
+            list(|r| &r.fill),
+            list(|r| &r.read),
+            list(|r| &r.scan)
+        )
+    });
+    let mut out = runs.swap_remove(0);
+    out.fill = fill;
+    out.read = read;
+    out.scan = scan;
+    out.notes.extend(spread);
+    out
 }
 
 /// Sanity of one engine's results: every phase did what was asked.

@@ -72,6 +72,7 @@ fn plan(quick: bool, batch: usize) -> (depot::Plan, lsm::Workload) {
         reads: keys,
         scans: if quick { 1_000 } else { 10_000 },
         scan_len: 100,
+        repeats: if quick { 1 } else { 3 },
     };
     (depot, lsm)
 }

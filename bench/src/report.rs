@@ -347,15 +347,16 @@ fn lsm_section(out: &mut String, r: &Results) {
         "## 4. LSM key-value stores\n\n\
          fillrandom: {} random {}-byte keys with {}-byte values, in batches of {} keys, each batch synced \
          (fdatasync) before the next. readrandom: {} point gets of random keys. Range scans: {} scans of {} \
-         entries from a random key. Each engine is a column; in parentheses, how many times that engine's rate \
-         ours is.\n",
+         entries from a random key. Each engine runs {} time(s), round-robin, and each phase shows its median \
+         run. Each engine is a column; in parentheses, how many times that engine's rate ours is.\n",
         int(w.keys as f64),
         w.key_bytes,
         w.value_bytes,
         int(w.batch as f64),
         int(w.reads as f64),
         int(w.scans as f64),
-        w.scan_len
+        w.scan_len,
+        w.repeats.max(1)
     );
     let Some(first) = engines.first() else {
         let _ = writeln!(out, "No engine ran.\n");
