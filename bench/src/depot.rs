@@ -217,7 +217,9 @@ pub fn batched(plan: &Plan, dir: &Path) -> BenchResult<DepotBatched> {
             batch_records: batch,
             rounds: plan.rounds,
             ours: ours.throughput(),
-            ours_frame_bytes: records * format::frame_bytes(RECORD_BYTES) as u64,
+            // Each awaited `append_batch` is one group commit: one frame.
+            ours_frame_bytes: records / batch as u64
+                * format::frame_bytes(std::iter::repeat_n(RECORD_BYTES, batch)) as u64,
             ours_read_back: read,
             raw_growing: raw_g.throughput(),
             raw_prewritten: raw_p.throughput(),

@@ -968,7 +968,14 @@ fn layout(bytes: &[u8]) -> Layout {
     let base = format::decode_header(bytes).expect("pristine segment header");
     let body = &bytes[HEADER_BYTES..];
     // An index entry per frame gives every frame's position.
-    let scan = format::scan(body, base, damage_config().record_bytes_max, 1);
+    let config = damage_config();
+    let limits = format::Limits {
+        body_bytes_max: config
+            .write_bytes_max
+            .max(format::record_bytes(config.record_bytes_max as usize)) as u32,
+        record_bytes_max: config.record_bytes_max,
+    };
+    let scan = format::scan(body, base, limits, 1);
     // A segment filled to segment_bytes_max may end fewer than
     // FRAME_HEAD_BYTES zero bytes after its last frame: the scan then
     // reports a truncated head (see `full_tail_reopens_without_a_torn_frame`).
@@ -1263,7 +1270,7 @@ fn damaged_segments_are_truncated_or_reported() {
 /// of `segment_bytes_max` must reopen without reporting a torn tail.
 ///
 /// Regression: the zero fill stops at `segment_bytes_max`, so such a
-/// segment ends 1..16 bytes after its last frame, and `format::scan` once
+/// segment ends 1..24 bytes after its last frame, and `format::scan` once
 /// reported that short remainder as a torn frame.
 #[test]
 fn full_tail_reopens_without_a_torn_frame() {
@@ -1274,9 +1281,10 @@ fn full_tail_reopens_without_a_torn_frame() {
         record_bytes_max: 2000,
         ..LogConfig::default()
     };
-    // 7 frames of 1016 bytes and one of 1039 end at byte 32 + 8151 = 8183,
-    // 9 bytes before the end of the segment.
-    let sizes = [1000, 1000, 1000, 1000, 1000, 1000, 1000, 1023];
+    // Appended one by one, each record is a frame: 7 frames of
+    // 24 + 2 + 1000 = 1026 bytes and one of 24 + 2 + 943 = 969 end at byte
+    // 32 + 7182 + 969 = 8183, 9 bytes before the end of the segment.
+    let sizes = [1000, 1000, 1000, 1000, 1000, 1000, 1000, 943];
     run(async {
         let (log, _) = Log::open(dir.path(), config.clone()).await.expect("open");
         for (i, &len) in sizes.iter().enumerate() {

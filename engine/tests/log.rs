@@ -5,7 +5,7 @@ use std::io::{Seek, SeekFrom, Write};
 use std::path::Path;
 
 use engine::executor::ExecutorConfig;
-use engine::log::{Log, LogConfig};
+use engine::log::{format, Log, LogConfig};
 use engine::Error;
 
 fn run<T>(fut: impl std::future::Future<Output = T>) -> T {
@@ -126,7 +126,11 @@ fn torn_tail_is_truncated_and_later_appends_survive() {
     });
     // Simulate a torn write: half a frame of garbage right after the data.
     let tail = segments(dir.path()).pop().unwrap();
-    let data_end = 32 + (0..10u64).map(|i| 16 + payload(i).len() as u64).sum::<u64>();
+    // Sequential appends: one frame per record.
+    let data_end = 32
+        + (0..10u64)
+            .map(|i| format::frame_bytes([payload(i).len()]) as u64)
+            .sum::<u64>();
     let mut f = OpenOptions::new().write(true).open(&tail).unwrap();
     f.seek(SeekFrom::Start(data_end)).unwrap();
     f.write_all(&[7u8; 9]).unwrap();

@@ -6,32 +6,40 @@
 //!
 //! header (32 bytes)
 //!   0..8   magic  "RAMALOG1"
-//!   8..12  format version (u32 LE) = 1
+//!   8..12  format version (u32 LE) = 2
 //!  12..16  reserved, must be zero
 //!  16..24  base offset (u64 LE): offset of the first record
 //!  24..28  CRC32 of bytes 0..24 (u32 LE)
 //!  28..32  reserved, must be zero
 //!
-//! frame (16-byte head + payload)
-//!   0..4   payload length (u32 LE)
-//!   4..8   CRC32 of bytes 0..4, 8..16 and the payload (u32 LE)
-//!   8..16  offset (u64 LE): base offset + index of the record in the log
-//!  16..    payload
+//! frame: the records of one group write (24-byte head + body)
+//!   0..4   body length in bytes (u32 LE)
+//!   4..8   CRC32 of bytes 8..24 and the body (u32 LE)
+//!   8..16  base offset (u64 LE): offset of the frame's first record
+//!  16..20  record count (u32 LE), at least 1
+//!  20..24  reserved, zero
+//!  24..    body: per record, its length (LEB128 varint) then its bytes
 //! ```
 //!
+//! A frame holds every record of one group commit, so the framing costs 24
+//! bytes per group plus one or two bytes per record, instead of a head per
+//! record; and a frame is written, checked and lost as a whole.
+//!
 //! Invariants:
-//! - frames are contiguous from byte 32 and their offsets consecutive from
-//!   the base offset;
-//! - the byte after the last frame starts 16 zero bytes (segments are
-//!   pre-written with zeros), which is how the end is recognised: a real
-//!   frame head is never all zeros, because its CRC covers the length and
-//!   offset and the CRC32 of those 12 bytes is never 0 for a zero length;
+//! - frames are contiguous from byte 32; each frame's base offset is the
+//!   previous frame's base offset plus its count (the first: the segment's
+//!   base offset);
+//! - after the last frame come zeros (segments are pre-written with zeros
+//!   or end at the file's end), which is how the end is recognised: a real
+//!   frame head is never all zeros, since its count is at least 1. A
+//!   segment filled to within a head of its size ends in fewer than 24
+//!   zero bytes, which is a clean end too;
 //! - anything else after the last good frame is a torn or corrupt tail.
 
 pub const MAGIC: &[u8; 8] = b"RAMALOG1";
-pub const VERSION: u32 = 1;
+pub const VERSION: u32 = 2;
 pub const HEADER_BYTES: usize = 32;
-pub const FRAME_HEAD_BYTES: usize = 16;
+pub const FRAME_HEAD_BYTES: usize = 24;
 
 /// Returns the 32-byte segment header for a segment starting at `base_offset`.
 pub fn encode_header(base_offset: u64) -> [u8; HEADER_BYTES] {
@@ -74,96 +82,238 @@ pub fn decode_header(bytes: &[u8]) -> Result<u64, FrameError> {
     Ok(u64_at(h, 16))
 }
 
-/// Appends one frame for `payload` at `offset` to `out`.
-pub fn encode_frame(offset: u64, payload: &[u8], out: &mut Vec<u8>) {
-    let len = u32::try_from(payload.len()).expect("record size is checked against record_bytes_max");
-    let mut hasher = crc32fast::Hasher::new();
-    hasher.update(&len.to_le_bytes());
-    hasher.update(&offset.to_le_bytes());
-    hasher.update(payload);
-    out.extend_from_slice(&len.to_le_bytes());
-    out.extend_from_slice(&hasher.finalize().to_le_bytes());
-    out.extend_from_slice(&offset.to_le_bytes());
-    out.extend_from_slice(payload);
+/// Bytes a record of `payload_len` bytes takes in a frame body.
+pub fn record_bytes(payload_len: usize) -> usize {
+    varint_len(payload_len as u64) + payload_len
 }
 
-/// Size of the frame of a `payload_len`-byte record.
-pub fn frame_bytes(payload_len: usize) -> usize {
-    FRAME_HEAD_BYTES + payload_len
+/// Bytes of a frame holding records of these lengths.
+pub fn frame_bytes(payload_lens: impl IntoIterator<Item = usize>) -> usize {
+    FRAME_HEAD_BYTES + payload_lens.into_iter().map(record_bytes).sum::<usize>()
 }
 
-/// One decoded frame.
+fn varint_len(mut v: u64) -> usize {
+    let mut n = 1;
+    while v >= 0x80 {
+        v >>= 7;
+        n += 1;
+    }
+    n
+}
+
+fn put_varint(out: &mut Vec<u8>, mut v: u64) {
+    while v >= 0x80 {
+        out.push((v as u8) | 0x80);
+        v >>= 7;
+    }
+    out.push(v as u8);
+}
+
+/// Reads a varint of at most 10 bytes; `None` if cut short or too long.
+fn get_varint(bytes: &[u8], pos: &mut usize) -> Option<u64> {
+    let mut v = 0u64;
+    for shift in (0..70).step_by(7) {
+        let b = *bytes.get(*pos)?;
+        *pos += 1;
+        if shift == 63 && b > 1 {
+            return None;
+        }
+        v |= u64::from(b & 0x7f) << shift;
+        if b < 0x80 {
+            return Some(v);
+        }
+    }
+    None
+}
+
+/// Builds one frame in place: the head is reserved first and filled in by
+/// [`FrameBuilder::finish`], once the records are known.
+#[derive(Debug)]
+pub struct FrameBuilder {
+    bytes: Vec<u8>,
+    base_offset: u64,
+    count: u32,
+}
+
+impl FrameBuilder {
+    /// A frame whose first record will get `base_offset`; `capacity` is a
+    /// hint for the body.
+    pub fn new(base_offset: u64, capacity: usize) -> FrameBuilder {
+        let mut bytes = Vec::with_capacity(FRAME_HEAD_BYTES + capacity);
+        bytes.resize(FRAME_HEAD_BYTES, 0);
+        FrameBuilder {
+            bytes,
+            base_offset,
+            count: 0,
+        }
+    }
+
+    pub fn push(&mut self, payload: &[u8]) {
+        put_varint(&mut self.bytes, payload.len() as u64);
+        self.bytes.extend_from_slice(payload);
+        self.count += 1;
+    }
+
+    pub fn count(&self) -> u32 {
+        self.count
+    }
+
+    /// Bytes of the finished frame.
+    pub fn len(&self) -> usize {
+        self.bytes.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.count == 0
+    }
+
+    /// Offset after the frame's last record.
+    pub fn end_offset(&self) -> u64 {
+        self.base_offset + u64::from(self.count)
+    }
+
+    /// Fills in the head and returns the frame's bytes.
+    pub fn finish(mut self) -> Vec<u8> {
+        assert!(self.count > 0, "a frame holds at least one record");
+        let body = (self.bytes.len() - FRAME_HEAD_BYTES) as u32;
+        self.bytes[0..4].copy_from_slice(&body.to_le_bytes());
+        self.bytes[8..16].copy_from_slice(&self.base_offset.to_le_bytes());
+        self.bytes[16..20].copy_from_slice(&self.count.to_le_bytes());
+        let crc = crc32fast::hash(&self.bytes[8..]);
+        self.bytes[4..8].copy_from_slice(&crc.to_le_bytes());
+        self.bytes
+    }
+}
+
+/// One decoded frame; its records were checked to fill the body exactly.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Frame<'a> {
-    pub offset: u64,
-    pub payload: &'a [u8],
+    pub base_offset: u64,
+    pub count: u32,
+    pub body: &'a [u8],
 }
 
-impl Frame<'_> {
+impl<'a> Frame<'a> {
+    /// Bytes the frame takes, head included.
     pub fn bytes(&self) -> usize {
-        frame_bytes(self.payload.len())
+        FRAME_HEAD_BYTES + self.body.len()
+    }
+
+    /// Offset after the last record. Overflow is refused by `decode_frame`.
+    pub fn end_offset(&self) -> u64 {
+        self.base_offset + u64::from(self.count)
+    }
+
+    /// The records with their offsets.
+    pub fn records(&self) -> impl Iterator<Item = (u64, &'a [u8])> + 'a {
+        let body = self.body;
+        let base = self.base_offset;
+        let mut pos = 0;
+        (0..u64::from(self.count)).map(move |i| {
+            let len = get_varint(body, &mut pos).expect("frame records were checked when decoded") as usize;
+            let payload = &body[pos..pos + len];
+            pos += len;
+            (base + i, payload)
+        })
     }
 }
 
 /// Decodes the frame at the start of `bytes`.
 ///
 /// Returns `Ok(None)` at the end of the log (a zero head), `Ok(Some)` for a
-/// frame whose checksum verifies and whose offset is `expected_offset`.
-/// `payload_max` bounds the length field so garbage cannot ask for gigabytes.
-pub fn decode_frame(bytes: &[u8], expected_offset: u64, payload_max: u32) -> Result<Option<Frame<'_>>, FrameError> {
+/// frame whose checksum verifies, whose base offset is `expected_offset`
+/// and whose records fill its body exactly. `body_bytes_max` bounds the
+/// length field so garbage cannot ask for gigabytes; `record_bytes_max`
+/// bounds each record.
+pub fn decode_frame(
+    bytes: &[u8],
+    expected_offset: u64,
+    body_bytes_max: u32,
+    record_bytes_max: u32,
+) -> Result<Option<Frame<'_>>, FrameError> {
     let head = bytes.get(..FRAME_HEAD_BYTES).ok_or(FrameError::Truncated {
         needed: FRAME_HEAD_BYTES,
     })?;
     if head.iter().all(|&b| b == 0) {
         return Ok(None);
     }
-    // An empty payload is a valid record: its head still holds a non-zero
-    // CRC, so it is never mistaken for the zero fill.
     let len = u32_at(head, 0);
-    if len > payload_max {
-        return Err(FrameError::Corrupt("frame length above record_bytes_max"));
+    if len > body_bytes_max {
+        return Err(FrameError::Corrupt("frame length above its limit"));
     }
     let total = FRAME_HEAD_BYTES + len as usize;
-    let payload = bytes
+    let body = bytes
         .get(FRAME_HEAD_BYTES..total)
         .ok_or(FrameError::Truncated { needed: total })?;
     let mut hasher = crc32fast::Hasher::new();
-    hasher.update(&head[0..4]);
-    hasher.update(&head[8..16]);
-    hasher.update(payload);
+    hasher.update(&head[8..24]);
+    hasher.update(body);
     if hasher.finalize() != u32_at(head, 4) {
         return Err(FrameError::Corrupt("frame checksum mismatch"));
     }
-    let offset = u64_at(head, 8);
-    if offset != expected_offset {
+    let base_offset = u64_at(head, 8);
+    if base_offset != expected_offset {
         return Err(FrameError::Corrupt("frame offset out of sequence"));
     }
-    Ok(Some(Frame { offset, payload }))
+    let count = u32_at(head, 16);
+    if count == 0 {
+        return Err(FrameError::Corrupt("frame holds no record"));
+    }
+    if u32_at(head, 20) != 0 {
+        return Err(FrameError::Corrupt("reserved frame head bytes are not zero"));
+    }
+    if base_offset.checked_add(u64::from(count)).is_none() {
+        return Err(FrameError::Corrupt("frame offsets overflow u64"));
+    }
+    let mut pos = 0;
+    for _ in 0..count {
+        let record = get_varint(body, &mut pos).ok_or(FrameError::Corrupt("bad record length in frame"))?;
+        if record > u64::from(record_bytes_max) || pos as u64 + record > body.len() as u64 {
+            return Err(FrameError::Corrupt("record runs past its frame or limit"));
+        }
+        pos += record as usize;
+    }
+    if pos != body.len() {
+        return Err(FrameError::Corrupt("frame body does not match its records"));
+    }
+    Ok(Some(Frame {
+        base_offset,
+        count,
+        body,
+    }))
 }
 
 /// The result of scanning a buffer of frames.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Scan {
-    /// Offset after the last good frame.
+    /// Offset after the last good frame's records.
     pub end_offset: u64,
     /// Byte position (within the scanned buffer) after the last good frame.
     pub end_position: usize,
     /// How the scan stopped.
     pub stop: ScanStop,
-    /// `(offset, position)` of good frames, one per `index_interval_bytes`.
+    /// `(base offset, position)` of good frames, about one per
+    /// `index_interval_bytes` (always the first frame).
     pub index: Vec<(u64, usize)>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum ScanStop {
-    /// Reached the zero fill or the exact end of the buffer.
+    /// Reached the zero fill or the end of the buffer.
     Clean,
     /// Stopped at bytes that are not a frame (torn or corrupt).
     Bad(FrameError),
 }
 
+/// Limits a scan checks frames against.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Limits {
+    pub body_bytes_max: u32,
+    pub record_bytes_max: u32,
+}
+
 /// Scans the frames of a whole segment body (the bytes after the header).
-pub fn scan(body: &[u8], base_offset: u64, payload_max: u32, index_interval_bytes: usize) -> Scan {
+pub fn scan(body: &[u8], base_offset: u64, limits: Limits, index_interval_bytes: usize) -> Scan {
     let mut pos = 0;
     let mut offset = base_offset;
     let mut index = Vec::new();
@@ -171,11 +321,11 @@ pub fn scan(body: &[u8], base_offset: u64, payload_max: u32, index_interval_byte
     let stop = loop {
         let rest = &body[pos..];
         // A segment filled to within a frame head of its size ends in fewer
-        // than 16 zero bytes: that is a clean end too.
+        // than FRAME_HEAD_BYTES zero bytes: that is a clean end too.
         if rest.len() < FRAME_HEAD_BYTES && rest.iter().all(|&b| b == 0) {
             break ScanStop::Clean;
         }
-        match decode_frame(&body[pos..], offset, payload_max) {
+        match decode_frame(rest, offset, limits.body_bytes_max, limits.record_bytes_max) {
             Ok(None) => break ScanStop::Clean,
             Ok(Some(frame)) => {
                 if pos >= next_index_pos {
@@ -183,10 +333,7 @@ pub fn scan(body: &[u8], base_offset: u64, payload_max: u32, index_interval_byte
                     next_index_pos = pos + index_interval_bytes;
                 }
                 pos += frame.bytes();
-                match offset.checked_add(1) {
-                    Some(next) => offset = next,
-                    None => break ScanStop::Bad(FrameError::Corrupt("frame offset overflows u64")),
-                }
+                offset = frame.end_offset();
             }
             Err(e) => break ScanStop::Bad(e),
         }
@@ -211,10 +358,22 @@ fn u64_at(b: &[u8], at: usize) -> u64 {
 mod tests {
     use super::*;
 
-    fn frames(base: u64, payloads: &[&[u8]]) -> Vec<u8> {
+    const LIMITS: Limits = Limits {
+        body_bytes_max: 1 << 20,
+        record_bytes_max: 1024,
+    };
+
+    /// One frame per slice of payloads.
+    fn frames(base: u64, groups: &[&[&[u8]]]) -> Vec<u8> {
         let mut out = Vec::new();
-        for (i, p) in payloads.iter().enumerate() {
-            encode_frame(base + i as u64, p, &mut out);
+        let mut offset = base;
+        for group in groups {
+            let mut f = FrameBuilder::new(offset, 64);
+            for p in *group {
+                f.push(p);
+            }
+            offset = offset.wrapping_add(u64::from(f.count()));
+            out.extend_from_slice(&f.finish());
         }
         out
     }
@@ -231,37 +390,51 @@ mod tests {
     }
 
     #[test]
+    fn frames_hold_groups_of_records() {
+        let body = frames(10, &[&[b"a", b"", b"ccc"], &[b"dd"]]);
+        assert_eq!(body.len(), frame_bytes([1, 0, 3]) + frame_bytes([2]));
+        let f = decode_frame(&body, 10, LIMITS.body_bytes_max, LIMITS.record_bytes_max)
+            .unwrap()
+            .unwrap();
+        assert_eq!((f.base_offset, f.count), (10, 3));
+        let recs: Vec<_> = f.records().collect();
+        assert_eq!(recs, vec![(10, &b"a"[..]), (11, &b""[..]), (12, &b"ccc"[..])]);
+    }
+
+    #[test]
     fn scan_stops_cleanly_at_zero_fill() {
-        let mut body = frames(10, &[b"a", b"bb", b"ccc"]);
+        let mut body = frames(10, &[&[b"a", b"bb"], &[b"ccc"]]);
         let good = body.len();
         body.extend_from_slice(&[0u8; 64]);
-        let s = scan(&body, 10, 1024, 1);
+        let s = scan(&body, 10, LIMITS, 1);
         assert_eq!((s.end_offset, s.end_position, s.stop), (13, good, ScanStop::Clean));
-        assert_eq!(s.index.len(), 3);
+        assert_eq!(s.index, vec![(10, 0), (12, frame_bytes([1, 2]))]);
+        // A short zero remainder is a clean end as well.
+        let s = scan(&body[..good + 5], 10, LIMITS, 1);
+        assert_eq!((s.end_offset, s.stop), (13, ScanStop::Clean));
     }
 
     #[test]
     fn every_flipped_bit_is_detected() {
-        // Guards against a checksum that misses the length or offset fields.
-        let body = frames(0, &[b"hello", b"world"]);
+        // Guards against a checksum that misses the length, offset or count.
+        let body = frames(0, &[&[b"hello", b"big"], &[b"world"]]);
+        let first = frame_bytes([5, 3]);
         for bit in 0..body.len() * 8 {
             let mut damaged = body.clone();
             damaged[bit / 8] ^= 1 << (bit % 8);
-            let s = scan(&damaged, 0, 1024, 1024);
-            assert!(
-                s.end_offset < 2 || s.stop != ScanStop::Clean,
-                "flipped bit {bit} went unnoticed"
-            );
-            assert!(s.end_position <= body.len());
+            let s = scan(&damaged, 0, LIMITS, 1024);
+            let expect_end = if bit / 8 < first { 0 } else { 2 };
+            assert_eq!(s.end_offset, expect_end, "flipped bit {bit}");
+            assert!(matches!(s.stop, ScanStop::Bad(_)), "flipped bit {bit} went unnoticed");
         }
     }
 
     #[test]
     fn torn_tail_is_reported_with_the_good_prefix() {
-        let body = frames(0, &[b"hello", b"world"]);
-        for cut in 0..body.len() {
-            let s = scan(&body[..cut], 0, 1024, 1024);
-            let first = frame_bytes(5);
+        let body = frames(0, &[&[b"hello"], &[b"world", b"!"]]);
+        let first = frame_bytes([5]);
+        for cut in 1..body.len() {
+            let s = scan(&body[..cut], 0, LIMITS, 1024);
             let expected = if cut >= first { (1, first) } else { (0, 0) };
             assert_eq!((s.end_offset, s.end_position), expected, "cut at {cut}");
         }
@@ -270,10 +443,21 @@ mod tests {
     #[test]
     fn oversized_length_is_corrupt_not_an_allocation() {
         let mut body = vec![0xff, 0xff, 0xff, 0x7f];
-        body.extend_from_slice(&[1u8; 12]);
+        body.extend_from_slice(&[1u8; 20]);
         assert_eq!(
-            decode_frame(&body, 0, 1024),
-            Err(FrameError::Corrupt("frame length above record_bytes_max"))
+            decode_frame(&body, 0, 1024, 1024),
+            Err(FrameError::Corrupt("frame length above its limit"))
         );
+    }
+
+    #[test]
+    fn offsets_near_the_end_of_u64_are_refused_not_wrapped() {
+        let body = frames(u64::MAX - 1, &[&[b"a", b"b"]]);
+        assert_eq!(
+            decode_frame(&body, u64::MAX - 1, 1024, 1024),
+            Err(FrameError::Corrupt("frame offsets overflow u64"))
+        );
+        let body = frames(u64::MAX - 1, &[&[b"a"]]);
+        assert!(decode_frame(&body, u64::MAX - 1, 1024, 1024).unwrap().is_some());
     }
 }

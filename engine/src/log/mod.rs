@@ -34,7 +34,7 @@ use std::rc::Rc;
 
 use glommio::io::{BufferedFile, OpenOptions};
 
-use self::format::{FrameError, ScanStop, FRAME_HEAD_BYTES, HEADER_BYTES};
+use self::format::{FrameBuilder, FrameError, Limits, ScanStop, FRAME_HEAD_BYTES, HEADER_BYTES};
 use crate::error::{gio, Error, Result};
 use crate::sync::Waiters;
 
@@ -81,8 +81,20 @@ impl Default for LogConfig {
 
 impl LogConfig {
     /// Checks the configuration, naming the first bad key.
+    /// The limits frames are checked against when read.
+    fn limits(&self) -> Limits {
+        Limits {
+            body_bytes_max: u32::try_from(
+                self.write_bytes_max
+                    .max(format::record_bytes(self.record_bytes_max as usize)),
+            )
+            .unwrap_or(u32::MAX),
+            record_bytes_max: self.record_bytes_max,
+        }
+    }
+
     pub fn validate(&self) -> Result<()> {
-        let frame_max = format::frame_bytes(self.record_bytes_max as usize) as u64;
+        let frame_max = format::frame_bytes([self.record_bytes_max as usize]) as u64;
         if self.segment_bytes_max < HEADER_BYTES as u64 + frame_max {
             return Err(Error::Config {
                 key: "segment_bytes_max",
@@ -170,9 +182,11 @@ struct State {
     prewritten_to: u64,
     /// Offset the next append gets.
     next_offset: u64,
-    /// Segment base and file position the next frame will be written to.
+    /// Segment base and file position the next record will be written to.
     reserve_base: u64,
     reserve_position: u64,
+    /// The next frame starting at or past this position gets an index entry.
+    next_index_position: u64,
     /// Encoded frames not yet written, in order.
     pending: VecDeque<Chunk>,
     pending_bytes: usize,
@@ -185,17 +199,16 @@ struct State {
     flusher_running: bool,
 }
 
-/// Frames bound for one contiguous range of one segment.
+/// One frame being filled, bound for a position in a segment.
 #[derive(Debug)]
 struct Chunk {
     segment_base: u64,
-    /// The first chunk of a segment that does not exist yet.
+    /// The first frame of a segment that does not exist yet.
     new_segment: bool,
     position: u64,
-    end_offset: u64,
-    bytes: Vec<u8>,
-    /// Sparse index entries `(offset, file position)` of these frames.
-    index: Vec<(u64, u64)>,
+    frame: FrameBuilder,
+    /// Whether the sparse index gets an entry for this frame.
+    indexed: bool,
 }
 
 #[derive(Debug)]
@@ -208,8 +221,6 @@ struct Segment {
     data_end: Option<u64>,
     /// Sparse `(offset, file position)` index, once built.
     index: Option<Vec<(u64, u64)>>,
-    /// Position after the last indexed frame, for keeping the tail's index sparse.
-    next_index_position: u64,
 }
 
 fn segment_path(dir: &Path, base: u64) -> PathBuf {
@@ -363,11 +374,11 @@ impl Log {
                     end_offset,
                     data_end: None,
                     index: None,
-                    next_index_position: 0,
                 },
             );
         }
 
+        let mut next_index_position = 0;
         let (tail_file, prewritten_to, tail_base) = match bases.last() {
             None => {
                 let (file, size) = create_segment(&dir, 0, config.prewrite_bytes).await?;
@@ -379,7 +390,6 @@ impl Log {
                         end_offset: 0,
                         data_end: Some(HEADER_BYTES as u64),
                         index: Some(Vec::new()),
-                        next_index_position: 0,
                     },
                 );
                 (file, size, 0)
@@ -395,7 +405,7 @@ impl Log {
                 let scan = format::scan(
                     &bytes[HEADER_BYTES..],
                     base,
-                    config.record_bytes_max,
+                    config.limits(),
                     config.index_interval_bytes,
                 );
                 let data_end = (HEADER_BYTES + scan.end_position) as u64;
@@ -416,7 +426,7 @@ impl Log {
                 let seg = segments.get_mut(&base).expect("tail segment is listed");
                 seg.end_offset = scan.end_offset;
                 seg.data_end = Some(data_end);
-                seg.next_index_position = scan
+                next_index_position = scan
                     .index
                     .last()
                     .map_or(0, |&(_, p)| (HEADER_BYTES + p + config.index_interval_bytes) as u64);
@@ -441,6 +451,7 @@ impl Log {
             next_offset: end,
             reserve_base: tail_base,
             reserve_position,
+            next_index_position,
             pending: VecDeque::new(),
             pending_bytes: 0,
             durable_end: end,
@@ -501,8 +512,11 @@ impl Log {
         let mut total = 0usize;
         for p in payloads.clone() {
             Error::check_limit("record", "record_bytes_max", p.len(), config.record_bytes_max as usize)?;
-            total += format::frame_bytes(p.len());
+            total += format::record_bytes(p.len());
         }
+        // One head for the batch's frame (a segment roll may add one more;
+        // the pending bound then overshoots by at most a head).
+        total += FRAME_HEAD_BYTES;
         Error::check_limit("batch", "pending_bytes_max", total, config.pending_bytes_max)?;
         self.shared
             .space
@@ -630,6 +644,7 @@ impl Log {
             )
         };
         let end = end.min(seg_end);
+        let limits = config.limits();
         let window = bytes_max.saturating_add(FRAME_HEAD_BYTES).clamp(64 << 10, 4 << 20);
         while at < end && position < data_end {
             let len = (data_end - position).min(window as u64) as usize;
@@ -639,33 +654,25 @@ impl Log {
                 if at >= end || (!out.is_empty() && *bytes >= bytes_max) {
                     return Ok(());
                 }
-                match format::decode_frame(&buf[pos..], at, config.record_bytes_max) {
+                match format::decode_frame(&buf[pos..], at, limits.body_bytes_max, limits.record_bytes_max) {
                     Ok(Some(frame)) => {
-                        if at >= offset {
-                            *bytes += frame.payload.len();
-                            out.push(Record {
-                                offset: at,
-                                payload: frame.payload.to_vec(),
-                            });
+                        if take_records(&frame, offset..end, bytes_max, bytes, out) {
+                            return Ok(());
                         }
                         pos += frame.bytes();
-                        at += 1;
+                        at = frame.end_offset();
                     }
                     Err(FrameError::Truncated { needed }) if position + pos as u64 + (needed as u64) <= data_end => {
                         if pos == 0 {
                             // A frame larger than the window: read it whole.
                             let whole = read_exact(&file, &path, position, needed).await?;
-                            match format::decode_frame(&whole, at, config.record_bytes_max) {
+                            match format::decode_frame(&whole, at, limits.body_bytes_max, limits.record_bytes_max) {
                                 Ok(Some(frame)) => {
-                                    if at >= offset {
-                                        *bytes += frame.payload.len();
-                                        out.push(Record {
-                                            offset: at,
-                                            payload: frame.payload.to_vec(),
-                                        });
+                                    if take_records(&frame, offset..end, bytes_max, bytes, out) {
+                                        return Ok(());
                                     }
                                     pos = frame.bytes();
-                                    at += 1;
+                                    at = frame.end_offset();
                                 }
                                 other => return Err(corrupt(&path, at, position, other.err())),
                             }
@@ -677,7 +684,7 @@ impl Log {
                             &path,
                             at,
                             position + pos as u64,
-                            format::decode_frame(&buf[pos..], at, config.record_bytes_max).err(),
+                            format::decode_frame(&buf[pos..], at, limits.body_bytes_max, limits.record_bytes_max).err(),
                         ));
                     }
                 }
@@ -718,7 +725,7 @@ impl Log {
         let scan = format::scan(
             &bytes[HEADER_BYTES..],
             base,
-            config.record_bytes_max,
+            config.limits(),
             config.index_interval_bytes,
         );
         if scan.end_offset != expected_end {
@@ -769,6 +776,31 @@ impl Log {
     }
 }
 
+/// Takes the records of `frame` within `range` into `out`, counting their
+/// bytes; true once the read is complete (range or byte cap reached).
+fn take_records(
+    frame: &format::Frame<'_>,
+    range: Range<u64>,
+    bytes_max: usize,
+    bytes: &mut usize,
+    out: &mut Vec<Record>,
+) -> bool {
+    for (o, payload) in frame.records() {
+        if o < range.start {
+            continue;
+        }
+        if o >= range.end || (!out.is_empty() && *bytes >= bytes_max) {
+            return true;
+        }
+        *bytes += payload.len();
+        out.push(Record {
+            offset: o,
+            payload: payload.to_vec(),
+        });
+    }
+    false
+}
+
 fn corrupt(path: &Path, offset: u64, position: u64, e: Option<FrameError>) -> Error {
     let reason = match e {
         Some(FrameError::Corrupt(why)) => why.to_string(),
@@ -788,42 +820,44 @@ impl State {
         *self.segments.keys().next_back().expect("at least one segment")
     }
 
-    /// Assigns the next offset to `payload` and queues its frame.
+    /// Assigns the next offset to `payload` and adds it to the frame being
+    /// filled, or to a new frame (in a new segment when this one is full).
     fn reserve(&mut self, config: &LogConfig, payload: &[u8]) {
-        let frame = format::frame_bytes(payload.len()) as u64;
+        let record = format::record_bytes(payload.len()) as u64;
         let offset = self.next_offset;
-        let roll =
-            self.reserve_position + frame > config.segment_bytes_max && self.reserve_position > HEADER_BYTES as u64;
-        if roll {
-            self.reserve_base = offset;
-            self.reserve_position = HEADER_BYTES as u64;
-        }
-        let fits_last = !roll
-            && self.pending.back().is_some_and(|c| {
-                c.segment_base == self.reserve_base && c.bytes.len() + frame as usize <= config.write_bytes_max
-            });
-        if !fits_last {
+        let fits_last = self.pending.back().is_some_and(|c| {
+            c.segment_base == self.reserve_base
+                && (c.frame.len() as u64 + record - FRAME_HEAD_BYTES as u64) <= config.write_bytes_max as u64
+                && self.reserve_position + record <= config.segment_bytes_max
+        });
+        if fits_last {
+            self.pending_bytes += record as usize;
+        } else {
+            let frame = FRAME_HEAD_BYTES as u64 + record;
+            let roll =
+                self.reserve_position + frame > config.segment_bytes_max && self.reserve_position > HEADER_BYTES as u64;
+            if roll {
+                self.reserve_base = offset;
+                self.reserve_position = HEADER_BYTES as u64;
+                self.next_index_position = 0;
+            }
+            let indexed = self.reserve_position >= self.next_index_position;
+            if indexed {
+                self.next_index_position = self.reserve_position + config.index_interval_bytes as u64;
+            }
             self.pending.push_back(Chunk {
                 segment_base: self.reserve_base,
                 new_segment: roll,
                 position: self.reserve_position,
-                end_offset: offset,
-                bytes: Vec::with_capacity((frame as usize).max(config.write_bytes_max.min(256 << 10))),
-                index: Vec::new(),
+                frame: FrameBuilder::new(offset, (record as usize).max(config.write_bytes_max.min(128 << 10))),
+                indexed,
             });
+            self.reserve_position += FRAME_HEAD_BYTES as u64;
+            self.pending_bytes += frame as usize;
         }
         let chunk = self.pending.back_mut().expect("a chunk was just ensured");
-        if chunk
-            .index
-            .last()
-            .is_none_or(|&(_, p)| self.reserve_position >= p + config.index_interval_bytes as u64)
-        {
-            chunk.index.push((offset, self.reserve_position));
-        }
-        format::encode_frame(offset, payload, &mut chunk.bytes);
-        chunk.end_offset = offset + 1;
-        self.reserve_position += frame;
-        self.pending_bytes += frame as usize;
+        chunk.frame.push(payload);
+        self.reserve_position += record;
         self.next_offset += 1;
     }
 }
@@ -887,7 +921,6 @@ async fn flush_once(shared: &Rc<Shared>) -> Result<()> {
                 end_offset: base,
                 data_end: Some(HEADER_BYTES as u64),
                 index: Some(Vec::new()),
-                next_index_position: 0,
             },
         );
         s.tail_file = Rc::new(file);
@@ -898,7 +931,7 @@ async fn flush_once(shared: &Rc<Shared>) -> Result<()> {
         (s.tail_file.clone(), segment_path(&shared.dir, base), s.prewritten_to)
     };
     let last = chunks.last().expect("at least one chunk");
-    let write_end = last.position + last.bytes.len() as u64;
+    let write_end = last.position + last.frame.len() as u64;
     if write_end > prewritten_to {
         let write_bytes = write_end - chunks[0].position;
         let fill_to = (write_end + config.prewrite_bytes).min(config.segment_bytes_max.max(write_end));
@@ -919,11 +952,16 @@ async fn flush_once(shared: &Rc<Shared>) -> Result<()> {
     let mut index = Vec::new();
     let mut end_offset = 0;
     for chunk in chunks {
-        written += chunk.bytes.len();
-        index.extend(chunk.index);
-        end_offset = chunk.end_offset;
-        // O_DSYNC: when this returns, the chunk is durable.
-        write_all(&file, &path, chunk.bytes, chunk.position).await?;
+        written += chunk.frame.len();
+        if chunk.indexed {
+            index.push((
+                chunk.frame.end_offset() - u64::from(chunk.frame.count()),
+                chunk.position,
+            ));
+        }
+        end_offset = chunk.frame.end_offset();
+        // O_DSYNC: when this returns, the frame is durable.
+        write_all(&file, &path, chunk.frame.finish(), chunk.position).await?;
     }
     {
         let mut s = shared.state.borrow_mut();
