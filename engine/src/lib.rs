@@ -10,6 +10,7 @@
 
 pub mod error;
 pub mod executor;
+pub mod hash;
 pub mod log;
 pub mod lsm;
 pub mod pstate;

@@ -10,6 +10,7 @@
 //! task thread slows its producers instead of growing memory or dropping
 //! messages.
 
+pub mod partition;
 pub mod placement;
 
 use std::cell::RefCell;
