@@ -17,5 +17,6 @@ pub mod pstate;
 pub mod runtime;
 mod sync;
 pub mod value;
+mod varint;
 
 pub use error::{Error, Result};

@@ -69,15 +69,8 @@ fn mix(parts: &[u64]) -> u64 {
 
 /// The test's seed: `RAMA_CRASH_SEED` or the clock. Printed either way.
 fn seed(test: &str) -> u64 {
-    let seed = match std::env::var(SEED_ENV) {
-        Ok(s) => s.parse().unwrap_or_else(|_| panic!("{SEED_ENV}={s:?} is not a u64")),
-        Err(_) => std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .expect("clock after 1970")
-            .as_nanos() as u64,
-    };
-    println!("{test}: seed {seed} (rerun with {SEED_ENV}={seed})");
-    seed
+    eprint!("{test}: ");
+    common::seed_from_env(SEED_ENV)
 }
 
 fn run<T>(fut: impl std::future::Future<Output = T>) -> T {

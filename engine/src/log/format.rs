@@ -36,6 +36,8 @@
 //!   zero bytes, which is a clean end too;
 //! - anything else after the last good frame is a torn or corrupt tail.
 
+use crate::varint;
+
 pub const MAGIC: &[u8; 8] = b"RAMALOG1";
 pub const VERSION: u32 = 2;
 pub const HEADER_BYTES: usize = 32;
@@ -84,46 +86,12 @@ pub fn decode_header(bytes: &[u8]) -> Result<u64, FrameError> {
 
 /// Bytes a record of `payload_len` bytes takes in a frame body.
 pub fn record_bytes(payload_len: usize) -> usize {
-    varint_len(payload_len as u64) + payload_len
+    varint::len(payload_len as u64) + payload_len
 }
 
 /// Bytes of a frame holding records of these lengths.
 pub fn frame_bytes(payload_lens: impl IntoIterator<Item = usize>) -> usize {
     FRAME_HEAD_BYTES + payload_lens.into_iter().map(record_bytes).sum::<usize>()
-}
-
-fn varint_len(mut v: u64) -> usize {
-    let mut n = 1;
-    while v >= 0x80 {
-        v >>= 7;
-        n += 1;
-    }
-    n
-}
-
-fn put_varint(out: &mut Vec<u8>, mut v: u64) {
-    while v >= 0x80 {
-        out.push((v as u8) | 0x80);
-        v >>= 7;
-    }
-    out.push(v as u8);
-}
-
-/// Reads a varint of at most 10 bytes; `None` if cut short or too long.
-fn get_varint(bytes: &[u8], pos: &mut usize) -> Option<u64> {
-    let mut v = 0u64;
-    for shift in (0..70).step_by(7) {
-        let b = *bytes.get(*pos)?;
-        *pos += 1;
-        if shift == 63 && b > 1 {
-            return None;
-        }
-        v |= u64::from(b & 0x7f) << shift;
-        if b < 0x80 {
-            return Some(v);
-        }
-    }
-    None
 }
 
 /// Builds one frame in place: the head is reserved first and filled in by
@@ -149,7 +117,7 @@ impl FrameBuilder {
     }
 
     pub fn push(&mut self, payload: &[u8]) {
-        put_varint(&mut self.bytes, payload.len() as u64);
+        varint::put(&mut self.bytes, payload.len() as u64);
         self.bytes.extend_from_slice(payload);
         self.count += 1;
     }
@@ -210,7 +178,7 @@ impl<'a> Frame<'a> {
         let base = self.base_offset;
         let mut pos = 0;
         (0..u64::from(self.count)).map(move |i| {
-            let len = get_varint(body, &mut pos).expect("frame records were checked when decoded") as usize;
+            let len = varint::get(body, &mut pos).expect("frame records were checked when decoded") as usize;
             let payload = &body[pos..pos + len];
             pos += len;
             (base + i, payload)
@@ -267,7 +235,7 @@ pub fn decode_frame(
     }
     let mut pos = 0;
     for _ in 0..count {
-        let record = get_varint(body, &mut pos).ok_or(FrameError::Corrupt("bad record length in frame"))?;
+        let record = varint::get(body, &mut pos).ok_or(FrameError::Corrupt("bad record length in frame"))?;
         if record > u64::from(record_bytes_max) || pos as u64 + record > body.len() as u64 {
             return Err(FrameError::Corrupt("record runs past its frame or limit"));
         }

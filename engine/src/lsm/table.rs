@@ -23,6 +23,7 @@ use glommio::io::{BufferedFile, OpenOptions};
 use super::bloom::{self, BloomBuilder};
 use super::memtable::compare;
 use crate::error::{gio, Error, Result};
+use crate::varint;
 
 const MAGIC: &[u8; 8] = b"RAMASST1";
 const FOOTER_BYTES: usize = 48;
@@ -46,27 +47,6 @@ impl Default for TableOptions {
             write_buffer_bytes: 1 << 20,
         }
     }
-}
-
-fn put_varint(out: &mut Vec<u8>, mut v: u64) {
-    while v >= 0x80 {
-        out.push((v as u8) | 0x80);
-        v >>= 7;
-    }
-    out.push(v as u8);
-}
-
-fn get_varint(bytes: &[u8], pos: &mut usize) -> Option<u64> {
-    let mut v = 0u64;
-    for shift in (0..64).step_by(7) {
-        let b = *bytes.get(*pos)?;
-        *pos += 1;
-        v |= u64::from(b & 0x7f) << shift;
-        if b < 0x80 {
-            return Some(v);
-        }
-    }
-    None
 }
 
 /// Streams sorted entries into a new table file.
@@ -129,8 +109,8 @@ impl TableWriter {
             self.entries == 0 || key > self.last_key.as_slice(),
             "table keys must increase"
         );
-        put_varint(&mut self.buffer, key.len() as u64);
-        put_varint(&mut self.buffer, value.map_or(0, |v| v.len() as u64 + 1));
+        varint::put(&mut self.buffer, key.len() as u64);
+        varint::put(&mut self.buffer, value.map_or(0, |v| v.len() as u64 + 1));
         self.buffer.extend_from_slice(key);
         if let Some(v) = value {
             self.buffer.extend_from_slice(v);
@@ -157,7 +137,7 @@ impl TableWriter {
         let crc = crc32fast::hash(&self.buffer[start..]);
         self.buffer.extend_from_slice(&crc.to_le_bytes());
         let len = self.position() - self.block_start;
-        put_varint(&mut self.index, self.last_key.len() as u64);
+        varint::put(&mut self.index, self.last_key.len() as u64);
         self.index.extend_from_slice(&self.last_key);
         self.index.extend_from_slice(&self.block_start.to_le_bytes());
         self.index.extend_from_slice(&(len as u32).to_le_bytes());
@@ -291,7 +271,7 @@ impl Table {
         let mut pos = 0;
         while pos < index_len {
             let klen =
-                get_varint(index_bytes, &mut pos).ok_or_else(|| corrupt(index_offset + pos, "bad index"))? as usize;
+                varint::get(index_bytes, &mut pos).ok_or_else(|| corrupt(index_offset + pos, "bad index"))? as usize;
             let key_start = index_offset + pos;
             pos += klen;
             let rest = index_bytes
@@ -358,8 +338,8 @@ impl Table {
         let mut out = Vec::new();
         let mut pos = 0;
         while pos < data.len() {
-            let klen = get_varint(data, &mut pos).ok_or_else(|| corrupt("bad entry"))? as usize;
-            let tag = get_varint(data, &mut pos).ok_or_else(|| corrupt("bad entry"))? as usize;
+            let klen = varint::get(data, &mut pos).ok_or_else(|| corrupt("bad entry"))? as usize;
+            let tag = varint::get(data, &mut pos).ok_or_else(|| corrupt("bad entry"))? as usize;
             let key = offset + pos..offset + pos + klen;
             pos += klen;
             let value = if tag == 0 {
@@ -394,7 +374,7 @@ impl Table {
         // Scan the block in place: no allocation on the point-read path.
         let mut pos = 0;
         while pos < data.len() {
-            let (klen, tag) = match (get_varint(data, &mut pos), get_varint(data, &mut pos)) {
+            let (klen, tag) = match (varint::get(data, &mut pos), varint::get(data, &mut pos)) {
                 (Some(k), Some(t)) => (k as usize, t as usize),
                 _ => return Err(self.block_corrupt(offset, "bad entry")),
             };
