@@ -176,6 +176,9 @@ struct Shared {
 struct State {
     /// Every segment by base offset; the last one is the tail.
     segments: BTreeMap<u64, Segment>,
+    /// Closed segments kept open for reads, oldest first (at most
+    /// `OPEN_SEGMENTS_MAX`).
+    open_segments: VecDeque<(u64, Rc<BufferedFile>)>,
     /// The tail segment's file, open for writing.
     tail_file: Rc<BufferedFile>,
     /// File position up to which the tail is pre-written with zeros.
@@ -222,6 +225,9 @@ struct Segment {
     /// Sparse `(offset, file position)` index, once built.
     index: Option<Vec<(u64, u64)>>,
 }
+
+/// Closed segments a log keeps open for reading.
+const OPEN_SEGMENTS_MAX: usize = 8;
 
 fn segment_path(dir: &Path, base: u64) -> PathBuf {
     dir.join(format!("{base:020}.log"))
@@ -446,6 +452,7 @@ impl Log {
         let start_offset = *segments.keys().next().expect("at least one segment");
         let state = State {
             segments,
+            open_segments: VecDeque::new(),
             tail_file: Rc::new(tail_file),
             prewritten_to,
             next_offset: end,
@@ -612,16 +619,32 @@ impl Log {
             let Some((&base, seg)) = s.segments.range(..=offset).next_back() else {
                 return Ok(());
             };
-            let file = (base == s.reserve_base_of_tail()).then(|| s.tail_file.clone());
+            let file = if base == s.reserve_base_of_tail() {
+                Some(s.tail_file.clone())
+            } else {
+                s.open_segments.iter().find(|(b, _)| *b == base).map(|(_, f)| f.clone())
+            };
             (base, seg.path.clone(), file)
         };
         let file = match file {
             Some(f) => f,
-            None => Rc::new(
-                BufferedFile::open(&path)
-                    .await
-                    .map_err(|e| Error::io("open segment", &path, gio(e)))?,
-            ),
+            None => {
+                let f = Rc::new(
+                    BufferedFile::open(&path)
+                        .await
+                        .map_err(|e| Error::io("open segment", &path, gio(e)))?,
+                );
+                // Keep the most recently opened closed segments open, so
+                // a consumer reading through a segment opens it once.
+                let mut s = self.shared.state.borrow_mut();
+                if !s.open_segments.iter().any(|(b, _)| *b == base) {
+                    if s.open_segments.len() >= OPEN_SEGMENTS_MAX {
+                        s.open_segments.pop_front();
+                    }
+                    s.open_segments.push_back((base, f.clone()));
+                }
+                f
+            }
         };
         self.ensure_index(base, &path, &file).await?;
         let (mut position, mut at, data_end, seg_end) = {
@@ -996,6 +1019,7 @@ fn trim_before(shared: &Shared, offset: u64) -> Result<u64> {
     if doomed.is_empty() {
         return Ok(s.start_offset);
     }
+    s.open_segments.retain(|(b, _)| !doomed.contains(b));
     for base in doomed {
         let seg = s.segments.remove(&base).expect("listed above");
         std::fs::remove_file(&seg.path).map_err(|e| Error::io("remove trimmed segment", &seg.path, e))?;
