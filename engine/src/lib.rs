@@ -8,11 +8,13 @@
 //! Everything here runs on one glommio executor (a task thread) and is
 //! deliberately `!Send`: storage is never shared between threads.
 
+pub mod cluster;
 pub mod error;
 pub mod executor;
 pub mod hash;
 pub mod log;
 pub mod lsm;
+pub mod module;
 pub mod pstate;
 pub mod runtime;
 mod sync;

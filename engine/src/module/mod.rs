@@ -1,0 +1,214 @@
+//! What a module author declares: a module's depots and PStates (stream,
+//! microbatch and query topologies join them as the runtime grows; see
+//! ARCHITECTURE.md, "Planned: modules on the runtime").
+//!
+//! Names carry sigils: depots `*name`, PStates `$$name`. A definition is
+//! checked once, when it is built into a [`ModuleDef`]; the runtime then
+//! trusts it.
+
+use std::fmt;
+use std::sync::Arc;
+
+use crate::error::{Error, Result};
+use crate::pstate::PStateSchema;
+use crate::value::Value;
+
+/// Extracts the partitioning key from a depot record.
+pub type KeyFn = Arc<dyn Fn(&Value) -> Value + Send + Sync>;
+
+/// How a depot picks the partition (task) of a record a client appends.
+#[derive(Clone)]
+pub enum Partitioner {
+    /// The task of the key `key_fn` takes from the record.
+    HashBy(KeyFn),
+    /// Any task: clients spread their appends round-robin.
+    Random,
+    /// Clients may not append; only the module's topologies do.
+    Disallow,
+}
+
+impl Partitioner {
+    /// Hash by the key that `f` extracts from each record.
+    pub fn hash_by(f: impl Fn(&Value) -> Value + Send + Sync + 'static) -> Partitioner {
+        Partitioner::HashBy(Arc::new(f))
+    }
+}
+
+impl fmt::Debug for Partitioner {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Partitioner::HashBy(_) => "hash-by-key",
+            Partitioner::Random => "random",
+            Partitioner::Disallow => "disallow",
+        })
+    }
+}
+
+/// A depot of a module.
+#[derive(Debug, Clone)]
+pub struct DepotDef {
+    pub name: String,
+    pub partitioner: Partitioner,
+    /// A global depot has one partition, on task 0.
+    pub global: bool,
+}
+
+/// A PState of a module.
+#[derive(Debug, Clone)]
+pub struct PStateDef {
+    pub name: String,
+    pub schema: PStateSchema,
+}
+
+/// A checked module definition.
+#[derive(Debug, Clone)]
+pub struct ModuleDef {
+    pub name: String,
+    pub depots: Vec<DepotDef>,
+    pub pstates: Vec<PStateDef>,
+}
+
+/// Declares a module; [`ModuleBuilder::build`] checks it.
+#[derive(Debug, Clone)]
+pub struct ModuleBuilder {
+    def: ModuleDef,
+}
+
+impl ModuleBuilder {
+    pub fn new(name: impl Into<String>) -> ModuleBuilder {
+        ModuleBuilder {
+            def: ModuleDef {
+                name: name.into(),
+                depots: Vec::new(),
+                pstates: Vec::new(),
+            },
+        }
+    }
+
+    /// Declares a depot partitioned over all tasks.
+    #[must_use]
+    pub fn depot(mut self, name: impl Into<String>, partitioner: Partitioner) -> Self {
+        self.def.depots.push(DepotDef {
+            name: name.into(),
+            partitioner,
+            global: false,
+        });
+        self
+    }
+
+    /// Declares a global depot: one partition, on task 0.
+    #[must_use]
+    pub fn global_depot(mut self, name: impl Into<String>) -> Self {
+        self.def.depots.push(DepotDef {
+            name: name.into(),
+            partitioner: Partitioner::Random,
+            global: true,
+        });
+        self
+    }
+
+    /// Declares a PState.
+    #[must_use]
+    pub fn pstate(mut self, name: impl Into<String>, schema: PStateSchema) -> Self {
+        self.def.pstates.push(PStateDef {
+            name: name.into(),
+            schema,
+        });
+        self
+    }
+
+    /// Checks names and schemas and returns the definition.
+    pub fn build(self) -> Result<ModuleDef> {
+        let def = self.def;
+        let bad = |what: String| Err(Error::Schema(format!("module {}: {what}", def.name)));
+        if def.name.is_empty() || def.name.chars().any(|c| c.is_whitespace() || c.is_control()) {
+            return bad(format!("module name {:?} must be non-empty without spaces", def.name));
+        }
+        let mut seen = std::collections::BTreeSet::new();
+        for d in &def.depots {
+            if !valid_name(&d.name, "*") {
+                return bad(format!("depot name {:?} must start with * followed by a name", d.name));
+            }
+            if !seen.insert(d.name.clone()) {
+                return bad(format!("depot {} is declared twice", d.name));
+            }
+        }
+        for p in &def.pstates {
+            if !valid_name(&p.name, "$$") {
+                return bad(format!(
+                    "PState name {:?} must start with $$ followed by a name",
+                    p.name
+                ));
+            }
+            if !seen.insert(p.name.clone()) {
+                return bad(format!("PState {} is declared twice", p.name));
+            }
+            p.schema.validate(&p.name)?;
+        }
+        if def.pstates.len() > usize::from(u16::MAX) {
+            return bad(format!("{} PStates, more than {}", def.pstates.len(), u16::MAX));
+        }
+        Ok(def)
+    }
+}
+
+fn valid_name(name: &str, sigil: &str) -> bool {
+    name.strip_prefix(sigil).is_some_and(|rest| {
+        !rest.is_empty()
+            && rest
+                .chars()
+                .all(|c| c.is_alphanumeric() || c == '_' || c == '-' || c == '.')
+    })
+}
+
+impl ModuleDef {
+    pub fn depot(&self, name: &str) -> Result<(usize, &DepotDef)> {
+        self.depots
+            .iter()
+            .enumerate()
+            .find(|(_, d)| d.name == name)
+            .ok_or_else(|| Error::Schema(format!("module {} has no depot {name}", self.name)))
+    }
+
+    pub fn pstate(&self, name: &str) -> Result<(usize, &PStateDef)> {
+        self.pstates
+            .iter()
+            .enumerate()
+            .find(|(_, p)| p.name == name)
+            .ok_or_else(|| Error::Schema(format!("module {} has no PState {name}", self.name)))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::pstate::ValueSchema;
+    use crate::value::Kind;
+
+    fn counts() -> PStateSchema {
+        PStateSchema::new(ValueSchema::Scalar(Kind::Str), ValueSchema::Scalar(Kind::Int))
+    }
+
+    #[test]
+    fn names_are_checked() {
+        let ok = ModuleBuilder::new("WordCountModule")
+            .depot("*sentences", Partitioner::Random)
+            .pstate("$$wordCounts", counts())
+            .build()
+            .unwrap();
+        assert_eq!(ok.depot("*sentences").unwrap().0, 0);
+        assert!(ok
+            .depot("*nope")
+            .unwrap_err()
+            .to_string()
+            .contains("has no depot *nope"));
+        let err = |b: ModuleBuilder| b.build().unwrap_err().to_string();
+        assert!(err(ModuleBuilder::new("M").depot("sentences", Partitioner::Random)).contains("must start with *"));
+        assert!(err(ModuleBuilder::new("M").pstate("$counts", counts())).contains("must start with $$"));
+        assert!(err(ModuleBuilder::new("M")
+            .depot("*a", Partitioner::Random)
+            .depot("*a", Partitioner::Disallow))
+        .contains("declared twice"));
+        assert!(err(ModuleBuilder::new("bad name")).contains("without spaces"));
+    }
+}

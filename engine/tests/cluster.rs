@@ -1,0 +1,198 @@
+//! The in-process cluster: depots partitioned over tasks on task threads,
+//! client routing, ack levels, reads, restarts and bad input.
+
+use std::collections::BTreeMap;
+
+use engine::cluster::{AckLevel, InProcessCluster};
+use engine::module::{ModuleBuilder, ModuleDef, Partitioner};
+use engine::pstate::{Nav, PStateSchema, ValueSchema};
+use engine::runtime::partition::task_for_key;
+use engine::value::{Kind, Value};
+
+fn module() -> ModuleDef {
+    ModuleBuilder::new("EventsModule")
+        .depot(
+            "*events",
+            Partitioner::hash_by(|r| {
+                r.as_map()
+                    .and_then(|m| m.get(&Value::from("user")))
+                    .cloned()
+                    .unwrap_or(Value::Nil)
+            }),
+        )
+        .depot("*sentences", Partitioner::Random)
+        .global_depot("*config")
+        .depot("*internal", Partitioner::Disallow)
+        .pstate(
+            "$$counts",
+            PStateSchema::new(ValueSchema::Scalar(Kind::Str), ValueSchema::Scalar(Kind::Int)),
+        )
+        .build()
+        .unwrap()
+}
+
+fn event(user: &str, n: i64) -> Value {
+    Value::map([("user", Value::from(user)), ("n", Value::Int(n))])
+}
+
+/// Reads a whole partition.
+fn read_all(cluster: &InProcessCluster, depot: &str, task: u32) -> Vec<(u64, Value)> {
+    let client = cluster.depot("EventsModule", depot).unwrap();
+    let mut out = Vec::new();
+    loop {
+        let next = out.last().map_or(0, |(o, _): &(u64, Value)| o + 1);
+        let got = client.read(task, next, u64::MAX, 64 << 10).unwrap();
+        if got.is_empty() {
+            return out;
+        }
+        out.extend(got);
+    }
+}
+
+fn depots_route_and_persist(tasks: u32, threads: u32) {
+    let dir = tempfile::tempdir().unwrap();
+    let mut cluster = InProcessCluster::new(dir.path());
+    cluster.launch(module(), tasks, threads).unwrap();
+    let events = cluster.depot("EventsModule", "*events").unwrap();
+    // Four client threads append concurrently.
+    let users = ["alice", "bob", "carol", "dave", "erin", "frank", "grace"];
+    let handles: Vec<_> = (0..4)
+        .map(|c| {
+            let events = events.clone();
+            std::thread::spawn(move || {
+                (0..100)
+                    .map(|i| {
+                        let user = users[(c * 100 + i) % users.len()];
+                        let record = event(user, (c * 1000 + i) as i64);
+                        let (task, offset) = events.append(&record, AckLevel::AppendAck).unwrap();
+                        (task, offset.expect("AppendAck returns the offset"), record)
+                    })
+                    .collect::<Vec<_>>()
+            })
+        })
+        .collect();
+    let acked: Vec<(u32, u64, Value)> = handles.into_iter().flat_map(|h| h.join().unwrap()).collect();
+    for (task, _, record) in &acked {
+        let user = record.as_map().unwrap()[&Value::from("user")].clone();
+        assert_eq!(
+            *task,
+            task_for_key(&user, tasks),
+            "hash partitioning by the record's key"
+        );
+    }
+    let mut by_task: BTreeMap<u32, Vec<(u64, Value)>> = BTreeMap::new();
+    for t in 0..tasks {
+        by_task.insert(t, read_all(&cluster, "*events", t));
+    }
+    for (task, offset, record) in &acked {
+        let partition = &by_task[task];
+        assert_eq!(
+            &partition[*offset as usize],
+            &(*offset, record.clone()),
+            "acknowledged record is readable"
+        );
+    }
+    assert_eq!(by_task.values().map(Vec::len).sum::<usize>(), 400);
+
+    // Random depots spread round-robin; global depots have one partition.
+    let sentences = cluster.depot("EventsModule", "*sentences").unwrap();
+    for i in 0..tasks * 3 {
+        sentences.append(&Value::from(format!("s{i}")), AckLevel::Ack).unwrap();
+    }
+    for t in 0..tasks {
+        assert_eq!(read_all(&cluster, "*sentences", t).len(), 3, "task {t} takes its share");
+    }
+    let config = cluster.depot("EventsModule", "*config").unwrap();
+    assert_eq!(config.append(&Value::from("v1"), AckLevel::AppendAck).unwrap().0, 0);
+    if tasks > 1 {
+        let err = config.read(1, 0, 10, 100).unwrap_err().to_string();
+        assert!(err.contains("no partition 1"), "{err}");
+    }
+
+    // Fire-and-forget appends become visible without an ack.
+    let (task, offset) = events.append(&event("zed", 1), AckLevel::None).unwrap();
+    assert_eq!(offset, None);
+    let before = by_task[&task].len();
+    let mut seen = 0;
+    for _ in 0..200 {
+        seen = read_all(&cluster, "*events", task).len();
+        if seen > before {
+            break;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(10));
+    }
+    assert_eq!(seen, before + 1, "the unacknowledged append landed");
+
+    // A restart over the same directory finds everything again.
+    cluster.shutdown().unwrap();
+    let mut cluster = InProcessCluster::new(dir.path());
+    cluster.launch(module(), tasks, threads).unwrap();
+    for t in 0..tasks {
+        let mut expected = by_task[&t].clone();
+        if t == task {
+            expected.push((before as u64, event("zed", 1)));
+        }
+        assert_eq!(
+            read_all(&cluster, "*events", t),
+            expected,
+            "partition {t} after restart"
+        );
+    }
+    // PState reads route by the first key; nothing wrote $$counts yet.
+    let counts = cluster.pstate("EventsModule", "$$counts").unwrap();
+    assert_eq!(counts.select_one(&[Nav::key("alice")]).unwrap(), Value::Nil);
+    cluster.shutdown().unwrap();
+}
+
+#[test]
+fn depots_route_and_persist_8_tasks_4_threads() {
+    depots_route_and_persist(8, 4);
+}
+
+#[test]
+fn depots_route_and_persist_1_task_1_thread() {
+    depots_route_and_persist(1, 1);
+}
+
+#[test]
+fn bad_input_is_a_clear_error() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut cluster = InProcessCluster::new(dir.path());
+    let err = cluster.launch(module(), 6, 2).unwrap_err().to_string();
+    assert!(err.contains("power of two"), "{err}");
+    let err = cluster.launch(module(), 4, 8).unwrap_err().to_string();
+    assert!(err.contains("threads"), "{err}");
+    cluster.launch(module(), 4, 2).unwrap();
+    let err = cluster.launch(module(), 4, 2).unwrap_err().to_string();
+    assert!(err.contains("already running"), "{err}");
+    let err = cluster.depot("Nope", "*events").unwrap_err().to_string();
+    assert!(err.contains("no module named Nope"), "{err}");
+    let err = cluster.depot("EventsModule", "*nope").unwrap_err().to_string();
+    assert!(err.contains("has no depot *nope"), "{err}");
+    let err = cluster.pstate("EventsModule", "$$nope").unwrap_err().to_string();
+    assert!(err.contains("has no PState $$nope"), "{err}");
+    let internal = cluster.depot("EventsModule", "*internal").unwrap();
+    let err = internal
+        .append(&Value::from("x"), AckLevel::Ack)
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("disallow"), "{err}");
+    let events = cluster.depot("EventsModule", "*events").unwrap();
+    let huge = Value::map([("user", Value::from("a")), ("blob", Value::Bytes(vec![0; 2 << 20]))]);
+    let err = events.append(&huge, AckLevel::AppendAck).unwrap_err().to_string();
+    assert!(err.contains("record_bytes_max"), "{err}");
+    assert!(
+        read_all_tasks_empty(&cluster, 4),
+        "nothing was appended by the refused calls"
+    );
+    let counts = cluster.pstate("EventsModule", "$$counts").unwrap();
+    let err = counts.select(&[Nav::All]).unwrap_err().to_string();
+    assert!(err.contains("must start with a key"), "{err}");
+    let err = counts.select(&[Nav::key(5)]).unwrap_err().to_string();
+    assert!(err.contains("string"), "{err}");
+    cluster.shutdown().unwrap();
+}
+
+fn read_all_tasks_empty(cluster: &InProcessCluster, tasks: u32) -> bool {
+    (0..tasks).all(|t| read_all(cluster, "*events", t).is_empty())
+}
