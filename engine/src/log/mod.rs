@@ -81,15 +81,15 @@ impl Default for LogConfig {
 
 impl LogConfig {
     /// Checks the configuration, naming the first bad key.
-    /// The limits frames are checked against when read.
+    /// The limits frames are checked against when read: none beyond the
+    /// file. The configured limits gate new appends only; a frame written
+    /// under larger limits is intact data and stays readable (recovery must
+    /// never cut it as if it were torn). Reads never allocate more than the
+    /// segment's data, whatever a length field says.
     fn limits(&self) -> Limits {
         Limits {
-            body_bytes_max: u32::try_from(
-                self.write_bytes_max
-                    .max(format::record_bytes(self.record_bytes_max as usize)),
-            )
-            .unwrap_or(u32::MAX),
-            record_bytes_max: self.record_bytes_max,
+            body_bytes_max: u32::MAX,
+            record_bytes_max: u32::MAX,
         }
     }
 
@@ -198,6 +198,8 @@ struct State {
     /// Offset of the first record still kept.
     start_offset: u64,
     poisoned: Option<String>,
+    /// `close` started: no new appends.
+    closing: bool,
     closed: bool,
     flusher_running: bool,
 }
@@ -464,6 +466,7 @@ impl Log {
             durable_end: end,
             start_offset,
             poisoned: None,
+            closing: false,
             closed: false,
             flusher_running: true,
         };
@@ -529,7 +532,8 @@ impl Log {
             .space
             .wait(|| {
                 let s = self.shared.state.borrow();
-                (s.poisoned.is_some() || s.closed || s.pending_bytes + total <= config.pending_bytes_max).then_some(())
+                (s.poisoned.is_some() || s.closing || s.closed || s.pending_bytes + total <= config.pending_bytes_max)
+                    .then_some(())
             })
             .await;
         let mut s = self.shared.state.borrow_mut();
@@ -552,11 +556,30 @@ impl Log {
                 let s = self.shared.state.borrow();
                 if s.durable_end >= end {
                     Some(Ok(()))
+                } else if let Some(cause) = &s.poisoned {
+                    Some(Err(Error::Poisoned {
+                        what: format!("log {}", self.shared.dir.display()),
+                        cause: cause.clone(),
+                    }))
+                } else if !s.flusher_running {
+                    // The flusher drains everything queued before it stops,
+                    // so this only happens for offsets never enqueued.
+                    Some(Err(Error::Closed(format!("log {}", self.shared.dir.display()))))
                 } else {
-                    self.check_usable(&s).err().map(Err)
+                    None
                 }
             })
             .await
+    }
+
+    /// The error for a read of `offset` after trimming removed it.
+    fn trimmed(&self, offset: u64) -> Error {
+        let s = self.shared.state.borrow();
+        Error::OffsetOutOfRange {
+            requested: offset,
+            start: s.start_offset,
+            end: s.durable_end,
+        }
     }
 
     fn check_usable(&self, s: &State) -> Result<()> {
@@ -566,7 +589,7 @@ impl Log {
                 cause: cause.clone(),
             });
         }
-        if s.closed {
+        if s.closing || s.closed {
             return Err(Error::Closed(format!("log {}", self.shared.dir.display())));
         }
         Ok(())
@@ -596,7 +619,7 @@ impl Log {
             let before = out.len();
             self.read_segment(offset, end, bytes_max, &mut bytes, &mut out).await?;
             if out.len() == before {
-                // Nothing more in range (the segment was trimmed under us).
+                // Nothing more in range: never loop without progress.
                 break;
             }
             offset = out.last().map_or(offset, |r| r.offset + 1);
@@ -616,8 +639,13 @@ impl Log {
         let config = &self.shared.config;
         let (base, path, file) = {
             let s = self.shared.state.borrow();
-            let Some((&base, seg)) = s.segments.range(..=offset).next_back() else {
-                return Ok(());
+            let Some((&base, seg)) = s
+                .segments
+                .range(..=offset)
+                .next_back()
+                .filter(|_| offset >= s.start_offset)
+            else {
+                return Err(self.trimmed(offset));
             };
             let file = if base == s.reserve_base_of_tail() {
                 Some(s.tail_file.clone())
@@ -629,11 +657,14 @@ impl Log {
         let file = match file {
             Some(f) => f,
             None => {
-                let f = Rc::new(
-                    BufferedFile::open(&path)
-                        .await
-                        .map_err(|e| Error::io("open segment", &path, gio(e)))?,
-                );
+                let f = match BufferedFile::open(&path).await {
+                    Ok(f) => Rc::new(f),
+                    // Trimmed between the lookup above and the open.
+                    Err(_) if !self.shared.state.borrow().segments.contains_key(&base) => {
+                        return Err(self.trimmed(offset));
+                    }
+                    Err(e) => return Err(Error::io("open segment", &path, gio(e))),
+                };
                 // Keep the most recently opened closed segments open, so
                 // a consumer reading through a segment opens it once.
                 let mut s = self.shared.state.borrow_mut();
@@ -650,7 +681,7 @@ impl Log {
         let (mut position, mut at, data_end, seg_end) = {
             let s = self.shared.state.borrow();
             let Some(seg) = s.segments.get(&base) else {
-                return Ok(());
+                return Err(self.trimmed(offset));
             };
             let index = seg.index.as_ref().expect("index was just built");
             let i = index.partition_point(|&(o, _)| o <= offset);
@@ -787,7 +818,14 @@ impl Log {
     /// Stops the flusher after everything queued is written. Appends after
     /// this fail with [`Error::Closed`].
     pub async fn close(&self) -> Result<()> {
-        let end = self.shared.state.borrow().next_offset;
+        // Refuse new appends first: everything already queued is written
+        // and acknowledged; nothing queued is ever failed and then written.
+        let end = {
+            let mut s = self.shared.state.borrow_mut();
+            s.closing = true;
+            s.next_offset
+        };
+        self.shared.space.wake_all();
         let result = self.wait_durable(end).await;
         self.shared.state.borrow_mut().closed = true;
         self.shared.work.wake_all();

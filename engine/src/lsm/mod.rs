@@ -217,6 +217,20 @@ impl Store {
                 ),
             });
         }
+        if wal.end_offset() < manifest.wal_checkpoint {
+            // Batches below the checkpoint are in tables, but new batches
+            // would get offsets below it and be skipped by the next replay.
+            return Err(Error::Corrupt {
+                path: dir.join("wal"),
+                offset: wal.end_offset(),
+                position: 0,
+                reason: format!(
+                    "the WAL ends at {} but the tables already hold batches below {}; the WAL lost its tail",
+                    wal.end_offset(),
+                    manifest.wal_checkpoint
+                ),
+            });
+        }
         let mut mem = Memtable::default();
         let mut next = manifest.wal_checkpoint;
         let end = wal.end_offset();
@@ -335,7 +349,10 @@ impl Store {
 
     /// Freezes the memtable and writes it to a table in the background.
     fn start_flush(&self) {
-        if self.inner.imm.borrow().is_some() || self.inner.mem.borrow().is_empty() {
+        if self.inner.failed.borrow().is_some()
+            || self.inner.imm.borrow().is_some()
+            || self.inner.mem.borrow().is_empty()
+        {
             return;
         }
         let frozen = std::mem::take(&mut *self.inner.mem.borrow_mut());
@@ -382,11 +399,17 @@ impl Store {
         writer.finish().await?;
         let table = Rc::new(Table::open(id, &path)?);
         let checkpoint = {
-            let mut m = self.inner.manifest.borrow_mut();
-            m.tables.insert(0, id);
-            m.wal_checkpoint = frozen.wal_end;
-            m.store(&self.inner.dir)?;
-            m.wal_checkpoint
+            // The new manifest is stored before memory changes, so a
+            // failed store leaves nothing behind that a later store (of a
+            // compaction) could persist.
+            let mut next = self.inner.manifest.borrow().clone();
+            next.tables.insert(0, id);
+            next.wal_checkpoint = frozen.wal_end;
+            self.check_failed()?;
+            next.store(&self.inner.dir)?;
+            let checkpoint = next.wal_checkpoint;
+            *self.inner.manifest.borrow_mut() = next;
+            checkpoint
         };
         self.inner.tables.borrow_mut().insert(0, table);
         *self.inner.imm.borrow_mut() = None;
@@ -501,15 +524,20 @@ impl Store {
         {
             // Flushes may have added newer tables meanwhile; the run is
             // still contiguous, so it is replaced in place.
-            let mut tables = self.inner.tables.borrow_mut();
+            let mut tables = self.inner.tables.borrow().clone();
             let at = tables
                 .iter()
                 .position(|t| t.id == ids[0])
                 .expect("compacted tables are live");
             tables.splice(at..at + ids.len(), [table]);
-            let mut m = self.inner.manifest.borrow_mut();
-            m.tables = tables.iter().map(|t| t.id).collect();
-            m.store(&self.inner.dir)?;
+            let mut next = self.inner.manifest.borrow().clone();
+            next.tables = tables.iter().map(|t| t.id).collect();
+            // Stored before memory changes; nothing is persisted after a
+            // failure elsewhere poisoned the store.
+            self.check_failed()?;
+            next.store(&self.inner.dir)?;
+            *self.inner.manifest.borrow_mut() = next;
+            *self.inner.tables.borrow_mut() = tables;
         }
         for t in &run {
             std::fs::remove_file(t.path()).map_err(|e| Error::io("remove compacted table", t.path(), e))?;

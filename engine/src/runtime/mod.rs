@@ -173,12 +173,15 @@ where
         let capacity = config.channel_capacity;
         handles.push(std::thread::spawn(move || {
             executor.block_on(async move {
-                let (senders, mut receivers) = mesh
-                    .join()
-                    .await
-                    .map_err(|e| Error::Executor(format!("joining the task thread mesh failed: {e}")))?;
-                peers.lock().expect("peer table lock")[thread as usize] = Some(senders.peer_id());
+                let joined = mesh.join().await;
+                if let Ok((senders, _)) = &joined {
+                    peers.lock().expect("peer table lock")[thread as usize] = Some(senders.peer_id());
+                }
+                // Every thread reaches the barrier, failed or not, so none
+                // waits forever for a thread that gave up.
                 barrier.wait();
+                let (senders, mut receivers) =
+                    joined.map_err(|e| Error::Executor(format!("joining the task thread mesh failed: {e}")))?;
                 let peer_of_thread = Arc::new(peers.lock().expect("peer table lock").clone());
                 let (inbox_tx, inbox) = local_channel::new_bounded(capacity);
                 let inbox_tx = Rc::new(inbox_tx);
