@@ -23,8 +23,7 @@ fn close_never_fails_an_append_it_then_writes() {
             let (log, _) = Log::open(dir.path(), LogConfig::default()).await.unwrap();
             let big = vec![7u8; 900 << 10];
             let l = log.clone();
-            let a =
-                glommio::spawn_local(async move { l.append_batch([&big[..], &big[..], &big[..]].into_iter()).await });
+            let a = glommio::spawn_local(async move { l.append_batch([&big[..], &big[..], &big[..]]).await });
             futures_lite::future::yield_now().await;
             let l = log.clone();
             let c = glommio::spawn_local(async move { l.close().await });
