@@ -151,13 +151,8 @@ impl InProcessCluster {
             threads: senders,
         });
         if let Some(e) = first_error {
-            for thread in &runtime.threads {
-                let _ = thread.send(Request::Shutdown);
-            }
-            drop(runtime);
-            for h in handles {
-                let _ = h.join();
-            }
+            // Nothing is left running after a failed launch.
+            let _ = stop(runtime, handles);
             return Err(e);
         }
         self.modules.push((runtime, handles));
@@ -195,25 +190,35 @@ impl InProcessCluster {
     pub fn shutdown(self) -> Result<()> {
         let mut first = None;
         for (rt, handles) in self.modules {
-            for thread in &rt.threads {
-                // A thread that already exited has nothing to stop.
-                let _ = thread.send(Request::Shutdown);
-            }
-            drop(rt);
-            for h in handles {
-                match h.join() {
-                    Ok(Ok(())) => {}
-                    Ok(Err(e)) => {
-                        first.get_or_insert(e);
-                    }
-                    Err(_) => {
-                        first.get_or_insert(Error::Executor("a task thread panicked".into()));
-                    }
-                }
+            if let Err(e) = stop(rt, handles) {
+                first.get_or_insert(e);
             }
         }
         first.map_or(Ok(()), Err)
     }
+}
+
+/// Stops a module's task threads and waits for them; the first error a
+/// thread reports (closing its storage, or a panic) is returned.
+fn stop(rt: Arc<ModuleRuntime>, handles: Vec<TaskThread>) -> Result<()> {
+    for thread in &rt.threads {
+        // A thread that already exited has nothing to stop.
+        let _ = thread.send(Request::Shutdown);
+    }
+    drop(rt);
+    let mut first = None;
+    for h in handles {
+        match h.join() {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => {
+                first.get_or_insert(e);
+            }
+            Err(_) => {
+                first.get_or_insert(Error::Executor("a task thread panicked".into()));
+            }
+        }
+    }
+    first.map_or(Ok(()), Err)
 }
 
 impl ModuleRuntime {
