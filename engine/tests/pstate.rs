@@ -321,3 +321,52 @@ fn subindexed_layout_matches_in_memory_semantics() {
         assert_eq!(sub.select(&store, &[Nav::All]).unwrap(), all_sub);
     });
 }
+
+/// Regression: writing under a missing key always created a map, so adding
+/// an element to an absent whole-value set failed the schema check, while a
+/// subindexed set accepted the same write.
+#[test]
+fn writes_under_missing_values_create_the_schema_s_container() {
+    let dir = tempfile::tempdir().unwrap();
+    run(async {
+        let (store, _) = Store::open(dir.path(), small_store()).await.unwrap();
+        let set_of_ints = |sub: bool| ValueSchema::Set {
+            element: Box::new(ValueSchema::Scalar(Kind::Int)),
+            subindexed: sub,
+        };
+        let whole = PState::new("$$whole", 2, 0, PStateSchema::new(ValueSchema::Any, set_of_ints(false))).unwrap();
+        let sub = PState::new("$$sub", 2, 1, PStateSchema::new(ValueSchema::Any, set_of_ints(true))).unwrap();
+        let nested = PState::new(
+            "$$nested",
+            2,
+            2,
+            PStateSchema::new(ValueSchema::Any, ValueSchema::map(ValueSchema::Any, set_of_ints(false))),
+        )
+        .unwrap();
+        let mut tx = Tx::new(&store);
+        for p in [&whole, &sub] {
+            p.transform(&mut tx, &[Nav::key("k"), Nav::key(5)], Op::Set(Value::Int(5)))
+                .unwrap();
+        }
+        nested
+            .transform(
+                &mut tx,
+                &[Nav::key("k"), Nav::key("inner"), Nav::key(7)],
+                Op::Set(Value::Int(7)),
+            )
+            .unwrap();
+        tx.commit().await.unwrap();
+        for p in [&whole, &sub] {
+            assert_eq!(
+                p.select_one(&store, &[Nav::key("k")]).unwrap(),
+                Value::set([5]),
+                "{}",
+                p.name()
+            );
+        }
+        assert_eq!(
+            nested.select_one(&store, &[Nav::key("k")]).unwrap(),
+            Value::map([("inner", Value::set([7]))])
+        );
+    });
+}

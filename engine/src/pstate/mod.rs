@@ -194,6 +194,15 @@ impl PState {
         self.schema.value.is_subindexed()
     }
 
+    /// The schema of one element's value in a subindexed structure.
+    fn element_schema(&self) -> &ValueSchema {
+        match &self.schema.value {
+            ValueSchema::Map { value, .. } => value,
+            ValueSchema::Set { element, .. } => element,
+            other => other,
+        }
+    }
+
     fn is_set(&self) -> bool {
         matches!(self.schema.value, ValueSchema::Set { .. })
     }
@@ -424,7 +433,7 @@ impl PState {
             return self.transform_subindexed(tx, k, rest, path, &op);
         }
         let old = self.load(tx, k)?;
-        match path::transform(old, rest, &op, path, 1)? {
+        match path::transform(old, rest, &op, path, 1, &self.schema.value)? {
             None | Some(Value::Nil) => tx.delete(self.top_key(k)),
             Some(v) => {
                 self.schema
@@ -450,7 +459,7 @@ impl PState {
             Some(Nav::NilToValue(d)) => match header {
                 Some(_) => self.transform_subindexed(tx, k, &rest[1..], full, op),
                 None => {
-                    let new = path::transform(d.clone(), &rest[1..], op, full, base + 1)?;
+                    let new = path::transform(d.clone(), &rest[1..], op, full, base + 1, &self.schema.value)?;
                     self.replace_elements(tx, k, &Value::Nil, new.as_ref(), &at)
                 }
             },
@@ -463,7 +472,7 @@ impl PState {
                     Some(_) if self.is_set() => e.clone(),
                     Some(bytes) => self.decode_value(bytes)?,
                 };
-                let new = path::transform(old.clone(), &rest[1..], op, full, base + 1)?;
+                let new = path::transform(old.clone(), &rest[1..], op, full, base + 1, self.element_schema())?;
                 let mut old_map = BTreeMap::new();
                 if existing.is_some() {
                     old_map.insert(e.clone(), old);
@@ -488,7 +497,7 @@ impl PState {
                 }
                 let range = matches!(nav, Nav::Range { .. }).then_some(nav);
                 let partial = self.load_elements(tx, k, range)?;
-                let new = path::transform(partial.clone(), rest, op, full, base)?;
+                let new = path::transform(partial.clone(), rest, op, full, base, &self.schema.value)?;
                 let size = header.map(|h| self.decode_size(&h)).transpose()?.unwrap_or(0);
                 let as_map = |v: &Value| -> BTreeMap<Value, Value> {
                     match v {

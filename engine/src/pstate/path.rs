@@ -288,34 +288,39 @@ pub(crate) fn select(value: Value, navs: &[Nav], full: &[Nav], base: usize, out:
 
 /// Applies `op` at every place `navs` reaches in `value`. Returns the new
 /// value, or `None` when the value itself is removed.
-pub(crate) fn transform(value: Value, navs: &[Nav], op: &Op, full: &[Nav], base: usize) -> Result<Option<Value>> {
+pub(crate) fn transform(
+    value: Value,
+    navs: &[Nav],
+    op: &Op,
+    full: &[Nav],
+    base: usize,
+    schema: &ValueSchema,
+) -> Result<Option<Value>> {
     let Some((nav, rest)) = navs.split_first() else {
         return Ok(op.apply(value));
     };
     let at = base;
     let next = base + 1;
+    let inner = child_schema(schema, nav);
+    // Writing under a missing value creates the container the schema asks
+    // for (a map where the schema says nothing).
+    let value = match (nav, value) {
+        (Nav::Key(_), Value::Nil) => empty_container(schema),
+        (_, v) => v,
+    };
     Ok(Some(match (nav, value) {
-        (Nav::NilToValue(d), Value::Nil) => return transform(d.clone(), rest, op, full, next),
-        (Nav::NilToValue(_), v) => return transform(v, rest, op, full, next),
-        (Nav::Key(k), Value::Nil) => {
-            // Writing under a missing key creates the map, as a user expects
-            // from `key(a), key(b), set(v)` on an empty PState entry.
-            let mut m = BTreeMap::new();
-            if let Some(v) = transform(Value::Nil, rest, op, full, next)? {
-                m.insert(k.clone(), v);
-            }
-            Value::Map(m)
-        }
+        (Nav::NilToValue(d), Value::Nil) => return transform(d.clone(), rest, op, full, next, inner),
+        (Nav::NilToValue(_), v) => return transform(v, rest, op, full, next, inner),
         (Nav::Key(k), Value::Map(mut m)) => {
             let child = m.remove(k).unwrap_or(Value::Nil);
-            if let Some(v) = transform(child, rest, op, full, next)? {
+            if let Some(v) = transform(child, rest, op, full, next, inner)? {
                 m.insert(k.clone(), v);
             }
             Value::Map(m)
         }
         (Nav::Key(k), Value::Set(mut s)) => {
             let child = if s.remove(k) { k.clone() } else { Value::Nil };
-            match transform(child, rest, op, full, next)? {
+            match transform(child, rest, op, full, next, inner)? {
                 Some(Value::Nil) | None => {}
                 Some(v) => {
                     s.insert(v);
@@ -332,7 +337,7 @@ pub(crate) fn transform(value: Value, navs: &[Nav], op: &Op, full: &[Nav], base:
                 )
             })?;
             let child = std::mem::replace(&mut l[idx], Value::Nil);
-            match transform(child, rest, op, full, next)? {
+            match transform(child, rest, op, full, next, inner)? {
                 Some(v) => l[idx] = v,
                 None => {
                     l.remove(idx);
@@ -351,7 +356,7 @@ pub(crate) fn transform(value: Value, navs: &[Nav], op: &Op, full: &[Nav], base:
             Value::Map(mut m),
         ) => {
             let sub = take_range(&mut m, lower, upper, *reverse, *limit);
-            match transform(Value::Map(sub), rest, op, full, next)? {
+            match transform(Value::Map(sub), rest, op, full, next, inner)? {
                 None | Some(Value::Nil) => {}
                 Some(Value::Map(new)) => m.extend(new),
                 Some(other) => {
@@ -380,7 +385,7 @@ pub(crate) fn transform(value: Value, navs: &[Nav], op: &Op, full: &[Nav], base:
                     s.remove(k);
                 })
                 .collect();
-            match transform(Value::Set(sub), rest, op, full, next)? {
+            match transform(Value::Set(sub), rest, op, full, next, inner)? {
                 None | Some(Value::Nil) => {}
                 Some(Value::Set(new)) => s.extend(new),
                 Some(other) => {
@@ -396,7 +401,7 @@ pub(crate) fn transform(value: Value, navs: &[Nav], op: &Op, full: &[Nav], base:
         (Nav::All, Value::Map(m)) => {
             let mut out = BTreeMap::new();
             for (k, v) in m {
-                match transform(Value::List(vec![k, v]), rest, op, full, next)? {
+                match transform(Value::List(vec![k, v]), rest, op, full, next, inner)? {
                     None => {}
                     Some(Value::List(pair)) if pair.len() == 2 => {
                         let mut pair = pair.into_iter();
@@ -417,7 +422,7 @@ pub(crate) fn transform(value: Value, navs: &[Nav], op: &Op, full: &[Nav], base:
         (Nav::All, Value::Set(s)) => {
             let mut out = BTreeSet::new();
             for e in s {
-                if let Some(v) = transform(e, rest, op, full, next)? {
+                if let Some(v) = transform(e, rest, op, full, next, inner)? {
                     out.insert(v);
                 }
             }
@@ -426,7 +431,7 @@ pub(crate) fn transform(value: Value, navs: &[Nav], op: &Op, full: &[Nav], base:
         (Nav::All, Value::List(l)) => {
             let mut out = Vec::with_capacity(l.len());
             for e in l {
-                if let Some(v) = transform(e, rest, op, full, next)? {
+                if let Some(v) = transform(e, rest, op, full, next, inner)? {
                     out.push(v);
                 }
             }
@@ -435,7 +440,7 @@ pub(crate) fn transform(value: Value, navs: &[Nav], op: &Op, full: &[Nav], base:
         (Nav::MapVals, Value::Map(m)) => {
             let mut out = BTreeMap::new();
             for (k, v) in m {
-                if let Some(v) = transform(v, rest, op, full, next)? {
+                if let Some(v) = transform(v, rest, op, full, next, inner)? {
                     out.insert(k, v);
                 }
             }
@@ -450,4 +455,24 @@ pub(crate) fn transform(value: Value, navs: &[Nav], op: &Op, full: &[Nav], base:
             ))
         }
     }))
+}
+
+/// The schema one navigation step below `schema`.
+fn child_schema<'s>(schema: &'s ValueSchema, nav: &Nav) -> &'s ValueSchema {
+    static ANY: ValueSchema = ValueSchema::Any;
+    match (schema, nav) {
+        (ValueSchema::Map { value, .. }, Nav::Key(_) | Nav::MapVals) => value,
+        (ValueSchema::Set { element, .. } | ValueSchema::List { element }, Nav::Key(_) | Nav::All) => element,
+        (s, Nav::Range { .. } | Nav::NilToValue(_)) => s,
+        _ => &ANY,
+    }
+}
+
+/// The empty value of a collection schema: a map unless it says set or list.
+fn empty_container(schema: &ValueSchema) -> Value {
+    match schema {
+        ValueSchema::Set { .. } => Value::Set(BTreeSet::new()),
+        ValueSchema::List { .. } => Value::List(Vec::new()),
+        _ => Value::Map(BTreeMap::new()),
+    }
 }
