@@ -161,7 +161,56 @@ fn valid_name(name: &str, sigil: &str) -> bool {
     })
 }
 
+/// What a module declares, in a form for JSON (`rama` describes modules
+/// with it, and the Conductor validates deploys against it).
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct ModuleDescription {
+    pub name: String,
+    pub engine_version: String,
+    pub depots: Vec<DepotDescription>,
+    pub pstates: Vec<PStateDescription>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct DepotDescription {
+    pub name: String,
+    /// `hash-by-key`, `random` or `disallow`.
+    pub partitioner: String,
+    pub global: bool,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct PStateDescription {
+    pub name: String,
+    pub schema: PStateSchema,
+}
+
 impl ModuleDef {
+    /// The module's description, with the engine version it was built with.
+    pub fn describe(&self) -> ModuleDescription {
+        ModuleDescription {
+            name: self.name.clone(),
+            engine_version: env!("CARGO_PKG_VERSION").to_string(),
+            depots: self
+                .depots
+                .iter()
+                .map(|d| DepotDescription {
+                    name: d.name.clone(),
+                    partitioner: format!("{:?}", d.partitioner),
+                    global: d.global,
+                })
+                .collect(),
+            pstates: self
+                .pstates
+                .iter()
+                .map(|p| PStateDescription {
+                    name: p.name.clone(),
+                    schema: p.schema.clone(),
+                })
+                .collect(),
+        }
+    }
+
     pub fn depot(&self, name: &str) -> Result<(usize, &DepotDef)> {
         self.depots
             .iter()
@@ -187,6 +236,26 @@ mod tests {
 
     fn counts() -> PStateSchema {
         PStateSchema::new(ValueSchema::Scalar(Kind::Str), ValueSchema::Scalar(Kind::Int))
+    }
+
+    #[test]
+    fn describes_itself_as_json() {
+        let def = ModuleBuilder::new("WordCountModule")
+            .depot("*sentences", Partitioner::Random)
+            .global_depot("*config")
+            .pstate("$$wordCounts", counts())
+            .build()
+            .unwrap();
+        let json = serde_json::to_value(def.describe()).unwrap();
+        assert_eq!(json["name"], "WordCountModule");
+        assert_eq!(json["depots"][0]["partitioner"], "random");
+        assert_eq!(json["depots"][1]["global"], true);
+        assert_eq!(
+            json["pstates"][0]["schema"]["key"],
+            serde_json::json!({"scalar": "string"})
+        );
+        let back: ModuleDescription = serde_json::from_value(json).unwrap();
+        assert_eq!(back, def.describe());
     }
 
     #[test]

@@ -5,8 +5,10 @@ use std::fmt;
 use crate::error::{Error, Result};
 use crate::value::{Kind, Value};
 
-/// The schema of a value inside a PState.
-#[derive(Debug, Clone, PartialEq, Eq)]
+/// The schema of a value inside a PState. Its JSON form (serde) is what a
+/// module's description shows.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
 pub enum ValueSchema {
     /// Any value, stored whole.
     Any,
@@ -149,7 +151,7 @@ impl fmt::Display for ValueSchema {
 }
 
 /// A PState is a map from top-level keys to values.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct PStateSchema {
     pub key: ValueSchema,
     pub value: ValueSchema,

@@ -55,12 +55,14 @@ pub enum Value {
 }
 
 /// The kind of a value, in value order. Used in error messages and schemas.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, ::serde::Serialize, ::serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
 pub enum Kind {
     Nil,
     Bool,
     Int,
     Float,
+    #[serde(rename = "string")]
     Str,
     Bytes,
     List,
