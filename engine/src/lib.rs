@@ -1,12 +1,14 @@
-//! The storage engine of a task thread.
+//! The storage and runtime of task threads.
 //!
 //! Owns: the value model ([`value`]), depot partition logs ([`log`]), the
-//! PState LSM ([`lsm`]), PState schemas and paths ([`pstate`]), and the
-//! task-thread runtime of a worker: placement of tasks on threads and
-//! workers, and bounded channels between task threads ([`runtime`]).
+//! PState LSM ([`lsm`]), PState schemas and paths ([`pstate`]), module
+//! definitions ([`module`]), the task-thread runtime of a worker: placement
+//! of tasks on threads and workers, and bounded channels between task
+//! threads ([`runtime`]), and the in-process cluster ([`cluster`]).
 //! Depends on no other workspace crate; `net`, `control` and `cli` depend on it.
-//! Everything here runs on one glommio executor (a task thread) and is
-//! deliberately `!Send`: storage is never shared between threads.
+//! Storage runs on one glommio executor (a task thread) and is deliberately
+//! `!Send`: it is never shared between threads; other threads reach it only
+//! through messages.
 
 pub mod cluster;
 pub mod error;
