@@ -14,7 +14,7 @@
 //! Segments are named by their base offset (`00000000000000000042.log`) and
 //! pre-written with zeros ahead of the writer: a sync of a pre-written file
 //! changes no metadata and is markedly cheaper than a sync of a growing one.
-//! The zero fill also marks the end of the log (see [`format`]).
+//! The zero fill also marks the end of the log (see [`mod@format`]).
 //!
 //! Recovery ([`Log::open`]) scans the last segment, keeps the good frames
 //! and zeroes a torn or corrupt tail. Closed segments are verified as they

@@ -9,7 +9,7 @@
 //!   the same answer as comparing the values. Used for every stored key.
 //! - [`archived`]: the rkyv archived form, read in place without copying. Used
 //!   for stored PState values and (later) wire messages.
-//! - [`serde`](self::serde): conversion to and from user Rust types.
+//! - [`serde`]: conversion to and from user Rust types.
 
 pub mod archived;
 pub mod key;
