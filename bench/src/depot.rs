@@ -144,6 +144,20 @@ async fn read_back(dir: &Path, expected: impl Fn(u64) -> u64) -> BenchResult<u64
     Ok(next)
 }
 
+/// Ends a side-by-side run: closes our log, removes the raw loops' files,
+/// reopens the log to verify every record (record `i` tagged `i`) and
+/// removes it; returns the records read back.
+async fn finish(log: Log, log_dir: &Path, raw: [RawFile; 2]) -> BenchResult<u64> {
+    log.close().await?;
+    drop(log);
+    for file in raw {
+        file.remove()?;
+    }
+    let read = read_back(log_dir, |offset| offset).await?;
+    std::fs::remove_dir_all(log_dir)?;
+    Ok(read)
+}
+
 fn raw_file(dir: &Path, name: &str, layout: Layout, size: u64, write_bytes: usize) -> BenchResult<RawFile> {
     let path = dir.join(name);
     RawFile::create(path.clone(), layout, size, write_bytes)
@@ -206,12 +220,7 @@ pub fn batched(plan: &Plan, dir: &Path) -> BenchResult<DepotBatched> {
                 }
             }
         }
-        log.close().await?;
-        drop(log);
-        growing.remove()?;
-        prewritten.remove()?;
-        let read = read_back(&log_dir, |offset| offset).await?;
-        std::fs::remove_dir_all(&log_dir)?;
+        let read = finish(log, &log_dir, [growing, prewritten]).await?;
         Ok(DepotBatched {
             record_bytes: RECORD_BYTES,
             batch_records: batch,
@@ -268,12 +277,7 @@ pub fn single(plan: &Plan, dir: &Path) -> BenchResult<DepotSingle> {
             }
             next += n;
         }
-        log.close().await?;
-        drop(log);
-        growing.remove()?;
-        prewritten.remove()?;
-        let read = read_back(&log_dir, |offset| offset).await?;
-        std::fs::remove_dir_all(&log_dir)?;
+        let read = finish(log, &log_dir, [growing, prewritten]).await?;
         Ok(DepotSingle {
             record_bytes: RECORD_BYTES,
             raw_write_bytes: RAW_SINGLE_WRITE_BYTES,

@@ -194,21 +194,37 @@ fn range_keys<'a>(
     }
 }
 
-/// Removes and returns the entries of `m` selected by a range navigator.
-fn take_range(
-    m: &mut BTreeMap<Value, Value>,
+/// Splits a map or set into what is outside the range and the range
+/// itself, both of the collection's kind.
+fn split_range(
+    collection: Value,
     lower: &Bound<Value>,
     upper: &Bound<Value>,
     reverse: bool,
     limit: Option<usize>,
-) -> BTreeMap<Value, Value> {
-    range_keys(m.keys(), lower, upper, reverse, limit)
-        .into_iter()
-        .map(|k| {
-            let v = m.remove(&k).expect("key was just listed");
-            (k, v)
-        })
-        .collect()
+) -> (Value, Value) {
+    match collection {
+        Value::Map(mut m) => {
+            let sub: BTreeMap<Value, Value> = range_keys(m.keys(), lower, upper, reverse, limit)
+                .into_iter()
+                .map(|k| {
+                    let v = m.remove(&k).expect("key was just listed");
+                    (k, v)
+                })
+                .collect();
+            (Value::Map(m), Value::Map(sub))
+        }
+        Value::Set(mut s) => {
+            let sub: BTreeSet<Value> = range_keys(s.iter(), lower, upper, reverse, limit)
+                .into_iter()
+                .inspect(|k| {
+                    s.remove(k);
+                })
+                .collect();
+            (Value::Set(s), Value::Set(sub))
+        }
+        other => (other, Value::Nil),
+    }
 }
 
 /// Collects every value `navs` reaches from `value`.
@@ -243,24 +259,10 @@ pub(crate) fn select(value: Value, navs: &[Nav], full: &[Nav], base: usize, out:
                 reverse,
                 limit,
             },
-            Value::Map(mut m),
+            collection @ (Value::Map(_) | Value::Set(_)),
         ) => {
-            let sub = take_range(&mut m, lower, upper, *reverse, *limit);
-            select(Value::Map(sub), rest, full, next, out)
-        }
-        (
-            Nav::Range {
-                lower,
-                upper,
-                reverse,
-                limit,
-            },
-            Value::Set(s),
-        ) => {
-            let sub: BTreeSet<Value> = range_keys(s.iter(), lower, upper, *reverse, *limit)
-                .into_iter()
-                .collect();
-            select(Value::Set(sub), rest, full, next, out)
+            let (_, sub) = split_range(collection, lower, upper, *reverse, *limit);
+            select(sub, rest, full, next, out)
         }
         (Nav::All, Value::Map(m)) => m
             .into_iter()
@@ -353,50 +355,31 @@ pub(crate) fn transform(
                 reverse,
                 limit,
             },
-            Value::Map(mut m),
+            collection @ (Value::Map(_) | Value::Set(_)),
         ) => {
-            let sub = take_range(&mut m, lower, upper, *reverse, *limit);
-            match transform(Value::Map(sub), rest, op, full, next, inner)? {
-                None | Some(Value::Nil) => {}
-                Some(Value::Map(new)) => m.extend(new),
-                Some(other) => {
+            // The range comes out as a sub-collection, is transformed as a
+            // whole, and what comes back goes in again.
+            let kind = collection.kind();
+            let (rest_of, sub) = split_range(collection, lower, upper, *reverse, *limit);
+            let new = transform(sub, rest, op, full, next, inner)?;
+            match (rest_of, new) {
+                (kept, None | Some(Value::Nil)) => kept,
+                (Value::Map(mut m), Some(Value::Map(new))) => {
+                    m.extend(new);
+                    Value::Map(m)
+                }
+                (Value::Set(mut s), Some(Value::Set(new))) => {
+                    s.extend(new);
+                    Value::Set(s)
+                }
+                (_, Some(other)) => {
                     return Err(path_error(
                         full,
                         at,
-                        format_args!("a range of a map was replaced by a {}", other.kind()),
+                        format_args!("a range of a {kind} was replaced by a {}", other.kind()),
                     ))
                 }
             }
-            Value::Map(m)
-        }
-        (
-            Nav::Range {
-                lower,
-                upper,
-                reverse,
-                limit,
-            },
-            Value::Set(mut s),
-        ) => {
-            let keys = range_keys(s.iter(), lower, upper, *reverse, *limit);
-            let sub: BTreeSet<Value> = keys
-                .into_iter()
-                .inspect(|k| {
-                    s.remove(k);
-                })
-                .collect();
-            match transform(Value::Set(sub), rest, op, full, next, inner)? {
-                None | Some(Value::Nil) => {}
-                Some(Value::Set(new)) => s.extend(new),
-                Some(other) => {
-                    return Err(path_error(
-                        full,
-                        at,
-                        format_args!("a range of a set was replaced by a {}", other.kind()),
-                    ))
-                }
-            }
-            Value::Set(s)
         }
         (Nav::All, Value::Map(m)) => {
             let mut out = BTreeMap::new();
