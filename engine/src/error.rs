@@ -59,6 +59,11 @@ pub enum Error {
     #[error("{0}")]
     Schema(String),
 
+    /// A topology's or query's code failed (or a record was not processed
+    /// after its retries); the message says where and why.
+    #[error("{0}")]
+    Topology(String),
+
     /// The glommio executor could not be started.
     #[error("cannot start the task thread executor: {0}")]
     Executor(String),

@@ -1,30 +1,44 @@
 //! An in-process cluster: a module's tasks on task threads in this process,
-//! with clients that route each request to the task that owns it.
+//! running its stream, microbatch and query topologies, with clients that
+//! route each request to the task that owns it.
 //!
 //! Each task thread is a glommio executor that owns its tasks' storage: one
 //! LSM store for the thread (every key starts with its task id) and one log
-//! per depot partition, under `<dir>/<module>/`. Clients talk to a thread
-//! through its bounded request channel; a full channel makes the client
-//! wait. Requests are served concurrently on the thread, so concurrent
-//! appends share group commits.
+//! per depot partition, under `<dir>/<module>/`. Clients and other threads
+//! reach a thread only through its bounded channels (see [`thread`] for why
+//! they cannot deadlock); a full channel makes the sender wait.
 //!
-//! This is the first part of issue 3: depots (append with ack levels, read
-//! a partition range) and PState reads. Topologies come next; until a
-//! module has stream topologies, [`AckLevel::Ack`] means what
-//! [`AckLevel::AppendAck`] means (durable, and processed by all of the
-//! module's zero stream topologies).
+//! - Stream topologies: per task and source depot partition, a consumer
+//!   processes records in batches from its committed offset; each stage
+//!   batch's PState writes commit as one atomic batch; failed records are
+//!   retried one by one ([`thread::STREAM_RETRIES`] times), then reported
+//!   to `Ack` appenders as errors. At-least-once.
+//! - Microbatch topologies: see [`microbatch`]. Exactly-once, atomic across
+//!   tasks.
+//! - Queries: stage 0 runs on a task picked round-robin (the origin); the
+//!   values stages emit to the origin are aggregated there.
 
+mod messages;
+mod microbatch;
+mod proxy;
+mod thread;
+
+use std::collections::BTreeMap;
+use std::future::Future;
 use std::path::{Path, PathBuf};
-use std::rc::Rc;
-use std::sync::atomic::{AtomicU32, Ordering};
-use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
+use std::sync::{Arc, Condvar, Mutex};
+use std::time::{Duration, Instant};
 
+pub use self::messages::AppendResult;
+use self::messages::{Control, Request};
+pub use self::proxy::{apply_diff, Diff, Proxy, ProxyEvent};
+use self::thread::ThreadLinks;
 use crate::error::{Error, Result};
 use crate::executor::ExecutorConfig;
-use crate::log::{Log, LogConfig};
-use crate::lsm::{LsmConfig, Store};
-use crate::module::{ModuleDef, Partitioner};
-use crate::pstate::{Nav, PState};
+use crate::log::LogConfig;
+use crate::module::{Module, ModuleDef, Partitioner, TopologyKind};
+use crate::pstate::Nav;
 use crate::runtime::partition::task_for_key;
 use crate::runtime::placement::{Parallelism, Placement};
 use crate::value::{archived, Value};
@@ -32,7 +46,8 @@ use crate::value::{archived, Value};
 /// How long an append waits before it returns.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum AckLevel {
-    /// Durable and processed by the module's stream topologies (default).
+    /// Durable and processed by the module's stream topologies that read the
+    /// depot (default); returns their ack-return values.
     #[default]
     Ack,
     /// Durable.
@@ -41,54 +56,166 @@ pub enum AckLevel {
     None,
 }
 
-/// Requests in flight per task thread before clients wait.
-const REQUESTS_MAX: usize = 1024;
+/// Capacity of every channel into a task thread.
+const CHANNEL_CAPACITY: usize = 1024;
 
-type Reply<T> = flume::Sender<Result<T>>;
-
-enum Request {
-    Append {
-        depot: usize,
-        task: u32,
-        record: Vec<u8>,
-        reply: Option<Reply<u64>>,
-    },
-    Read {
-        depot: usize,
-        task: u32,
-        start: u64,
-        end: u64,
-        bytes_max: usize,
-        reply: Reply<Vec<(u64, Vec<u8>)>>,
-    },
-    Select {
-        pstate: usize,
-        task: u32,
-        path: Vec<Nav>,
-        reply: Reply<Vec<Value>>,
-    },
-    /// Stop serving (clients may still hold handles; their later requests
-    /// fail with `Error::Closed`).
-    Shutdown,
+/// The key of a runtime record (offsets, microbatch state) of `task`. PState
+/// id `0xFFFF` is reserved for them, so they never collide with PState data.
+pub(crate) fn meta_key(task: u32, kind: u8, topology: &str) -> Vec<u8> {
+    let mut k = task.to_be_bytes().to_vec();
+    k.extend_from_slice(&[0xFF, 0xFF, kind]);
+    // Names are checked to be short when the module is built.
+    k.push(topology.len() as u8);
+    k.extend_from_slice(topology.as_bytes());
+    k
 }
 
-/// One launched module.
+/// Holds client reads off while a microbatch commits on every task, so no
+/// read sees part of a microbatch.
+#[derive(Debug, Default)]
+struct Gate {
+    /// (reads in progress, commits in progress)
+    state: Mutex<(usize, usize)>,
+    changed: Condvar,
+}
+
+struct GateGuard<'a>(Option<&'a Gate>);
+
+impl Drop for GateGuard<'_> {
+    fn drop(&mut self) {
+        if let Some(g) = self.0 {
+            g.state.lock().expect("gate").0 -= 1;
+        }
+    }
+}
+
+impl Gate {
+    /// Blocks the calling client thread while a commit is applied.
+    fn enter(&self) -> GateGuard<'_> {
+        let mut s = self.state.lock().expect("gate");
+        while s.1 > 0 {
+            s = self.changed.wait(s).expect("gate");
+        }
+        s.0 += 1;
+        GateGuard(Some(self))
+    }
+
+    /// Stops new reads and waits (on a task thread) for running ones.
+    async fn close(&self) {
+        self.state.lock().expect("gate").1 += 1;
+        while self.state.lock().expect("gate").0 > 0 {
+            glommio::timer::sleep(Duration::from_micros(50)).await;
+        }
+    }
+
+    fn open(&self) {
+        self.state.lock().expect("gate").1 -= 1;
+        self.changed.notify_all();
+    }
+}
+
+/// How far a microbatch topology got.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct MicrobatchProgress {
+    /// The last microbatch applied (0: none yet).
+    pub id: u64,
+    /// Per (depot index, task): the offset every record below is applied.
+    pub ends: BTreeMap<(usize, u32), u64>,
+    /// Attempts that failed and were retried, since launch.
+    pub failed_attempts: u64,
+    pub last_error: Option<String>,
+}
+
+#[derive(Debug, Default)]
+struct MicrobatchShared {
+    paused: AtomicBool,
+    progress: Mutex<MicrobatchProgress>,
+    changed: Condvar,
+}
+
+impl MicrobatchShared {
+    fn publish(&self, id: u64, ends: &BTreeMap<(usize, u32), u64>) {
+        let mut p = self.progress.lock().expect("progress");
+        p.id = id;
+        p.ends = ends.clone();
+        self.changed.notify_all();
+    }
+
+    fn note_failure(&self, why: &str) {
+        let mut p = self.progress.lock().expect("progress");
+        p.failed_attempts += 1;
+        p.last_error = Some(why.to_string());
+        self.changed.notify_all();
+    }
+}
+
+/// One launched module, shared by its clients and task threads.
 #[derive(Debug)]
 struct ModuleRuntime {
     def: ModuleDef,
     placement: Placement,
-    threads: Vec<flume::Sender<Request>>,
+    links: Vec<ThreadLinks>,
+    gate: Gate,
+    /// Reads are gated only when the module has microbatch topologies.
+    gated: bool,
+    /// Per topology (microbatch ones only).
+    microbatches: Vec<Option<MicrobatchShared>>,
+    /// Per depot: how many stream topologies read it.
+    stream_consumers: Vec<usize>,
+    /// Round-robin origin of queries.
+    next_origin: AtomicU32,
 }
+
+impl ModuleRuntime {
+    fn send(&self, task: u32, request: Request) -> Result<()> {
+        let thread = self.placement.thread_of_task[task as usize] as usize;
+        self.links[thread]
+            .client
+            .send(request)
+            .map_err(|_| Error::Closed(format!("task thread {thread} of module {}", self.def.name)))
+    }
+
+    fn closed(&self) -> Error {
+        Error::Closed(format!("module {}", self.def.name))
+    }
+
+    fn microbatch(&self, topology: usize) -> &MicrobatchShared {
+        self.microbatches[topology].as_ref().expect("a microbatch topology")
+    }
+
+    fn read_guard(&self) -> GateGuard<'_> {
+        if self.gated {
+            self.gate.enter()
+        } else {
+            GateGuard(None)
+        }
+    }
+
+    /// Sends `request` to the owner of `task` and waits for its answer.
+    fn call<T>(&self, task: u32, request: impl FnOnce(messages::Reply<T>) -> Request) -> Result<T> {
+        let (tx, rx) = flume::bounded(1);
+        self.send(task, request(tx))?;
+        rx.recv().map_err(|_| self.closed())?
+    }
+}
+
+/// What hands out clients: the in-process cluster here, the remote cluster
+/// manager later. Clients have the same API either way.
+pub trait ClusterClient {
+    fn depot(&self, module: &str, depot: &str) -> Result<DepotClient>;
+    fn pstate(&self, module: &str, pstate: &str) -> Result<PStateClient>;
+    fn query(&self, module: &str, query: &str) -> Result<QueryClient>;
+}
+
+/// A task thread; it returns its storage's closing result.
+type TaskThreadHandle = std::thread::JoinHandle<Result<()>>;
 
 /// Modules running on task threads of this process.
 #[derive(Debug)]
 pub struct InProcessCluster {
     dir: PathBuf,
-    modules: Vec<(Arc<ModuleRuntime>, Vec<TaskThread>)>,
+    modules: Vec<(Arc<ModuleRuntime>, Vec<TaskThreadHandle>)>,
 }
-
-/// A task thread; it returns its storage's closing result.
-type TaskThread = std::thread::JoinHandle<Result<()>>;
 
 impl InProcessCluster {
     /// A cluster keeping its data under `dir` (created if missing). A
@@ -100,6 +227,11 @@ impl InProcessCluster {
         }
     }
 
+    /// Starts module type `M` with `tasks` tasks on `threads` task threads.
+    pub fn launch_module<M: Module>(&mut self, tasks: u32, threads: u32) -> Result<()> {
+        self.launch(M::define()?, tasks, threads)
+    }
+
     /// Starts `def` with `tasks` tasks on `threads` task threads.
     pub fn launch(&mut self, def: ModuleDef, tasks: u32, threads: u32) -> Result<()> {
         let parallelism = Parallelism::new(tasks, threads, 1).map_err(|e| Error::Schema(e.to_string()))?;
@@ -108,28 +240,63 @@ impl InProcessCluster {
         }
         let placement = Placement::new(parallelism);
         let module_dir = self.dir.join(&def.name);
-        let mut senders = Vec::new();
+        let levels = def
+            .topologies
+            .iter()
+            .map(|t| t.stages.len())
+            .chain(def.queries.iter().map(|q| q.stages.len()))
+            .max()
+            .unwrap_or(1)
+            .saturating_sub(1);
+        let (links, inboxes): (Vec<_>, Vec<_>) = (0..threads).map(|_| thread::links(CHANNEL_CAPACITY, levels)).unzip();
+        let stream_consumers = (0..def.depots.len())
+            .map(|d| {
+                def.topologies
+                    .iter()
+                    .filter(|t| t.kind == TopologyKind::Stream && t.sources.contains(&d))
+                    .count()
+            })
+            .collect();
+        let microbatches = def
+            .topologies
+            .iter()
+            .map(|t| (t.kind == TopologyKind::Microbatch).then(MicrobatchShared::default))
+            .collect::<Vec<_>>();
+        let rt = Arc::new(ModuleRuntime {
+            gated: microbatches.iter().any(Option::is_some),
+            def,
+            placement,
+            links,
+            gate: Gate::default(),
+            microbatches,
+            stream_consumers,
+            next_origin: AtomicU32::new(0),
+        });
         let mut handles = Vec::new();
         // Each thread reports once its storage is open, so a launch either
         // returns with every task ready or with the first error.
         let (ready_tx, ready_rx) = flume::bounded::<Result<()>>(threads as usize);
-        for thread in 0..threads {
-            let (tx, rx) = flume::bounded(REQUESTS_MAX);
-            senders.push(tx);
-            let (def, tasks, dir, ready) = (
-                def.clone(),
-                placement.tasks_of_thread(thread),
-                module_dir.clone(),
-                ready_tx.clone(),
-            );
+        for (thread, inbox) in (0..threads).zip(inboxes) {
+            let (rt, dir, ready) = (rt.clone(), module_dir.clone(), ready_tx.clone());
             let executor = ExecutorConfig {
-                name: format!("{}-task-thread-{thread}", def.name),
+                name: format!("{}-task-thread-{thread}", rt.def.name),
                 // Several modules' threads share the process's locked memory.
                 io_memory_bytes: 512 << 10,
                 ..ExecutorConfig::default()
             };
             handles.push(std::thread::spawn(move || {
-                executor.block_on(serve(def, thread, tasks, dir, rx, ready))?
+                executor.block_on(async move {
+                    let th = match thread::open(rt, thread, &dir).await {
+                        Ok(th) => th,
+                        Err(e) => {
+                            let _ = ready.send(Err(Error::Executor(format!("task thread {thread}: {e}"))));
+                            return Ok(());
+                        }
+                    };
+                    let _ = ready.send(Ok(()));
+                    drop(ready);
+                    thread::run(th, inbox).await
+                })?
             }));
         }
         drop(ready_tx);
@@ -145,17 +312,12 @@ impl InProcessCluster {
                 }
             }
         }
-        let runtime = Arc::new(ModuleRuntime {
-            def,
-            placement,
-            threads: senders,
-        });
         if let Some(e) = first_error {
             // Nothing is left running after a failed launch.
-            let _ = stop(runtime, handles);
+            let _ = stop(rt, handles);
             return Err(e);
         }
-        self.modules.push((runtime, handles));
+        self.modules.push((rt, handles));
         Ok(())
     }
 
@@ -185,6 +347,82 @@ impl InProcessCluster {
         Ok(PStateClient { rt, pstate: index })
     }
 
+    /// A client of query topology `query` of module `module`.
+    pub fn query(&self, module: &str, query: &str) -> Result<QueryClient> {
+        let rt = self.module(module)?.clone();
+        let (index, _) = rt.def.query(query)?;
+        Ok(QueryClient { rt, query: index })
+    }
+
+    fn microbatch(&self, module: &str, topology: &str) -> Result<(Arc<ModuleRuntime>, usize)> {
+        let rt = self.module(module)?.clone();
+        let (index, t) = rt.def.topology(topology)?;
+        if t.kind != TopologyKind::Microbatch {
+            return Err(Error::Schema(format!(
+                "topology {topology} of module {module} is a stream topology, not a microbatch topology"
+            )));
+        }
+        Ok((rt, index))
+    }
+
+    /// Stops starting new microbatches of `topology` (the one running
+    /// finishes).
+    pub fn pause_microbatch(&self, module: &str, topology: &str) -> Result<()> {
+        let (rt, t) = self.microbatch(module, topology)?;
+        rt.microbatch(t).paused.store(true, Ordering::Release);
+        Ok(())
+    }
+
+    pub fn resume_microbatch(&self, module: &str, topology: &str) -> Result<()> {
+        let (rt, t) = self.microbatch(module, topology)?;
+        rt.microbatch(t).paused.store(false, Ordering::Release);
+        Ok(())
+    }
+
+    /// How far microbatch topology `topology` got.
+    pub fn microbatch_progress(&self, module: &str, topology: &str) -> Result<MicrobatchProgress> {
+        let (rt, t) = self.microbatch(module, topology)?;
+        let progress = rt.microbatch(t).progress.lock().expect("progress").clone();
+        Ok(progress)
+    }
+
+    /// Waits until every record appended to the topology's depots before
+    /// this call is applied by a microbatch; an error after `timeout`.
+    pub fn wait_microbatch(&self, module: &str, topology: &str, timeout: Duration) -> Result<()> {
+        let (rt, t) = self.microbatch(module, topology)?;
+        let mut target = Vec::new();
+        for thread in 0..rt.links.len() {
+            let (tx, rx) = flume::bounded(1);
+            rt.links[thread]
+                .control
+                .send(Control::Ends { topology: t, reply: tx })
+                .map_err(|_| rt.closed())?;
+            target.extend(rx.recv().map_err(|_| rt.closed())??);
+        }
+        let shared = rt.microbatch(t);
+        let deadline = Instant::now() + timeout;
+        let mut p = shared.progress.lock().expect("progress");
+        loop {
+            if target
+                .iter()
+                .all(|&(d, task, end)| end == 0 || p.ends.get(&(d, task)).is_some_and(|&e| e >= end))
+            {
+                return Ok(());
+            }
+            let now = Instant::now();
+            if now >= deadline {
+                return Err(Error::Topology(format!(
+                    "microbatch topology {topology} did not catch up within {timeout:?} (at microbatch {}, \
+                     {} failed attempts, last error: {})",
+                    p.id,
+                    p.failed_attempts,
+                    p.last_error.as_deref().unwrap_or("none")
+                )));
+            }
+            p = shared.changed.wait_timeout(p, deadline - now).expect("progress").0;
+        }
+    }
+
     /// Stops every module and waits for its task threads; data stays on
     /// disk for a later launch over the same directory.
     pub fn shutdown(self) -> Result<()> {
@@ -198,12 +436,26 @@ impl InProcessCluster {
     }
 }
 
+impl ClusterClient for InProcessCluster {
+    fn depot(&self, module: &str, depot: &str) -> Result<DepotClient> {
+        InProcessCluster::depot(self, module, depot)
+    }
+
+    fn pstate(&self, module: &str, pstate: &str) -> Result<PStateClient> {
+        InProcessCluster::pstate(self, module, pstate)
+    }
+
+    fn query(&self, module: &str, query: &str) -> Result<QueryClient> {
+        InProcessCluster::query(self, module, query)
+    }
+}
+
 /// Stops a module's task threads and waits for them; the first error a
 /// thread reports (closing its storage, or a panic) is returned.
-fn stop(rt: Arc<ModuleRuntime>, handles: Vec<TaskThread>) -> Result<()> {
-    for thread in &rt.threads {
+fn stop(rt: Arc<ModuleRuntime>, handles: Vec<TaskThreadHandle>) -> Result<()> {
+    for link in &rt.links {
         // A thread that already exited has nothing to stop.
-        let _ = thread.send(Request::Shutdown);
+        let _ = link.client.send(Request::Shutdown);
     }
     drop(rt);
     let mut first = None;
@@ -221,21 +473,9 @@ fn stop(rt: Arc<ModuleRuntime>, handles: Vec<TaskThread>) -> Result<()> {
     first.map_or(Ok(()), Err)
 }
 
-impl ModuleRuntime {
-    fn send(&self, task: u32, request: Request) -> Result<()> {
-        let thread = self.placement.thread_of_task[task as usize] as usize;
-        self.threads[thread]
-            .send(request)
-            .map_err(|_| Error::Closed(format!("task thread {thread} of module {}", self.def.name)))
-    }
-
-    fn closed(&self) -> Error {
-        Error::Closed(format!("module {}", self.def.name))
-    }
-}
-
 /// Appends to and reads one depot. Cheap to clone; usable from any thread.
-/// Calls block the calling thread: do not call them from a task thread.
+/// Blocking calls block the calling thread: do not call them from a task
+/// thread.
 #[derive(Debug, Clone)]
 pub struct DepotClient {
     rt: Arc<ModuleRuntime>,
@@ -263,35 +503,51 @@ impl DepotClient {
         }
     }
 
-    /// Appends `record`; returns its task and offset once `ack` is met
-    /// (offset `None` for [`AckLevel::None`]).
-    pub fn append(&self, record: &Value, ack: AckLevel) -> Result<(u32, Option<u64>)> {
+    /// Appends `record` and waits until `ack` is met.
+    pub fn append(&self, record: &Value, ack: AckLevel) -> Result<AppendResult> {
+        futures_lite::future::block_on(self.append_async(record, ack)?)
+    }
+
+    /// Sends `record` now; the returned future resolves when `ack` is met
+    /// (on any executor, or with `futures_lite::future::block_on`). Bad
+    /// input fails here, before anything is sent. Waits while the task
+    /// thread's request channel is full.
+    pub fn append_async(
+        &self,
+        record: &Value,
+        ack: AckLevel,
+    ) -> Result<impl Future<Output = Result<AppendResult>> + Send + 'static> {
         let task = self.task_for(record)?;
         let bytes = archived::to_bytes(record);
-        if ack == AckLevel::None {
-            self.rt.send(
-                task,
-                Request::Append {
-                    depot: self.depot,
-                    task,
-                    record: bytes,
-                    reply: None,
-                },
-            )?;
-            return Ok((task, None));
-        }
+        Error::check_limit(
+            "record",
+            "record_bytes_max",
+            bytes.len(),
+            LogConfig::default().record_bytes_max as usize,
+        )?;
         let (tx, rx) = flume::bounded(1);
+        let reply = (ack != AckLevel::None).then_some(tx);
         self.rt.send(
             task,
             Request::Append {
                 depot: self.depot,
                 task,
                 record: bytes,
-                reply: Some(tx),
+                ack,
+                reply,
             },
         )?;
-        let offset = rx.recv().map_err(|_| self.rt.closed())??;
-        Ok((task, Some(offset)))
+        let rt = self.rt.clone();
+        Ok(async move {
+            if ack == AckLevel::None {
+                return Ok(AppendResult {
+                    task,
+                    offset: None,
+                    ack_returns: BTreeMap::new(),
+                });
+            }
+            rx.recv_async().await.map_err(|_| rt.closed())?
+        })
     }
 
     /// Reads records of partition `task` with offsets in `[start, end)`, up
@@ -306,19 +562,14 @@ impl DepotClient {
                 if def.global { 1 } else { tasks }
             )));
         }
-        let (tx, rx) = flume::bounded(1);
-        self.rt.send(
+        let records = self.rt.call(task, |reply| Request::Read {
+            depot: self.depot,
             task,
-            Request::Read {
-                depot: self.depot,
-                task,
-                start,
-                end,
-                bytes_max,
-                reply: tx,
-            },
-        )?;
-        let records = rx.recv().map_err(|_| self.rt.closed())??;
+            start,
+            end,
+            bytes_max,
+            reply,
+        })?;
         records
             .into_iter()
             .map(|(o, bytes)| {
@@ -339,16 +590,36 @@ pub struct PStateClient {
 }
 
 impl PStateClient {
-    /// Every value `path` reaches; routed by the path's first key.
-    pub fn select(&self, path: &[Nav]) -> Result<Vec<Value>> {
+    fn name(&self) -> &str {
+        &self.rt.def.pstates[self.pstate].name
+    }
+
+    /// The task owning the path's first key.
+    fn route(&self, path: &[Nav]) -> Result<u32> {
         let Some(Nav::Key(first)) = path.first() else {
             return Err(Error::Schema(format!(
-                "select on {} is routed by the path's first key; it must start with a key, got {path:?}",
-                self.rt.def.pstates[self.pstate].name
+                "a path on {} is routed by its first key; it must start with a key, got {path:?} \
+                 (use select_on for a range over one task)",
+                self.name()
             )));
         };
-        let task = task_for_key(first, self.rt.placement.parallelism.tasks);
-        self.select_on(task, path)
+        Ok(task_for_key(first, self.rt.placement.parallelism.tasks))
+    }
+
+    fn check_task(&self, task: u32) -> Result<()> {
+        let tasks = self.rt.placement.parallelism.tasks;
+        if task >= tasks {
+            return Err(Error::Schema(format!(
+                "task {task} does not exist (module {} has {tasks} tasks)",
+                self.rt.def.name
+            )));
+        }
+        Ok(())
+    }
+
+    /// Every value `path` reaches; routed by the path's first key.
+    pub fn select(&self, path: &[Nav]) -> Result<Vec<Value>> {
+        self.select_on(self.route(path)?, path)
     }
 
     /// The single value `path` reaches (nil when none).
@@ -364,169 +635,50 @@ impl PStateClient {
     /// `select` on the partition of one task, for paths not starting with
     /// a key (ranges and `all` over that task's keys).
     pub fn select_on(&self, task: u32, path: &[Nav]) -> Result<Vec<Value>> {
-        if task >= self.rt.placement.parallelism.tasks {
-            return Err(Error::Schema(format!("task {task} does not exist")));
-        }
-        let (tx, rx) = flume::bounded(1);
-        self.rt.send(
+        self.check_task(task)?;
+        let _read = self.rt.read_guard();
+        self.rt.call(task, |reply| Request::Select {
+            pstate: self.pstate,
             task,
-            Request::Select {
-                pstate: self.pstate,
-                task,
-                path: path.to_vec(),
-                reply: tx,
-            },
-        )?;
-        rx.recv().map_err(|_| self.rt.closed())?
+            path: path.to_vec(),
+            reply,
+        })
     }
-}
 
-/// The storage of one task thread.
-struct ThreadStorage {
-    store: Store,
-    /// `logs[depot][i]` is the partition of the i-th task of this thread
-    /// (`None`: a global depot's partition lives on task 0 only).
-    logs: Vec<Vec<Option<Log>>>,
-    tasks: Vec<u32>,
-    pstates: Vec<Vec<PState>>,
-}
-
-impl ThreadStorage {
-    fn log(&self, depot: usize, task: u32) -> Result<&Log> {
-        let i = self.tasks.iter().position(|&t| t == task).ok_or_else(|| {
-            Error::Schema(format!(
-                "task {task} is not on this task thread; the client routed it wrongly"
-            ))
+    /// A live view of what `path` reaches (routed by its first key): the
+    /// value now, then every change.
+    pub fn proxy(&self, path: &[Nav]) -> Result<Proxy> {
+        let task = self.route(path)?;
+        let (events_tx, events_rx) = flume::bounded(proxy::PROXY_EVENTS_MAX);
+        self.rt.call(task, |reply| Request::Subscribe {
+            pstate: self.pstate,
+            task,
+            path: path.to_vec(),
+            events: events_tx,
+            reply,
         })?;
-        self.logs[depot][i]
-            .as_ref()
-            .ok_or_else(|| Error::Schema(format!("global depot has no partition on task {task}")))
-    }
-
-    fn pstate(&self, pstate: usize, task: u32) -> Result<&PState> {
-        let i = self
-            .tasks
-            .iter()
-            .position(|&t| t == task)
-            .ok_or_else(|| Error::Schema(format!("task {task} is not on this task thread")))?;
-        Ok(&self.pstates[pstate][i])
+        Proxy::start(events_rx, self.name())
     }
 }
 
-async fn open_storage(def: &ModuleDef, thread: u32, tasks: &[u32], dir: &Path) -> Result<ThreadStorage> {
-    let (store, _) = Store::open(dir.join(format!("thread-{thread}")), LsmConfig::default()).await?;
-    let mut logs = Vec::new();
-    for depot in &def.depots {
-        let mut per_task = Vec::new();
-        for &task in tasks {
-            if depot.global && task != 0 {
-                per_task.push(None);
-                continue;
-            }
-            let name = depot.name.trim_start_matches('*');
-            let (log, _) = Log::open(
-                dir.join(format!("task-{task}")).join(format!("depot-{name}")),
-                LogConfig::default(),
-            )
-            .await?;
-            per_task.push(Some(log));
-        }
-        logs.push(per_task);
-    }
-    let mut pstates = Vec::new();
-    for (id, p) in def.pstates.iter().enumerate() {
-        let per_task = tasks
-            .iter()
-            .map(|&t| PState::new(p.name.clone(), t, id as u16, p.schema.clone()))
-            .collect::<Result<Vec<_>>>()?;
-        pstates.push(per_task);
-    }
-    Ok(ThreadStorage {
-        store,
-        logs,
-        tasks: tasks.to_vec(),
-        pstates,
-    })
+/// Invokes one query topology. Cheap to clone; usable from any thread.
+#[derive(Debug, Clone)]
+pub struct QueryClient {
+    rt: Arc<ModuleRuntime>,
+    query: usize,
 }
 
-/// A task thread: opens its storage, then serves requests until every
-/// client handle is gone, then closes its storage.
-async fn serve(
-    def: ModuleDef,
-    thread: u32,
-    tasks: Vec<u32>,
-    dir: PathBuf,
-    requests: flume::Receiver<Request>,
-    ready: flume::Sender<Result<()>>,
-) -> Result<()> {
-    let storage = match open_storage(&def, thread, &tasks, &dir).await {
-        Ok(s) => Rc::new(s),
-        Err(e) => {
-            let _ = ready.send(Err(Error::Executor(format!("task thread {thread}: {e}"))));
-            return Ok(());
-        }
-    };
-    let _ = ready.send(Ok(()));
-    while let Ok(request) = requests.recv_async().await {
-        if matches!(request, Request::Shutdown) {
-            break;
-        }
-        let storage = storage.clone();
-        glommio::spawn_local(async move { handle(&storage, request).await }).detach();
-    }
-    // Let requests still being served finish before closing.
-    for depot in &storage.logs {
-        for log in depot.iter().flatten() {
-            log.close().await?;
-        }
-    }
-    storage.store.close().await
-}
-
-async fn handle(storage: &ThreadStorage, request: Request) {
-    match request {
-        Request::Append {
-            depot,
+impl QueryClient {
+    /// Runs the query with `args` and returns its result.
+    pub fn invoke(&self, args: &Value) -> Result<Value> {
+        let tasks = self.rt.placement.parallelism.tasks;
+        let task = self.rt.next_origin.fetch_add(1, Ordering::Relaxed) % tasks;
+        let _read = self.rt.read_guard();
+        self.rt.call(task, |reply| Request::Invoke {
+            query: self.query,
             task,
-            record,
+            args: archived::to_bytes(args),
             reply,
-        } => {
-            let result = match storage.log(depot, task) {
-                Ok(log) => log.append(&record).await,
-                Err(e) => Err(e),
-            };
-            if let Some(reply) = reply {
-                let _ = reply.send(result);
-            }
-        }
-        Request::Read {
-            depot,
-            task,
-            start,
-            end,
-            bytes_max,
-            reply,
-        } => {
-            let result = match storage.log(depot, task) {
-                Ok(log) => log
-                    .read(start, end, bytes_max)
-                    .await
-                    .map(|records| records.into_iter().map(|r| (r.offset, r.payload)).collect()),
-                Err(e) => Err(e),
-            };
-            let _ = reply.send(result);
-        }
-        Request::Select {
-            pstate,
-            task,
-            path,
-            reply,
-        } => {
-            let result = storage
-                .pstate(pstate, task)
-                .and_then(|p| p.select(&storage.store, &path));
-            let _ = reply.send(result);
-        }
-        Request::Shutdown => unreachable!("the serve loop stops at Shutdown"),
+        })
     }
 }

@@ -1,17 +1,26 @@
-//! What a module author declares: a module's depots and PStates (stream,
-//! microbatch and query topologies join them as the runtime grows; see
-//! ARCHITECTURE.md, "Planned: modules on the runtime").
+//! What a module author declares: a module's depots, PStates, stream and
+//! microbatch topologies and query topologies.
 //!
 //! Names carry sigils: depots `*name`, PStates `$$name`. A definition is
 //! checked once, when it is built into a [`ModuleDef`]; the runtime then
 //! trusts it.
 
+pub mod topology;
+
 use std::fmt;
 use std::sync::Arc;
 
+pub use self::topology::{fail, stage, AggregateFn, QueryDef, StageCtx, StageFn, To, TopologyDef, TopologyKind};
 use crate::error::{Error, Result};
 use crate::pstate::PStateSchema;
 use crate::value::Value;
+
+/// A module as a Rust type: what `InProcessCluster::launch_module` and the
+/// module artifact's `main` (see [`crate::module_main`]) take.
+pub trait Module {
+    /// The module's definition; its name is the module's name.
+    fn define() -> Result<ModuleDef>;
+}
 
 /// Extracts the partitioning key from a depot record.
 pub type KeyFn = Arc<dyn Fn(&Value) -> Value + Send + Sync>;
@@ -66,12 +75,16 @@ pub struct ModuleDef {
     pub name: String,
     pub depots: Vec<DepotDef>,
     pub pstates: Vec<PStateDef>,
+    pub topologies: Vec<TopologyDef>,
+    pub queries: Vec<QueryDef>,
 }
 
 /// Declares a module; [`ModuleBuilder::build`] checks it.
 #[derive(Debug, Clone)]
 pub struct ModuleBuilder {
     def: ModuleDef,
+    /// Source depot names of each topology, resolved by `build`.
+    sources: Vec<Vec<String>>,
 }
 
 impl ModuleBuilder {
@@ -81,7 +94,10 @@ impl ModuleBuilder {
                 name: name.into(),
                 depots: Vec::new(),
                 pstates: Vec::new(),
+                topologies: Vec::new(),
+                queries: Vec::new(),
             },
+            sources: Vec::new(),
         }
     }
 
@@ -117,9 +133,67 @@ impl ModuleBuilder {
         self
     }
 
+    /// Declares a stream topology: `stages[0]` gets each record of the
+    /// `sources` depots as it arrives; at-least-once.
+    #[must_use]
+    pub fn stream<S: Into<String>>(
+        self,
+        name: impl Into<String>,
+        sources: impl IntoIterator<Item = S>,
+        stages: Vec<StageFn>,
+    ) -> Self {
+        self.topology(name.into(), TopologyKind::Stream, sources, stages)
+    }
+
+    /// Declares a microbatch topology: `stages[0]` gets the records of each
+    /// microbatch's depot ranges; exactly-once, atomic across tasks.
+    #[must_use]
+    pub fn microbatch<S: Into<String>>(
+        self,
+        name: impl Into<String>,
+        sources: impl IntoIterator<Item = S>,
+        stages: Vec<StageFn>,
+    ) -> Self {
+        self.topology(name.into(), TopologyKind::Microbatch, sources, stages)
+    }
+
+    fn topology<S: Into<String>>(
+        mut self,
+        name: String,
+        kind: TopologyKind,
+        sources: impl IntoIterator<Item = S>,
+        stages: Vec<StageFn>,
+    ) -> Self {
+        self.sources.push(sources.into_iter().map(Into::into).collect());
+        self.def.topologies.push(TopologyDef {
+            name,
+            kind,
+            sources: Vec::new(),
+            stages,
+        });
+        self
+    }
+
+    /// Declares a query topology: `stages[0]` gets the arguments; values the
+    /// stages emit to `To::Origin` are combined by `aggregate`.
+    #[must_use]
+    pub fn query(
+        mut self,
+        name: impl Into<String>,
+        stages: Vec<StageFn>,
+        aggregate: impl Fn(&Value, Vec<Value>) -> Result<Value> + Send + Sync + 'static,
+    ) -> Self {
+        self.def.queries.push(QueryDef {
+            name: name.into(),
+            stages,
+            aggregate: Arc::new(aggregate),
+        });
+        self
+    }
+
     /// Checks names and schemas and returns the definition.
     pub fn build(self) -> Result<ModuleDef> {
-        let def = self.def;
+        let mut def = self.def;
         let bad = |what: String| Err(Error::Schema(format!("module {}: {what}", def.name)));
         if def.name.is_empty() || def.name.chars().any(|c| c.is_whitespace() || c.is_control()) {
             return bad(format!("module name {:?} must be non-empty without spaces", def.name));
@@ -145,8 +219,48 @@ impl ModuleBuilder {
             }
             p.schema.validate(&p.name)?;
         }
-        if def.pstates.len() > usize::from(u16::MAX) {
-            return bad(format!("{} PStates, more than {}", def.pstates.len(), u16::MAX));
+        // PState id 0xFFFF keys the runtime's own records (offsets,
+        // microbatch state).
+        if def.pstates.len() >= usize::from(u16::MAX) {
+            return bad(format!("{} PStates, more than {}", def.pstates.len(), u16::MAX - 1));
+        }
+        let mut names = std::collections::BTreeSet::new();
+        for (t, sources) in def.topologies.iter().zip(&self.sources) {
+            if !valid_name(&t.name, "") || t.name.len() > 200 || !names.insert(t.name.clone()) {
+                return bad(format!(
+                    "topology name {:?} is empty, longer than 200 bytes, invalid or declared twice",
+                    t.name
+                ));
+            }
+            if t.stages.is_empty() {
+                return bad(format!("topology {} has no stages", t.name));
+            }
+            if sources.is_empty() {
+                return bad(format!("topology {} reads no depot", t.name));
+            }
+        }
+        for q in &def.queries {
+            if !valid_name(&q.name, "") || !names.insert(q.name.clone()) {
+                return bad(format!("query name {:?} is empty, invalid or declared twice", q.name));
+            }
+            if q.stages.is_empty() {
+                return bad(format!("query {} has no stages", q.name));
+            }
+        }
+        let mut resolved = Vec::new();
+        for (t, sources) in def.topologies.iter().zip(&self.sources) {
+            let mut indexes = Vec::new();
+            for s in sources {
+                match def.depot(s) {
+                    Ok((i, _)) if !indexes.contains(&i) => indexes.push(i),
+                    Ok(_) => return bad(format!("topology {} reads depot {s} twice", t.name)),
+                    Err(_) => return bad(format!("topology {} reads depot {s}, which is not declared", t.name)),
+                }
+            }
+            resolved.push(indexes);
+        }
+        for (t, indexes) in def.topologies.iter_mut().zip(resolved) {
+            t.sources = indexes;
         }
         Ok(def)
     }
@@ -169,6 +283,24 @@ pub struct ModuleDescription {
     pub engine_version: String,
     pub depots: Vec<DepotDescription>,
     pub pstates: Vec<PStateDescription>,
+    #[serde(default)]
+    pub topologies: Vec<TopologyDescription>,
+    #[serde(default)]
+    pub queries: Vec<QueryDescription>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct TopologyDescription {
+    pub name: String,
+    pub kind: TopologyKind,
+    pub sources: Vec<String>,
+    pub stages: usize,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct QueryDescription {
+    pub name: String,
+    pub stages: usize,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
@@ -208,7 +340,41 @@ impl ModuleDef {
                     schema: p.schema.clone(),
                 })
                 .collect(),
+            topologies: self
+                .topologies
+                .iter()
+                .map(|t| TopologyDescription {
+                    name: t.name.clone(),
+                    kind: t.kind,
+                    sources: t.sources.iter().map(|&d| self.depots[d].name.clone()).collect(),
+                    stages: t.stages.len(),
+                })
+                .collect(),
+            queries: self
+                .queries
+                .iter()
+                .map(|q| QueryDescription {
+                    name: q.name.clone(),
+                    stages: q.stages.len(),
+                })
+                .collect(),
         }
+    }
+
+    pub fn query(&self, name: &str) -> Result<(usize, &QueryDef)> {
+        self.queries
+            .iter()
+            .enumerate()
+            .find(|(_, q)| q.name == name)
+            .ok_or_else(|| Error::Schema(format!("module {} has no query {name}", self.name)))
+    }
+
+    pub fn topology(&self, name: &str) -> Result<(usize, &TopologyDef)> {
+        self.topologies
+            .iter()
+            .enumerate()
+            .find(|(_, t)| t.name == name)
+            .ok_or_else(|| Error::Schema(format!("module {} has no topology {name}", self.name)))
     }
 
     pub fn depot(&self, name: &str) -> Result<(usize, &DepotDef)> {

@@ -60,26 +60,37 @@ impl KvRead for Store {
     }
 }
 
+/// Uncommitted writes of a [`Tx`]: key -> new value (`None`: deleted).
+pub type Overlay = BTreeMap<Vec<u8>, Option<Vec<u8>>>;
+
 /// Writes of one processing batch: read-your-writes, committed atomically.
 #[derive(Debug)]
 pub struct Tx<'s> {
     store: &'s Store,
-    overlay: BTreeMap<Vec<u8>, Option<Vec<u8>>>,
+    overlay: Overlay,
 }
 
 impl<'s> Tx<'s> {
     pub fn new(store: &'s Store) -> Self {
-        Tx {
-            store,
-            overlay: BTreeMap::new(),
-        }
+        Tx::with_overlay(store, Overlay::new())
     }
 
-    fn put(&mut self, key: Vec<u8>, value: Vec<u8>) {
+    /// Continues a transaction whose writes so far are `overlay` (a
+    /// microbatch keeps its writes across many processing steps).
+    pub fn with_overlay(store: &'s Store, overlay: Overlay) -> Self {
+        Tx { store, overlay }
+    }
+
+    /// The writes made so far.
+    pub fn into_overlay(self) -> Overlay {
+        self.overlay
+    }
+
+    pub(crate) fn put(&mut self, key: Vec<u8>, value: Vec<u8>) {
         self.overlay.insert(key, Some(value));
     }
 
-    fn delete(&mut self, key: Vec<u8>) {
+    pub(crate) fn delete(&mut self, key: Vec<u8>) {
         self.overlay.insert(key, None);
     }
 

@@ -1,0 +1,173 @@
+//! What crosses between clients and task threads, and between task
+//! threads. Every channel carrying these is bounded.
+//!
+//! Stage batches carry their items rkyv-encoded (one archived list of
+//! `origin, value` pairs), the form they will have on the wire in `net/`.
+
+use std::collections::BTreeMap;
+
+use super::proxy::ProxyEvent;
+use super::AckLevel;
+use crate::error::{Error, Result};
+use crate::pstate::Nav;
+use crate::value::{archived, Value};
+
+pub(crate) type Reply<T> = flume::Sender<Result<T>>;
+
+/// What an acknowledged append returns.
+#[derive(Debug, Clone, PartialEq)]
+pub struct AppendResult {
+    /// The task (depot partition) that took the record.
+    pub task: u32,
+    /// The record's offset in its partition (`None` for [`AckLevel::None`]).
+    pub offset: Option<u64>,
+    /// With [`AckLevel::Ack`]: the values the module's stream topologies
+    /// returned for this record with `ack_return`, by topology name.
+    pub ack_returns: BTreeMap<String, Value>,
+}
+
+/// Requests from clients (and, on the internal channel, depot appends from
+/// topologies).
+pub(crate) enum Request {
+    Append {
+        depot: usize,
+        task: u32,
+        record: Vec<u8>,
+        ack: AckLevel,
+        reply: Option<Reply<AppendResult>>,
+    },
+    Read {
+        depot: usize,
+        task: u32,
+        start: u64,
+        end: u64,
+        bytes_max: usize,
+        reply: Reply<Vec<(u64, Vec<u8>)>>,
+    },
+    Select {
+        pstate: usize,
+        task: u32,
+        path: Vec<Nav>,
+        reply: Reply<Vec<Value>>,
+    },
+    Invoke {
+        query: usize,
+        task: u32,
+        args: Vec<u8>,
+        reply: Reply<Value>,
+    },
+    Subscribe {
+        pstate: usize,
+        task: u32,
+        path: Vec<Nav>,
+        events: flume::Sender<ProxyEvent>,
+        reply: Reply<()>,
+    },
+    /// Stop serving (clients may still hold handles; their later requests
+    /// fail with `Error::Closed`).
+    Shutdown,
+}
+
+/// Which computation a stage batch belongs to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Flow {
+    Stream(usize),
+    Microbatch { topology: usize, id: u64, attempt: u32 },
+    Query(usize),
+}
+
+/// A batch of items for one stage on one task.
+pub(crate) struct StageMsg {
+    pub flow: Flow,
+    pub stage: usize,
+    pub task: u32,
+    /// Archived `[origin, value, origin, value, ...]`.
+    pub items: Vec<u8>,
+    pub reply: flume::Sender<Completion>,
+}
+
+/// How a stage batch and everything downstream of it ended.
+#[derive(Debug, Default)]
+pub(crate) struct Completion {
+    /// Stream: origins that failed, with why.
+    pub failed: BTreeMap<u64, String>,
+    /// Stream: (origin, value) from `ack_return`.
+    pub ack_returns: Vec<(u64, Value)>,
+    /// Query: values emitted to the origin.
+    pub results: Vec<Value>,
+    /// Microbatch and query: the first failure (the whole attempt fails).
+    pub fatal: Option<String>,
+}
+
+impl Completion {
+    pub fn merge(&mut self, other: Completion) {
+        for (o, why) in other.failed {
+            self.failed.entry(o).or_insert(why);
+        }
+        self.ack_returns.extend(other.ack_returns);
+        self.results.extend(other.results);
+        if self.fatal.is_none() {
+            self.fatal = other.fatal;
+        }
+    }
+}
+
+/// From a microbatch coordinator to the task threads.
+pub(crate) enum Control {
+    /// Durable end offsets of the topology's source partitions on this
+    /// thread: (depot, task, end).
+    Ends {
+        topology: usize,
+        reply: Reply<Vec<(usize, u32, u64)>>,
+    },
+    /// Compute microbatch `id` over `ranges` (depot, task, start, end) and
+    /// make its effects durable as pending.
+    Process {
+        topology: usize,
+        id: u64,
+        attempt: u32,
+        ranges: Vec<(usize, u32, u64, u64)>,
+        reply: Reply<()>,
+    },
+    /// Store this thread's changes of microbatch `id` durably as pending.
+    Prepare { topology: usize, id: u64, reply: Reply<()> },
+    /// Forget the pending effects of microbatch `id`.
+    Abort { topology: usize, id: u64, reply: Reply<()> },
+    /// Apply the pending effects of microbatch `id`.
+    Commit { topology: usize, id: u64, reply: Reply<()> },
+    /// After a restart: apply pending effects of `decided` where missing,
+    /// drop pending effects of later microbatches.
+    Recover {
+        topology: usize,
+        decided: u64,
+        reply: Reply<()>,
+    },
+}
+
+pub(crate) fn encode_items(items: &[(u64, Value)]) -> Vec<u8> {
+    let mut flat = Vec::with_capacity(items.len() * 2);
+    for (o, v) in items {
+        flat.push(Value::Int(*o as i64));
+        flat.push(v.clone());
+    }
+    archived::to_bytes(&Value::List(flat))
+}
+
+pub(crate) fn decode_items(bytes: &[u8]) -> Result<Vec<(u64, Value)>> {
+    let bad = |why: String| Error::Corrupt {
+        path: "<stage message>".into(),
+        offset: 0,
+        position: 0,
+        reason: why,
+    };
+    let Value::List(flat) = archived::from_bytes(bytes).map_err(|e| bad(e.to_string()))? else {
+        return Err(bad("not a list".into()));
+    };
+    let mut items = Vec::with_capacity(flat.len() / 2);
+    let mut it = flat.into_iter();
+    while let (Some(o), Some(v)) = (it.next(), it.next()) {
+        let o = o.as_int().ok_or_else(|| bad("origin is not an int".into()))?;
+        items.push((o as u64, v));
+    }
+    Ok(items)
+}

@@ -1,0 +1,471 @@
+//! Microbatch topologies: exactly-once, atomic across tasks.
+//!
+//! A coordinator on the thread of task 0 runs microbatches one after the
+//! other. For microbatch `n`:
+//!
+//! 1. **Plan.** It asks every thread for the durable ends of the source
+//!    partitions, takes from each partition the records since the last
+//!    decided microbatch (at most [`MB_RECORDS_MAX`]), and stores the plan
+//!    (`n`, ranges). A retry, even after a restart, uses the same ranges.
+//! 2. **Process.** Every thread runs stage 0 over its ranges; stages write
+//!    into per-(topology, task) overlays kept in memory, never the store.
+//!    Any failure aborts the attempt everywhere (overlays dropped) and the
+//!    attempt is retried from the same starting state.
+//! 3. **Prepare.** Every task with changes stores them durably as pending
+//!    (`p` keys) tagged with `n` (`q` key).
+//! 4. **Decide.** The coordinator stores "decided `n`" with the new ends.
+//!    This write is the commit point.
+//! 5. **Commit.** With client reads held off (the module's read gate),
+//!    every task applies its pending changes, deletes them and records
+//!    "applied `n`" in one atomic batch.
+//!
+//! After a restart the coordinator first sends `Recover(decided)`: a task
+//! whose pending changes belong to the decided microbatch and were not yet
+//! applied applies them; pending changes of a later microbatch are dropped.
+//! So effects are applied exactly once, and no reader sees part of one.
+
+use std::collections::BTreeMap;
+use std::rc::Rc;
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+
+use super::messages::{Control, Flow, Reply};
+use super::thread::{run_batch, TaskThread};
+use super::{meta_key, ModuleRuntime};
+use crate::error::{Error, Result};
+use crate::lsm::WriteBatch;
+use crate::module::TopologyKind;
+use crate::value::{archived, Value};
+
+/// Records taken from one partition per microbatch.
+pub(crate) const MB_RECORDS_MAX: u64 = 1000;
+/// Payload bytes read per log read while processing.
+const READ_BYTES: usize = 1 << 20;
+
+type Ranges = Vec<(usize, u32, u64, u64)>;
+type Ends = BTreeMap<(usize, u32), u64>;
+
+/// Runs the coordinator of microbatch topology `topology` until shutdown.
+pub(crate) async fn coordinate(th: Rc<TaskThread>, topology: usize) {
+    if let Err(e) = coordinate_inner(&th, topology).await {
+        if !th.stopping.get() {
+            let rt = &th.rt;
+            eprintln!(
+                "microbatch topology {} of module {} stopped: {e}",
+                rt.def.topologies[topology].name, rt.def.name
+            );
+            rt.microbatch(topology).note_failure(&e.to_string());
+        }
+    }
+}
+
+fn corrupt(th: &TaskThread, what: &str) -> Error {
+    Error::Corrupt {
+        path: th.store.wal().dir().to_path_buf(),
+        offset: 0,
+        position: 0,
+        reason: format!("microbatch state: {what}"),
+    }
+}
+
+fn ranges_value(id: u64, ranges: &[(usize, u32, u64, u64)]) -> Value {
+    let mut flat = vec![Value::Int(id as i64)];
+    for &(d, t, s, e) in ranges {
+        flat.extend([d as i64, t as i64, s as i64, e as i64].map(Value::Int));
+    }
+    Value::List(flat)
+}
+
+fn load_ranges(th: &TaskThread, key: &[u8]) -> Result<Option<(u64, Ranges)>> {
+    let Some(bytes) = th.store.get(key)? else {
+        return Ok(None);
+    };
+    let v = archived::from_bytes(&bytes).map_err(|e| corrupt(th, &e.to_string()))?;
+    let Value::List(flat) = v else {
+        return Err(corrupt(th, "not a list"));
+    };
+    let ints: Vec<i64> = flat
+        .iter()
+        .map(|v| v.as_int().ok_or_else(|| corrupt(th, "not an int")))
+        .collect::<Result<_>>()?;
+    let (id, rest) = ints.split_first().ok_or_else(|| corrupt(th, "empty"))?;
+    let ranges = rest
+        .chunks_exact(4)
+        .map(|c| (c[0] as usize, c[1] as u32, c[2] as u64, c[3] as u64))
+        .collect();
+    Ok(Some((*id as u64, ranges)))
+}
+
+async fn coordinate_inner(th: &Rc<TaskThread>, topology: usize) -> Result<()> {
+    let rt = th.rt.clone();
+    let name = &rt.def.topologies[topology].name;
+    let shared = rt.microbatch(topology);
+    let decided_key = meta_key(0, b'd', name);
+    let plan_key = meta_key(0, b'n', name);
+    let (mut decided, mut ends): (u64, Ends) = match load_ranges(th, &decided_key)? {
+        Some((id, r)) => (id, r.into_iter().map(|(d, t, _, e)| ((d, t), e)).collect()),
+        None => (0, Ends::new()),
+    };
+    broadcast(&rt, |reply| Control::Recover {
+        topology,
+        decided,
+        reply,
+    })
+    .await?;
+    shared.publish(decided, &ends);
+    let mut plan = load_ranges(th, &plan_key)?
+        .filter(|(id, _)| *id == decided + 1)
+        .map(|(_, r)| r);
+    let mut attempt = 0u32;
+    loop {
+        if th.stopping.get() {
+            return Ok(());
+        }
+        if plan.is_none() && shared.paused.load(Ordering::Acquire) {
+            glommio::timer::sleep(Duration::from_millis(2)).await;
+            continue;
+        }
+        let id = decided + 1;
+        let ranges = match plan.take() {
+            Some(r) => r,
+            None => {
+                let now = broadcast(&rt, |reply| Control::Ends { topology, reply }).await?;
+                let ranges: Ranges = now
+                    .into_iter()
+                    .flatten()
+                    .map(|(d, t, end)| {
+                        let start = ends.get(&(d, t)).copied().unwrap_or(0);
+                        (d, t, start, end.min(start + MB_RECORDS_MAX).max(start))
+                    })
+                    .collect();
+                if ranges.iter().all(|r| r.2 == r.3) {
+                    glommio::timer::sleep(Duration::from_millis(1)).await;
+                    continue;
+                }
+                let mut batch = WriteBatch::new();
+                batch.put(&plan_key, archived::to_bytes(&ranges_value(id, &ranges)));
+                th.store.write(batch).await?;
+                ranges
+            }
+        };
+        let result = attempt_microbatch(&rt, topology, id, attempt, &ranges).await;
+        if let Err(e) = result {
+            let _ = broadcast(&rt, |reply| Control::Abort { topology, id, reply }).await;
+            if th.stopping.get() {
+                return Ok(());
+            }
+            shared.note_failure(&e.to_string());
+            if matches!(e, Error::LimitExceeded { .. }) && ranges.iter().any(|r| r.3 - r.2 > 1) {
+                // Too much for one atomic batch: plan smaller ranges.
+                let smaller: Ranges = ranges.iter().map(|&(d, t, s, e)| (d, t, s, s + (e - s).div_ceil(2))).collect();
+                let mut batch = WriteBatch::new();
+                batch.put(&plan_key, archived::to_bytes(&ranges_value(id, &smaller)));
+                th.store.write(batch).await?;
+                plan = Some(smaller);
+                continue;
+            }
+            attempt += 1;
+            glommio::timer::sleep(Duration::from_millis(u64::from(attempt.min(100)) * 10)).await;
+            plan = Some(ranges);
+            continue;
+        }
+        // The commit point.
+        let mut next_ends = ends.clone();
+        for &(d, t, _, e) in &ranges {
+            next_ends.insert((d, t), e);
+        }
+        let all: Ranges = next_ends.iter().map(|(&(d, t), &e)| (d, t, e, e)).collect();
+        let mut batch = WriteBatch::new();
+        batch.put(&decided_key, archived::to_bytes(&ranges_value(id, &all)));
+        batch.delete(&plan_key);
+        th.store.write(batch).await?;
+        // Apply everywhere while no client read runs.
+        rt.gate.close().await;
+        let applied = broadcast(&rt, |reply| Control::Commit { topology, id, reply }).await;
+        rt.gate.open();
+        applied?;
+        decided = id;
+        ends = next_ends;
+        attempt = 0;
+        shared.publish(decided, &ends);
+    }
+}
+
+async fn attempt_microbatch(rt: &ModuleRuntime, topology: usize, id: u64, attempt: u32, ranges: &Ranges) -> Result<()> {
+    let mut replies = Vec::new();
+    for thread in 0..rt.links.len() {
+        let mine: Ranges = ranges
+            .iter()
+            .filter(|r| rt.placement.thread_of_task[r.1 as usize] as usize == thread)
+            .copied()
+            .collect();
+        if mine.is_empty() {
+            continue;
+        }
+        let (tx, rx) = flume::bounded(1);
+        rt.links[thread]
+            .control
+            .send_async(Control::Process {
+                topology,
+                id,
+                attempt,
+                ranges: mine,
+                reply: tx,
+            })
+            .await
+            .map_err(|_| rt.closed())?;
+        replies.push(rx);
+    }
+    let mut first = None;
+    for rx in replies {
+        if let Err(e) = rx.recv_async().await.map_err(|_| rt.closed())? {
+            first.get_or_insert(e);
+        }
+    }
+    if let Some(e) = first {
+        return Err(e);
+    }
+    broadcast(rt, |reply| Control::Prepare { topology, id, reply }).await?;
+    Ok(())
+}
+
+/// Sends a control message to every thread and collects the answers; the
+/// first error wins.
+async fn broadcast<T>(rt: &ModuleRuntime, make: impl Fn(Reply<T>) -> Control) -> Result<Vec<T>> {
+    let mut replies = Vec::new();
+    for link in &rt.links {
+        let (tx, rx) = flume::bounded(1);
+        link.control.send_async(make(tx)).await.map_err(|_| rt.closed())?;
+        replies.push(rx);
+    }
+    let mut out = Vec::new();
+    let mut first = None;
+    for rx in replies {
+        match rx.recv_async().await.map_err(|_| rt.closed())? {
+            Ok(v) => out.push(v),
+            Err(e) => {
+                first.get_or_insert(e);
+            }
+        }
+    }
+    first.map_or(Ok(out), Err)
+}
+
+/// Serves one control message on a task thread.
+pub(crate) async fn handle_control(th: &Rc<TaskThread>, control: Control) {
+    match control {
+        Control::Ends { topology, reply } => {
+            let _ = reply.send(ends(th, topology));
+        }
+        Control::Process {
+            topology,
+            id,
+            attempt,
+            ranges,
+            reply,
+        } => {
+            let _ = reply.send(process(th, topology, id, attempt, ranges).await);
+        }
+        Control::Prepare { topology, id, reply } => {
+            let _ = reply.send(prepare(th, topology, id).await);
+        }
+        Control::Abort { topology, id, reply } => {
+            th.pending
+                .borrow_mut()
+                .retain(|&(t, _), (pending_id, _)| !(t == topology && *pending_id <= id));
+            let _ = reply.send(Ok(()));
+        }
+        Control::Commit { topology, id, reply } => {
+            let _ = reply.send(commit(th, topology, id).await);
+        }
+        Control::Recover {
+            topology,
+            decided,
+            reply,
+        } => {
+            let _ = reply.send(recover(th, topology, decided).await);
+        }
+    }
+}
+
+fn ends(th: &TaskThread, topology: usize) -> Result<Vec<(usize, u32, u64)>> {
+    let def = &th.rt.def;
+    let t = &def.topologies[topology];
+    debug_assert_eq!(t.kind, TopologyKind::Microbatch);
+    let mut out = Vec::new();
+    for &d in &t.sources {
+        for &task in &th.tasks {
+            if def.depots[d].global && task != 0 {
+                continue;
+            }
+            out.push((d, task, th.log(d, task)?.end_offset()));
+        }
+    }
+    Ok(out)
+}
+
+async fn process(th: &Rc<TaskThread>, topology: usize, id: u64, attempt: u32, ranges: Ranges) -> Result<()> {
+    let flow = Flow::Microbatch { topology, id, attempt };
+    for (d, task, start, end) in ranges {
+        let log = th.log(d, task)?;
+        let mut next = start;
+        while next < end {
+            let records = log.read(next, end, READ_BYTES).await?;
+            let Some(last) = records.last() else {
+                return Err(Error::Topology(format!(
+                    "depot {} partition {task} ends before offset {end} planned for microbatch {id}",
+                    th.rt.def.depots[d].name
+                )));
+            };
+            next = last.offset + 1;
+            let items = records
+                .into_iter()
+                .map(|r| {
+                    archived::from_bytes(&r.payload)
+                        .map(|v| (r.offset, v))
+                        .map_err(|e| Error::Topology(format!("depot record {} does not decode: {e}", r.offset)))
+                })
+                .collect::<Result<Vec<_>>>()?;
+            let c = run_batch(th, flow, 0, task, Some(d), items).await;
+            if let Some(why) = c.fatal {
+                return Err(Error::Topology(why));
+            }
+        }
+    }
+    Ok(())
+}
+
+fn pending_prefix(task: u32, topology: &str) -> Vec<u8> {
+    meta_key(task, b'p', topology)
+}
+
+/// Keys of stored pending changes of `task`.
+fn stored_pending(th: &TaskThread, task: u32, topology: &str) -> Result<Vec<(Vec<u8>, Vec<u8>)>> {
+    let prefix = pending_prefix(task, topology);
+    let mut upper = prefix.clone();
+    upper.push(0xFF);
+    upper.push(0xFF);
+    let mut out = Vec::new();
+    let mut lower = prefix.clone();
+    loop {
+        let got = th.store.scan(
+            std::ops::Bound::Excluded(lower.as_slice()),
+            std::ops::Bound::Unbounded,
+            false,
+            1024,
+        )?;
+        let mut more = got.len() == 1024;
+        for (k, v) in got {
+            if !k.starts_with(&prefix) {
+                more = false;
+                break;
+            }
+            lower = k.clone();
+            out.push((k, v));
+        }
+        if !more {
+            return Ok(out);
+        }
+    }
+}
+
+async fn prepare(th: &Rc<TaskThread>, topology: usize, id: u64) -> Result<()> {
+    let name = th.rt.def.topologies[topology].name.clone();
+    for &task in &th.tasks {
+        let writes = match th.pending.borrow().get(&(topology, task)) {
+            Some((pending_id, o)) if *pending_id == id => o.clone(),
+            _ => continue,
+        };
+        let prefix = pending_prefix(task, &name);
+        let mut batch = WriteBatch::new();
+        for (k, _) in stored_pending(th, task, &name)? {
+            batch.delete(k);
+        }
+        for (k, v) in &writes {
+            let mut pk = prefix.clone();
+            pk.extend_from_slice(k);
+            match v {
+                Some(v) => {
+                    let mut tagged = Vec::with_capacity(v.len() + 1);
+                    tagged.push(1);
+                    tagged.extend_from_slice(v);
+                    batch.put(pk, tagged)
+                }
+                None => batch.put(pk, [0u8]),
+            };
+        }
+        batch.put(meta_key(task, b'q', &name), id.to_le_bytes());
+        th.write(batch).await?;
+    }
+    Ok(())
+}
+
+async fn commit(th: &Rc<TaskThread>, topology: usize, id: u64) -> Result<()> {
+    let name = th.rt.def.topologies[topology].name.clone();
+    for &task in &th.tasks {
+        let writes = match th.pending.borrow_mut().remove(&(topology, task)) {
+            Some((pending_id, o)) if pending_id == id => o,
+            _ => continue,
+        };
+        let prefix = pending_prefix(task, &name);
+        let mut batch = WriteBatch::new();
+        for (k, v) in writes {
+            let mut pk = prefix.clone();
+            pk.extend_from_slice(&k);
+            batch.delete(pk);
+            match v {
+                Some(v) => batch.put(k, v),
+                None => batch.delete(k),
+            };
+        }
+        batch.delete(meta_key(task, b'q', &name));
+        batch.put(meta_key(task, b'a', &name), id.to_le_bytes());
+        th.write(batch).await?;
+    }
+    Ok(())
+}
+
+fn read_u64(th: &TaskThread, key: &[u8]) -> Result<Option<u64>> {
+    th.store
+        .get(key)?
+        .map(|b| {
+            b.as_slice()
+                .try_into()
+                .map(u64::from_le_bytes)
+                .map_err(|_| corrupt(th, "a counter is not 8 bytes"))
+        })
+        .transpose()
+}
+
+async fn recover(th: &Rc<TaskThread>, topology: usize, decided: u64) -> Result<()> {
+    let name = th.rt.def.topologies[topology].name.clone();
+    th.pending.borrow_mut().retain(|&(t, _), _| t != topology);
+    for &task in &th.tasks {
+        let q_key = meta_key(task, b'q', &name);
+        let Some(pending_id) = read_u64(th, &q_key)? else {
+            continue;
+        };
+        let a_key = meta_key(task, b'a', &name);
+        let applied = read_u64(th, &a_key)?.unwrap_or(0);
+        let prefix_len = pending_prefix(task, &name).len();
+        let apply = pending_id == decided && applied < pending_id;
+        let mut batch = WriteBatch::new();
+        for (pk, v) in stored_pending(th, task, &name)? {
+            if apply {
+                let k = &pk[prefix_len..];
+                match v.split_first() {
+                    Some((1, v)) => batch.put(k, v),
+                    Some((0, [])) => batch.delete(k),
+                    _ => return Err(corrupt(th, "a pending change has an unknown tag")),
+                };
+            }
+            batch.delete(pk);
+        }
+        batch.delete(&q_key);
+        if apply {
+            batch.put(&a_key, pending_id.to_le_bytes());
+        }
+        th.write(batch).await?;
+    }
+    Ok(())
+}

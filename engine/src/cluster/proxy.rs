@@ -1,0 +1,219 @@
+//! Reactive reads: a [`Proxy`] holds the value a path reaches and keeps it
+//! current with diffs the owning task pushes after each write that changes
+//! it.
+//!
+//! The task thread keeps, per subscription, the last value it sent. After a
+//! committed write to the PState partition it re-reads the path and, when
+//! the value changed, sends the difference. The event channel is bounded:
+//! when it is full the subscription is marked stale and, once there is
+//! room, a [`ProxyEvent::Resync`] with the whole value replaces the lost
+//! diffs. A dropped proxy is forgotten at the next write.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::time::Duration;
+
+use crate::error::{Error, Result};
+use crate::pstate::Nav;
+use crate::value::Value;
+
+/// Events a proxy receives before its owner reads them.
+pub(crate) const PROXY_EVENTS_MAX: usize = 1024;
+
+/// A change to a proxied value.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Diff {
+    /// The value was replaced.
+    Replace(Value),
+    /// Entries of a map were set or removed.
+    Map {
+        set: Vec<(Value, Value)>,
+        removed: Vec<Value>,
+    },
+    /// Elements of a set were added or removed.
+    Set { added: Vec<Value>, removed: Vec<Value> },
+}
+
+/// What a proxy receives.
+#[derive(Debug, Clone, PartialEq)]
+pub enum ProxyEvent {
+    Initial(Value),
+    Diff(Diff),
+    /// Diffs were lost (the proxy fell behind); this is the whole value.
+    Resync(Value),
+}
+
+/// The difference that turns `old` into `new`.
+pub(crate) fn diff(old: &Value, new: &Value) -> Diff {
+    match (old, new) {
+        (Value::Map(a), Value::Map(b)) => {
+            let set = b
+                .iter()
+                .filter(|(k, v)| a.get(*k) != Some(*v))
+                .map(|(k, v)| (k.clone(), v.clone()))
+                .collect();
+            let removed = a.keys().filter(|k| !b.contains_key(*k)).cloned().collect();
+            Diff::Map { set, removed }
+        }
+        (Value::Set(a), Value::Set(b)) => Diff::Set {
+            added: b.difference(a).cloned().collect(),
+            removed: a.difference(b).cloned().collect(),
+        },
+        _ => Diff::Replace(new.clone()),
+    }
+}
+
+/// Applies `diff` to `value`.
+pub fn apply_diff(value: &mut Value, diff: &Diff) {
+    match diff {
+        Diff::Replace(v) => *value = v.clone(),
+        Diff::Map { set, removed } => {
+            if !matches!(value, Value::Map(_)) {
+                *value = Value::Map(BTreeMap::new());
+            }
+            if let Value::Map(m) = value {
+                for k in removed {
+                    m.remove(k);
+                }
+                for (k, v) in set {
+                    m.insert(k.clone(), v.clone());
+                }
+            }
+        }
+        Diff::Set { added, removed } => {
+            if !matches!(value, Value::Set(_)) {
+                *value = Value::Set(BTreeSet::new());
+            }
+            if let Value::Set(s) = value {
+                for k in removed {
+                    s.remove(k);
+                }
+                for k in added {
+                    s.insert(k.clone());
+                }
+            }
+        }
+    }
+}
+
+/// The value of a path as one value: the one value it reaches, nil for
+/// none, a list for several.
+pub(crate) fn as_one(mut values: Vec<Value>) -> Value {
+    match values.len() {
+        0 => Value::Nil,
+        1 => values.pop().expect("one value"),
+        _ => Value::List(values),
+    }
+}
+
+/// A subscription, kept by the task thread owning the partition.
+#[derive(Debug)]
+pub(crate) struct Subscription {
+    pub pstate: usize,
+    pub task: u32,
+    pub path: Vec<Nav>,
+    pub last: Value,
+    pub events: flume::Sender<ProxyEvent>,
+    pub stale: bool,
+}
+
+impl Subscription {
+    /// Sends what changed since the last event; false once the proxy is gone.
+    pub fn update(&mut self, now: Value) -> bool {
+        if self.stale {
+            match self.events.try_send(ProxyEvent::Resync(now.clone())) {
+                Ok(()) => {
+                    self.stale = false;
+                    self.last = now;
+                }
+                Err(flume::TrySendError::Full(_)) => {}
+                Err(flume::TrySendError::Disconnected(_)) => return false,
+            }
+            return true;
+        }
+        if now == self.last {
+            return !self.events.is_disconnected();
+        }
+        match self.events.try_send(ProxyEvent::Diff(diff(&self.last, &now))) {
+            Ok(()) => {}
+            Err(flume::TrySendError::Full(_)) => self.stale = true,
+            Err(flume::TrySendError::Disconnected(_)) => return false,
+        }
+        self.last = now;
+        true
+    }
+}
+
+/// A live view of the value a path reaches in a PState: starts with the
+/// value at subscription time, then follows every change.
+#[derive(Debug)]
+pub struct Proxy {
+    events: flume::Receiver<ProxyEvent>,
+    current: Value,
+}
+
+impl Proxy {
+    /// Waits for the initial value.
+    pub(crate) fn start(events: flume::Receiver<ProxyEvent>, what: &str) -> Result<Proxy> {
+        let mut proxy = Proxy {
+            events,
+            current: Value::Nil,
+        };
+        match proxy.events.recv() {
+            Ok(ProxyEvent::Initial(v)) => proxy.current = v,
+            Ok(other) => return Err(Error::Schema(format!("proxy of {what}: expected the initial value, got {other:?}"))),
+            Err(_) => return Err(Error::Closed(format!("proxy of {what}"))),
+        }
+        Ok(proxy)
+    }
+
+    /// The value as of the last event applied.
+    pub fn current(&self) -> &Value {
+        &self.current
+    }
+
+    fn apply(&mut self, event: &ProxyEvent) {
+        match event {
+            ProxyEvent::Initial(v) | ProxyEvent::Resync(v) => self.current = v.clone(),
+            ProxyEvent::Diff(d) => apply_diff(&mut self.current, d),
+        }
+    }
+
+    /// Applies every event already received; returns them.
+    pub fn poll(&mut self) -> Vec<ProxyEvent> {
+        let events: Vec<_> = self.events.try_iter().collect();
+        events.iter().for_each(|e| self.apply(e));
+        events
+    }
+
+    /// Waits up to `timeout` for the next event, applies and returns it.
+    pub fn next_event(&mut self, timeout: Duration) -> Result<Option<ProxyEvent>> {
+        match self.events.recv_timeout(timeout) {
+            Ok(e) => {
+                self.apply(&e);
+                Ok(Some(e))
+            }
+            Err(flume::RecvTimeoutError::Timeout) => Ok(None),
+            Err(flume::RecvTimeoutError::Disconnected) => Err(Error::Closed("proxy (its module stopped)".into())),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn diffs_apply_back() {
+        let cases = [
+            (Value::map([("a", 1), ("b", 2)]), Value::map([("b", 3), ("c", 4)])),
+            (Value::set([1, 2, 3]), Value::set([2, 5])),
+            (Value::Int(1), Value::from("x")),
+            (Value::Nil, Value::map([("a", 1)])),
+        ];
+        for (old, new) in cases {
+            let mut v = old.clone();
+            apply_diff(&mut v, &diff(&old, &new));
+            assert_eq!(v, new, "from {old:?}");
+        }
+    }
+}

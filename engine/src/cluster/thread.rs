@@ -1,0 +1,893 @@
+//! One task thread of a module: its storage, the loops serving its
+//! channels, and the running of stage batches.
+//!
+//! A thread has one bounded channel per kind of work: client requests,
+//! topology depot appends (internal), microbatch control, and one per stage
+//! level (stage `s >= 1` of any topology or query). Work on level `s` only
+//! ever waits for work on levels above `s` (and for appends, which wait for
+//! nothing but the disk), and every loop has its own bound on work in
+//! flight, so bounded queues cannot deadlock: the highest level always
+//! drains.
+
+use std::cell::{Cell, RefCell};
+use std::collections::{BTreeMap, HashMap};
+use std::path::Path;
+use std::rc::Rc;
+use std::sync::Arc;
+
+use glommio::sync::Semaphore;
+
+use super::messages::{decode_items, encode_items, AppendResult, Completion, Control, Flow, Reply, Request, StageMsg};
+use super::proxy::{as_one, ProxyEvent, Subscription};
+use super::{microbatch, AckLevel, ModuleRuntime};
+use crate::error::{Error, Result};
+use crate::log::{Log, LogConfig};
+use crate::lsm::{LsmConfig, Store, WriteBatch};
+use crate::module::topology::{Mode, Outputs, StageCtx, To};
+use crate::module::{Partitioner, TopologyKind};
+use crate::pstate::{Overlay, PState, Tx};
+use crate::runtime::partition::task_for_key;
+use crate::sync::Waiters;
+use crate::value::{archived, Value};
+
+/// Client requests in flight per thread.
+const CLIENT_INFLIGHT: u64 = 1024;
+/// Stage batches in flight per level per thread.
+const STAGE_INFLIGHT: u64 = 256;
+/// Topology appends in flight per thread.
+const INTERNAL_INFLIGHT: u64 = 256;
+/// Microbatch control messages in flight per thread.
+const CONTROL_INFLIGHT: u64 = 64;
+/// Payload bytes a stream consumer reads per processing batch.
+const STREAM_BATCH_BYTES: usize = 256 << 10;
+/// Individual retries of a failed stream record.
+pub(crate) const STREAM_RETRIES: u32 = 3;
+
+/// Channels into one task thread.
+#[derive(Debug)]
+pub(crate) struct ThreadLinks {
+    pub client: flume::Sender<Request>,
+    pub internal: flume::Sender<Request>,
+    pub control: flume::Sender<Control>,
+    /// `stages[s - 1]` carries batches for stage `s`.
+    pub stages: Vec<flume::Sender<StageMsg>>,
+}
+
+/// The receiving ends, moved into the thread.
+pub(crate) struct ThreadInbox {
+    pub client: flume::Receiver<Request>,
+    pub internal: flume::Receiver<Request>,
+    pub control: flume::Receiver<Control>,
+    pub stages: Vec<flume::Receiver<StageMsg>>,
+}
+
+pub(crate) fn links(capacity: usize, levels: usize) -> (ThreadLinks, ThreadInbox) {
+    let (client, client_rx) = flume::bounded(capacity);
+    let (internal, internal_rx) = flume::bounded(capacity);
+    let (control, control_rx) = flume::bounded(capacity);
+    let (stages, stages_rx) = (0..levels).map(|_| flume::bounded(capacity)).unzip();
+    (
+        ThreadLinks {
+            client,
+            internal,
+            control,
+            stages,
+        },
+        ThreadInbox {
+            client: client_rx,
+            internal: internal_rx,
+            control: control_rx,
+            stages: stages_rx,
+        },
+    )
+}
+
+/// An `Ack` append waiting for the stream topologies reading its depot.
+struct AckWaiter {
+    remaining: usize,
+    ack_returns: BTreeMap<String, Value>,
+    error: Option<String>,
+    task: u32,
+    reply: Reply<AppendResult>,
+}
+
+/// Appends to one depot partition, for the stream consumers reading it.
+#[derive(Default)]
+struct Appended {
+    /// Offset after the last record queued.
+    enqueued_end: Cell<u64>,
+    waiters: Waiters,
+}
+
+/// A task thread's state. Lives on the thread; reached through `Rc`.
+pub(crate) struct TaskThread {
+    pub rt: Arc<ModuleRuntime>,
+    pub thread: u32,
+    pub store: Store,
+    pub tasks: Vec<u32>,
+    /// `logs[depot][i]`: the partition of `tasks[i]` (`None`: a global
+    /// depot's partition lives on task 0 only).
+    logs: Vec<Vec<Option<Log>>>,
+    appended: Vec<Vec<Appended>>,
+    /// `pstates[i][pstate]`: the partitions of `tasks[i]`.
+    pstates: Vec<Vec<PState>>,
+    acks: RefCell<HashMap<(usize, u32), BTreeMap<u64, AckWaiter>>>,
+    /// Microbatch writes not yet committed: (topology, task) -> (id, writes).
+    pub pending: RefCell<HashMap<(usize, u32), (u64, Overlay)>>,
+    subscriptions: RefCell<Vec<Subscription>>,
+    pub stopping: Cell<bool>,
+    pub stop_waiters: Waiters,
+    shuffle: Cell<u32>,
+}
+
+impl TaskThread {
+    fn index(&self, task: u32) -> Result<usize> {
+        self.tasks.iter().position(|&t| t == task).ok_or_else(|| {
+            Error::Schema(format!(
+                "task {task} is not on task thread {}; the request was routed wrongly",
+                self.thread
+            ))
+        })
+    }
+
+    pub fn log(&self, depot: usize, task: u32) -> Result<&Log> {
+        let i = self.index(task)?;
+        self.logs[depot][i].as_ref().ok_or_else(|| {
+            Error::Schema(format!(
+                "global depot {} has no partition on task {task}",
+                self.rt.def.depots[depot].name
+            ))
+        })
+    }
+
+    pub fn pstates_of(&self, task: u32) -> Result<&[PState]> {
+        Ok(&self.pstates[self.index(task)?])
+    }
+
+    fn appended(&self, depot: usize, task: u32) -> Result<&Appended> {
+        Ok(&self.appended[depot][self.index(task)?])
+    }
+
+    /// Writes `batch` (durable and visible on return), then pushes changes
+    /// to the proxies of partitions it touched.
+    pub async fn write(&self, batch: WriteBatch) -> Result<()> {
+        let mut touched = Vec::new();
+        for (key, _) in batch.ops() {
+            if key.len() >= 6 {
+                let part = (
+                    u32::from_be_bytes(key[0..4].try_into().expect("4 bytes")),
+                    u16::from_be_bytes(key[4..6].try_into().expect("2 bytes")),
+                );
+                if !touched.contains(&part) {
+                    touched.push(part);
+                }
+            }
+        }
+        self.store.check_batch(&batch)?;
+        self.store.write(batch).await?;
+        if !self.subscriptions.borrow().is_empty() {
+            self.notify(&touched);
+        }
+        Ok(())
+    }
+
+    fn notify(&self, touched: &[(u32, u16)]) {
+        let mut subs = self.subscriptions.borrow_mut();
+        subs.retain_mut(|s| {
+            if !touched.contains(&(s.task, s.pstate as u16)) {
+                return true;
+            }
+            let now = match self.pstates_of(s.task).and_then(|p| p[s.pstate].select(&self.store, &s.path)) {
+                Ok(v) => as_one(v),
+                // The path was checked when subscribing; a read error drops
+                // the subscription (the proxy sees its channel close).
+                Err(_) => return false,
+            };
+            s.update(now)
+        });
+    }
+
+    fn next_shuffle(&self) -> u32 {
+        let n = self.shuffle.get();
+        self.shuffle.set(n.wrapping_add(1));
+        n
+    }
+}
+
+/// Opens the thread's storage under `dir`.
+pub(crate) async fn open(rt: Arc<ModuleRuntime>, thread: u32, dir: &Path) -> Result<Rc<TaskThread>> {
+    let tasks = rt.placement.tasks_of_thread(thread);
+    let def = &rt.def;
+    let (store, _) = Store::open(dir.join(format!("thread-{thread}")), LsmConfig::default()).await?;
+    let mut logs = Vec::new();
+    let mut appended = Vec::new();
+    for depot in &def.depots {
+        let mut per_task = Vec::new();
+        for &task in &tasks {
+            if depot.global && task != 0 {
+                per_task.push(None);
+                continue;
+            }
+            let name = depot.name.trim_start_matches('*');
+            let (log, _) = Log::open(
+                dir.join(format!("task-{task}")).join(format!("depot-{name}")),
+                LogConfig::default(),
+            )
+            .await?;
+            per_task.push(Some(log));
+        }
+        appended.push(
+            per_task
+                .iter()
+                .map(|l| {
+                    let a = Appended::default();
+                    a.enqueued_end.set(l.as_ref().map_or(0, Log::end_offset));
+                    a
+                })
+                .collect(),
+        );
+        logs.push(per_task);
+    }
+    let mut pstates = Vec::new();
+    for &t in &tasks {
+        let per_task = def
+            .pstates
+            .iter()
+            .enumerate()
+            .map(|(id, p)| PState::new(p.name.clone(), t, id as u16, p.schema.clone()))
+            .collect::<Result<Vec<_>>>()?;
+        pstates.push(per_task);
+    }
+    Ok(Rc::new(TaskThread {
+        rt,
+        thread,
+        store,
+        tasks,
+        logs,
+        appended,
+        pstates,
+        acks: RefCell::new(HashMap::new()),
+        pending: RefCell::new(HashMap::new()),
+        subscriptions: RefCell::new(Vec::new()),
+        stopping: Cell::new(false),
+        stop_waiters: Waiters::default(),
+        shuffle: Cell::new(0),
+    }))
+}
+
+/// Runs a thread until `Shutdown`: serves its channels, runs its stream
+/// consumers (and the microbatch coordinators if it owns task 0), then
+/// closes its storage.
+pub(crate) async fn run(th: Rc<TaskThread>, inbox: ThreadInbox) -> Result<()> {
+    let ThreadInbox {
+        client,
+        internal,
+        control,
+        stages,
+    } = inbox;
+    let mut loops = Vec::new();
+    {
+        let th = th.clone();
+        loops.push(serve_loop(internal, INTERNAL_INFLIGHT, move |r| {
+            let th = th.clone();
+            async move { handle_request(&th, r).await }
+        }));
+    }
+    {
+        let th = th.clone();
+        loops.push(serve_loop(control, CONTROL_INFLIGHT, move |c| {
+            let th = th.clone();
+            async move { microbatch::handle_control(&th, c).await }
+        }));
+    }
+    for rx in stages {
+        let th = th.clone();
+        loops.push(serve_loop(rx, STAGE_INFLIGHT, move |m: StageMsg| {
+            let th = th.clone();
+            async move {
+                let completion = match decode_items(&m.items) {
+                    Ok(items) => run_batch(&th, m.flow, m.stage, m.task, None, items).await,
+                    Err(e) => Completion {
+                        fatal: Some(e.to_string()),
+                        ..Completion::default()
+                    },
+                };
+                let _ = m.reply.send(completion);
+            }
+        }));
+    }
+    // Stream consumers: one per (stream topology, source depot, task).
+    let mut workers = Vec::new();
+    for (t, topology) in th.rt.def.topologies.iter().enumerate() {
+        match topology.kind {
+            TopologyKind::Stream => {
+                for &d in &topology.sources {
+                    for &task in &th.tasks {
+                        if th.rt.def.depots[d].global && task != 0 {
+                            continue;
+                        }
+                        let th = th.clone();
+                        workers.push(glommio::spawn_local(async move { consume(th, t, d, task).await }));
+                    }
+                }
+            }
+            TopologyKind::Microbatch => {
+                if th.tasks.contains(&0) {
+                    let th = th.clone();
+                    workers.push(glommio::spawn_local(async move { microbatch::coordinate(th, t).await }));
+                }
+            }
+        }
+    }
+    // Client requests until shutdown.
+    let permits = Rc::new(Semaphore::new(CLIENT_INFLIGHT));
+    while let Ok(request) = client.recv_async().await {
+        if matches!(request, Request::Shutdown) {
+            break;
+        }
+        let Ok(permit) = permits.acquire_static_permit(1).await else {
+            break;
+        };
+        let th = th.clone();
+        glommio::spawn_local(async move {
+            handle_request(&th, request).await;
+            drop(permit);
+        })
+        .detach();
+    }
+    th.stopping.set(true);
+    th.stop_waiters.wake_all();
+    for d in &th.appended {
+        for a in d {
+            a.waiters.wake_all();
+        }
+    }
+    for w in workers {
+        w.await;
+    }
+    drop(loops);
+    for depot in &th.logs {
+        for log in depot.iter().flatten() {
+            log.close().await?;
+        }
+    }
+    th.store.close().await
+}
+
+/// Serves `rx` with at most `inflight` handlers running at once.
+fn serve_loop<M: 'static, F, Fut>(rx: flume::Receiver<M>, inflight: u64, handler: F) -> glommio::task::JoinHandle<()>
+where
+    F: Fn(M) -> Fut + 'static,
+    Fut: std::future::Future<Output = ()> + 'static,
+{
+    glommio::spawn_local(async move {
+        let permits = Rc::new(Semaphore::new(inflight));
+        while let Ok(m) = rx.recv_async().await {
+            let Ok(permit) = permits.acquire_static_permit(1).await else {
+                return;
+            };
+            let fut = handler(m);
+            glommio::spawn_local(async move {
+                fut.await;
+                drop(permit);
+            })
+            .detach();
+        }
+    })
+    .detach()
+}
+
+async fn handle_request(th: &Rc<TaskThread>, request: Request) {
+    match request {
+        Request::Append {
+            depot,
+            task,
+            record,
+            ack,
+            reply,
+        } => append(th, depot, task, record, ack, reply).await,
+        Request::Read {
+            depot,
+            task,
+            start,
+            end,
+            bytes_max,
+            reply,
+        } => {
+            let result = match th.log(depot, task) {
+                Ok(log) => log
+                    .read(start, end, bytes_max)
+                    .await
+                    .map(|records| records.into_iter().map(|r| (r.offset, r.payload)).collect()),
+                Err(e) => Err(e),
+            };
+            let _ = reply.send(result);
+        }
+        Request::Select {
+            pstate,
+            task,
+            path,
+            reply,
+        } => {
+            let result = th.pstates_of(task).and_then(|p| p[pstate].select(&th.store, &path));
+            let _ = reply.send(result);
+        }
+        Request::Invoke {
+            query,
+            task,
+            args,
+            reply,
+        } => {
+            let _ = reply.send(invoke(th, query, task, &args).await);
+        }
+        Request::Subscribe {
+            pstate,
+            task,
+            path,
+            events,
+            reply,
+        } => {
+            let result = th.pstates_of(task).and_then(|p| p[pstate].select(&th.store, &path));
+            let _ = reply.send(result.map(|initial| {
+                let initial = as_one(initial);
+                // A new channel has room for the first event.
+                let _ = events.try_send(ProxyEvent::Initial(initial.clone()));
+                th.subscriptions.borrow_mut().push(Subscription {
+                    pstate,
+                    task,
+                    path,
+                    last: initial,
+                    events,
+                    stale: false,
+                });
+            }));
+        }
+        Request::Shutdown => {}
+    }
+}
+
+async fn append(
+    th: &Rc<TaskThread>,
+    depot: usize,
+    task: u32,
+    record: Vec<u8>,
+    ack: AckLevel,
+    reply: Option<Reply<AppendResult>>,
+) {
+    let send = |r: Result<AppendResult>| {
+        if let Some(reply) = &reply {
+            let _ = reply.send(r);
+        }
+    };
+    let (log, appended) = match th.log(depot, task).and_then(|l| Ok((l, th.appended(depot, task)?))) {
+        Ok(x) => x,
+        Err(e) => return send(Err(e)),
+    };
+    let range = match log.enqueue_batch(std::iter::once(record.as_slice())).await {
+        Ok(r) => r,
+        Err(e) => return send(Err(e)),
+    };
+    let offset = range.start;
+    let consumers = th.rt.stream_consumers[depot];
+    let waits_for_processing = ack == AckLevel::Ack && consumers > 0 && reply.is_some();
+    if waits_for_processing {
+        // Registered before the record is durable, so before any consumer
+        // can read it.
+        th.acks.borrow_mut().entry((depot, task)).or_default().insert(
+            offset,
+            AckWaiter {
+                remaining: consumers,
+                ack_returns: BTreeMap::new(),
+                error: None,
+                task,
+                reply: reply.clone().expect("checked"),
+            },
+        );
+    }
+    appended.enqueued_end.set(appended.enqueued_end.get().max(range.end));
+    appended.waiters.wake_all();
+    if let Err(e) = log.wait_durable(range.end).await {
+        if waits_for_processing {
+            if let Some(m) = th.acks.borrow_mut().get_mut(&(depot, task)) {
+                m.remove(&offset);
+            }
+        }
+        return send(Err(e));
+    }
+    if !waits_for_processing {
+        send(Ok(AppendResult {
+            task,
+            offset: (ack != AckLevel::None).then_some(offset),
+            ack_returns: BTreeMap::new(),
+        }));
+    }
+}
+
+async fn invoke(th: &Rc<TaskThread>, query: usize, task: u32, args: &[u8]) -> Result<Value> {
+    let def = &th.rt.def.queries[query];
+    let args = archived::from_bytes(args).map_err(|e| Error::Schema(format!("query arguments: {e}")))?;
+    let completion = run_batch(th, Flow::Query(query), 0, task, None, vec![(0, args.clone())]).await;
+    if let Some(why) = completion.fatal {
+        return Err(Error::Topology(format!("query {} failed: {why}", def.name)));
+    }
+    (def.aggregate)(&args, completion.results)
+        .map_err(|e| Error::Topology(format!("query {} failed in its aggregator: {e}", def.name)))
+}
+
+/// Runs stage `stage` of `flow` on `task` over `items`, then everything
+/// downstream of it; returns how it all ended.
+pub(crate) async fn run_batch(
+    th: &Rc<TaskThread>,
+    flow: Flow,
+    stage: usize,
+    task: u32,
+    source: Option<usize>,
+    items: Vec<(u64, Value)>,
+) -> Completion {
+    let rt = th.rt.clone();
+    let def = &rt.def;
+    let (stages, mode) = match flow {
+        Flow::Stream(t) => (&def.topologies[t].stages, Mode::Stream),
+        Flow::Microbatch { topology, id, attempt } => (&def.topologies[topology].stages, Mode::Microbatch { id, attempt }),
+        Flow::Query(q) => (&def.queries[q].stages, Mode::Query),
+    };
+    let fatal = |why: String| Completion {
+        fatal: Some(why),
+        ..Completion::default()
+    };
+    let Some(f) = stages.get(stage) else {
+        return fatal(format!("stage {stage} does not exist"));
+    };
+    let last = stage + 1 == stages.len();
+    let pstates = match th.pstates_of(task) {
+        Ok(p) => p,
+        Err(e) => return fatal(e.to_string()),
+    };
+    let source_name = source.map(|d| def.depots[d].name.as_str());
+    let mut done = Completion::default();
+    // Run the stage locally. A stream batch leaves out records that fail
+    // (their writes are dropped by running the batch again without them).
+    let (out, writes) = loop {
+        let overlay = match flow {
+            Flow::Microbatch { topology, id, .. } => match th.pending.borrow_mut().remove(&(topology, task)) {
+                Some((pending_id, o)) if pending_id == id => o,
+                _ => Overlay::new(),
+            },
+            _ => Overlay::new(),
+        };
+        let mut tx = Tx::with_overlay(&th.store, overlay);
+        let mut out = Outputs::default();
+        let mut failed_now = None;
+        for (origin, value) in &items {
+            if done.failed.contains_key(origin) {
+                continue;
+            }
+            let emits_before = out.emits.len();
+            let mut ctx = StageCtx {
+                def,
+                task,
+                tasks: rt.placement.parallelism.tasks,
+                pstates,
+                tx: &mut tx,
+                mode,
+                source: source_name,
+                origin: *origin,
+                out: &mut out,
+            };
+            let mut result = f(&mut ctx, value.clone());
+            if result.is_ok() {
+                if let Some((_, to, _)) = out.emits[emits_before..]
+                    .iter()
+                    .find(|(_, to, _)| (last && *to != To::Origin) || (*to == To::Origin && mode != Mode::Query))
+                {
+                    result = Err(Error::Topology(if *to == To::Origin {
+                        "only query stages may emit to To::Origin".to_string()
+                    } else {
+                        format!("stage {stage} is the last stage; it cannot emit to {to:?}")
+                    }));
+                }
+            }
+            if let Err(e) = result {
+                let why = format!("{} stage {stage} on task {task}: {e}", flow_name(def, flow));
+                if mode == Mode::Stream {
+                    failed_now = Some((*origin, why));
+                    break;
+                }
+                if let Flow::Microbatch { topology, id, .. } = flow {
+                    th.pending.borrow_mut().insert((topology, task), (id, tx.into_overlay()));
+                }
+                return fatal(why);
+            }
+        }
+        match failed_now {
+            Some((origin, why)) => {
+                done.failed.insert(origin, why);
+            }
+            None => break (out, tx.into_overlay()),
+        }
+    };
+    match flow {
+        Flow::Stream(_) => {
+            if !writes.is_empty() {
+                let mut batch = WriteBatch::new();
+                for (k, v) in writes {
+                    match v {
+                        Some(v) => batch.put(k, v),
+                        None => batch.delete(k),
+                    };
+                }
+                if let Err(e) = th.write(batch).await {
+                    for (o, _) in &items {
+                        done.failed.entry(*o).or_insert_with(|| format!("writing PState changes: {e}"));
+                    }
+                    return done;
+                }
+            }
+        }
+        Flow::Microbatch { topology, id, .. } => {
+            th.pending.borrow_mut().insert((topology, task), (id, writes));
+        }
+        Flow::Query(_) => {}
+    }
+    done.ack_returns.extend(out.ack_returns);
+    // Depot appends made by the stage.
+    let mut appends = Vec::new();
+    for (origin, d, record) in out.appends {
+        appends.push((origin, topology_append(th, d, task, &record)));
+    }
+    // Emits, one batch per destination task.
+    let tasks = rt.placement.parallelism.tasks;
+    let mut by_task: BTreeMap<u32, Vec<(u64, Value)>> = BTreeMap::new();
+    for (origin, to, value) in out.emits {
+        match to {
+            To::Origin => done.results.push(value),
+            To::Local => by_task.entry(task).or_default().push((origin, value)),
+            To::Global => by_task.entry(0).or_default().push((origin, value)),
+            To::Hash(k) => by_task.entry(task_for_key(&k, tasks)).or_default().push((origin, value)),
+            To::Shuffle => by_task
+                .entry(th.next_shuffle() % tasks)
+                .or_default()
+                .push((origin, value)),
+            To::All => {
+                for t in 0..tasks {
+                    by_task.entry(t).or_default().push((origin, value.clone()));
+                }
+            }
+        }
+    }
+    let mut replies = Vec::new();
+    for (to_task, batch) in by_task {
+        let (tx, rx) = flume::bounded(1);
+        let msg = StageMsg {
+            flow,
+            stage: stage + 1,
+            task: to_task,
+            items: encode_items(&batch),
+            reply: tx,
+        };
+        let thread = rt.placement.thread_of_task[to_task as usize] as usize;
+        let origins: Vec<u64> = batch.iter().map(|(o, _)| *o).collect();
+        match rt.links[thread].stages[stage].send_async(msg).await {
+            Ok(()) => replies.push((rx, origins)),
+            Err(_) => fail_all(&mut done, &origins, mode, "the module is stopping"),
+        }
+    }
+    for (origin, pending) in appends {
+        if let Err(e) = pending.await {
+            fail_all(&mut done, &[origin], mode, &format!("depot append: {e}"));
+        }
+    }
+    for (rx, origins) in replies {
+        match rx.recv_async().await {
+            Ok(c) => done.merge(c),
+            Err(_) => fail_all(&mut done, &origins, mode, "the module is stopping"),
+        }
+    }
+    done
+}
+
+fn fail_all(done: &mut Completion, origins: &[u64], mode: Mode, why: &str) {
+    if mode == Mode::Stream {
+        for o in origins {
+            done.failed.entry(*o).or_insert_with(|| why.to_string());
+        }
+    } else if done.fatal.is_none() {
+        done.fatal = Some(why.to_string());
+    }
+}
+
+fn flow_name(def: &crate::module::ModuleDef, flow: Flow) -> String {
+    match flow {
+        Flow::Stream(t) => format!("stream topology {}", def.topologies[t].name),
+        Flow::Microbatch { topology, id, attempt } => format!(
+            "microbatch topology {} (microbatch {id}, attempt {attempt})",
+            def.topologies[topology].name
+        ),
+        Flow::Query(q) => format!("query {}", def.queries[q].name),
+    }
+}
+
+/// Starts a depot append from a topology running on `task`; the future
+/// resolves once it is durable.
+fn topology_append(
+    th: &Rc<TaskThread>,
+    depot: usize,
+    task: u32,
+    record: &Value,
+) -> impl std::future::Future<Output = Result<()>> {
+    let rt = th.rt.clone();
+    let d = &rt.def.depots[depot];
+    let tasks = rt.placement.parallelism.tasks;
+    let target = if d.global {
+        0
+    } else {
+        match &d.partitioner {
+            Partitioner::HashBy(key) => task_for_key(&key(record), tasks),
+            Partitioner::Random | Partitioner::Disallow => task,
+        }
+    };
+    let bytes = archived::to_bytes(record);
+    async move {
+        let (tx, rx) = flume::bounded(1);
+        let thread = rt.placement.thread_of_task[target as usize] as usize;
+        rt.links[thread]
+            .internal
+            .send_async(Request::Append {
+                depot,
+                task: target,
+                record: bytes,
+                ack: AckLevel::AppendAck,
+                reply: Some(tx),
+            })
+            .await
+            .map_err(|_| rt.closed())?;
+        rx.recv_async().await.map_err(|_| rt.closed())?.map(|_| ())
+    }
+}
+
+/// The key under which a stream consumer keeps its committed offset.
+fn offset_key(task: u32, topology: &str, depot: usize) -> Vec<u8> {
+    let mut k = super::meta_key(task, b'o', topology);
+    k.extend_from_slice(&(depot as u16).to_be_bytes());
+    k
+}
+
+/// A stream topology's consumer of one depot partition: processes records
+/// in batches from its committed offset, retries failed records one by
+/// one, answers `Ack` appends, then commits the offset.
+async fn consume(th: Rc<TaskThread>, topology: usize, depot: usize, task: u32) {
+    if let Err(e) = consume_inner(&th, topology, depot, task).await {
+        if !th.stopping.get() {
+            eprintln!(
+                "stream topology {} of module {} stopped on task {task}: {e}",
+                th.rt.def.topologies[topology].name, th.rt.def.name
+            );
+        }
+    }
+}
+
+async fn consume_inner(th: &Rc<TaskThread>, topology: usize, depot: usize, task: u32) -> Result<()> {
+    let rt = th.rt.clone();
+    let name = &rt.def.topologies[topology].name;
+    let log = th.log(depot, task)?;
+    let appended = th.appended(depot, task)?;
+    let key = offset_key(task, name, depot);
+    let mut offset = match th.store.get(&key)? {
+        Some(b) => u64::from_le_bytes(b.as_slice().try_into().map_err(|_| Error::Corrupt {
+            path: th.store.wal().dir().to_path_buf(),
+            offset: 0,
+            position: 0,
+            reason: format!("stream offset of {name} is {} bytes, not 8", b.len()),
+        })?),
+        None => 0,
+    };
+    offset = offset.max(log.start_offset());
+    loop {
+        // Wait for a record past the committed offset.
+        appended
+            .waiters
+            .wait(|| (th.stopping.get() || appended.enqueued_end.get() > offset).then_some(()))
+            .await;
+        if th.stopping.get() {
+            return Ok(());
+        }
+        if log.end_offset() <= offset {
+            log.wait_durable(offset + 1).await?;
+        }
+        let records = log.read(offset, u64::MAX, STREAM_BATCH_BYTES).await?;
+        let Some(end) = records.last().map(|r| r.offset + 1) else {
+            continue;
+        };
+        let mut outcome: BTreeMap<u64, std::result::Result<Option<Value>, String>> = BTreeMap::new();
+        let mut items = Vec::with_capacity(records.len());
+        for r in records {
+            match archived::from_bytes(&r.payload) {
+                Ok(v) => items.push((r.offset, v)),
+                Err(e) => {
+                    outcome.insert(r.offset, Err(format!("record does not decode: {e}")));
+                }
+            }
+        }
+        let mut c = run_batch(th, Flow::Stream(topology), 0, task, Some(depot), items.clone()).await;
+        // Individual retries of the records that failed.
+        for (o, v) in &items {
+            let Some(mut why) = c.failed.remove(o) else {
+                continue;
+            };
+            let mut ok = false;
+            for _ in 0..STREAM_RETRIES {
+                if th.stopping.get() {
+                    // Not processed and not committed: the next run retries.
+                    return Ok(());
+                }
+                let r = run_batch(th, Flow::Stream(topology), 0, task, Some(depot), vec![(*o, v.clone())]).await;
+                match r.failed.into_values().next() {
+                    None => {
+                        c.ack_returns.extend(r.ack_returns);
+                        ok = true;
+                        break;
+                    }
+                    Some(w) => why = w,
+                }
+            }
+            if !ok {
+                outcome.insert(*o, Err(why));
+            }
+        }
+        for (o, v) in c.ack_returns {
+            if !matches!(outcome.get(&o), Some(Err(_))) {
+                outcome.insert(o, Ok(Some(v)));
+            }
+        }
+        resolve_acks(th, topology, depot, task, offset..end, &outcome);
+        offset = end;
+        let mut batch = WriteBatch::new();
+        batch.put(&key, offset.to_le_bytes());
+        th.store.write(batch).await?;
+    }
+}
+
+fn resolve_acks(
+    th: &TaskThread,
+    topology: usize,
+    depot: usize,
+    task: u32,
+    range: std::ops::Range<u64>,
+    outcome: &BTreeMap<u64, std::result::Result<Option<Value>, String>>,
+) {
+    let mut acks = th.acks.borrow_mut();
+    let Some(waiting) = acks.get_mut(&(depot, task)) else {
+        return;
+    };
+    let name = &th.rt.def.topologies[topology].name;
+    let offsets: Vec<u64> = waiting.range(range).map(|(o, _)| *o).collect();
+    for o in offsets {
+        let w = waiting.get_mut(&o).expect("listed");
+        match outcome.get(&o) {
+            Some(Err(why)) => {
+                w.error.get_or_insert_with(|| {
+                    format!(
+                        "record {o} of depot {} failed in stream topology {name} after {STREAM_RETRIES} retries: {why}",
+                        th.rt.def.depots[depot].name
+                    )
+                });
+            }
+            Some(Ok(Some(v))) => {
+                w.ack_returns.insert(name.clone(), v.clone());
+            }
+            _ => {}
+        }
+        w.remaining -= 1;
+        if w.remaining == 0 {
+            let w = waiting.remove(&o).expect("listed");
+            let _ = w.reply.send(match w.error {
+                Some(why) => Err(Error::Topology(why)),
+                None => Ok(AppendResult {
+                    task: w.task,
+                    offset: Some(o),
+                    ack_returns: w.ack_returns,
+                }),
+            });
+        }
+    }
+}

@@ -1,0 +1,6 @@
+//! The module artifact of the example modules.
+engine::module_main!(
+    rama_examples::WordCountModule,
+    rama_examples::BankTransferModule,
+    rama_examples::TimelineModule
+);
