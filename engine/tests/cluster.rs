@@ -64,8 +64,8 @@ fn depots_route_and_persist(tasks: u32, threads: u32) {
                     .map(|i| {
                         let user = users[(c * 100 + i) % users.len()];
                         let record = event(user, (c * 1000 + i) as i64);
-                        let (task, offset) = events.append(&record, AckLevel::AppendAck).unwrap();
-                        (task, offset.expect("AppendAck returns the offset"), record)
+                        let r = events.append(&record, AckLevel::AppendAck).unwrap();
+                        (r.task, r.offset.expect("AppendAck returns the offset"), record)
                     })
                     .collect::<Vec<_>>()
             })
@@ -103,15 +103,16 @@ fn depots_route_and_persist(tasks: u32, threads: u32) {
         assert_eq!(read_all(&cluster, "*sentences", t).len(), 3, "task {t} takes its share");
     }
     let config = cluster.depot("EventsModule", "*config").unwrap();
-    assert_eq!(config.append(&Value::from("v1"), AckLevel::AppendAck).unwrap().0, 0);
+    assert_eq!(config.append(&Value::from("v1"), AckLevel::AppendAck).unwrap().task, 0);
     if tasks > 1 {
         let err = config.read(1, 0, 10, 100).unwrap_err().to_string();
         assert!(err.contains("no partition 1"), "{err}");
     }
 
     // Fire-and-forget appends become visible without an ack.
-    let (task, offset) = events.append(&event("zed", 1), AckLevel::None).unwrap();
-    assert_eq!(offset, None);
+    let r = events.append(&event("zed", 1), AckLevel::None).unwrap();
+    let task = r.task;
+    assert_eq!(r.offset, None);
     let before = by_task[&task].len();
     let mut seen = 0;
     for _ in 0..200 {

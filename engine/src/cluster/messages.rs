@@ -63,6 +63,9 @@ pub(crate) enum Request {
         events: flume::Sender<ProxyEvent>,
         reply: Reply<()>,
     },
+    /// Stop starting stream batches and microbatches; answers once the
+    /// running ones finished (other threads still serve stage batches).
+    Quiesce { reply: Reply<()> },
     /// Stop serving (clients may still hold handles; their later requests
     /// fail with `Error::Closed`).
     Shutdown,

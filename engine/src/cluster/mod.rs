@@ -149,8 +149,24 @@ impl MicrobatchShared {
     }
 }
 
+/// Where a test hook may inject a failure: before a stage runs one item.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FaultPoint<'a> {
+    /// The topology or query.
+    pub topology: &'a str,
+    pub task: u32,
+    pub stage: usize,
+    /// (microbatch id, attempt) in microbatch topologies.
+    pub microbatch: Option<(u64, u32)>,
+    /// The depot offset (stream) or item origin.
+    pub origin: u64,
+}
+
+/// A test hook: returning true fails the stage for that item, as if its
+/// code had returned an error.
+pub type FaultHook = Arc<dyn Fn(&FaultPoint<'_>) -> bool + Send + Sync>;
+
 /// One launched module, shared by its clients and task threads.
-#[derive(Debug)]
 struct ModuleRuntime {
     def: ModuleDef,
     placement: Placement,
@@ -164,6 +180,16 @@ struct ModuleRuntime {
     stream_consumers: Vec<usize>,
     /// Round-robin origin of queries.
     next_origin: AtomicU32,
+    fault: Option<FaultHook>,
+}
+
+impl std::fmt::Debug for ModuleRuntime {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ModuleRuntime")
+            .field("module", &self.def.name)
+            .field("placement", &self.placement)
+            .finish_non_exhaustive()
+    }
 }
 
 impl ModuleRuntime {
@@ -211,10 +237,19 @@ pub trait ClusterClient {
 type TaskThreadHandle = std::thread::JoinHandle<Result<()>>;
 
 /// Modules running on task threads of this process.
-#[derive(Debug)]
 pub struct InProcessCluster {
     dir: PathBuf,
     modules: Vec<(Arc<ModuleRuntime>, Vec<TaskThreadHandle>)>,
+    fault: Option<FaultHook>,
+}
+
+impl std::fmt::Debug for InProcessCluster {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("InProcessCluster")
+            .field("dir", &self.dir)
+            .field("modules", &self.modules.iter().map(|(m, _)| &m.def.name).collect::<Vec<_>>())
+            .finish_non_exhaustive()
+    }
 }
 
 impl InProcessCluster {
@@ -224,7 +259,14 @@ impl InProcessCluster {
         InProcessCluster {
             dir: dir.as_ref().to_path_buf(),
             modules: Vec::new(),
+            fault: None,
         }
+    }
+
+    /// Tests: modules launched from now on consult `hook` before each stage
+    /// runs an item, and fail the item where it returns true.
+    pub fn set_fault_hook(&mut self, hook: impl Fn(&FaultPoint<'_>) -> bool + Send + Sync + 'static) {
+        self.fault = Some(Arc::new(hook));
     }
 
     /// Starts module type `M` with `tasks` tasks on `threads` task threads.
@@ -271,6 +313,7 @@ impl InProcessCluster {
             microbatches,
             stream_consumers,
             next_origin: AtomicU32::new(0),
+            fault: self.fault.clone(),
         });
         let mut handles = Vec::new();
         // Each thread reports once its storage is open, so a launch either
@@ -453,6 +496,18 @@ impl ClusterClient for InProcessCluster {
 /// Stops a module's task threads and waits for them; the first error a
 /// thread reports (closing its storage, or a panic) is returned.
 fn stop(rt: Arc<ModuleRuntime>, handles: Vec<TaskThreadHandle>) -> Result<()> {
+    // First let every thread finish the stream batches and microbatch it is
+    // running (they need the other threads), so nothing is half done.
+    let mut quiesced = Vec::new();
+    for link in &rt.links {
+        let (tx, rx) = flume::bounded(1);
+        if link.client.send(Request::Quiesce { reply: tx }).is_ok() {
+            quiesced.push(rx);
+        }
+    }
+    for rx in quiesced {
+        let _ = rx.recv();
+    }
     for link in &rt.links {
         // A thread that already exited has nothing to stop.
         let _ = link.client.send(Request::Shutdown);

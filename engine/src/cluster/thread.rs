@@ -19,7 +19,7 @@ use glommio::sync::Semaphore;
 
 use super::messages::{decode_items, encode_items, AppendResult, Completion, Control, Flow, Reply, Request, StageMsg};
 use super::proxy::{as_one, ProxyEvent, Subscription};
-use super::{microbatch, AckLevel, ModuleRuntime};
+use super::{microbatch, AckLevel, FaultPoint, ModuleRuntime};
 use crate::error::{Error, Result};
 use crate::log::{Log, LogConfig};
 use crate::lsm::{LsmConfig, Store, WriteBatch};
@@ -111,6 +111,10 @@ pub(crate) struct TaskThread {
     appended: Vec<Vec<Appended>>,
     /// `pstates[i][pstate]`: the partitions of `tasks[i]`.
     pstates: Vec<Vec<PState>>,
+    /// `apply[i]`: held by the stream batch of `tasks[i]` between its first
+    /// read and its commit, so batches on one task never interleave their
+    /// read-modify-writes (no lost updates).
+    apply: Vec<Rc<Semaphore>>,
     acks: RefCell<HashMap<(usize, u32), BTreeMap<u64, AckWaiter>>>,
     /// Microbatch writes not yet committed: (topology, task) -> (id, writes).
     pub pending: RefCell<HashMap<(usize, u32), (u64, Overlay)>>,
@@ -118,6 +122,8 @@ pub(crate) struct TaskThread {
     pub stopping: Cell<bool>,
     pub stop_waiters: Waiters,
     shuffle: Cell<u32>,
+    /// Stream consumers and microbatch coordinators.
+    workers: RefCell<Vec<glommio::Task<()>>>,
 }
 
 impl TaskThread {
@@ -238,7 +244,9 @@ pub(crate) async fn open(rt: Arc<ModuleRuntime>, thread: u32, dir: &Path) -> Res
             .collect::<Result<Vec<_>>>()?;
         pstates.push(per_task);
     }
+    let apply = tasks.iter().map(|_| Rc::new(Semaphore::new(1))).collect();
     Ok(Rc::new(TaskThread {
+        apply,
         rt,
         thread,
         store,
@@ -252,6 +260,7 @@ pub(crate) async fn open(rt: Arc<ModuleRuntime>, thread: u32, dir: &Path) -> Res
         stopping: Cell::new(false),
         stop_waiters: Waiters::default(),
         shuffle: Cell::new(0),
+        workers: RefCell::new(Vec::new()),
     }))
 }
 
@@ -297,7 +306,7 @@ pub(crate) async fn run(th: Rc<TaskThread>, inbox: ThreadInbox) -> Result<()> {
         }));
     }
     // Stream consumers: one per (stream topology, source depot, task).
-    let mut workers = Vec::new();
+    let mut workers = th.workers.borrow_mut();
     for (t, topology) in th.rt.def.topologies.iter().enumerate() {
         match topology.kind {
             TopologyKind::Stream => {
@@ -319,6 +328,7 @@ pub(crate) async fn run(th: Rc<TaskThread>, inbox: ThreadInbox) -> Result<()> {
             }
         }
     }
+    drop(workers);
     // Client requests until shutdown.
     let permits = Rc::new(Semaphore::new(CLIENT_INFLIGHT));
     while let Ok(request) = client.recv_async().await {
@@ -335,16 +345,7 @@ pub(crate) async fn run(th: Rc<TaskThread>, inbox: ThreadInbox) -> Result<()> {
         })
         .detach();
     }
-    th.stopping.set(true);
-    th.stop_waiters.wake_all();
-    for d in &th.appended {
-        for a in d {
-            a.waiters.wake_all();
-        }
-    }
-    for w in workers {
-        w.await;
-    }
+    quiesce(&th).await;
     drop(loops);
     for depot in &th.logs {
         for log in depot.iter().flatten() {
@@ -352,6 +353,22 @@ pub(crate) async fn run(th: Rc<TaskThread>, inbox: ThreadInbox) -> Result<()> {
         }
     }
     th.store.close().await
+}
+
+/// Stops the stream consumers and microbatch coordinators after the batch
+/// each is running.
+async fn quiesce(th: &TaskThread) {
+    th.stopping.set(true);
+    th.stop_waiters.wake_all();
+    for d in &th.appended {
+        for a in d {
+            a.waiters.wake_all();
+        }
+    }
+    let workers = std::mem::take(&mut *th.workers.borrow_mut());
+    for w in workers {
+        w.await;
+    }
 }
 
 /// Serves `rx` with at most `inflight` handlers running at once.
@@ -441,6 +458,10 @@ async fn handle_request(th: &Rc<TaskThread>, request: Request) {
                     stale: false,
                 });
             }));
+        }
+        Request::Quiesce { reply } => {
+            quiesce(th).await;
+            let _ = reply.send(Ok(()));
         }
         Request::Shutdown => {}
     }
@@ -545,6 +566,17 @@ pub(crate) async fn run_batch(
     };
     let source_name = source.map(|d| def.depots[d].name.as_str());
     let mut done = Completion::default();
+    let apply = match (mode, th.index(task)) {
+        (Mode::Stream, Ok(i)) => Some(th.apply[i].clone()),
+        _ => None,
+    };
+    let applying = match &apply {
+        Some(sem) => match sem.acquire_permit(1).await {
+            Ok(p) => Some(p),
+            Err(e) => return fatal(format!("task {task} is stopping: {e}")),
+        },
+        None => None,
+    };
     // Run the stage locally. A stream batch leaves out records that fail
     // (their writes are dropped by running the batch again without them).
     let (out, writes) = loop {
@@ -574,7 +606,20 @@ pub(crate) async fn run_batch(
                 origin: *origin,
                 out: &mut out,
             };
-            let mut result = f(&mut ctx, value.clone());
+            let injected = rt.fault.as_ref().is_some_and(|hook| {
+                hook(&FaultPoint {
+                    topology: flow_topology_name(def, flow),
+                    task,
+                    stage,
+                    microbatch: ctx.microbatch(),
+                    origin: *origin,
+                })
+            });
+            let mut result = if injected {
+                Err(Error::Topology("fault injected by the test hook".into()))
+            } else {
+                f(&mut ctx, value.clone())
+            };
             if result.is_ok() {
                 if let Some((_, to, _)) = out.emits[emits_before..]
                     .iter()
@@ -623,6 +668,7 @@ pub(crate) async fn run_batch(
                     return done;
                 }
             }
+            drop(applying);
         }
         Flow::Microbatch { topology, id, .. } => {
             th.pending.borrow_mut().insert((topology, task), (id, writes));
@@ -693,6 +739,13 @@ fn fail_all(done: &mut Completion, origins: &[u64], mode: Mode, why: &str) {
         }
     } else if done.fatal.is_none() {
         done.fatal = Some(why.to_string());
+    }
+}
+
+fn flow_topology_name(def: &crate::module::ModuleDef, flow: Flow) -> &str {
+    match flow {
+        Flow::Stream(t) | Flow::Microbatch { topology: t, .. } => &def.topologies[t].name,
+        Flow::Query(q) => &def.queries[q].name,
     }
 }
 
@@ -816,10 +869,6 @@ async fn consume_inner(th: &Rc<TaskThread>, topology: usize, depot: usize, task:
             };
             let mut ok = false;
             for _ in 0..STREAM_RETRIES {
-                if th.stopping.get() {
-                    // Not processed and not committed: the next run retries.
-                    return Ok(());
-                }
                 let r = run_batch(th, Flow::Stream(topology), 0, task, Some(depot), vec![(*o, v.clone())]).await;
                 match r.failed.into_values().next() {
                     None => {

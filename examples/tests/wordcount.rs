@@ -1,0 +1,204 @@
+//! WordCountModule end to end: counts equal a single-threaded reference,
+//! topWords, proxies, restart, and bad input.
+
+mod common;
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use common::{eventually, seed, sentence, Rng};
+use engine::cluster::{AckLevel, InProcessCluster};
+use engine::pstate::Nav;
+use engine::value::Value;
+use engine::Error;
+use rama_examples::{words, WordCountModule};
+
+fn reference(sentences: &[String]) -> BTreeMap<String, i64> {
+    let mut counts = BTreeMap::new();
+    for s in sentences {
+        for w in words(s) {
+            *counts.entry(w).or_insert(0) += 1;
+        }
+    }
+    counts
+}
+
+fn top(counts: &BTreeMap<String, i64>, n: usize) -> Value {
+    let mut all: Vec<_> = counts.iter().collect();
+    all.sort_by(|a, b| b.1.cmp(a.1).then_with(|| a.0.cmp(b.0)));
+    Value::List(
+        all.into_iter()
+            .take(n)
+            .map(|(w, c)| Value::list([Value::from(w.as_str()), Value::Int(*c)]))
+            .collect(),
+    )
+}
+
+fn check_counts(cluster: &InProcessCluster, expected: &BTreeMap<String, i64>) {
+    let counts = cluster.pstate("WordCountModule", "$$wordCounts").unwrap();
+    for (w, c) in expected {
+        assert_eq!(
+            counts.select_one(&[Nav::key(w.as_str())]).unwrap(),
+            Value::Int(*c),
+            "count of {w:?}"
+        );
+    }
+    assert_eq!(counts.select_one(&[Nav::key("absent")]).unwrap(), Value::Nil);
+}
+
+fn counts_match_reference(tasks: u32, threads: u32) {
+    let dir = tempfile::tempdir().unwrap();
+    let mut cluster = InProcessCluster::new(dir.path());
+    cluster.launch_module::<WordCountModule>(tasks, threads).unwrap();
+    let mut rng = Rng::new(seed());
+    let sentences: Vec<String> = (0..1200).map(|_| sentence(&mut rng)).collect();
+    let depot = cluster.depot("WordCountModule", "*sentences").unwrap();
+    // Three client threads: sync Ack appends, and async ones with many in
+    // flight.
+    std::thread::scope(|s| {
+        for (c, chunk) in sentences.chunks(400).enumerate() {
+            let depot = depot.clone();
+            s.spawn(move || {
+                if c == 2 {
+                    let pending: Vec<_> = chunk
+                        .iter()
+                        .map(|t| depot.append_async(&Value::from(t.as_str()), AckLevel::Ack).unwrap())
+                        .collect();
+                    for p in pending {
+                        futures_lite::future::block_on(p).unwrap();
+                    }
+                } else {
+                    for t in chunk {
+                        let r = depot.append(&Value::from(t.as_str()), AckLevel::Ack).unwrap();
+                        assert!(r.offset.is_some());
+                    }
+                }
+            });
+        }
+    });
+    // Ack means processed: no waiting needed.
+    let expected = reference(&sentences);
+    check_counts(&cluster, &expected);
+    let top_words = cluster.query("WordCountModule", "topWords").unwrap();
+    assert_eq!(top_words.invoke(&Value::Int(5)).unwrap(), top(&expected, 5));
+    assert_eq!(top_words.invoke(&Value::Int(1000)).unwrap(), top(&expected, 1000));
+    cluster.shutdown().unwrap();
+}
+
+#[test]
+fn counts_match_reference_8_tasks_4_threads() {
+    counts_match_reference(8, 4);
+}
+
+#[test]
+fn counts_match_reference_1_task_1_thread() {
+    counts_match_reference(1, 1);
+}
+
+#[test]
+fn proxy_follows_every_update() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut cluster = InProcessCluster::new(dir.path());
+    cluster.launch_module::<WordCountModule>(8, 2).unwrap();
+    let depot = cluster.depot("WordCountModule", "*sentences").unwrap();
+    let counts = cluster.pstate("WordCountModule", "$$wordCounts").unwrap();
+    depot.append(&Value::from("the cat"), AckLevel::Ack).unwrap();
+    let mut the = counts.proxy(&[Nav::key("the")]).unwrap();
+    let mut dog = counts.proxy(&[Nav::key("dog")]).unwrap();
+    assert_eq!(the.current(), &Value::Int(1));
+    assert_eq!(dog.current(), &Value::Nil);
+    let mut rng = Rng::new(seed());
+    for _ in 0..100 {
+        depot
+            .append(&Value::from(common::sentence(&mut rng)), AckLevel::Ack)
+            .unwrap();
+        // The diffs of a processed record are sent before its ack.
+        the.poll();
+        dog.poll();
+        assert_eq!(the.current(), &counts.select_one(&[Nav::key("the")]).unwrap());
+        assert_eq!(dog.current(), &counts.select_one(&[Nav::key("dog")]).unwrap());
+    }
+    cluster.shutdown().unwrap();
+}
+
+#[test]
+fn restart_resumes_the_stream_without_losing_or_repeating() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut rng = Rng::new(seed());
+    let sentences: Vec<String> = (0..600).map(|_| sentence(&mut rng)).collect();
+    let mut cluster = InProcessCluster::new(dir.path());
+    cluster.launch_module::<WordCountModule>(4, 2).unwrap();
+    let depot = cluster.depot("WordCountModule", "*sentences").unwrap();
+    // Durable, not yet processed: a shutdown right after leaves work for
+    // the next launch.
+    for s in &sentences[..300] {
+        depot.append(&Value::from(s.as_str()), AckLevel::AppendAck).unwrap();
+    }
+    cluster.shutdown().unwrap();
+
+    let mut cluster = InProcessCluster::new(dir.path());
+    cluster.launch_module::<WordCountModule>(4, 2).unwrap();
+    let depot = cluster.depot("WordCountModule", "*sentences").unwrap();
+    for s in &sentences[300..] {
+        depot.append(&Value::from(s.as_str()), AckLevel::Ack).unwrap();
+    }
+    let expected = reference(&sentences);
+    let counts = cluster.pstate("WordCountModule", "$$wordCounts").unwrap();
+    eventually("the first 300 sentences to be processed", Duration::from_secs(60), || {
+        expected
+            .iter()
+            .all(|(w, c)| counts.select_one(&[Nav::key(w.as_str())]).unwrap() == Value::Int(*c))
+    });
+    check_counts(&cluster, &expected);
+    // The depot kept every record.
+    let total: usize = (0..4)
+        .map(|t| depot.read(t, 0, u64::MAX, usize::MAX).unwrap().len())
+        .sum();
+    assert!(total >= 300, "depot records after restart: {total}");
+    cluster.shutdown().unwrap();
+}
+
+#[test]
+fn bad_input_is_refused_with_clear_errors() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut cluster = InProcessCluster::new(dir.path());
+    let err = cluster.launch_module::<WordCountModule>(6, 2).unwrap_err().to_string();
+    assert!(err.contains("power of two"), "{err}");
+    let err = cluster.launch_module::<WordCountModule>(2, 4).unwrap_err().to_string();
+    assert!(err.contains("thread"), "{err}");
+    cluster.launch_module::<WordCountModule>(4, 2).unwrap();
+    let err = cluster.launch_module::<WordCountModule>(4, 2).unwrap_err().to_string();
+    assert!(err.contains("already running"), "{err}");
+    for (got, want) in [
+        (cluster.depot("Nope", "*sentences").unwrap_err(), "no module named Nope"),
+        (cluster.depot("WordCountModule", "*nope").unwrap_err(), "has no depot *nope"),
+        (cluster.pstate("WordCountModule", "$$nope").unwrap_err(), "has no PState $$nope"),
+        (cluster.query("WordCountModule", "nope").unwrap_err(), "has no query nope"),
+    ] {
+        assert!(got.to_string().contains(want), "{got} should say {want}");
+    }
+    let depot = cluster.depot("WordCountModule", "*sentences").unwrap();
+    let huge = Value::from("x".repeat(2 << 20));
+    assert!(matches!(
+        depot.append(&huge, AckLevel::Ack).unwrap_err(),
+        Error::LimitExceeded { .. }
+    ));
+    // A record the topology cannot process is durable but reported.
+    let err = depot.append(&Value::Int(7), AckLevel::Ack).unwrap_err().to_string();
+    assert!(err.contains("a sentence must be a string"), "{err}");
+    let counts = cluster.pstate("WordCountModule", "$$wordCounts").unwrap();
+    let err = counts.select(&[Nav::key(5)]).unwrap_err().to_string();
+    assert!(err.contains("string"), "{err}");
+    let err = counts.select(&[Nav::All]).unwrap_err().to_string();
+    assert!(err.contains("must start with a key"), "{err}");
+    let err = cluster
+        .query("WordCountModule", "topWords")
+        .unwrap()
+        .invoke(&Value::from("ten"))
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("topWords takes the number of words"), "{err}");
+    // Nothing of the refused input was applied.
+    assert_eq!(counts.select_one(&[Nav::key("x")]).unwrap(), Value::Nil);
+    cluster.shutdown().unwrap();
+}
