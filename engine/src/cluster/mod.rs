@@ -160,6 +160,8 @@ pub struct FaultPoint<'a> {
     pub microbatch: Option<(u64, u32)>,
     /// The depot offset (stream) or item origin.
     pub origin: u64,
+    /// The item the stage is about to run on.
+    pub value: &'a Value,
 }
 
 /// A test hook: returning true fails the stage for that item, as if its

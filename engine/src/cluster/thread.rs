@@ -613,6 +613,7 @@ pub(crate) async fn run_batch(
                     stage,
                     microbatch: ctx.microbatch(),
                     origin: *origin,
+                    value,
                 })
             });
             let mut result = if injected {
