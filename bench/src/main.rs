@@ -8,6 +8,7 @@ mod machine;
 mod raw;
 mod report;
 mod results;
+mod wordcount;
 
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
@@ -29,6 +30,14 @@ struct Cli {
 enum Command {
     /// Runs every storage benchmark and writes the results as JSON.
     Storage(StorageArgs),
+    /// Runs only the WordCount end-to-end benchmark and prints its JSON.
+    Wordcount {
+        #[arg(long)]
+        quick: bool,
+        /// Directory for benchmark data (default target/rama-bench-data).
+        #[arg(long)]
+        dir: Option<PathBuf>,
+    },
     /// Prints the markdown report (BENCHMARKS.md) of a results file.
     Report {
         /// A results file written by `rama-bench storage`.
@@ -75,6 +84,30 @@ fn plan(quick: bool, batch: usize) -> (depot::Plan, lsm::Workload) {
         repeats: if quick { 1 } else { 3 },
     };
     (depot, lsm)
+}
+
+/// The WordCount benchmark's size in quick or full mode.
+fn wordcount_plan(quick: bool) -> wordcount::Plan {
+    wordcount::Plan {
+        tasks: 8,
+        threads: 2,
+        sentences: if quick { 4_000 } else { 400_000 },
+        words_per_sentence: 10,
+        vocabulary: 10_000,
+        clients: 4,
+        window: 256,
+        latency_seconds: if quick { 1.0 } else { 10.0 },
+    }
+}
+
+fn wordcount_only(quick: bool, dir: Option<&Path>) -> BenchResult<()> {
+    let parent = dir.map_or_else(|| PathBuf::from("target/rama-bench-data"), Path::to_path_buf);
+    let data = parent.join(format!("wordcount-{}", std::process::id()));
+    std::fs::create_dir_all(&data)?;
+    let outcome = wordcount::run(&wordcount_plan(quick), &data);
+    let _ = std::fs::remove_dir_all(&data);
+    println!("{}", serde_json::to_string_pretty(&outcome?)?);
+    Ok(())
 }
 
 /// The command line this run was started with; `bench/run` passes its own.
@@ -138,6 +171,8 @@ fn run_all(args: &StorageArgs, data: &Path, started: Instant, started_unix: u64)
     ensure(lsm.engines.len() == lsm::ENGINES.len(), || {
         "an LSM engine did not report".into()
     })?;
+    eprintln!("5. WordCount end to end, in-process");
+    let wordcount = wordcount::run(&wordcount_plan(args.quick), data)?;
     machine.load_end = machine::load_average();
 
     Ok(Results {
@@ -150,6 +185,7 @@ fn run_all(args: &StorageArgs, data: &Path, started: Instant, started_unix: u64)
         depot_single,
         depot_concurrent,
         lsm,
+        wordcount: Some(wordcount),
     })
 }
 
@@ -164,6 +200,7 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     let outcome = match &cli.command {
         Command::Storage(args) => storage(args),
+        Command::Wordcount { quick, dir } => wordcount_only(*quick, dir.as_deref()),
         Command::Report { results } => report(results),
     };
     match outcome {

@@ -37,6 +37,9 @@ pub struct Results {
     pub depot_single: DepotSingle,
     pub depot_concurrent: DepotConcurrent,
     pub lsm: LsmComparison,
+    /// WordCount end to end (absent in results of older runs).
+    #[serde(default)]
+    pub wordcount: Option<crate::wordcount::WordCount>,
 }
 
 /// `ops` operations moving `bytes` payload bytes in `seconds`.

@@ -115,6 +115,10 @@ pub(crate) struct TaskThread {
     /// read and its commit, so batches on one task never interleave their
     /// read-modify-writes (no lost updates).
     apply: Vec<Rc<Semaphore>>,
+    /// `queued[i]`: stream writes of `tasks[i]` queued in the WAL but not
+    /// yet visible in the store, oldest first, by sequence number.
+    queued: Vec<RefCell<Vec<(u64, Rc<Overlay>)>>>,
+    queued_seq: Cell<u64>,
     acks: RefCell<HashMap<(usize, u32), BTreeMap<u64, AckWaiter>>>,
     /// Microbatch writes not yet committed: (topology, task) -> (id, writes).
     pub pending: RefCell<HashMap<(usize, u32), (u64, Overlay)>>,
@@ -157,6 +161,14 @@ impl TaskThread {
     /// Writes `batch` (durable and visible on return), then pushes changes
     /// to the proxies of partitions it touched.
     pub async fn write(&self, batch: WriteBatch) -> Result<()> {
+        let touched = Self::touched(&batch);
+        self.store.write(batch).await?;
+        self.notify(&touched);
+        Ok(())
+    }
+
+    /// The (task, PState id) partitions `batch` writes to.
+    fn touched(batch: &WriteBatch) -> Vec<(u32, u16)> {
         let mut touched = Vec::new();
         for (key, _) in batch.ops() {
             if key.len() >= 6 {
@@ -169,14 +181,10 @@ impl TaskThread {
                 }
             }
         }
-        self.store.check_batch(&batch)?;
-        self.store.write(batch).await?;
-        if !self.subscriptions.borrow().is_empty() {
-            self.notify(&touched);
-        }
-        Ok(())
+        touched
     }
 
+    /// Pushes changes to the proxies of the `touched` partitions.
     fn notify(&self, touched: &[(u32, u16)]) {
         let mut subs = self.subscriptions.borrow_mut();
         subs.retain_mut(|s| {
@@ -247,6 +255,8 @@ pub(crate) async fn open(rt: Arc<ModuleRuntime>, thread: u32, dir: &Path) -> Res
     let apply = tasks.iter().map(|_| Rc::new(Semaphore::new(1))).collect();
     Ok(Rc::new(TaskThread {
         apply,
+        queued: tasks.iter().map(|_| RefCell::new(Vec::new())).collect(),
+        queued_seq: Cell::new(0),
         rt,
         thread,
         store,
@@ -587,7 +597,14 @@ pub(crate) async fn run_batch(
             },
             _ => Overlay::new(),
         };
-        let mut tx = Tx::with_overlay(&th.store, overlay);
+        let mut tx = match (mode, th.index(task)) {
+            // Stream batches read through the writes earlier batches of
+            // this task queued but the store does not show yet.
+            (Mode::Stream, Ok(i)) => {
+                Tx::layered(&th.store, th.queued[i].borrow().iter().map(|(_, o)| o.clone()).collect())
+            }
+            _ => Tx::with_overlay(&th.store, overlay),
+        };
         let mut out = Outputs::default();
         let mut failed_now = None;
         for (origin, value) in &items {
@@ -654,22 +671,16 @@ pub(crate) async fn run_batch(
     };
     match flow {
         Flow::Stream(_) => {
-            if !writes.is_empty() {
-                let mut batch = WriteBatch::new();
-                for (k, v) in writes {
-                    match v {
-                        Some(v) => batch.put(k, v),
-                        None => batch.delete(k),
-                    };
+            // The permit is released here in every case: downstream stages
+            // may run on this same task and need it.
+            if writes.is_empty() {
+                drop(applying);
+            } else if let Err(e) = commit_stream(th, task, writes, applying).await {
+                for (o, _) in &items {
+                    done.failed.entry(*o).or_insert_with(|| format!("writing PState changes: {e}"));
                 }
-                if let Err(e) = th.write(batch).await {
-                    for (o, _) in &items {
-                        done.failed.entry(*o).or_insert_with(|| format!("writing PState changes: {e}"));
-                    }
-                    return done;
-                }
+                return done;
             }
-            drop(applying);
         }
         Flow::Microbatch { topology, id, .. } => {
             th.pending.borrow_mut().insert((topology, task), (id, writes));
@@ -731,6 +742,37 @@ pub(crate) async fn run_batch(
         }
     }
     done
+}
+
+/// Commits a stream batch's writes. The batch takes its place in the WAL
+/// while `applying` (the task's apply permit) is held, then the permit is
+/// released and the next batch of the task runs while this one becomes
+/// durable: it reads these writes from the task's queued layers.
+async fn commit_stream(
+    th: &TaskThread,
+    task: u32,
+    writes: Overlay,
+    applying: Option<glommio::sync::Permit<'_>>,
+) -> Result<()> {
+    let mut batch = WriteBatch::new();
+    for (k, v) in &writes {
+        match v {
+            Some(v) => batch.put(k, v),
+            None => batch.delete(k),
+        };
+    }
+    let touched = TaskThread::touched(&batch);
+    let queued = th.store.enqueue(batch).await?;
+    let i = th.index(task)?;
+    let seq = th.queued_seq.get();
+    th.queued_seq.set(seq + 1);
+    th.queued[i].borrow_mut().push((seq, Rc::new(writes)));
+    drop(applying);
+    let written = th.store.wait_written(queued).await;
+    th.queued[i].borrow_mut().retain(|(s, _)| *s != seq);
+    written?;
+    th.notify(&touched);
+    Ok(())
 }
 
 fn fail_all(done: &mut Completion, origins: &[u64], mode: Mode, why: &str) {
@@ -891,9 +933,18 @@ async fn consume_inner(th: &Rc<TaskThread>, topology: usize, depot: usize, task:
         }
         resolve_acks(th, topology, depot, task, offset..end, &outcome);
         offset = end;
+        // The offset need not be durable before the next batch (a crash
+        // only means reprocessing), so its durability is waited for off the
+        // critical path; the WAL keeps successive offsets in order, and a
+        // failed write poisons the store, which stops the next enqueue.
         let mut batch = WriteBatch::new();
         batch.put(&key, offset.to_le_bytes());
-        th.store.write(batch).await?;
+        let queued = th.store.enqueue(batch).await?;
+        let waiter = th.clone();
+        glommio::spawn_local(async move {
+            let _ = waiter.store.wait_written(queued).await;
+        })
+        .detach();
     }
 }
 

@@ -101,6 +101,13 @@ impl LsmConfig {
     }
 }
 
+/// A batch queued by [`Store::enqueue`], not yet known durable.
+#[derive(Debug)]
+#[must_use = "a queued write is acknowledged only after wait_written"]
+pub struct QueuedWrite {
+    end: Option<u64>,
+}
+
 /// What [`Store::open`] found.
 #[derive(Debug, Clone, Default)]
 pub struct StoreRecovery {
@@ -298,16 +305,33 @@ impl Store {
 
     /// Writes a batch atomically; returns once it is durable and visible.
     pub async fn write(&self, batch: WriteBatch) -> Result<()> {
+        let queued = self.enqueue(batch).await?;
+        self.wait_written(queued).await
+    }
+
+    /// The first half of [`Store::write`]: gives the batch its place in the
+    /// WAL (batches become visible in the order they were queued) and
+    /// returns without waiting for durability. Callers that read their own
+    /// queued writes before they are visible keep them themselves.
+    pub async fn enqueue(&self, batch: WriteBatch) -> Result<QueuedWrite> {
         self.check_batch(&batch)?;
         self.check_failed()?;
         if batch.is_empty() {
-            return Ok(());
+            return Ok(QueuedWrite { end: None });
         }
         self.make_room().await?;
         let range = self.inner.wal.enqueue_batch(std::iter::once(batch.encoded())).await?;
         self.inner.unapplied.borrow_mut().push_back((range.start, batch));
-        self.inner.wal.wait_durable(range.end).await?;
-        self.apply_durable();
+        Ok(QueuedWrite { end: Some(range.end) })
+    }
+
+    /// The second half of [`Store::write`]: returns once the queued batch
+    /// is durable and visible.
+    pub async fn wait_written(&self, queued: QueuedWrite) -> Result<()> {
+        if let Some(end) = queued.end {
+            self.inner.wal.wait_durable(end).await?;
+            self.apply_durable();
+        }
         Ok(())
     }
 

@@ -22,6 +22,7 @@ pub mod schema;
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::ops::Bound;
+use std::rc::Rc;
 
 pub use self::path::{Nav, Op, Path};
 pub use self::schema::{PStateSchema, ValueSchema};
@@ -67,6 +68,9 @@ pub type Overlay = BTreeMap<Vec<u8>, Option<Vec<u8>>>;
 #[derive(Debug)]
 pub struct Tx<'s> {
     store: &'s Store,
+    /// Writes queued before this transaction and not yet visible in the
+    /// store, oldest first; reads see them.
+    layers: Vec<Rc<Overlay>>,
     overlay: Overlay,
 }
 
@@ -78,7 +82,21 @@ impl<'s> Tx<'s> {
     /// Continues a transaction whose writes so far are `overlay` (a
     /// microbatch keeps its writes across many processing steps).
     pub fn with_overlay(store: &'s Store, overlay: Overlay) -> Self {
-        Tx { store, overlay }
+        Tx {
+            store,
+            layers: Vec::new(),
+            overlay,
+        }
+    }
+
+    /// A transaction reading through `layers` (writes queued earlier that
+    /// the store does not show yet, oldest first).
+    pub fn layered(store: &'s Store, layers: Vec<Rc<Overlay>>) -> Self {
+        Tx {
+            store,
+            layers,
+            overlay: Overlay::new(),
+        }
     }
 
     /// The writes made so far.
@@ -121,10 +139,15 @@ impl<'s> Tx<'s> {
 
 impl KvRead for Tx<'_> {
     fn get(&self, key: &[u8]) -> Result<Option<Vec<u8>>> {
-        match self.overlay.get(key) {
-            Some(v) => Ok(v.clone()),
-            None => self.store.get(key),
+        if let Some(v) = self.overlay.get(key) {
+            return Ok(v.clone());
         }
+        for layer in self.layers.iter().rev() {
+            if let Some(v) = layer.get(key) {
+                return Ok(v.clone());
+            }
+        }
+        self.store.get(key)
     }
 
     fn scan(
@@ -137,17 +160,19 @@ impl KvRead for Tx<'_> {
         if bounds_empty(lower, upper) {
             return Ok(Vec::new());
         }
-        let overlay = self.overlay.range::<[u8], _>((lower, upper));
+        let layers = self.layers.iter().map(|l| &**l).chain(std::iter::once(&self.overlay));
         // Each overlay entry can hide at most one stored entry, so this many
         // extra stored entries are enough to fill `limit` after merging.
-        let extra = overlay.clone().count();
+        let extra: usize = layers.clone().map(|l| l.range::<[u8], _>((lower, upper)).count()).sum();
         let stored = self.store.scan(lower, upper, reverse, limit.saturating_add(extra))?;
         let mut merged: BTreeMap<Vec<u8>, Vec<u8>> = stored.into_iter().collect();
-        for (k, v) in overlay {
-            match v {
-                Some(v) => merged.insert(k.clone(), v.clone()),
-                None => merged.remove(k),
-            };
+        for layer in layers {
+            for (k, v) in layer.range::<[u8], _>((lower, upper)) {
+                match v {
+                    Some(v) => merged.insert(k.clone(), v.clone()),
+                    None => merged.remove(k),
+                };
+            }
         }
         Ok(if reverse {
             merged.into_iter().rev().take(limit).collect()
