@@ -1,5 +1,6 @@
-//! `rama-bench`: storage benchmarks of the engine next to raw hardware
-//! loops and other engines, and the BENCHMARKS.md report of their results.
+//! `rama-bench`: benchmarks of the engine (storage, next to raw hardware
+//! loops and other engines; WordCount end to end), and the BENCHMARKS.md
+//! report of their results.
 
 mod depot;
 mod keys;
@@ -20,7 +21,7 @@ use crate::machine::Machine;
 use crate::results::{ensure, BenchResult, Results};
 
 #[derive(Debug, Parser)]
-#[command(name = "rama-bench", about = "Benchmarks of the rama storage engine")]
+#[command(name = "rama-bench", about = "Benchmarks of the rama engine")]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -28,8 +29,10 @@ struct Cli {
 
 #[derive(Debug, Subcommand)]
 enum Command {
-    /// Runs every storage benchmark and writes the results as JSON.
-    Storage(StorageArgs),
+    /// Runs every benchmark (storage, then WordCount end to end) and writes
+    /// the results as JSON.
+    #[command(alias = "storage")]
+    Run(StorageArgs),
     /// Runs only the WordCount end-to-end benchmark and prints its JSON.
     Wordcount {
         #[arg(long)]
@@ -40,7 +43,7 @@ enum Command {
     },
     /// Prints the markdown report (BENCHMARKS.md) of a results file.
     Report {
-        /// A results file written by `rama-bench storage`.
+        /// A results file written by `rama-bench run`.
         results: PathBuf,
     },
 }
@@ -94,8 +97,8 @@ fn wordcount_plan(quick: bool) -> wordcount::Plan {
         sentences: if quick { 4_000 } else { 400_000 },
         words_per_sentence: 10,
         vocabulary: 10_000,
-        clients: 4,
-        window: 256,
+        clients: std::env::var("WC_CLIENTS").ok().and_then(|v| v.parse().ok()).unwrap_or(4),
+        window: std::env::var("WC_WINDOW").ok().and_then(|v| v.parse().ok()).unwrap_or(1024),
         latency_seconds: if quick { 1.0 } else { 10.0 },
     }
 }
@@ -145,7 +148,7 @@ fn run_all(args: &StorageArgs, data: &Path, started: Instant, started_unix: u64)
     let (depot_plan, workload) = plan(args.quick, usize::try_from(args.batch)?);
     let mut machine = Machine::probe(data);
     eprintln!(
-        "rama-bench storage ({} mode), data in {}",
+        "rama-bench run ({} mode), data in {}",
         if args.quick { "quick" } else { "full" },
         data.display()
     );
@@ -199,7 +202,7 @@ fn report(path: &Path) -> BenchResult<()> {
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let outcome = match &cli.command {
-        Command::Storage(args) => storage(args),
+        Command::Run(args) => storage(args),
         Command::Wordcount { quick, dir } => wordcount_only(*quick, dir.as_deref()),
         Command::Report { results } => report(results),
     };

@@ -1,4 +1,4 @@
-//! The result file: written by `rama-bench storage`, read by `rama-bench report`.
+//! The result file: written by `rama-bench run`, read by `rama-bench report`.
 
 use std::time::Duration;
 
@@ -21,7 +21,7 @@ pub fn ensure(cond: bool, message: impl FnOnce() -> String) -> BenchResult<()> {
     }
 }
 
-/// Everything one `rama-bench storage` run measured.
+/// Everything one `rama-bench run` run measured.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Results {
     /// `quick` (harness check, tiny counts) or `full`.

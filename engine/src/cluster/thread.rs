@@ -25,7 +25,7 @@ use crate::log::{Log, LogConfig};
 use crate::lsm::{LsmConfig, Store, WriteBatch};
 use crate::module::topology::{Mode, Outputs, StageCtx, To};
 use crate::module::{Partitioner, TopologyKind};
-use crate::pstate::{Overlay, PState, Tx};
+use crate::pstate::{Overlay, PState, Queued, Tx};
 use crate::runtime::partition::task_for_key;
 use crate::sync::Waiters;
 use crate::value::{archived, Value};
@@ -116,8 +116,8 @@ pub(crate) struct TaskThread {
     /// read-modify-writes (no lost updates).
     apply: Vec<Rc<Semaphore>>,
     /// `queued[i]`: stream writes of `tasks[i]` queued in the WAL but not
-    /// yet visible in the store, oldest first, by sequence number.
-    queued: Vec<RefCell<Vec<(u64, Rc<Overlay>)>>>,
+    /// yet visible in the store.
+    queued: Vec<RefCell<Queued>>,
     queued_seq: Cell<u64>,
     acks: RefCell<HashMap<(usize, u32), BTreeMap<u64, AckWaiter>>>,
     /// Microbatch writes not yet committed: (topology, task) -> (id, writes).
@@ -255,7 +255,7 @@ pub(crate) async fn open(rt: Arc<ModuleRuntime>, thread: u32, dir: &Path) -> Res
     let apply = tasks.iter().map(|_| Rc::new(Semaphore::new(1))).collect();
     Ok(Rc::new(TaskThread {
         apply,
-        queued: tasks.iter().map(|_| RefCell::new(Vec::new())).collect(),
+        queued: tasks.iter().map(|_| RefCell::new(Queued::new())).collect(),
         queued_seq: Cell::new(0),
         rt,
         thread,
@@ -600,9 +600,7 @@ pub(crate) async fn run_batch(
         let mut tx = match (mode, th.index(task)) {
             // Stream batches read through the writes earlier batches of
             // this task queued but the store does not show yet.
-            (Mode::Stream, Ok(i)) => {
-                Tx::layered(&th.store, th.queued[i].borrow().iter().map(|(_, o)| o.clone()).collect())
-            }
+            (Mode::Stream, Ok(i)) => Tx::over_queued(&th.store, &th.queued[i]),
             _ => Tx::with_overlay(&th.store, overlay),
         };
         let mut out = Outputs::default();
@@ -714,7 +712,18 @@ pub(crate) async fn run_batch(
         }
     }
     let mut replies = Vec::new();
+    let mut local = Vec::new();
     for (to_task, batch) in by_task {
+        let thread = rt.placement.thread_of_task[to_task as usize] as usize;
+        if thread == th.thread as usize {
+            // Same thread: no encoding, no channel. Bounded all the same:
+            // this batch waits for it, and stages are finitely deep.
+            let th = th.clone();
+            let next: std::pin::Pin<Box<dyn std::future::Future<Output = Completion>>> =
+                Box::pin(async move { run_batch(&th, flow, stage + 1, to_task, None, batch).await });
+            local.push(glommio::spawn_local(next));
+            continue;
+        }
         let (tx, rx) = flume::bounded(1);
         let msg = StageMsg {
             flow,
@@ -723,7 +732,6 @@ pub(crate) async fn run_batch(
             items: encode_items(&batch),
             reply: tx,
         };
-        let thread = rt.placement.thread_of_task[to_task as usize] as usize;
         let origins: Vec<u64> = batch.iter().map(|(o, _)| *o).collect();
         match rt.links[thread].stages[stage].send_async(msg).await {
             Ok(()) => replies.push((rx, origins)),
@@ -734,6 +742,9 @@ pub(crate) async fn run_batch(
         if let Err(e) = pending.await {
             fail_all(&mut done, &[origin], mode, &format!("depot append: {e}"));
         }
+    }
+    for task in local {
+        done.merge(task.await);
     }
     for (rx, origins) in replies {
         match rx.recv_async().await {
@@ -766,10 +777,24 @@ async fn commit_stream(
     let i = th.index(task)?;
     let seq = th.queued_seq.get();
     th.queued_seq.set(seq + 1);
-    th.queued[i].borrow_mut().push((seq, Rc::new(writes)));
+    let keys: Vec<Vec<u8>> = writes.keys().cloned().collect();
+    {
+        let mut q = th.queued[i].borrow_mut();
+        for (k, v) in writes {
+            q.insert(k, (seq, v));
+        }
+    }
     drop(applying);
     let written = th.store.wait_written(queued).await;
-    th.queued[i].borrow_mut().retain(|(s, _)| *s != seq);
+    {
+        // Visible in the store now, unless a later batch wrote the key again.
+        let mut q = th.queued[i].borrow_mut();
+        for k in keys {
+            if q.get(&k).is_some_and(|(s, _)| *s == seq) {
+                q.remove(&k);
+            }
+        }
+    }
     written?;
     th.notify(&touched);
     Ok(())

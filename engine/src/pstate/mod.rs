@@ -21,8 +21,8 @@ pub mod path;
 pub mod schema;
 
 use std::collections::{BTreeMap, BTreeSet};
+use std::cell::RefCell;
 use std::ops::Bound;
-use std::rc::Rc;
 
 pub use self::path::{Nav, Op, Path};
 pub use self::schema::{PStateSchema, ValueSchema};
@@ -64,13 +64,17 @@ impl KvRead for Store {
 /// Uncommitted writes of a [`Tx`]: key -> new value (`None`: deleted).
 pub type Overlay = BTreeMap<Vec<u8>, Option<Vec<u8>>>;
 
+/// Writes queued in the WAL but not yet visible in the store: key ->
+/// (sequence number of the batch that wrote it last, value).
+pub type Queued = BTreeMap<Vec<u8>, (u64, Option<Vec<u8>>)>;
+
 /// Writes of one processing batch: read-your-writes, committed atomically.
 #[derive(Debug)]
 pub struct Tx<'s> {
     store: &'s Store,
     /// Writes queued before this transaction and not yet visible in the
-    /// store, oldest first; reads see them.
-    layers: Vec<Rc<Overlay>>,
+    /// store; reads see them.
+    queued: Option<&'s RefCell<Queued>>,
     overlay: Overlay,
 }
 
@@ -84,17 +88,18 @@ impl<'s> Tx<'s> {
     pub fn with_overlay(store: &'s Store, overlay: Overlay) -> Self {
         Tx {
             store,
-            layers: Vec::new(),
+            queued: None,
             overlay,
         }
     }
 
-    /// A transaction reading through `layers` (writes queued earlier that
-    /// the store does not show yet, oldest first).
-    pub fn layered(store: &'s Store, layers: Vec<Rc<Overlay>>) -> Self {
+    /// A transaction reading through `queued` (writes queued earlier that
+    /// the store does not show yet). It must not be changed while the
+    /// transaction reads.
+    pub fn over_queued(store: &'s Store, queued: &'s RefCell<Queued>) -> Self {
         Tx {
             store,
-            layers,
+            queued: Some(queued),
             overlay: Overlay::new(),
         }
     }
@@ -142,8 +147,8 @@ impl KvRead for Tx<'_> {
         if let Some(v) = self.overlay.get(key) {
             return Ok(v.clone());
         }
-        for layer in self.layers.iter().rev() {
-            if let Some(v) = layer.get(key) {
+        if let Some(q) = self.queued {
+            if let Some((_, v)) = q.borrow().get(key) {
                 return Ok(v.clone());
             }
         }
@@ -160,19 +165,20 @@ impl KvRead for Tx<'_> {
         if bounds_empty(lower, upper) {
             return Ok(Vec::new());
         }
-        let layers = self.layers.iter().map(|l| &**l).chain(std::iter::once(&self.overlay));
-        // Each overlay entry can hide at most one stored entry, so this many
-        // extra stored entries are enough to fill `limit` after merging.
-        let extra: usize = layers.clone().map(|l| l.range::<[u8], _>((lower, upper)).count()).sum();
+        let queued = self.queued.map(RefCell::borrow);
+        let queued_range = || queued.iter().flat_map(|q| q.range::<[u8], _>((lower, upper)));
+        let overlay = self.overlay.range::<[u8], _>((lower, upper));
+        // Each queued or overlay entry can hide at most one stored entry, so
+        // this many extra stored entries are enough to fill `limit`.
+        let extra = overlay.clone().count() + queued_range().count();
         let stored = self.store.scan(lower, upper, reverse, limit.saturating_add(extra))?;
         let mut merged: BTreeMap<Vec<u8>, Vec<u8>> = stored.into_iter().collect();
-        for layer in layers {
-            for (k, v) in layer.range::<[u8], _>((lower, upper)) {
-                match v {
-                    Some(v) => merged.insert(k.clone(), v.clone()),
-                    None => merged.remove(k),
-                };
-            }
+        let newer = queued_range().map(|(k, (_, v))| (k, v)).chain(overlay);
+        for (k, v) in newer {
+            match v {
+                Some(v) => merged.insert(k.clone(), v.clone()),
+                None => merged.remove(k),
+            };
         }
         Ok(if reverse {
             merged.into_iter().rev().take(limit).collect()

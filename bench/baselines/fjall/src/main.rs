@@ -1,5 +1,5 @@
 //! `fjall-baseline`: the fillrandom / readrandom / range-scan workload of
-//! `rama-bench storage` run against fjall, printed as one JSON line.
+//! `rama-bench run` run against fjall, printed as one JSON line.
 //!
 //! Keys and values come from `bench/src/keys.rs`, shared with the other
 //! in-process engines. Every write batch is committed with
