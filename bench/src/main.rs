@@ -97,8 +97,14 @@ fn wordcount_plan(quick: bool) -> wordcount::Plan {
         sentences: if quick { 4_000 } else { 400_000 },
         words_per_sentence: 10,
         vocabulary: 10_000,
-        clients: std::env::var("WC_CLIENTS").ok().and_then(|v| v.parse().ok()).unwrap_or(4),
-        window: std::env::var("WC_WINDOW").ok().and_then(|v| v.parse().ok()).unwrap_or(1024),
+        clients: std::env::var("WC_CLIENTS")
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(4),
+        window: std::env::var("WC_WINDOW")
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(1024),
         latency_seconds: if quick { 1.0 } else { 10.0 },
     }
 }

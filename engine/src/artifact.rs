@@ -78,7 +78,10 @@ fn run_command(modules: &[fn() -> Result<ModuleDef>], args: &[String]) -> std::r
     match args.first().map(String::as_str) {
         Some("describe") => {
             let all: Vec<_> = defs.iter().map(ModuleDef::describe).collect();
-            println!("{}", serde_json::to_string_pretty(&all).expect("descriptions serialize"));
+            println!(
+                "{}",
+                serde_json::to_string_pretty(&all).expect("descriptions serialize")
+            );
             Ok(())
         }
         Some("version") => {
@@ -226,14 +229,18 @@ fn nav_from_json(step: &Json) -> Result<Nav> {
 }
 
 fn request(cluster: &InProcessCluster, module: &str, line: &str) -> Result<Json> {
-    let req: Json = serde_json::from_str(line).map_err(|e| bad(format!("a request is one JSON object per line: {e}")))?;
+    let req: Json =
+        serde_json::from_str(line).map_err(|e| bad(format!("a request is one JSON object per line: {e}")))?;
     match string(&req, "op")? {
         "append" => {
             let record = value_from_json(req.get("record").ok_or_else(|| bad("append needs \"record\""))?)?;
             let ack = ack_level(req.get("ack").and_then(Json::as_str).unwrap_or("ack"))?;
             let r = cluster.depot(module, string(&req, "depot")?)?.append(&record, ack)?;
-            let returns: serde_json::Map<String, Json> =
-                r.ack_returns.iter().map(|(k, v)| (k.clone(), value_to_json(v))).collect();
+            let returns: serde_json::Map<String, Json> = r
+                .ack_returns
+                .iter()
+                .map(|(k, v)| (k.clone(), value_to_json(v)))
+                .collect();
             Ok(json!({ "task": r.task, "offset": r.offset, "ackReturns": returns }))
         }
         "select" => {
@@ -243,7 +250,9 @@ fn request(cluster: &InProcessCluster, module: &str, line: &str) -> Result<Json>
         }
         "invoke" => {
             let args = value_from_json(req.get("args").unwrap_or(&Json::Null))?;
-            Ok(value_to_json(&cluster.query(module, string(&req, "query")?)?.invoke(&args)?))
+            Ok(value_to_json(
+                &cluster.query(module, string(&req, "query")?)?.invoke(&args)?,
+            ))
         }
         "waitMicrobatch" => {
             let secs = req.get("timeoutSecs").and_then(Json::as_u64).unwrap_or(60);

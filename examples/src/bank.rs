@@ -66,7 +66,10 @@ impl Module for BankTransferModule {
                         }
                         let (id, amount) = (int_field(&record, "id")?, int_field(&record, "amount")?);
                         let (from, to) = (account(&record, "from")?, account(&record, "to")?);
-                        let balance = ctx.select_one("$$funds", &[Nav::Key(from.clone())])?.as_int().unwrap_or(0);
+                        let balance = ctx
+                            .select_one("$$funds", &[Nav::Key(from.clone())])?
+                            .as_int()
+                            .unwrap_or(0);
                         if amount <= 0 || balance < amount {
                             return ctx.transform(
                                 "$$rejectedTransfers",

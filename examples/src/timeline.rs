@@ -75,7 +75,11 @@ impl Module for TimelineModule {
                         let post = parts.pop().unwrap_or(Value::Nil);
                         let follower = parts.pop().unwrap_or(Value::Nil);
                         let id = int_field(&post, "id")?;
-                        ctx.transform("$$timelines", &[Nav::Key(follower), Nav::Key(Value::Int(id))], Op::Set(post))
+                        ctx.transform(
+                            "$$timelines",
+                            &[Nav::Key(follower), Nav::Key(Value::Int(id))],
+                            Op::Set(post),
+                        )
                     }),
                 ],
             )

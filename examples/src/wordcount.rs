@@ -53,7 +53,9 @@ fn as_list(counts: Vec<(String, i64)>) -> Value {
 fn limit(args: &Value) -> Result<usize> {
     match args.as_int() {
         Some(n) if (1..=10_000).contains(&n) => Ok(n as usize),
-        _ => Err(fail(format!("topWords takes the number of words (1..=10000), got {args:?}"))),
+        _ => Err(fail(format!(
+            "topWords takes the number of words (1..=10000), got {args:?}"
+        ))),
     }
 }
 
@@ -97,17 +99,12 @@ impl Module for WordCountModule {
                     }),
                     stage(|ctx, args| {
                         let n = limit(&args)?;
-                        let all = ctx.select_one(
-                            "$$wordCounts",
-                            &[Nav::range(Bound::Unbounded, Bound::Unbounded)],
-                        )?;
+                        let all = ctx.select_one("$$wordCounts", &[Nav::range(Bound::Unbounded, Bound::Unbounded)])?;
                         let counts = all
                             .as_map()
                             .map(|m| {
                                 m.iter()
-                                    .map(|(w, c)| {
-                                        (w.as_str().unwrap_or_default().to_string(), c.as_int().unwrap_or(0))
-                                    })
+                                    .map(|(w, c)| (w.as_str().unwrap_or_default().to_string(), c.as_int().unwrap_or(0)))
                                     .collect()
                             })
                             .unwrap_or_default();

@@ -41,13 +41,7 @@ struct Reference {
     rejected: BTreeMap<String, BTreeSet<i64>>,
 }
 
-fn run_transfers(
-    cluster: &InProcessCluster,
-    rng: &mut Rng,
-    count: i64,
-    first_id: i64,
-    reference: &mut Reference,
-) {
+fn run_transfers(cluster: &InProcessCluster, rng: &mut Rng, count: i64, first_id: i64, reference: &mut Reference) {
     let transfers = cluster.depot(M, "*transfers").unwrap();
     let pending: Vec<_> = (first_id..first_id + count)
         .map(|id| {
@@ -130,7 +124,9 @@ fn exactly_once_under_failures(tasks: u32, threads: u32) {
     };
     for s in 0..SOURCES {
         let account = format!("src{s}");
-        deposits.append(&deposit(&account, DEPOSIT), AckLevel::AppendAck).unwrap();
+        deposits
+            .append(&deposit(&account, DEPOSIT), AckLevel::AppendAck)
+            .unwrap();
         reference.balances.insert(account, DEPOSIT);
     }
     cluster.wait_microbatch(M, "banking", WAIT).unwrap();

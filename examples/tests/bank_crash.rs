@@ -105,7 +105,10 @@ fn microbatches_survive_sigkill_exactly_once() {
         std::thread::sleep(Duration::from_millis(200 + rng.below(800)));
         child.kill().unwrap();
         let status = child.wait().unwrap();
-        assert!(status.code().is_none(), "cycle {cycle}: the child exited on its own: {status}");
+        assert!(
+            status.code().is_none(),
+            "cycle {cycle}: the child exited on its own: {status}"
+        );
     }
 
     let mut cluster = InProcessCluster::new(dir.path());
@@ -138,6 +141,9 @@ fn microbatches_survive_sigkill_exactly_once() {
         assert!(b.as_int().unwrap_or(0) >= 0, "acct{a} has {b:?}");
     }
     let progress = cluster.microbatch_progress(M, "banking").unwrap();
-    eprintln!("after 5 kills: {records} deposits, total {deposited}, microbatch {}", progress.id);
+    eprintln!(
+        "after 5 kills: {records} deposits, total {deposited}, microbatch {}",
+        progress.id
+    );
     cluster.shutdown().unwrap();
 }

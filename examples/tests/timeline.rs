@@ -37,10 +37,7 @@ fn timelines_match_reference(tasks: u32, threads: u32) {
     let mut followers: BTreeMap<&str, BTreeSet<&str>> = BTreeMap::new();
     let follows = cluster.depot(M, "*follows").unwrap();
     for _ in 0..80 {
-        let (a, b) = (
-            &users[rng.below(20) as usize],
-            &users[rng.below(20) as usize],
-        );
+        let (a, b) = (&users[rng.below(20) as usize], &users[rng.below(20) as usize]);
         follows.append(&follow(a, b), AckLevel::Ack).unwrap();
         followers.entry(b).or_default().insert(a);
     }
@@ -59,7 +56,9 @@ fn timelines_match_reference(tasks: u32, threads: u32) {
         let want = timelines.get(u.as_str()).cloned().unwrap_or_default();
         // The newest five, by a reverse range with a limit (a submap, so
         // its values come in id order).
-        let newest = pstate.select(&[Nav::key(u.as_str()), Nav::last(5), Nav::MapVals]).unwrap();
+        let newest = pstate
+            .select(&[Nav::key(u.as_str()), Nav::last(5), Nav::MapVals])
+            .unwrap();
         let mut want_newest: Vec<Value> = want.values().rev().take(5).cloned().collect();
         want_newest.reverse();
         assert_eq!(newest, want_newest, "newest posts of {u}");

@@ -144,11 +144,15 @@ fn restart_resumes_the_stream_without_losing_or_repeating() {
     }
     let expected = reference(&sentences);
     let counts = cluster.pstate("WordCountModule", "$$wordCounts").unwrap();
-    eventually("the first 300 sentences to be processed", Duration::from_secs(60), || {
-        expected
-            .iter()
-            .all(|(w, c)| counts.select_one(&[Nav::key(w.as_str())]).unwrap() == Value::Int(*c))
-    });
+    eventually(
+        "the first 300 sentences to be processed",
+        Duration::from_secs(60),
+        || {
+            expected
+                .iter()
+                .all(|(w, c)| counts.select_one(&[Nav::key(w.as_str())]).unwrap() == Value::Int(*c))
+        },
+    );
     check_counts(&cluster, &expected);
     // The depot kept every record.
     let total: usize = (0..4)
@@ -171,9 +175,18 @@ fn bad_input_is_refused_with_clear_errors() {
     assert!(err.contains("already running"), "{err}");
     for (got, want) in [
         (cluster.depot("Nope", "*sentences").unwrap_err(), "no module named Nope"),
-        (cluster.depot("WordCountModule", "*nope").unwrap_err(), "has no depot *nope"),
-        (cluster.pstate("WordCountModule", "$$nope").unwrap_err(), "has no PState $$nope"),
-        (cluster.query("WordCountModule", "nope").unwrap_err(), "has no query nope"),
+        (
+            cluster.depot("WordCountModule", "*nope").unwrap_err(),
+            "has no depot *nope",
+        ),
+        (
+            cluster.pstate("WordCountModule", "$$nope").unwrap_err(),
+            "has no PState $$nope",
+        ),
+        (
+            cluster.query("WordCountModule", "nope").unwrap_err(),
+            "has no query nope",
+        ),
     ] {
         assert!(got.to_string().contains(want), "{got} should say {want}");
     }
@@ -200,5 +213,25 @@ fn bad_input_is_refused_with_clear_errors() {
     assert!(err.contains("topWords takes the number of words"), "{err}");
     // Nothing of the refused input was applied.
     assert_eq!(counts.select_one(&[Nav::key("x")]).unwrap(), Value::Nil);
+    cluster.shutdown().unwrap();
+}
+
+#[test]
+fn destroy_removes_the_module_and_its_data() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut cluster = InProcessCluster::new(dir.path());
+    cluster.launch_module::<WordCountModule>(2, 1).unwrap();
+    let depot = cluster.depot("WordCountModule", "*sentences").unwrap();
+    depot.append(&Value::from("one two"), AckLevel::Ack).unwrap();
+    assert!(dir.path().join("WordCountModule").exists());
+    cluster.destroy("WordCountModule").unwrap();
+    assert!(!dir.path().join("WordCountModule").exists());
+    // Old clients fail cleanly; a relaunch starts empty.
+    assert!(depot.append(&Value::from("three"), AckLevel::Ack).is_err());
+    cluster.launch_module::<WordCountModule>(2, 1).unwrap();
+    let counts = cluster.pstate("WordCountModule", "$$wordCounts").unwrap();
+    assert_eq!(counts.select_one(&[Nav::key("one")]).unwrap(), Value::Nil);
+    let err = cluster.destroy("Nope").unwrap_err().to_string();
+    assert!(err.contains("no module named Nope"), "{err}");
     cluster.shutdown().unwrap();
 }

@@ -157,7 +157,10 @@ async fn coordinate_inner(th: &Rc<TaskThread>, topology: usize) -> Result<()> {
             shared.note_failure(&e.to_string());
             if matches!(e, Error::LimitExceeded { .. }) && ranges.iter().any(|r| r.3 - r.2 > 1) {
                 // Too much for one atomic batch: plan smaller ranges.
-                let smaller: Ranges = ranges.iter().map(|&(d, t, s, e)| (d, t, s, s + (e - s).div_ceil(2))).collect();
+                let smaller: Ranges = ranges
+                    .iter()
+                    .map(|&(d, t, s, e)| (d, t, s, s + (e - s).div_ceil(2)))
+                    .collect();
                 let mut batch = WriteBatch::new();
                 batch.put(&plan_key, archived::to_bytes(&ranges_value(id, &smaller)));
                 th.store.write(batch).await?;

@@ -238,9 +238,22 @@ pub trait ClusterClient {
 /// A task thread; it returns its storage's closing result.
 type TaskThreadHandle = std::thread::JoinHandle<Result<()>>;
 
+/// How task threads run.
+#[derive(Debug, Clone, Default)]
+pub struct ThreadOptions {
+    /// Pin task thread `i` to CPU `i % cpus`. `None` (default): pin only
+    /// when a module's threads do not outnumber the CPUs.
+    pub pin: Option<bool>,
+    /// Spin this long before parking an idle task thread: a wake-up across
+    /// cores costs about 20 µs here, spinning cuts a round trip to a few µs
+    /// at the cost of CPU. Default: park at once.
+    pub spin_before_park: Option<Duration>,
+}
+
 /// Modules running on task threads of this process.
 pub struct InProcessCluster {
     dir: PathBuf,
+    threads: ThreadOptions,
     modules: Vec<(Arc<ModuleRuntime>, Vec<TaskThreadHandle>)>,
     fault: Option<FaultHook>,
 }
@@ -249,7 +262,10 @@ impl std::fmt::Debug for InProcessCluster {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("InProcessCluster")
             .field("dir", &self.dir)
-            .field("modules", &self.modules.iter().map(|(m, _)| &m.def.name).collect::<Vec<_>>())
+            .field(
+                "modules",
+                &self.modules.iter().map(|(m, _)| &m.def.name).collect::<Vec<_>>(),
+            )
             .finish_non_exhaustive()
     }
 }
@@ -260,9 +276,15 @@ impl InProcessCluster {
     pub fn new(dir: impl AsRef<Path>) -> InProcessCluster {
         InProcessCluster {
             dir: dir.as_ref().to_path_buf(),
+            threads: ThreadOptions::default(),
             modules: Vec::new(),
             fault: None,
         }
+    }
+
+    /// How task threads of modules launched from now on run.
+    pub fn set_thread_options(&mut self, options: ThreadOptions) {
+        self.threads = options;
     }
 
     /// Tests: modules launched from now on consult `hook` before each stage
@@ -323,10 +345,14 @@ impl InProcessCluster {
         let (ready_tx, ready_rx) = flume::bounded::<Result<()>>(threads as usize);
         for (thread, inbox) in (0..threads).zip(inboxes) {
             let (rt, dir, ready) = (rt.clone(), module_dir.clone(), ready_tx.clone());
+            let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
+            let pin = self.threads.pin.unwrap_or(threads as usize <= cpus);
             let executor = ExecutorConfig {
                 name: format!("{}-task-thread-{thread}", rt.def.name),
                 // Several modules' threads share the process's locked memory.
                 io_memory_bytes: 512 << 10,
+                pin_to_cpu: pin.then_some(thread as usize % cpus),
+                spin_before_park: self.threads.spin_before_park,
                 ..ExecutorConfig::default()
             };
             handles.push(std::thread::spawn(move || {
@@ -465,6 +491,23 @@ impl InProcessCluster {
                 )));
             }
             p = shared.changed.wait_timeout(p, deadline - now).expect("progress").0;
+        }
+    }
+
+    /// Stops module `module` and deletes its data.
+    pub fn destroy(&mut self, module: &str) -> Result<()> {
+        let i = self
+            .modules
+            .iter()
+            .position(|(m, _)| m.def.name == module)
+            .ok_or_else(|| Error::Schema(format!("no module named {module} is running")))?;
+        let (rt, handles) = self.modules.remove(i);
+        stop(rt, handles)?;
+        let dir = self.dir.join(module);
+        match std::fs::remove_dir_all(&dir) {
+            Ok(()) => Ok(()),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+            Err(e) => Err(Error::io("remove_dir_all", dir, e)),
         }
     }
 

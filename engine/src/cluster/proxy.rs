@@ -160,7 +160,11 @@ impl Proxy {
         };
         match proxy.events.recv() {
             Ok(ProxyEvent::Initial(v)) => proxy.current = v,
-            Ok(other) => return Err(Error::Schema(format!("proxy of {what}: expected the initial value, got {other:?}"))),
+            Ok(other) => {
+                return Err(Error::Schema(format!(
+                    "proxy of {what}: expected the initial value, got {other:?}"
+                )))
+            }
             Err(_) => return Err(Error::Closed(format!("proxy of {what}"))),
         }
         Ok(proxy)

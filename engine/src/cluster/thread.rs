@@ -191,7 +191,10 @@ impl TaskThread {
             if !touched.contains(&(s.task, s.pstate as u16)) {
                 return true;
             }
-            let now = match self.pstates_of(s.task).and_then(|p| p[s.pstate].select(&self.store, &s.path)) {
+            let now = match self
+                .pstates_of(s.task)
+                .and_then(|p| p[s.pstate].select(&self.store, &s.path))
+            {
                 Ok(v) => as_one(v),
                 // The path was checked when subscribing; a read error drops
                 // the subscription (the proxy sees its channel close).
@@ -316,7 +319,7 @@ pub(crate) async fn run(th: Rc<TaskThread>, inbox: ThreadInbox) -> Result<()> {
         }));
     }
     // Stream consumers: one per (stream topology, source depot, task).
-    let mut workers = th.workers.borrow_mut();
+    let mut workers = Vec::new();
     for (t, topology) in th.rt.def.topologies.iter().enumerate() {
         match topology.kind {
             TopologyKind::Stream => {
@@ -338,7 +341,7 @@ pub(crate) async fn run(th: Rc<TaskThread>, inbox: ThreadInbox) -> Result<()> {
             }
         }
     }
-    drop(workers);
+    th.workers.borrow_mut().extend(workers);
     // Client requests until shutdown.
     let permits = Rc::new(Semaphore::new(CLIENT_INFLIGHT));
     while let Ok(request) = client.recv_async().await {
@@ -559,7 +562,9 @@ pub(crate) async fn run_batch(
     let def = &rt.def;
     let (stages, mode) = match flow {
         Flow::Stream(t) => (&def.topologies[t].stages, Mode::Stream),
-        Flow::Microbatch { topology, id, attempt } => (&def.topologies[topology].stages, Mode::Microbatch { id, attempt }),
+        Flow::Microbatch { topology, id, attempt } => {
+            (&def.topologies[topology].stages, Mode::Microbatch { id, attempt })
+        }
         Flow::Query(q) => (&def.queries[q].stages, Mode::Query),
     };
     let fatal = |why: String| Completion {
@@ -655,7 +660,9 @@ pub(crate) async fn run_batch(
                     break;
                 }
                 if let Flow::Microbatch { topology, id, .. } = flow {
-                    th.pending.borrow_mut().insert((topology, task), (id, tx.into_overlay()));
+                    th.pending
+                        .borrow_mut()
+                        .insert((topology, task), (id, tx.into_overlay()));
                 }
                 return fatal(why);
             }
@@ -675,7 +682,9 @@ pub(crate) async fn run_batch(
                 drop(applying);
             } else if let Err(e) = commit_stream(th, task, writes, applying).await {
                 for (o, _) in &items {
-                    done.failed.entry(*o).or_insert_with(|| format!("writing PState changes: {e}"));
+                    done.failed
+                        .entry(*o)
+                        .or_insert_with(|| format!("writing PState changes: {e}"));
                 }
                 return done;
             }
@@ -699,7 +708,10 @@ pub(crate) async fn run_batch(
             To::Origin => done.results.push(value),
             To::Local => by_task.entry(task).or_default().push((origin, value)),
             To::Global => by_task.entry(0).or_default().push((origin, value)),
-            To::Hash(k) => by_task.entry(task_for_key(&k, tasks)).or_default().push((origin, value)),
+            To::Hash(k) => by_task
+                .entry(task_for_key(&k, tasks))
+                .or_default()
+                .push((origin, value)),
             To::Shuffle => by_task
                 .entry(th.next_shuffle() % tasks)
                 .or_default()

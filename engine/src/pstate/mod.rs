@@ -20,8 +20,8 @@
 pub mod path;
 pub mod schema;
 
-use std::collections::{BTreeMap, BTreeSet};
 use std::cell::RefCell;
+use std::collections::{BTreeMap, BTreeSet};
 use std::ops::Bound;
 
 pub use self::path::{Nav, Op, Path};

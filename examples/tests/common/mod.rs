@@ -47,8 +47,8 @@ pub fn eventually(what: &str, limit: Duration, mut f: impl FnMut() -> bool) {
 }
 
 pub const WORDS: &[&str] = &[
-    "the", "cat", "dog", "and", "a", "river", "stone", "light", "of", "runs", "over", "under", "quick", "brown",
-    "fox", "jumps", "lazy", "night", "day", "sea", "Sky", "tree", "leaf", "wind",
+    "the", "cat", "dog", "and", "a", "river", "stone", "light", "of", "runs", "over", "under", "quick", "brown", "fox",
+    "jumps", "lazy", "night", "day", "sea", "Sky", "tree", "leaf", "wind",
 ];
 
 /// A sentence of 3 to 12 words from [`WORDS`], with punctuation.
