@@ -141,12 +141,14 @@ fn serve(def: ModuleDef, dir: &str, tasks: u32, threads: u32) -> Result<()> {
     eprintln!("module {name} running with {tasks} tasks on {threads} threads; data in {dir}");
     let stdin = std::io::stdin();
     let mut stdout = std::io::stdout().lock();
+    // Depot clients are kept, so appends to a random depot spread over tasks.
+    let mut depots = std::collections::HashMap::new();
     for line in stdin.lock().lines() {
         let line = line.map_err(|e| Error::io("read", "<stdin>", e))?;
         if line.trim().is_empty() {
             continue;
         }
-        let answer = match request(&cluster, &name, &line) {
+        let answer = match request(&cluster, &mut depots, &name, &line) {
             Ok(v) => json!({ "ok": v }),
             Err(e) => json!({ "error": e.to_string() }),
         };
@@ -228,14 +230,23 @@ fn nav_from_json(step: &Json) -> Result<Nav> {
     })
 }
 
-fn request(cluster: &InProcessCluster, module: &str, line: &str) -> Result<Json> {
+fn request(
+    cluster: &InProcessCluster,
+    depots: &mut std::collections::HashMap<String, crate::cluster::DepotClient>,
+    module: &str,
+    line: &str,
+) -> Result<Json> {
     let req: Json =
         serde_json::from_str(line).map_err(|e| bad(format!("a request is one JSON object per line: {e}")))?;
     match string(&req, "op")? {
         "append" => {
             let record = value_from_json(req.get("record").ok_or_else(|| bad("append needs \"record\""))?)?;
             let ack = ack_level(req.get("ack").and_then(Json::as_str).unwrap_or("ack"))?;
-            let r = cluster.depot(module, string(&req, "depot")?)?.append(&record, ack)?;
+            let name = string(&req, "depot")?;
+            if !depots.contains_key(name) {
+                depots.insert(name.to_string(), cluster.depot(module, name)?);
+            }
+            let r = depots[name].append(&record, ack)?;
             let returns: serde_json::Map<String, Json> = r
                 .ack_returns
                 .iter()
