@@ -97,7 +97,7 @@ fn proxy_of_a_subindexed_map_follows_every_post() {
         posts
             .append(&post(if id % 2 == 0 { "alice" } else { "bob" }, id), AckLevel::Ack)
             .unwrap();
-        let events = proxy.poll();
+        let events = proxy.poll().unwrap();
         assert!(!events.is_empty(), "post {id} sent no diff");
         assert_eq!(proxy.current(), &timelines.select_one(&[Nav::key("reader")]).unwrap());
     }

@@ -7,7 +7,7 @@ use std::collections::BTreeMap;
 use std::time::Duration;
 
 use common::{eventually, seed, sentence, Rng};
-use engine::cluster::{AckLevel, InProcessCluster};
+use engine::cluster::{AckLevel, InProcessCluster, ProxyEvent};
 use engine::pstate::Nav;
 use engine::value::Value;
 use engine::Error;
@@ -113,11 +113,39 @@ fn proxy_follows_every_update() {
             .append(&Value::from(common::sentence(&mut rng)), AckLevel::Ack)
             .unwrap();
         // The diffs of a processed record are sent before its ack.
-        the.poll();
-        dog.poll();
+        the.poll().unwrap();
+        dog.poll().unwrap();
         assert_eq!(the.current(), &counts.select_one(&[Nav::key("the")]).unwrap());
         assert_eq!(dog.current(), &counts.select_one(&[Nav::key("dog")]).unwrap());
     }
+    cluster.shutdown().unwrap();
+}
+
+/// A proxy that does not read its events for more updates than its channel
+/// holds is whole again once it reads them.
+#[test]
+fn proxy_that_fell_behind_resyncs() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut cluster = InProcessCluster::new(dir.path());
+    cluster.launch_module::<WordCountModule>(2, 1).unwrap();
+    let depot = cluster.depot("WordCountModule", "*sentences").unwrap();
+    let counts = cluster.pstate("WordCountModule", "$$wordCounts").unwrap();
+    let mut proxy = counts.proxy(&[Nav::key("the")]).unwrap();
+    // One batch per sync append, so one diff each: more than the channel
+    // holds (1024 events).
+    for _ in 0..1100 {
+        depot.append(&Value::from("the end"), AckLevel::Ack).unwrap();
+    }
+    let events = proxy.poll().unwrap();
+    assert!(events.contains(&ProxyEvent::Stale), "{} events, no Stale", events.len());
+    assert_eq!(proxy.current(), &Value::Int(1100));
+    // Later changes arrive as a whole-value resync, then diffs again.
+    depot.append(&Value::from("the"), AckLevel::Ack).unwrap();
+    let events = proxy.poll().unwrap();
+    assert_eq!(events, vec![ProxyEvent::Resync(Value::Int(1101))]);
+    depot.append(&Value::from("the"), AckLevel::Ack).unwrap();
+    proxy.poll().unwrap();
+    assert_eq!(proxy.current(), &Value::Int(1102));
     cluster.shutdown().unwrap();
 }
 

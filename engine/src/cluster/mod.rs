@@ -757,7 +757,9 @@ impl PStateClient {
             events: events_tx,
             reply,
         })?;
-        Proxy::start(events_rx, self.name())
+        let (client, path) = (self.clone(), path.to_vec());
+        let reselect = Box::new(move || client.select_on(task, &path).map(proxy::as_one));
+        Proxy::start(events_rx, self.name(), reselect)
     }
 }
 

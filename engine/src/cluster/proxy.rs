@@ -5,9 +5,12 @@
 //! The task thread keeps, per subscription, the last value it sent. After a
 //! committed write to the PState partition it re-reads the path and, when
 //! the value changed, sends the difference. The event channel is bounded:
-//! when it is full the subscription is marked stale and, once there is
-//! room, a [`ProxyEvent::Resync`] with the whole value replaces the lost
-//! diffs. A dropped proxy is forgotten at the next write.
+//! when only one slot is left, the task sends [`ProxyEvent::Stale`] there
+//! and stops sending diffs; the proxy, on reading it, selects the whole
+//! value afresh, and the task sends a [`ProxyEvent::Resync`] with the whole
+//! value at the next change once there is room again. So a proxy that fell
+//! behind is whole again as soon as it reads its events. A dropped proxy is
+//! forgotten at the next write.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::time::Duration;
@@ -40,6 +43,9 @@ pub enum ProxyEvent {
     Diff(Diff),
     /// Diffs were lost (the proxy fell behind); this is the whole value.
     Resync(Value),
+    /// The proxy fell behind and diffs are being dropped; it selects the
+    /// whole value when it reads this.
+    Stale,
 }
 
 /// The difference that turns `old` into `new`.
@@ -133,6 +139,13 @@ impl Subscription {
         if now == self.last {
             return !self.events.is_disconnected();
         }
+        if self.events.len() + 1 >= PROXY_EVENTS_MAX {
+            self.stale = true;
+            return !matches!(
+                self.events.try_send(ProxyEvent::Stale),
+                Err(flume::TrySendError::Disconnected(_))
+            );
+        }
         match self.events.try_send(ProxyEvent::Diff(diff(&self.last, &now))) {
             Ok(()) => {}
             Err(flume::TrySendError::Full(_)) => self.stale = true,
@@ -143,20 +156,32 @@ impl Subscription {
     }
 }
 
+/// Selects the proxied value afresh.
+pub(crate) type Reselect = Box<dyn Fn() -> Result<Value> + Send>;
+
 /// A live view of the value a path reaches in a PState: starts with the
 /// value at subscription time, then follows every change.
-#[derive(Debug)]
 pub struct Proxy {
     events: flume::Receiver<ProxyEvent>,
     current: Value,
+    reselect: Reselect,
+}
+
+impl std::fmt::Debug for Proxy {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Proxy")
+            .field("current", &self.current)
+            .finish_non_exhaustive()
+    }
 }
 
 impl Proxy {
     /// Waits for the initial value.
-    pub(crate) fn start(events: flume::Receiver<ProxyEvent>, what: &str) -> Result<Proxy> {
+    pub(crate) fn start(events: flume::Receiver<ProxyEvent>, what: &str, reselect: Reselect) -> Result<Proxy> {
         let mut proxy = Proxy {
             events,
             current: Value::Nil,
+            reselect,
         };
         match proxy.events.recv() {
             Ok(ProxyEvent::Initial(v)) => proxy.current = v,
@@ -175,25 +200,29 @@ impl Proxy {
         &self.current
     }
 
-    fn apply(&mut self, event: &ProxyEvent) {
+    fn apply(&mut self, event: &ProxyEvent) -> Result<()> {
         match event {
             ProxyEvent::Initial(v) | ProxyEvent::Resync(v) => self.current = v.clone(),
             ProxyEvent::Diff(d) => apply_diff(&mut self.current, d),
+            ProxyEvent::Stale => self.current = (self.reselect)()?,
         }
+        Ok(())
     }
 
     /// Applies every event already received; returns them.
-    pub fn poll(&mut self) -> Vec<ProxyEvent> {
+    pub fn poll(&mut self) -> Result<Vec<ProxyEvent>> {
         let events: Vec<_> = self.events.try_iter().collect();
-        events.iter().for_each(|e| self.apply(e));
-        events
+        for e in &events {
+            self.apply(e)?;
+        }
+        Ok(events)
     }
 
     /// Waits up to `timeout` for the next event, applies and returns it.
     pub fn next_event(&mut self, timeout: Duration) -> Result<Option<ProxyEvent>> {
         match self.events.recv_timeout(timeout) {
             Ok(e) => {
-                self.apply(&e);
+                self.apply(&e)?;
                 Ok(Some(e))
             }
             Err(flume::RecvTimeoutError::Timeout) => Ok(None),
