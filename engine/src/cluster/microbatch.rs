@@ -106,12 +106,17 @@ async fn coordinate_inner(th: &Rc<TaskThread>, topology: usize) -> Result<()> {
         Some((id, r)) => (id, r.into_iter().map(|(d, t, _, e)| ((d, t), e)).collect()),
         None => (0, Ends::new()),
     };
-    broadcast(&rt, |reply| Control::Recover {
+    // Recovery may apply a decided microbatch on some tasks: no read may
+    // see that half done.
+    rt.gate.close().await;
+    let recovered = broadcast(&rt, |reply| Control::Recover {
         topology,
         decided,
         reply,
     })
-    .await?;
+    .await;
+    rt.gate.open();
+    recovered?;
     shared.publish(decided, &ends);
     let mut plan = load_ranges(th, &plan_key)?
         .filter(|(id, _)| *id == decided + 1)
@@ -376,12 +381,30 @@ async fn prepare(th: &Rc<TaskThread>, topology: usize, id: u64) -> Result<()> {
     let name = th.rt.def.topologies[topology].name.clone();
     for &task in &th.tasks {
         let writes = match th.pending.borrow().get(&(topology, task)) {
-            Some((pending_id, o)) if *pending_id == id => o.clone(),
-            _ => continue,
+            Some((pending_id, o)) if *pending_id == id => Some(o.clone()),
+            _ => None,
         };
+        let q_key = meta_key(task, b'q', &name);
+        let stale = stored_pending(th, task, &name)?;
+        let Some(writes) = writes else {
+            // No changes this attempt: drop what an aborted attempt of this
+            // (or an earlier) id left, so a recovery cannot apply it.
+            if !stale.is_empty() || th.store.get(&q_key)?.is_some() {
+                let mut batch = WriteBatch::new();
+                for (k, _) in stale {
+                    batch.delete(k);
+                }
+                batch.delete(&q_key);
+                th.write(batch).await?;
+            }
+            continue;
+        };
+        // The commit batch is larger than this one; it must fit too, or the
+        // microbatch could be decided and then fail to apply.
+        th.store.check_batch(&commit_batch(task, &name, id, &writes))?;
         let prefix = pending_prefix(task, &name);
         let mut batch = WriteBatch::new();
-        for (k, _) in stored_pending(th, task, &name)? {
+        for (k, _) in stale {
             batch.delete(k);
         }
         for (k, v) in &writes {
@@ -397,10 +420,29 @@ async fn prepare(th: &Rc<TaskThread>, topology: usize, id: u64) -> Result<()> {
                 None => batch.put(pk, [0u8]),
             };
         }
-        batch.put(meta_key(task, b'q', &name), id.to_le_bytes());
+        batch.put(&q_key, id.to_le_bytes());
         th.write(batch).await?;
     }
     Ok(())
+}
+
+/// The batch that applies `writes` of microbatch `id` on `task`: the
+/// changes, the deletion of their pending copies, and "applied `id`".
+fn commit_batch(task: u32, name: &str, id: u64, writes: &crate::pstate::Overlay) -> WriteBatch {
+    let prefix = pending_prefix(task, name);
+    let mut batch = WriteBatch::new();
+    for (k, v) in writes {
+        let mut pk = prefix.clone();
+        pk.extend_from_slice(k);
+        batch.delete(pk);
+        match v {
+            Some(v) => batch.put(k, v),
+            None => batch.delete(k),
+        };
+    }
+    batch.delete(meta_key(task, b'q', name));
+    batch.put(meta_key(task, b'a', name), id.to_le_bytes());
+    batch
 }
 
 async fn commit(th: &Rc<TaskThread>, topology: usize, id: u64) -> Result<()> {
@@ -410,20 +452,7 @@ async fn commit(th: &Rc<TaskThread>, topology: usize, id: u64) -> Result<()> {
             Some((pending_id, o)) if pending_id == id => o,
             _ => continue,
         };
-        let prefix = pending_prefix(task, &name);
-        let mut batch = WriteBatch::new();
-        for (k, v) in writes {
-            let mut pk = prefix.clone();
-            pk.extend_from_slice(&k);
-            batch.delete(pk);
-            match v {
-                Some(v) => batch.put(k, v),
-                None => batch.delete(k),
-            };
-        }
-        batch.delete(meta_key(task, b'q', &name));
-        batch.put(meta_key(task, b'a', &name), id.to_le_bytes());
-        th.write(batch).await?;
+        th.write(commit_batch(task, &name, id, &writes)).await?;
     }
     Ok(())
 }

@@ -124,32 +124,32 @@ pub(crate) struct Subscription {
 
 impl Subscription {
     /// Sends what changed since the last event; false once the proxy is gone.
+    ///
+    /// The last free slot of the channel is kept for `Stale`: a diff or a
+    /// resync is sent only when at least two slots are free, so `Stale`
+    /// always fits when it is needed.
     pub fn update(&mut self, now: Value) -> bool {
+        if self.events.is_disconnected() {
+            return false;
+        }
+        let free = PROXY_EVENTS_MAX.saturating_sub(self.events.len());
         if self.stale {
-            match self.events.try_send(ProxyEvent::Resync(now.clone())) {
-                Ok(()) => {
-                    self.stale = false;
-                    self.last = now;
-                }
-                Err(flume::TrySendError::Full(_)) => {}
-                Err(flume::TrySendError::Disconnected(_)) => return false,
+            if free >= 2 && self.events.try_send(ProxyEvent::Resync(now.clone())).is_ok() {
+                self.stale = false;
+                self.last = now;
             }
             return true;
         }
         if now == self.last {
-            return !self.events.is_disconnected();
+            return true;
         }
-        if self.events.len() + 1 >= PROXY_EVENTS_MAX {
+        if free >= 2 {
+            let _ = self.events.try_send(ProxyEvent::Diff(diff(&self.last, &now)));
+        } else {
+            // The proxy re-selects when it reads this; the next change
+            // after it caught up is sent as a resync.
+            let _ = self.events.try_send(ProxyEvent::Stale);
             self.stale = true;
-            return !matches!(
-                self.events.try_send(ProxyEvent::Stale),
-                Err(flume::TrySendError::Disconnected(_))
-            );
-        }
-        match self.events.try_send(ProxyEvent::Diff(diff(&self.last, &now))) {
-            Ok(()) => {}
-            Err(flume::TrySendError::Full(_)) => self.stale = true,
-            Err(flume::TrySendError::Disconnected(_)) => return false,
         }
         self.last = now;
         true

@@ -348,6 +348,18 @@ pub(crate) async fn run(th: Rc<TaskThread>, inbox: ThreadInbox) -> Result<()> {
         if matches!(request, Request::Shutdown) {
             break;
         }
+        if th.stopping.get() {
+            // Stopping: consumers are draining what was appended before;
+            // a new append is refused before it is written, so no caller
+            // gets an error for a record that is durable.
+            if let Request::Append { reply: Some(reply), .. } = request {
+                let _ = reply.send(Err(Error::Closed(format!(
+                    "module {} is stopping; the append was not taken",
+                    th.rt.def.name
+                ))));
+                continue;
+            }
+        }
         let Ok(permit) = permits.acquire_static_permit(1).await else {
             break;
         };
@@ -921,7 +933,9 @@ async fn consume_inner(th: &Rc<TaskThread>, topology: usize, depot: usize, task:
             .waiters
             .wait(|| (th.stopping.get() || appended.enqueued_end.get() > offset).then_some(()))
             .await;
-        if th.stopping.get() {
+        // Stopping: client appends are refused from now on, so drain what
+        // was appended (every `Ack` waiter gets its answer), then stop.
+        if th.stopping.get() && appended.enqueued_end.get() <= offset {
             return Ok(());
         }
         if log.end_offset() <= offset {
@@ -942,6 +956,11 @@ async fn consume_inner(th: &Rc<TaskThread>, topology: usize, depot: usize, task:
             }
         }
         let mut c = run_batch(th, Flow::Stream(topology), 0, task, Some(depot), items.clone()).await;
+        if let Some(why) = c.fatal.take() {
+            for (o, _) in &items {
+                c.failed.entry(*o).or_insert_with(|| why.clone());
+            }
+        }
         // Individual retries of the records that failed.
         for (o, v) in &items {
             let Some(mut why) = c.failed.remove(o) else {
@@ -950,7 +969,7 @@ async fn consume_inner(th: &Rc<TaskThread>, topology: usize, depot: usize, task:
             let mut ok = false;
             for _ in 0..STREAM_RETRIES {
                 let r = run_batch(th, Flow::Stream(topology), 0, task, Some(depot), vec![(*o, v.clone())]).await;
-                match r.failed.into_values().next() {
+                match r.fatal.or_else(|| r.failed.into_values().next()) {
                     None => {
                         c.ack_returns.extend(r.ack_returns);
                         ok = true;

@@ -219,12 +219,20 @@ impl StageCtx<'_, '_> {
         self.out.emits.push((self.origin, to, value));
     }
 
-    /// Appends `record` to a depot of this module (partitioned by the
-    /// depot's partitioner; random and disallow depots take it on this
-    /// task). The batch completes only once the append is durable.
+    /// Stream topologies: appends `record` to a depot of this module
+    /// (partitioned by the depot's partitioner; random and disallow depots
+    /// take it on this task). The batch completes only once the append is
+    /// durable.
     pub fn append(&mut self, depot: &str, record: Value) -> Result<()> {
-        if self.mode == Mode::Query {
-            return Err(fail(format!("queries cannot append to depots (append to {depot})")));
+        match self.mode {
+            Mode::Query => return Err(fail(format!("queries cannot append to depots (append to {depot})"))),
+            Mode::Microbatch { .. } => {
+                return Err(fail(format!(
+                    "microbatch topologies cannot append to depots yet (append to {depot}): the append \
+                     would repeat when an attempt is retried"
+                )))
+            }
+            Mode::Stream => {}
         }
         let (i, _) = self.def.depot(depot)?;
         self.out.appends.push((self.origin, i, record));
