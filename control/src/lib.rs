@@ -1,6 +1,7 @@
-//! The control side of a cluster: configuration (`rama.yaml`) and the
-//! development ZooKeeper. The Conductor, Supervisors and the metastore
-//! (issue 4) build on these.
+//! The control side of a cluster: configuration (`rama.yaml`), the
+//! development ZooKeeper, and the metastore (a trait with a ZooKeeper
+//! backend). The Conductor and Supervisors (issue 4) build on these.
 
 pub mod config;
 pub mod devzk;
+pub mod metastore;

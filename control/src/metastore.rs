@@ -1,0 +1,291 @@
+//! The metastore: where the Conductor, Supervisors and workers keep cluster
+//! metadata and liveness. A trait, so the control logic does not depend on
+//! ZooKeeper; [`ZkMetastore`] is the ZooKeeper backend.
+//!
+//! Paths are absolute within the cluster's root (`zookeeper.root`): `/`
+//! is the root node. Ephemeral nodes live as long as the session that made
+//! them; after a session expiry the metastore connects again with a new
+//! session (its [`Metastore::session_epoch`] changes) and the owner must
+//! create its ephemeral nodes again and re-read state before acting.
+//! The API is blocking: daemons call it from their own threads.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Mutex, MutexGuard};
+use std::time::{Duration, Instant};
+
+use zookeeper_client as zk;
+
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum MetaError {
+    #[error("metastore: {0} does not exist")]
+    NoNode(String),
+    #[error("metastore: {0} already exists")]
+    NodeExists(String),
+    #[error("metastore: {0} changed since it was read (version mismatch)")]
+    BadVersion(String),
+    #[error("metastore: {0} has children")]
+    NotEmpty(String),
+    /// The session (and its ephemeral nodes) is gone; a new session was
+    /// opened. Re-register, re-read, then retry.
+    #[error("metastore: the session expired; ephemeral nodes are gone (reconnected with a new session)")]
+    SessionExpired,
+    #[error("metastore unavailable: {0}")]
+    Unavailable(String),
+}
+
+pub type Result<T> = std::result::Result<T, MetaError>;
+
+/// How long a node lives.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum NodeKind {
+    Persistent,
+    /// Removed when the creating session ends (liveness).
+    Ephemeral,
+}
+
+/// A one-shot notification that a watched node or its children changed.
+pub struct Watch(zk::OneshotWatcher);
+
+impl std::fmt::Debug for Watch {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Watch")
+    }
+}
+
+impl Watch {
+    /// Waits up to `timeout` for the change; true when it happened (a
+    /// session event that ends the watch counts as a change: re-read).
+    pub fn wait(self, timeout: Duration) -> bool {
+        smol::block_on(smol::future::or(
+            async {
+                self.0.changed().await;
+                true
+            },
+            async {
+                smol::Timer::after(timeout).await;
+                false
+            },
+        ))
+    }
+}
+
+/// Cluster metadata storage.
+pub trait Metastore: Send + Sync {
+    /// Creates `path` with `data`; its parent must exist.
+    fn create(&self, path: &str, data: &[u8], kind: NodeKind) -> Result<()>;
+    /// Creates `path` and missing ancestors, empty and persistent; fine if
+    /// it exists.
+    fn create_all(&self, path: &str) -> Result<()>;
+    /// Data and version of `path` (`None`: it does not exist).
+    fn get(&self, path: &str) -> Result<Option<(Vec<u8>, i32)>>;
+    /// Replaces the data of `path` if its version is `version` (any when
+    /// `None`); returns the new version.
+    fn set(&self, path: &str, data: &[u8], version: Option<i32>) -> Result<i32>;
+    /// Deletes `path` (no children) if its version is `version`.
+    fn delete(&self, path: &str, version: Option<i32>) -> Result<()>;
+    /// Deletes `path` and everything under it; fine if it does not exist.
+    fn delete_all(&self, path: &str) -> Result<()>;
+    /// Names of the children of `path`, sorted.
+    fn children(&self, path: &str) -> Result<Vec<String>>;
+    /// Children of `path`, and a watch that fires when they change.
+    fn watch_children(&self, path: &str) -> Result<(Vec<String>, Watch)>;
+    /// Changes each time the metastore had to open a new session.
+    fn session_epoch(&self) -> u64;
+}
+
+/// The ZooKeeper backend.
+pub struct ZkMetastore {
+    /// `host:port,...`
+    servers: String,
+    root: String,
+    session_timeout: Duration,
+    client: Mutex<zk::Client>,
+    epoch: AtomicU64,
+}
+
+impl std::fmt::Debug for ZkMetastore {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ZkMetastore")
+            .field("servers", &self.servers)
+            .field("root", &self.root)
+            .finish_non_exhaustive()
+    }
+}
+
+fn map_err(path: &str, e: zk::Error) -> MetaError {
+    match e {
+        zk::Error::NoNode => MetaError::NoNode(path.to_string()),
+        zk::Error::NodeExists => MetaError::NodeExists(path.to_string()),
+        zk::Error::BadVersion => MetaError::BadVersion(path.to_string()),
+        zk::Error::NotEmpty => MetaError::NotEmpty(path.to_string()),
+        zk::Error::SessionExpired => MetaError::SessionExpired,
+        other => MetaError::Unavailable(format!("{path}: {other}")),
+    }
+}
+
+fn persistent() -> zk::CreateOptions<'static> {
+    zk::CreateMode::Persistent.with_acls(zk::Acls::anyone_all())
+}
+
+impl ZkMetastore {
+    /// Connects to `hosts` on `port` under `root` (created if missing),
+    /// retrying with backoff for up to `wait`; then a clear error.
+    pub fn connect(hosts: &[String], port: u16, root: &str, wait: Duration) -> Result<ZkMetastore> {
+        let servers = hosts
+            .iter()
+            .map(|h| format!("{h}:{port}"))
+            .collect::<Vec<_>>()
+            .join(",");
+        let root = format!("/{}", root.trim_matches('/'));
+        let session_timeout = Duration::from_secs(10);
+        let client = Self::open(&servers, &root, session_timeout, wait)?;
+        Ok(ZkMetastore {
+            servers,
+            root,
+            session_timeout,
+            client: Mutex::new(client),
+            epoch: AtomicU64::new(0),
+        })
+    }
+
+    fn open(servers: &str, root: &str, session_timeout: Duration, wait: Duration) -> Result<zk::Client> {
+        let deadline = Instant::now() + wait;
+        let mut backoff = Duration::from_millis(100);
+        loop {
+            let attempt = smol::block_on(async {
+                let client = zk::Client::connector()
+                    .with_session_timeout(session_timeout)
+                    .with_connection_timeout(Duration::from_secs(2))
+                    .connect(servers)
+                    .await?;
+                if root != "/" {
+                    match client.mkdir(root, &persistent()).await {
+                        Ok(()) | Err(zk::Error::NodeExists) => {}
+                        Err(e) => return Err(e),
+                    }
+                }
+                Ok(client)
+            });
+            match attempt {
+                Ok(client) => {
+                    return if root == "/" {
+                        Ok(client)
+                    } else {
+                        client
+                            .chroot(root.to_string())
+                            .map_err(|_| MetaError::Unavailable(format!("invalid zookeeper.root {root}")))
+                    }
+                }
+                Err(e) if Instant::now() + backoff < deadline => {
+                    let _ = e;
+                    std::thread::sleep(backoff);
+                    backoff = (backoff * 2).min(Duration::from_secs(2));
+                }
+                Err(e) => {
+                    return Err(MetaError::Unavailable(format!(
+                        "ZooKeeper unreachable at {servers} (zookeeper.servers, zookeeper.port) after {wait:?}: {e}"
+                    )))
+                }
+            }
+        }
+    }
+
+    fn client(&self) -> MutexGuard<'_, zk::Client> {
+        self.client.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Runs `op` on the client; after a session expiry opens a new session
+    /// (and reports the expiry, so the caller re-registers).
+    fn run<T>(&self, path: &str, op: impl FnOnce(zk::Client) -> std::result::Result<T, zk::Error>) -> Result<T> {
+        let client = self.client().clone();
+        match op(client) {
+            Ok(v) => Ok(v),
+            Err(zk::Error::SessionExpired) => {
+                let fresh = Self::open(&self.servers, &self.root, self.session_timeout, self.session_timeout)?;
+                *self.client() = fresh;
+                self.epoch.fetch_add(1, Ordering::SeqCst);
+                Err(MetaError::SessionExpired)
+            }
+            Err(e) => Err(map_err(path, e)),
+        }
+    }
+}
+
+impl Metastore for ZkMetastore {
+    fn create(&self, path: &str, data: &[u8], kind: NodeKind) -> Result<()> {
+        let mode = match kind {
+            NodeKind::Persistent => zk::CreateMode::Persistent,
+            NodeKind::Ephemeral => zk::CreateMode::Ephemeral,
+        };
+        self.run(path, |c| {
+            smol::block_on(c.create(path, data, &mode.with_acls(zk::Acls::anyone_all()))).map(|_| ())
+        })
+    }
+
+    fn create_all(&self, path: &str) -> Result<()> {
+        self.run(path, |c| match smol::block_on(c.mkdir(path, &persistent())) {
+            Ok(()) | Err(zk::Error::NodeExists) => Ok(()),
+            Err(e) => Err(e),
+        })
+    }
+
+    fn get(&self, path: &str) -> Result<Option<(Vec<u8>, i32)>> {
+        self.run(path, |c| match smol::block_on(c.get_data(path)) {
+            Ok((data, stat)) => Ok(Some((data, stat.version))),
+            Err(zk::Error::NoNode) => Ok(None),
+            Err(e) => Err(e),
+        })
+    }
+
+    fn set(&self, path: &str, data: &[u8], version: Option<i32>) -> Result<i32> {
+        self.run(path, |c| {
+            smol::block_on(c.set_data(path, data, version)).map(|s| s.version)
+        })
+    }
+
+    fn delete(&self, path: &str, version: Option<i32>) -> Result<()> {
+        self.run(path, |c| smol::block_on(c.delete(path, version)))
+    }
+
+    fn delete_all(&self, path: &str) -> Result<()> {
+        let children = match self.children(path) {
+            Ok(c) => c,
+            Err(MetaError::NoNode(_)) => return Ok(()),
+            Err(e) => return Err(e),
+        };
+        for child in children {
+            let p = if path == "/" {
+                format!("/{child}")
+            } else {
+                format!("{path}/{child}")
+            };
+            self.delete_all(&p)?;
+        }
+        match self.delete(path, None) {
+            Ok(()) | Err(MetaError::NoNode(_)) => Ok(()),
+            Err(e) => Err(e),
+        }
+    }
+
+    fn children(&self, path: &str) -> Result<Vec<String>> {
+        self.run(path, |c| {
+            smol::block_on(c.list_children(path)).map(|mut v| {
+                v.sort();
+                v
+            })
+        })
+    }
+
+    fn watch_children(&self, path: &str) -> Result<(Vec<String>, Watch)> {
+        self.run(path, |c| {
+            smol::block_on(c.list_and_watch_children(path)).map(|(mut v, w)| {
+                v.sort();
+                (v, Watch(w))
+            })
+        })
+    }
+
+    fn session_epoch(&self) -> u64 {
+        self.epoch.load(Ordering::SeqCst)
+    }
+}
