@@ -429,16 +429,11 @@ fn serve_connection(mut stream: TcpStream, version: u16, frame_max: usize, handl
         .collect();
     drop(frames_tx);
     let mut input = BufReader::new(stream);
-    loop {
-        match read_frame(&mut input, frame_max, &addr) {
-            Ok(Some((id, KIND_REQUEST, payload))) => {
-                if work_tx.send((id, payload)).is_err() {
-                    break;
-                }
-            }
-            // A well-formed frame of another kind, an oversized frame, an
-            // I/O error or the end: the connection ends.
-            _ => break,
+    // A frame of another kind, an oversized frame, an I/O error or the end
+    // of the stream ends the connection.
+    while let Ok(Some((id, KIND_REQUEST, payload))) = read_frame(&mut input, frame_max, &addr) {
+        if work_tx.send((id, payload)).is_err() {
+            break;
         }
     }
     drop(work_tx);
