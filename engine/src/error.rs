@@ -70,7 +70,7 @@ pub enum Error {
 }
 
 impl Error {
-    pub(crate) fn io(op: &'static str, path: impl Into<PathBuf>, source: impl Into<io::Error>) -> Self {
+    pub fn io(op: &'static str, path: impl Into<PathBuf>, source: impl Into<io::Error>) -> Self {
         Error::Io {
             op,
             path: path.into(),
@@ -79,7 +79,7 @@ impl Error {
     }
 
     /// Checks `size <= max` for the limit named `limit`.
-    pub(crate) fn check_limit(what: &'static str, limit: &'static str, size: usize, max: usize) -> Result<()> {
+    pub fn check_limit(what: &'static str, limit: &'static str, size: usize, max: usize) -> Result<()> {
         if size > max {
             return Err(Error::LimitExceeded {
                 what,

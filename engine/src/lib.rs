@@ -2,8 +2,7 @@
 //!
 //! Owns: the value model ([`value`]), depot partition logs ([`log`]), the
 //! PState LSM ([`lsm`]), PState schemas and paths ([`pstate`]), module
-//! definitions and topologies ([`module`]), the module artifact's `main`
-//! ([`artifact`], [`module_main!`]), the task-thread runtime of a worker: placement
+//! definitions and topologies ([`module`]), the task-thread runtime of a worker: placement
 //! of tasks on threads and workers, and bounded channels between task
 //! threads ([`runtime`]), and the in-process cluster ([`cluster`]).
 //! Depends on no other workspace crate; `net`, `control` and `cli` depend on it.
@@ -11,7 +10,6 @@
 //! `!Send`: it is never shared between threads; other threads reach it only
 //! through messages.
 
-pub mod artifact;
 pub mod cluster;
 pub mod error;
 pub mod executor;
@@ -26,3 +24,6 @@ pub mod value;
 mod varint;
 
 pub use error::{Error, Result};
+
+/// The engine version; module artifacts record the one they were built with.
+pub const VERSION: &str = env!("CARGO_PKG_VERSION");

@@ -1,5 +1,5 @@
 //! The module artifact of the example modules.
-engine::module_main!(
+net::module_main!(
     rama_examples::WordCountModule,
     rama_examples::BankTransferModule,
     rama_examples::TimelineModule

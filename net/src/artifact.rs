@@ -4,6 +4,11 @@
 //! ```text
 //! ARTIFACT describe                 JSON descriptions of the modules
 //! ARTIFACT version                  the engine version it was built with
+//! ARTIFACT worker --module NAME --dir DIR [--tasks N] [--threads N] [--host H] [--port P]
+//!     runs the module on this process's task threads and serves the wire
+//!     protocol (see [`crate::wire`]) on H:P (default 127.0.0.1, any free
+//!     port); prints `worker listening on H:P`; SIGINT/SIGTERM stop it
+//!     gracefully.
 //! ARTIFACT run --module NAME --dir DIR [--tasks N] [--threads N]
 //!     runs the module on an in-process cluster and serves requests, one
 //!     JSON object per line on stdin, one answer per line on stdout:
@@ -25,26 +30,28 @@ use std::time::Duration;
 
 use serde_json::{json, Value as Json};
 
-use crate::cluster::{AckLevel, InProcessCluster};
-use crate::error::{Error, Result};
-use crate::module::ModuleDef;
-use crate::pstate::Nav;
-use crate::value::Value;
+use engine::cluster::{AckLevel, InProcessCluster};
+use engine::module::ModuleDef;
+use engine::pstate::Nav;
+use engine::value::Value;
+use engine::{Error, Result};
 
 /// Turns a crate's `main` into a module artifact for the listed module
-/// types (each implementing [`crate::module::Module`]).
+/// types (each implementing [`engine::module::Module`]).
 #[macro_export]
 macro_rules! module_main {
     ($($module:ty),+ $(,)?) => {
         fn main() -> ::std::process::ExitCode {
             $crate::artifact::main(&[$(
-                <$module as $crate::module::Module>::define as fn() -> $crate::Result<$crate::module::ModuleDef>
+                <$module as $crate::engine::module::Module>::define
+                    as fn() -> $crate::engine::Result<$crate::engine::module::ModuleDef>
             ),+])
         }
     };
 }
 
-const USAGE: &str = "usage: ARTIFACT describe | version | run --module NAME --dir DIR [--tasks N] [--threads N]";
+const USAGE: &str = "usage: ARTIFACT describe | version | run --module NAME --dir DIR [--tasks N] [--threads N] \
+                     | worker --module NAME --dir DIR [--tasks N] [--threads N] [--host H] [--port P]";
 
 /// The artifact's entry point; exit codes 0 ok, 1 failure, 2 usage.
 pub fn main(modules: &[fn() -> Result<ModuleDef>]) -> ExitCode {
@@ -85,13 +92,15 @@ fn run_command(modules: &[fn() -> Result<ModuleDef>], args: &[String]) -> std::r
             Ok(())
         }
         Some("version") => {
-            println!("{}", env!("CARGO_PKG_VERSION"));
+            println!("{}", engine::VERSION);
             Ok(())
         }
-        Some("run") => {
+        Some(cmd @ ("run" | "worker")) => {
             let mut module = None;
             let mut dir = None;
             let (mut tasks, mut threads) = (8u32, 2u32);
+            let mut host = "127.0.0.1".to_string();
+            let mut port = 0u16;
             let mut it = args[1..].iter();
             while let Some(flag) = it.next() {
                 let value = it
@@ -107,22 +116,28 @@ fn run_command(modules: &[fn() -> Result<ModuleDef>], args: &[String]) -> std::r
                     "--dir" => dir = Some(value.clone()),
                     "--tasks" => tasks = number()?,
                     "--threads" => threads = number()?,
-                    _ => return Err(Failure::Usage(format!("unknown flag {flag}"))),
+                    "--host" if cmd == "worker" => host = value.clone(),
+                    "--port" if cmd == "worker" => {
+                        port = u16::try_from(number()?)
+                            .map_err(|_| Failure::Usage(format!("--port takes a port number, got {value}")))?
+                    }
+                    _ => return Err(Failure::Usage(format!("unknown flag {flag} for {cmd}"))),
                 }
             }
-            let module = module.ok_or_else(|| Failure::Usage("run needs --module".into()))?;
-            let dir = dir.ok_or_else(|| Failure::Usage("run needs --dir".into()))?;
+            let module = module.ok_or_else(|| Failure::Usage(format!("{cmd} needs --module")))?;
+            let dir = dir.ok_or_else(|| Failure::Usage(format!("{cmd} needs --dir")))?;
+            let names: Vec<String> = defs.iter().map(|d| d.name.clone()).collect();
             let def = defs.into_iter().find(|d| d.name == module).ok_or_else(|| {
                 Failure::Error(Error::Schema(format!(
                     "this artifact has no module {module} (it has: {})",
-                    modules
-                        .iter()
-                        .filter_map(|m| m().ok().map(|d| d.name))
-                        .collect::<Vec<_>>()
-                        .join(", ")
+                    names.join(", ")
                 )))
             })?;
-            serve(def, &dir, tasks, threads)?;
+            if cmd == "worker" {
+                worker(def, &dir, tasks, threads, &host, port)?;
+            } else {
+                serve(def, &dir, tasks, threads)?;
+            }
             Ok(())
         }
         Some("--help" | "-h" | "help") => {
@@ -131,6 +146,64 @@ fn run_command(modules: &[fn() -> Result<ModuleDef>], args: &[String]) -> std::r
         }
         Some(other) => Err(Failure::Usage(format!("unknown command {other}"))),
         None => Err(Failure::Usage("no command given".into())),
+    }
+}
+
+static STOP: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+extern "C" fn on_signal(_: libc::c_int) {
+    STOP.store(true, std::sync::atomic::Ordering::SeqCst);
+}
+
+/// Runs `def` and serves the wire protocol until SIGINT or SIGTERM.
+fn worker(def: ModuleDef, dir: &str, tasks: u32, threads: u32, host: &str, port: u16) -> Result<()> {
+    // SAFETY: installs an async-signal-safe handler (it only stores to an
+    // atomic).
+    unsafe {
+        libc::signal(libc::SIGINT, on_signal as *const () as libc::sighandler_t);
+        libc::signal(libc::SIGTERM, on_signal as *const () as libc::sighandler_t);
+    }
+    let name = def.name.clone();
+    let mut cluster = InProcessCluster::new(dir);
+    cluster.launch(def, tasks, threads)?;
+    let cluster = std::sync::Arc::new(cluster);
+    let server = {
+        let cluster = cluster.clone();
+        crate::Server::bind(
+            (host, port),
+            crate::PROTOCOL_VERSION,
+            crate::FRAME_BYTES_MAX,
+            std::sync::Arc::new(move |request: Vec<u8>| Ok(crate::wire::handle(&cluster, &request))),
+        )
+        .map_err(|e| Error::Closed(e.to_string()))?
+    };
+    let mut stdout = std::io::stdout();
+    let _ = writeln!(
+        stdout,
+        "worker listening on {} (module {name}, {tasks} tasks on {threads} threads, data in {dir})",
+        server.local_addr()
+    );
+    let _ = stdout.flush();
+    while !STOP.load(std::sync::atomic::Ordering::SeqCst) {
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    drop(server);
+    // Connections still open hold the cluster; wait briefly for them.
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    let mut cluster = cluster;
+    loop {
+        match std::sync::Arc::try_unwrap(cluster) {
+            Ok(c) => return c.shutdown(),
+            Err(c) if std::time::Instant::now() < deadline => {
+                cluster = c;
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            Err(_) => {
+                return Err(Error::Closed(
+                    "clients kept their connections open; stopped without a clean shutdown".into(),
+                ))
+            }
+        }
     }
 }
 
@@ -232,7 +305,7 @@ fn nav_from_json(step: &Json) -> Result<Nav> {
 
 fn request(
     cluster: &InProcessCluster,
-    depots: &mut std::collections::HashMap<String, crate::cluster::DepotClient>,
+    depots: &mut std::collections::HashMap<String, engine::cluster::DepotClient>,
     module: &str,
     line: &str,
 ) -> Result<Json> {

@@ -1,0 +1,445 @@
+//! Framed TCP between clients and workers (and between workers).
+//!
+//! ```text
+//! handshake, client -> server:  "RAMA" version:u16 LE role:u8 0
+//! handshake, server -> client:  "RAMA" version:u16 LE status:u8 0
+//!                               status 0 accepted, 1 version mismatch
+//! frame:                        len:u32 LE, then len bytes:
+//!                               id:u64 LE kind:u8 payload
+//!                               kind 0 request, 1 response, 2 error (UTF-8)
+//! ```
+//! Every frame length is checked against the receiver's cap before anything
+//! is allocated; a frame above it closes the connection with an error.
+//! Requests are pipelined: many may be in flight on one connection (up to
+//! a bound), answered in any order, matched by id. Each side writes from
+//! one writer thread that takes every frame already queued (up to
+//! [`BATCH_BYTES`]) into one `write`, so small messages share syscalls and
+//! packets. Payloads are opaque bytes; callers put rkyv archives in them.
+
+use std::collections::HashMap;
+use std::io::{BufReader, BufWriter, Read, Write};
+use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream, ToSocketAddrs};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
+use std::time::Duration;
+
+/// The protocol version this build speaks.
+pub const PROTOCOL_VERSION: u16 = 1;
+const MAGIC: &[u8; 4] = b"RAMA";
+/// Default cap on a frame's length.
+pub const FRAME_BYTES_MAX: usize = 16 << 20;
+/// Bytes the writer gathers into one write.
+pub const BATCH_BYTES: usize = 1 << 20;
+/// Requests in flight per connection (client side) and frames queued for
+/// writing; senders wait when they are used up.
+pub const IN_FLIGHT_MAX: usize = 1024;
+/// Threads handling one connection's requests on the server.
+const HANDLERS_PER_CONNECTION: usize = 4;
+
+const KIND_REQUEST: u8 = 0;
+const KIND_RESPONSE: u8 = 1;
+const KIND_ERROR: u8 = 2;
+
+#[derive(Debug, thiserror::Error)]
+pub enum NetError {
+    #[error("{what} {addr}: {source}")]
+    Io {
+        what: &'static str,
+        addr: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("{addr} is not a rama endpoint (bad handshake)")]
+    NotRama { addr: String },
+    #[error("protocol version mismatch with {addr}: this side speaks {ours}, the other {theirs}")]
+    Version { addr: String, ours: u16, theirs: u16 },
+    #[error("frame of {len} bytes from {addr} is above the limit of {max} bytes; connection closed")]
+    FrameTooLarge { addr: String, len: usize, max: usize },
+    #[error("the connection to {addr} is closed")]
+    Closed { addr: String },
+    /// The server's handler refused the request.
+    #[error("{0}")]
+    Remote(String),
+}
+
+pub type Result<T> = std::result::Result<T, NetError>;
+
+/// Counters of one side of a connection.
+#[derive(Debug, Default)]
+pub struct Stats {
+    pub frames_written: AtomicU64,
+    pub writes: AtomicU64,
+}
+
+/// Writes queued frames, several per write.
+fn writer(stream: TcpStream, rx: flume::Receiver<Vec<u8>>, stats: Arc<Stats>) {
+    let mut out = BufWriter::with_capacity(BATCH_BYTES + 64, stream);
+    while let Ok(first) = rx.recv() {
+        let mut bytes = first.len();
+        let mut frames = 1;
+        if out.write_all(&first).is_err() {
+            return;
+        }
+        while bytes < BATCH_BYTES {
+            let Ok(next) = rx.try_recv() else { break };
+            bytes += next.len();
+            frames += 1;
+            if out.write_all(&next).is_err() {
+                return;
+            }
+        }
+        if out.flush().is_err() {
+            return;
+        }
+        stats.frames_written.fetch_add(frames, Ordering::Relaxed);
+        stats.writes.fetch_add(1, Ordering::Relaxed);
+    }
+    let _ = out.get_ref().shutdown(Shutdown::Write);
+}
+
+fn frame(id: u64, kind: u8, payload: &[u8]) -> Vec<u8> {
+    let len = 9 + payload.len();
+    let mut f = Vec::with_capacity(4 + len);
+    f.extend_from_slice(&(len as u32).to_le_bytes());
+    f.extend_from_slice(&id.to_le_bytes());
+    f.push(kind);
+    f.extend_from_slice(payload);
+    f
+}
+
+/// Reads one frame: (id, kind, payload); `None` at a clean end of stream.
+fn read_frame(input: &mut impl Read, max: usize, addr: &str) -> Result<Option<(u64, u8, Vec<u8>)>> {
+    let mut len = [0u8; 4];
+    match input.read_exact(&mut len) {
+        Ok(()) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => return Ok(None),
+        Err(source) => {
+            return Err(NetError::Io {
+                what: "reading from",
+                addr: addr.into(),
+                source,
+            })
+        }
+    }
+    let len = u32::from_le_bytes(len) as usize;
+    if len > max || len < 9 {
+        return Err(NetError::FrameTooLarge {
+            addr: addr.into(),
+            len,
+            max,
+        });
+    }
+    let mut body = vec![0u8; len];
+    input.read_exact(&mut body).map_err(|source| NetError::Io {
+        what: "reading from",
+        addr: addr.into(),
+        source,
+    })?;
+    let id = u64::from_le_bytes(body[..8].try_into().expect("8 bytes"));
+    let kind = body[8];
+    body.drain(..9);
+    Ok(Some((id, kind, body)))
+}
+
+fn handshake_bytes(version: u16, byte: u8) -> [u8; 8] {
+    let mut h = [0u8; 8];
+    h[..4].copy_from_slice(MAGIC);
+    h[4..6].copy_from_slice(&version.to_le_bytes());
+    h[6] = byte;
+    h
+}
+
+type Pending = Arc<Mutex<HashMap<u64, flume::Sender<Result<Vec<u8>>>>>>;
+
+/// A client connection: pipelined requests to one server.
+#[derive(Debug)]
+pub struct Connection {
+    addr: String,
+    next_id: AtomicU64,
+    frames: flume::Sender<Vec<u8>>,
+    pending: Pending,
+    /// Tokens for requests in flight.
+    slots: (flume::Sender<()>, flume::Receiver<()>),
+    closed: Arc<AtomicBool>,
+    stream: TcpStream,
+    pub stats: Arc<Stats>,
+}
+
+impl Connection {
+    /// Connects and shakes hands (protocol version `version`, normally
+    /// [`PROTOCOL_VERSION`]); `frame_max` caps the frames it accepts.
+    pub fn connect(addr: impl ToSocketAddrs, version: u16, frame_max: usize) -> Result<Connection> {
+        let addrs: Vec<SocketAddr> = addr
+            .to_socket_addrs()
+            .map_err(|source| NetError::Io {
+                what: "resolving",
+                addr: "address".into(),
+                source,
+            })?
+            .collect();
+        let shown = addrs.first().map_or_else(|| "?".to_string(), ToString::to_string);
+        let io = |what: &'static str| {
+            let addr = shown.clone();
+            move |source| NetError::Io { what, addr, source }
+        };
+        let mut stream = TcpStream::connect_timeout(
+            addrs.first().ok_or_else(|| NetError::Closed { addr: shown.clone() })?,
+            Duration::from_secs(5),
+        )
+        .map_err(io("connecting to"))?;
+        stream.set_nodelay(true).map_err(io("configuring"))?;
+        stream
+            .write_all(&handshake_bytes(version, 0))
+            .map_err(io("writing to"))?;
+        let mut reply = [0u8; 8];
+        stream
+            .set_read_timeout(Some(Duration::from_secs(10)))
+            .map_err(io("configuring"))?;
+        stream
+            .read_exact(&mut reply)
+            .map_err(io("reading the handshake from"))?;
+        stream.set_read_timeout(None).map_err(io("configuring"))?;
+        if &reply[..4] != MAGIC {
+            return Err(NetError::NotRama { addr: shown });
+        }
+        let theirs = u16::from_le_bytes([reply[4], reply[5]]);
+        if reply[6] != 0 {
+            return Err(NetError::Version {
+                addr: shown,
+                ours: version,
+                theirs,
+            });
+        }
+        let (frames_tx, frames_rx) = flume::bounded(IN_FLIGHT_MAX);
+        let stats = Arc::new(Stats::default());
+        {
+            let (stream, stats) = (stream.try_clone().map_err(io("cloning"))?, stats.clone());
+            std::thread::spawn(move || writer(stream, frames_rx, stats));
+        }
+        let pending: Pending = Arc::default();
+        let closed = Arc::new(AtomicBool::new(false));
+        {
+            let mut input = BufReader::new(stream.try_clone().map_err(io("cloning"))?);
+            let (pending, closed, addr) = (pending.clone(), closed.clone(), shown.clone());
+            std::thread::spawn(move || {
+                let end = loop {
+                    match read_frame(&mut input, frame_max, &addr) {
+                        Ok(Some((id, kind, payload))) => {
+                            let Some(reply) = pending.lock().expect("pending").remove(&id) else {
+                                continue;
+                            };
+                            let _ = reply.send(match kind {
+                                KIND_RESPONSE => Ok(payload),
+                                _ => Err(NetError::Remote(String::from_utf8_lossy(&payload).into_owned())),
+                            });
+                        }
+                        Ok(None) => break NetError::Closed { addr: addr.clone() },
+                        Err(e) => break e,
+                    }
+                };
+                closed.store(true, Ordering::SeqCst);
+                let why = end.to_string();
+                for (_, reply) in pending.lock().expect("pending").drain() {
+                    let _ = reply.send(Err(NetError::Remote(why.clone())));
+                }
+            });
+        }
+        let slots = flume::bounded(IN_FLIGHT_MAX);
+        for _ in 0..IN_FLIGHT_MAX {
+            slots.0.send(()).expect("room for every slot");
+        }
+        Ok(Connection {
+            addr: shown,
+            next_id: AtomicU64::new(1),
+            frames: frames_tx,
+            pending,
+            slots,
+            closed,
+            stream,
+            stats,
+        })
+    }
+
+    /// Sends a request; the receiver gets the answer. Waits while
+    /// [`IN_FLIGHT_MAX`] requests are unanswered.
+    pub fn send(&self, payload: &[u8]) -> Result<PendingReply<'_>> {
+        if self.closed.load(Ordering::SeqCst) {
+            return Err(NetError::Closed {
+                addr: self.addr.clone(),
+            });
+        }
+        self.slots.1.recv().map_err(|_| NetError::Closed {
+            addr: self.addr.clone(),
+        })?;
+        let id = self.next_id.fetch_add(1, Ordering::Relaxed);
+        let (tx, rx) = flume::bounded(1);
+        self.pending.lock().expect("pending").insert(id, tx);
+        if self.frames.send(frame(id, KIND_REQUEST, payload)).is_err() {
+            self.pending.lock().expect("pending").remove(&id);
+            let _ = self.slots.0.send(());
+            return Err(NetError::Closed {
+                addr: self.addr.clone(),
+            });
+        }
+        Ok(PendingReply { conn: self, rx })
+    }
+
+    /// Sends a request and waits for its answer.
+    pub fn call(&self, payload: &[u8]) -> Result<Vec<u8>> {
+        self.send(payload)?.wait()
+    }
+
+    pub fn addr(&self) -> &str {
+        &self.addr
+    }
+}
+
+impl Drop for Connection {
+    fn drop(&mut self) {
+        let _ = self.stream.shutdown(Shutdown::Both);
+    }
+}
+
+/// An answer not yet received.
+#[derive(Debug)]
+pub struct PendingReply<'c> {
+    conn: &'c Connection,
+    rx: flume::Receiver<Result<Vec<u8>>>,
+}
+
+impl PendingReply<'_> {
+    pub fn wait(self) -> Result<Vec<u8>> {
+        let r = self.rx.recv().unwrap_or_else(|_| {
+            Err(NetError::Closed {
+                addr: self.conn.addr.clone(),
+            })
+        });
+        let _ = self.conn.slots.0.send(());
+        r
+    }
+}
+
+/// Answers one request: `Ok(payload)` or `Err(message)`.
+pub type Handler = Arc<dyn Fn(Vec<u8>) -> std::result::Result<Vec<u8>, String> + Send + Sync>;
+
+/// A listening server; stops accepting when dropped (connections end when
+/// their clients close them).
+pub struct Server {
+    addr: SocketAddr,
+    stop: Arc<AtomicBool>,
+    accept: Option<JoinHandle<()>>,
+}
+
+impl std::fmt::Debug for Server {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Server")
+            .field("addr", &self.addr)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Server {
+    /// Listens on `addr` (port 0: any free port) and serves every
+    /// connection that speaks `version` with `handler`.
+    pub fn bind(addr: impl ToSocketAddrs, version: u16, frame_max: usize, handler: Handler) -> Result<Server> {
+        let listener = TcpListener::bind(addr).map_err(|source| NetError::Io {
+            what: "listening on",
+            addr: "address".into(),
+            source,
+        })?;
+        let local = listener.local_addr().map_err(|source| NetError::Io {
+            what: "listening on",
+            addr: "address".into(),
+            source,
+        })?;
+        let stop = Arc::new(AtomicBool::new(false));
+        let accept = {
+            let stop = stop.clone();
+            std::thread::spawn(move || {
+                for stream in listener.incoming() {
+                    if stop.load(Ordering::SeqCst) {
+                        return;
+                    }
+                    let Ok(stream) = stream else { continue };
+                    let handler = handler.clone();
+                    std::thread::spawn(move || serve_connection(stream, version, frame_max, handler));
+                }
+            })
+        };
+        Ok(Server {
+            addr: local,
+            stop,
+            accept: Some(accept),
+        })
+    }
+
+    pub fn local_addr(&self) -> SocketAddr {
+        self.addr
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::SeqCst);
+        // Wake the accept loop.
+        let _ = TcpStream::connect_timeout(&self.addr, Duration::from_secs(1));
+        if let Some(h) = self.accept.take() {
+            let _ = h.join();
+        }
+    }
+}
+
+fn serve_connection(mut stream: TcpStream, version: u16, frame_max: usize, handler: Handler) {
+    let addr = stream.peer_addr().map_or_else(|_| "?".into(), |a| a.to_string());
+    let _ = stream.set_nodelay(true);
+    let mut hello = [0u8; 8];
+    let _ = stream.set_read_timeout(Some(Duration::from_secs(10)));
+    if stream.read_exact(&mut hello).is_err() || &hello[..4] != MAGIC {
+        return;
+    }
+    let _ = stream.set_read_timeout(None);
+    let theirs = u16::from_le_bytes([hello[4], hello[5]]);
+    let status = u8::from(theirs != version);
+    if stream.write_all(&handshake_bytes(version, status)).is_err() || status != 0 {
+        return;
+    }
+    let Ok(out) = stream.try_clone() else { return };
+    let (frames_tx, frames_rx) = flume::bounded(IN_FLIGHT_MAX);
+    let stats = Arc::new(Stats::default());
+    let writer_thread = std::thread::spawn(move || writer(out, frames_rx, stats));
+    // Requests are handled by a few threads, so slow ones (an Ack append)
+    // do not hold up the others; the queue is bounded.
+    let (work_tx, work_rx) = flume::bounded::<(u64, Vec<u8>)>(IN_FLIGHT_MAX);
+    let handlers: Vec<_> = (0..HANDLERS_PER_CONNECTION)
+        .map(|_| {
+            let (work_rx, frames_tx, handler) = (work_rx.clone(), frames_tx.clone(), handler.clone());
+            std::thread::spawn(move || {
+                for (id, payload) in work_rx {
+                    let f = match handler(payload) {
+                        Ok(answer) => frame(id, KIND_RESPONSE, &answer),
+                        Err(why) => frame(id, KIND_ERROR, why.as_bytes()),
+                    };
+                    if frames_tx.send(f).is_err() {
+                        return;
+                    }
+                }
+            })
+        })
+        .collect();
+    drop(frames_tx);
+    let mut input = BufReader::new(stream);
+    // A frame of another kind, an oversized frame, an I/O error or the end
+    // of the stream ends the connection.
+    while let Ok(Some((id, KIND_REQUEST, payload))) = read_frame(&mut input, frame_max, &addr) {
+        if work_tx.send((id, payload)).is_err() {
+            break;
+        }
+    }
+    drop(work_tx);
+    for h in handlers {
+        let _ = h.join();
+    }
+    let _ = writer_thread.join();
+    let _ = input.get_ref().shutdown(Shutdown::Both);
+}

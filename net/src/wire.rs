@@ -1,0 +1,280 @@
+//! The module API on the wire: requests and responses are `Value` maps,
+//! sent as rkyv archives in transport frames.
+//!
+//! ```text
+//! {op: "append", module, depot, record, ack: "ack"|"appendAck"|"none"}
+//!     -> {task, offset (int or nil), ackReturns: {topology: value}}
+//! {op: "read", module, depot, task, start, end, bytesMax} -> {records: [[offset, record], ...]}
+//! {op: "select", module, pstate, path, task (optional)}   -> {values: [...]}
+//! {op: "invoke", module, query, args}                     -> {result: value}
+//! errors: {error: message, kind: "schema"|"topology"|"closed"|"limit"|"other"}
+//! ```
+//! A path is a list of steps: `[key, v]`, `[range, lower, upper, reverse,
+//! limit]` (a bound is `[in|ex, v]` or `[un]`; limit -1 for none), `[all]`,
+//! `[mapVals]`, `[size]`, `[nilToValue, v]`.
+
+use std::collections::BTreeMap;
+use std::ops::Bound;
+
+use engine::cluster::{AckLevel, AppendResult, InProcessCluster};
+use engine::pstate::Nav;
+use engine::value::{archived, Value};
+use engine::{Error, Result};
+
+fn bad(why: impl std::fmt::Display) -> Error {
+    Error::Schema(why.to_string())
+}
+
+fn bound_to_value(b: &Bound<Value>) -> Value {
+    match b {
+        Bound::Included(v) => Value::list([Value::from("in"), v.clone()]),
+        Bound::Excluded(v) => Value::list([Value::from("ex"), v.clone()]),
+        Bound::Unbounded => Value::list([Value::from("un")]),
+    }
+}
+
+fn bound_from_value(v: &Value) -> Result<Bound<Value>> {
+    let Value::List(parts) = v else {
+        return Err(bad(format!("a range bound is a list, got {v:?}")));
+    };
+    match (parts.first().and_then(Value::as_str), parts.get(1)) {
+        (Some("in"), Some(x)) => Ok(Bound::Included(x.clone())),
+        (Some("ex"), Some(x)) => Ok(Bound::Excluded(x.clone())),
+        (Some("un"), None) => Ok(Bound::Unbounded),
+        _ => Err(bad(format!("bad range bound {v:?}"))),
+    }
+}
+
+/// A path as a value.
+pub fn path_to_value(path: &[Nav]) -> Value {
+    Value::List(
+        path.iter()
+            .map(|n| match n {
+                Nav::Key(k) => Value::list([Value::from("key"), k.clone()]),
+                Nav::Range {
+                    lower,
+                    upper,
+                    reverse,
+                    limit,
+                } => Value::list([
+                    Value::from("range"),
+                    bound_to_value(lower),
+                    bound_to_value(upper),
+                    Value::Bool(*reverse),
+                    Value::Int(limit.map_or(-1, |l| l as i64)),
+                ]),
+                Nav::All => Value::list([Value::from("all")]),
+                Nav::MapVals => Value::list([Value::from("mapVals")]),
+                Nav::Size => Value::list([Value::from("size")]),
+                Nav::NilToValue(v) => Value::list([Value::from("nilToValue"), v.clone()]),
+            })
+            .collect(),
+    )
+}
+
+/// A path from its value form.
+pub fn path_from_value(v: &Value) -> Result<Vec<Nav>> {
+    let Value::List(steps) = v else {
+        return Err(bad(format!("a path is a list of steps, got {v:?}")));
+    };
+    steps
+        .iter()
+        .map(|step| {
+            let Value::List(p) = step else {
+                return Err(bad(format!("a path step is a list, got {step:?}")));
+            };
+            Ok(match (p.first().and_then(Value::as_str), &p[1.min(p.len())..]) {
+                (Some("key"), [k]) => Nav::Key(k.clone()),
+                (Some("range"), [lower, upper, Value::Bool(reverse), Value::Int(limit)]) => Nav::Range {
+                    lower: bound_from_value(lower)?,
+                    upper: bound_from_value(upper)?,
+                    reverse: *reverse,
+                    limit: usize::try_from(*limit).ok(),
+                },
+                (Some("all"), []) => Nav::All,
+                (Some("mapVals"), []) => Nav::MapVals,
+                (Some("size"), []) => Nav::Size,
+                (Some("nilToValue"), [d]) => Nav::NilToValue(d.clone()),
+                _ => return Err(bad(format!("unknown path step {step:?}"))),
+            })
+        })
+        .collect()
+}
+
+fn ack_name(ack: AckLevel) -> &'static str {
+    match ack {
+        AckLevel::Ack => "ack",
+        AckLevel::AppendAck => "appendAck",
+        AckLevel::None => "none",
+    }
+}
+
+fn field<'v>(m: &'v BTreeMap<Value, Value>, name: &str) -> Result<&'v Value> {
+    m.get(&Value::from(name))
+        .ok_or_else(|| bad(format!("the request has no field {name:?}")))
+}
+
+fn str_field<'v>(m: &'v BTreeMap<Value, Value>, name: &str) -> Result<&'v str> {
+    field(m, name)?
+        .as_str()
+        .ok_or_else(|| bad(format!("field {name:?} must be a string")))
+}
+
+fn int_field(m: &BTreeMap<Value, Value>, name: &str) -> Result<i64> {
+    field(m, name)?
+        .as_int()
+        .ok_or_else(|| bad(format!("field {name:?} must be an integer")))
+}
+
+fn u64_field(m: &BTreeMap<Value, Value>, name: &str) -> Result<u64> {
+    u64::try_from(int_field(m, name)?).map_err(|_| bad(format!("field {name:?} must not be negative")))
+}
+
+/// Requests as values (what a remote client sends).
+pub fn append_request(module: &str, depot: &str, record: &Value, ack: AckLevel) -> Value {
+    Value::map([
+        ("op", Value::from("append")),
+        ("module", Value::from(module)),
+        ("depot", Value::from(depot)),
+        ("record", record.clone()),
+        ("ack", Value::from(ack_name(ack))),
+    ])
+}
+
+/// Serves one request against the modules of `cluster`.
+pub fn handle(cluster: &InProcessCluster, request: &[u8]) -> Vec<u8> {
+    let answer = archived::from_bytes(request)
+        .map_err(|e| bad(format!("the request is not a valid archive: {e}")))
+        .and_then(|req| dispatch(cluster, &req))
+        .unwrap_or_else(|e| {
+            let kind = match &e {
+                Error::Schema(_) => "schema",
+                Error::Topology(_) => "topology",
+                Error::Closed(_) => "closed",
+                Error::LimitExceeded { .. } => "limit",
+                _ => "other",
+            };
+            Value::map([("error", Value::from(e.to_string())), ("kind", Value::from(kind))])
+        });
+    archived::to_bytes(&answer)
+}
+
+fn dispatch(cluster: &InProcessCluster, req: &Value) -> Result<Value> {
+    let m = req.as_map().ok_or_else(|| bad("a request is a map"))?;
+    let module = str_field(m, "module")?;
+    match str_field(m, "op")? {
+        "append" => {
+            let ack = match str_field(m, "ack")? {
+                "ack" => AckLevel::Ack,
+                "appendAck" => AckLevel::AppendAck,
+                "none" => AckLevel::None,
+                other => return Err(bad(format!("ack level {other:?} is not one of ack, appendAck, none"))),
+            };
+            let r = cluster
+                .depot(module, str_field(m, "depot")?)?
+                .append(field(m, "record")?, ack)?;
+            Ok(Value::map([
+                ("task", Value::Int(i64::from(r.task))),
+                ("offset", r.offset.map_or(Value::Nil, |o| Value::Int(o as i64))),
+                (
+                    "ackReturns",
+                    Value::Map(r.ack_returns.into_iter().map(|(k, v)| (Value::from(k), v)).collect()),
+                ),
+            ]))
+        }
+        "read" => {
+            let task = u32::try_from(u64_field(m, "task")?).map_err(|_| bad("task out of range"))?;
+            let records = cluster.depot(module, str_field(m, "depot")?)?.read(
+                task,
+                u64_field(m, "start")?,
+                u64_field(m, "end")?,
+                usize::try_from(u64_field(m, "bytesMax")?).unwrap_or(usize::MAX),
+            )?;
+            Ok(Value::map([(
+                "records",
+                Value::List(
+                    records
+                        .into_iter()
+                        .map(|(o, r)| Value::list([Value::Int(o as i64), r]))
+                        .collect(),
+                ),
+            )]))
+        }
+        "select" => {
+            let client = cluster.pstate(module, str_field(m, "pstate")?)?;
+            let path = path_from_value(field(m, "path")?)?;
+            let values = match m.get(&Value::from("task")) {
+                Some(Value::Int(t)) => {
+                    client.select_on(u32::try_from(*t).map_err(|_| bad("task out of range"))?, &path)?
+                }
+                _ => client.select(&path)?,
+            };
+            Ok(Value::map([("values", Value::List(values))]))
+        }
+        "invoke" => {
+            let result = cluster
+                .query(module, str_field(m, "query")?)?
+                .invoke(m.get(&Value::from("args")).unwrap_or(&Value::Nil))?;
+            Ok(Value::map([("result", result)]))
+        }
+        other => Err(bad(format!("unknown op {other:?} (ops: append, read, select, invoke)"))),
+    }
+}
+
+/// A response value as a result (what a remote client receives).
+pub fn response(bytes: &[u8]) -> Result<BTreeMap<Value, Value>> {
+    let v = archived::from_bytes(bytes).map_err(|e| Error::Closed(format!("a response does not decode: {e}")))?;
+    let Value::Map(m) = v else {
+        return Err(Error::Closed("a response is not a map".into()));
+    };
+    if let Some(msg) = m.get(&Value::from("error")) {
+        let msg = msg.as_str().unwrap_or("unknown error").to_string();
+        return Err(match m.get(&Value::from("kind")).and_then(Value::as_str) {
+            Some("schema") => Error::Schema(msg),
+            Some("closed") => Error::Closed(msg),
+            _ => Error::Topology(msg),
+        });
+    }
+    Ok(m)
+}
+
+/// The append result in a response.
+pub fn append_result(m: &BTreeMap<Value, Value>) -> Result<AppendResult> {
+    let task = u32::try_from(int_field(m, "task")?).map_err(|_| bad("task out of range"))?;
+    let offset = match field(m, "offset")? {
+        Value::Int(o) => Some(*o as u64),
+        _ => None,
+    };
+    let ack_returns = match m.get(&Value::from("ackReturns")) {
+        Some(Value::Map(r)) => r
+            .iter()
+            .map(|(k, v)| (k.as_str().unwrap_or_default().to_string(), v.clone()))
+            .collect(),
+        _ => BTreeMap::new(),
+    };
+    Ok(AppendResult {
+        task,
+        offset,
+        ack_returns,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn paths_round_trip() {
+        let path = vec![
+            Nav::key("alice"),
+            Nav::NilToValue(Value::Int(0)),
+            Nav::range(Bound::Included(Value::Int(1)), Bound::Excluded(Value::Int(9))),
+            Nav::last(5),
+            Nav::All,
+            Nav::MapVals,
+            Nav::Size,
+        ];
+        assert_eq!(path_from_value(&path_to_value(&path)).unwrap(), path);
+        assert!(path_from_value(&Value::list([Value::list([Value::from("jump")])])).is_err());
+    }
+}
