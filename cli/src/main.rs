@@ -11,8 +11,10 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use clap::{Parser, Subcommand};
-use control::config::Config;
+use control::config::{Config, Side};
 use control::devzk::DevZookeeper;
+use net::artifact::{ack_level as ack_level_named, path_from_json, value_from_json, value_to_json};
+use net::manager::ClusterManager;
 
 #[derive(Debug, Parser)]
 #[command(name = "rama", version, about = "Operate a rama cluster")]
@@ -20,6 +22,10 @@ struct Cli {
     /// The configuration file (default: $RAMA_CONFIG, else ./rama.yaml).
     #[arg(long, global = true)]
     config: Option<PathBuf>,
+    /// Use the internal host names of conductor.host and zookeeper.servers
+    /// (for commands run inside the cluster's network).
+    #[arg(long = "useInternalHostnames", global = true)]
+    use_internal_hostnames: bool,
     #[command(subcommand)]
     command: Cmd,
 }
@@ -37,6 +43,40 @@ enum Cmd {
     /// zookeeper.port with its data under local.dir, until interrupted.
     #[command(name = "devZookeeper")]
     DevZookeeper,
+    /// Appends a record (JSON) to a depot of a running module; prints the
+    /// task, offset and ack-return values as JSON.
+    #[command(name = "depotAppend")]
+    DepotAppend {
+        module: String,
+        depot: String,
+        /// The record, as JSON.
+        record: String,
+        /// ack (processed by stream topologies), appendAck (durable) or none.
+        #[arg(long = "ackLevel", default_value = "ack")]
+        ack_level: String,
+    },
+    /// Selects a path (JSON list of steps) from a PState; prints the values
+    /// as a JSON list. The path is routed by its first key, or by --key.
+    #[command(name = "pstateSelect")]
+    PstateSelect {
+        module: String,
+        pstate: String,
+        /// The path, as JSON: keys, or {"all":{}}, {"mapVals":{}},
+        /// {"size":{}}, {"range":{"from":..,"to":..,"reverse":..,"limit":..}}.
+        path: String,
+        /// Route to the task owning this key (JSON), for paths that do not
+        /// start with a key.
+        #[arg(long)]
+        key: Option<String>,
+    },
+    /// Invokes a query topology with arguments (JSON); prints the result.
+    #[command(name = "queryInvoke")]
+    QueryInvoke {
+        module: String,
+        query: String,
+        /// The arguments, as JSON.
+        args: String,
+    },
 }
 
 static STOP: AtomicBool = AtomicBool::new(false);
@@ -86,15 +126,105 @@ fn dev_zookeeper(config: &Config) -> Result<(), String> {
     Ok(())
 }
 
+/// A failed command: bad arguments (exit 2) or a failure (exit 1).
+enum Failure {
+    Usage(String),
+    Failed(String),
+}
+
+impl From<String> for Failure {
+    fn from(e: String) -> Self {
+        Failure::Failed(e)
+    }
+}
+
+fn json_arg(what: &str, text: &str) -> Result<serde_json::Value, Failure> {
+    serde_json::from_str(text).map_err(|e| Failure::Usage(format!("{what} is not valid JSON ({e}): {text}")))
+}
+
+fn manager(cli: &Cli, config: &Config) -> Result<ClusterManager, Failure> {
+    let side = if cli.use_internal_hostnames {
+        Side::Internal
+    } else {
+        Side::External
+    };
+    ClusterManager::open_with(Some(config.path()), &[], side).map_err(|e| Failure::Failed(e.to_string()))
+}
+
+fn data_command(cli: &Cli, config: &Config) -> Result<(), Failure> {
+    let failed = |e: engine::Error| Failure::Failed(e.to_string());
+    let usage = |e: engine::Error| Failure::Usage(e.to_string());
+    let answer = match &cli.command {
+        Cmd::DepotAppend {
+            module,
+            depot,
+            record,
+            ack_level,
+        } => {
+            let record = value_from_json(&json_arg("the record", record)?).map_err(usage)?;
+            let ack = ack_level_named(ack_level).map_err(usage)?;
+            let r = manager(cli, config)?.depot(module, depot).map_err(failed)?;
+            let r = r.append(&record, ack).map_err(failed)?;
+            let returns: serde_json::Map<String, serde_json::Value> = r
+                .ack_returns
+                .iter()
+                .map(|(k, v)| (k.clone(), value_to_json(v)))
+                .collect();
+            serde_json::json!({ "task": r.task, "offset": r.offset, "ackReturns": returns })
+        }
+        Cmd::PstateSelect {
+            module,
+            pstate,
+            path,
+            key,
+        } => {
+            let path = path_from_json(&json_arg("the path", path)?).map_err(usage)?;
+            let key = match key {
+                Some(k) => Some(value_from_json(&json_arg("--key", k)?).map_err(usage)?),
+                None => None,
+            };
+            let m = manager(cli, config)?;
+            let client = m.pstate(module, pstate).map_err(failed)?;
+            let values = match key {
+                Some(k) => {
+                    let task = engine::runtime::partition::task_for_key(&k, m.tasks(module).map_err(failed)?);
+                    client.select_on(task, &path)
+                }
+                None => client.select(&path),
+            }
+            .map_err(failed)?;
+            serde_json::Value::Array(values.iter().map(value_to_json).collect())
+        }
+        Cmd::QueryInvoke { module, query, args } => {
+            let args = value_from_json(&json_arg("the arguments", args)?).map_err(usage)?;
+            let q = manager(cli, config)?.query(module, query).map_err(failed)?;
+            value_to_json(&q.invoke(&args).map_err(failed)?)
+        }
+        _ => unreachable!("not a data command"),
+    };
+    println!("{answer}");
+    Ok(())
+}
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    let result = config(&cli).and_then(|config| match &cli.command {
-        Cmd::ConfValue { key } => config.display(key).map(|v| println!("{v}")).map_err(|e| e.to_string()),
-        Cmd::DevZookeeper => dev_zookeeper(&config),
-    });
+    let result = config(&cli)
+        .map_err(Failure::Failed)
+        .and_then(|config| match &cli.command {
+            Cmd::ConfValue { key } => Ok(config
+                .display(key)
+                .map(|v| println!("{v}"))
+                .map_err(|e| e.to_string())?),
+            Cmd::DevZookeeper => Ok(dev_zookeeper(&config)?),
+            Cmd::DepotAppend { .. } | Cmd::PstateSelect { .. } | Cmd::QueryInvoke { .. } => data_command(&cli, &config),
+        });
     match result {
         Ok(()) => ExitCode::SUCCESS,
-        Err(e) => {
+        Err(Failure::Usage(e)) => {
+            eprintln!("rama: {e}");
+            ExitCode::from(2)
+        }
+        Err(Failure::Failed(e)) => {
             eprintln!("rama: {e}");
             ExitCode::FAILURE
         }

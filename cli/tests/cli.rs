@@ -130,3 +130,171 @@ fn dev_zookeeper_names_the_package_when_missing() {
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("apt-get install zookeeper"), "{err}");
 }
+
+/// The module artifact built beside `rama` (a workspace test build builds
+/// every binary; alone, this builds it).
+fn examples_artifact() -> std::path::PathBuf {
+    let exe = Path::new(env!("CARGO_BIN_EXE_rama")).with_file_name("rama-examples");
+    if !exe.is_file() {
+        let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+        let status = Command::new(cargo)
+            .args(["build", "-p", "rama-examples"])
+            .status()
+            .unwrap();
+        assert!(status.success(), "building rama-examples failed");
+    }
+    exe
+}
+
+#[test]
+fn data_commands_reach_a_registered_worker() {
+    let dir = tempfile::tempdir().unwrap();
+    let port = free_port();
+    let config = dir.path().join("rama.yaml");
+    std::fs::write(
+        &config,
+        format!("zookeeper.servers: [\"127.0.0.1\"]\nzookeeper.port: {port}\nlocal.dir: data\n"),
+    )
+    .unwrap();
+    let zk = Command::new(env!("CARGO_BIN_EXE_rama"))
+        .current_dir(dir.path())
+        .env_remove("RAMA_CONFIG")
+        .arg("devZookeeper")
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut zk = scopeguard(zk);
+    let mut zk_out = BufReader::new(zk.0.stdout.take().unwrap());
+    let mut line = String::new();
+    zk_out.read_line(&mut line).unwrap();
+    assert!(line.starts_with("ZooKeeper running"), "{line}");
+
+    // Nothing registered yet.
+    let out = rama(dir.path(), &["queryInvoke", "WordCountModule", "topWords", "3"]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("no module named WordCountModule is running"));
+
+    let worker = Command::new(examples_artifact())
+        .args([
+            "worker",
+            "--module",
+            "WordCountModule",
+            "--tasks",
+            "4",
+            "--threads",
+            "2",
+            "--register",
+        ])
+        .arg(&config)
+        .arg("--dir")
+        .arg(dir.path().join("worker"))
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut worker = scopeguard(worker);
+    let mut worker_out = BufReader::new(worker.0.stdout.take().unwrap());
+    line.clear();
+    worker_out.read_line(&mut line).unwrap();
+    assert!(line.starts_with("worker listening on"), "{line}");
+
+    for s in ["\"the cat and the dog\"", "\"the end\""] {
+        let out = rama(dir.path(), &["depotAppend", "WordCountModule", "*sentences", s]);
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        assert!(String::from_utf8_lossy(&out.stdout).contains("\"offset\":"));
+    }
+    let out = rama(
+        dir.path(),
+        &["pstateSelect", "WordCountModule", "$$wordCounts", "[\"the\"]"],
+    );
+    assert_eq!(String::from_utf8_lossy(&out.stdout), "[3]\n");
+    let out = rama(
+        dir.path(),
+        &[
+            "pstateSelect",
+            "WordCountModule",
+            "$$wordCounts",
+            "[{\"mapVals\":{}}]",
+            "--key",
+            "\"cat\"",
+        ],
+    );
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let out = rama(dir.path(), &["queryInvoke", "WordCountModule", "topWords", "1"]);
+    assert_eq!(String::from_utf8_lossy(&out.stdout), "[[\"the\",3]]\n");
+    let out = rama(
+        dir.path(),
+        &[
+            "depotAppend",
+            "WordCountModule",
+            "*sentences",
+            "\"x\"",
+            "--ackLevel",
+            "appendAck",
+        ],
+    );
+    assert!(out.status.success());
+
+    // Bad input: usage errors exit 2, refusals exit 1, each with its reason.
+    let out = rama(
+        dir.path(),
+        &["depotAppend", "WordCountModule", "*sentences", "{not json"],
+    );
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("not valid JSON"));
+    let out = rama(dir.path(), &["depotAppend", "WordCountModule", "*nope", "\"x\""]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("has no depot *nope"));
+    let out = rama(dir.path(), &["depotAppend", "WordCountModule", "*sentences", "7"]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("a sentence must be a string"));
+    let out = rama(
+        dir.path(),
+        &[
+            "depotAppend",
+            "WordCountModule",
+            "*sentences",
+            "\"x\"",
+            "--ackLevel",
+            "maybe",
+        ],
+    );
+    assert_eq!(out.status.code(), Some(2));
+
+    // A stopped worker deregisters.
+    // SAFETY: signals our own child.
+    unsafe { libc::kill(worker.0.id() as i32, libc::SIGTERM) };
+    assert!(worker.0.wait().unwrap().success());
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let out = rama(dir.path(), &["queryInvoke", "WordCountModule", "topWords", "1"]);
+        if String::from_utf8_lossy(&out.stderr).contains("no module named WordCountModule is running") {
+            break;
+        }
+        assert!(Instant::now() < deadline, "the worker's registration outlived it");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
+/// Stops the child (by its process id) when the test ends, however it
+/// ends: SIGTERM first, so `rama devZookeeper` stops its ZooKeeper too.
+struct Guard(std::process::Child);
+
+impl Drop for Guard {
+    fn drop(&mut self) {
+        // SAFETY: signals our own child, not yet reaped.
+        unsafe { libc::kill(self.0.id() as i32, libc::SIGTERM) };
+        let deadline = Instant::now() + Duration::from_secs(15);
+        while Instant::now() < deadline {
+            if let Ok(Some(_)) = self.0.try_wait() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn scopeguard(child: std::process::Child) -> Guard {
+    Guard(child)
+}

@@ -132,7 +132,18 @@ impl DevZookeeper {
         if Path::new("/etc/zookeeper/conf").is_dir() {
             classpath = format!("/etc/zookeeper/conf:{classpath}");
         }
-        let child = Command::new("java")
+        let mut command = Command::new("java");
+        // SAFETY: the closure runs in the child between fork and exec and
+        // only calls prctl(2), which is async-signal-safe.
+        unsafe {
+            std::os::unix::process::CommandExt::pre_exec(&mut command, || {
+                // If whoever started ZooKeeper dies without stopping it, it
+                // stops too: never an orphaned server.
+                libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGTERM);
+                Ok(())
+            });
+        }
+        let child = command
             .arg("-cp")
             .arg(classpath)
             .arg(format!("-Dzookeeper.log.dir={}", logs.display()))

@@ -5,10 +5,12 @@
 //! ARTIFACT describe                 JSON descriptions of the modules
 //! ARTIFACT version                  the engine version it was built with
 //! ARTIFACT worker --module NAME --dir DIR [--tasks N] [--threads N] [--host H] [--port P]
+//!                [--register RAMA_YAML [--id N]]
 //!     runs the module on this process's task threads and serves the wire
 //!     protocol (see [`crate::wire`]) on H:P (default 127.0.0.1, any free
-//!     port); prints `worker listening on H:P`; SIGINT/SIGTERM stop it
-//!     gracefully.
+//!     port); prints `worker listening on H:P`; with --register, keeps an
+//!     ephemeral registration in the metastore that rama.yaml names (see
+//!     [`crate::manager`]); SIGINT/SIGTERM stop it gracefully.
 //! ARTIFACT run --module NAME --dir DIR [--tasks N] [--threads N]
 //!     runs the module on an in-process cluster and serves requests, one
 //!     JSON object per line on stdin, one answer per line on stdout:
@@ -101,6 +103,8 @@ fn run_command(modules: &[fn() -> Result<ModuleDef>], args: &[String]) -> std::r
             let (mut tasks, mut threads) = (8u32, 2u32);
             let mut host = "127.0.0.1".to_string();
             let mut port = 0u16;
+            let mut register = None;
+            let mut id = 0u32;
             let mut it = args[1..].iter();
             while let Some(flag) = it.next() {
                 let value = it
@@ -117,6 +121,8 @@ fn run_command(modules: &[fn() -> Result<ModuleDef>], args: &[String]) -> std::r
                     "--tasks" => tasks = number()?,
                     "--threads" => threads = number()?,
                     "--host" if cmd == "worker" => host = value.clone(),
+                    "--register" if cmd == "worker" => register = Some(std::path::PathBuf::from(value)),
+                    "--id" if cmd == "worker" => id = number()?,
                     "--port" if cmd == "worker" => {
                         port = u16::try_from(number()?)
                             .map_err(|_| Failure::Usage(format!("--port takes a port number, got {value}")))?
@@ -134,7 +140,15 @@ fn run_command(modules: &[fn() -> Result<ModuleDef>], args: &[String]) -> std::r
                 )))
             })?;
             if cmd == "worker" {
-                worker(def, &dir, tasks, threads, &host, port)?;
+                worker(
+                    def,
+                    &dir,
+                    tasks,
+                    threads,
+                    &host,
+                    port,
+                    register.as_deref().map(|c| (c, id)),
+                )?;
             } else {
                 serve(def, &dir, tasks, threads)?;
             }
@@ -156,7 +170,15 @@ extern "C" fn on_signal(_: libc::c_int) {
 }
 
 /// Runs `def` and serves the wire protocol until SIGINT or SIGTERM.
-fn worker(def: ModuleDef, dir: &str, tasks: u32, threads: u32, host: &str, port: u16) -> Result<()> {
+fn worker(
+    def: ModuleDef,
+    dir: &str,
+    tasks: u32,
+    threads: u32,
+    host: &str,
+    port: u16,
+    register: Option<(&std::path::Path, u32)>,
+) -> Result<()> {
     // SAFETY: installs an async-signal-safe handler (it only stores to an
     // atomic).
     unsafe {
@@ -177,6 +199,19 @@ fn worker(def: ModuleDef, dir: &str, tasks: u32, threads: u32, host: &str, port:
         )
         .map_err(|e| Error::Closed(e.to_string()))?
     };
+    let registration = match register {
+        Some((config, id)) => {
+            let config = crate::manager::load_config(Some(config), &[])?;
+            let meta = crate::manager::connect_metastore(&config, control::config::Side::Internal)?;
+            let info = crate::manager::WorkerInfo {
+                address: server.local_addr().to_string(),
+                tasks,
+                threads,
+            };
+            Some(crate::manager::Registration::start(meta, &name, id, &info)?)
+        }
+        None => None,
+    };
     let mut stdout = std::io::stdout();
     let _ = writeln!(
         stdout,
@@ -187,6 +222,7 @@ fn worker(def: ModuleDef, dir: &str, tasks: u32, threads: u32, host: &str, port:
     while !STOP.load(std::sync::atomic::Ordering::SeqCst) {
         std::thread::sleep(Duration::from_millis(50));
     }
+    drop(registration);
     drop(server);
     // Connections still open hold the cluster; wait briefly for them.
     let deadline = std::time::Instant::now() + Duration::from_secs(10);

@@ -1,10 +1,12 @@
 //! Everything that crosses the network: the framed transport
 //! ([`transport`]), the messages of the module API ([`wire`]), remote
-//! clients ([`remote`]), and the module artifact's `main` ([`artifact`],
+//! clients ([`remote`], found through the metastore by [`manager`]), and
+//! the module artifact's `main` ([`artifact`],
 //! [`module_main!`]), which runs a module as a worker serving the wire
 //! protocol.
 
 pub mod artifact;
+pub mod manager;
 pub mod remote;
 pub mod transport;
 pub mod wire;
