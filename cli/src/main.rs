@@ -10,6 +10,11 @@ use std::process::ExitCode;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
+mod admin;
+mod conductor;
+mod log;
+mod supervisor;
+
 use clap::{Parser, Subcommand};
 use control::config::{Config, Side};
 use control::devzk::DevZookeeper;
@@ -43,6 +48,38 @@ enum Cmd {
     /// zookeeper.port with its data under local.dir, until interrupted.
     #[command(name = "devZookeeper")]
     DevZookeeper,
+    /// Runs the Conductor: admin API on conductor.port, artifact store and
+    /// module lifecycle; until interrupted.
+    Conductor,
+    /// Runs a Supervisor: starts the worker processes assigned to it;
+    /// until interrupted (its workers keep running).
+    Supervisor,
+    /// Deploys a module: uploads the artifact, launches it and shows its
+    /// progress until it is [:running].
+    Deploy {
+        /// Only `launch` exists so far.
+        #[arg(long)]
+        action: String,
+        /// The module artifact (an executable built with module_main!).
+        #[arg(long)]
+        jar: PathBuf,
+        #[arg(long)]
+        module: String,
+        #[arg(long)]
+        tasks: u32,
+        #[arg(long)]
+        threads: u32,
+        #[arg(long)]
+        workers: u32,
+        #[arg(long = "replicationFactor", default_value_t = 1)]
+        replication_factor: u32,
+    },
+    /// Prints a module's state, e.g. [:running].
+    #[command(name = "moduleStatus")]
+    ModuleStatus { module: String },
+    /// Stops a module and removes its workers, assignments and data; shows
+    /// progress until it is gone.
+    Destroy { module: String },
     /// Appends a record (JSON) to a depot of a running module; prints the
     /// task, offset and ack-return values as JSON.
     #[command(name = "depotAppend")]
@@ -99,13 +136,97 @@ fn config(cli: &Cli) -> Result<Config, String> {
     Config::load(&path, required).map_err(|e| e.to_string())
 }
 
-fn dev_zookeeper(config: &Config) -> Result<(), String> {
+fn catch_signals() {
     // SAFETY: installs an async-signal-safe handler (it only stores to an
     // atomic).
     unsafe {
         libc::signal(libc::SIGINT, on_signal as *const () as libc::sighandler_t);
         libc::signal(libc::SIGTERM, on_signal as *const () as libc::sighandler_t);
     }
+}
+
+fn admin(cli: &Cli, config: &Config) -> Result<admin::Admin, String> {
+    let side = if cli.use_internal_hostnames {
+        Side::Internal
+    } else {
+        Side::External
+    };
+    admin::Admin::connect(&conductor::address(config, side)?)
+}
+
+fn module_state(admin: &admin::Admin, module: &str) -> Result<Option<String>, String> {
+    let r = admin.call(&admin::request(
+        "status",
+        [("module", engine::value::Value::from(module))],
+    ))?;
+    Ok(r.get(&engine::value::Value::from("state"))
+        .and_then(engine::value::Value::as_str)
+        .map(str::to_string))
+}
+
+fn deploy(cli: &Cli, config: &Config) -> Result<(), Failure> {
+    let Cmd::Deploy {
+        action,
+        jar,
+        module,
+        tasks,
+        threads,
+        workers,
+        replication_factor,
+    } = &cli.command
+    else {
+        unreachable!("deploy")
+    };
+    if action != "launch" {
+        return Err(Failure::Usage(format!("--action {action}: only launch exists so far")));
+    }
+    if !jar.is_file() {
+        return Err(Failure::Failed(format!("--jar {}: no such file", jar.display())));
+    }
+    let admin = admin(cli, config)?;
+    println!("uploading {}", jar.display());
+    let artifact = conductor::upload(&admin, jar)?;
+    use engine::value::Value;
+    admin.call(&admin::request(
+        "deploy",
+        [
+            ("module", Value::from(module.as_str())),
+            ("artifact", Value::from(artifact)),
+            ("tasks", Value::from(*tasks)),
+            ("threads", Value::from(*threads)),
+            ("workers", Value::from(*workers)),
+            ("replicationFactor", Value::from(*replication_factor)),
+        ],
+    ))?;
+    let deadline = std::time::Instant::now() + Duration::from_secs(240);
+    let mut last = String::new();
+    loop {
+        let state = module_state(&admin, module)?;
+        let shown = state
+            .as_deref()
+            .map_or_else(|| "[:rolled-back]".to_string(), admin::shown);
+        if shown != last {
+            println!("{module}: {shown}");
+            last = shown;
+        }
+        match state.as_deref() {
+            Some("running") => return Ok(()),
+            Some("destroying") | None => {
+                return Err(Failure::Failed(format!(
+                    "{module} did not start and was rolled back; see the Supervisor's logs/worker-{module}.*.log"
+                )))
+            }
+            _ => {}
+        }
+        if std::time::Instant::now() > deadline {
+            return Err(Failure::Failed(format!("{module} is still {last} after 240 s")));
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
+fn dev_zookeeper(config: &Config) -> Result<(), String> {
+    catch_signals();
     let mut zk = DevZookeeper::start(config).map_err(|e| e.to_string())?;
     println!(
         "ZooKeeper running on {}:{} (pid {}); log {}; Ctrl-C stops it",
@@ -216,6 +337,44 @@ fn main() -> ExitCode {
                 .map(|v| println!("{v}"))
                 .map_err(|e| e.to_string())?),
             Cmd::DevZookeeper => Ok(dev_zookeeper(&config)?),
+            Cmd::Conductor => {
+                catch_signals();
+                Ok(conductor::run(&config, &STOP)?)
+            }
+            Cmd::Supervisor => {
+                catch_signals();
+                Ok(supervisor::run(&config, &STOP)?)
+            }
+            Cmd::Deploy { .. } => deploy(&cli, &config),
+            Cmd::ModuleStatus { module } => {
+                let state = module_state(&admin(&cli, &config)?, module)?;
+                match state {
+                    Some(s) => {
+                        println!("{}", admin::shown(&s));
+                        Ok(())
+                    }
+                    None => Err(Failure::Failed(format!("no module named {module} is deployed"))),
+                }
+            }
+            Cmd::Destroy { module } => {
+                let admin = admin(&cli, &config)?;
+                admin.call(&admin::request(
+                    "destroy",
+                    [("module", engine::value::Value::from(module.as_str()))],
+                ))?;
+                println!("{module}: {}", admin::shown("destroying"));
+                let deadline = std::time::Instant::now() + Duration::from_secs(120);
+                while module_state(&admin, module)?.is_some() {
+                    if std::time::Instant::now() > deadline {
+                        return Err(Failure::Failed(format!(
+                            "{module} is still being destroyed after 120 s"
+                        )));
+                    }
+                    std::thread::sleep(Duration::from_millis(200));
+                }
+                println!("{module}: destroyed");
+                Ok(())
+            }
             Cmd::DepotAppend { .. } | Cmd::PstateSelect { .. } | Cmd::QueryInvoke { .. } => data_command(&cli, &config),
         });
     match result {

@@ -1,0 +1,525 @@
+//! `rama conductor`: the admin API, the artifact store and the module
+//! lifecycle.
+//!
+//! Metadata (under `zookeeper.root`):
+//! ```text
+//! /conductor                      ephemeral: admin address
+//! /supervisors/<id>               ephemeral, by Supervisors: {host, portFirst, portLast}
+//! /modules/<m>/spec               {module, artifact, tasks, threads, workers, replicationFactor}
+//! /modules/<m>/state              launching | running | destroying
+//! /modules/<m>/workers/<i>        ephemeral, by workers (net::manager)
+//! /assignments/<supervisor>/<m>.<i>  {module, artifact, tasks, threads, worker}
+//! ```
+//! A launch writes spec, state and assignments; it becomes `running` when
+//! every worker registered, and is rolled back (assignments, metadata and
+//! state removed) if that does not happen within the launch timeout.
+//! Artifacts are stored under `<local.dir>/conductor/artifacts/<sha256>`;
+//! the name is the content's hash, never a name from the client, and an
+//! upload above `conductor.artifact.max.bytes` (default 1 GiB) is refused.
+
+use std::collections::{BTreeMap, HashMap};
+use std::fs::{File, OpenOptions};
+use std::io::{Read, Seek, SeekFrom, Write};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use control::config::{Config, Side};
+use control::metastore::{MetaError, Metastore, NodeKind, ZkMetastore};
+use engine::runtime::placement::Parallelism;
+use engine::value::{archived, Value};
+use net::manager::{connect_metastore, workers_path};
+use serde_json::{json, Value as Json};
+use sha2::{Digest, Sha256};
+
+use crate::admin::{self, bytes, int, text, CHUNK_BYTES};
+
+const LAUNCH_TIMEOUT: Duration = Duration::from_secs(180);
+
+struct Upload {
+    file: File,
+    path: PathBuf,
+    size: u64,
+    written: u64,
+}
+
+struct Conductor {
+    meta: ZkMetastore,
+    artifacts: PathBuf,
+    uploads_dir: PathBuf,
+    uploads: Mutex<HashMap<i64, Upload>>,
+    next_upload: AtomicU64,
+    max_bytes: u64,
+    /// When each launching module started launching.
+    launching: Mutex<HashMap<String, Instant>>,
+}
+
+fn meta_err(e: MetaError) -> String {
+    e.to_string()
+}
+
+fn read_json(meta: &ZkMetastore, path: &str) -> Result<Option<Json>, String> {
+    match meta.get(path).map_err(meta_err)? {
+        Some((d, _)) => serde_json::from_slice(&d)
+            .map(Some)
+            .map_err(|e| format!("{path} holds bad JSON: {e}")),
+        None => Ok(None),
+    }
+}
+
+fn state(meta: &ZkMetastore, module: &str) -> Result<Option<String>, String> {
+    Ok(meta
+        .get(&format!("/modules/{module}/state"))
+        .map_err(meta_err)?
+        .map(|(d, _)| String::from_utf8_lossy(&d).into_owned()))
+}
+
+fn valid_module_name(name: &str) -> bool {
+    !name.is_empty()
+        && name
+            .chars()
+            .all(|c| c.is_alphanumeric() || c == '_' || c == '-' || c == '.')
+}
+
+impl Conductor {
+    fn handle(&self, request: &[u8]) -> Vec<u8> {
+        let answer = archived::from_bytes(request)
+            .map_err(|e| format!("the request does not decode: {e}"))
+            .and_then(|r| match r {
+                Value::Map(m) => self.dispatch(&m),
+                _ => Err("a request is a map".into()),
+            })
+            .unwrap_or_else(|e| Value::map([("error", Value::from(e))]));
+        archived::to_bytes(&answer)
+    }
+
+    fn dispatch(&self, m: &BTreeMap<Value, Value>) -> Result<Value, String> {
+        match text(m, "op")? {
+            "uploadStart" => {
+                let size = u64::try_from(int(m, "size")?).map_err(|_| "size must not be negative")?;
+                if size > self.max_bytes {
+                    return Err(format!(
+                        "the artifact is {size} bytes, above conductor.artifact.max.bytes = {}",
+                        self.max_bytes
+                    ));
+                }
+                let id = self.next_upload.fetch_add(1, Ordering::SeqCst) as i64;
+                let path = self.uploads_dir.join(format!("upload-{id}.part"));
+                let file = File::create(&path).map_err(|e| format!("creating {}: {e}", path.display()))?;
+                self.uploads.lock().expect("uploads").insert(
+                    id,
+                    Upload {
+                        file,
+                        path,
+                        size,
+                        written: 0,
+                    },
+                );
+                Ok(Value::map([("upload", Value::Int(id))]))
+            }
+            "uploadChunk" => {
+                let id = int(m, "upload")?;
+                let data = bytes(m, "data")?;
+                let offset = u64::try_from(int(m, "offset")?).map_err(|_| "bad offset")?;
+                let mut uploads = self.uploads.lock().expect("uploads");
+                let u = uploads.get_mut(&id).ok_or_else(|| format!("no upload {id}"))?;
+                if offset != u.written || u.written + data.len() as u64 > u.size {
+                    return Err(format!(
+                        "chunk at {offset} of {} bytes does not continue upload {id} ({} of {} bytes written)",
+                        data.len(),
+                        u.written,
+                        u.size
+                    ));
+                }
+                u.file.write_all(data).map_err(|e| format!("writing the upload: {e}"))?;
+                u.written += data.len() as u64;
+                Ok(Value::map::<&str, Value>([]))
+            }
+            "uploadFinish" => {
+                let id = int(m, "upload")?;
+                let u = self
+                    .uploads
+                    .lock()
+                    .expect("uploads")
+                    .remove(&id)
+                    .ok_or_else(|| format!("no upload {id}"))?;
+                if u.written != u.size {
+                    let _ = std::fs::remove_file(&u.path);
+                    return Err(format!("upload {id} has {} of {} bytes", u.written, u.size));
+                }
+                u.file.sync_all().map_err(|e| e.to_string())?;
+                let mut hasher = Sha256::new();
+                let mut f = File::open(&u.path).map_err(|e| e.to_string())?;
+                let mut buf = vec![0u8; 1 << 20];
+                loop {
+                    let n = f.read(&mut buf).map_err(|e| e.to_string())?;
+                    if n == 0 {
+                        break;
+                    }
+                    hasher.update(&buf[..n]);
+                }
+                let hash: String = hasher.finalize().iter().map(|b| format!("{b:02x}")).collect();
+                let dest = self.artifacts.join(&hash);
+                std::fs::rename(&u.path, &dest).map_err(|e| format!("storing the artifact: {e}"))?;
+                set_executable(&dest)?;
+                Ok(Value::map([("artifact", Value::from(hash))]))
+            }
+            "download" => {
+                let path = self.artifact_path(text(m, "artifact")?)?;
+                let offset = u64::try_from(int(m, "offset")?).map_err(|_| "bad offset")?;
+                let mut f = File::open(&path).map_err(|e| format!("artifact: {e}"))?;
+                let size = f.metadata().map_err(|e| e.to_string())?.len();
+                f.seek(SeekFrom::Start(offset)).map_err(|e| e.to_string())?;
+                let mut data = vec![0u8; CHUNK_BYTES.min(size.saturating_sub(offset) as usize)];
+                f.read_exact(&mut data).map_err(|e| e.to_string())?;
+                Ok(Value::map([
+                    ("data", Value::Bytes(data)),
+                    ("size", Value::Int(size as i64)),
+                ]))
+            }
+            "deploy" => self.deploy(m),
+            "status" => {
+                let module = text(m, "module")?;
+                Ok(Value::map([(
+                    "state",
+                    state(&self.meta, module)?.map_or(Value::Nil, Value::from),
+                )]))
+            }
+            "destroy" => {
+                let module = text(m, "module")?;
+                if state(&self.meta, module)?.is_none() {
+                    return Err(format!("no module named {module} is deployed"));
+                }
+                self.meta
+                    .set(&format!("/modules/{module}/state"), b"destroying", None)
+                    .map_err(meta_err)?;
+                self.remove_assignments(module)?;
+                Ok(Value::map([("state", Value::from("destroying"))]))
+            }
+            other => Err(format!("unknown admin op {other}")),
+        }
+    }
+
+    /// The stored artifact named `hash` (64 hex digits, nothing else).
+    fn artifact_path(&self, hash: &str) -> Result<PathBuf, String> {
+        if hash.len() != 64 || !hash.bytes().all(|b| b.is_ascii_hexdigit()) {
+            return Err(format!("{hash:?} is not an artifact id"));
+        }
+        let p = self.artifacts.join(hash);
+        if !p.is_file() {
+            return Err(format!("no artifact {hash}"));
+        }
+        Ok(p)
+    }
+
+    fn deploy(&self, m: &BTreeMap<Value, Value>) -> Result<Value, String> {
+        let module = text(m, "module")?;
+        let artifact = text(m, "artifact")?;
+        let num = |name: &str| -> Result<u32, String> {
+            u32::try_from(int(m, name)?).map_err(|_| format!("--{name} must be a positive number"))
+        };
+        let (tasks, threads, workers, rf) = (
+            num("tasks")?,
+            num("threads")?,
+            num("workers")?,
+            num("replicationFactor")?,
+        );
+        if !valid_module_name(module) {
+            return Err(format!("{module:?} is not a module name"));
+        }
+        Parallelism::new(tasks, threads, workers).map_err(|e| e.to_string())?;
+        if rf != 1 {
+            return Err(format!(
+                "--replicationFactor {rf}: replication is not implemented yet; only 1 is accepted"
+            ));
+        }
+        if workers != 1 {
+            return Err(format!(
+                "--workers {workers}: a module runs on one worker process for now (tasks spread over \
+                 several workers come with cross-worker partitioning); use --workers 1"
+            ));
+        }
+        let path = self.artifact_path(artifact)?;
+        // The artifact must be a module artifact, contain the module, and
+        // be built with this engine.
+        let out = std::process::Command::new(&path)
+            .arg("describe")
+            .output()
+            .map_err(|e| format!("the jar is not a runnable module artifact: {e}"))?;
+        let described: Json = serde_json::from_slice(&out.stdout).map_err(|_| {
+            "the jar is not a module artifact (its describe command printed no module list)".to_string()
+        })?;
+        let modules = described.as_array().cloned().unwrap_or_default();
+        let found = modules.iter().find(|d| d["name"] == module).ok_or_else(|| {
+            format!(
+                "the artifact has no module {module} (it has: {})",
+                modules
+                    .iter()
+                    .filter_map(|d| d["name"].as_str())
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            )
+        })?;
+        let version = found["engine_version"].as_str().unwrap_or("?");
+        if version != engine::VERSION {
+            return Err(format!(
+                "the artifact was built with engine {version}; this cluster runs engine {}",
+                engine::VERSION
+            ));
+        }
+        let supervisors = self.meta.children("/supervisors").or_else(|e| match e {
+            MetaError::NoNode(_) => Ok(Vec::new()),
+            e => Err(meta_err(e)),
+        })?;
+        if supervisors.is_empty() {
+            return Err("not enough Supervisors: none is running".into());
+        }
+        // Claim the module name; a second deploy of it fails here.
+        self.meta.create_all("/modules").map_err(meta_err)?;
+        match self
+            .meta
+            .create(&format!("/modules/{module}"), b"", NodeKind::Persistent)
+        {
+            Ok(()) => {}
+            Err(MetaError::NodeExists(_)) => return Err(format!("module {module} is already deployed")),
+            Err(e) => return Err(meta_err(e)),
+        }
+        let spec = json!({"module": module, "artifact": artifact, "tasks": tasks, "threads": threads,
+                          "workers": workers, "replicationFactor": rf});
+        let launched = (|| -> Result<(), String> {
+            self.meta
+                .create(
+                    &format!("/modules/{module}/spec"),
+                    spec.to_string().as_bytes(),
+                    NodeKind::Persistent,
+                )
+                .map_err(meta_err)?;
+            self.meta
+                .create(&format!("/modules/{module}/state"), b"launching", NodeKind::Persistent)
+                .map_err(meta_err)?;
+            // The dev scheduler: each worker to the Supervisor with the
+            // fewest assignments.
+            for w in 0..workers {
+                let mut load = Vec::new();
+                for s in &supervisors {
+                    let n = self.meta.children(&format!("/assignments/{s}")).map_or(0, |c| c.len());
+                    load.push((n, s.clone()));
+                }
+                load.sort();
+                let target = &load[0].1;
+                self.meta
+                    .create_all(&format!("/assignments/{target}"))
+                    .map_err(meta_err)?;
+                let assignment = json!({"module": module, "artifact": artifact, "tasks": tasks,
+                                        "threads": threads, "worker": w});
+                self.meta
+                    .create(
+                        &format!("/assignments/{target}/{module}.{w}"),
+                        assignment.to_string().as_bytes(),
+                        NodeKind::Persistent,
+                    )
+                    .map_err(meta_err)?;
+            }
+            Ok(())
+        })();
+        if let Err(e) = launched {
+            let _ = self.remove_assignments(module);
+            let _ = self.meta.delete_all(&format!("/modules/{module}"));
+            return Err(e);
+        }
+        self.launching
+            .lock()
+            .expect("launching")
+            .insert(module.to_string(), Instant::now());
+        Ok(Value::map([("state", Value::from("launching"))]))
+    }
+
+    fn remove_assignments(&self, module: &str) -> Result<(), String> {
+        let supervisors = match self.meta.children("/assignments") {
+            Ok(s) => s,
+            Err(MetaError::NoNode(_)) => return Ok(()),
+            Err(e) => return Err(meta_err(e)),
+        };
+        for s in supervisors {
+            for a in self.meta.children(&format!("/assignments/{s}")).map_err(meta_err)? {
+                if a.rsplit_once('.').is_some_and(|(m, _)| m == module) {
+                    match self.meta.delete(&format!("/assignments/{s}/{a}"), None) {
+                        Ok(()) | Err(MetaError::NoNode(_)) => {}
+                        Err(e) => return Err(meta_err(e)),
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Moves modules along: launching -> running once every worker
+    /// registered (or rolled back after the timeout); destroying -> gone
+    /// once no worker is registered.
+    fn progress(&self) -> Result<(), String> {
+        let modules = match self.meta.children("/modules") {
+            Ok(m) => m,
+            Err(MetaError::NoNode(_)) => return Ok(()),
+            Err(e) => return Err(meta_err(e)),
+        };
+        for module in modules {
+            let Some(st) = state(&self.meta, &module)? else {
+                continue;
+            };
+            let registered = self.meta.children(&workers_path(&module)).map_or(0, |w| w.len());
+            match st.as_str() {
+                "launching" => {
+                    let spec = read_json(&self.meta, &format!("/modules/{module}/spec"))?;
+                    let want = spec.as_ref().and_then(|s| s["workers"].as_u64()).unwrap_or(1) as usize;
+                    if registered >= want {
+                        self.meta
+                            .set(&format!("/modules/{module}/state"), b"running", None)
+                            .map_err(meta_err)?;
+                        self.launching.lock().expect("launching").remove(&module);
+                    } else {
+                        let started = *self
+                            .launching
+                            .lock()
+                            .expect("launching")
+                            .entry(module.clone())
+                            .or_insert_with(Instant::now);
+                        if started.elapsed() > LAUNCH_TIMEOUT {
+                            eprintln!("conductor: {module} did not start within {LAUNCH_TIMEOUT:?}; rolling back");
+                            self.meta
+                                .set(&format!("/modules/{module}/state"), b"destroying", None)
+                                .map_err(meta_err)?;
+                            self.remove_assignments(&module)?;
+                        }
+                    }
+                }
+                "destroying" if registered == 0 => {
+                    self.meta.delete_all(&format!("/modules/{module}")).map_err(meta_err)?;
+                    self.launching.lock().expect("launching").remove(&module);
+                }
+                _ => {}
+            }
+        }
+        Ok(())
+    }
+}
+
+fn set_executable(path: &Path) -> Result<(), String> {
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o755)).map_err(|e| e.to_string())
+}
+
+/// Runs the Conductor until `stop` is set.
+pub fn run(config: &Config, stop: &AtomicBool) -> Result<(), String> {
+    let local = config.local_dir().map_err(|e| e.to_string())?.join("conductor");
+    let artifacts = local.join("artifacts");
+    let uploads_dir = local.join("uploads");
+    for d in [&artifacts, &uploads_dir] {
+        std::fs::create_dir_all(d).map_err(|e| format!("creating {}: {e}", d.display()))?;
+    }
+    // Partial uploads of an earlier run are useless.
+    if let Ok(entries) = std::fs::read_dir(&uploads_dir) {
+        for e in entries.flatten() {
+            let _ = std::fs::remove_file(e.path());
+        }
+    }
+    let max_bytes = match config.get("conductor.artifact.max.bytes") {
+        Some(v) => v
+            .as_u64()
+            .ok_or("conductor.artifact.max.bytes must be a number of bytes")?,
+        None => 1 << 30,
+    };
+    let meta = connect_metastore(config, Side::Internal).map_err(|e| e.to_string())?;
+    let host = match config.get("conductor.host") {
+        Some(_) => config
+            .hosts("conductor.host", Side::Internal)
+            .map_err(|e| e.to_string())?
+            .remove(0),
+        None => "127.0.0.1".into(),
+    };
+    let port = config.port("conductor.port").map_err(|e| e.to_string())?;
+    let conductor = Arc::new(Conductor {
+        meta,
+        artifacts,
+        uploads_dir,
+        uploads: Mutex::new(HashMap::new()),
+        next_upload: AtomicU64::new(1),
+        max_bytes,
+        launching: Mutex::new(HashMap::new()),
+    });
+    let server = {
+        let c = conductor.clone();
+        net::Server::bind(
+            (host.as_str(), port),
+            net::PROTOCOL_VERSION,
+            net::FRAME_BYTES_MAX,
+            Arc::new(move |req: Vec<u8>| Ok(c.handle(&req))),
+        )
+        .map_err(|e| format!("the admin API cannot listen on {host}:{port} (conductor.port): {e}"))?
+    };
+    let address = server.local_addr().to_string();
+    let log = crate::log::Log::open(
+        &config.local_dir().map_err(|e| e.to_string())?.join("logs"),
+        "conductor",
+    )?;
+    log.line(&format!("conductor: admin API on {address}"));
+    while !stop.load(Ordering::SeqCst) {
+        // Liveness: the /conductor node, made again after a session loss.
+        if conductor.meta.get("/conductor").ok().flatten().is_none() {
+            let _ = conductor
+                .meta
+                .create("/conductor", address.as_bytes(), NodeKind::Ephemeral);
+        }
+        if let Err(e) = conductor.progress() {
+            log.line(&format!("conductor: {e}"));
+        }
+        std::thread::sleep(Duration::from_millis(300));
+    }
+    drop(server);
+    log.line("conductor: stopped");
+    Ok(())
+}
+
+/// The Conductor's admin address, from the metastore (where it
+/// registered) or from `rama.yaml`.
+pub fn address(config: &Config, side: Side) -> Result<String, String> {
+    let host = config
+        .hosts("conductor.host", side)
+        .map_err(|e| e.to_string())?
+        .remove(0);
+    let port = config.port("conductor.port").map_err(|e| e.to_string())?;
+    Ok(format!("{host}:{port}"))
+}
+
+/// Uploads the artifact at `jar`; returns its id.
+pub fn upload(admin: &admin::Admin, jar: &Path) -> Result<String, String> {
+    let mut f = OpenOptions::new()
+        .read(true)
+        .open(jar)
+        .map_err(|e| format!("--jar {}: {e}", jar.display()))?;
+    let size = f.metadata().map_err(|e| e.to_string())?.len();
+    if !f.metadata().map_err(|e| e.to_string())?.is_file() {
+        return Err(format!("--jar {} is not a file", jar.display()));
+    }
+    let up = admin.call(&admin::request("uploadStart", [("size", Value::Int(size as i64))]))?;
+    let id = int(&up, "upload")?;
+    let mut offset = 0u64;
+    let mut buf = vec![0u8; CHUNK_BYTES];
+    loop {
+        let n = f.read(&mut buf).map_err(|e| e.to_string())?;
+        if n == 0 {
+            break;
+        }
+        admin.call(&admin::request(
+            "uploadChunk",
+            [
+                ("upload", Value::Int(id)),
+                ("offset", Value::Int(offset as i64)),
+                ("data", Value::Bytes(buf[..n].to_vec())),
+            ],
+        ))?;
+        offset += n as u64;
+    }
+    let done = admin.call(&admin::request("uploadFinish", [("upload", Value::Int(id))]))?;
+    Ok(text(&done, "artifact")?.to_string())
+}

@@ -1,0 +1,328 @@
+//! `rama supervisor`: runs the worker processes the Conductor assigns to
+//! this machine.
+//!
+//! - Its id is kept in `<local.dir>/supervisor/id` across restarts; it
+//!   registers `/supervisors/<id>` (ephemeral) with its host and port range,
+//!   again after any session loss.
+//! - It polls `/assignments/<id>`: each assignment not running gets a worker
+//!   process (the artifact fetched from the Conductor into
+//!   `<local.dir>/supervisor/artifacts/`, a free port from
+//!   `supervisor.port.range`, data in `<local.dir>/supervisor/workers/<a>`,
+//!   its log in `<local.dir>/logs/worker-<a>.log`); a worker that exits is
+//!   started again; a worker whose assignment is gone is stopped (SIGTERM)
+//!   and its data removed.
+//! - Worker process ids are kept in `<local.dir>/supervisor/workers/<a>.pid`.
+//!   Stopping or killing the Supervisor leaves its workers running; a
+//!   restarted Supervisor adopts the ones still alive instead of starting
+//!   them twice.
+
+use std::collections::HashMap;
+use std::fs::{File, OpenOptions};
+use std::io::Write;
+use std::net::TcpListener;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+use control::config::{Config, Side};
+use control::metastore::{MetaError, Metastore, NodeKind, ZkMetastore};
+use engine::value::Value;
+use net::manager::connect_metastore;
+use serde_json::{json, Value as Json};
+
+use crate::admin::{self, bytes, int, Admin};
+
+/// A worker process: our child, or one adopted from an earlier run.
+enum Proc {
+    Child(Child),
+    Adopted(u32),
+}
+
+impl Proc {
+    fn pid(&self) -> u32 {
+        match self {
+            Proc::Child(c) => c.id(),
+            Proc::Adopted(p) => *p,
+        }
+    }
+
+    fn alive(&mut self) -> bool {
+        match self {
+            Proc::Child(c) => matches!(c.try_wait(), Ok(None)),
+            // SAFETY: kill(pid, 0) only checks that the process exists.
+            Proc::Adopted(p) => unsafe { libc::kill(*p as i32, 0) == 0 },
+        }
+    }
+
+    fn stop(&mut self) {
+        let pid = self.pid() as i32;
+        // SAFETY: signals a worker process this Supervisor started.
+        unsafe { libc::kill(pid, libc::SIGTERM) };
+        for _ in 0..200 {
+            if !self.alive() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        // SAFETY: as above.
+        unsafe { libc::kill(pid, libc::SIGKILL) };
+        if let Proc::Child(c) = self {
+            let _ = c.wait();
+        }
+    }
+}
+
+fn supervisor_id(dir: &Path) -> Result<String, String> {
+    let path = dir.join("id");
+    if let Ok(id) = std::fs::read_to_string(&path) {
+        let id = id.trim().to_string();
+        if !id.is_empty() && id.chars().all(|c| c.is_ascii_hexdigit()) {
+            return Ok(id);
+        }
+        return Err(format!(
+            "{} does not hold a supervisor id; remove it to get a new one",
+            path.display()
+        ));
+    }
+    let mut raw = [0u8; 8];
+    File::open("/dev/urandom")
+        .and_then(|mut f| std::io::Read::read_exact(&mut f, &mut raw))
+        .map_err(|e| format!("reading /dev/urandom: {e}"))?;
+    let id: String = raw.iter().map(|b| format!("{b:02x}")).collect();
+    std::fs::write(&path, format!("{id}\n")).map_err(|e| format!("writing {}: {e}", path.display()))?;
+    Ok(id)
+}
+
+/// Whether process `pid` runs a worker of assignment `a`.
+fn is_worker(pid: u32, a: &str) -> bool {
+    std::fs::read(format!("/proc/{pid}/cmdline"))
+        .map(|c| {
+            let args: Vec<String> = c
+                .split(|b| *b == 0)
+                .map(|s| String::from_utf8_lossy(s).into_owned())
+                .collect();
+            args.iter().any(|s| s == "worker") && args.iter().any(|s| s.ends_with(&format!("/workers/{a}")))
+        })
+        .unwrap_or(false)
+}
+
+struct Supervisor {
+    log: crate::log::Log,
+    config: Config,
+    meta: ZkMetastore,
+    id: String,
+    dir: PathBuf,
+    logs: PathBuf,
+    host: String,
+    ports: (u16, u16),
+    workers: HashMap<String, Proc>,
+}
+
+impl Supervisor {
+    fn register(&self) {
+        let path = format!("/supervisors/{}", self.id);
+        if self.meta.get(&path).ok().flatten().is_some() {
+            return;
+        }
+        let data = json!({"host": self.host, "portFirst": self.ports.0, "portLast": self.ports.1});
+        let _ = self.meta.create_all("/supervisors");
+        let _ = self
+            .meta
+            .create(&path, data.to_string().as_bytes(), NodeKind::Ephemeral);
+    }
+
+    fn artifact(&self, hash: &str) -> Result<PathBuf, String> {
+        if hash.len() != 64 || !hash.bytes().all(|b| b.is_ascii_hexdigit()) {
+            return Err(format!("assignment names a bad artifact id {hash:?}"));
+        }
+        let path = self.dir.join("artifacts").join(hash);
+        if path.is_file() {
+            return Ok(path);
+        }
+        let addr = match self.meta.get("/conductor").map_err(|e| e.to_string())? {
+            Some((d, _)) => String::from_utf8_lossy(&d).into_owned(),
+            None => crate::conductor::address(&self.config, Side::Internal)?,
+        };
+        let admin = Admin::connect(&addr)?;
+        let part = path.with_extension("part");
+        let mut f = File::create(&part).map_err(|e| format!("creating {}: {e}", part.display()))?;
+        let mut offset = 0i64;
+        loop {
+            let r = admin.call(&admin::request(
+                "download",
+                [("artifact", Value::from(hash)), ("offset", Value::Int(offset))],
+            ))?;
+            let data = bytes(&r, "data")?;
+            f.write_all(data).map_err(|e| e.to_string())?;
+            offset += data.len() as i64;
+            if offset >= int(&r, "size")? || data.is_empty() {
+                break;
+            }
+        }
+        f.sync_all().map_err(|e| e.to_string())?;
+        drop(f);
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(&part, std::fs::Permissions::from_mode(0o755)).map_err(|e| e.to_string())?;
+        std::fs::rename(&part, &path).map_err(|e| e.to_string())?;
+        Ok(path)
+    }
+
+    fn free_port(&self) -> Result<u16, String> {
+        (self.ports.0..=self.ports.1)
+            .find(|p| TcpListener::bind((self.host.as_str(), *p)).is_ok())
+            .ok_or_else(|| {
+                format!(
+                    "no free port in supervisor.port.range {}-{} on {}",
+                    self.ports.0, self.ports.1, self.host
+                )
+            })
+    }
+
+    fn start(&mut self, a: &str, spec: &Json) -> Result<(), String> {
+        let artifact = self.artifact(spec["artifact"].as_str().unwrap_or_default())?;
+        let port = self.free_port()?;
+        let data = self.dir.join("workers").join(a);
+        std::fs::create_dir_all(&data).map_err(|e| e.to_string())?;
+        let log = OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.logs.join(format!("worker-{a}.log")))
+            .map_err(|e| e.to_string())?;
+        let child = Command::new(&artifact)
+            .arg("worker")
+            .args(["--module", spec["module"].as_str().unwrap_or_default()])
+            .args(["--tasks", &spec["tasks"].to_string()])
+            .args(["--threads", &spec["threads"].to_string()])
+            .args(["--host", &self.host])
+            .args(["--port", &port.to_string()])
+            .arg("--register")
+            .arg(self.config.path())
+            .args(["--id", &spec["worker"].to_string()])
+            .arg("--dir")
+            .arg(&data)
+            .stdin(Stdio::null())
+            .stdout(log.try_clone().map_err(|e| e.to_string())?)
+            .stderr(log)
+            .spawn()
+            .map_err(|e| format!("starting {}: {e}", artifact.display()))?;
+        std::fs::write(
+            self.dir.join("workers").join(format!("{a}.pid")),
+            child.id().to_string(),
+        )
+        .map_err(|e| e.to_string())?;
+        self.log.line(&format!(
+            "supervisor {}: started worker {a} (pid {}) on port {port}",
+            self.id,
+            child.id()
+        ));
+        self.workers.insert(a.to_string(), Proc::Child(child));
+        Ok(())
+    }
+
+    fn adopt(&mut self) {
+        let Ok(entries) = std::fs::read_dir(self.dir.join("workers")) else {
+            return;
+        };
+        for e in entries.flatten() {
+            let name = e.file_name().to_string_lossy().into_owned();
+            let Some(a) = name.strip_suffix(".pid") else { continue };
+            let pid = std::fs::read_to_string(e.path())
+                .ok()
+                .and_then(|p| p.trim().parse::<u32>().ok());
+            if let Some(pid) = pid.filter(|p| is_worker(*p, a)) {
+                self.log
+                    .line(&format!("supervisor {}: adopted worker {a} (pid {pid})", self.id));
+                self.workers.insert(a.to_string(), Proc::Adopted(pid));
+            }
+        }
+    }
+
+    fn round(&mut self) -> Result<(), String> {
+        self.register();
+        let dir = format!("/assignments/{}", self.id);
+        let assigned = match self.meta.children(&dir) {
+            Ok(a) => a,
+            Err(MetaError::NoNode(_)) => Vec::new(),
+            Err(e) => return Err(e.to_string()),
+        };
+        for a in &assigned {
+            let running = self.workers.get_mut(a).is_some_and(Proc::alive);
+            if running {
+                continue;
+            }
+            if self.workers.remove(a).is_some() {
+                self.log
+                    .line(&format!("supervisor {}: worker {a} exited; starting it again", self.id));
+            }
+            let Some((data, _)) = self.meta.get(&format!("{dir}/{a}")).map_err(|e| e.to_string())? else {
+                continue;
+            };
+            let spec: Json = serde_json::from_slice(&data).map_err(|e| format!("assignment {a}: {e}"))?;
+            if let Err(e) = self.start(a, &spec) {
+                self.log
+                    .line(&format!("supervisor {}: cannot start worker {a}: {e}", self.id));
+            }
+        }
+        let gone: Vec<String> = self.workers.keys().filter(|a| !assigned.contains(a)).cloned().collect();
+        for a in gone {
+            let mut p = self.workers.remove(&a).expect("listed");
+            p.stop();
+            let data = self.dir.join("workers").join(&a);
+            let _ = std::fs::remove_dir_all(&data);
+            let _ = std::fs::remove_file(self.dir.join("workers").join(format!("{a}.pid")));
+            self.log.line(&format!(
+                "supervisor {}: stopped worker {a} and removed its data",
+                self.id
+            ));
+        }
+        Ok(())
+    }
+}
+
+/// Runs the Supervisor until `stop` is set; its workers keep running.
+pub fn run(config: &Config, stop: &AtomicBool) -> Result<(), String> {
+    let local = config.local_dir().map_err(|e| e.to_string())?;
+    let dir = local.join("supervisor");
+    let logs = local.join("logs");
+    for d in [dir.join("artifacts"), dir.join("workers"), logs.clone()] {
+        std::fs::create_dir_all(&d).map_err(|e| format!("creating {}: {e}", d.display()))?;
+    }
+    let id = supervisor_id(&dir)?;
+    let host = match config.get("supervisor.host") {
+        Some(_) => config
+            .hosts("supervisor.host", Side::Internal)
+            .map_err(|e| e.to_string())?
+            .remove(0),
+        None => "127.0.0.1".into(),
+    };
+    let ports = config.port_range().map_err(|e| e.to_string())?;
+    let meta = connect_metastore(config, Side::Internal).map_err(|e| e.to_string())?;
+    let log = crate::log::Log::open(&logs, &format!("supervisor-{id}"))?;
+    let mut s = Supervisor {
+        log,
+        config: config.clone(),
+        meta,
+        id,
+        dir,
+        logs,
+        host,
+        ports,
+        workers: HashMap::new(),
+    };
+    s.adopt();
+    s.register();
+    s.log.line(&format!(
+        "supervisor {} on {} (ports {}-{})",
+        s.id, s.host, s.ports.0, s.ports.1
+    ));
+    while !stop.load(Ordering::SeqCst) {
+        if let Err(e) = s.round() {
+            s.log.line(&format!("supervisor {}: {e}", s.id));
+        }
+        std::thread::sleep(Duration::from_millis(300));
+    }
+    s.log
+        .line(&format!("supervisor {}: stopped (its workers keep running)", s.id));
+    Ok(())
+}
