@@ -183,6 +183,9 @@ struct ModuleRuntime {
     /// Round-robin origin of queries.
     next_origin: AtomicU32,
     fault: Option<FaultHook>,
+    /// The stop signal: the sender is dropped once every task thread of
+    /// the module has stopped.
+    stopped: (Mutex<Option<flume::Sender<()>>>, flume::Receiver<()>),
 }
 
 impl std::fmt::Debug for ModuleRuntime {
@@ -220,10 +223,26 @@ impl ModuleRuntime {
     }
 
     /// Sends `request` to the owner of `task` and waits for its answer.
-    fn call<T>(&self, task: u32, request: impl FnOnce(messages::Reply<T>) -> Request) -> Result<T> {
+    fn call<T: Send + 'static>(&self, task: u32, request: impl FnOnce(messages::Reply<T>) -> Request) -> Result<T> {
         let (tx, rx) = flume::bounded(1);
         self.send(task, request(tx))?;
-        rx.recv().map_err(|_| self.closed())?
+        futures_lite::future::block_on(self.answer(rx))
+    }
+
+    /// The answer to a request, or `Closed` once the module stopped (a
+    /// request that reached a channel just as its thread stopped reading
+    /// is never answered, and its reply sender stays in the channel).
+    fn answer<T>(&self, rx: flume::Receiver<Result<T>>) -> impl Future<Output = Result<T>> + Send + 'static
+    where
+        T: Send + 'static,
+    {
+        let stopped = self.stopped.1.clone();
+        let (closed, closed2) = (self.closed(), self.closed());
+        futures_lite::future::or(async move { rx.recv_async().await.map_err(|_| closed)? }, async move {
+            // Completes only when the stop signal's sender is dropped.
+            let _ = stopped.recv_async().await;
+            Err(closed2)
+        })
     }
 }
 
@@ -338,6 +357,10 @@ impl InProcessCluster {
             stream_consumers,
             next_origin: AtomicU32::new(0),
             fault: self.fault.clone(),
+            stopped: {
+                let (tx, rx) = flume::bounded(1);
+                (Mutex::new(Some(tx)), rx)
+            },
         });
         let mut handles = Vec::new();
         // Each thread reports once its storage is open, so a launch either
@@ -468,7 +491,7 @@ impl InProcessCluster {
                 .control
                 .send(Control::Ends { topology: t, reply: tx })
                 .map_err(|_| rt.closed())?;
-            target.extend(rx.recv().map_err(|_| rt.closed())??);
+            target.extend(futures_lite::future::block_on(rt.answer(rx))?);
         }
         let shared = rt.microbatch(t);
         let deadline = Instant::now() + timeout;
@@ -557,6 +580,7 @@ fn stop(rt: Arc<ModuleRuntime>, handles: Vec<TaskThreadHandle>) -> Result<()> {
         // A thread that already exited has nothing to stop.
         let _ = link.client.send(Request::Shutdown);
     }
+    let stop_signal = rt.stopped.0.lock().expect("stop signal").take();
     drop(rt);
     let mut first = None;
     for h in handles {
@@ -570,6 +594,8 @@ fn stop(rt: Arc<ModuleRuntime>, handles: Vec<TaskThreadHandle>) -> Result<()> {
             }
         }
     }
+    // Every thread is gone: requests still waiting for an answer get Closed.
+    drop(stop_signal);
     first.map_or(Ok(()), Err)
 }
 
@@ -637,7 +663,7 @@ impl DepotClient {
                 reply,
             },
         )?;
-        let rt = self.rt.clone();
+        let answer = self.rt.answer(rx);
         Ok(async move {
             if ack == AckLevel::None {
                 return Ok(AppendResult {
@@ -646,7 +672,7 @@ impl DepotClient {
                     ack_returns: BTreeMap::new(),
                 });
             }
-            rx.recv_async().await.map_err(|_| rt.closed())?
+            answer.await
         })
     }
 

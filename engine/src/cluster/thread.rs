@@ -125,6 +125,12 @@ pub(crate) struct TaskThread {
     subscriptions: RefCell<Vec<Subscription>>,
     pub stopping: Cell<bool>,
     pub stop_waiters: Waiters,
+    /// Appends being handled (between their request and their answer).
+    appends: Cell<usize>,
+    appends_done: Waiters,
+    /// Set once stopping and no append is in flight: stream consumers drain
+    /// what is appended and stop.
+    draining: Cell<bool>,
     shuffle: Cell<u32>,
     /// Stream consumers and microbatch coordinators.
     workers: RefCell<Vec<glommio::Task<()>>>,
@@ -272,6 +278,9 @@ pub(crate) async fn open(rt: Arc<ModuleRuntime>, thread: u32, dir: &Path) -> Res
         subscriptions: RefCell::new(Vec::new()),
         stopping: Cell::new(false),
         stop_waiters: Waiters::default(),
+        appends: Cell::new(0),
+        appends_done: Waiters::default(),
+        draining: Cell::new(false),
         shuffle: Cell::new(0),
         workers: RefCell::new(Vec::new()),
     }))
@@ -372,6 +381,17 @@ pub(crate) async fn run(th: Rc<TaskThread>, inbox: ThreadInbox) -> Result<()> {
     }
     quiesce(&th).await;
     drop(loops);
+    // Waiters left (their record was taken while its consumer had already
+    // stopped, e.g. a topology append) get an answer rather than none.
+    for (_, waiting) in th.acks.borrow_mut().drain() {
+        for (offset, w) in waiting {
+            let _ = w.reply.send(Err(Error::Closed(format!(
+                "module {} stopped before record {offset} was processed; it is durable and is processed \
+                 after a restart",
+                th.rt.def.name
+            ))));
+        }
+    }
     for depot in &th.logs {
         for log in depot.iter().flatten() {
             log.close().await?;
@@ -384,6 +404,11 @@ pub(crate) async fn run(th: Rc<TaskThread>, inbox: ThreadInbox) -> Result<()> {
 /// each is running.
 async fn quiesce(th: &TaskThread) {
     th.stopping.set(true);
+    // New client appends are refused from here; the ones already being
+    // handled finish first, so their records (and `Ack` waiters) are known
+    // before consumers decide they have drained everything.
+    th.appends_done.wait(|| (th.appends.get() == 0).then_some(())).await;
+    th.draining.set(true);
     th.stop_waiters.wake_all();
     for d in &th.appended {
         for a in d {
@@ -427,7 +452,12 @@ async fn handle_request(th: &Rc<TaskThread>, request: Request) {
             record,
             ack,
             reply,
-        } => append(th, depot, task, record, ack, reply).await,
+        } => {
+            th.appends.set(th.appends.get() + 1);
+            append(th, depot, task, record, ack, reply).await;
+            th.appends.set(th.appends.get() - 1);
+            th.appends_done.wake_all();
+        }
         Request::Read {
             depot,
             task,
@@ -931,11 +961,12 @@ async fn consume_inner(th: &Rc<TaskThread>, topology: usize, depot: usize, task:
         // Wait for a record past the committed offset.
         appended
             .waiters
-            .wait(|| (th.stopping.get() || appended.enqueued_end.get() > offset).then_some(()))
+            .wait(|| (th.draining.get() || appended.enqueued_end.get() > offset).then_some(()))
             .await;
-        // Stopping: client appends are refused from now on, so drain what
-        // was appended (every `Ack` waiter gets its answer), then stop.
-        if th.stopping.get() && appended.enqueued_end.get() <= offset {
+        // Draining: no client append is taken or in flight any more, so
+        // once what was appended is processed (every `Ack` waiter has its
+        // answer), stop.
+        if th.draining.get() && appended.enqueued_end.get() <= offset {
             return Ok(());
         }
         if log.end_offset() <= offset {
