@@ -9,6 +9,7 @@
 //! {op: download, artifact, offset}        -> {data, size}      (4 MiB per call)
 //! {op: deploy, module, artifact, tasks, threads, workers, replicationFactor} -> {state}
 //! {op: status, module}                    -> {state}  (nil: no such module)
+//! {op: taskGroups, module}               -> {groups: [{taskGroup, tasks, worker, address, supervisor}]}
 //! {op: destroy, module}                   -> {state}
 //! errors: {error: message}
 //! ```

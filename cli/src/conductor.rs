@@ -186,6 +186,7 @@ impl Conductor {
                     state(&self.meta, module)?.map_or(Value::Nil, Value::from),
                 )]))
             }
+            "taskGroups" => self.task_groups(text(m, "module")?),
             "destroy" => {
                 let module = text(m, "module")?;
                 if state(&self.meta, module)?.is_none() {
@@ -333,6 +334,51 @@ impl Conductor {
             .expect("launching")
             .insert(module.to_string(), Instant::now());
         Ok(Value::map([("state", Value::from("launching"))]))
+    }
+
+    /// Every task group (the tasks of one task thread) of `module`, with
+    /// its worker, the worker's address and its Supervisor.
+    fn task_groups(&self, module: &str) -> Result<Value, String> {
+        let spec = read_json(&self.meta, &format!("/modules/{module}/spec"))?
+            .ok_or_else(|| format!("no module named {module} is deployed"))?;
+        let num = |k: &str| spec[k].as_u64().unwrap_or(0) as u32;
+        let placement = engine::runtime::placement::Placement::new(
+            Parallelism::new(num("tasks"), num("threads"), num("workers")).map_err(|e| e.to_string())?,
+        );
+        // Which Supervisor holds each worker's assignment.
+        let mut supervisor_of = HashMap::new();
+        for s in self.meta.children("/assignments").unwrap_or_default() {
+            for a in self.meta.children(&format!("/assignments/{s}")).unwrap_or_default() {
+                if let Some((m, w)) = a.rsplit_once('.') {
+                    if m == module {
+                        supervisor_of.insert(w.to_string(), s.clone());
+                    }
+                }
+            }
+        }
+        let mut groups = Vec::new();
+        for thread in 0..placement.parallelism.threads {
+            let worker = placement.worker_of_thread[thread as usize];
+            let address = read_json(&self.meta, &format!("{}/{worker}", workers_path(module)))?
+                .and_then(|j| j["address"].as_str().map(str::to_string));
+            groups.push(Value::map([
+                ("taskGroup", Value::from(thread)),
+                (
+                    "tasks",
+                    Value::List(placement.tasks_of_thread(thread).into_iter().map(Value::from).collect()),
+                ),
+                ("worker", Value::from(worker)),
+                ("address", address.map_or(Value::Nil, Value::from)),
+                (
+                    "supervisor",
+                    supervisor_of
+                        .get(&worker.to_string())
+                        .cloned()
+                        .map_or(Value::Nil, Value::from),
+                ),
+            ]));
+        }
+        Ok(Value::map([("groups", Value::List(groups))]))
     }
 
     fn remove_assignments(&self, module: &str) -> Result<(), String> {

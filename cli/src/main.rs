@@ -77,6 +77,10 @@ enum Cmd {
     /// Prints a module's state, e.g. [:running].
     #[command(name = "moduleStatus")]
     ModuleStatus { module: String },
+    /// Lists every task group (the tasks of one task thread) of a module
+    /// with its worker, host and Supervisor.
+    #[command(name = "taskGroupsStatus")]
+    TaskGroupsStatus { module: String },
     /// Stops a module and removes its workers, assignments and data; shows
     /// progress until it is gone.
     Destroy { module: String },
@@ -355,6 +359,43 @@ fn main() -> ExitCode {
                     }
                     None => Err(Failure::Failed(format!("no module named {module} is deployed"))),
                 }
+            }
+            Cmd::TaskGroupsStatus { module } => {
+                use engine::value::Value;
+                let r = admin(&cli, &config)?.call(&admin::request(
+                    "taskGroups",
+                    [("module", Value::from(module.as_str()))],
+                ))?;
+                let Some(Value::List(groups)) = r.get(&Value::from("groups")) else {
+                    return Err(Failure::Failed("the Conductor sent no task groups".into()));
+                };
+                for g in groups {
+                    let f = |k: &str| {
+                        g.as_map()
+                            .and_then(|m| m.get(&Value::from(k)))
+                            .cloned()
+                            .unwrap_or(Value::Nil)
+                    };
+                    let tasks = match f("tasks") {
+                        Value::List(t) => t
+                            .iter()
+                            .map(|v| v.as_int().unwrap_or(0).to_string())
+                            .collect::<Vec<_>>()
+                            .join(", "),
+                        _ => String::new(),
+                    };
+                    let at = match (f("address"), f("supervisor")) {
+                        (Value::Str(a), Value::Str(s)) => format!("at {a} (supervisor {s})"),
+                        (Value::Str(a), _) => format!("at {a}"),
+                        _ => "not running".into(),
+                    };
+                    println!(
+                        "task group {}: tasks [{tasks}] on worker {} {at}",
+                        f("taskGroup").as_int().unwrap_or(0),
+                        f("worker").as_int().unwrap_or(0)
+                    );
+                }
+                Ok(())
             }
             Cmd::Destroy { module } => {
                 let admin = admin(&cli, &config)?;

@@ -288,6 +288,17 @@ fn deploy_serve_survive_crashes_and_destroy() {
     );
     let out = deploy(&["--tasks", "8", "--threads", "2", "--workers", "1"]);
     assert!(text(&out).contains("already deployed"), "{}", text(&out));
+    let out = conductor.rama(&["taskGroupsStatus", "WordCountModule"]);
+    let groups = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(
+        groups.contains("task group 0: tasks [0, 2, 4, 6] on worker 0 at 127.0.0."),
+        "{groups}"
+    );
+    assert!(
+        groups.contains("task group 1: tasks [1, 3, 5, 7] on worker 0 at 127.0.0."),
+        "{groups}"
+    );
+    assert!(groups.contains("(supervisor "), "{groups}");
 
     let out = conductor.rama(&[
         "depotAppend",
