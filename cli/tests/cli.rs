@@ -6,6 +6,10 @@ use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
+mod common;
+
+use common::{examples_artifact, free_port, Daemon};
+
 fn rama(dir: &Path, args: &[&str]) -> std::process::Output {
     Command::new(env!("CARGO_BIN_EXE_rama"))
         .current_dir(dir)
@@ -13,14 +17,6 @@ fn rama(dir: &Path, args: &[&str]) -> std::process::Output {
         .args(args)
         .output()
         .unwrap()
-}
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
 }
 
 #[test]
@@ -131,21 +127,6 @@ fn dev_zookeeper_names_the_package_when_missing() {
     assert!(err.contains("apt-get install zookeeper"), "{err}");
 }
 
-/// The module artifact built beside `rama` (a workspace test build builds
-/// every binary; alone, this builds it).
-fn examples_artifact() -> std::path::PathBuf {
-    let exe = Path::new(env!("CARGO_BIN_EXE_rama")).with_file_name("rama-examples");
-    if !exe.is_file() {
-        let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
-        let status = Command::new(cargo)
-            .args(["build", "-p", "rama-examples"])
-            .status()
-            .unwrap();
-        assert!(status.success(), "building rama-examples failed");
-    }
-    exe
-}
-
 #[test]
 fn data_commands_reach_a_registered_worker() {
     let dir = tempfile::tempdir().unwrap();
@@ -163,7 +144,7 @@ fn data_commands_reach_a_registered_worker() {
         .stdout(Stdio::piped())
         .spawn()
         .unwrap();
-    let mut zk = scopeguard(zk);
+    let mut zk = Daemon(zk);
     let mut zk_out = BufReader::new(zk.0.stdout.take().unwrap());
     let mut line = String::new();
     zk_out.read_line(&mut line).unwrap();
@@ -191,7 +172,7 @@ fn data_commands_reach_a_registered_worker() {
         .stdout(Stdio::piped())
         .spawn()
         .unwrap();
-    let mut worker = scopeguard(worker);
+    let mut worker = Daemon(worker);
     let mut worker_out = BufReader::new(worker.0.stdout.take().unwrap());
     line.clear();
     worker_out.read_line(&mut line).unwrap();
@@ -273,28 +254,4 @@ fn data_commands_reach_a_registered_worker() {
         assert!(Instant::now() < deadline, "the worker's registration outlived it");
         std::thread::sleep(Duration::from_millis(200));
     }
-}
-
-/// Stops the child (by its process id) when the test ends, however it
-/// ends: SIGTERM first, so `rama devZookeeper` stops its ZooKeeper too.
-struct Guard(std::process::Child);
-
-impl Drop for Guard {
-    fn drop(&mut self) {
-        // SAFETY: signals our own child, not yet reaped.
-        unsafe { libc::kill(self.0.id() as i32, libc::SIGTERM) };
-        let deadline = Instant::now() + Duration::from_secs(15);
-        while Instant::now() < deadline {
-            if let Ok(Some(_)) = self.0.try_wait() {
-                return;
-            }
-            std::thread::sleep(Duration::from_millis(50));
-        }
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-fn scopeguard(child: std::process::Child) -> Guard {
-    Guard(child)
 }

@@ -5,35 +5,12 @@
 
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Output, Stdio};
+use std::process::{Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
+mod common;
 
-/// Stops the child with SIGTERM (then SIGKILL) when dropped.
-struct Daemon(Child);
-
-impl Drop for Daemon {
-    fn drop(&mut self) {
-        // SAFETY: signals our own child, not yet reaped.
-        unsafe { libc::kill(self.0.id() as i32, libc::SIGTERM) };
-        let deadline = Instant::now() + Duration::from_secs(15);
-        while Instant::now() < deadline {
-            if let Ok(Some(_)) = self.0.try_wait() {
-                return;
-            }
-            std::thread::sleep(Duration::from_millis(50));
-        }
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
+use common::{examples_artifact, free_port, Daemon};
 
 /// Kills, when dropped, every worker process the Supervisors under `root`
 /// recorded (Supervisors leave workers running by design; a failed test
@@ -133,19 +110,6 @@ fn eventually(what: &str, mut f: impl FnMut() -> bool) {
     }
 }
 
-fn artifact() -> PathBuf {
-    let exe = Path::new(env!("CARGO_BIN_EXE_rama")).with_file_name("rama-examples");
-    if !exe.is_file() {
-        let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
-        assert!(Command::new(cargo)
-            .args(["build", "-p", "rama-examples"])
-            .status()
-            .unwrap()
-            .success());
-    }
-    exe
-}
-
 #[test]
 fn deploy_serve_survive_crashes_and_destroy() {
     let root = tempfile::tempdir().unwrap();
@@ -180,7 +144,7 @@ fn deploy_serve_survive_crashes_and_destroy() {
         Some(s1.daemon("supervisor", "supervisor ")),
         Some(s2.daemon("supervisor", "supervisor ")),
     ];
-    let jar = artifact();
+    let jar = examples_artifact();
     let jar = jar.to_str().unwrap();
     let deploy = |args: &[&str]| {
         let mut all = vec![

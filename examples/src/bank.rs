@@ -1,9 +1,9 @@
-use engine::module::{fail, stage, Module, ModuleBuilder, ModuleDef, Partitioner, To};
+use engine::module::{fail, stage, Module, ModuleBuilder, ModuleDef, To};
 use engine::pstate::{Nav, Op, PStateSchema, ValueSchema};
 use engine::value::{Kind, Value};
 use engine::Result;
 
-use crate::{field, int_field};
+use crate::{by_field, field, int_field};
 
 /// Accounts with deposits and transfers, processed exactly once by a
 /// microbatch topology.
@@ -30,20 +30,11 @@ fn account(record: &Value, name: &str) -> Result<Value> {
     Ok(a.clone())
 }
 
-fn by(name: &'static str) -> Partitioner {
-    Partitioner::hash_by(move |r| {
-        r.as_map()
-            .and_then(|m| m.get(&Value::from(name)))
-            .cloned()
-            .unwrap_or(Value::Nil)
-    })
-}
-
 impl Module for BankTransferModule {
     fn define() -> Result<ModuleDef> {
         ModuleBuilder::new("BankTransferModule")
-            .depot("*deposits", by("account"))
-            .depot("*transfers", by("from"))
+            .depot("*deposits", by_field("account"))
+            .depot("*transfers", by_field("from"))
             .pstate(
                 "$$funds",
                 PStateSchema::new(ValueSchema::Scalar(Kind::Str), ValueSchema::Scalar(Kind::Int)),

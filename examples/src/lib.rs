@@ -15,7 +15,7 @@ pub use bank::BankTransferModule;
 pub use timeline::TimelineModule;
 pub use wordcount::{words, WordCountModule};
 
-use engine::module::fail;
+use engine::module::{fail, Partitioner};
 use engine::value::Value;
 use engine::Result;
 
@@ -32,4 +32,14 @@ pub(crate) fn int_field(record: &Value, name: &str) -> Result<i64> {
     field(record, name)?
         .as_int()
         .ok_or_else(|| fail(format!("field {name:?} of {record:?} is not an integer")))
+}
+
+/// Partitions a depot of map records by the value of field `name`.
+pub(crate) fn by_field(name: &'static str) -> Partitioner {
+    Partitioner::hash_by(move |r| {
+        r.as_map()
+            .and_then(|m| m.get(&Value::from(name)))
+            .cloned()
+            .unwrap_or(Value::Nil)
+    })
 }

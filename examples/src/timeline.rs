@@ -1,9 +1,9 @@
-use engine::module::{stage, Module, ModuleBuilder, ModuleDef, Partitioner, To};
+use engine::module::{stage, Module, ModuleBuilder, ModuleDef, To};
 use engine::pstate::{Nav, Op, PStateSchema, ValueSchema};
 use engine::value::{Kind, Value};
 use engine::Result;
 
-use crate::{field, int_field};
+use crate::{by_field, field, int_field};
 
 /// Posts fanned out to followers' timelines.
 ///
@@ -15,20 +15,11 @@ use crate::{field, int_field};
 #[derive(Debug)]
 pub struct TimelineModule;
 
-fn by(name: &'static str) -> Partitioner {
-    Partitioner::hash_by(move |r| {
-        r.as_map()
-            .and_then(|m| m.get(&Value::from(name)))
-            .cloned()
-            .unwrap_or(Value::Nil)
-    })
-}
-
 impl Module for TimelineModule {
     fn define() -> Result<ModuleDef> {
         ModuleBuilder::new("TimelineModule")
-            .depot("*follows", by("followee"))
-            .depot("*posts", by("author"))
+            .depot("*follows", by_field("followee"))
+            .depot("*posts", by_field("author"))
             .pstate(
                 "$$followers",
                 PStateSchema::new(

@@ -136,12 +136,7 @@ impl RemotePState {
     }
 
     pub fn select_one(&self, path: &[Nav]) -> Result<Value> {
-        let mut values = self.select(path)?;
-        match values.len() {
-            0 => Ok(Value::Nil),
-            1 => Ok(values.pop().expect("one value")),
-            n => Err(Error::Schema(format!("select_one reached {n} values with {path:?}"))),
-        }
+        engine::pstate::one_value(self.select(path)?, &self.pstate, path)
     }
 
     pub fn select_on(&self, task: u32, path: &[Nav]) -> Result<Vec<Value>> {

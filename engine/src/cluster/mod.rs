@@ -750,12 +750,7 @@ impl PStateClient {
 
     /// The single value `path` reaches (nil when none).
     pub fn select_one(&self, path: &[Nav]) -> Result<Value> {
-        let mut values = self.select(path)?;
-        match values.len() {
-            0 => Ok(Value::Nil),
-            1 => Ok(values.pop().expect("one value")),
-            n => Err(Error::Schema(format!("select_one reached {n} values with {path:?}"))),
-        }
+        crate::pstate::one_value(self.select(path)?, self.name(), path)
     }
 
     /// `select` on the partition of one task, for paths not starting with

@@ -188,6 +188,18 @@ impl KvRead for Tx<'_> {
     }
 }
 
+/// The single value of a `select` (nil for none); an error naming PState
+/// `pstate` and `path` if there are several. Every `select_one` uses it.
+pub fn one_value(mut values: Vec<Value>, pstate: &str, path: &[Nav]) -> Result<Value> {
+    match values.len() {
+        0 => Ok(Value::Nil),
+        1 => Ok(values.pop().expect("one value")),
+        n => Err(Error::Schema(format!(
+            "select_one on PState {pstate} with path {path:?} reached {n} values"
+        ))),
+    }
+}
+
 /// One partition of a PState on one task.
 #[derive(Debug, Clone)]
 pub struct PState {
@@ -410,15 +422,7 @@ impl PState {
 
     /// The single value `path` reaches; an error if it reaches several.
     pub fn select_one(&self, r: &dyn KvRead, path: &[Nav]) -> Result<Value> {
-        let mut values = self.select(r, path)?;
-        match values.len() {
-            0 => Ok(Value::Nil),
-            1 => Ok(values.pop().expect("one value")),
-            n => Err(Error::Schema(format!(
-                "select_one on PState {} with path {path:?} reached {n} values",
-                self.name
-            ))),
-        }
+        one_value(self.select(r, path)?, &self.name, path)
     }
 
     fn select_key(&self, r: &dyn KvRead, k: &Value, rest: &[Nav], full: &[Nav], out: &mut Vec<Value>) -> Result<()> {
