@@ -262,7 +262,8 @@ impl Connection {
     }
 
     /// Sends a request; the receiver gets the answer. Waits while
-    /// [`IN_FLIGHT_MAX`] requests are unanswered.
+    /// [`IN_FLIGHT_MAX`] answers are not yet taken with `wait` (so a caller
+    /// must not hold that many unawaited answers itself).
     pub fn send(&self, payload: &[u8]) -> Result<PendingReply<'_>> {
         if self.closed.load(Ordering::SeqCst) {
             return Err(NetError::Closed {
