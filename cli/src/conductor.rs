@@ -235,12 +235,6 @@ impl Conductor {
                 "--replicationFactor {rf}: replication is not implemented yet; only 1 is accepted"
             ));
         }
-        if workers != 1 {
-            return Err(format!(
-                "--workers {workers}: a module runs on one worker process for now (tasks spread over \
-                 several workers come with cross-worker partitioning); use --workers 1"
-            ));
-        }
         let path = self.artifact_path(artifact)?;
         // The artifact must be a module artifact, contain the module, and
         // be built with this engine.
@@ -313,7 +307,7 @@ impl Conductor {
                     .create_all(&format!("/assignments/{target}"))
                     .map_err(meta_err)?;
                 let assignment = json!({"module": module, "artifact": artifact, "tasks": tasks,
-                                        "threads": threads, "worker": w});
+                                        "threads": threads, "workers": workers, "worker": w});
                 self.meta
                     .create(
                         &format!("/assignments/{target}/{module}.{w}"),

@@ -199,6 +199,7 @@ impl Supervisor {
             .arg("--register")
             .arg(self.config.path())
             .args(["--id", &spec["worker"].to_string()])
+            .args(["--workers", &spec["workers"].as_u64().unwrap_or(1).to_string()])
             .arg("--dir")
             .arg(&data)
             .stdin(Stdio::null())

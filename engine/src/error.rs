@@ -64,6 +64,12 @@ pub enum Error {
     #[error("{0}")]
     Topology(String),
 
+    /// Another worker of the module could not be reached (or went away
+    /// while it had the request); nothing is known to have been applied
+    /// there, and the work is retried or reported.
+    #[error("{0}")]
+    Unavailable(String),
+
     /// The glommio executor could not be started.
     #[error("cannot start the task thread executor: {0}")]
     Executor(String),

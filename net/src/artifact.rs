@@ -5,12 +5,16 @@
 //! ARTIFACT describe                 JSON descriptions of the modules
 //! ARTIFACT version                  the engine version it was built with
 //! ARTIFACT worker --module NAME --dir DIR [--tasks N] [--threads N] [--host H] [--port P]
-//!                [--register RAMA_YAML [--id N]]
+//!                [--register RAMA_YAML [--id N] [--workers W]]
 //!     runs the module on this process's task threads and serves the wire
 //!     protocol (see [`crate::wire`]) on H:P (default 127.0.0.1, any free
 //!     port); prints `worker listening on H:P`; with --register, keeps an
 //!     ephemeral registration in the metastore that rama.yaml names (see
-//!     [`crate::manager`]); SIGINT/SIGTERM stop it gracefully.
+//!     [`crate::manager`]); with --workers W > 1 it is worker N of W: it
+//!     runs the task threads the placement gives it, reaches the others
+//!     through their registrations (see [`crate::peers`]), and starts its
+//!     topologies once every other worker answers; SIGINT/SIGTERM stop it
+//!     gracefully.
 //! ARTIFACT run --module NAME --dir DIR [--tasks N] [--threads N]
 //!     runs the module on an in-process cluster and serves requests, one
 //!     JSON object per line on stdin, one answer per line on stdout:
@@ -105,6 +109,7 @@ fn run_command(modules: &[fn() -> Result<ModuleDef>], args: &[String]) -> std::r
             let mut port = 0u16;
             let mut register = None;
             let mut id = 0u32;
+            let mut workers = 1u32;
             let mut it = args[1..].iter();
             while let Some(flag) = it.next() {
                 let value = it
@@ -123,6 +128,7 @@ fn run_command(modules: &[fn() -> Result<ModuleDef>], args: &[String]) -> std::r
                     "--host" if cmd == "worker" => host = value.clone(),
                     "--register" if cmd == "worker" => register = Some(std::path::PathBuf::from(value)),
                     "--id" if cmd == "worker" => id = number()?,
+                    "--workers" if cmd == "worker" => workers = number()?,
                     "--port" if cmd == "worker" => {
                         port = u16::try_from(number()?)
                             .map_err(|_| Failure::Usage(format!("--port takes a port number, got {value}")))?
@@ -140,11 +146,19 @@ fn run_command(modules: &[fn() -> Result<ModuleDef>], args: &[String]) -> std::r
                 )))
             })?;
             if cmd == "worker" {
+                if workers > 1 && register.is_none() {
+                    return Err(Failure::Usage(
+                        "--workers above 1 needs --register (workers find each other through the metastore)".into(),
+                    ));
+                }
                 worker(
                     def,
                     &dir,
-                    tasks,
-                    threads,
+                    Shape {
+                        tasks,
+                        threads,
+                        workers,
+                    },
                     &host,
                     port,
                     register.as_deref().map(|c| (c, id)),
@@ -169,16 +183,57 @@ extern "C" fn on_signal(_: libc::c_int) {
     STOP.store(true, std::sync::atomic::Ordering::SeqCst);
 }
 
-/// Runs `def` and serves the wire protocol until SIGINT or SIGTERM.
+/// Serves the wire protocol for `cluster` and the messages of the other
+/// workers of `module` on `addr`.
+pub fn serve_worker(
+    cluster: std::sync::Arc<InProcessCluster>,
+    module: &str,
+    addr: impl std::net::ToSocketAddrs,
+) -> Result<crate::Server> {
+    let module = module.to_string();
+    crate::Server::bind_async(
+        addr,
+        crate::PROTOCOL_VERSION,
+        crate::FRAME_BYTES_MAX,
+        2,
+        std::sync::Arc::new(move |role: u8, request: Vec<u8>| {
+            let answer: std::pin::Pin<Box<dyn std::future::Future<Output = Vec<u8>> + Send>> =
+                match crate::peers::lane_of_role(role) {
+                    None => Box::pin(crate::wire::handle_future(&cluster, &request)),
+                    Some(lane) => cluster.serve_peer(&module, lane, &request),
+                };
+            Box::pin(async move { Ok(answer.await) })
+        }),
+    )
+    .map_err(|e| Error::Closed(e.to_string()))
+}
+
+/// A module's parallelism.
+struct Shape {
+    tasks: u32,
+    threads: u32,
+    workers: u32,
+}
+
+fn stopping() -> bool {
+    STOP.load(std::sync::atomic::Ordering::SeqCst)
+}
+
+/// Runs `def` (this process's part of it) and serves the wire protocol,
+/// and the other workers' messages, until SIGINT or SIGTERM.
 fn worker(
     def: ModuleDef,
     dir: &str,
-    tasks: u32,
-    threads: u32,
+    shape: Shape,
     host: &str,
     port: u16,
     register: Option<(&std::path::Path, u32)>,
 ) -> Result<()> {
+    let Shape {
+        tasks,
+        threads,
+        workers,
+    } = shape;
     // SAFETY: installs an async-signal-safe handler (it only stores to an
     // atomic).
     unsafe {
@@ -187,39 +242,73 @@ fn worker(
     }
     let name = def.name.clone();
     let mut cluster = InProcessCluster::new(dir);
-    cluster.launch(def, tasks, threads)?;
-    let cluster = std::sync::Arc::new(cluster);
-    let server = {
-        let cluster = cluster.clone();
-        crate::Server::bind(
-            (host, port),
-            crate::PROTOCOL_VERSION,
-            crate::FRAME_BYTES_MAX,
-            std::sync::Arc::new(move |request: Vec<u8>| Ok(crate::wire::handle(&cluster, &request))),
-        )
-        .map_err(|e| Error::Closed(e.to_string()))?
+    let config = register
+        .map(|(path, _)| crate::manager::load_config(Some(path), &[]))
+        .transpose()?;
+    let connect =
+        |config: &control::config::Config| crate::manager::connect_metastore(config, control::config::Side::Internal);
+    let peers = match (&config, workers) {
+        (Some(config), w) if w > 1 => Some(std::sync::Arc::new(crate::peers::NetPeers::new(
+            &name,
+            connect(config)?,
+        ))),
+        _ => None,
     };
-    let registration = match register {
-        Some((config, id)) => {
-            let config = crate::manager::load_config(Some(config), &[])?;
-            let meta = crate::manager::connect_metastore(&config, control::config::Side::Internal)?;
+    let me = register.map_or(0, |(_, id)| id);
+    match &peers {
+        Some(p) => cluster.launch_worker(
+            def,
+            tasks,
+            threads,
+            engine::cluster::peer::WorkerPart {
+                workers,
+                worker: me,
+                peers: p.clone(),
+            },
+        )?,
+        None => cluster.launch(def, tasks, threads)?,
+    }
+    let cluster = std::sync::Arc::new(cluster);
+    let server = serve_worker(cluster.clone(), &name, (host, port))?;
+    let registration = match (register, &config) {
+        (Some((_, id)), Some(config)) => {
             let info = crate::manager::WorkerInfo {
+                worker: id,
                 address: server.local_addr().to_string(),
                 tasks,
                 threads,
+                workers,
             };
-            Some(crate::manager::Registration::start(meta, &name, id, &info)?)
+            Some(crate::manager::Registration::start(connect(config)?, &name, id, &info)?)
         }
-        None => None,
+        _ => None,
     };
     let mut stdout = std::io::stdout();
     let _ = writeln!(
         stdout,
-        "worker listening on {} (module {name}, {tasks} tasks on {threads} threads, data in {dir})",
+        "worker listening on {} (module {name}, worker {me} of {workers}, {tasks} tasks on {threads} threads, \
+         data in {dir})",
         server.local_addr()
     );
     let _ = stdout.flush();
-    while !STOP.load(std::sync::atomic::Ordering::SeqCst) {
+    if let Some(p) = &peers {
+        // Topologies start once every other worker serves the module, so a
+        // fresh launch does not begin with batches that cannot be sent.
+        for w in (0..workers).filter(|&w| w != me) {
+            if p.wait_for(w, stopping).is_err() {
+                break;
+            }
+        }
+        if !stopping() {
+            cluster.start_processing(&name)?;
+            let _ = writeln!(
+                stdout,
+                "worker {me} of module {name}: every worker answers; topologies started"
+            );
+            let _ = stdout.flush();
+        }
+    }
+    while !stopping() {
         std::thread::sleep(Duration::from_millis(50));
     }
     drop(registration);

@@ -3,10 +3,12 @@
 //! clients ([`remote`], found through the metastore by [`manager`]), and
 //! the module artifact's `main` ([`artifact`],
 //! [`module_main!`]), which runs a module as a worker serving the wire
-//! protocol.
+//! protocol and, for a module spread over workers, the messages between
+//! them ([`peers`]).
 
 pub mod artifact;
 pub mod manager;
+pub mod peers;
 pub mod remote;
 pub mod transport;
 pub mod wire;

@@ -2,7 +2,8 @@
 //!
 //! A worker serving a module registers itself as an ephemeral node
 //! `/modules/<module>/workers/<id>` whose data is JSON:
-//! `{"address": "host:port", "tasks": 8, "threads": 2, "engineVersion": "..."}`.
+//! `{"address": "host:port", "tasks": 8, "threads": 2, "workers": 2,
+//! "engineVersion": "..."}` (`<id>` is the worker's index).
 //! The manager reads `rama.yaml` (a given path, else the working
 //! directory), applies overrides, connects to ZooKeeper (external host
 //! names by default, internal ones with `open_internal`), and hands out the
@@ -18,7 +19,8 @@ use control::metastore::{MetaError, Metastore, NodeKind, ZkMetastore};
 use engine::{Error, Result};
 use serde_json::{json, Value as Json};
 
-use crate::remote::{RemoteCluster, RemoteDepot, RemotePState, RemoteQuery};
+use crate::remote::{RemoteCluster, RemoteDepot, RemotePState, RemoteQuery, Targets};
+use engine::runtime::placement::{Parallelism, Placement};
 
 /// Where a module's workers register.
 pub fn workers_path(module: &str) -> String {
@@ -60,9 +62,12 @@ pub fn load_config(path: Option<&Path>, overrides: &[(&str, &str)]) -> Result<Co
 /// A registered worker of a module.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct WorkerInfo {
+    /// The worker's index among the module's workers.
+    pub worker: u32,
     pub address: String,
     pub tasks: u32,
     pub threads: u32,
+    pub workers: u32,
 }
 
 /// Hands out remote clients of the modules running on a cluster.
@@ -116,44 +121,69 @@ impl ClusterManager {
             let j: Json = serde_json::from_slice(&data)
                 .map_err(|e| Error::Closed(format!("worker {id} of {module} registered bad data: {e}")))?;
             out.push(WorkerInfo {
+                worker: id.parse().unwrap_or(u32::MAX),
                 address: j["address"].as_str().unwrap_or_default().to_string(),
                 tasks: j["tasks"].as_u64().unwrap_or(0) as u32,
                 threads: j["threads"].as_u64().unwrap_or(0) as u32,
+                workers: j["workers"].as_u64().unwrap_or(1) as u32,
             });
         }
+        out.sort_by_key(|w| w.worker);
         Ok(out)
     }
 
-    fn cluster(&self, module: &str) -> Result<(RemoteCluster, WorkerInfo)> {
-        let worker = self.workers(module)?.into_iter().next().ok_or_else(|| {
+    /// Connections to every worker of `module`, and its placement.
+    fn targets(&self, module: &str) -> Result<(Targets, WorkerInfo)> {
+        let workers = self.workers(module)?;
+        let first = workers.first().cloned().ok_or_else(|| {
             Error::Schema(format!(
                 "no module named {module} is running (no worker of it is registered)"
             ))
         })?;
-        let mut conns = self.connections.lock().unwrap_or_else(|p| p.into_inner());
-        if let Some(c) = conns.get(&worker.address) {
-            return Ok((c.clone(), worker));
+        let want = first.workers.max(1);
+        if workers.len() != want as usize || workers.iter().enumerate().any(|(i, w)| w.worker != i as u32) {
+            return Err(Error::Closed(format!(
+                "module {module} has {} of its {want} workers registered (it is launching, or a worker is \
+                 restarting); try again",
+                workers.len()
+            )));
         }
-        let c = RemoteCluster::connect(&worker.address)?;
-        conns.insert(worker.address.clone(), c.clone());
-        Ok((c, worker))
+        let placement = Parallelism::new(first.tasks, first.threads, want)
+            .map(Placement::new)
+            .map_err(|e| Error::Closed(format!("module {module} registered a bad shape: {e}")))?;
+        let mut conns = self.connections.lock().unwrap_or_else(|p| p.into_inner());
+        let mut clusters = Vec::new();
+        for w in &workers {
+            let c = match conns.get(&w.address) {
+                Some(c) if !c.is_closed() => c.clone(),
+                _ => {
+                    let c = RemoteCluster::connect(&w.address)?;
+                    conns.insert(w.address.clone(), c.clone());
+                    c
+                }
+            };
+            clusters.push(c);
+        }
+        Ok((Targets::new(clusters, Some(placement)), first))
     }
 
     /// The number of tasks of `module`.
     pub fn tasks(&self, module: &str) -> Result<u32> {
-        Ok(self.cluster(module)?.1.tasks)
+        Ok(self.targets(module)?.1.tasks)
     }
 
+    /// A client of depot `depot` of `module`, bound to the workers
+    /// registered now (after a worker restarts, take a new client).
     pub fn depot(&self, module: &str, depot: &str) -> Result<RemoteDepot> {
-        Ok(self.cluster(module)?.0.depot(module, depot))
+        Ok(RemoteDepot::new(self.targets(module)?.0, module, depot))
     }
 
     pub fn pstate(&self, module: &str, pstate: &str) -> Result<RemotePState> {
-        Ok(self.cluster(module)?.0.pstate(module, pstate))
+        Ok(RemotePState::new(self.targets(module)?.0, module, pstate))
     }
 
     pub fn query(&self, module: &str, query: &str) -> Result<RemoteQuery> {
-        Ok(self.cluster(module)?.0.query(module, query))
+        Ok(RemoteQuery::new(self.targets(module)?.0, module, query))
     }
 }
 
@@ -180,6 +210,7 @@ impl Registration {
             "address": info.address,
             "tasks": info.tasks,
             "threads": info.threads,
+            "workers": info.workers,
             "engineVersion": engine::VERSION,
         })
         .to_string()

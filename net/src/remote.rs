@@ -3,11 +3,19 @@
 //! in-process clients' (`append`, `read`, `select`, `select_one`,
 //! `select_on`, `invoke`).
 //!
-//! Routing to the worker that owns a task comes with the Conductor's
-//! assignments (issue 4); today a remote cluster is one worker serving all
-//! tasks of its module.
+//! A client made from one [`RemoteCluster`] sends everything to that
+//! worker (which forwards what belongs to another worker). Clients from
+//! [`crate::manager::ClusterManager`] know every worker of the module and
+//! the placement: a select goes straight to the worker owning its task;
+//! appends and queries are spread over the workers round-robin (the worker
+//! taking an append routes it by the depot's partitioner, which is module
+//! code the client does not have).
 
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
+
+use engine::runtime::partition::task_for_key;
+use engine::runtime::placement::Placement;
 
 use engine::cluster::{AckLevel, AppendResult};
 use engine::pstate::Nav;
@@ -39,40 +47,89 @@ impl RemoteCluster {
         wire::response(&bytes)
     }
 
+    fn single(&self) -> Targets {
+        Targets::new(vec![self.clone()], None)
+    }
+
+    /// Whether the connection has ended.
+    pub fn is_closed(&self) -> bool {
+        self.conn.is_closed()
+    }
+
     pub fn depot(&self, module: &str, depot: &str) -> RemoteDepot {
-        RemoteDepot {
-            cluster: self.clone(),
-            module: module.into(),
-            depot: depot.into(),
-        }
+        RemoteDepot::new(self.single(), module, depot)
     }
 
     pub fn pstate(&self, module: &str, pstate: &str) -> RemotePState {
-        RemotePState {
-            cluster: self.clone(),
-            module: module.into(),
-            pstate: pstate.into(),
-        }
+        RemotePState::new(self.single(), module, pstate)
     }
 
     pub fn query(&self, module: &str, query: &str) -> RemoteQuery {
-        RemoteQuery {
-            cluster: self.clone(),
-            module: module.into(),
-            query: query.into(),
+        RemoteQuery::new(self.single(), module, query)
+    }
+}
+
+/// The workers a client talks to, and where each task lives.
+#[derive(Debug, Clone)]
+pub(crate) struct Targets {
+    /// By worker index.
+    workers: Arc<Vec<RemoteCluster>>,
+    placement: Option<Arc<Placement>>,
+    next: Arc<AtomicUsize>,
+}
+
+impl Targets {
+    pub(crate) fn new(workers: Vec<RemoteCluster>, placement: Option<Placement>) -> Targets {
+        Targets {
+            workers: Arc::new(workers),
+            placement: placement.map(Arc::new),
+            next: Arc::new(AtomicUsize::new(0)),
         }
+    }
+
+    /// Any worker, round-robin.
+    fn any(&self) -> &RemoteCluster {
+        &self.workers[self.next.fetch_add(1, Ordering::Relaxed) % self.workers.len()]
+    }
+
+    /// The worker owning `task` (any worker when the placement is unknown
+    /// or the task does not exist: it answers with the error).
+    fn of_task(&self, task: u32) -> &RemoteCluster {
+        match &self.placement {
+            Some(p) if (task as usize) < p.thread_of_task.len() => {
+                let worker = p.worker_of_thread[p.thread_of_task[task as usize] as usize] as usize;
+                self.workers.get(worker).unwrap_or(&self.workers[0])
+            }
+            _ => &self.workers[0],
+        }
+    }
+
+    fn tasks(&self) -> Option<u32> {
+        self.placement.as_ref().map(|p| p.parallelism.tasks)
+    }
+
+    fn call(&self, request: &Value) -> Result<std::collections::BTreeMap<Value, Value>> {
+        self.any().call(request)
     }
 }
 
 /// A depot of a remote module.
 #[derive(Debug, Clone)]
 pub struct RemoteDepot {
-    cluster: RemoteCluster,
+    cluster: Targets,
     module: String,
     depot: String,
 }
 
 impl RemoteDepot {
+    pub(crate) fn new(cluster: Targets, module: &str, depot: &str) -> RemoteDepot {
+        RemoteDepot {
+            cluster,
+            module: module.into(),
+            depot: depot.into(),
+        }
+    }
+
     pub fn append(&self, record: &Value, ack: AckLevel) -> Result<AppendResult> {
         let m = self
             .cluster
@@ -81,7 +138,7 @@ impl RemoteDepot {
     }
 
     pub fn read(&self, task: u32, start: u64, end: u64, bytes_max: usize) -> Result<Vec<(u64, Value)>> {
-        let m = self.cluster.call(&Value::map([
+        let m = self.cluster.of_task(task).call(&Value::map([
             ("op", Value::from("read")),
             ("module", Value::from(self.module.as_str())),
             ("depot", Value::from(self.depot.as_str())),
@@ -108,12 +165,20 @@ impl RemoteDepot {
 /// A PState of a remote module.
 #[derive(Debug, Clone)]
 pub struct RemotePState {
-    cluster: RemoteCluster,
+    cluster: Targets,
     module: String,
     pstate: String,
 }
 
 impl RemotePState {
+    pub(crate) fn new(cluster: Targets, module: &str, pstate: &str) -> RemotePState {
+        RemotePState {
+            cluster,
+            module: module.into(),
+            pstate: pstate.into(),
+        }
+    }
+
     fn request(&self, path: &[Nav], task: Option<u32>) -> Result<Vec<Value>> {
         let mut req = vec![
             ("op", Value::from("select")),
@@ -124,7 +189,16 @@ impl RemotePState {
         if let Some(t) = task {
             req.push(("task", Value::from(t)));
         }
-        let m = self.cluster.call(&Value::map(req))?;
+        let owner = match (task, path.first(), self.cluster.tasks()) {
+            (Some(t), _, _) => Some(t),
+            (None, Some(Nav::Key(k)), Some(tasks)) => Some(task_for_key(k, tasks)),
+            _ => None,
+        };
+        let target = match owner {
+            Some(t) => self.cluster.of_task(t),
+            None => self.cluster.any(),
+        };
+        let m = target.call(&Value::map(req))?;
         match m.get(&Value::from("values")) {
             Some(Value::List(v)) => Ok(v.clone()),
             _ => Err(Error::Closed("a select response has no values".into())),
@@ -147,12 +221,20 @@ impl RemotePState {
 /// A query topology of a remote module.
 #[derive(Debug, Clone)]
 pub struct RemoteQuery {
-    cluster: RemoteCluster,
+    cluster: Targets,
     module: String,
     query: String,
 }
 
 impl RemoteQuery {
+    pub(crate) fn new(cluster: Targets, module: &str, query: &str) -> RemoteQuery {
+        RemoteQuery {
+            cluster,
+            module: module.into(),
+            query: query.into(),
+        }
+    }
+
     pub fn invoke(&self, args: &Value) -> Result<Value> {
         let m = self.cluster.call(&Value::map([
             ("op", Value::from("invoke")),

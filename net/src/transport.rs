@@ -37,6 +37,9 @@ pub const IN_FLIGHT_MAX: usize = 1024;
 /// Threads handling one connection's requests on the server.
 const HANDLERS_PER_CONNECTION: usize = 4;
 
+/// The handshake role of clients.
+pub const ROLE_CLIENT: u8 = 0;
+
 const KIND_REQUEST: u8 = 0;
 const KIND_RESPONSE: u8 = 1;
 const KIND_ERROR: u8 = 2;
@@ -150,10 +153,12 @@ fn handshake_bytes(version: u16, byte: u8) -> [u8; 8] {
     h
 }
 
-type Pending = Arc<Mutex<HashMap<u64, flume::Sender<Result<Vec<u8>>>>>>;
+/// Called once with the answer to a request (or why there is none).
+pub type OnAnswer = Box<dyn FnOnce(Result<Vec<u8>>) + Send>;
+
+type Pending = Arc<Mutex<HashMap<u64, OnAnswer>>>;
 
 /// A client connection: pipelined requests to one server.
-#[derive(Debug)]
 pub struct Connection {
     addr: String,
     next_id: AtomicU64,
@@ -166,10 +171,26 @@ pub struct Connection {
     pub stats: Arc<Stats>,
 }
 
+impl std::fmt::Debug for Connection {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Connection")
+            .field("addr", &self.addr)
+            .field("closed", &self.is_closed())
+            .finish_non_exhaustive()
+    }
+}
+
 impl Connection {
     /// Connects and shakes hands (protocol version `version`, normally
     /// [`PROTOCOL_VERSION`]); `frame_max` caps the frames it accepts.
     pub fn connect(addr: impl ToSocketAddrs, version: u16, frame_max: usize) -> Result<Connection> {
+        Self::connect_as(addr, version, frame_max, ROLE_CLIENT)
+    }
+
+    /// `connect` announcing `role` in the handshake (the server hands it
+    /// to its handler: clients are 0, other roles are the server's to
+    /// define).
+    pub fn connect_as(addr: impl ToSocketAddrs, version: u16, frame_max: usize, role: u8) -> Result<Connection> {
         let addrs: Vec<SocketAddr> = addr
             .to_socket_addrs()
             .map_err(|source| NetError::Io {
@@ -190,7 +211,7 @@ impl Connection {
         .map_err(io("connecting to"))?;
         stream.set_nodelay(true).map_err(io("configuring"))?;
         stream
-            .write_all(&handshake_bytes(version, 0))
+            .write_all(&handshake_bytes(version, role))
             .map_err(io("writing to"))?;
         let mut reply = [0u8; 8];
         stream
@@ -219,17 +240,23 @@ impl Connection {
         }
         let pending: Pending = Arc::default();
         let closed = Arc::new(AtomicBool::new(false));
+        let slots = flume::bounded(IN_FLIGHT_MAX);
+        for _ in 0..IN_FLIGHT_MAX {
+            slots.0.send(()).expect("room for every slot");
+        }
         {
             let mut input = BufReader::new(stream.try_clone().map_err(io("cloning"))?);
             let (pending, closed, addr) = (pending.clone(), closed.clone(), shown.clone());
+            let free = slots.0.clone();
             std::thread::spawn(move || {
                 let end = loop {
                     match read_frame(&mut input, frame_max, &addr) {
                         Ok(Some((id, kind, payload))) => {
-                            let Some(reply) = pending.lock().expect("pending").remove(&id) else {
+                            let Some(on_answer) = pending.lock().expect("pending").remove(&id) else {
                                 continue;
                             };
-                            let _ = reply.send(match kind {
+                            let _ = free.send(());
+                            on_answer(match kind {
                                 KIND_RESPONSE => Ok(payload),
                                 _ => Err(NetError::Remote(String::from_utf8_lossy(&payload).into_owned())),
                             });
@@ -240,14 +267,11 @@ impl Connection {
                 };
                 closed.store(true, Ordering::SeqCst);
                 let why = end.to_string();
-                for (_, reply) in pending.lock().expect("pending").drain() {
-                    let _ = reply.send(Err(NetError::Remote(why.clone())));
+                let drained: Vec<OnAnswer> = pending.lock().expect("pending").drain().map(|(_, a)| a).collect();
+                for on_answer in drained {
+                    on_answer(Err(NetError::Remote(why.clone())));
                 }
             });
-        }
-        let slots = flume::bounded(IN_FLIGHT_MAX);
-        for _ in 0..IN_FLIGHT_MAX {
-            slots.0.send(()).expect("room for every slot");
         }
         Ok(Connection {
             addr: shown,
@@ -262,28 +286,51 @@ impl Connection {
     }
 
     /// Sends a request; the receiver gets the answer. Waits while
-    /// [`IN_FLIGHT_MAX`] answers are not yet taken with `wait` (so a caller
-    /// must not hold that many unawaited answers itself).
+    /// [`IN_FLIGHT_MAX`] requests are unanswered.
     pub fn send(&self, payload: &[u8]) -> Result<PendingReply<'_>> {
-        if self.closed.load(Ordering::SeqCst) {
-            return Err(NetError::Closed {
-                addr: self.addr.clone(),
-            });
-        }
-        self.slots.1.recv().map_err(|_| NetError::Closed {
-            addr: self.addr.clone(),
-        })?;
-        let id = self.next_id.fetch_add(1, Ordering::Relaxed);
         let (tx, rx) = flume::bounded(1);
-        self.pending.lock().expect("pending").insert(id, tx);
+        self.send_with(
+            payload,
+            Box::new(move |answer| {
+                let _ = tx.send(answer);
+            }),
+        )?;
+        Ok(PendingReply { conn: self, rx })
+    }
+
+    /// Sends a request; `on_answer` is called with its answer (on the
+    /// connection's reader thread: it must not block), or with an error
+    /// when the connection ends first. Waits while [`IN_FLIGHT_MAX`]
+    /// requests are unanswered. An error returned here means `on_answer`
+    /// is dropped uncalled.
+    pub fn send_with(&self, payload: &[u8], on_answer: OnAnswer) -> Result<()> {
+        let closed = || NetError::Closed {
+            addr: self.addr.clone(),
+        };
+        if self.closed.load(Ordering::SeqCst) {
+            return Err(closed());
+        }
+        self.slots.1.recv().map_err(|_| closed())?;
+        let id = self.next_id.fetch_add(1, Ordering::Relaxed);
+        self.pending.lock().expect("pending").insert(id, on_answer);
         if self.frames.send(frame(id, KIND_REQUEST, payload)).is_err() {
             self.pending.lock().expect("pending").remove(&id);
             let _ = self.slots.0.send(());
-            return Err(NetError::Closed {
-                addr: self.addr.clone(),
-            });
+            return Err(closed());
         }
-        Ok(PendingReply { conn: self, rx })
+        // The reader may have drained `pending` just before the insert.
+        if self.closed.load(Ordering::SeqCst) {
+            if let Some(on_answer) = self.pending.lock().expect("pending").remove(&id) {
+                on_answer(Err(closed()));
+            }
+        }
+        Ok(())
+    }
+
+    /// Whether the connection has ended (its reader saw the end or an
+    /// error).
+    pub fn is_closed(&self) -> bool {
+        self.closed.load(Ordering::SeqCst)
     }
 
     /// Sends a request and waits for its answer.
@@ -311,25 +358,55 @@ pub struct PendingReply<'c> {
 
 impl PendingReply<'_> {
     pub fn wait(self) -> Result<Vec<u8>> {
-        let r = self.rx.recv().unwrap_or_else(|_| {
+        self.rx.recv().unwrap_or_else(|_| {
             Err(NetError::Closed {
                 addr: self.conn.addr.clone(),
             })
-        });
-        let _ = self.conn.slots.0.send(());
-        r
+        })
     }
 }
 
 /// Answers one request: `Ok(payload)` or `Err(message)`.
 pub type Handler = Arc<dyn Fn(Vec<u8>) -> std::result::Result<Vec<u8>, String> + Send + Sync>;
 
-/// A listening server; stops accepting when dropped (connections end when
-/// their clients close them).
+/// Answers requests without a thread per request in flight: called on the
+/// connection's reader thread with the handshake's role byte and the
+/// payload (it must not block for long), it returns a future that the
+/// server's executor runs to the answer. Up to [`IN_FLIGHT_MAX`] requests
+/// of a connection are in flight; then the connection is not read.
+pub type AsyncHandler = Arc<
+    dyn Fn(
+            u8,
+            Vec<u8>,
+        ) -> std::pin::Pin<Box<dyn std::future::Future<Output = std::result::Result<Vec<u8>, String>> + Send>>
+        + Send
+        + Sync,
+>;
+
+enum Serve {
+    Threads(Handler),
+    Async(AsyncHandler, Arc<smol::Executor<'static>>),
+}
+
+impl Clone for Serve {
+    fn clone(&self) -> Self {
+        match self {
+            Serve::Threads(h) => Serve::Threads(h.clone()),
+            Serve::Async(h, e) => Serve::Async(h.clone(), e.clone()),
+        }
+    }
+}
+
+/// A listening server; when dropped it stops accepting and ends its open
+/// connections (answers still running are dropped).
 pub struct Server {
     addr: SocketAddr,
     stop: Arc<AtomicBool>,
     accept: Option<JoinHandle<()>>,
+    /// Open connections, ended when the server is dropped.
+    open: Arc<Mutex<HashMap<u64, TcpStream>>>,
+    /// The async executor's threads and what stops them.
+    executor: Option<(flume::Sender<()>, Vec<JoinHandle<()>>)>,
 }
 
 impl std::fmt::Debug for Server {
@@ -344,6 +421,49 @@ impl Server {
     /// Listens on `addr` (port 0: any free port) and serves every
     /// connection that speaks `version` with `handler`.
     pub fn bind(addr: impl ToSocketAddrs, version: u16, frame_max: usize, handler: Handler) -> Result<Server> {
+        Self::listen(addr, version, frame_max, Serve::Threads(handler), None)
+    }
+
+    /// Like `bind`, answering with `handler`'s futures on `threads` executor
+    /// threads.
+    pub fn bind_async(
+        addr: impl ToSocketAddrs,
+        version: u16,
+        frame_max: usize,
+        threads: usize,
+        handler: AsyncHandler,
+    ) -> Result<Server> {
+        let executor = Arc::new(smol::Executor::new());
+        let (stop_tx, stop_rx) = flume::bounded::<()>(1);
+        let runners = (0..threads.max(1))
+            .map(|i| {
+                let (ex, stop) = (executor.clone(), stop_rx.clone());
+                std::thread::Builder::new()
+                    .name(format!("net-executor-{i}"))
+                    .spawn(move || smol::block_on(ex.run(async move { while stop.recv_async().await.is_ok() {} })))
+                    .map_err(|source| NetError::Io {
+                        what: "starting an executor thread for",
+                        addr: "the server".into(),
+                        source,
+                    })
+            })
+            .collect::<Result<Vec<_>>>()?;
+        Self::listen(
+            addr,
+            version,
+            frame_max,
+            Serve::Async(handler, executor),
+            Some((stop_tx, runners)),
+        )
+    }
+
+    fn listen(
+        addr: impl ToSocketAddrs,
+        version: u16,
+        frame_max: usize,
+        handler: Serve,
+        executor: Option<(flume::Sender<()>, Vec<JoinHandle<()>>)>,
+    ) -> Result<Server> {
         let listener = TcpListener::bind(addr).map_err(|source| NetError::Io {
             what: "listening on",
             addr: "address".into(),
@@ -355,16 +475,23 @@ impl Server {
             source,
         })?;
         let stop = Arc::new(AtomicBool::new(false));
+        let open: Arc<Mutex<HashMap<u64, TcpStream>>> = Arc::default();
         let accept = {
-            let stop = stop.clone();
+            let (stop, open) = (stop.clone(), open.clone());
             std::thread::spawn(move || {
-                for stream in listener.incoming() {
+                for (n, stream) in listener.incoming().enumerate() {
                     if stop.load(Ordering::SeqCst) {
                         return;
                     }
                     let Ok(stream) = stream else { continue };
-                    let handler = handler.clone();
-                    std::thread::spawn(move || serve_connection(stream, version, frame_max, handler));
+                    if let Ok(s) = stream.try_clone() {
+                        open.lock().expect("open connections").insert(n as u64, s);
+                    }
+                    let (handler, open) = (handler.clone(), open.clone());
+                    std::thread::spawn(move || {
+                        serve_connection(stream, version, frame_max, handler);
+                        open.lock().expect("open connections").remove(&(n as u64));
+                    });
                 }
             })
         };
@@ -372,6 +499,8 @@ impl Server {
             addr: local,
             stop,
             accept: Some(accept),
+            open,
+            executor,
         })
     }
 
@@ -388,10 +517,19 @@ impl Drop for Server {
         if let Some(h) = self.accept.take() {
             let _ = h.join();
         }
+        for (_, s) in self.open.lock().expect("open connections").drain() {
+            let _ = s.shutdown(Shutdown::Both);
+        }
+        if let Some((stop, runners)) = self.executor.take() {
+            drop(stop);
+            for r in runners {
+                let _ = r.join();
+            }
+        }
     }
 }
 
-fn serve_connection(mut stream: TcpStream, version: u16, frame_max: usize, handler: Handler) {
+fn serve_connection(mut stream: TcpStream, version: u16, frame_max: usize, handler: Serve) {
     let addr = stream.peer_addr().map_or_else(|_| "?".into(), |a| a.to_string());
     let _ = stream.set_nodelay(true);
     let mut hello = [0u8; 8];
@@ -401,6 +539,7 @@ fn serve_connection(mut stream: TcpStream, version: u16, frame_max: usize, handl
     }
     let _ = stream.set_read_timeout(None);
     let theirs = u16::from_le_bytes([hello[4], hello[5]]);
+    let role = hello[6];
     let status = u8::from(theirs != version);
     if stream.write_all(&handshake_bytes(version, status)).is_err() || status != 0 {
         return;
@@ -409,6 +548,14 @@ fn serve_connection(mut stream: TcpStream, version: u16, frame_max: usize, handl
     let (frames_tx, frames_rx) = flume::bounded(IN_FLIGHT_MAX);
     let stats = Arc::new(Stats::default());
     let writer_thread = std::thread::spawn(move || writer(out, frames_rx, stats));
+    let handler = match handler {
+        Serve::Threads(h) => h,
+        Serve::Async(h, executor) => {
+            serve_async(stream, role, frame_max, &addr, &h, &executor, frames_tx);
+            let _ = writer_thread.join();
+            return;
+        }
+    };
     // Requests are handled by a few threads, so slow ones (an Ack append)
     // do not hold up the others; the queue is bounded.
     let (work_tx, work_rx) = flume::bounded::<(u64, Vec<u8>)>(IN_FLIGHT_MAX);
@@ -443,4 +590,42 @@ fn serve_connection(mut stream: TcpStream, version: u16, frame_max: usize, handl
     }
     let _ = writer_thread.join();
     let _ = input.get_ref().shutdown(Shutdown::Both);
+}
+
+/// Reads requests and runs their answers on `executor`.
+fn serve_async(
+    stream: TcpStream,
+    role: u8,
+    frame_max: usize,
+    addr: &str,
+    handler: &AsyncHandler,
+    executor: &Arc<smol::Executor<'static>>,
+    frames_tx: flume::Sender<Vec<u8>>,
+) {
+    let (tokens_tx, tokens_rx) = flume::bounded::<()>(IN_FLIGHT_MAX);
+    for _ in 0..IN_FLIGHT_MAX {
+        tokens_tx.send(()).expect("room for every token");
+    }
+    let mut input = BufReader::new(stream);
+    while let Ok(Some((id, KIND_REQUEST, payload))) = read_frame(&mut input, frame_max, addr) {
+        if tokens_rx.recv().is_err() {
+            break;
+        }
+        let answer = handler(role, payload);
+        let (frames_tx, tokens_tx) = (frames_tx.clone(), tokens_tx.clone());
+        executor
+            .spawn(async move {
+                let f = match answer.await {
+                    Ok(answer) => frame(id, KIND_RESPONSE, &answer),
+                    Err(why) => frame(id, KIND_ERROR, why.as_bytes()),
+                };
+                let _ = frames_tx.send_async(f).await;
+                let _ = tokens_tx.send(());
+            })
+            .detach();
+    }
+    // Answers still running hold frame senders; the writer ends when they
+    // are done.
+    drop(frames_tx);
+    let _ = input.get_ref().shutdown(Shutdown::Read);
 }

@@ -14,91 +14,16 @@
 //! `[mapVals]`, `[size]`, `[nilToValue, v]`.
 
 use std::collections::BTreeMap;
-use std::ops::Bound;
+use std::future::Future;
+use std::pin::Pin;
 
 use engine::cluster::{AckLevel, AppendResult, InProcessCluster};
-use engine::pstate::Nav;
+pub use engine::pstate::path::{path_from_value, path_to_value};
 use engine::value::{archived, Value};
 use engine::{Error, Result};
 
 fn bad(why: impl std::fmt::Display) -> Error {
     Error::Schema(why.to_string())
-}
-
-fn bound_to_value(b: &Bound<Value>) -> Value {
-    match b {
-        Bound::Included(v) => Value::list([Value::from("in"), v.clone()]),
-        Bound::Excluded(v) => Value::list([Value::from("ex"), v.clone()]),
-        Bound::Unbounded => Value::list([Value::from("un")]),
-    }
-}
-
-fn bound_from_value(v: &Value) -> Result<Bound<Value>> {
-    let Value::List(parts) = v else {
-        return Err(bad(format!("a range bound is a list, got {v:?}")));
-    };
-    match (parts.first().and_then(Value::as_str), parts.get(1)) {
-        (Some("in"), Some(x)) => Ok(Bound::Included(x.clone())),
-        (Some("ex"), Some(x)) => Ok(Bound::Excluded(x.clone())),
-        (Some("un"), None) => Ok(Bound::Unbounded),
-        _ => Err(bad(format!("bad range bound {v:?}"))),
-    }
-}
-
-/// A path as a value.
-pub fn path_to_value(path: &[Nav]) -> Value {
-    Value::List(
-        path.iter()
-            .map(|n| match n {
-                Nav::Key(k) => Value::list([Value::from("key"), k.clone()]),
-                Nav::Range {
-                    lower,
-                    upper,
-                    reverse,
-                    limit,
-                } => Value::list([
-                    Value::from("range"),
-                    bound_to_value(lower),
-                    bound_to_value(upper),
-                    Value::Bool(*reverse),
-                    Value::Int(limit.map_or(-1, |l| l as i64)),
-                ]),
-                Nav::All => Value::list([Value::from("all")]),
-                Nav::MapVals => Value::list([Value::from("mapVals")]),
-                Nav::Size => Value::list([Value::from("size")]),
-                Nav::NilToValue(v) => Value::list([Value::from("nilToValue"), v.clone()]),
-            })
-            .collect(),
-    )
-}
-
-/// A path from its value form.
-pub fn path_from_value(v: &Value) -> Result<Vec<Nav>> {
-    let Value::List(steps) = v else {
-        return Err(bad(format!("a path is a list of steps, got {v:?}")));
-    };
-    steps
-        .iter()
-        .map(|step| {
-            let Value::List(p) = step else {
-                return Err(bad(format!("a path step is a list, got {step:?}")));
-            };
-            Ok(match (p.first().and_then(Value::as_str), &p[1.min(p.len())..]) {
-                (Some("key"), [k]) => Nav::Key(k.clone()),
-                (Some("range"), [lower, upper, Value::Bool(reverse), Value::Int(limit)]) => Nav::Range {
-                    lower: bound_from_value(lower)?,
-                    upper: bound_from_value(upper)?,
-                    reverse: *reverse,
-                    limit: usize::try_from(*limit).ok(),
-                },
-                (Some("all"), []) => Nav::All,
-                (Some("mapVals"), []) => Nav::MapVals,
-                (Some("size"), []) => Nav::Size,
-                (Some("nilToValue"), [d]) => Nav::NilToValue(d.clone()),
-                _ => return Err(bad(format!("unknown path step {step:?}"))),
-            })
-        })
-        .collect()
 }
 
 fn ack_name(ack: AckLevel) -> &'static str {
@@ -141,25 +66,39 @@ pub fn append_request(module: &str, depot: &str, record: &Value, ack: AckLevel) 
     ])
 }
 
-/// Serves one request against the modules of `cluster`.
-pub fn handle(cluster: &InProcessCluster, request: &[u8]) -> Vec<u8> {
-    let answer = archived::from_bytes(request)
-        .map_err(|e| bad(format!("the request is not a valid archive: {e}")))
-        .and_then(|req| dispatch(cluster, &req))
-        .unwrap_or_else(|e| {
-            let kind = match &e {
-                Error::Schema(_) => "schema",
-                Error::Topology(_) => "topology",
-                Error::Closed(_) => "closed",
-                Error::LimitExceeded { .. } => "limit",
-                _ => "other",
-            };
-            Value::map([("error", Value::from(e.to_string())), ("kind", Value::from(kind))])
-        });
-    archived::to_bytes(&answer)
+fn error_answer(e: &Error) -> Value {
+    let kind = match e {
+        Error::Schema(_) => "schema",
+        Error::Topology(_) => "topology",
+        Error::Closed(_) | Error::Unavailable(_) => "closed",
+        Error::LimitExceeded { .. } => "limit",
+        _ => "other",
+    };
+    Value::map([("error", Value::from(e.to_string())), ("kind", Value::from(kind))])
 }
 
-fn dispatch(cluster: &InProcessCluster, req: &Value) -> Result<Value> {
+/// Serves one request against the modules of `cluster` (blocking).
+pub fn handle(cluster: &InProcessCluster, request: &[u8]) -> Vec<u8> {
+    smol::block_on(handle_future(cluster, request))
+}
+
+/// A future serving one request; it never blocks the thread it runs on.
+pub fn handle_future(cluster: &InProcessCluster, request: &[u8]) -> impl Future<Output = Vec<u8>> + Send + 'static {
+    let started = archived::from_bytes(request)
+        .map_err(|e| bad(format!("the request is not a valid archive: {e}")))
+        .and_then(|req| dispatch(cluster, &req));
+    async move {
+        let answer = match started {
+            Ok(f) => f.await,
+            Err(e) => Err(e),
+        };
+        archived::to_bytes(&answer.unwrap_or_else(|e| error_answer(&e)))
+    }
+}
+
+type Answer = Pin<Box<dyn Future<Output = Result<Value>> + Send>>;
+
+fn dispatch(cluster: &InProcessCluster, req: &Value) -> Result<Answer> {
     let m = req.as_map().ok_or_else(|| bad("a request is a map"))?;
     let module = str_field(m, "module")?;
     match str_field(m, "op")? {
@@ -170,54 +109,72 @@ fn dispatch(cluster: &InProcessCluster, req: &Value) -> Result<Value> {
                 "none" => AckLevel::None,
                 other => return Err(bad(format!("ack level {other:?} is not one of ack, appendAck, none"))),
             };
-            let r = cluster
+            let pending = cluster
                 .depot(module, str_field(m, "depot")?)?
-                .append(field(m, "record")?, ack)?;
-            Ok(Value::map([
-                ("task", Value::Int(i64::from(r.task))),
-                ("offset", r.offset.map_or(Value::Nil, |o| Value::Int(o as i64))),
-                (
-                    "ackReturns",
-                    Value::Map(r.ack_returns.into_iter().map(|(k, v)| (Value::from(k), v)).collect()),
-                ),
-            ]))
+                .append_future(field(m, "record")?, ack)?;
+            Ok(Box::pin(async move {
+                let r = pending.await?;
+                Ok(Value::map([
+                    ("task", Value::Int(i64::from(r.task))),
+                    ("offset", r.offset.map_or(Value::Nil, |o| Value::Int(o as i64))),
+                    (
+                        "ackReturns",
+                        Value::Map(r.ack_returns.into_iter().map(|(k, v)| (Value::from(k), v)).collect()),
+                    ),
+                ]))
+            }))
         }
         "read" => {
             let task = u32::try_from(u64_field(m, "task")?).map_err(|_| bad("task out of range"))?;
-            let records = cluster.depot(module, str_field(m, "depot")?)?.read(
+            let pending = cluster.depot(module, str_field(m, "depot")?)?.read_future(
                 task,
                 u64_field(m, "start")?,
                 u64_field(m, "end")?,
                 usize::try_from(u64_field(m, "bytesMax")?).unwrap_or(usize::MAX),
-            )?;
-            Ok(Value::map([(
-                "records",
-                Value::List(
-                    records
-                        .into_iter()
-                        .map(|(o, r)| Value::list([Value::Int(o as i64), r]))
-                        .collect(),
-                ),
-            )]))
+            );
+            Ok(Box::pin(async move {
+                let records = pending.await?;
+                Ok(Value::map([(
+                    "records",
+                    Value::List(
+                        records
+                            .into_iter()
+                            .map(|(o, r)| Value::list([Value::Int(o as i64), r]))
+                            .collect(),
+                    ),
+                )]))
+            }))
         }
         "select" => {
             let client = cluster.pstate(module, str_field(m, "pstate")?)?;
             let path = path_from_value(field(m, "path")?)?;
-            let values = match m.get(&Value::from("task")) {
-                Some(Value::Int(t)) => {
-                    client.select_on(u32::try_from(*t).map_err(|_| bad("task out of range"))?, &path)?
-                }
-                _ => client.select(&path)?,
+            let task = match m.get(&Value::from("task")) {
+                Some(Value::Int(t)) => Some(u32::try_from(*t).map_err(|_| bad("task out of range"))?),
+                _ => None,
             };
-            Ok(Value::map([("values", Value::List(values))]))
+            let pending = client.select_future(task, path);
+            Ok(Box::pin(async move {
+                Ok(Value::map([("values", Value::List(pending.await?))]))
+            }))
         }
         "invoke" => {
-            let result = cluster
+            let pending = cluster
                 .query(module, str_field(m, "query")?)?
-                .invoke(m.get(&Value::from("args")).unwrap_or(&Value::Nil))?;
-            Ok(Value::map([("result", result)]))
+                .invoke_future(m.get(&Value::from("args")).unwrap_or(&Value::Nil));
+            Ok(Box::pin(async move { Ok(Value::map([("result", pending.await?)])) }))
         }
-        other => Err(bad(format!("unknown op {other:?} (ops: append, read, select, invoke)"))),
+        "tasks" => {
+            let local = cluster.local_tasks(module)?;
+            Ok(Box::pin(async move {
+                Ok(Value::map([(
+                    "tasks",
+                    Value::List(local.into_iter().map(|t| Value::Int(i64::from(t))).collect()),
+                )]))
+            }))
+        }
+        other => Err(bad(format!(
+            "unknown op {other:?} (ops: append, read, select, invoke, tasks)"
+        ))),
     }
 }
 
@@ -262,6 +219,8 @@ pub fn append_result(m: &BTreeMap<Value, Value>) -> Result<AppendResult> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use engine::pstate::Nav;
+    use std::ops::Bound;
 
     #[test]
     fn paths_round_trip() {

@@ -100,6 +100,10 @@ pub(crate) struct Completion {
     pub results: Vec<Value>,
     /// Microbatch and query: the first failure (the whole attempt fails).
     pub fatal: Option<String>,
+    /// Some of the work could not reach the worker it belongs on. Nothing
+    /// about the records is known: a stream consumer runs the batch again
+    /// later (at least once), a microbatch attempt is retried.
+    pub unavailable: Option<String>,
 }
 
 impl Completion {
@@ -112,6 +116,14 @@ impl Completion {
         if self.fatal.is_none() {
             self.fatal = other.fatal;
         }
+        if self.unavailable.is_none() {
+            self.unavailable = other.unavailable;
+        }
+    }
+
+    /// The first problem that ends a microbatch or query attempt.
+    pub fn attempt_failure(&mut self) -> Option<String> {
+        self.fatal.take().or_else(|| self.unavailable.take())
     }
 }
 
@@ -132,12 +144,23 @@ pub(crate) enum Control {
         ranges: Vec<(usize, u32, u64, u64)>,
         reply: Reply<()>,
     },
-    /// Store this thread's changes of microbatch `id` durably as pending.
-    Prepare { topology: usize, id: u64, reply: Reply<()> },
+    /// Store this thread's changes of microbatch `id` (attempt `attempt`)
+    /// durably as pending.
+    Prepare {
+        topology: usize,
+        id: u64,
+        attempt: u32,
+        reply: Reply<()>,
+    },
     /// Forget the pending effects of microbatch `id`.
     Abort { topology: usize, id: u64, reply: Reply<()> },
     /// Apply the pending effects of microbatch `id`.
     Commit { topology: usize, id: u64, reply: Reply<()> },
+    /// Hold client reads off on this thread's worker (a microbatch commits
+    /// on several workers); opens by itself after `lease_ms`.
+    GateClose { lease_ms: u64, reply: Reply<()> },
+    /// Let client reads on this thread's worker run again.
+    GateOpen { reply: Reply<()> },
     /// After a restart: apply pending effects of `decided` where missing,
     /// drop pending effects of later microbatches.
     Recover {

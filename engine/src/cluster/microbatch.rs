@@ -41,22 +41,66 @@ use crate::value::{archived, Value};
 pub(crate) const MB_RECORDS_MAX: u64 = 1000;
 /// Payload bytes read per log read while processing.
 const READ_BYTES: usize = 1 << 20;
+/// How long another worker holds its reads off for a commit at most (if
+/// the coordinator goes away in between).
+const GATE_LEASE: Duration = Duration::from_secs(10);
 
 type Ranges = Vec<(usize, u32, u64, u64)>;
 type Ends = BTreeMap<(usize, u32), u64>;
 
 /// Runs the coordinator of microbatch topology `topology` until shutdown.
+///
+/// When a step fails in a way a retry of the attempt cannot fix (another
+/// worker is away while a decided microbatch commits, a storage error), the
+/// coordinator starts over as after a restart: it recovers every task to
+/// the last decided microbatch and goes on from there.
 pub(crate) async fn coordinate(th: Rc<TaskThread>, topology: usize) {
-    if let Err(e) = coordinate_inner(&th, topology).await {
-        if !th.stopping.get() {
-            let rt = &th.rt;
-            eprintln!(
-                "microbatch topology {} of module {} stopped: {e}",
-                rt.def.topologies[topology].name, rt.def.name
-            );
-            rt.microbatch(topology).note_failure(&e.to_string());
+    th.rt.wait_processing(|| th.stopping.get()).await;
+    let mut restarts = 0u32;
+    loop {
+        let Err(e) = coordinate_inner(&th, topology).await else {
+            return;
+        };
+        if th.stopping.get() {
+            return;
         }
+        let rt = &th.rt;
+        if restarts.is_power_of_two() {
+            eprintln!(
+                "microbatch topology {} of module {}: starting over from the last decided microbatch \
+                 ({} times so far): {e}",
+                rt.def.topologies[topology].name,
+                rt.def.name,
+                restarts + 1
+            );
+        }
+        rt.microbatch(topology).note_failure(&e.to_string());
+        restarts = restarts.saturating_add(1);
+        glommio::timer::sleep(Duration::from_millis(100u64 << restarts.min(4))).await;
     }
+}
+
+/// Closes the read gate of every worker of the module (a commit spans
+/// them), this one first.
+async fn close_gates(rt: &ModuleRuntime) -> Result<()> {
+    rt.gate.close().await;
+    let others = rt.remote_gate_threads();
+    let closed = broadcast_to(rt, &others, |reply| Control::GateClose {
+        lease_ms: GATE_LEASE.as_millis() as u64,
+        reply,
+    })
+    .await;
+    if closed.is_err() {
+        open_gates(rt).await;
+    }
+    closed.map(|_| ())
+}
+
+async fn open_gates(rt: &ModuleRuntime) {
+    let others = rt.remote_gate_threads();
+    // A worker that cannot be reached opens its gate when the lease ends.
+    let _ = broadcast_to(rt, &others, |reply| Control::GateOpen { reply }).await;
+    rt.gate.open();
 }
 
 fn corrupt(th: &TaskThread, what: &str) -> Error {
@@ -108,14 +152,14 @@ async fn coordinate_inner(th: &Rc<TaskThread>, topology: usize) -> Result<()> {
     };
     // Recovery may apply a decided microbatch on some tasks: no read may
     // see that half done.
-    rt.gate.close().await;
+    close_gates(&rt).await?;
     let recovered = broadcast(&rt, |reply| Control::Recover {
         topology,
         decided,
         reply,
     })
     .await;
-    rt.gate.open();
+    open_gates(&rt).await;
     recovered?;
     shared.publish(decided, &ends);
     let mut plan = load_ranges(th, &plan_key)?
@@ -188,9 +232,11 @@ async fn coordinate_inner(th: &Rc<TaskThread>, topology: usize) -> Result<()> {
         batch.delete(&plan_key);
         th.store.write(batch).await?;
         // Apply everywhere while no client read runs.
-        rt.gate.close().await;
+        close_gates(&rt).await?;
         let applied = broadcast(&rt, |reply| Control::Commit { topology, id, reply }).await;
-        rt.gate.open();
+        open_gates(&rt).await;
+        // A task that could not apply (its worker away) applies when the
+        // coordinator starts over and recovers to this decided microbatch.
         applied?;
         decided = id;
         ends = next_ends;
@@ -200,6 +246,8 @@ async fn coordinate_inner(th: &Rc<TaskThread>, topology: usize) -> Result<()> {
 }
 
 async fn attempt_microbatch(rt: &ModuleRuntime, topology: usize, id: u64, attempt: u32, ranges: &Ranges) -> Result<()> {
+    // Every thread is told (even one without ranges: it may get stage
+    // batches), so one that restarts during the attempt cannot prepare it.
     let mut replies = Vec::new();
     for thread in 0..rt.links.len() {
         let mine: Ranges = ranges
@@ -207,9 +255,6 @@ async fn attempt_microbatch(rt: &ModuleRuntime, topology: usize, id: u64, attemp
             .filter(|r| rt.placement.thread_of_task[r.1 as usize] as usize == thread)
             .copied()
             .collect();
-        if mine.is_empty() {
-            continue;
-        }
         let (tx, rx) = flume::bounded(1);
         rt.links[thread]
             .control
@@ -233,17 +278,33 @@ async fn attempt_microbatch(rt: &ModuleRuntime, topology: usize, id: u64, attemp
     if let Some(e) = first {
         return Err(e);
     }
-    broadcast(rt, |reply| Control::Prepare { topology, id, reply }).await?;
+    broadcast(rt, |reply| Control::Prepare {
+        topology,
+        id,
+        attempt,
+        reply,
+    })
+    .await?;
     Ok(())
 }
 
 /// Sends a control message to every thread and collects the answers; the
 /// first error wins.
 async fn broadcast<T>(rt: &ModuleRuntime, make: impl Fn(Reply<T>) -> Control) -> Result<Vec<T>> {
+    let all: Vec<usize> = (0..rt.links.len()).collect();
+    broadcast_to(rt, &all, make).await
+}
+
+/// Sends a control message to `threads` and collects the answers.
+async fn broadcast_to<T>(rt: &ModuleRuntime, threads: &[usize], make: impl Fn(Reply<T>) -> Control) -> Result<Vec<T>> {
     let mut replies = Vec::new();
-    for link in &rt.links {
+    for &thread in threads {
         let (tx, rx) = flume::bounded(1);
-        link.control.send_async(make(tx)).await.map_err(|_| rt.closed())?;
+        rt.links[thread]
+            .control
+            .send_async(make(tx))
+            .await
+            .map_err(|_| rt.closed())?;
         replies.push(rx);
     }
     let mut out = Vec::new();
@@ -272,15 +333,38 @@ pub(crate) async fn handle_control(th: &Rc<TaskThread>, control: Control) {
             ranges,
             reply,
         } => {
+            th.begun.borrow_mut().insert(topology, (id, attempt));
             let _ = reply.send(process(th, topology, id, attempt, ranges).await);
         }
-        Control::Prepare { topology, id, reply } => {
-            let _ = reply.send(prepare(th, topology, id).await);
+        Control::Prepare {
+            topology,
+            id,
+            attempt,
+            reply,
+        } => {
+            let begun = th.begun.borrow().get(&topology).copied();
+            let _ = reply.send(if begun == Some((id, attempt)) {
+                prepare(th, topology, id, attempt).await
+            } else {
+                Err(Error::Unavailable(format!(
+                    "task thread {} of module {} did not process attempt {attempt} of microbatch {id} \
+                     (its worker restarted); the attempt is retried",
+                    th.thread, th.rt.def.name
+                )))
+            });
         }
         Control::Abort { topology, id, reply } => {
             th.pending
                 .borrow_mut()
-                .retain(|&(t, _), (pending_id, _)| !(t == topology && *pending_id <= id));
+                .retain(|&(t, _), (pending_id, _, _)| !(t == topology && *pending_id <= id));
+            let _ = reply.send(Ok(()));
+        }
+        Control::GateClose { lease_ms, reply } => {
+            th.rt.close_gate_for_peer(Duration::from_millis(lease_ms)).await;
+            let _ = reply.send(Ok(()));
+        }
+        Control::GateOpen { reply } => {
+            th.rt.open_gate_for_peer();
             let _ = reply.send(Ok(()));
         }
         Control::Commit { topology, id, reply } => {
@@ -334,9 +418,12 @@ async fn process(th: &Rc<TaskThread>, topology: usize, id: u64, attempt: u32, ra
                         .map_err(|e| Error::Topology(format!("depot record {} does not decode: {e}", r.offset)))
                 })
                 .collect::<Result<Vec<_>>>()?;
-            let c = run_batch(th, flow, 0, task, Some(d), items).await;
-            if let Some(why) = c.fatal {
+            let mut c = run_batch(th, flow, 0, task, Some(d), items).await;
+            if let Some(why) = c.fatal.take() {
                 return Err(Error::Topology(why));
+            }
+            if let Some(why) = c.unavailable.take() {
+                return Err(Error::Unavailable(why));
             }
         }
     }
@@ -377,11 +464,13 @@ fn stored_pending(th: &TaskThread, task: u32, topology: &str) -> Result<Vec<(Vec
     }
 }
 
-async fn prepare(th: &Rc<TaskThread>, topology: usize, id: u64) -> Result<()> {
+async fn prepare(th: &Rc<TaskThread>, topology: usize, id: u64, attempt: u32) -> Result<()> {
     let name = th.rt.def.topologies[topology].name.clone();
     for &task in &th.tasks {
         let writes = match th.pending.borrow().get(&(topology, task)) {
-            Some((pending_id, o)) if *pending_id == id => Some(o.clone()),
+            Some((pending_id, pending_attempt, o)) if (*pending_id, *pending_attempt) == (id, attempt) => {
+                Some(o.clone())
+            }
             _ => None,
         };
         let q_key = meta_key(task, b'q', &name);
@@ -448,9 +537,15 @@ fn commit_batch(task: u32, name: &str, id: u64, writes: &crate::pstate::Overlay)
 async fn commit(th: &Rc<TaskThread>, topology: usize, id: u64) -> Result<()> {
     let name = th.rt.def.topologies[topology].name.clone();
     for &task in &th.tasks {
-        let writes = match th.pending.borrow_mut().remove(&(topology, task)) {
-            Some((pending_id, o)) if pending_id == id => o,
-            _ => continue,
+        let taken = th.pending.borrow_mut().remove(&(topology, task));
+        let writes = match taken {
+            Some((pending_id, _, o)) if pending_id == id => o,
+            _ => {
+                // Not in memory (the thread restarted after preparing):
+                // apply what it stored, if that is this microbatch.
+                recover_task(th, task, &name, id).await?;
+                continue;
+            }
         };
         th.write(commit_batch(task, &name, id, &writes)).await?;
     }
@@ -473,31 +568,37 @@ async fn recover(th: &Rc<TaskThread>, topology: usize, decided: u64) -> Result<(
     let name = th.rt.def.topologies[topology].name.clone();
     th.pending.borrow_mut().retain(|&(t, _), _| t != topology);
     for &task in &th.tasks {
-        let q_key = meta_key(task, b'q', &name);
-        let Some(pending_id) = read_u64(th, &q_key)? else {
-            continue;
-        };
-        let a_key = meta_key(task, b'a', &name);
-        let applied = read_u64(th, &a_key)?.unwrap_or(0);
-        let prefix_len = pending_prefix(task, &name).len();
-        let apply = pending_id == decided && applied < pending_id;
-        let mut batch = WriteBatch::new();
-        for (pk, v) in stored_pending(th, task, &name)? {
-            if apply {
-                let k = &pk[prefix_len..];
-                match v.split_first() {
-                    Some((1, v)) => batch.put(k, v),
-                    Some((0, [])) => batch.delete(k),
-                    _ => return Err(corrupt(th, "a pending change has an unknown tag")),
-                };
-            }
-            batch.delete(pk);
-        }
-        batch.delete(&q_key);
-        if apply {
-            batch.put(&a_key, pending_id.to_le_bytes());
-        }
-        th.write(batch).await?;
+        recover_task(th, task, &name, decided).await?;
     }
     Ok(())
+}
+
+/// Applies the stored pending changes of `task` if they belong to
+/// microbatch `decided` and are not applied yet; drops any others.
+async fn recover_task(th: &Rc<TaskThread>, task: u32, name: &str, decided: u64) -> Result<()> {
+    let q_key = meta_key(task, b'q', name);
+    let Some(pending_id) = read_u64(th, &q_key)? else {
+        return Ok(());
+    };
+    let a_key = meta_key(task, b'a', name);
+    let applied = read_u64(th, &a_key)?.unwrap_or(0);
+    let prefix_len = pending_prefix(task, name).len();
+    let apply = pending_id == decided && applied < pending_id;
+    let mut batch = WriteBatch::new();
+    for (pk, v) in stored_pending(th, task, name)? {
+        if apply {
+            let k = &pk[prefix_len..];
+            match v.split_first() {
+                Some((1, v)) => batch.put(k, v),
+                Some((0, [])) => batch.delete(k),
+                _ => return Err(corrupt(th, "a pending change has an unknown tag")),
+            };
+        }
+        batch.delete(pk);
+    }
+    batch.delete(&q_key);
+    if apply {
+        batch.put(&a_key, pending_id.to_le_bytes());
+    }
+    th.write(batch).await
 }

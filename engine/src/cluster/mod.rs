@@ -17,21 +17,28 @@
 //!   tasks.
 //! - Queries: stage 0 runs on a task picked round-robin (the origin); the
 //!   values stages emit to the origin are aggregated there.
+//!
+//! A module can also be spread over several worker processes
+//! ([`InProcessCluster::launch_worker`]): each runs the task threads the
+//! placement gives it, and reaches the others through bridges (see
+//! [`peer`]).
 
 mod messages;
 mod microbatch;
+pub mod peer;
 mod proxy;
 mod thread;
 
 use std::collections::BTreeMap;
 use std::future::Future;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, Instant};
 
 pub use self::messages::AppendResult;
 use self::messages::{Control, Request};
+use self::peer::{WorkerPart, LANE_CLIENT};
 pub use self::proxy::{apply_diff, Diff, Proxy, ProxyEvent};
 use self::thread::ThreadLinks;
 use crate::error::{Error, Result};
@@ -77,6 +84,8 @@ struct Gate {
     /// (reads in progress, commits in progress)
     state: Mutex<(usize, usize)>,
     changed: Condvar,
+    /// Async readers waiting for the gate to open.
+    waiting: Mutex<Vec<flume::Sender<()>>>,
 }
 
 struct GateGuard<'a>(Option<&'a Gate>);
@@ -108,9 +117,30 @@ impl Gate {
         }
     }
 
+    /// Like `enter`, without blocking the calling thread (for readers on
+    /// an async executor that also carries the commit's messages).
+    async fn enter_async(&self) -> GateGuard<'_> {
+        loop {
+            let rx = {
+                let mut s = self.state.lock().expect("gate");
+                if s.1 == 0 {
+                    s.0 += 1;
+                    return GateGuard(Some(self));
+                }
+                let (tx, rx) = flume::bounded(1);
+                self.waiting.lock().expect("gate waiters").push(tx);
+                rx
+            };
+            let _ = rx.recv_async().await;
+        }
+    }
+
     fn open(&self) {
         self.state.lock().expect("gate").1 -= 1;
         self.changed.notify_all();
+        for w in self.waiting.lock().expect("gate waiters").drain(..) {
+            let _ = w.try_send(());
+        }
     }
 }
 
@@ -169,7 +199,7 @@ pub struct FaultPoint<'a> {
 pub type FaultHook = Arc<dyn Fn(&FaultPoint<'_>) -> bool + Send + Sync>;
 
 /// One launched module, shared by its clients and task threads.
-struct ModuleRuntime {
+pub(crate) struct ModuleRuntime {
     def: ModuleDef,
     placement: Placement,
     links: Vec<ThreadLinks>,
@@ -186,6 +216,20 @@ struct ModuleRuntime {
     /// The stop signal: the sender is dropped once every task thread of
     /// the module has stopped.
     stopped: (Mutex<Option<flume::Sender<()>>>, flume::Receiver<()>),
+    /// This process's worker index (0 when the module is all here).
+    worker: u32,
+    /// Tasks whose threads run in this process.
+    local_tasks: Vec<u32>,
+    /// Stream consumers and microbatch coordinators wait for this (a
+    /// worker sets it once the other workers can be reached).
+    processing: AtomicBool,
+    /// Bridges to the threads on other workers, and their stop flag.
+    bridges: Mutex<Vec<std::thread::JoinHandle<()>>>,
+    bridges_stop: Arc<AtomicBool>,
+    /// The read gate closed for another worker's commit: its number, so a
+    /// lease that ends after the matching open does nothing.
+    peer_gate: Mutex<Option<u64>>,
+    peer_gate_seq: AtomicU64,
 }
 
 impl std::fmt::Debug for ModuleRuntime {
@@ -198,6 +242,86 @@ impl std::fmt::Debug for ModuleRuntime {
 }
 
 impl ModuleRuntime {
+    fn is_local(&self, thread: usize) -> bool {
+        self.placement.worker_of_thread[thread] == self.worker
+    }
+
+    /// One task thread of every other worker: where a commit closes the
+    /// other workers' read gates.
+    fn remote_gate_threads(&self) -> Vec<usize> {
+        (0..self.placement.parallelism.workers)
+            .filter(|&w| w != self.worker)
+            .filter_map(|w| self.placement.threads_of_worker(w).first().map(|&t| t as usize))
+            .collect()
+    }
+
+    /// Closes this worker's read gate for a commit coordinated elsewhere;
+    /// it opens by itself after `lease` unless opened first.
+    async fn close_gate_for_peer(self: &Arc<Self>, lease: Duration) {
+        self.gate.close().await;
+        let seq = self.peer_gate_seq.fetch_add(1, Ordering::Relaxed);
+        if let Some(_earlier) = self.peer_gate.lock().expect("peer gate").replace(seq) {
+            // A close whose open never came (its coordinator restarted):
+            // this close takes its place.
+            self.gate.open();
+        }
+        let rt = self.clone();
+        glommio::spawn_local(async move {
+            glommio::timer::sleep(lease).await;
+            let mut g = rt.peer_gate.lock().expect("peer gate");
+            if *g == Some(seq) {
+                *g = None;
+                drop(g);
+                rt.gate.open();
+            }
+        })
+        .detach();
+    }
+
+    fn open_gate_for_peer(&self) {
+        if self.peer_gate.lock().expect("peer gate").take().is_some() {
+            self.gate.open();
+        }
+    }
+
+    /// Waits (on a task thread) until the module may start processing.
+    async fn wait_processing(&self, stopping: impl Fn() -> bool) {
+        while !self.processing.load(Ordering::Acquire) && !stopping() {
+            glommio::timer::sleep(Duration::from_millis(10)).await;
+        }
+    }
+
+    /// Puts `request` on the client (`lane` 0) or internal link of
+    /// `thread`, waiting without blocking while it is full.
+    async fn send_to_async(&self, thread: usize, lane: u32, request: Request) -> Result<()> {
+        let link = &self.links[thread];
+        let channel = if lane == LANE_CLIENT {
+            &link.client
+        } else {
+            &link.internal
+        };
+        channel.send_async(request).await.map_err(|_| self.closed())
+    }
+
+    async fn call_async<T: Send + 'static>(
+        &self,
+        task: u32,
+        request: impl FnOnce(messages::Reply<T>) -> Request,
+    ) -> Result<T> {
+        let (tx, rx) = flume::bounded(1);
+        let thread = self.placement.thread_of_task[task as usize] as usize;
+        self.send_to_async(thread, LANE_CLIENT, request(tx)).await?;
+        self.answer(rx).await
+    }
+
+    async fn read_guard_async(&self) -> GateGuard<'_> {
+        if self.gated {
+            self.gate.enter_async().await
+        } else {
+            GateGuard(None)
+        }
+    }
+
     fn send(&self, task: u32, request: Request) -> Result<()> {
         let thread = self.placement.thread_of_task[task as usize] as usize;
         self.links[thread]
@@ -319,11 +443,65 @@ impl InProcessCluster {
 
     /// Starts `def` with `tasks` tasks on `threads` task threads.
     pub fn launch(&mut self, def: ModuleDef, tasks: u32, threads: u32) -> Result<()> {
-        let parallelism = Parallelism::new(tasks, threads, 1).map_err(|e| Error::Schema(e.to_string()))?;
+        self.launch_part(def, tasks, threads, None)?;
+        let rt = self.module_of_last();
+        rt.processing.store(true, Ordering::Release);
+        Ok(())
+    }
+
+    fn module_of_last(&self) -> &Arc<ModuleRuntime> {
+        &self.modules.last().expect("just launched").0
+    }
+
+    /// Starts this process's part of `def` spread over `part.workers`
+    /// workers: the task threads the placement gives worker `part.worker`,
+    /// and bridges to the others' threads through `part.peers`. Its stream
+    /// consumers and microbatch coordinators wait for
+    /// [`start_processing`](Self::start_processing).
+    pub fn launch_worker(&mut self, def: ModuleDef, tasks: u32, threads: u32, part: WorkerPart) -> Result<()> {
+        self.launch_part(def, tasks, threads, Some(part))
+    }
+
+    /// Lets the module's stream consumers and microbatch coordinators on
+    /// this worker start (once every other worker can be reached).
+    pub fn start_processing(&self, module: &str) -> Result<()> {
+        self.module(module)?.processing.store(true, Ordering::Release);
+        Ok(())
+    }
+
+    /// Answers a message another worker of `module` sent on `lane`.
+    pub fn serve_peer(&self, module: &str, lane: u32, message: &[u8]) -> peer::Answer {
+        match self.module(module) {
+            Ok(rt) => peer::serve(rt, lane, message),
+            Err(_) => {
+                let bytes = peer::unavailable_answer(&format!("module {module} is not running on this worker"));
+                Box::pin(async move { bytes })
+            }
+        }
+    }
+
+    /// The tasks of `module` whose threads run in this process.
+    pub fn local_tasks(&self, module: &str) -> Result<Vec<u32>> {
+        Ok(self.module(module)?.local_tasks.clone())
+    }
+
+    fn launch_part(&mut self, def: ModuleDef, tasks: u32, threads: u32, part: Option<WorkerPart>) -> Result<()> {
+        let workers = part.as_ref().map_or(1, |p| p.workers);
+        let worker = part.as_ref().map_or(0, |p| p.worker);
+        let parallelism = Parallelism::new(tasks, threads, workers).map_err(|e| Error::Schema(e.to_string()))?;
+        if worker >= workers {
+            return Err(Error::Schema(format!(
+                "worker {worker} does not exist (workers: {workers})"
+            )));
+        }
         if self.modules.iter().any(|(m, _)| m.def.name == def.name) {
             return Err(Error::Schema(format!("module {} is already running", def.name)));
         }
         let placement = Placement::new(parallelism);
+        let local_threads = placement.threads_of_worker(worker);
+        let local_tasks = (0..tasks)
+            .filter(|&t| placement.worker_of_thread[placement.thread_of_task[t as usize] as usize] == worker)
+            .collect();
         let module_dir = self.dir.join(&def.name);
         let levels = def
             .topologies
@@ -361,15 +539,35 @@ impl InProcessCluster {
                 let (tx, rx) = flume::bounded(1);
                 (Mutex::new(Some(tx)), rx)
             },
+            worker,
+            local_tasks,
+            processing: AtomicBool::new(false),
+            bridges: Mutex::new(Vec::new()),
+            bridges_stop: Arc::new(AtomicBool::new(false)),
+            peer_gate: Mutex::new(None),
+            peer_gate_seq: AtomicU64::new(0),
         });
         let mut handles = Vec::new();
+        let local_count = local_threads.len();
         // Each thread reports once its storage is open, so a launch either
         // returns with every task ready or with the first error.
-        let (ready_tx, ready_rx) = flume::bounded::<Result<()>>(threads as usize);
+        let (ready_tx, ready_rx) = flume::bounded::<Result<()>>(local_count.max(1));
+        let mut bridge_error = None;
         for (thread, inbox) in (0..threads).zip(inboxes) {
+            if !local_threads.contains(&thread) {
+                let part = part.as_ref().expect("remote threads only with a worker part");
+                let w = rt.placement.worker_of_thread[thread as usize];
+                match peer::bridge(inbox, &rt.def.name, thread, w, &part.peers, &rt.bridges_stop) {
+                    Ok(h) => rt.bridges.lock().expect("bridges").extend(h),
+                    Err(e) => {
+                        bridge_error.get_or_insert(e);
+                    }
+                }
+                continue;
+            }
             let (rt, dir, ready) = (rt.clone(), module_dir.clone(), ready_tx.clone());
             let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
-            let pin = self.threads.pin.unwrap_or(threads as usize <= cpus);
+            let pin = self.threads.pin.unwrap_or(local_count <= cpus);
             let executor = ExecutorConfig {
                 name: format!("{}-task-thread-{thread}", rt.def.name),
                 // Several modules' threads share the process's locked memory.
@@ -394,8 +592,8 @@ impl InProcessCluster {
             }));
         }
         drop(ready_tx);
-        let mut first_error = None;
-        for _ in 0..threads {
+        let mut first_error = bridge_error;
+        for _ in 0..local_count {
             match ready_rx.recv() {
                 Ok(Ok(())) => {}
                 Ok(Err(e)) => {
@@ -427,11 +625,7 @@ impl InProcessCluster {
     pub fn depot(&self, module: &str, depot: &str) -> Result<DepotClient> {
         let rt = self.module(module)?.clone();
         let (index, _) = rt.def.depot(depot)?;
-        Ok(DepotClient {
-            rt,
-            depot: index,
-            next: Arc::new(AtomicU32::new(0)),
-        })
+        Ok(DepotClient { rt, depot: index })
     }
 
     /// A client of PState `pstate` of module `module`.
@@ -566,8 +760,12 @@ impl ClusterClient for InProcessCluster {
 fn stop(rt: Arc<ModuleRuntime>, handles: Vec<TaskThreadHandle>) -> Result<()> {
     // First let every thread finish the stream batches and microbatch it is
     // running (they need the other threads), so nothing is half done.
+    let local: Vec<&ThreadLinks> = (0..rt.links.len())
+        .filter(|&t| rt.is_local(t))
+        .map(|t| &rt.links[t])
+        .collect();
     let mut quiesced = Vec::new();
-    for link in &rt.links {
+    for link in &local {
         let (tx, rx) = flume::bounded(1);
         if link.client.send(Request::Quiesce { reply: tx }).is_ok() {
             quiesced.push(rx);
@@ -576,11 +774,14 @@ fn stop(rt: Arc<ModuleRuntime>, handles: Vec<TaskThreadHandle>) -> Result<()> {
     for rx in quiesced {
         let _ = rx.recv();
     }
-    for link in &rt.links {
+    for link in &local {
         // A thread that already exited has nothing to stop.
         let _ = link.client.send(Request::Shutdown);
     }
+    drop(local);
     let stop_signal = rt.stopped.0.lock().expect("stop signal").take();
+    rt.bridges_stop.store(true, Ordering::Release);
+    let bridges = std::mem::take(&mut *rt.bridges.lock().expect("bridges"));
     drop(rt);
     let mut first = None;
     for h in handles {
@@ -596,6 +797,9 @@ fn stop(rt: Arc<ModuleRuntime>, handles: Vec<TaskThreadHandle>) -> Result<()> {
     }
     // Every thread is gone: requests still waiting for an answer get Closed.
     drop(stop_signal);
+    for b in bridges {
+        let _ = b.join();
+    }
     first.map_or(Ok(()), Err)
 }
 
@@ -606,8 +810,6 @@ fn stop(rt: Arc<ModuleRuntime>, handles: Vec<TaskThreadHandle>) -> Result<()> {
 pub struct DepotClient {
     rt: Arc<ModuleRuntime>,
     depot: usize,
-    /// Round-robin position for random depots.
-    next: Arc<AtomicU32>,
 }
 
 impl DepotClient {
@@ -620,7 +822,12 @@ impl DepotClient {
         }
         match &def.partitioner {
             Partitioner::HashBy(key) => Ok(task_for_key(&key(record), tasks)),
-            Partitioner::Random => Ok(self.next.fetch_add(1, Ordering::Relaxed) % tasks),
+            // Round-robin over this process's tasks (all of them unless the
+            // module is spread over workers), shared by every client.
+            Partitioner::Random => {
+                let local = &self.rt.local_tasks;
+                Ok(local[self.rt.next_origin.fetch_add(1, Ordering::Relaxed) as usize % local.len()])
+            }
             Partitioner::Disallow => Err(Error::Schema(format!(
                 "depot {} of module {} does not take client appends (its partitioner is disallow); \
                  only the module's topologies append to it",
@@ -676,9 +883,48 @@ impl DepotClient {
         })
     }
 
-    /// Reads records of partition `task` with offsets in `[start, end)`, up
-    /// to about `bytes_max` bytes (at least one record when any is there).
-    pub fn read(&self, task: u32, start: u64, end: u64, bytes_max: usize) -> Result<Vec<(u64, Value)>> {
+    /// Like [`append_async`](Self::append_async), but all the waiting
+    /// (for room in a full channel too) happens in the returned future: it
+    /// never blocks the calling thread. For servers running many requests
+    /// on a few threads.
+    pub fn append_future(
+        &self,
+        record: &Value,
+        ack: AckLevel,
+    ) -> Result<impl Future<Output = Result<AppendResult>> + Send + 'static> {
+        let task = self.task_for(record)?;
+        let bytes = archived::to_bytes(record);
+        Error::check_limit(
+            "record",
+            "record_bytes_max",
+            bytes.len(),
+            LogConfig::default().record_bytes_max as usize,
+        )?;
+        let (rt, depot) = (self.rt.clone(), self.depot);
+        Ok(async move {
+            let (tx, rx) = flume::bounded(1);
+            let reply = (ack != AckLevel::None).then_some(tx);
+            let thread = rt.placement.thread_of_task[task as usize] as usize;
+            let request = Request::Append {
+                depot,
+                task,
+                record: bytes,
+                ack,
+                reply,
+            };
+            rt.send_to_async(thread, LANE_CLIENT, request).await?;
+            if ack == AckLevel::None {
+                return Ok(AppendResult {
+                    task,
+                    offset: None,
+                    ack_returns: BTreeMap::new(),
+                });
+            }
+            rt.answer(rx).await
+        })
+    }
+
+    fn check_partition(&self, task: u32) -> Result<()> {
         let tasks = self.rt.placement.parallelism.tasks;
         let def = &self.rt.def.depots[self.depot];
         if task >= tasks || (def.global && task != 0) {
@@ -688,14 +934,10 @@ impl DepotClient {
                 if def.global { 1 } else { tasks }
             )));
         }
-        let records = self.rt.call(task, |reply| Request::Read {
-            depot: self.depot,
-            task,
-            start,
-            end,
-            bytes_max,
-            reply,
-        })?;
+        Ok(())
+    }
+
+    fn decode_records(records: Vec<(u64, Vec<u8>)>) -> Result<Vec<(u64, Value)>> {
         records
             .into_iter()
             .map(|(o, bytes)| {
@@ -704,6 +946,47 @@ impl DepotClient {
                     .map_err(|e| Error::Schema(format!("depot record at offset {o} does not decode: {e}")))
             })
             .collect()
+    }
+
+    /// Reads records of partition `task` with offsets in `[start, end)`, up
+    /// to about `bytes_max` bytes (at least one record when any is there).
+    pub fn read(&self, task: u32, start: u64, end: u64, bytes_max: usize) -> Result<Vec<(u64, Value)>> {
+        self.check_partition(task)?;
+        let records = self.rt.call(task, |reply| Request::Read {
+            depot: self.depot,
+            task,
+            start,
+            end,
+            bytes_max,
+            reply,
+        })?;
+        Self::decode_records(records)
+    }
+
+    /// `read` that never blocks the calling thread.
+    pub fn read_future(
+        &self,
+        task: u32,
+        start: u64,
+        end: u64,
+        bytes_max: usize,
+    ) -> impl Future<Output = Result<Vec<(u64, Value)>>> + Send + 'static {
+        let checked = self.check_partition(task);
+        let (rt, depot) = (self.rt.clone(), self.depot);
+        async move {
+            checked?;
+            let records = rt
+                .call_async(task, |reply| Request::Read {
+                    depot,
+                    task,
+                    start,
+                    end,
+                    bytes_max,
+                    reply,
+                })
+                .await?;
+            Self::decode_records(records)
+        }
     }
 }
 
@@ -766,6 +1049,31 @@ impl PStateClient {
         })
     }
 
+    /// `select` (with `task`: `select_on`) that never blocks the calling
+    /// thread.
+    pub fn select_future(
+        &self,
+        task: Option<u32>,
+        path: Vec<Nav>,
+    ) -> impl Future<Output = Result<Vec<Value>>> + Send + 'static {
+        let routed = match task {
+            Some(t) => self.check_task(t).map(|()| t),
+            None => self.route(&path),
+        };
+        let (rt, pstate) = (self.rt.clone(), self.pstate);
+        async move {
+            let task = routed?;
+            let _read = rt.read_guard_async().await;
+            rt.call_async(task, |reply| Request::Select {
+                pstate,
+                task,
+                path,
+                reply,
+            })
+            .await
+        }
+    }
+
     /// A live view of what `path` reaches (routed by its first key): the
     /// value now, then every change.
     pub fn proxy(&self, path: &[Nav]) -> Result<Proxy> {
@@ -792,10 +1100,30 @@ pub struct QueryClient {
 }
 
 impl QueryClient {
+    /// The next origin task: round-robin over this process's tasks.
+    fn origin(&self) -> u32 {
+        let local = &self.rt.local_tasks;
+        local[self.rt.next_origin.fetch_add(1, Ordering::Relaxed) as usize % local.len()]
+    }
+
+    /// `invoke` that never blocks the calling thread.
+    pub fn invoke_future(&self, args: &Value) -> impl Future<Output = Result<Value>> + Send + 'static {
+        let (rt, query, task, args) = (self.rt.clone(), self.query, self.origin(), archived::to_bytes(args));
+        async move {
+            let _read = rt.read_guard_async().await;
+            rt.call_async(task, |reply| Request::Invoke {
+                query,
+                task,
+                args,
+                reply,
+            })
+            .await
+        }
+    }
+
     /// Runs the query with `args` and returns its result.
     pub fn invoke(&self, args: &Value) -> Result<Value> {
-        let tasks = self.rt.placement.parallelism.tasks;
-        let task = self.rt.next_origin.fetch_add(1, Ordering::Relaxed) % tasks;
+        let task = self.origin();
         let _read = self.rt.read_guard();
         self.rt.call(task, |reply| Request::Invoke {
             query: self.query,

@@ -82,6 +82,9 @@ pub(crate) fn links(capacity: usize, levels: usize) -> (ThreadLinks, ThreadInbox
     )
 }
 
+/// Microbatch writes of one task not yet committed: (id, attempt, writes).
+pub(crate) type PendingWrites = (u64, u32, Overlay);
+
 /// An `Ack` append waiting for the stream topologies reading its depot.
 struct AckWaiter {
     remaining: usize,
@@ -120,8 +123,14 @@ pub(crate) struct TaskThread {
     queued: Vec<RefCell<Queued>>,
     queued_seq: Cell<u64>,
     acks: RefCell<HashMap<(usize, u32), BTreeMap<u64, AckWaiter>>>,
-    /// Microbatch writes not yet committed: (topology, task) -> (id, writes).
-    pub pending: RefCell<HashMap<(usize, u32), (u64, Overlay)>>,
+    /// Microbatch writes not yet committed: (topology, task) -> (id,
+    /// attempt, writes). Work of an older attempt arriving late (from a
+    /// worker that lost its connection) never mixes into a newer one.
+    pub pending: RefCell<HashMap<(usize, u32), PendingWrites>>,
+    /// Microbatch topology -> the (id, attempt) this thread was told to
+    /// process. Kept in memory only: a restarted thread has none, so the
+    /// attempt it lost the work of cannot be prepared.
+    pub begun: RefCell<HashMap<usize, (u64, u32)>>,
     subscriptions: RefCell<Vec<Subscription>>,
     pub stopping: Cell<bool>,
     pub stop_waiters: Waiters,
@@ -275,6 +284,7 @@ pub(crate) async fn open(rt: Arc<ModuleRuntime>, thread: u32, dir: &Path) -> Res
         pstates,
         acks: RefCell::new(HashMap::new()),
         pending: RefCell::new(HashMap::new()),
+        begun: RefCell::new(HashMap::new()),
         subscriptions: RefCell::new(Vec::new()),
         stopping: Cell::new(false),
         stop_waiters: Waiters::default(),
@@ -582,8 +592,8 @@ async fn append(
 async fn invoke(th: &Rc<TaskThread>, query: usize, task: u32, args: &[u8]) -> Result<Value> {
     let def = &th.rt.def.queries[query];
     let args = archived::from_bytes(args).map_err(|e| Error::Schema(format!("query arguments: {e}")))?;
-    let completion = run_batch(th, Flow::Query(query), 0, task, None, vec![(0, args.clone())]).await;
-    if let Some(why) = completion.fatal {
+    let mut completion = run_batch(th, Flow::Query(query), 0, task, None, vec![(0, args.clone())]).await;
+    if let Some(why) = completion.attempt_failure() {
         return Err(Error::Topology(format!("query {} failed: {why}", def.name)));
     }
     (def.aggregate)(&args, completion.results)
@@ -638,8 +648,8 @@ pub(crate) async fn run_batch(
     // (their writes are dropped by running the batch again without them).
     let (out, writes) = loop {
         let overlay = match flow {
-            Flow::Microbatch { topology, id, .. } => match th.pending.borrow_mut().remove(&(topology, task)) {
-                Some((pending_id, o)) if pending_id == id => o,
+            Flow::Microbatch { topology, id, attempt } => match th.pending.borrow_mut().remove(&(topology, task)) {
+                Some((pending_id, pending_attempt, o)) if (pending_id, pending_attempt) == (id, attempt) => o,
                 _ => Overlay::new(),
             },
             _ => Overlay::new(),
@@ -701,10 +711,10 @@ pub(crate) async fn run_batch(
                     failed_now = Some((*origin, why));
                     break;
                 }
-                if let Flow::Microbatch { topology, id, .. } = flow {
+                if let Flow::Microbatch { topology, id, attempt } = flow {
                     th.pending
                         .borrow_mut()
-                        .insert((topology, task), (id, tx.into_overlay()));
+                        .insert((topology, task), (id, attempt, tx.into_overlay()));
                 }
                 return fatal(why);
             }
@@ -731,8 +741,8 @@ pub(crate) async fn run_batch(
                 return done;
             }
         }
-        Flow::Microbatch { topology, id, .. } => {
-            th.pending.borrow_mut().insert((topology, task), (id, writes));
+        Flow::Microbatch { topology, id, attempt } => {
+            th.pending.borrow_mut().insert((topology, task), (id, attempt, writes));
         }
         Flow::Query(_) => {}
     }
@@ -793,8 +803,12 @@ pub(crate) async fn run_batch(
         }
     }
     for (origin, pending) in appends {
-        if let Err(e) = pending.await {
-            fail_all(&mut done, &[origin], mode, &format!("depot append: {e}"));
+        match pending.await {
+            Ok(()) => {}
+            Err(e @ Error::Unavailable(_)) => {
+                done.unavailable.get_or_insert_with(|| format!("depot append: {e}"));
+            }
+            Err(e) => fail_all(&mut done, &[origin], mode, &format!("depot append: {e}")),
         }
     }
     for task in local {
@@ -931,6 +945,7 @@ fn offset_key(task: u32, topology: &str, depot: usize) -> Vec<u8> {
 /// in batches from its committed offset, retries failed records one by
 /// one, answers `Ack` appends, then commits the offset.
 async fn consume(th: Rc<TaskThread>, topology: usize, depot: usize, task: u32) {
+    th.rt.wait_processing(|| th.stopping.get()).await;
     if let Err(e) = consume_inner(&th, topology, depot, task).await {
         if !th.stopping.get() {
             eprintln!(
@@ -957,6 +972,7 @@ async fn consume_inner(th: &Rc<TaskThread>, topology: usize, depot: usize, task:
         None => 0,
     };
     offset = offset.max(log.start_offset());
+    let mut pauses = 0u32;
     loop {
         // Wait for a record past the committed offset.
         appended
@@ -987,6 +1003,17 @@ async fn consume_inner(th: &Rc<TaskThread>, topology: usize, depot: usize, task:
             }
         }
         let mut c = run_batch(th, Flow::Stream(topology), 0, task, Some(depot), items.clone()).await;
+        if let Some(why) = c.unavailable.take() {
+            // Part of the batch did not reach its worker: run it all again
+            // from the same offset (at least once) after a pause, or leave
+            // it for after the restart when stopping.
+            if th.stopping.get() {
+                return Ok(());
+            }
+            unavailable_pause(th, topology, task, &why, &mut pauses).await;
+            continue;
+        }
+        pauses = 0;
         if let Some(why) = c.fatal.take() {
             for (o, _) in &items {
                 c.failed.entry(*o).or_insert_with(|| why.clone());
@@ -998,8 +1025,18 @@ async fn consume_inner(th: &Rc<TaskThread>, topology: usize, depot: usize, task:
                 continue;
             };
             let mut ok = false;
-            for _ in 0..STREAM_RETRIES {
+            let mut tries = 0;
+            while tries < STREAM_RETRIES {
                 let r = run_batch(th, Flow::Stream(topology), 0, task, Some(depot), vec![(*o, v.clone())]).await;
+                if let Some(why) = r.unavailable {
+                    // Not the record's fault: wait, and do not count it.
+                    if th.stopping.get() {
+                        return Ok(());
+                    }
+                    unavailable_pause(th, topology, task, &why, &mut pauses).await;
+                    continue;
+                }
+                tries += 1;
                 match r.fatal.or_else(|| r.failed.into_values().next()) {
                     None => {
                         c.ack_returns.extend(r.ack_returns);
@@ -1033,6 +1070,20 @@ async fn consume_inner(th: &Rc<TaskThread>, topology: usize, depot: usize, task:
         })
         .detach();
     }
+}
+
+/// Waits before running a batch again that could not reach another
+/// worker: 50 ms doubling up to 2 s; says so in the log now and then.
+async fn unavailable_pause(th: &TaskThread, topology: usize, task: u32, why: &str, pauses: &mut u32) {
+    if pauses.is_power_of_two() && *pauses >= 8 {
+        eprintln!(
+            "stream topology {} of module {} on task {task}: waiting for another worker ({} tries): {why}",
+            th.rt.def.topologies[topology].name, th.rt.def.name, pauses
+        );
+    }
+    *pauses = pauses.saturating_add(1);
+    let ms = 50u64 << (*pauses).min(6);
+    glommio::timer::sleep(std::time::Duration::from_millis(ms.min(2000))).await;
 }
 
 fn resolve_acks(

@@ -459,3 +459,83 @@ fn empty_container(schema: &ValueSchema) -> Value {
         _ => Value::Map(BTreeMap::new()),
     }
 }
+
+fn bad(why: impl std::fmt::Display) -> Error {
+    Error::Schema(why.to_string())
+}
+
+fn bound_to_value(b: &Bound<Value>) -> Value {
+    match b {
+        Bound::Included(v) => Value::list([Value::from("in"), v.clone()]),
+        Bound::Excluded(v) => Value::list([Value::from("ex"), v.clone()]),
+        Bound::Unbounded => Value::list([Value::from("un")]),
+    }
+}
+
+fn bound_from_value(v: &Value) -> Result<Bound<Value>> {
+    let Value::List(parts) = v else {
+        return Err(bad(format!("a range bound is a list, got {v:?}")));
+    };
+    match (parts.first().and_then(Value::as_str), parts.get(1)) {
+        (Some("in"), Some(x)) => Ok(Bound::Included(x.clone())),
+        (Some("ex"), Some(x)) => Ok(Bound::Excluded(x.clone())),
+        (Some("un"), None) => Ok(Bound::Unbounded),
+        _ => Err(bad(format!("bad range bound {v:?}"))),
+    }
+}
+
+/// A path as a value.
+pub fn path_to_value(path: &[Nav]) -> Value {
+    Value::List(
+        path.iter()
+            .map(|n| match n {
+                Nav::Key(k) => Value::list([Value::from("key"), k.clone()]),
+                Nav::Range {
+                    lower,
+                    upper,
+                    reverse,
+                    limit,
+                } => Value::list([
+                    Value::from("range"),
+                    bound_to_value(lower),
+                    bound_to_value(upper),
+                    Value::Bool(*reverse),
+                    Value::Int(limit.map_or(-1, |l| l as i64)),
+                ]),
+                Nav::All => Value::list([Value::from("all")]),
+                Nav::MapVals => Value::list([Value::from("mapVals")]),
+                Nav::Size => Value::list([Value::from("size")]),
+                Nav::NilToValue(v) => Value::list([Value::from("nilToValue"), v.clone()]),
+            })
+            .collect(),
+    )
+}
+
+/// A path from its value form.
+pub fn path_from_value(v: &Value) -> Result<Vec<Nav>> {
+    let Value::List(steps) = v else {
+        return Err(bad(format!("a path is a list of steps, got {v:?}")));
+    };
+    steps
+        .iter()
+        .map(|step| {
+            let Value::List(p) = step else {
+                return Err(bad(format!("a path step is a list, got {step:?}")));
+            };
+            Ok(match (p.first().and_then(Value::as_str), &p[1.min(p.len())..]) {
+                (Some("key"), [k]) => Nav::Key(k.clone()),
+                (Some("range"), [lower, upper, Value::Bool(reverse), Value::Int(limit)]) => Nav::Range {
+                    lower: bound_from_value(lower)?,
+                    upper: bound_from_value(upper)?,
+                    reverse: *reverse,
+                    limit: usize::try_from(*limit).ok(),
+                },
+                (Some("all"), []) => Nav::All,
+                (Some("mapVals"), []) => Nav::MapVals,
+                (Some("size"), []) => Nav::Size,
+                (Some("nilToValue"), [d]) => Nav::NilToValue(d.clone()),
+                _ => return Err(bad(format!("unknown path step {step:?}"))),
+            })
+        })
+        .collect()
+}
