@@ -59,6 +59,15 @@ fn meta_err(e: MetaError) -> String {
     e.to_string()
 }
 
+/// Workers of `module` already assigned to Supervisor `s`.
+fn load_of(meta: &ZkMetastore, s: &str, module: &str) -> u64 {
+    meta.children(&format!("/assignments/{s}")).map_or(0, |c| {
+        c.iter()
+            .filter(|a| a.rsplit_once('.').is_some_and(|(m, _)| m == module))
+            .count()
+    }) as u64
+}
+
 fn read_json(meta: &ZkMetastore, path: &str) -> Result<Option<Json>, String> {
     match meta.get(path).map_err(meta_err)? {
         Some((d, _)) => serde_json::from_slice(&d)
@@ -270,6 +279,25 @@ impl Conductor {
         if supervisors.is_empty() {
             return Err("not enough Supervisors: none is running".into());
         }
+        // Each worker takes a port from its Supervisor's range: see that
+        // the free ports are enough before claiming anything.
+        let mut slots = Vec::new();
+        for s in &supervisors {
+            let Some(info) = read_json(&self.meta, &format!("/supervisors/{s}"))? else {
+                continue;
+            };
+            let range = info["portLast"].as_u64().unwrap_or(0) + 1 - info["portFirst"].as_u64().unwrap_or(0);
+            let used = self.meta.children(&format!("/assignments/{s}")).map_or(0, |c| c.len()) as u64;
+            slots.push((s.clone(), range.saturating_sub(used)));
+        }
+        let free: u64 = slots.iter().map(|(_, n)| n).sum();
+        if free < u64::from(workers) {
+            return Err(format!(
+                "not enough Supervisor ports: {workers} workers need {workers} ports, {free} are free on {} \
+                 Supervisors (supervisor.port.range); start more Supervisors or widen their ranges",
+                slots.len()
+            ));
+        }
         // Claim the module name; a second deploy of it fails here.
         self.meta.create_all("/modules").map_err(meta_err)?;
         match self
@@ -297,12 +325,15 @@ impl Conductor {
             // fewest assignments.
             for w in 0..workers {
                 let mut load = Vec::new();
-                for s in &supervisors {
+                for (s, free) in &slots {
                     let n = self.meta.children(&format!("/assignments/{s}")).map_or(0, |c| c.len());
-                    load.push((n, s.clone()));
+                    let taken = load_of(&self.meta, s, module);
+                    if taken < *free {
+                        load.push((n, s.clone()));
+                    }
                 }
                 load.sort();
-                let target = &load[0].1;
+                let target = &load.first().ok_or("not enough Supervisor ports")?.1;
                 self.meta
                     .create_all(&format!("/assignments/{target}"))
                     .map_err(meta_err)?;

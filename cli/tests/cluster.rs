@@ -1,8 +1,11 @@
-//! A cluster of real processes on loopback: ZooKeeper, a Conductor and two
-//! Supervisors (127.0.0.2 and 127.0.0.3), each with its own local.dir.
-//! Deploy, data commands, worker and Supervisor crashes, destroy, and bad
-//! deploys through the CLI.
+//! A cluster of real processes on loopback: ZooKeeper, a Conductor and
+//! three Supervisors (127.0.0.1, 127.0.0.2 and 127.0.0.3), each with its
+//! own local.dir. WordCountModule over two workers (tasks 8, threads 4):
+//! deploy, 10,000 sentences through the remote client and `rama
+//! depotAppend`, counts against a reference, worker and Supervisor
+//! crashes, destroy, and bad deploys through the CLI.
 
+use std::collections::BTreeMap;
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
@@ -11,6 +14,13 @@ use std::time::{Duration, Instant};
 mod common;
 
 use common::{examples_artifact, free_port, Daemon};
+use control::config::Side;
+use engine::cluster::AckLevel;
+use engine::pstate::Nav;
+use engine::runtime::partition::task_for_key;
+use engine::runtime::placement::{Parallelism, Placement};
+use engine::value::Value;
+use net::manager::ClusterManager;
 
 /// Kills, when dropped, every worker process the Supervisors under `root`
 /// recorded (Supervisors leave workers running by design; a failed test
@@ -19,7 +29,7 @@ struct KillWorkers(PathBuf);
 
 impl Drop for KillWorkers {
     fn drop(&mut self) {
-        for sup in ["s1", "s2"] {
+        for sup in ["s1", "s2", "s3"] {
             let dir = self.0.join(sup).join("data/supervisor/workers");
             for e in std::fs::read_dir(dir).into_iter().flatten().flatten() {
                 if let Some(pid) = std::fs::read_to_string(e.path())
@@ -110,6 +120,37 @@ fn eventually(what: &str, mut f: impl FnMut() -> bool) {
     }
 }
 
+/// A sentence of 3 to 10 words, deterministic in `i`.
+fn sentence(i: u64) -> String {
+    const WORDS: &[&str] = &[
+        "the", "cat", "dog", "and", "a", "river", "stone", "light", "of", "runs", "over", "under", "quick", "brown",
+        "fox", "jumps", "lazy", "night", "day", "sea", "sky", "tree", "leaf", "wind",
+    ];
+    let mut x = i.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+    let mut next = || {
+        x ^= x >> 12;
+        x ^= x << 25;
+        x ^= x >> 27;
+        x.wrapping_mul(0x2545_F491_4F6C_DD1D)
+    };
+    let n = 3 + next() % 8;
+    (0..n)
+        .map(|_| WORDS[(next() % WORDS.len() as u64) as usize])
+        .collect::<Vec<_>>()
+        .join(" ")
+}
+
+fn check_counts(manager: &ClusterManager, expected: &BTreeMap<String, i64>) {
+    let counts = manager.pstate("WordCountModule", "$$wordCounts").unwrap();
+    for (w, c) in expected {
+        assert_eq!(
+            counts.select_one(&[Nav::key(w.as_str())]).unwrap(),
+            Value::Int(*c),
+            "count of {w:?}"
+        );
+    }
+}
+
 #[test]
 fn deploy_serve_survive_crashes_and_destroy() {
     let root = tempfile::tempdir().unwrap();
@@ -118,32 +159,24 @@ fn deploy_serve_survive_crashes_and_destroy() {
     let ports = |first: u16| format!("supervisor.port.range: [{first}, {}]\n", first + 50);
     let zk_node = Node::new(root.path(), "zk", zk, cport, "");
     let conductor = Node::new(root.path(), "conductor", zk, cport, "");
-    let s1 = Node::new(
-        root.path(),
-        "s1",
-        zk,
-        cport,
-        &format!(
-            "supervisor.host: \"127.0.0.2\"\n{}",
-            ports(free_port().max(20000) / 2 + 20000)
-        ),
-    );
-    let s2 = Node::new(
-        root.path(),
-        "s2",
-        zk,
-        cport,
-        &format!(
-            "supervisor.host: \"127.0.0.3\"\n{}",
-            ports(free_port().max(20000) / 2 + 21000)
-        ),
-    );
+    let base = free_port().max(20000) / 2 + 20000;
+    let nodes: Vec<Node> = (1..=3u16)
+        .map(|i| {
+            Node::new(
+                root.path(),
+                &format!("s{i}"),
+                zk,
+                cport,
+                &format!("supervisor.host: \"127.0.0.{i}\"\n{}", ports(base + i * 1000)),
+            )
+        })
+        .collect();
     let _zk = zk_node.daemon("devZookeeper", "ZooKeeper running");
     let _conductor = conductor.daemon("conductor", "admin API on");
-    let mut sups = [
-        Some(s1.daemon("supervisor", "supervisor ")),
-        Some(s2.daemon("supervisor", "supervisor ")),
-    ];
+    let mut sups: Vec<_> = nodes
+        .iter()
+        .map(|n| Some(n.daemon("supervisor", "supervisor ")))
+        .collect();
     let jar = examples_artifact();
     let jar = jar.to_str().unwrap();
     let deploy = |args: &[&str]| {
@@ -159,25 +192,18 @@ fn deploy_serve_survive_crashes_and_destroy() {
         all.extend_from_slice(args);
         conductor.rama(&all)
     };
+    let shape = |tasks: &'static str, threads: &'static str, workers: &'static str| {
+        vec!["--tasks", tasks, "--threads", threads, "--workers", workers]
+    };
 
     // Bad deploys: each refused with its reason, nothing left behind.
     for (args, why) in [
-        (vec!["--tasks", "6", "--threads", "2", "--workers", "1"], "power of two"),
+        (shape("6", "2", "1"), "power of two"),
+        (shape("8", "16", "1"), "at most tasks (8), got 16"),
+        (shape("8", "2", "4"), "at most threads (2), got 4"),
+        (shape("256", "256", "200"), "not enough Supervisor ports"),
         (
-            vec!["--tasks", "8", "--threads", "2", "--workers", "2"],
-            "one worker process for now",
-        ),
-        (
-            vec![
-                "--tasks",
-                "8",
-                "--threads",
-                "2",
-                "--workers",
-                "1",
-                "--replicationFactor",
-                "2",
-            ],
+            [shape("8", "2", "1"), vec!["--replicationFactor", "2"]].concat(),
             "replication is not implemented yet",
         ),
     ] {
@@ -185,110 +211,141 @@ fn deploy_serve_survive_crashes_and_destroy() {
         assert_eq!(out.status.code(), Some(1), "{}", text(&out));
         assert!(text(&out).contains(why), "{why}: {}", text(&out));
     }
-    let out = conductor.rama(&[
-        "deploy",
-        "--action",
-        "launch",
-        "--jar",
-        "/nonexistent.jar",
-        "--module",
-        "M",
-        "--tasks",
-        "8",
-        "--threads",
-        "2",
-        "--workers",
-        "1",
-    ]);
-    assert!(text(&out).contains("no such file"), "{}", text(&out));
-    let out = conductor.rama(&[
-        "deploy",
-        "--action",
-        "launch",
-        "--jar",
-        jar,
-        "--module",
-        "Nope",
-        "--tasks",
-        "8",
-        "--threads",
-        "2",
-        "--workers",
-        "1",
-    ]);
-    assert!(text(&out).contains("has no module Nope"), "{}", text(&out));
+    for (jar, module, why) in [
+        ("/nonexistent.jar", "M", "no such file"),
+        (jar, "Nope", "has no module Nope"),
+    ] {
+        let out = conductor.rama(
+            &[
+                &["deploy", "--action", "launch", "--jar", jar, "--module", module][..],
+                &shape("8", "2", "1"),
+            ]
+            .concat(),
+        );
+        assert!(text(&out).contains(why), "{}", text(&out));
+    }
     let not_artifact = root.path().join("not-an-artifact.sh");
     std::fs::write(&not_artifact, "#!/bin/sh\necho hello\n").unwrap();
     {
         use std::os::unix::fs::PermissionsExt;
         std::fs::set_permissions(&not_artifact, std::fs::Permissions::from_mode(0o755)).unwrap();
     }
-    let out = conductor.rama(&[
-        "deploy",
-        "--action",
-        "launch",
-        "--jar",
-        not_artifact.to_str().unwrap(),
-        "--module",
-        "M",
-        "--tasks",
-        "8",
-        "--threads",
-        "2",
-        "--workers",
-        "1",
-    ]);
+    let out = conductor.rama(
+        &[
+            &[
+                "deploy",
+                "--action",
+                "launch",
+                "--jar",
+                not_artifact.to_str().unwrap(),
+                "--module",
+                "M",
+            ][..],
+            &shape("8", "2", "1"),
+        ]
+        .concat(),
+    );
     assert!(text(&out).contains("not a module artifact"), "{}", text(&out));
     let out = conductor.rama(&["moduleStatus", "WordCountModule"]);
     assert!(text(&out).contains("no module named WordCountModule"), "{}", text(&out));
+    for n in &nodes {
+        assert!(n.worker_pid().is_none(), "a refused deploy left a worker");
+    }
 
-    // Deploy, with progress, until running.
-    let out = deploy(&["--tasks", "8", "--threads", "2", "--workers", "1"]);
+    // Deploy over two workers, with progress, until running.
+    let out = deploy(&shape("8", "4", "2"));
     assert!(out.status.success(), "{}", text(&out));
     assert!(text(&out).contains("WordCountModule: [:running]"), "{}", text(&out));
     assert_eq!(
         String::from_utf8_lossy(&conductor.rama(&["moduleStatus", "WordCountModule"]).stdout),
         "[:running]\n"
     );
-    let out = deploy(&["--tasks", "8", "--threads", "2", "--workers", "1"]);
+    let out = deploy(&shape("8", "4", "2"));
     assert!(text(&out).contains("already deployed"), "{}", text(&out));
+    let placement = Placement::new(Parallelism::new(8, 4, 2).unwrap());
     let out = conductor.rama(&["taskGroupsStatus", "WordCountModule"]);
     let groups = String::from_utf8_lossy(&out.stdout).into_owned();
-    assert!(
-        groups.contains("task group 0: tasks [0, 2, 4, 6] on worker 0 at 127.0.0."),
-        "{groups}"
-    );
-    assert!(
-        groups.contains("task group 1: tasks [1, 3, 5, 7] on worker 0 at 127.0.0."),
-        "{groups}"
-    );
-    assert!(groups.contains("(supervisor "), "{groups}");
+    for thread in 0..4u32 {
+        let tasks: Vec<String> = placement.tasks_of_thread(thread).iter().map(u32::to_string).collect();
+        let line = format!(
+            "task group {thread}: tasks [{}] on worker {} at 127.0.0.",
+            tasks.join(", "),
+            placement.worker_of_thread[thread as usize]
+        );
+        assert!(groups.contains(&line), "{line:?} in {groups}");
+    }
+    assert_eq!(groups.matches("(supervisor ").count(), 4, "{groups}");
+    // The two workers went to two different Supervisors.
+    let with_worker: Vec<usize> = (0..3).filter(|&i| nodes[i].worker_pid().is_some()).collect();
+    assert_eq!(with_worker.len(), 2, "{groups}");
 
-    let out = conductor.rama(&[
-        "depotAppend",
-        "WordCountModule",
-        "*sentences",
-        "\"the cat and the dog\"",
-    ]);
-    assert!(out.status.success(), "{}", text(&out));
+    // 10,000 sentences: most through the remote client (four threads with
+    // Ack appends), some through `rama depotAppend`.
+    let manager = ClusterManager::open_with(Some(&conductor.dir.join("rama.yaml")), &[], Side::External).unwrap();
+    let total = 10_000u64;
+    let by_cli = 40u64;
+    let crossed = std::sync::atomic::AtomicUsize::new(0);
+    std::thread::scope(|s| {
+        for t in 0..4u64 {
+            let depot = manager.depot("WordCountModule", "*sentences").unwrap();
+            let (placement, crossed) = (&placement, &crossed);
+            s.spawn(move || {
+                let worker_of =
+                    |task: u32| placement.worker_of_thread[placement.thread_of_task[task as usize] as usize];
+                for i in (by_cli + t..total).step_by(4) {
+                    let text = sentence(i);
+                    let r = depot.append(&Value::from(text.as_str()), AckLevel::Ack).unwrap();
+                    // Words counted on the other worker than the one that
+                    // took the sentence.
+                    let n = text
+                        .split(' ')
+                        .filter(|w| worker_of(task_for_key(&Value::from(*w), 8)) != worker_of(r.task))
+                        .count();
+                    crossed.fetch_add(n, std::sync::atomic::Ordering::Relaxed);
+                }
+            });
+        }
+    });
+    assert!(crossed.into_inner() > 10_000, "few words crossed workers");
+    for i in 0..by_cli {
+        let out = conductor.rama(&[
+            "depotAppend",
+            "WordCountModule",
+            "*sentences",
+            &format!("\"{}\"", sentence(i)),
+        ]);
+        assert!(out.status.success(), "{}", text(&out));
+    }
+    let mut expected = BTreeMap::new();
+    for i in 0..total {
+        for w in sentence(i).split(' ') {
+            *expected.entry(w.to_string()).or_insert(0i64) += 1;
+        }
+    }
+    check_counts(&manager, &expected);
+    let the = expected["the"];
     let select = || conductor.rama(&["pstateSelect", "WordCountModule", "$$wordCounts", "[\"the\"]"]);
-    assert_eq!(String::from_utf8_lossy(&select().stdout), "[2]\n");
+    assert_eq!(String::from_utf8_lossy(&select().stdout), format!("[{the}]\n"));
 
-    // The worker went to the Supervisor with fewer assignments (either).
-    let (which, node, other) = if s1.worker_pid().is_some() {
-        (0, &s1, &s2)
-    } else {
-        (1, &s2, &s1)
-    };
-    assert!(other.worker_pid().is_none());
+    // kill -9 one worker: its Supervisor starts it again; data intact.
+    let which = with_worker[0];
+    let node = &nodes[which];
     let pid = node.worker_pid().expect("a worker pid file");
-
-    // kill -9 the worker: its Supervisor starts it again; data intact.
     // SAFETY: kills a process this test's cluster started.
     unsafe { libc::kill(pid as i32, libc::SIGKILL) };
     eventually("the worker to be restarted", || {
-        node.worker_pid().is_some_and(|p| p != pid && alive(p)) && String::from_utf8_lossy(&select().stdout) == "[2]\n"
+        node.worker_pid().is_some_and(|p| p != pid && alive(p))
+            && String::from_utf8_lossy(&select().stdout) == format!("[{the}]\n")
     });
+    let manager = ClusterManager::open_with(Some(&conductor.dir.join("rama.yaml")), &[], Side::External).unwrap();
+    check_counts(&manager, &expected);
+    // Both workers take new sentences again (one of them restarted).
+    let depot = manager.depot("WordCountModule", "*sentences").unwrap();
+    for _ in 0..4 {
+        depot.append(&Value::from("phoenix"), AckLevel::Ack).unwrap();
+    }
+    let counts = manager.pstate("WordCountModule", "$$wordCounts").unwrap();
+    assert_eq!(counts.select_one(&[Nav::key("phoenix")]).unwrap(), Value::Int(4));
 
     // kill -9 its Supervisor: the worker keeps serving; a restarted
     // Supervisor adopts it instead of starting another.
@@ -296,27 +353,34 @@ fn deploy_serve_survive_crashes_and_destroy() {
     let (mut sup, _) = sups[which].take().unwrap();
     sup.0.kill().unwrap();
     sup.0.wait().unwrap();
-    assert_eq!(String::from_utf8_lossy(&select().stdout), "[2]\n");
+    assert_eq!(String::from_utf8_lossy(&select().stdout), format!("[{the}]\n"));
     assert!(alive(worker));
     let restarted = node.daemon("supervisor", "adopted worker");
     std::thread::sleep(Duration::from_secs(1));
     assert_eq!(node.worker_pid(), Some(worker), "a second worker was started");
     assert!(alive(worker));
-    assert_eq!(String::from_utf8_lossy(&select().stdout), "[2]\n");
+    assert_eq!(String::from_utf8_lossy(&select().stdout), format!("[{the}]\n"));
     sups[which] = Some(restarted);
 
-    // destroy: the worker, its assignment and its data are gone.
+    // destroy: the workers, their assignments and their data are gone.
+    let workers: Vec<u32> = with_worker.iter().map(|&i| nodes[i].worker_pid().unwrap()).collect();
     let out = conductor.rama(&["destroy", "WordCountModule"]);
     assert!(out.status.success(), "{}", text(&out));
     assert!(text(&out).contains("destroyed"), "{}", text(&out));
-    eventually("the worker to stop", || !alive(worker));
+    for w in workers {
+        eventually("the workers to stop", || !alive(w));
+    }
     let out = conductor.rama(&["moduleStatus", "WordCountModule"]);
     assert_eq!(out.status.code(), Some(1));
-    eventually("the worker's data to be removed", || {
-        std::fs::read_dir(node.dir.join("data/supervisor/workers"))
-            .map(|d| d.count() == 0)
-            .unwrap_or(true)
-    });
+    let out = conductor.rama(&["taskGroupsStatus", "WordCountModule"]);
+    assert_eq!(out.status.code(), Some(1), "{}", text(&out));
+    for n in &nodes {
+        eventually("the workers' data to be removed", || {
+            std::fs::read_dir(n.dir.join("data/supervisor/workers"))
+                .map(|d| d.count() == 0)
+                .unwrap_or(true)
+        });
+    }
     let out = conductor.rama(&["pstateSelect", "WordCountModule", "$$wordCounts", "[\"the\"]"]);
     assert!(
         text(&out).contains("no module named WordCountModule is running"),
