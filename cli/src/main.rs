@@ -12,6 +12,7 @@ use std::time::Duration;
 
 mod admin;
 mod conductor;
+mod dev;
 mod log;
 mod supervisor;
 
@@ -43,6 +44,27 @@ enum Cmd {
     ConfValue {
         /// The key, e.g. zookeeper.port.
         key: String,
+    },
+    /// Runs a whole cluster on this machine: ZooKeeper, a Conductor and a
+    /// Supervisor on loopback, deploys a module (WordCountModule from the
+    /// rama-examples artifact by default), prints the commands to try it;
+    /// Ctrl-C destroys the module and stops everything.
+    Dev {
+        /// Where the cluster keeps its configuration, data and logs
+        /// (default: a temporary directory, removed afterwards).
+        #[arg(long)]
+        dir: Option<PathBuf>,
+        /// The module artifact (default: rama-examples beside rama).
+        #[arg(long)]
+        jar: Option<PathBuf>,
+        #[arg(long, default_value = "WordCountModule")]
+        module: String,
+        #[arg(long, default_value_t = 8)]
+        tasks: u32,
+        #[arg(long, default_value_t = 2)]
+        threads: u32,
+        #[arg(long, default_value_t = 1)]
+        workers: u32,
     },
     /// Runs a development ZooKeeper server (Debian's zookeeper package) on
     /// zookeeper.port with its data under local.dir, until interrupted.
@@ -341,6 +363,25 @@ fn main() -> ExitCode {
                 .map(|v| println!("{v}"))
                 .map_err(|e| e.to_string())?),
             Cmd::DevZookeeper => Ok(dev_zookeeper(&config)?),
+            Cmd::Dev {
+                dir,
+                jar,
+                module,
+                tasks,
+                threads,
+                workers,
+            } => {
+                catch_signals();
+                let options = dev::DevOptions {
+                    dir: dir.clone(),
+                    jar: jar.clone(),
+                    module: module.clone(),
+                    tasks: *tasks,
+                    threads: *threads,
+                    workers: *workers,
+                };
+                Ok(dev::run(&config, &options, &STOP)?)
+            }
             Cmd::Conductor => {
                 catch_signals();
                 Ok(conductor::run(&config, &STOP)?)

@@ -1,0 +1,266 @@
+//! `rama dev`: a whole cluster on this machine in one command.
+//!
+//! Starts ZooKeeper, a Conductor and a Supervisor (each a `rama` child
+//! process, on loopback) under one local.dir (`--dir`, else a temporary
+//! directory removed afterwards), deploys a module from an artifact
+//! (default: `WordCountModule` from the `rama-examples` artifact beside
+//! this executable), prints the admin address and the commands to try, and
+//! on Ctrl-C destroys the module and stops everything it started, by
+//! process id.
+
+use std::io::{BufRead, BufReader, Write};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
+
+use control::config::Config;
+
+/// What `rama dev` runs.
+#[derive(Debug)]
+pub struct DevOptions {
+    pub dir: Option<PathBuf>,
+    pub jar: Option<PathBuf>,
+    pub module: String,
+    pub tasks: u32,
+    pub threads: u32,
+    pub workers: u32,
+}
+
+/// A daemon child: stopped by process id (SIGTERM, then SIGKILL) when
+/// dropped.
+struct Daemon {
+    name: &'static str,
+    child: Child,
+}
+
+impl Daemon {
+    fn stop(&mut self) {
+        if let Ok(Some(_)) = self.child.try_wait() {
+            return;
+        }
+        // SAFETY: signals our own child, not yet reaped.
+        unsafe { libc::kill(self.child.id() as i32, libc::SIGTERM) };
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while Instant::now() < deadline {
+            if let Ok(Some(_)) = self.child.try_wait() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+fn free_port(host: &str, wanted: u16) -> Result<u16, String> {
+    if std::net::TcpListener::bind((host, wanted)).is_ok() {
+        return Ok(wanted);
+    }
+    std::net::TcpListener::bind((host, 0))
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .map_err(|e| format!("finding a free port on {host}: {e}"))
+}
+
+/// Starts `rama <args>` with `config` and waits for its first line, which
+/// must contain `ready`; later output is passed through, prefixed.
+fn start(name: &'static str, config: &Path, args: &[&str], ready: &str) -> Result<Daemon, String> {
+    let exe = std::env::current_exe().map_err(|e| format!("finding the rama executable: {e}"))?;
+    let mut command = Command::new(exe);
+    command
+        .arg("--config")
+        .arg(config)
+        .args(args)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped());
+    // SAFETY: the pre-exec hook only calls prctl(2), which is
+    // async-signal-safe.
+    unsafe {
+        std::os::unix::process::CommandExt::pre_exec(&mut command, || {
+            // If `rama dev` dies without stopping it, the daemon stops too.
+            libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGTERM);
+            // Its own process group: Ctrl-C in the terminal reaches only
+            // `rama dev`, which destroys the module before stopping it.
+            libc::setpgid(0, 0);
+            Ok(())
+        });
+    }
+    let mut child = command.spawn().map_err(|e| format!("starting {name}: {e}"))?;
+    let out = child.stdout.take().expect("piped");
+    let mut daemon = Daemon { name, child };
+    let mut lines = BufReader::new(out);
+    let mut first = String::new();
+    if lines.read_line(&mut first).map_err(|e| e.to_string())? == 0 || !first.contains(ready) {
+        daemon.stop();
+        return Err(format!("{name} did not start (said {:?}); see its log", first.trim()));
+    }
+    println!("[{name}] {}", first.trim_end());
+    std::thread::spawn(move || {
+        for line in lines.lines().map_while(Result::ok) {
+            println!("[{name}] {line}");
+        }
+    });
+    Ok(daemon)
+}
+
+fn rama(config: &Path, args: &[&str]) -> Result<std::process::Output, String> {
+    let exe = std::env::current_exe().map_err(|e| e.to_string())?;
+    Command::new(exe)
+        .arg("--config")
+        .arg(config)
+        .args(args)
+        .output()
+        .map_err(|e| e.to_string())
+}
+
+/// Shell-quotes `s` for the commands shown.
+fn quote(s: &str) -> String {
+    format!("'{}'", s.replace('\'', "'\\''"))
+}
+
+/// Kills the worker processes whose pid files are under `dir` (when the
+/// destroy did not stop them).
+fn kill_workers(dir: &Path) {
+    let workers = dir.join("supervisor").join("workers");
+    for e in std::fs::read_dir(workers).into_iter().flatten().flatten() {
+        if e.path().extension().is_some_and(|x| x == "pid") {
+            if let Some(pid) = std::fs::read_to_string(e.path())
+                .ok()
+                .and_then(|p| p.trim().parse::<i32>().ok())
+            {
+                // SAFETY: signals a worker this dev cluster started.
+                unsafe { libc::kill(pid, libc::SIGKILL) };
+            }
+        }
+    }
+}
+
+pub fn run(base: &Config, options: &DevOptions, stop: &AtomicBool) -> Result<(), String> {
+    let (dir, temporary) = match &options.dir {
+        Some(d) => {
+            std::fs::create_dir_all(d).map_err(|e| format!("creating {}: {e}", d.display()))?;
+            (d.canonicalize().map_err(|e| e.to_string())?, false)
+        }
+        None => {
+            let d = std::env::temp_dir().join(format!("rama-dev-{}", std::process::id()));
+            std::fs::create_dir_all(&d).map_err(|e| format!("creating {}: {e}", d.display()))?;
+            (d, true)
+        }
+    };
+    let jar = match &options.jar {
+        Some(j) => j.clone(),
+        None => std::env::current_exe()
+            .map_err(|e| e.to_string())?
+            .with_file_name("rama-examples"),
+    };
+    if !jar.is_file() {
+        return Err(format!(
+            "the module artifact {} is missing; build it with `cargo build --release -p rama-examples` or pass --jar",
+            jar.display()
+        ));
+    }
+    let port = |key: &str| base.port(key).map_err(|e| e.to_string());
+    let zk = free_port("127.0.0.1", port("zookeeper.port")?)?;
+    let conductor_port = free_port("127.0.0.1", port("conductor.port")?)?;
+    let (first, last) = base.port_range().map_err(|e| e.to_string())?;
+    let config = dir.join("rama.yaml");
+    let data = dir.join("data");
+    std::fs::write(
+        &config,
+        format!(
+            "# Written by `rama dev`: a one-machine cluster on loopback.\n\
+             zookeeper.servers: [\"127.0.0.1\"]\nzookeeper.port: {zk}\n\
+             conductor.host: \"127.0.0.1\"\nconductor.port: {conductor_port}\n\
+             supervisor.host: \"127.0.0.1\"\nsupervisor.port.range: [{first}, {last}]\n\
+             local.dir: {:?}\n",
+            data.display().to_string()
+        ),
+    )
+    .map_err(|e| format!("writing {}: {e}", config.display()))?;
+    println!("rama dev: data and configuration in {}", dir.display());
+    let result = (|| -> Result<Vec<Daemon>, String> {
+        let mut daemons = vec![start("zookeeper", &config, &["devZookeeper"], "ZooKeeper running")?];
+        daemons.push(start("conductor", &config, &["conductor"], "admin API on")?);
+        daemons.push(start("supervisor", &config, &["supervisor"], "supervisor ")?);
+        let shape = [options.tasks, options.threads, options.workers].map(|n| n.to_string());
+        let out = rama(
+            &config,
+            &[
+                "deploy",
+                "--action",
+                "launch",
+                "--jar",
+                &jar.display().to_string(),
+                "--module",
+                &options.module,
+                "--tasks",
+                &shape[0],
+                "--threads",
+                &shape[1],
+                "--workers",
+                &shape[2],
+            ],
+        )?;
+        print!("{}", String::from_utf8_lossy(&out.stdout));
+        if !out.status.success() {
+            return Err(format!("deploy failed: {}", String::from_utf8_lossy(&out.stderr).trim()));
+        }
+        Ok(daemons)
+    })();
+    let mut daemons = match result {
+        Ok(d) => d,
+        Err(e) => {
+            kill_workers(&data);
+            if temporary {
+                let _ = std::fs::remove_dir_all(&dir);
+            }
+            return Err(e);
+        }
+    };
+    let exe = std::env::current_exe().map_err(|e| e.to_string())?;
+    let r = format!("{} --config {}", exe.display(), config.display());
+    let m = &options.module;
+    println!();
+    println!("rama dev: {m} is running. Admin API (Conductor) at 127.0.0.1:{conductor_port}; ZooKeeper at 127.0.0.1:{zk}.");
+    if m == "WordCountModule" {
+        println!("Try, from another shell:");
+        println!("  {r} depotAppend {m} {} {}", quote("*sentences"), quote("\"the quick brown fox\""));
+        println!("  {r} pstateSelect {m} {} {}", quote("$$wordCounts"), quote("[\"fox\"]"));
+        println!("  {r} queryInvoke {m} topWords 3");
+    }
+    println!("  {r} moduleStatus {m}");
+    println!("  {r} taskGroupsStatus {m}");
+    println!("Logs in {}. Ctrl-C stops everything.", data.join("logs").display());
+    let _ = std::io::stdout().flush();
+    while !stop.load(Ordering::SeqCst) {
+        if let Some(d) = daemons.iter_mut().find_map(|d| (!matches!(d.child.try_wait(), Ok(None))).then_some(d.name)) {
+            eprintln!("rama dev: {d} exited; stopping the rest");
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    println!("rama dev: stopping");
+    let out = rama(&config, &["destroy", m]);
+    match &out {
+        Ok(o) => print!("{}{}", String::from_utf8_lossy(&o.stdout), String::from_utf8_lossy(&o.stderr)),
+        Err(e) => eprintln!("rama dev: destroy: {e}"),
+    }
+    kill_workers(&data);
+    // Supervisor, Conductor, then ZooKeeper.
+    while let Some(mut d) = daemons.pop() {
+        d.stop();
+        println!("rama dev: {} stopped", d.name);
+    }
+    if temporary {
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+    println!("rama dev: stopped");
+    Ok(())
+}
