@@ -529,10 +529,8 @@ pub fn run(config: &Config, stop: &AtomicBool) -> Result<(), String> {
         .map_err(|e| format!("the admin API cannot listen on {host}:{port} (conductor.port): {e}"))?
     };
     let address = server.local_addr().to_string();
-    let log = crate::log::Log::open(
-        &config.local_dir().map_err(|e| e.to_string())?.join("logs"),
-        "conductor",
-    )?;
+    let logging = control::logging::Logging::beside(config).map_err(|e| e.to_string())?;
+    let log = crate::log::Log::open(&logging, "conductor")?;
     log.line(&format!("conductor: admin API on {address}"));
     while !stop.load(Ordering::SeqCst) {
         // Liveness: the /conductor node, made again after a session loss.

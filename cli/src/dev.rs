@@ -210,7 +210,10 @@ pub fn run(base: &Config, options: &DevOptions, stop: &AtomicBool) -> Result<(),
         )?;
         print!("{}", String::from_utf8_lossy(&out.stdout));
         if !out.status.success() {
-            return Err(format!("deploy failed: {}", String::from_utf8_lossy(&out.stderr).trim()));
+            return Err(format!(
+                "deploy failed: {}",
+                String::from_utf8_lossy(&out.stderr).trim()
+            ));
         }
         Ok(daemons)
     })();
@@ -228,19 +231,32 @@ pub fn run(base: &Config, options: &DevOptions, stop: &AtomicBool) -> Result<(),
     let r = format!("{} --config {}", exe.display(), config.display());
     let m = &options.module;
     println!();
-    println!("rama dev: {m} is running. Admin API (Conductor) at 127.0.0.1:{conductor_port}; ZooKeeper at 127.0.0.1:{zk}.");
+    println!(
+        "rama dev: {m} is running. Admin API (Conductor) at 127.0.0.1:{conductor_port}; ZooKeeper at 127.0.0.1:{zk}."
+    );
     if m == "WordCountModule" {
         println!("Try, from another shell:");
-        println!("  {r} depotAppend {m} {} {}", quote("*sentences"), quote("\"the quick brown fox\""));
-        println!("  {r} pstateSelect {m} {} {}", quote("$$wordCounts"), quote("[\"fox\"]"));
+        println!(
+            "  {r} depotAppend {m} {} {}",
+            quote("*sentences"),
+            quote("\"the quick brown fox\"")
+        );
+        println!(
+            "  {r} pstateSelect {m} {} {}",
+            quote("$$wordCounts"),
+            quote("[\"fox\"]")
+        );
         println!("  {r} queryInvoke {m} topWords 3");
     }
     println!("  {r} moduleStatus {m}");
     println!("  {r} taskGroupsStatus {m}");
-    println!("Logs in {}. Ctrl-C stops everything.", data.join("logs").display());
+    println!("Logs in {}. Ctrl-C stops everything.", dir.join("logs").display());
     let _ = std::io::stdout().flush();
     while !stop.load(Ordering::SeqCst) {
-        if let Some(d) = daemons.iter_mut().find_map(|d| (!matches!(d.child.try_wait(), Ok(None))).then_some(d.name)) {
+        if let Some(d) = daemons
+            .iter_mut()
+            .find_map(|d| (!matches!(d.child.try_wait(), Ok(None))).then_some(d.name))
+        {
             eprintln!("rama dev: {d} exited; stopping the rest");
             break;
         }
@@ -249,7 +265,11 @@ pub fn run(base: &Config, options: &DevOptions, stop: &AtomicBool) -> Result<(),
     println!("rama dev: stopping");
     let out = rama(&config, &["destroy", m]);
     match &out {
-        Ok(o) => print!("{}{}", String::from_utf8_lossy(&o.stdout), String::from_utf8_lossy(&o.stderr)),
+        Ok(o) => print!(
+            "{}{}",
+            String::from_utf8_lossy(&o.stdout),
+            String::from_utf8_lossy(&o.stderr)
+        ),
         Err(e) => eprintln!("rama dev: destroy: {e}"),
     }
     kill_workers(&data);

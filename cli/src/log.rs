@@ -1,6 +1,7 @@
-//! Daemon logs: each line goes to `<local.dir>/logs/<role>-<id>.log`
-//! (rotated to `.1` past 10 MiB, one old file kept) and to stdout when
-//! someone reads it (a closed stdout is no failure).
+//! Daemon logs: each line goes to `<log.dir>/<role>[-<id>].log` (see
+//! `control::logging`: rotated past `log.rotate.bytes`, `log.rotate.keep`
+//! old files kept) and to stdout when someone reads it (a closed stdout is
+//! no failure).
 
 use std::fs::{File, OpenOptions};
 use std::io::Write;
@@ -8,18 +9,21 @@ use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 use std::time::{SystemTime, UNIX_EPOCH};
 
-const ROTATE_BYTES: u64 = 10 << 20;
+use control::logging::{rotate_if_large, Logging};
 
 #[derive(Debug)]
 pub struct Log {
     path: PathBuf,
     file: Mutex<File>,
+    rotate_bytes: u64,
+    keep: u32,
 }
 
 impl Log {
-    pub fn open(logs: &Path, name: &str) -> Result<Log, String> {
+    pub fn open(logging: &Logging, name: &str) -> Result<Log, String> {
+        let logs: &Path = &logging.dir;
         std::fs::create_dir_all(logs).map_err(|e| format!("creating {}: {e}", logs.display()))?;
-        let path = logs.join(format!("{name}.log"));
+        let path = logging.file(name);
         let file = OpenOptions::new()
             .create(true)
             .append(true)
@@ -28,14 +32,15 @@ impl Log {
         Ok(Log {
             path,
             file: Mutex::new(file),
+            rotate_bytes: logging.rotate_bytes,
+            keep: logging.keep,
         })
     }
 
     pub fn line(&self, text: &str) {
         let secs = SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs());
         let mut file = self.file.lock().unwrap_or_else(|p| p.into_inner());
-        if file.metadata().is_ok_and(|m| m.len() > ROTATE_BYTES) {
-            let _ = std::fs::rename(&self.path, self.path.with_extension("log.1"));
+        if rotate_if_large(&self.path, self.rotate_bytes, self.keep) {
             if let Ok(f) = OpenOptions::new().create(true).append(true).open(&self.path) {
                 *file = f;
             }

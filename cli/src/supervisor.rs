@@ -8,7 +8,7 @@
 //!   process (the artifact fetched from the Conductor into
 //!   `<local.dir>/supervisor/artifacts/`, a free port from
 //!   `supervisor.port.range`, data in `<local.dir>/supervisor/workers/<a>`,
-//!   its log in `<local.dir>/logs/worker-<a>.log`); a worker that exits is
+//!   its log in `<log.dir>/worker-<a>.log`, which the worker rotates); a worker that exits is
 //!   started again; a worker whose assignment is gone is stopped (SIGTERM)
 //!   and its data removed.
 //! - Worker process ids are kept in `<local.dir>/supervisor/workers/<a>.pid`.
@@ -113,7 +113,7 @@ struct Supervisor {
     meta: ZkMetastore,
     id: String,
     dir: PathBuf,
-    logs: PathBuf,
+    logs: control::logging::Logging,
     host: String,
     ports: (u16, u16),
     workers: HashMap<String, Proc>,
@@ -187,7 +187,7 @@ impl Supervisor {
         let log = OpenOptions::new()
             .create(true)
             .append(true)
-            .open(self.logs.join(format!("worker-{a}.log")))
+            .open(self.logs.file(&format!("worker-{a}")))
             .map_err(|e| e.to_string())?;
         let child = Command::new(&artifact)
             .arg("worker")
@@ -202,6 +202,10 @@ impl Supervisor {
             .args(["--workers", &spec["workers"].as_u64().unwrap_or(1).to_string()])
             .arg("--dir")
             .arg(&data)
+            .arg("--log")
+            .arg(self.logs.file(&format!("worker-{a}")))
+            .args(["--logRotateBytes", &self.logs.rotate_bytes.to_string()])
+            .args(["--logKeep", &self.logs.keep.to_string()])
             .stdin(Stdio::null())
             .stdout(log.try_clone().map_err(|e| e.to_string())?)
             .stderr(log)
@@ -285,7 +289,8 @@ impl Supervisor {
 pub fn run(config: &Config, stop: &AtomicBool) -> Result<(), String> {
     let local = config.local_dir().map_err(|e| e.to_string())?;
     let dir = local.join("supervisor");
-    let logs = local.join("logs");
+    let logging = control::logging::Logging::beside(config).map_err(|e| e.to_string())?;
+    let logs = logging.dir.clone();
     for d in [dir.join("artifacts"), dir.join("workers"), logs.clone()] {
         std::fs::create_dir_all(&d).map_err(|e| format!("creating {}: {e}", d.display()))?;
     }
@@ -299,14 +304,14 @@ pub fn run(config: &Config, stop: &AtomicBool) -> Result<(), String> {
     };
     let ports = config.port_range().map_err(|e| e.to_string())?;
     let meta = connect_metastore(config, Side::Internal).map_err(|e| e.to_string())?;
-    let log = crate::log::Log::open(&logs, &format!("supervisor-{id}"))?;
+    let log = crate::log::Log::open(&logging, &format!("supervisor-{id}"))?;
     let mut s = Supervisor {
         log,
         config: config.clone(),
         meta,
         id,
         dir,
-        logs,
+        logs: logging,
         host,
         ports,
         workers: HashMap::new(),

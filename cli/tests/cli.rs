@@ -90,7 +90,7 @@ fn dev_zookeeper_serves_until_stopped() {
         .unwrap();
     assert!(control::devzk::ruok("127.0.0.1", port));
     assert!(dir.path().join("data/zookeeper/zoo.cfg").is_file());
-    assert!(dir.path().join("data/logs/zookeeper.log").is_file());
+    assert!(dir.path().join("logs/zookeeper.log").is_file());
 
     // A second one on the same port is refused with a clear message.
     let out = rama(dir.path(), &["devZookeeper"]);

@@ -42,12 +42,22 @@ fn dev_runs_a_cluster_and_stops_everything() {
             break;
         }
     }
-    assert!(seen.iter().any(|l| l.contains("WordCountModule: [:running]")), "{seen:#?}");
-    assert!(seen.iter().any(|l| l.contains("Admin API (Conductor) at 127.0.0.1:")), "{seen:#?}");
+    assert!(
+        seen.iter().any(|l| l.contains("WordCountModule: [:running]")),
+        "{seen:#?}"
+    );
+    assert!(
+        seen.iter().any(|l| l.contains("Admin API (Conductor) at 127.0.0.1:")),
+        "{seen:#?}"
+    );
     // The printed command, run through a shell as a user would paste it.
     let append = append.expect("a depotAppend command is printed");
     let out = Command::new("sh").arg("-c").arg(&append).output().unwrap();
-    assert!(out.status.success(), "{append}: {}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{append}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let config = dir.join("rama.yaml");
     let out = Command::new(env!("CARGO_BIN_EXE_rama"))
         .arg("--config")
@@ -71,7 +81,10 @@ fn dev_runs_a_cluster_and_stops_everything() {
     for line in lines {
         rest.push(line.unwrap());
     }
-    assert!(rest.iter().any(|l| l.contains("WordCountModule: destroyed")), "{rest:#?}");
+    assert!(
+        rest.iter().any(|l| l.contains("WordCountModule: destroyed")),
+        "{rest:#?}"
+    );
     assert!(rest.iter().any(|l| l.contains("rama dev: stopped")), "{rest:#?}");
     let mut dev = dev;
     let status = dev.0.wait().unwrap();
@@ -91,6 +104,9 @@ fn dev_runs_a_cluster_and_stops_everything() {
             .trim()
             .parse()
             .unwrap();
-        assert!(std::net::TcpStream::connect(("127.0.0.1", port)).is_err(), "{key} {port} still open");
+        assert!(
+            std::net::TcpStream::connect(("127.0.0.1", port)).is_err(),
+            "{key} {port} still open"
+        );
     }
 }

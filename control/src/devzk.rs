@@ -113,7 +113,7 @@ impl DevZookeeper {
         }
         let local = config.local_dir()?;
         let data = local.join("zookeeper");
-        let logs = local.join("logs");
+        let logs = crate::logging::Logging::beside(config)?.dir;
         std::fs::create_dir_all(&data).map_err(io(format!("creating {}", data.display())))?;
         std::fs::create_dir_all(&logs).map_err(io(format!("creating {}", logs.display())))?;
         let data = data

@@ -1,7 +1,9 @@
-//! The control side of a cluster: configuration (`rama.yaml`), the
+//! The control side of a cluster: configuration (`rama.yaml`, and
+//! `logging.yaml` beside it), the
 //! development ZooKeeper, and the metastore (a trait with a ZooKeeper
 //! backend). The Conductor and Supervisors (issue 4) build on these.
 
 pub mod config;
 pub mod devzk;
+pub mod logging;
 pub mod metastore;

@@ -168,3 +168,53 @@ fn worker_refuses_unknown_modules_and_bad_flags() {
     let text = String::from_utf8_lossy(&out.stdout);
     assert!(text.contains("\"engine_version\"") && text.contains("BankTransferModule"));
 }
+
+#[test]
+fn a_worker_rotates_its_log() {
+    let dir = tempfile::tempdir().unwrap();
+    let log = dir.path().join("worker.log");
+    let out = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(&log)
+        .unwrap();
+    let mut child = Command::new(env!("CARGO_BIN_EXE_rama-examples"))
+        .args([
+            "worker",
+            "--module",
+            "WordCountModule",
+            "--tasks",
+            "2",
+            "--threads",
+            "1",
+        ])
+        .args(["--logRotateBytes", "4096", "--logKeep", "2", "--log"])
+        .arg(&log)
+        .arg("--dir")
+        .arg(dir.path().join("data"))
+        .stdout(out.try_clone().unwrap())
+        .stderr(out)
+        .spawn()
+        .unwrap();
+    common::eventually("the worker to start", std::time::Duration::from_secs(30), || {
+        std::fs::read_to_string(&log).is_ok_and(|t| t.contains("worker listening on"))
+    });
+    // Someone else's lines pass the limit: the worker rotates the file and
+    // goes on writing to a new one.
+    std::fs::OpenOptions::new()
+        .append(true)
+        .open(&log)
+        .and_then(|mut f| std::io::Write::write_all(&mut f, &[b'x'; 5000]))
+        .unwrap();
+    let rotated = dir.path().join("worker.log.1");
+    common::eventually("the log to be rotated", std::time::Duration::from_secs(30), || {
+        rotated.is_file()
+    });
+    assert!(std::fs::read_to_string(&rotated)
+        .unwrap()
+        .contains("worker listening on"));
+    assert!(std::fs::metadata(&log).unwrap().len() < 4096);
+    // SAFETY: signals our own child.
+    unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+    assert!(child.wait().unwrap().success());
+}

@@ -6,6 +6,7 @@
 //! ARTIFACT version                  the engine version it was built with
 //! ARTIFACT worker --module NAME --dir DIR [--tasks N] [--threads N] [--host H] [--port P]
 //!                [--register RAMA_YAML [--id N] [--workers W]]
+//!                [--log FILE [--logRotateBytes N] [--logKeep K]]
 //!     runs the module on this process's task threads and serves the wire
 //!     protocol (see [`crate::wire`]) on H:P (default 127.0.0.1, any free
 //!     port); prints `worker listening on H:P`; with --register, keeps an
@@ -13,8 +14,9 @@
 //!     [`crate::manager`]); with --workers W > 1 it is worker N of W: it
 //!     runs the task threads the placement gives it, reaches the others
 //!     through their registrations (see [`crate::peers`]), and starts its
-//!     topologies once every other worker answers; SIGINT/SIGTERM stop it
-//!     gracefully.
+//!     topologies once every other worker answers; with --log (the file its
+//!     stdout and stderr go to) it rotates that file past N bytes keeping K
+//!     old ones; SIGINT/SIGTERM stop it gracefully.
 //! ARTIFACT run --module NAME --dir DIR [--tasks N] [--threads N]
 //!     runs the module on an in-process cluster and serves requests, one
 //!     JSON object per line on stdin, one answer per line on stdout:
@@ -110,6 +112,8 @@ fn run_command(modules: &[fn() -> Result<ModuleDef>], args: &[String]) -> std::r
             let mut register = None;
             let mut id = 0u32;
             let mut workers = 1u32;
+            let mut log = None;
+            let (mut log_bytes, mut log_keep) = (10u64 << 20, 3u32);
             let mut it = args[1..].iter();
             while let Some(flag) = it.next() {
                 let value = it
@@ -129,6 +133,13 @@ fn run_command(modules: &[fn() -> Result<ModuleDef>], args: &[String]) -> std::r
                     "--register" if cmd == "worker" => register = Some(std::path::PathBuf::from(value)),
                     "--id" if cmd == "worker" => id = number()?,
                     "--workers" if cmd == "worker" => workers = number()?,
+                    "--log" if cmd == "worker" => log = Some(std::path::PathBuf::from(value)),
+                    "--logRotateBytes" if cmd == "worker" => {
+                        log_bytes = value
+                            .parse()
+                            .map_err(|_| Failure::Usage(format!("--logRotateBytes takes a number, got {value:?}")))?
+                    }
+                    "--logKeep" if cmd == "worker" => log_keep = number()?,
                     "--port" if cmd == "worker" => {
                         port = u16::try_from(number()?)
                             .map_err(|_| Failure::Usage(format!("--port takes a port number, got {value}")))?
@@ -146,6 +157,9 @@ fn run_command(modules: &[fn() -> Result<ModuleDef>], args: &[String]) -> std::r
                 )))
             })?;
             if cmd == "worker" {
+                if let Some(path) = log {
+                    rotate_own_log(path, log_bytes, log_keep.max(1));
+                }
                 if workers > 1 && register.is_none() {
                     return Err(Failure::Usage(
                         "--workers above 1 needs --register (workers find each other through the metastore)".into(),
@@ -206,6 +220,29 @@ pub fn serve_worker(
         }),
     )
     .map_err(|e| Error::Closed(e.to_string()))
+}
+
+/// Rotates the log file this process's stdout and stderr go to (its
+/// Supervisor opened it): past `bytes` it is renamed and a new one takes
+/// over both descriptors.
+fn rotate_own_log(path: std::path::PathBuf, bytes: u64, keep: u32) {
+    std::thread::spawn(move || loop {
+        std::thread::sleep(Duration::from_secs(1));
+        if !control::logging::rotate_if_large(&path, bytes, keep) {
+            continue;
+        }
+        let Ok(file) = std::fs::OpenOptions::new().create(true).append(true).open(&path) else {
+            continue;
+        };
+        let _ = std::io::stdout().flush();
+        use std::os::fd::AsRawFd;
+        // SAFETY: dup2 onto the standard descriptors of this process; the
+        // new file stays open through them after `file` is dropped.
+        unsafe {
+            libc::dup2(file.as_raw_fd(), 1);
+            libc::dup2(file.as_raw_fd(), 2);
+        }
+    });
 }
 
 /// A module's parallelism.
