@@ -156,9 +156,17 @@ pub fn run(base: &Config, options: &DevOptions, stop: &AtomicBool) -> Result<(),
     };
     let jar = match &options.jar {
         Some(j) => j.clone(),
-        None => std::env::current_exe()
-            .map_err(|e| e.to_string())?
-            .with_file_name("rama-examples"),
+        None => {
+            // Beside `rama` in a build tree, under modules/ in a release.
+            let exe = std::env::current_exe().map_err(|e| e.to_string())?;
+            let beside = exe.with_file_name("rama-examples");
+            let released = exe.with_file_name("modules").join("rama-examples");
+            if beside.is_file() {
+                beside
+            } else {
+                released
+            }
+        }
     };
     if !jar.is_file() {
         return Err(format!(
