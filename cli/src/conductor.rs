@@ -239,6 +239,13 @@ impl Conductor {
             return Err(format!("{module:?} is not a module name"));
         }
         Parallelism::new(tasks, threads, workers).map_err(|e| e.to_string())?;
+        let overrides = match m.get(&Value::from("configOverrides")).and_then(Value::as_str) {
+            Some(text) => {
+                let j: Json = serde_json::from_str(text).map_err(|e| format!("configOverrides: {e}"))?;
+                control::worker_config::WorkerConfig::from_json(&j)?
+            }
+            None => control::worker_config::WorkerConfig::default(),
+        };
         if rf != 1 {
             return Err(format!(
                 "--replicationFactor {rf}: replication is not implemented yet; only 1 is accepted"
@@ -309,7 +316,8 @@ impl Conductor {
             Err(e) => return Err(meta_err(e)),
         }
         let spec = json!({"module": module, "artifact": artifact, "tasks": tasks, "threads": threads,
-                          "workers": workers, "replicationFactor": rf});
+                          "workers": workers, "replicationFactor": rf,
+                          "config": overrides.to_json()});
         let launched = (|| -> Result<(), String> {
             self.meta
                 .create(
@@ -338,7 +346,8 @@ impl Conductor {
                     .create_all(&format!("/assignments/{target}"))
                     .map_err(meta_err)?;
                 let assignment = json!({"module": module, "artifact": artifact, "tasks": tasks,
-                                        "threads": threads, "workers": workers, "worker": w});
+                                        "threads": threads, "workers": workers, "worker": w,
+                                        "config": overrides.to_json()});
                 self.meta
                     .create(
                         &format!("/assignments/{target}/{module}.{w}"),

@@ -95,6 +95,10 @@ enum Cmd {
         workers: u32,
         #[arg(long = "replicationFactor", default_value_t = 1)]
         replication_factor: u32,
+        /// A YAML file of worker configurations for this module
+        /// (worker.child.opts, worker.child.env).
+        #[arg(long = "configOverrides")]
+        config_overrides: Option<PathBuf>,
     },
     /// Prints a module's state, e.g. [:running].
     #[command(name = "moduleStatus")]
@@ -199,9 +203,19 @@ fn deploy(cli: &Cli, config: &Config) -> Result<(), Failure> {
         threads,
         workers,
         replication_factor,
+        config_overrides,
     } = &cli.command
     else {
         unreachable!("deploy")
+    };
+    let overrides = match config_overrides {
+        Some(path) => {
+            let text = std::fs::read_to_string(path)
+                .map_err(|e| Failure::Failed(format!("--configOverrides {}: {e}", path.display())))?;
+            control::worker_config::WorkerConfig::parse_yaml(&text)
+                .map_err(|e| Failure::Failed(format!("--configOverrides {}: {e}", path.display())))?
+        }
+        None => control::worker_config::WorkerConfig::default(),
     };
     if action != "launch" {
         return Err(Failure::Usage(format!("--action {action}: only launch exists so far")));
@@ -222,6 +236,7 @@ fn deploy(cli: &Cli, config: &Config) -> Result<(), Failure> {
             ("threads", Value::from(*threads)),
             ("workers", Value::from(*workers)),
             ("replicationFactor", Value::from(*replication_factor)),
+            ("configOverrides", Value::from(overrides.to_json().to_string())),
         ],
     ))?;
     let deadline = std::time::Instant::now() + Duration::from_secs(240);

@@ -189,6 +189,7 @@ impl Supervisor {
             .append(true)
             .open(self.logs.file(&format!("worker-{a}")))
             .map_err(|e| e.to_string())?;
+        let config = control::worker_config::WorkerConfig::from_json(&spec["config"])?;
         let child = Command::new(&artifact)
             .arg("worker")
             .args(["--module", spec["module"].as_str().unwrap_or_default()])
@@ -206,6 +207,8 @@ impl Supervisor {
             .arg(self.logs.file(&format!("worker-{a}")))
             .args(["--logRotateBytes", &self.logs.rotate_bytes.to_string()])
             .args(["--logKeep", &self.logs.keep.to_string()])
+            .args(&config.opts)
+            .envs(&config.env)
             .stdin(Stdio::null())
             .stdout(log.try_clone().map_err(|e| e.to_string())?)
             .stderr(log)

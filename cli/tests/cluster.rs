@@ -196,8 +196,22 @@ fn deploy_serve_survive_crashes_and_destroy() {
         vec!["--tasks", tasks, "--threads", threads, "--workers", workers]
     };
 
+    let overrides = root.path().join("overrides.yaml");
+    std::fs::write(
+        &overrides,
+        "worker.child.opts: \"--spinBeforeParkMicros 20\"\nworker.child.env:\n  RAMA_TEST_MARK: cluster-test\n",
+    )
+    .unwrap();
+    let bad_overrides = root.path().join("bad-overrides.yaml");
+    std::fs::write(&bad_overrides, "worker.child.opts: \"-Xmx8192m\"\n").unwrap();
+    let (overrides, bad_overrides) = (overrides.to_str().unwrap(), bad_overrides.to_str().unwrap());
+
     // Bad deploys: each refused with its reason, nothing left behind.
     for (args, why) in [
+        (
+            [shape("8", "2", "1"), vec!["--configOverrides", bad_overrides]].concat(),
+            "unknown worker option -Xmx8192m",
+        ),
         (shape("6", "2", "1"), "power of two"),
         (shape("8", "16", "1"), "at most tasks (8), got 16"),
         (shape("8", "2", "4"), "at most threads (2), got 4"),
@@ -253,7 +267,7 @@ fn deploy_serve_survive_crashes_and_destroy() {
     }
 
     // Deploy over two workers, with progress, until running.
-    let out = deploy(&shape("8", "4", "2"));
+    let out = deploy(&[shape("8", "4", "2"), vec!["--configOverrides", overrides]].concat());
     assert!(out.status.success(), "{}", text(&out));
     assert!(text(&out).contains("WordCountModule: [:running]"), "{}", text(&out));
     assert_eq!(
@@ -278,6 +292,14 @@ fn deploy_serve_survive_crashes_and_destroy() {
     // The two workers went to two different Supervisors.
     let with_worker: Vec<usize> = (0..3).filter(|&i| nodes[i].worker_pid().is_some()).collect();
     assert_eq!(with_worker.len(), 2, "{groups}");
+    // The worker configurations reached the worker processes.
+    for &i in &with_worker {
+        let pid = nodes[i].worker_pid().unwrap();
+        let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap();
+        let environ = std::fs::read(format!("/proc/{pid}/environ")).unwrap();
+        assert!(String::from_utf8_lossy(&cmdline).contains("--spinBeforeParkMicros\u{0}20"));
+        assert!(String::from_utf8_lossy(&environ).contains("RAMA_TEST_MARK=cluster-test"));
+    }
 
     // 10,000 sentences: most through the remote client (four threads with
     // Ack appends), some through `rama depotAppend`.

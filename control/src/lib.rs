@@ -7,3 +7,4 @@ pub mod config;
 pub mod devzk;
 pub mod logging;
 pub mod metastore;
+pub mod worker_config;

@@ -7,6 +7,7 @@
 //! ARTIFACT worker --module NAME --dir DIR [--tasks N] [--threads N] [--host H] [--port P]
 //!                [--register RAMA_YAML [--id N] [--workers W]]
 //!                [--log FILE [--logRotateBytes N] [--logKeep K]]
+//!                [--pin auto|on|off] [--spinBeforeParkMicros N]
 //!     runs the module on this process's task threads and serves the wire
 //!     protocol (see [`crate::wire`]) on H:P (default 127.0.0.1, any free
 //!     port); prints `worker listening on H:P`; with --register, keeps an
@@ -114,6 +115,7 @@ fn run_command(modules: &[fn() -> Result<ModuleDef>], args: &[String]) -> std::r
             let mut workers = 1u32;
             let mut log = None;
             let (mut log_bytes, mut log_keep) = (10u64 << 20, 3u32);
+            let mut threading = engine::cluster::ThreadOptions::default();
             let mut it = args[1..].iter();
             while let Some(flag) = it.next() {
                 let value = it
@@ -140,6 +142,17 @@ fn run_command(modules: &[fn() -> Result<ModuleDef>], args: &[String]) -> std::r
                             .map_err(|_| Failure::Usage(format!("--logRotateBytes takes a number, got {value:?}")))?
                     }
                     "--logKeep" if cmd == "worker" => log_keep = number()?,
+                    "--pin" => {
+                        threading.pin = match value.as_str() {
+                            "auto" => None,
+                            "on" => Some(true),
+                            "off" => Some(false),
+                            _ => return Err(Failure::Usage(format!("--pin takes auto, on or off, got {value:?}"))),
+                        }
+                    }
+                    "--spinBeforeParkMicros" => {
+                        threading.spin_before_park = Some(Duration::from_micros(u64::from(number()?)))
+                    }
                     "--port" if cmd == "worker" => {
                         port = u16::try_from(number()?)
                             .map_err(|_| Failure::Usage(format!("--port takes a port number, got {value}")))?
@@ -172,13 +185,14 @@ fn run_command(modules: &[fn() -> Result<ModuleDef>], args: &[String]) -> std::r
                         tasks,
                         threads,
                         workers,
+                        threading,
                     },
                     &host,
                     port,
                     register.as_deref().map(|c| (c, id)),
                 )?;
             } else {
-                serve(def, &dir, tasks, threads)?;
+                serve(def, &dir, tasks, threads, threading)?;
             }
             Ok(())
         }
@@ -250,6 +264,7 @@ struct Shape {
     tasks: u32,
     threads: u32,
     workers: u32,
+    threading: engine::cluster::ThreadOptions,
 }
 
 fn stopping() -> bool {
@@ -270,6 +285,7 @@ fn worker(
         tasks,
         threads,
         workers,
+        threading,
     } = shape;
     // SAFETY: installs an async-signal-safe handler (it only stores to an
     // atomic).
@@ -279,6 +295,7 @@ fn worker(
     }
     let name = def.name.clone();
     let mut cluster = InProcessCluster::new(dir);
+    cluster.set_thread_options(threading);
     let config = register
         .map(|(path, _)| crate::manager::load_config(Some(path), &[]))
         .transpose()?;
@@ -369,9 +386,10 @@ fn worker(
     }
 }
 
-fn serve(def: ModuleDef, dir: &str, tasks: u32, threads: u32) -> Result<()> {
+fn serve(def: ModuleDef, dir: &str, tasks: u32, threads: u32, threading: engine::cluster::ThreadOptions) -> Result<()> {
     let name = def.name.clone();
     let mut cluster = InProcessCluster::new(dir);
+    cluster.set_thread_options(threading);
     cluster.launch(def, tasks, threads)?;
     eprintln!("module {name} running with {tasks} tasks on {threads} threads; data in {dir}");
     let stdin = std::io::stdin();
