@@ -255,3 +255,39 @@ fn data_commands_reach_a_registered_worker() {
         std::thread::sleep(Duration::from_millis(200));
     }
 }
+
+#[test]
+fn zookeeper_unreachable_at_start_is_retried_then_named() {
+    let dir = tempfile::tempdir().unwrap();
+    let zk = free_port();
+    std::fs::write(
+        dir.path().join("rama.yaml"),
+        format!("zookeeper.servers: [\"127.0.0.1\"]\nzookeeper.port: {zk}\nzookeeper.connect.timeout.secs: 2\nlocal.dir: data\n"),
+    )
+    .unwrap();
+    for args in [
+        &["conductor"][..],
+        &["supervisor"],
+        &["depotAppend", "M", "*d", "1"],
+        &["pstateSelect", "M", "$$p", "[1]"],
+    ] {
+        let started = Instant::now();
+        let out = rama(dir.path(), args);
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(1), "{args:?}: {err}");
+        assert!(
+            err.contains(&format!("ZooKeeper unreachable at 127.0.0.1:{zk}")) && err.contains("after 2 s of retries"),
+            "{args:?}: {err}"
+        );
+        // It kept trying (with backoff) for the configured time first.
+        assert!(
+            started.elapsed() >= Duration::from_millis(1500),
+            "{args:?} gave up at once"
+        );
+    }
+    // A bad timeout is refused when the configuration is read.
+    std::fs::write(dir.path().join("rama.yaml"), "zookeeper.connect.timeout.secs: 0\n").unwrap();
+    let out = rama(dir.path(), &["confValue", "zookeeper.port"]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("zookeeper.connect.timeout.secs"));
+}

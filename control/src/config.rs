@@ -47,6 +47,7 @@ pub enum Side {
 const DEFAULTS: &[(&str, &str)] = &[
     ("zookeeper.port", "2000"),
     ("zookeeper.root", "rama"),
+    ("zookeeper.connect.timeout.secs", "15"),
     ("conductor.port", "1973"),
     ("supervisor.port.range", "[3000, 4000]"),
     ("local.dir", "local-rama-data"),
@@ -123,6 +124,19 @@ impl Config {
         Ok(())
     }
 
+    /// How long a daemon or client keeps trying to reach ZooKeeper at
+    /// start (with backoff) before it gives up with an error.
+    pub fn connect_timeout(&self) -> Result<std::time::Duration> {
+        let key = "zookeeper.connect.timeout.secs";
+        match self.get(key) {
+            Some(Yaml::Number(n)) if n.as_u64().is_some_and(|s| (1..=3600).contains(&s)) => {
+                Ok(std::time::Duration::from_secs(n.as_u64().expect("checked")))
+            }
+            Some(_) => Err(self.invalid(key, "must be a number of seconds from 1 to 3600")),
+            None => Ok(std::time::Duration::from_secs(15)),
+        }
+    }
+
     pub fn path(&self) -> &Path {
         &self.path
     }
@@ -142,6 +156,7 @@ impl Config {
         if self.values.contains_key("supervisor.port.range") {
             self.port_range()?;
         }
+        self.connect_timeout()?;
         for key in ["zookeeper.root", "local.dir"] {
             if self.values.contains_key(key) {
                 self.string(key)?;

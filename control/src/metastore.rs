@@ -148,24 +148,45 @@ impl ZkMetastore {
         })
     }
 
+    async fn attempt(
+        servers: &str,
+        root: &str,
+        session_timeout: Duration,
+    ) -> std::result::Result<zk::Client, zk::Error> {
+        let client = zk::Client::connector()
+            .with_session_timeout(session_timeout)
+            .with_connection_timeout(Duration::from_secs(2))
+            .connect(servers)
+            .await?;
+        if root != "/" {
+            match client.mkdir(root, &persistent()).await {
+                Ok(()) | Err(zk::Error::NodeExists) => {}
+                Err(e) => return Err(e),
+            }
+        }
+        Ok(client)
+    }
+
     fn open(servers: &str, root: &str, session_timeout: Duration, wait: Duration) -> Result<zk::Client> {
         let deadline = Instant::now() + wait;
         let mut backoff = Duration::from_millis(100);
         loop {
-            let attempt = smol::block_on(async {
-                let client = zk::Client::connector()
-                    .with_session_timeout(session_timeout)
-                    .with_connection_timeout(Duration::from_secs(2))
-                    .connect(servers)
-                    .await?;
-                if root != "/" {
-                    match client.mkdir(root, &persistent()).await {
-                        Ok(()) | Err(zk::Error::NodeExists) => {}
-                        Err(e) => return Err(e),
-                    }
-                }
-                Ok(client)
-            });
+            // One attempt never runs past the deadline (the client's own
+            // connect may keep trying for a whole session timeout).
+            let remaining = deadline
+                .saturating_duration_since(Instant::now())
+                .max(Duration::from_millis(100));
+            let attempt = smol::block_on(smol::future::or(
+                async { Some(Self::attempt(servers, root, session_timeout).await) },
+                async {
+                    smol::Timer::after(remaining).await;
+                    None
+                },
+            ));
+            let attempt = match attempt {
+                Some(a) => a.map_err(|e| e.to_string()),
+                None => Err(format!("no session within {:.1} s", remaining.as_secs_f64())),
+            };
             match attempt {
                 Ok(client) => {
                     return if root == "/" {
@@ -181,11 +202,10 @@ impl ZkMetastore {
                     std::thread::sleep(backoff);
                     backoff = (backoff * 2).min(Duration::from_secs(2));
                 }
-                Err(e) => {
-                    return Err(MetaError::Unavailable(format!(
-                        "ZooKeeper unreachable at {servers} (zookeeper.servers, zookeeper.port) after {wait:?}: {e}"
-                    )))
-                }
+                Err(e) => return Err(MetaError::Unavailable(format!(
+                    "ZooKeeper unreachable at {servers} (zookeeper.servers, zookeeper.port) after {} s of retries: {e}",
+                    wait.as_secs_f64()
+                ))),
             }
         }
     }

@@ -28,7 +28,7 @@ pub fn workers_path(module: &str) -> String {
 }
 
 fn meta_error(e: MetaError) -> Error {
-    Error::Closed(e.to_string())
+    Error::Unavailable(e.to_string())
 }
 
 /// Connects to the metastore `config` names.
@@ -42,7 +42,8 @@ pub fn connect_metastore(config: &Config, side: Side) -> Result<ZkMetastore> {
     let root = config
         .string("zookeeper.root")
         .map_err(|e| Error::Schema(e.to_string()))?;
-    ZkMetastore::connect(&hosts, port, &root, Duration::from_secs(15)).map_err(meta_error)
+    let wait = config.connect_timeout().map_err(|e| Error::Schema(e.to_string()))?;
+    ZkMetastore::connect(&hosts, port, &root, wait).map_err(meta_error)
 }
 
 /// Loads `rama.yaml` from `path` (else the working directory) with
