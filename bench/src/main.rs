@@ -7,6 +7,7 @@ mod keys;
 mod lsm;
 mod machine;
 mod raw;
+mod remote;
 mod report;
 mod results;
 mod wordcount;
@@ -35,6 +36,15 @@ enum Command {
     Run(StorageArgs),
     /// Runs only the WordCount end-to-end benchmark and prints its JSON.
     Wordcount {
+        #[arg(long)]
+        quick: bool,
+        /// Directory for benchmark data (default target/rama-bench-data).
+        #[arg(long)]
+        dir: Option<PathBuf>,
+    },
+    /// Runs only the network benchmarks (a real cluster through `rama dev`,
+    /// remote clients, redis-benchmark) and prints their JSON.
+    Remote {
         #[arg(long)]
         quick: bool,
         /// Directory for benchmark data (default target/rama-bench-data).
@@ -107,6 +117,16 @@ fn wordcount_plan(quick: bool) -> wordcount::Plan {
             .unwrap_or(1024),
         latency_seconds: if quick { 1.0 } else { 10.0 },
     }
+}
+
+fn remote_only(quick: bool, dir: Option<&Path>) -> BenchResult<()> {
+    let parent = dir.map_or_else(|| PathBuf::from("target/rama-bench-data"), Path::to_path_buf);
+    let data = parent.join(format!("remote-{}", std::process::id()));
+    std::fs::create_dir_all(&data)?;
+    let outcome = remote::run(&wordcount_plan(quick), &data, quick);
+    let _ = std::fs::remove_dir_all(&data);
+    println!("{}", serde_json::to_string_pretty(&outcome?)?);
+    Ok(())
 }
 
 fn wordcount_only(quick: bool, dir: Option<&Path>) -> BenchResult<()> {
@@ -182,6 +202,8 @@ fn run_all(args: &StorageArgs, data: &Path, started: Instant, started_unix: u64)
     })?;
     eprintln!("5. WordCount end to end, in-process");
     let wordcount = wordcount::run(&wordcount_plan(args.quick), data)?;
+    eprintln!("6-7. Through the network: a real cluster (rama dev), remote clients, redis-benchmark");
+    let remote = remote::run(&wordcount_plan(args.quick), data, args.quick)?;
     machine.load_end = machine::load_average();
 
     Ok(Results {
@@ -195,6 +217,7 @@ fn run_all(args: &StorageArgs, data: &Path, started: Instant, started_unix: u64)
         depot_concurrent,
         lsm,
         wordcount: Some(wordcount),
+        remote: Some(remote),
     })
 }
 
@@ -210,6 +233,7 @@ fn main() -> ExitCode {
     let outcome = match &cli.command {
         Command::Run(args) => storage(args),
         Command::Wordcount { quick, dir } => wordcount_only(*quick, dir.as_deref()),
+        Command::Remote { quick, dir } => remote_only(*quick, dir.as_deref()),
         Command::Report { results } => report(results),
     };
     match outcome {

@@ -110,7 +110,29 @@ pub fn targets(r: &Results) -> Vec<Target> {
         measured: w.max.ops_per_sec,
         goal: Goal::RateAtLeast(800_000.0),
     }))
+    .chain(remote_targets(r))
     .collect()
+}
+
+/// The network's overhead on WordCount, and point selects against Redis.
+fn remote_targets(r: &Results) -> Vec<Target> {
+    let Some(remote) = &r.remote else {
+        return Vec::new();
+    };
+    let mut out = Vec::new();
+    if let Some(w) = &r.wordcount {
+        out.push(Target {
+            name: "WordCount through the remote client: in-process increments/s over remote (overhead)",
+            measured: w.max.ops_per_sec / remote.wordcount.max.ops_per_sec,
+            goal: Goal::RatioAtMost(1.25),
+        });
+    }
+    out.push(Target {
+        name: "PState point selects (16 in flight per connection) vs redis-benchmark GET -P 16",
+        measured: remote.selects.ours.ops_per_sec / remote.selects.redis.ops_per_sec,
+        goal: Goal::RatioAtLeast(1.0),
+    });
+    out
 }
 
 /// Ours over each other engine, for fillrandom and readrandom (target 1.5x).
@@ -384,6 +406,83 @@ fn wordcount_section(out: &mut String, r: &Results) {
     );
 }
 
+fn remote_section(out: &mut String, r: &Results) {
+    let Some(remote) = &r.remote else {
+        return;
+    };
+    let w = &remote.wordcount;
+    let _ = writeln!(
+        out,
+        "## 6. WordCount through the remote client
+
+         {}. The same plan as section 5: {} words per sentence, vocabulary {}, `Ack` appends, {} client threads          with {} appends in flight each through one `ClusterManager` (one connection to the worker), then an          open loop at half the maximum. Every count ({} words) equals the reference afterwards.
+",
+        remote.setup,
+        w.words_per_sentence,
+        int(w.vocabulary as f64),
+        w.clients,
+        w.window,
+        int(w.checked_words as f64)
+    );
+    let in_process = r.wordcount.as_ref();
+    let _ = writeln!(
+        out,
+        "| run | word increments/s | sentences/s | Ack p50 at 50% | Ack p99 at 50% |
+|---|---:|---:|---:|---:|"
+    );
+    if let Some(p) = in_process {
+        let _ = writeln!(
+            out,
+            "| in-process (section 5) | {} | {} | {} | {} |",
+            int(p.max.ops_per_sec),
+            int(p.max_sentences_per_sec),
+            micros(p.latency.p50_us),
+            micros(p.latency.p99_us)
+        );
+    }
+    let _ = writeln!(
+        out,
+        "| remote client | {} | {} | {} | {} |
+",
+        int(w.max.ops_per_sec),
+        int(w.max_sentences_per_sec),
+        micros(w.latency.p50_us),
+        micros(w.latency.p99_us)
+    );
+    if let Some(p) = in_process {
+        let _ = writeln!(
+            out,
+            "Overhead of the network path: in-process over remote = {} (target at most 1.25x).
+",
+            ratio(p.max.ops_per_sec / w.max.ops_per_sec)
+        );
+    }
+    let s = &remote.selects;
+    let _ = writeln!(
+        out,
+        "## 7. PState point selects vs Redis GET
+
+         {} connections to the worker, each keeping {} `select`s of one word's count in flight (keys spread          over {} words, routed to their task). Beside it, in the same run: `redis-benchmark -t get -P {} -c {}          -r {}` against {} ({}).
+
+         | engine | point reads/s | ratio |
+|---|---:|---:|
+         | ours (remote `select`) | {} | {} |
+         | Redis GET | {} | 1.00x |
+",
+        s.connections,
+        s.in_flight_per_connection,
+        int(s.keys as f64),
+        s.in_flight_per_connection,
+        s.connections,
+        s.keys,
+        s.redis_version,
+        s.redis_setup,
+        int(s.ours.ops_per_sec),
+        ratio(s.ours.ops_per_sec / s.redis.ops_per_sec),
+        int(s.redis.ops_per_sec)
+    );
+}
+
 fn engine_cell(rate: &OpRate, first: &OpRate, is_first: bool) -> String {
     if is_first {
         int(rate.ops_per_sec)
@@ -570,6 +669,7 @@ pub fn markdown(r: &Results) -> String {
     concurrent_section(&mut out, r);
     lsm_section(&mut out, r);
     wordcount_section(&mut out, r);
+    remote_section(&mut out, r);
     out
 }
 

@@ -40,6 +40,9 @@ pub struct Results {
     /// WordCount end to end (absent in results of older runs).
     #[serde(default)]
     pub wordcount: Option<crate::wordcount::WordCount>,
+    /// Through the network on a real cluster (absent in older runs).
+    #[serde(default)]
+    pub remote: Option<crate::remote::Remote>,
 }
 
 /// `ops` operations moving `bytes` payload bytes in `seconds`.

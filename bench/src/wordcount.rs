@@ -86,11 +86,41 @@ impl Sentences {
     }
 }
 
+/// Where the sentences go and the counts come from: an in-process
+/// cluster, or a remote one.
+pub trait Target: Sync {
+    /// Sends one `Ack` append; the future resolves when it is acknowledged.
+    fn append(&self, sentence: &Value) -> engine::Result<PendingAppend>;
+    /// The count of `word`.
+    fn count(&self, word: &str) -> engine::Result<Value>;
+}
+
+struct InProcess {
+    depot: engine::cluster::DepotClient,
+    counts: engine::cluster::PStateClient,
+}
+
+impl Target for InProcess {
+    fn append(&self, sentence: &Value) -> engine::Result<PendingAppend> {
+        Ok(Box::pin(self.depot.append_async(sentence, AckLevel::Ack)?))
+    }
+
+    fn count(&self, word: &str) -> engine::Result<Value> {
+        self.counts.select_one(&[Nav::key(word)])
+    }
+}
+
 pub fn run(plan: &Plan, data: &Path) -> BenchResult<WordCount> {
     let dir = data.join("wordcount");
     let mut cluster = InProcessCluster::new(&dir);
     cluster.launch(WordCountModule::define()?, plan.tasks, plan.threads)?;
-    let outcome = measure(plan, &cluster);
+    let outcome = (|| {
+        let target = InProcess {
+            depot: cluster.depot("WordCountModule", "*sentences")?,
+            counts: cluster.pstate("WordCountModule", "$$wordCounts")?,
+        };
+        measure(plan, &target)
+    })();
     let stopped = cluster.shutdown();
     let result = outcome?;
     stopped?;
@@ -98,8 +128,8 @@ pub fn run(plan: &Plan, data: &Path) -> BenchResult<WordCount> {
     Ok(result)
 }
 
-fn measure(plan: &Plan, cluster: &InProcessCluster) -> BenchResult<WordCount> {
-    let depot = cluster.depot("WordCountModule", "*sentences")?;
+/// Runs the closed and open loops against `target` and checks the counts.
+pub fn measure(plan: &Plan, target: &dyn Target) -> BenchResult<WordCount> {
     let mut gen = Sentences::new(plan.vocabulary, plan.words_per_sentence);
     let sentences: Vec<Value> = (0..plan.sentences).map(|_| Value::from(gen.next())).collect();
     let mut reference: BTreeMap<String, i64> = BTreeMap::new();
@@ -112,7 +142,6 @@ fn measure(plan: &Plan, cluster: &InProcessCluster) -> BenchResult<WordCount> {
             .chunks(per_client)
             .take(plan.clients)
             .map(|chunk| {
-                let depot = depot.clone();
                 s.spawn(move || -> Result<u64, String> {
                     let mut window: VecDeque<PendingAppend> = VecDeque::with_capacity(plan.window);
                     let mut acked = 0;
@@ -122,9 +151,7 @@ fn measure(plan: &Plan, cluster: &InProcessCluster) -> BenchResult<WordCount> {
                             futures_lite::future::block_on(f).map_err(|e| e.to_string())?;
                             acked += 1;
                         }
-                        window.push_back(Box::pin(
-                            depot.append_async(sentence, AckLevel::Ack).map_err(|e| e.to_string())?,
-                        ));
+                        window.push_back(target.append(sentence).map_err(|e| e.to_string())?);
                     }
                     for f in window {
                         futures_lite::future::block_on(f).map_err(|e| e.to_string())?;
@@ -189,7 +216,7 @@ fn measure(plan: &Plan, cluster: &InProcessCluster) -> BenchResult<WordCount> {
             } else if now - intended > Duration::from_millis(100) {
                 late += 1;
             }
-            let f: PendingAppend = Box::pin(depot.append_async(sentence, AckLevel::Ack)?);
+            let f: PendingAppend = target.append(sentence)?;
             tx.send((intended, f)).map_err(|_| "collectors stopped")?;
         }
         drop(tx);
@@ -215,9 +242,8 @@ fn measure(plan: &Plan, cluster: &InProcessCluster) -> BenchResult<WordCount> {
     }
 
     // Every count equals the reference.
-    let counts = cluster.pstate("WordCountModule", "$$wordCounts")?;
     for (w, c) in &reference {
-        let got = counts.select_one(&[Nav::key(w.as_str())])?;
+        let got = target.count(w)?;
         ensure(got == Value::Int(*c), || format!("count of {w}: {got:?}, expected {c}"))?;
     }
     Ok(WordCount {
@@ -236,4 +262,4 @@ fn measure(plan: &Plan, cluster: &InProcessCluster) -> BenchResult<WordCount> {
     })
 }
 
-type PendingAppend = std::pin::Pin<Box<dyn std::future::Future<Output = engine::Result<AppendResult>> + Send>>;
+pub type PendingAppend = std::pin::Pin<Box<dyn std::future::Future<Output = engine::Result<AppendResult>> + Send>>;

@@ -47,6 +47,32 @@ impl RemoteCluster {
         wire::response(&bytes)
     }
 
+    /// Sends `request` now (waiting only while the connection has its
+    /// bound of requests in flight); the future resolves to the response.
+    fn call_future(
+        &self,
+        request: &Value,
+    ) -> Result<impl std::future::Future<Output = Result<std::collections::BTreeMap<Value, Value>>> + Send + 'static>
+    {
+        let (tx, rx) = flume::bounded(1);
+        self.conn
+            .send_with(
+                &archived::to_bytes(request),
+                Box::new(move |answer| {
+                    let _ = tx.send(answer);
+                }),
+            )
+            .map_err(net_error)?;
+        Ok(async move {
+            let bytes = rx
+                .recv_async()
+                .await
+                .map_err(|_| Error::Closed("the connection ended before the answer".into()))?
+                .map_err(net_error)?;
+            wire::response(&bytes)
+        })
+    }
+
     fn single(&self) -> Targets {
         Targets::new(vec![self.clone()], None)
     }
@@ -137,6 +163,20 @@ impl RemoteDepot {
         wire::append_result(&m)
     }
 
+    /// Sends the append now; the future resolves when `ack` is met. Many
+    /// may be in flight on one connection.
+    pub fn append_future(
+        &self,
+        record: &Value,
+        ack: AckLevel,
+    ) -> Result<impl std::future::Future<Output = Result<AppendResult>> + Send + 'static> {
+        let pending = self
+            .cluster
+            .any()
+            .call_future(&wire::append_request(&self.module, &self.depot, record, ack))?;
+        Ok(async move { wire::append_result(&pending.await?) })
+    }
+
     pub fn read(&self, task: u32, start: u64, end: u64, bytes_max: usize) -> Result<Vec<(u64, Value)>> {
         let m = self.cluster.of_task(task).call(&Value::map([
             ("op", Value::from("read")),
@@ -180,6 +220,14 @@ impl RemotePState {
     }
 
     fn request(&self, path: &[Nav], task: Option<u32>) -> Result<Vec<Value>> {
+        smol::block_on(self.request_future(path, task)?)
+    }
+
+    fn request_future(
+        &self,
+        path: &[Nav],
+        task: Option<u32>,
+    ) -> Result<impl std::future::Future<Output = Result<Vec<Value>>> + Send + 'static> {
         let mut req = vec![
             ("op", Value::from("select")),
             ("module", Value::from(self.module.as_str())),
@@ -198,11 +246,22 @@ impl RemotePState {
             Some(t) => self.cluster.of_task(t),
             None => self.cluster.any(),
         };
-        let m = target.call(&Value::map(req))?;
-        match m.get(&Value::from("values")) {
-            Some(Value::List(v)) => Ok(v.clone()),
-            _ => Err(Error::Closed("a select response has no values".into())),
-        }
+        let pending = target.call_future(&Value::map(req))?;
+        Ok(async move {
+            match pending.await?.remove(&Value::from("values")) {
+                Some(Value::List(v)) => Ok(v),
+                _ => Err(Error::Closed("a select response has no values".into())),
+            }
+        })
+    }
+
+    /// `select` sent now; the future resolves to the values. Many may be
+    /// in flight on one connection.
+    pub fn select_future(
+        &self,
+        path: &[Nav],
+    ) -> Result<impl std::future::Future<Output = Result<Vec<Value>>> + Send + 'static> {
+        self.request_future(path, None)
     }
 
     pub fn select(&self, path: &[Nav]) -> Result<Vec<Value>> {

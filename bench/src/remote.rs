@@ -1,0 +1,310 @@
+//! Through the network: a real cluster (`rama dev`: ZooKeeper, one
+//! Conductor, one Supervisor, a worker process serving WordCountModule)
+//! driven by remote clients from this process.
+//!
+//! 1. WordCount with `Ack` appends through `ClusterManager` clients (the
+//!    same plan as the in-process run, so the two compare directly).
+//! 2. PState point selects: connections each keeping 16 selects in flight,
+//!    beside `redis-benchmark -t get -P 16` with as many connections
+//!    against a Redis started here (both on loopback, same machine).
+
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use control::config::Side;
+use engine::cluster::AckLevel;
+use engine::pstate::Nav;
+use engine::value::Value;
+use net::manager::ClusterManager;
+use net::remote::{RemoteCluster, RemoteDepot, RemotePState};
+use serde::{Deserialize, Serialize};
+
+use crate::results::{ensure, BenchResult, Throughput};
+use crate::wordcount::{self, PendingAppend, WordCount};
+
+/// Selects in flight per connection, as `redis-benchmark -P 16`.
+pub const PIPELINE: usize = 16;
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct PointSelects {
+    pub connections: usize,
+    pub in_flight_per_connection: usize,
+    pub keys: usize,
+    pub ours: Throughput,
+    pub redis: Throughput,
+    /// `redis-server --version`.
+    pub redis_version: String,
+    pub redis_setup: String,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Remote {
+    /// How the cluster ran.
+    pub setup: String,
+    pub wordcount: WordCount,
+    pub selects: PointSelects,
+}
+
+/// A child process stopped by its process id when dropped: `signal`, then
+/// SIGKILL after a grace period.
+struct Stopped {
+    child: Child,
+    signal: i32,
+}
+
+impl Drop for Stopped {
+    fn drop(&mut self) {
+        // SAFETY: signals our own child, not yet reaped.
+        unsafe { libc::kill(self.child.id() as i32, self.signal) };
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while Instant::now() < deadline {
+            if let Ok(Some(_)) = self.child.try_wait() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn beside_me(name: &str) -> BenchResult<PathBuf> {
+    let path = std::env::current_exe()?.with_file_name(name);
+    ensure(path.is_file(), || {
+        format!(
+            "{} is missing; build it with `cargo build --release -p rama-cli -p rama-examples` (bench/run does)",
+            path.display()
+        )
+    })?;
+    Ok(path)
+}
+
+/// `rama dev` under `dir` with WordCountModule on `tasks`/`threads`; returns
+/// once it is running, with the path of its rama.yaml.
+fn start_cluster(dir: &Path, plan: &wordcount::Plan) -> BenchResult<(Stopped, PathBuf)> {
+    std::fs::create_dir_all(dir)?;
+    let dir = &dir.canonicalize()?;
+    let mut child = Command::new(beside_me("rama")?)
+        .current_dir(dir)
+        .env_remove("RAMA_CONFIG")
+        .args(["dev", "--dir"])
+        .arg(dir.join("cluster"))
+        .arg("--jar")
+        .arg(beside_me("rama-examples")?)
+        .args(["--tasks", &plan.tasks.to_string(), "--threads", &plan.threads.to_string()])
+        .stdout(Stdio::piped())
+        .spawn()?;
+    let out = child.stdout.take().expect("piped");
+    let guard = Stopped {
+        child,
+        signal: libc::SIGINT,
+    };
+    let mut lines = BufReader::new(out).lines();
+    let mut said = Vec::new();
+    loop {
+        match lines.next() {
+            Some(line) => {
+                let line = line?;
+                let ready = line.contains("Ctrl-C stops everything");
+                said.push(line);
+                if ready {
+                    break;
+                }
+            }
+            None => return Err(format!("rama dev stopped before the cluster ran:\n{}", said.join("\n")).into()),
+        }
+    }
+    // Keep draining its output so it never blocks on a full pipe.
+    std::thread::spawn(move || for _ in lines {});
+    Ok((guard, dir.join("cluster").join("rama.yaml")))
+}
+
+struct Remotely {
+    depot: RemoteDepot,
+    counts: RemotePState,
+}
+
+impl wordcount::Target for Remotely {
+    fn append(&self, sentence: &Value) -> engine::Result<PendingAppend> {
+        Ok(Box::pin(self.depot.append_future(sentence, AckLevel::Ack)?))
+    }
+
+    fn count(&self, word: &str) -> engine::Result<Value> {
+        self.counts.select_one(&[Nav::key(word)])
+    }
+}
+
+type SelectFuture = std::pin::Pin<Box<dyn std::future::Future<Output = engine::Result<Vec<Value>>> + Send>>;
+
+fn key(i: u64, keys: usize) -> u64 {
+    // A fixed scramble: every connection walks the keys in its own order.
+    i.wrapping_mul(0x9E37_79B9_7F4A_7C15) % keys as u64
+}
+
+/// `ops` point selects of words over `connections` connections to `addr`,
+/// [`PIPELINE`] in flight on each.
+fn point_selects(addr: &str, connections: usize, ops: u64, keys: usize) -> BenchResult<Throughput> {
+    let per = ops / connections as u64;
+    let started = Instant::now();
+    std::thread::scope(|s| -> BenchResult<()> {
+        let handles: Vec<_> = (0..connections)
+            .map(|c| {
+                s.spawn(move || -> Result<(), String> {
+                    let cluster = RemoteCluster::connect(addr).map_err(|e| e.to_string())?;
+                    let counts = cluster.pstate("WordCountModule", "$$wordCounts");
+                    let mut window: std::collections::VecDeque<SelectFuture> =
+                        std::collections::VecDeque::with_capacity(PIPELINE);
+                    for i in 0..per {
+                        if window.len() == PIPELINE {
+                            let f = window.pop_front().expect("full");
+                            let values: Vec<Value> = futures_lite::future::block_on(f).map_err(|e| e.to_string())?;
+                            if values.len() > 1 {
+                                return Err(format!("a point select returned {values:?}"));
+                            }
+                        }
+                        let word = format!("w{:05}", key(i + c as u64 * per, keys));
+                        window.push_back(Box::pin(
+                            counts.select_future(&[Nav::key(word.as_str())]).map_err(|e| e.to_string())?,
+                        ));
+                    }
+                    for f in window {
+                        futures_lite::future::block_on(f).map_err(|e| e.to_string())?;
+                    }
+                    Ok(())
+                })
+            })
+            .collect();
+        for h in handles {
+            h.join().map_err(|_| "a select client panicked")??;
+        }
+        Ok(())
+    })?;
+    Ok(Throughput::new(per * connections as u64, 0, started.elapsed()))
+}
+
+fn redis_port() -> BenchResult<u16> {
+    Ok(std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
+}
+
+fn redis_ready(port: u16) -> bool {
+    use std::io::{Read, Write};
+    let Ok(mut s) = std::net::TcpStream::connect(("127.0.0.1", port)) else {
+        return false;
+    };
+    let _ = s.set_read_timeout(Some(Duration::from_secs(1)));
+    let mut buf = [0u8; 7];
+    s.write_all(b"PING\r\n").is_ok() && s.read_exact(&mut buf).is_ok() && &buf == b"+PONG\r\n"
+}
+
+/// `redis-benchmark` GETs against a Redis started (and stopped) here.
+fn redis_gets(dir: &Path, connections: usize, ops: u64, keys: usize) -> BenchResult<(Throughput, String)> {
+    for tool in ["redis-server", "redis-benchmark"] {
+        ensure(
+            Command::new(tool).arg("--version").output().is_ok_and(|o| o.status.success()),
+            || format!("{tool} is not installed; install Debian's redis-server package (scripts/install-deps does)"),
+        )?;
+    }
+    let version = String::from_utf8_lossy(&Command::new("redis-server").arg("--version").output()?.stdout)
+        .trim()
+        .to_string();
+    let data = dir.join("redis");
+    std::fs::create_dir_all(&data)?;
+    let port = redis_port()?;
+    let server = Stopped {
+        child: Command::new("redis-server")
+            .args(["--bind", "127.0.0.1", "--port", &port.to_string(), "--save", "", "--appendonly", "no"])
+            .arg("--dir")
+            .arg(&data)
+            .stdout(Stdio::null())
+            .spawn()?,
+        signal: libc::SIGTERM,
+    };
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !redis_ready(port) {
+        ensure(Instant::now() < deadline, || "redis-server did not answer PING within 10 s".to_string())?;
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let bench = |args: &[&str]| -> BenchResult<String> {
+        let out = Command::new("redis-benchmark")
+            .args(["-h", "127.0.0.1", "-p", &port.to_string(), "--csv"])
+            .args(args)
+            .output()?;
+        ensure(out.status.success(), || {
+            format!("redis-benchmark failed: {}", String::from_utf8_lossy(&out.stderr))
+        })?;
+        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+    };
+    let (c, r) = (connections.to_string(), keys.to_string());
+    // The same keys exist, as in the PState.
+    bench(&["-t", "set", "-P", "16", "-c", &c, "-r", &r, "-n", &(keys * 4).to_string()])?;
+    let started = Instant::now();
+    let csv = bench(&["-t", "get", "-P", "16", "-c", &c, "-r", &r, "-n", &ops.to_string()])?;
+    let elapsed = started.elapsed();
+    drop(server);
+    // "GET","123456.78",... : requests per second as redis-benchmark measured.
+    let rps: f64 = csv
+        .lines()
+        .find(|l| l.starts_with("\"GET\""))
+        .and_then(|l| l.split(',').nth(1))
+        .and_then(|v| v.trim_matches('"').parse().ok())
+        .ok_or_else(|| format!("no GET line in redis-benchmark's output: {csv}"))?;
+    let _ = std::fs::remove_dir_all(&data);
+    let mut t = Throughput::new(ops, 0, elapsed);
+    t.ops_per_sec = rps;
+    t.seconds = ops as f64 / rps;
+    Ok((t, version))
+}
+
+pub fn run(plan: &wordcount::Plan, data: &Path, quick: bool) -> BenchResult<Remote> {
+    let dir = data.join("remote");
+    let outcome = (|| -> BenchResult<Remote> {
+        let (cluster, config) = start_cluster(&dir, plan)?;
+        let manager = ClusterManager::open_with(Some(&config), &[], Side::External)?;
+        let target = Remotely {
+            depot: manager.depot("WordCountModule", "*sentences")?,
+            counts: manager.pstate("WordCountModule", "$$wordCounts")?,
+        };
+        eprintln!("  WordCount through the remote client");
+        let wordcount = wordcount::measure(plan, &target)?;
+        let worker = manager
+            .workers("WordCountModule")?
+            .into_iter()
+            .next()
+            .ok_or("the module has no registered worker")?;
+        let connections = 4;
+        let ops = if quick { 8_000 } else { 2_000_000 };
+        eprintln!("  point selects, {connections} connections x {PIPELINE} in flight");
+        let ours = point_selects(&worker.address, connections, ops, plan.vocabulary)?;
+        drop(manager);
+        drop(cluster);
+        eprintln!("  redis-benchmark -t get -P {PIPELINE} -c {connections}");
+        let (redis, redis_version) = redis_gets(&dir, connections, ops, plan.vocabulary)?;
+        eprintln!(
+            "  selects: ours {:.0}/s, redis GET {:.0}/s",
+            ours.ops_per_sec, redis.ops_per_sec
+        );
+        Ok(Remote {
+            setup: format!(
+                "`rama dev`: ZooKeeper, one Conductor and one Supervisor on loopback; WordCountModule on one worker \
+                 process ({} tasks, {} task threads); clients in the benchmark process",
+                plan.tasks, plan.threads
+            ),
+            wordcount,
+            selects: PointSelects {
+                connections,
+                in_flight_per_connection: PIPELINE,
+                keys: plan.vocabulary,
+                ours,
+                redis,
+                redis_version,
+                redis_setup: "redis-server on loopback, no persistence (--save \"\" --appendonly no: a GET \
+                              never touches the disk either way)"
+                    .into(),
+            },
+        })
+    })();
+    let _ = std::fs::remove_dir_all(&dir);
+    outcome
+}
