@@ -93,7 +93,17 @@ fn start_cluster(dir: &Path, plan: &wordcount::Plan) -> BenchResult<(Stopped, Pa
         .arg(dir.join("cluster"))
         .arg("--jar")
         .arg(beside_me("rama-examples")?)
-        .args(["--tasks", &plan.tasks.to_string(), "--threads", &plan.threads.to_string()])
+        .args([
+            "--tasks",
+            &plan.tasks.to_string(),
+            "--threads",
+            &plan.threads.to_string(),
+        ])
+        .args(
+            std::env::var("RAMA_BENCH_OVERRIDES")
+                .map(|p| vec!["--configOverrides".to_string(), p])
+                .unwrap_or_default(),
+        )
         .stdout(Stdio::piped())
         .spawn()?;
     let out = child.stdout.take().expect("piped");
@@ -144,7 +154,8 @@ fn key(i: u64, keys: usize) -> u64 {
 }
 
 /// `ops` point selects of words over `connections` connections to `addr`,
-/// [`PIPELINE`] in flight on each.
+/// in pipelines of [`PIPELINE`] (sent together, then their answers taken,
+/// as `redis-benchmark -P` does).
 fn point_selects(addr: &str, connections: usize, ops: u64, keys: usize) -> BenchResult<Throughput> {
     let per = ops / connections as u64;
     let started = Instant::now();
@@ -154,23 +165,26 @@ fn point_selects(addr: &str, connections: usize, ops: u64, keys: usize) -> Bench
                 s.spawn(move || -> Result<(), String> {
                     let cluster = RemoteCluster::connect(addr).map_err(|e| e.to_string())?;
                     let counts = cluster.pstate("WordCountModule", "$$wordCounts");
-                    let mut window: std::collections::VecDeque<SelectFuture> =
-                        std::collections::VecDeque::with_capacity(PIPELINE);
-                    for i in 0..per {
-                        if window.len() == PIPELINE {
-                            let f = window.pop_front().expect("full");
+                    // As redis-benchmark -P 16: send 16, take their 16 answers,
+                    // send the next 16.
+                    let mut batch: Vec<SelectFuture> = Vec::with_capacity(PIPELINE);
+                    let mut i = 0;
+                    while i < per {
+                        for _ in 0..PIPELINE.min((per - i) as usize) {
+                            let word = format!("w{:05}", key(i + c as u64 * per, keys));
+                            batch.push(Box::pin(
+                                counts
+                                    .select_future(&[Nav::key(word.as_str())])
+                                    .map_err(|e| e.to_string())?,
+                            ));
+                            i += 1;
+                        }
+                        for f in batch.drain(..) {
                             let values: Vec<Value> = futures_lite::future::block_on(f).map_err(|e| e.to_string())?;
                             if values.len() > 1 {
                                 return Err(format!("a point select returned {values:?}"));
                             }
                         }
-                        let word = format!("w{:05}", key(i + c as u64 * per, keys));
-                        window.push_back(Box::pin(
-                            counts.select_future(&[Nav::key(word.as_str())]).map_err(|e| e.to_string())?,
-                        ));
-                    }
-                    for f in window {
-                        futures_lite::future::block_on(f).map_err(|e| e.to_string())?;
                     }
                     Ok(())
                 })
@@ -202,7 +216,10 @@ fn redis_ready(port: u16) -> bool {
 fn redis_gets(dir: &Path, connections: usize, ops: u64, keys: usize) -> BenchResult<(Throughput, String)> {
     for tool in ["redis-server", "redis-benchmark"] {
         ensure(
-            Command::new(tool).arg("--version").output().is_ok_and(|o| o.status.success()),
+            Command::new(tool)
+                .arg("--version")
+                .output()
+                .is_ok_and(|o| o.status.success()),
             || format!("{tool} is not installed; install Debian's redis-server package (scripts/install-deps does)"),
         )?;
     }
@@ -214,7 +231,16 @@ fn redis_gets(dir: &Path, connections: usize, ops: u64, keys: usize) -> BenchRes
     let port = redis_port()?;
     let server = Stopped {
         child: Command::new("redis-server")
-            .args(["--bind", "127.0.0.1", "--port", &port.to_string(), "--save", "", "--appendonly", "no"])
+            .args([
+                "--bind",
+                "127.0.0.1",
+                "--port",
+                &port.to_string(),
+                "--save",
+                "",
+                "--appendonly",
+                "no",
+            ])
             .arg("--dir")
             .arg(&data)
             .stdout(Stdio::null())
@@ -223,7 +249,9 @@ fn redis_gets(dir: &Path, connections: usize, ops: u64, keys: usize) -> BenchRes
     };
     let deadline = Instant::now() + Duration::from_secs(10);
     while !redis_ready(port) {
-        ensure(Instant::now() < deadline, || "redis-server did not answer PING within 10 s".to_string())?;
+        ensure(Instant::now() < deadline, || {
+            "redis-server did not answer PING within 10 s".to_string()
+        })?;
         std::thread::sleep(Duration::from_millis(20));
     }
     let bench = |args: &[&str]| -> BenchResult<String> {
@@ -238,7 +266,18 @@ fn redis_gets(dir: &Path, connections: usize, ops: u64, keys: usize) -> BenchRes
     };
     let (c, r) = (connections.to_string(), keys.to_string());
     // The same keys exist, as in the PState.
-    bench(&["-t", "set", "-P", "16", "-c", &c, "-r", &r, "-n", &(keys * 4).to_string()])?;
+    bench(&[
+        "-t",
+        "set",
+        "-P",
+        "16",
+        "-c",
+        &c,
+        "-r",
+        &r,
+        "-n",
+        &(keys * 4).to_string(),
+    ])?;
     let started = Instant::now();
     let csv = bench(&["-t", "get", "-P", "16", "-c", &c, "-r", &r, "-n", &ops.to_string()])?;
     let elapsed = started.elapsed();

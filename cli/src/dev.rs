@@ -25,6 +25,7 @@ pub struct DevOptions {
     pub tasks: u32,
     pub threads: u32,
     pub workers: u32,
+    pub config_overrides: Option<PathBuf>,
 }
 
 /// A daemon child: stopped by process id (SIGTERM, then SIGKILL) when
@@ -198,6 +199,19 @@ pub fn run(base: &Config, options: &DevOptions, stop: &AtomicBool) -> Result<(),
         daemons.push(start("conductor", &config, &["conductor"], "admin API on")?);
         daemons.push(start("supervisor", &config, &["supervisor"], "supervisor ")?);
         let shape = [options.tasks, options.threads, options.workers].map(|n| n.to_string());
+        let overrides = options
+            .config_overrides
+            .as_ref()
+            .map(|p| {
+                p.canonicalize()
+                    .map_err(|e| format!("--configOverrides {}: {e}", p.display()))
+            })
+            .transpose()?
+            .map(|p| p.display().to_string());
+        let mut extra = Vec::new();
+        if let Some(p) = &overrides {
+            extra.extend(["--configOverrides", p.as_str()]);
+        }
         let out = rama(
             &config,
             &[
@@ -214,7 +228,10 @@ pub fn run(base: &Config, options: &DevOptions, stop: &AtomicBool) -> Result<(),
                 &shape[1],
                 "--workers",
                 &shape[2],
-            ],
+            ]
+            .into_iter()
+            .chain(extra)
+            .collect::<Vec<_>>(),
         )?;
         print!("{}", String::from_utf8_lossy(&out.stdout));
         if !out.status.success() {

@@ -65,6 +65,9 @@ enum Cmd {
         threads: u32,
         #[arg(long, default_value_t = 1)]
         workers: u32,
+        /// Worker configurations for the module (see deploy).
+        #[arg(long = "configOverrides")]
+        config_overrides: Option<PathBuf>,
     },
     /// Runs a development ZooKeeper server (Debian's zookeeper package) on
     /// zookeeper.port with its data under local.dir, until interrupted.
@@ -385,9 +388,11 @@ fn main() -> ExitCode {
                 tasks,
                 threads,
                 workers,
+                config_overrides,
             } => {
                 catch_signals();
                 let options = dev::DevOptions {
+                    config_overrides: config_overrides.clone(),
                     dir: dir.clone(),
                     jar: jar.clone(),
                     module: module.clone(),

@@ -202,10 +202,12 @@ impl ZkMetastore {
                     std::thread::sleep(backoff);
                     backoff = (backoff * 2).min(Duration::from_secs(2));
                 }
-                Err(e) => return Err(MetaError::Unavailable(format!(
+                Err(e) => {
+                    return Err(MetaError::Unavailable(format!(
                     "ZooKeeper unreachable at {servers} (zookeeper.servers, zookeeper.port) after {} s of retries: {e}",
                     wait.as_secs_f64()
-                ))),
+                )))
+                }
             }
         }
     }

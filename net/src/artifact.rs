@@ -224,13 +224,14 @@ pub fn serve_worker(
         crate::PROTOCOL_VERSION,
         crate::FRAME_BYTES_MAX,
         2,
-        std::sync::Arc::new(move |role: u8, request: Vec<u8>| {
-            let answer: std::pin::Pin<Box<dyn std::future::Future<Output = Vec<u8>> + Send>> =
-                match crate::peers::lane_of_role(role) {
-                    None => Box::pin(crate::wire::handle_future(&cluster, &request)),
-                    Some(lane) => cluster.serve_peer(&module, lane, &request),
-                };
-            Box::pin(async move { Ok(answer.await) })
+        std::sync::Arc::new(move |role: u8, request: Vec<u8>, respond: crate::transport::Respond| {
+            match crate::peers::lane_of_role(role) {
+                None => crate::wire::handle_then(&cluster, &request, respond),
+                Some(lane) => {
+                    let answer = cluster.serve_peer(&module, lane, &request);
+                    Some(Box::pin(async move { respond(Ok(answer.await)) }))
+                }
+            }
         }),
     )
     .map_err(|e| Error::Closed(e.to_string()))

@@ -98,31 +98,126 @@ pub fn handle_future(cluster: &InProcessCluster, request: &[u8]) -> impl Future<
 
 type Answer = Pin<Box<dyn Future<Output = Result<Value>> + Send>>;
 
+fn ack_from_name(name: &str) -> Result<AckLevel> {
+    match name {
+        "ack" => Ok(AckLevel::Ack),
+        "appendAck" => Ok(AckLevel::AppendAck),
+        "none" => Ok(AckLevel::None),
+        other => Err(bad(format!("ack level {other:?} is not one of ack, appendAck, none"))),
+    }
+}
+
+fn append_answer(r: AppendResult) -> Value {
+    Value::map([
+        ("task", Value::Int(i64::from(r.task))),
+        ("offset", r.offset.map_or(Value::Nil, |o| Value::Int(o as i64))),
+        (
+            "ackReturns",
+            Value::Map(r.ack_returns.into_iter().map(|(k, v)| (Value::from(k), v)).collect()),
+        ),
+    ])
+}
+
+fn select_task(m: &BTreeMap<Value, Value>) -> Result<Option<u32>> {
+    match m.get(&Value::from("task")) {
+        Some(Value::Int(t)) => Ok(Some(u32::try_from(*t).map_err(|_| bad("task out of range"))?)),
+        _ => Ok(None),
+    }
+}
+
+fn encoded(answer: Result<Value>) -> Vec<u8> {
+    archived::to_bytes(&answer.unwrap_or_else(|e| error_answer(&e)))
+}
+
+/// Starts a request whose answer a task thread gives to the `Respond`.
+type Start<'a> = Box<dyn FnOnce(crate::transport::Respond) -> Result<()> + 'a>;
+
+/// Serves one request, answering through `respond`: appends and selects
+/// answer from the task thread that serves them (no other thread in
+/// between); the rest returns a future for the server's executor.
+pub fn handle_then(
+    cluster: &InProcessCluster,
+    request: &[u8],
+    respond: crate::transport::Respond,
+) -> Option<crate::transport::Later> {
+    let req = match archived::from_bytes(request) {
+        Ok(r) => r,
+        Err(e) => {
+            respond(Ok(encoded(Err(bad(format!(
+                "the request is not a valid archive: {e}"
+            ))))));
+            return None;
+        }
+    };
+    let direct = (|| -> Result<Option<Start<'_>>> {
+        let m = req.as_map().ok_or_else(|| bad("a request is a map"))?;
+        let module = str_field(m, "module")?;
+        Ok(match str_field(m, "op")? {
+            "append" => {
+                let ack = ack_from_name(str_field(m, "ack")?)?;
+                let depot = cluster.depot(module, str_field(m, "depot")?)?;
+                let record = field(m, "record")?;
+                Some(Box::new(move |respond: crate::transport::Respond| {
+                    depot.append_then(record, ack, move |r| respond(Ok(encoded(r.map(append_answer)))))
+                }))
+            }
+            "select" => {
+                let client = cluster.pstate(module, str_field(m, "pstate")?)?;
+                let path = path_from_value(field(m, "path")?)?;
+                let task = select_task(m)?;
+                Some(Box::new(move |respond: crate::transport::Respond| {
+                    client.select_then(task, path, move |r| {
+                        respond(Ok(encoded(
+                            r.map(|values| Value::map([("values", Value::List(values))])),
+                        )))
+                    })
+                }))
+            }
+            _ => None,
+        })
+    })();
+    match direct {
+        Ok(Some(start)) => {
+            // The callback answers; an error before anything was sent
+            // answers here (the callback was dropped unused).
+            let (tx, rx) = flume::bounded::<crate::transport::Respond>(1);
+            let _ = tx.send(respond);
+            let relay: crate::transport::Respond = {
+                let rx = rx.clone();
+                Box::new(move |answer| {
+                    if let Ok(respond) = rx.try_recv() {
+                        respond(answer);
+                    }
+                })
+            };
+            if let Err(e) = start(relay) {
+                if let Ok(respond) = rx.try_recv() {
+                    respond(Ok(encoded(Err(e))));
+                }
+            }
+            None
+        }
+        Ok(None) => {
+            let answer = handle_future(cluster, request);
+            Some(Box::pin(async move { respond(Ok(answer.await)) }))
+        }
+        Err(e) => {
+            respond(Ok(encoded(Err(e))));
+            None
+        }
+    }
+}
+
 fn dispatch(cluster: &InProcessCluster, req: &Value) -> Result<Answer> {
     let m = req.as_map().ok_or_else(|| bad("a request is a map"))?;
     let module = str_field(m, "module")?;
     match str_field(m, "op")? {
         "append" => {
-            let ack = match str_field(m, "ack")? {
-                "ack" => AckLevel::Ack,
-                "appendAck" => AckLevel::AppendAck,
-                "none" => AckLevel::None,
-                other => return Err(bad(format!("ack level {other:?} is not one of ack, appendAck, none"))),
-            };
+            let ack = ack_from_name(str_field(m, "ack")?)?;
             let pending = cluster
                 .depot(module, str_field(m, "depot")?)?
                 .append_future(field(m, "record")?, ack)?;
-            Ok(Box::pin(async move {
-                let r = pending.await?;
-                Ok(Value::map([
-                    ("task", Value::Int(i64::from(r.task))),
-                    ("offset", r.offset.map_or(Value::Nil, |o| Value::Int(o as i64))),
-                    (
-                        "ackReturns",
-                        Value::Map(r.ack_returns.into_iter().map(|(k, v)| (Value::from(k), v)).collect()),
-                    ),
-                ]))
-            }))
+            Ok(Box::pin(async move { Ok(append_answer(pending.await?)) }))
         }
         "read" => {
             let task = u32::try_from(u64_field(m, "task")?).map_err(|_| bad("task out of range"))?;
@@ -148,11 +243,7 @@ fn dispatch(cluster: &InProcessCluster, req: &Value) -> Result<Answer> {
         "select" => {
             let client = cluster.pstate(module, str_field(m, "pstate")?)?;
             let path = path_from_value(field(m, "path")?)?;
-            let task = match m.get(&Value::from("task")) {
-                Some(Value::Int(t)) => Some(u32::try_from(*t).map_err(|_| bad("task out of range"))?),
-                _ => None,
-            };
-            let pending = client.select_future(task, path);
+            let pending = client.select_future(select_task(m)?, path);
             Ok(Box::pin(async move {
                 Ok(Value::map([("values", Value::List(pending.await?))]))
             }))

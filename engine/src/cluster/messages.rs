@@ -5,6 +5,7 @@
 //! `origin, value` pairs), the form they will have on the wire in `net/`.
 
 use std::collections::BTreeMap;
+use std::sync::{Arc, Mutex};
 
 use super::proxy::ProxyEvent;
 use super::AckLevel;
@@ -12,7 +13,50 @@ use crate::error::{Error, Result};
 use crate::pstate::Nav;
 use crate::value::{archived, Value};
 
-pub(crate) type Reply<T> = flume::Sender<Result<T>>;
+/// Where the answer to a request goes: a channel the requester waits on,
+/// or a callback run where the answer is made (on the task thread; a server
+/// uses it to queue its response frame without another thread's hop). Only
+/// the first answer counts.
+pub(crate) enum Reply<T> {
+    Channel(flume::Sender<Result<T>>),
+    Callback(Arc<Mutex<Option<AnswerFn<T>>>>),
+}
+
+/// A callback taking an answer.
+pub type AnswerFn<T> = Box<dyn FnOnce(Result<T>) + Send>;
+
+impl<T> Reply<T> {
+    pub fn callback(f: impl FnOnce(Result<T>) + Send + 'static) -> Reply<T> {
+        Reply::Callback(Arc::new(Mutex::new(Some(Box::new(f)))))
+    }
+
+    /// Delivers the answer; `Err` when nobody takes it any more.
+    pub fn send(&self, answer: Result<T>) -> std::result::Result<(), ()> {
+        match self {
+            Reply::Channel(tx) => tx.send(answer).map_err(|_| ()),
+            Reply::Callback(f) => {
+                let f = f.lock().unwrap_or_else(|p| p.into_inner()).take().ok_or(())?;
+                f(answer);
+                Ok(())
+            }
+        }
+    }
+}
+
+impl<T> Clone for Reply<T> {
+    fn clone(&self) -> Self {
+        match self {
+            Reply::Channel(tx) => Reply::Channel(tx.clone()),
+            Reply::Callback(f) => Reply::Callback(f.clone()),
+        }
+    }
+}
+
+impl<T> From<flume::Sender<Result<T>>> for Reply<T> {
+    fn from(tx: flume::Sender<Result<T>>) -> Self {
+        Reply::Channel(tx)
+    }
+}
 
 /// What an acknowledged append returns.
 #[derive(Debug, Clone, PartialEq)]

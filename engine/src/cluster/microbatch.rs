@@ -263,7 +263,7 @@ async fn attempt_microbatch(rt: &ModuleRuntime, topology: usize, id: u64, attemp
                 id,
                 attempt,
                 ranges: mine,
-                reply: tx,
+                reply: tx.into(),
             })
             .await
             .map_err(|_| rt.closed())?;
@@ -302,7 +302,7 @@ async fn broadcast_to<T>(rt: &ModuleRuntime, threads: &[usize], make: impl Fn(Re
         let (tx, rx) = flume::bounded(1);
         rt.links[thread]
             .control
-            .send_async(make(tx))
+            .send_async(make(tx.into()))
             .await
             .map_err(|_| rt.closed())?;
         replies.push(rx);

@@ -90,6 +90,27 @@ struct Gate {
 
 struct GateGuard<'a>(Option<&'a Gate>);
 
+/// A read let through the gate of a module, held by an answer callback
+/// until the read is done (it may be dropped on another thread).
+struct GateTicket(Arc<ModuleRuntime>);
+
+impl GateTicket {
+    /// Blocks the calling thread while a commit is applied; `None` when
+    /// the module's reads are not gated.
+    fn enter(rt: &Arc<ModuleRuntime>) -> Option<GateTicket> {
+        rt.gated.then(|| {
+            std::mem::forget(rt.gate.enter());
+            GateTicket(rt.clone())
+        })
+    }
+}
+
+impl Drop for GateTicket {
+    fn drop(&mut self) {
+        self.0.gate.state.lock().expect("gate").0 -= 1;
+    }
+}
+
 impl Drop for GateGuard<'_> {
     fn drop(&mut self) {
         if let Some(g) = self.0 {
@@ -310,7 +331,7 @@ impl ModuleRuntime {
     ) -> Result<T> {
         let (tx, rx) = flume::bounded(1);
         let thread = self.placement.thread_of_task[task as usize] as usize;
-        self.send_to_async(thread, LANE_CLIENT, request(tx)).await?;
+        self.send_to_async(thread, LANE_CLIENT, request(tx.into())).await?;
         self.answer(rx).await
     }
 
@@ -349,7 +370,7 @@ impl ModuleRuntime {
     /// Sends `request` to the owner of `task` and waits for its answer.
     fn call<T: Send + 'static>(&self, task: u32, request: impl FnOnce(messages::Reply<T>) -> Request) -> Result<T> {
         let (tx, rx) = flume::bounded(1);
-        self.send(task, request(tx))?;
+        self.send(task, request(tx.into()))?;
         futures_lite::future::block_on(self.answer(rx))
     }
 
@@ -683,7 +704,10 @@ impl InProcessCluster {
             let (tx, rx) = flume::bounded(1);
             rt.links[thread]
                 .control
-                .send(Control::Ends { topology: t, reply: tx })
+                .send(Control::Ends {
+                    topology: t,
+                    reply: tx.into(),
+                })
                 .map_err(|_| rt.closed())?;
             target.extend(futures_lite::future::block_on(rt.answer(rx))?);
         }
@@ -767,7 +791,7 @@ fn stop(rt: Arc<ModuleRuntime>, handles: Vec<TaskThreadHandle>) -> Result<()> {
     let mut quiesced = Vec::new();
     for link in &local {
         let (tx, rx) = flume::bounded(1);
-        if link.client.send(Request::Quiesce { reply: tx }).is_ok() {
+        if link.client.send(Request::Quiesce { reply: tx.into() }).is_ok() {
             quiesced.push(rx);
         }
     }
@@ -859,7 +883,7 @@ impl DepotClient {
             LogConfig::default().record_bytes_max as usize,
         )?;
         let (tx, rx) = flume::bounded(1);
-        let reply = (ack != AckLevel::None).then_some(tx);
+        let reply = (ack != AckLevel::None).then(|| tx.into());
         self.rt.send(
             task,
             Request::Append {
@@ -883,6 +907,54 @@ impl DepotClient {
         })
     }
 
+    /// Sends the append now; `done` gets the answer where it is made (on a
+    /// task thread, so `done` must be quick and must not block). Waits
+    /// while the task thread's request channel is full. For servers that
+    /// queue their response frame from the callback.
+    pub fn append_then(
+        &self,
+        record: &Value,
+        ack: AckLevel,
+        done: impl FnOnce(Result<AppendResult>) + Send + 'static,
+    ) -> Result<()> {
+        let task = self.task_for(record)?;
+        let bytes = archived::to_bytes(record);
+        Error::check_limit(
+            "record",
+            "record_bytes_max",
+            bytes.len(),
+            LogConfig::default().record_bytes_max as usize,
+        )?;
+        if ack == AckLevel::None {
+            self.rt.send(
+                task,
+                Request::Append {
+                    depot: self.depot,
+                    task,
+                    record: bytes,
+                    ack,
+                    reply: None,
+                },
+            )?;
+            done(Ok(AppendResult {
+                task,
+                offset: None,
+                ack_returns: BTreeMap::new(),
+            }));
+            return Ok(());
+        }
+        self.rt.send(
+            task,
+            Request::Append {
+                depot: self.depot,
+                task,
+                record: bytes,
+                ack,
+                reply: Some(messages::Reply::callback(done)),
+            },
+        )
+    }
+
     /// Like [`append_async`](Self::append_async), but all the waiting
     /// (for room in a full channel too) happens in the returned future: it
     /// never blocks the calling thread. For servers running many requests
@@ -903,7 +975,7 @@ impl DepotClient {
         let (rt, depot) = (self.rt.clone(), self.depot);
         Ok(async move {
             let (tx, rx) = flume::bounded(1);
-            let reply = (ack != AckLevel::None).then_some(tx);
+            let reply = (ack != AckLevel::None).then(|| tx.into());
             let thread = rt.placement.thread_of_task[task as usize] as usize;
             let request = Request::Append {
                 depot,
@@ -1047,6 +1119,38 @@ impl PStateClient {
             path: path.to_vec(),
             reply,
         })
+    }
+
+    /// `select` (with `task`: `select_on`) whose values go to `done` where
+    /// they are read (on a task thread: `done` must be quick and must not
+    /// block). Waits while the task thread's channel is full, or while a
+    /// microbatch commits.
+    pub fn select_then(
+        &self,
+        task: Option<u32>,
+        path: Vec<Nav>,
+        done: impl FnOnce(Result<Vec<Value>>) + Send + 'static,
+    ) -> Result<()> {
+        let task = match task {
+            Some(t) => {
+                self.check_task(t)?;
+                t
+            }
+            None => self.route(&path)?,
+        };
+        let ticket = GateTicket::enter(&self.rt);
+        self.rt.send(
+            task,
+            Request::Select {
+                pstate: self.pstate,
+                task,
+                path,
+                reply: messages::Reply::callback(move |values| {
+                    drop(ticket);
+                    done(values)
+                }),
+            },
+        )
     }
 
     /// `select` (with `task`: `select_on`) that never blocks the calling

@@ -601,7 +601,7 @@ fn decode_serve(rt: &Arc<ModuleRuntime>, lane: u32, message: &[u8]) -> Result<An
                 task: task as u32,
                 record: bytes(p.get(3))?,
                 ack,
-                reply: wants.then_some(tx),
+                reply: wants.then(|| tx.into()),
             };
             Ok(Box::pin(async move {
                 let sent = rt2.send_to_async(thread, lane, request).await;
@@ -622,7 +622,7 @@ fn decode_serve(rt: &Arc<ModuleRuntime>, lane: u32, message: &[u8]) -> Result<An
                 start: n(3)? as u64,
                 end: n(4)? as u64,
                 bytes_max: n(5)? as usize,
-                reply: tx,
+                reply: tx.into(),
             };
             Ok(Box::pin(async move {
                 encode_answer(match rt2.send_to_async(thread, lane, request).await {
@@ -646,7 +646,7 @@ fn decode_serve(rt: &Arc<ModuleRuntime>, lane: u32, message: &[u8]) -> Result<An
                 pstate: n(1)? as usize,
                 task: task as u32,
                 path: path_from_value(p.get(3).ok_or_else(|| bad("path"))?)?,
-                reply: tx,
+                reply: tx.into(),
             };
             Ok(Box::pin(async move {
                 encode_answer(match rt2.send_to_async(thread, lane, request).await {
@@ -663,7 +663,7 @@ fn decode_serve(rt: &Arc<ModuleRuntime>, lane: u32, message: &[u8]) -> Result<An
                 query: n(1)? as usize,
                 task: task as u32,
                 args: bytes(p.get(3))?,
-                reply: tx,
+                reply: tx.into(),
             };
             Ok(Box::pin(async move {
                 encode_answer(match rt2.send_to_async(thread, lane, request).await {
@@ -685,7 +685,7 @@ fn decode_serve(rt: &Arc<ModuleRuntime>, lane: u32, message: &[u8]) -> Result<An
                 ($make:expr) => {{
                     let (tx, rx) = flume::bounded::<Result<()>>(1);
                     #[allow(clippy::redundant_closure_call)]
-                    let control = ($make)(tx);
+                    let control = ($make)(tx.into());
                     Ok(Box::pin(async move {
                         encode_answer(match rt2.links[thread].control.send_async(control).await {
                             Err(_) => Err(rt2.closed()),
@@ -697,7 +697,10 @@ fn decode_serve(rt: &Arc<ModuleRuntime>, lane: u32, message: &[u8]) -> Result<An
             match kind.as_str() {
                 "ends" => {
                     let (tx, rx) = flume::bounded(1);
-                    let control = Control::Ends { topology, reply: tx };
+                    let control = Control::Ends {
+                        topology,
+                        reply: tx.into(),
+                    };
                     Ok(Box::pin(async move {
                         encode_answer(match rt2.links[thread].control.send_async(control).await {
                             Err(_) => Err(rt2.closed()),

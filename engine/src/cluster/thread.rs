@@ -926,7 +926,7 @@ fn topology_append(
                 task: target,
                 record: bytes,
                 ack: AckLevel::AppendAck,
-                reply: Some(tx),
+                reply: Some(tx.into()),
             })
             .await
             .map_err(|_| rt.closed())?;
