@@ -56,17 +56,7 @@ struct Stopped {
 
 impl Drop for Stopped {
     fn drop(&mut self) {
-        // SAFETY: signals our own child, not yet reaped.
-        unsafe { libc::kill(self.child.id() as i32, self.signal) };
-        let deadline = Instant::now() + Duration::from_secs(60);
-        while Instant::now() < deadline {
-            if let Ok(Some(_)) = self.child.try_wait() {
-                return;
-            }
-            std::thread::sleep(Duration::from_millis(50));
-        }
-        let _ = self.child.kill();
-        let _ = self.child.wait();
+        control::process::stop_child(&mut self.child, self.signal, Duration::from_secs(60));
     }
 }
 
@@ -86,7 +76,8 @@ fn beside_me(name: &str) -> BenchResult<PathBuf> {
 fn start_cluster(dir: &Path, plan: &wordcount::Plan) -> BenchResult<(Stopped, PathBuf)> {
     std::fs::create_dir_all(dir)?;
     let dir = &dir.canonicalize()?;
-    let mut child = Command::new(beside_me("rama")?)
+    let mut command = Command::new(beside_me("rama")?);
+    command
         .current_dir(dir)
         .env_remove("RAMA_CONFIG")
         .args(["dev", "--dir"])
@@ -104,8 +95,18 @@ fn start_cluster(dir: &Path, plan: &wordcount::Plan) -> BenchResult<(Stopped, Pa
                 .map(|p| vec!["--configOverrides".to_string(), p])
                 .unwrap_or_default(),
         )
-        .stdout(Stdio::piped())
-        .spawn()?;
+        .stdout(Stdio::piped());
+    // SAFETY: the pre-exec hook only calls prctl(2), which is
+    // async-signal-safe.
+    unsafe {
+        std::os::unix::process::CommandExt::pre_exec(&mut command, || {
+            // If the benchmark dies, the dev cluster is told to stop (it
+            // destroys the module and stops its daemons).
+            libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGINT);
+            Ok(())
+        });
+    }
+    let mut child = command.spawn()?;
     let out = child.stdout.take().expect("piped");
     let guard = Stopped {
         child,

@@ -12,9 +12,26 @@ use std::io::{BufRead, BufReader, Write};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use control::config::Config;
+
+/// A line to our stdout; a closed stdout (whoever started us went away) is
+/// no reason to stop before everything is cleaned up.
+macro_rules! say {
+    () => {{
+        let _ = writeln!(std::io::stdout());
+    }};
+    ($($arg:tt)*) => {{
+        let _ = writeln!(std::io::stdout(), $($arg)*);
+    }};
+}
+
+macro_rules! say_raw {
+    ($($arg:tt)*) => {{
+        let _ = write!(std::io::stdout(), $($arg)*);
+    }};
+}
 
 /// What `rama dev` runs.
 #[derive(Debug)]
@@ -37,20 +54,7 @@ struct Daemon {
 
 impl Daemon {
     fn stop(&mut self) {
-        if let Ok(Some(_)) = self.child.try_wait() {
-            return;
-        }
-        // SAFETY: signals our own child, not yet reaped.
-        unsafe { libc::kill(self.child.id() as i32, libc::SIGTERM) };
-        let deadline = Instant::now() + Duration::from_secs(20);
-        while Instant::now() < deadline {
-            if let Ok(Some(_)) = self.child.try_wait() {
-                return;
-            }
-            std::thread::sleep(Duration::from_millis(50));
-        }
-        let _ = self.child.kill();
-        let _ = self.child.wait();
+        control::process::stop_child(&mut self.child, libc::SIGTERM, Duration::from_secs(20));
     }
 }
 
@@ -102,10 +106,10 @@ fn start(name: &'static str, config: &Path, args: &[&str], ready: &str) -> Resul
         daemon.stop();
         return Err(format!("{name} did not start (said {:?}); see its log", first.trim()));
     }
-    println!("[{name}] {}", first.trim_end());
+    say!("[{name}] {}", first.trim_end());
     std::thread::spawn(move || {
         for line in lines.lines().map_while(Result::ok) {
-            println!("[{name}] {line}");
+            say!("[{name}] {line}");
         }
     });
     Ok(daemon)
@@ -124,6 +128,16 @@ fn rama(config: &Path, args: &[&str]) -> Result<std::process::Output, String> {
 /// Shell-quotes `s` for the commands shown.
 fn quote(s: &str) -> String {
     format!("'{}'", s.replace('\'', "'\\''"))
+}
+
+/// Kills, when dropped, the worker processes this dev cluster's
+/// Supervisor recorded under `data` (however `rama dev` ends).
+struct WorkersGuard(PathBuf);
+
+impl Drop for WorkersGuard {
+    fn drop(&mut self) {
+        kill_workers(&self.0);
+    }
 }
 
 /// Kills the worker processes whose pid files are under `dir` (when the
@@ -193,7 +207,8 @@ pub fn run(base: &Config, options: &DevOptions, stop: &AtomicBool) -> Result<(),
         ),
     )
     .map_err(|e| format!("writing {}: {e}", config.display()))?;
-    println!("rama dev: data and configuration in {}", dir.display());
+    say!("rama dev: data and configuration in {}", dir.display());
+    let _workers = WorkersGuard(data.clone());
     let result = (|| -> Result<Vec<Daemon>, String> {
         let mut daemons = vec![start("zookeeper", &config, &["devZookeeper"], "ZooKeeper running")?];
         daemons.push(start("conductor", &config, &["conductor"], "admin API on")?);
@@ -233,7 +248,7 @@ pub fn run(base: &Config, options: &DevOptions, stop: &AtomicBool) -> Result<(),
             .chain(extra)
             .collect::<Vec<_>>(),
         )?;
-        print!("{}", String::from_utf8_lossy(&out.stdout));
+        say_raw!("{}", String::from_utf8_lossy(&out.stdout));
         if !out.status.success() {
             return Err(format!(
                 "deploy failed: {}",
@@ -255,57 +270,55 @@ pub fn run(base: &Config, options: &DevOptions, stop: &AtomicBool) -> Result<(),
     let exe = std::env::current_exe().map_err(|e| e.to_string())?;
     let r = format!("{} --config {}", exe.display(), config.display());
     let m = &options.module;
-    println!();
-    println!(
-        "rama dev: {m} is running. Admin API (Conductor) at 127.0.0.1:{conductor_port}; ZooKeeper at 127.0.0.1:{zk}."
-    );
+    say!();
+    say!("rama dev: {m} is running. Admin API (Conductor) at 127.0.0.1:{conductor_port}; ZooKeeper at 127.0.0.1:{zk}.");
     if m == "WordCountModule" {
-        println!("Try, from another shell:");
-        println!(
+        say!("Try, from another shell:");
+        say!(
             "  {r} depotAppend {m} {} {}",
             quote("*sentences"),
             quote("\"the quick brown fox\"")
         );
-        println!(
+        say!(
             "  {r} pstateSelect {m} {} {}",
             quote("$$wordCounts"),
             quote("[\"fox\"]")
         );
-        println!("  {r} queryInvoke {m} topWords 3");
+        say!("  {r} queryInvoke {m} topWords 3");
     }
-    println!("  {r} moduleStatus {m}");
-    println!("  {r} taskGroupsStatus {m}");
-    println!("Logs in {}. Ctrl-C stops everything.", dir.join("logs").display());
+    say!("  {r} moduleStatus {m}");
+    say!("  {r} taskGroupsStatus {m}");
+    say!("Logs in {}. Ctrl-C stops everything.", dir.join("logs").display());
     let _ = std::io::stdout().flush();
     while !stop.load(Ordering::SeqCst) {
         if let Some(d) = daemons
             .iter_mut()
             .find_map(|d| (!matches!(d.child.try_wait(), Ok(None))).then_some(d.name))
         {
-            eprintln!("rama dev: {d} exited; stopping the rest");
+            say!("rama dev: {d} exited; stopping the rest");
             break;
         }
         std::thread::sleep(Duration::from_millis(100));
     }
-    println!("rama dev: stopping");
+    say!("rama dev: stopping");
     let out = rama(&config, &["destroy", m]);
     match &out {
-        Ok(o) => print!(
+        Ok(o) => say_raw!(
             "{}{}",
             String::from_utf8_lossy(&o.stdout),
             String::from_utf8_lossy(&o.stderr)
         ),
-        Err(e) => eprintln!("rama dev: destroy: {e}"),
+        Err(e) => say!("rama dev: destroy: {e}"),
     }
     kill_workers(&data);
     // Supervisor, Conductor, then ZooKeeper.
     while let Some(mut d) = daemons.pop() {
         d.stop();
-        println!("rama dev: {} stopped", d.name);
+        say!("rama dev: {} stopped", d.name);
     }
     if temporary {
         let _ = std::fs::remove_dir_all(&dir);
     }
-    println!("rama dev: stopped");
+    say!("rama dev: stopped");
     Ok(())
 }

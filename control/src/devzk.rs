@@ -192,22 +192,7 @@ impl DevZookeeper {
 
     /// Stops the server: SIGTERM to its process id, SIGKILL after 10 s.
     pub fn stop(&mut self) {
-        if self.exited().is_some() {
-            return;
-        }
-        let pid = self.child.id() as libc::pid_t;
-        // SAFETY: kill(2) on the pid of our own child, which we have not
-        // reaped yet (so the pid cannot have been reused).
-        unsafe { libc::kill(pid, libc::SIGTERM) };
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while Instant::now() < deadline {
-            if self.exited().is_some() {
-                return;
-            }
-            std::thread::sleep(Duration::from_millis(50));
-        }
-        let _ = self.child.kill();
-        let _ = self.child.wait();
+        crate::process::stop_child(&mut self.child, libc::SIGTERM, Duration::from_secs(10));
     }
 }
 

@@ -7,4 +7,5 @@ pub mod config;
 pub mod devzk;
 pub mod logging;
 pub mod metastore;
+pub mod process;
 pub mod worker_config;

@@ -865,6 +865,45 @@ impl DepotClient {
         futures_lite::future::block_on(self.append_async(record, ack)?)
     }
 
+    /// The task that takes `record` and its archive, checked against the
+    /// record size limit: bad input fails before anything is sent.
+    fn encode(&self, record: &Value) -> Result<(u32, Vec<u8>)> {
+        let task = self.task_for(record)?;
+        let bytes = archived::to_bytes(record);
+        Error::check_limit(
+            "record",
+            "record_bytes_max",
+            bytes.len(),
+            LogConfig::default().record_bytes_max as usize,
+        )?;
+        Ok((task, bytes))
+    }
+
+    fn request(
+        &self,
+        task: u32,
+        record: Vec<u8>,
+        ack: AckLevel,
+        reply: Option<messages::Reply<AppendResult>>,
+    ) -> Request {
+        Request::Append {
+            depot: self.depot,
+            task,
+            record,
+            ack,
+            reply: if ack == AckLevel::None { None } else { reply },
+        }
+    }
+
+    /// What an append with [`AckLevel::None`] returns once it is sent.
+    fn unacknowledged(task: u32) -> AppendResult {
+        AppendResult {
+            task,
+            offset: None,
+            ack_returns: BTreeMap::new(),
+        }
+    }
+
     /// Sends `record` now; the returned future resolves when `ack` is met
     /// (on any executor, or with `futures_lite::future::block_on`). Bad
     /// input fails here, before anything is sent. Waits while the task
@@ -874,34 +913,13 @@ impl DepotClient {
         record: &Value,
         ack: AckLevel,
     ) -> Result<impl Future<Output = Result<AppendResult>> + Send + 'static> {
-        let task = self.task_for(record)?;
-        let bytes = archived::to_bytes(record);
-        Error::check_limit(
-            "record",
-            "record_bytes_max",
-            bytes.len(),
-            LogConfig::default().record_bytes_max as usize,
-        )?;
+        let (task, bytes) = self.encode(record)?;
         let (tx, rx) = flume::bounded(1);
-        let reply = (ack != AckLevel::None).then(|| tx.into());
-        self.rt.send(
-            task,
-            Request::Append {
-                depot: self.depot,
-                task,
-                record: bytes,
-                ack,
-                reply,
-            },
-        )?;
+        self.rt.send(task, self.request(task, bytes, ack, Some(tx.into())))?;
         let answer = self.rt.answer(rx);
         Ok(async move {
             if ack == AckLevel::None {
-                return Ok(AppendResult {
-                    task,
-                    offset: None,
-                    ack_returns: BTreeMap::new(),
-                });
+                return Ok(Self::unacknowledged(task));
             }
             answer.await
         })
@@ -917,42 +935,14 @@ impl DepotClient {
         ack: AckLevel,
         done: impl FnOnce(Result<AppendResult>) + Send + 'static,
     ) -> Result<()> {
-        let task = self.task_for(record)?;
-        let bytes = archived::to_bytes(record);
-        Error::check_limit(
-            "record",
-            "record_bytes_max",
-            bytes.len(),
-            LogConfig::default().record_bytes_max as usize,
-        )?;
+        let (task, bytes) = self.encode(record)?;
         if ack == AckLevel::None {
-            self.rt.send(
-                task,
-                Request::Append {
-                    depot: self.depot,
-                    task,
-                    record: bytes,
-                    ack,
-                    reply: None,
-                },
-            )?;
-            done(Ok(AppendResult {
-                task,
-                offset: None,
-                ack_returns: BTreeMap::new(),
-            }));
+            self.rt.send(task, self.request(task, bytes, ack, None))?;
+            done(Ok(Self::unacknowledged(task)));
             return Ok(());
         }
-        self.rt.send(
-            task,
-            Request::Append {
-                depot: self.depot,
-                task,
-                record: bytes,
-                ack,
-                reply: Some(messages::Reply::callback(done)),
-            },
-        )
+        let reply = messages::Reply::callback(done);
+        self.rt.send(task, self.request(task, bytes, ack, Some(reply)))
     }
 
     /// Like [`append_async`](Self::append_async), but all the waiting
@@ -964,33 +954,15 @@ impl DepotClient {
         record: &Value,
         ack: AckLevel,
     ) -> Result<impl Future<Output = Result<AppendResult>> + Send + 'static> {
-        let task = self.task_for(record)?;
-        let bytes = archived::to_bytes(record);
-        Error::check_limit(
-            "record",
-            "record_bytes_max",
-            bytes.len(),
-            LogConfig::default().record_bytes_max as usize,
-        )?;
-        let (rt, depot) = (self.rt.clone(), self.depot);
+        let (task, bytes) = self.encode(record)?;
+        let (tx, rx) = flume::bounded(1);
+        let request = self.request(task, bytes, ack, Some(tx.into()));
+        let rt = self.rt.clone();
         Ok(async move {
-            let (tx, rx) = flume::bounded(1);
-            let reply = (ack != AckLevel::None).then(|| tx.into());
             let thread = rt.placement.thread_of_task[task as usize] as usize;
-            let request = Request::Append {
-                depot,
-                task,
-                record: bytes,
-                ack,
-                reply,
-            };
             rt.send_to_async(thread, LANE_CLIENT, request).await?;
             if ack == AckLevel::None {
-                return Ok(AppendResult {
-                    task,
-                    offset: None,
-                    ack_returns: BTreeMap::new(),
-                });
+                return Ok(Self::unacknowledged(task));
             }
             rt.answer(rx).await
         })
@@ -1087,6 +1059,14 @@ impl PStateClient {
         Ok(task_for_key(first, self.rt.placement.parallelism.tasks))
     }
 
+    /// `task` when given (checked), else the owner of the path's first key.
+    fn target(&self, task: Option<u32>, path: &[Nav]) -> Result<u32> {
+        match task {
+            Some(t) => self.check_task(t).map(|()| t),
+            None => self.route(path),
+        }
+    }
+
     fn check_task(&self, task: u32) -> Result<()> {
         let tasks = self.rt.placement.parallelism.tasks;
         if task >= tasks {
@@ -1131,13 +1111,7 @@ impl PStateClient {
         path: Vec<Nav>,
         done: impl FnOnce(Result<Vec<Value>>) + Send + 'static,
     ) -> Result<()> {
-        let task = match task {
-            Some(t) => {
-                self.check_task(t)?;
-                t
-            }
-            None => self.route(&path)?,
-        };
+        let task = self.target(task, &path)?;
         let ticket = GateTicket::enter(&self.rt);
         self.rt.send(
             task,
@@ -1160,10 +1134,7 @@ impl PStateClient {
         task: Option<u32>,
         path: Vec<Nav>,
     ) -> impl Future<Output = Result<Vec<Value>>> + Send + 'static {
-        let routed = match task {
-            Some(t) => self.check_task(t).map(|()| t),
-            None => self.route(&path),
-        };
+        let routed = self.target(task, &path);
         let (rt, pstate) = (self.rt.clone(), self.pstate);
         async move {
             let task = routed?;
