@@ -413,10 +413,10 @@ fn remote_section(out: &mut String, r: &Results) {
     let w = &remote.wordcount;
     let _ = writeln!(
         out,
-        "## 6. WordCount through the remote client
-
-         {}. The same plan as section 5: {} words per sentence, vocabulary {}, `Ack` appends, {} client threads          with {} appends in flight each through one `ClusterManager` (one connection to the worker), then an          open loop at half the maximum. Every count ({} words) equals the reference afterwards.
-",
+        "## 6. WordCount through the remote client\n\n\
+         {}. The same plan as section 5: {} words per sentence, vocabulary {}, `Ack` appends, {} client \
+         threads with {} appends in flight each through one `ClusterManager` (one connection to the worker), \
+         then an open loop at half the maximum. Every count ({} words) equals the reference afterwards.\n",
         remote.setup,
         w.words_per_sentence,
         int(w.vocabulary as f64),
@@ -427,8 +427,7 @@ fn remote_section(out: &mut String, r: &Results) {
     let in_process = r.wordcount.as_ref();
     let _ = writeln!(
         out,
-        "| run | word increments/s | sentences/s | Ack p50 at 50% | Ack p99 at 50% |
-|---|---:|---:|---:|---:|"
+        "| run | word increments/s | sentences/s | Ack p50 at 50% | Ack p99 at 50% |\n|---|---:|---:|---:|---:|"
     );
     if let Some(p) = in_process {
         let _ = writeln!(
@@ -442,8 +441,7 @@ fn remote_section(out: &mut String, r: &Results) {
     }
     let _ = writeln!(
         out,
-        "| remote client | {} | {} | {} | {} |
-",
+        "| remote client | {} | {} | {} | {} |\n",
         int(w.max.ops_per_sec),
         int(w.max_sentences_per_sec),
         micros(w.latency.p50_us),
@@ -452,24 +450,26 @@ fn remote_section(out: &mut String, r: &Results) {
     if let Some(p) = in_process {
         let _ = writeln!(
             out,
-            "Overhead of the network path: in-process over remote = {} (target at most 1.25x).
-",
+            "Overhead of the network path: in-process over remote = {} (target at most 1.25x). Per append \
+             the remote path adds encoding the request map, a write and a read on each side of the socket, \
+             and four thread hand-offs (client writer, server reader, task thread, server writer); the worker \
+             shares the 2 cores with the client, ZooKeeper and the daemons.\n",
             ratio(p.max.ops_per_sec / w.max.ops_per_sec)
         );
     }
     let s = &remote.selects;
     let _ = writeln!(
         out,
-        "## 7. PState point selects vs Redis GET
-
-         {} connections to the worker, each keeping {} `select`s of one word's count in flight (keys spread          over {} words, routed to their task). Beside it, in the same run: `redis-benchmark -t get -P {} -c {}          -r {}` against {} ({}).
-
-         | engine | point reads/s | ratio |
-|---|---:|---:|
-         | ours (remote `select`) | {} | {} |
-         | Redis GET | {} | 1.00x |
-",
+        "## 7. PState point selects vs Redis GET\n\n\
+         {} connections to the worker, each sending {} `select`s of one word's count at a time and taking \
+         their answers before the next {} (as `redis-benchmark -P` pipelines; keys spread over {} words, \
+         routed to their task). Beside it, in the same run: `redis-benchmark -t get -P {} -c {} -r {}` \
+         against {} ({}).\n\n\
+         | engine | point reads/s | ratio |\n|---|---:|---:|\n\
+         | ours (remote `select`) | {} | {} |\n\
+         | Redis GET | {} | 1.00x |\n",
         s.connections,
+        s.in_flight_per_connection,
         s.in_flight_per_connection,
         int(s.keys as f64),
         s.in_flight_per_connection,
@@ -480,6 +480,17 @@ fn remote_section(out: &mut String, r: &Results) {
         int(s.ours.ops_per_sec),
         ratio(s.ours.ops_per_sec / s.redis.ops_per_sec),
         int(s.redis.ops_per_sec)
+    );
+    let _ = writeln!(
+        out,
+        "Why the gap: a select crosses five threads (client writer, server reader, task thread, server \
+         writer, client reader) and each hand-off of a small pipeline wakes a sleeping thread (futex and \
+         scheduler time were the top of the profile, then `send`/`recv`), while Redis answers a pipeline \
+         on one event-loop thread with one read and one write. Measured steps so far: answering from the \
+         task thread instead of an executor (one hop less) and letting the writer gather frames made \
+         together; spinning task threads before they park made it worse on 2 cores. The planned step is \
+         to serve client connections on the task threads themselves (glommio's io_uring sockets), so a \
+         select for a local task crosses no thread.\n"
     );
 }
 
