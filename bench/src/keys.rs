@@ -19,13 +19,13 @@ pub fn mix(mut z: u64) -> u64 {
 pub struct Rng(pub u64);
 
 impl Rng {
-    pub fn next(&mut self) -> u64 {
+    pub fn next_u64(&mut self) -> u64 {
         self.0 = self.0.wrapping_add(1);
         mix(self.0)
     }
 
     pub fn below(&mut self, n: u64) -> u64 {
-        self.next() % n
+        self.next_u64() % n
     }
 }
 
@@ -43,7 +43,7 @@ pub fn key(seed: u64, i: u64) -> [u8; 16] {
 pub fn fill_value(rng: &mut Rng, value: &mut [u8]) {
     let half = value.len() / 2;
     for chunk in value[..half].chunks_mut(8) {
-        chunk.copy_from_slice(&rng.next().to_le_bytes()[..chunk.len()]);
+        chunk.copy_from_slice(&rng.next_u64().to_le_bytes()[..chunk.len()]);
     }
     value.copy_within(..half, half);
     if value.len() % 2 == 1 {

@@ -2,15 +2,7 @@
 //! loops and other engines; WordCount end to end), and the BENCHMARKS.md
 //! report of their results.
 
-mod depot;
-mod keys;
-mod lsm;
-mod machine;
-mod raw;
-mod remote;
-mod report;
-mod results;
-mod wordcount;
+use rama_bench::{depot, lsm, machine, remote, report, wordcount};
 
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
@@ -18,8 +10,8 @@ use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
 use clap::{Args, Parser, Subcommand};
 
-use crate::machine::Machine;
-use crate::results::{ensure, BenchResult, Results};
+use rama_bench::machine::Machine;
+use rama_bench::results::{ensure, BenchResult, Results};
 
 #[derive(Debug, Parser)]
 #[command(name = "rama-bench", about = "Benchmarks of the rama engine")]

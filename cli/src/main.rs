@@ -69,6 +69,47 @@ enum Cmd {
         #[arg(long = "configOverrides")]
         config_overrides: Option<PathBuf>,
     },
+    /// Puts load on a module and reports throughput and latency
+    /// percentiles: on the cluster of rama.yaml (the module deployed), or
+    /// with --inProcess on a cluster in this process.
+    Bench {
+        /// wordcount (WordCountModule), append (KvModule: records of
+        /// --recordBytes to --keys keys), select (KvModule point selects).
+        #[arg(long, default_value = "wordcount")]
+        workload: String,
+        /// Run the module in this process instead of on the cluster.
+        #[arg(long = "inProcess")]
+        in_process: bool,
+        #[arg(long, default_value_t = 8)]
+        tasks: u32,
+        #[arg(long, default_value_t = 2)]
+        threads: u32,
+        /// Client threads.
+        #[arg(long, default_value_t = 4)]
+        clients: usize,
+        /// Requests in flight per client (closed loop).
+        #[arg(long = "inFlight", default_value_t = 256)]
+        in_flight: usize,
+        /// Open loop at this many operations per second (latency from each
+        /// intended send time); without it, a closed loop.
+        #[arg(long)]
+        rate: Option<f64>,
+        #[arg(long, default_value_t = 10.0)]
+        seconds: f64,
+        #[arg(long = "recordBytes", default_value_t = 100)]
+        record_bytes: usize,
+        #[arg(long, default_value_t = 100_000)]
+        keys: u64,
+        /// uniform or zipfian.
+        #[arg(long, default_value = "uniform")]
+        skew: String,
+        /// ack, appendAck or none (appends).
+        #[arg(long = "ackLevel", default_value = "ack")]
+        ack_level: String,
+        /// Also write the result as JSON to this file.
+        #[arg(long)]
+        out: Option<PathBuf>,
+    },
     /// Runs a development ZooKeeper server (Debian's zookeeper package) on
     /// zookeeper.port with its data under local.dir, until interrupted.
     #[command(name = "devZookeeper")]
@@ -267,6 +308,55 @@ fn deploy(cli: &Cli, config: &Config) -> Result<(), Failure> {
         }
         std::thread::sleep(Duration::from_millis(200));
     }
+}
+
+fn bench(cli: &Cli, config: &Config) -> Result<(), Failure> {
+    use rama_bench::harness::{run, summary, Options, Skew, Workload};
+    let Cmd::Bench {
+        workload,
+        in_process,
+        tasks,
+        threads,
+        clients,
+        in_flight,
+        rate,
+        seconds,
+        record_bytes,
+        keys,
+        skew,
+        ack_level,
+        out,
+    } = &cli.command
+    else {
+        unreachable!("bench")
+    };
+    if !(seconds.is_finite() && *seconds > 0.0) {
+        return Err(Failure::Usage(format!("--seconds {seconds}: a positive number")));
+    }
+    let options = Options {
+        workload: Workload::parse(workload).map_err(Failure::Usage)?,
+        cluster: (!in_process).then(|| config.path().to_path_buf()),
+        tasks: *tasks,
+        threads: *threads,
+        clients: *clients,
+        in_flight: *in_flight,
+        rate: *rate,
+        duration: Duration::from_secs_f64(*seconds),
+        record_bytes: *record_bytes,
+        keys: *keys,
+        skew: Skew::parse(skew).map_err(Failure::Usage)?,
+        ack: ack_level_named(ack_level).map_err(|e| Failure::Usage(e.to_string()))?,
+        progress: true,
+    };
+    options.check().map_err(Failure::Usage)?;
+    let report = run(&options).map_err(|e| Failure::Failed(e.to_string()))?;
+    println!("{}", summary(&report));
+    if let Some(path) = out {
+        let json = serde_json::to_string_pretty(&report).map_err(|e| Failure::Failed(e.to_string()))?;
+        std::fs::write(path, json).map_err(|e| Failure::Failed(format!("writing {}: {e}", path.display())))?;
+        println!("result written to {}", path.display());
+    }
+    Ok(())
 }
 
 fn dev_zookeeper(config: &Config) -> Result<(), String> {
@@ -478,6 +568,7 @@ fn main() -> ExitCode {
                 Ok(())
             }
             Cmd::DepotAppend { .. } | Cmd::PstateSelect { .. } | Cmd::QueryInvoke { .. } => data_command(&cli, &config),
+            Cmd::Bench { .. } => bench(&cli, &config),
         });
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -384,6 +384,29 @@ fn deploy_serve_survive_crashes_and_destroy() {
     assert_eq!(String::from_utf8_lossy(&select().stdout), format!("[{the}]\n"));
     sups[which] = Some(restarted);
 
+    // rama bench against the running module; a module that is not
+    // deployed is named.
+    let out = conductor.rama(&[
+        "bench",
+        "--workload",
+        "wordcount",
+        "--seconds",
+        "1",
+        "--clients",
+        "2",
+        "--inFlight",
+        "16",
+    ]);
+    assert!(out.status.success(), "{}", text(&out));
+    assert!(text(&out).contains("WordCount on the cluster of"), "{}", text(&out));
+    let out = conductor.rama(&["bench", "--workload", "append", "--seconds", "1"]);
+    assert_eq!(out.status.code(), Some(1), "{}", text(&out));
+    assert!(
+        text(&out).contains("no module named KvModule is running"),
+        "{}",
+        text(&out)
+    );
+
     // destroy: the workers, their assignments and their data are gone.
     let workers: Vec<u32> = with_worker.iter().map(|&i| nodes[i].worker_pid().unwrap()).collect();
     let out = conductor.rama(&["destroy", "WordCountModule"]);

@@ -6,12 +6,16 @@
 //!   accounts exactly once, rejecting overdrafts; query `totalFunds`.
 //! - [`TimelineModule`]: stream topologies fanning posts out to every
 //!   follower's timeline (a subindexed sorted map).
+//! - [`KvModule`]: records set keys of a key-value PState; the generic
+//!   workload of the benchmark harness.
 
 mod bank;
+mod kv;
 mod timeline;
 mod wordcount;
 
 pub use bank::BankTransferModule;
+pub use kv::KvModule;
 pub use timeline::TimelineModule;
 pub use wordcount::{words, WordCountModule};
 

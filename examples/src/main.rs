@@ -2,5 +2,6 @@
 net::module_main!(
     rama_examples::WordCountModule,
     rama_examples::BankTransferModule,
-    rama_examples::TimelineModule
+    rama_examples::TimelineModule,
+    rama_examples::KvModule
 );

@@ -1,0 +1,584 @@
+//! The load harness behind `rama bench`: drives a module on an in-process
+//! cluster or on a running cluster (`rama.yaml`) and reports throughput and
+//! latency percentiles.
+//!
+//! Workloads: `wordcount` (sentences appended to WordCountModule),
+//! `append` (the generic one: records of a chosen size to KvModule, keys
+//! uniform or zipfian), `select` (point selects of KvModule keys, after
+//! loading them). Closed loop (`clients` x `in_flight`, for the maximum) or
+//! open loop (`rate`: sends scheduled at fixed intervals, latency counted
+//! from each intended send time so a stall cannot hide; a rate the harness
+//! cannot send is an error, never a number).
+
+use std::future::Future;
+use std::io::{IsTerminal, Write};
+use std::path::PathBuf;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+use control::config::Side;
+use engine::cluster::{AckLevel, InProcessCluster};
+use engine::module::Module;
+use engine::pstate::Nav;
+use engine::value::Value;
+use hdrhistogram::Histogram;
+use net::manager::ClusterManager;
+use serde::{Deserialize, Serialize};
+
+use crate::results::{ensure, new_histogram, record, BenchResult, Latency};
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub enum Workload {
+    WordCount,
+    Append,
+    Select,
+}
+
+impl Workload {
+    pub fn parse(s: &str) -> Result<Workload, String> {
+        match s {
+            "wordcount" => Ok(Workload::WordCount),
+            "append" => Ok(Workload::Append),
+            "select" => Ok(Workload::Select),
+            _ => Err(format!("unknown workload {s:?} (workloads: wordcount, append, select)")),
+        }
+    }
+
+    fn module(self) -> &'static str {
+        match self {
+            Workload::WordCount => "WordCountModule",
+            Workload::Append | Workload::Select => "KvModule",
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub enum Skew {
+    Uniform,
+    /// Zipfian with this exponent (0.99 is the usual "hot keys" setting).
+    Zipfian(f64),
+}
+
+impl Skew {
+    pub fn parse(s: &str) -> Result<Skew, String> {
+        match s {
+            "uniform" => Ok(Skew::Uniform),
+            "zipfian" => Ok(Skew::Zipfian(0.99)),
+            _ => Err(format!("unknown key skew {s:?} (uniform or zipfian)")),
+        }
+    }
+}
+
+/// What to run.
+#[derive(Debug, Clone)]
+pub struct Options {
+    pub workload: Workload,
+    /// The cluster's `rama.yaml`; `None`: an in-process cluster of
+    /// `tasks`/`threads` in a temporary directory.
+    pub cluster: Option<PathBuf>,
+    pub tasks: u32,
+    pub threads: u32,
+    pub clients: usize,
+    pub in_flight: usize,
+    /// Open loop at this many operations per second; `None`: closed loop.
+    pub rate: Option<f64>,
+    pub duration: Duration,
+    pub record_bytes: usize,
+    pub keys: u64,
+    pub skew: Skew,
+    pub ack: AckLevel,
+    /// A progress line on stderr every second (when it is a terminal).
+    pub progress: bool,
+}
+
+impl Options {
+    /// Refuses settings that cannot make a meaningful run.
+    pub fn check(&self) -> Result<(), String> {
+        if self.clients == 0 || self.clients > 1024 {
+            return Err(format!("--clients {}: from 1 to 1024", self.clients));
+        }
+        if self.in_flight == 0 || self.in_flight > 4096 {
+            return Err(format!("--inFlight {}: from 1 to 4096", self.in_flight));
+        }
+        if self.duration.is_zero() || self.duration > Duration::from_secs(24 * 3600) {
+            return Err("--seconds: more than 0, at most a day".into());
+        }
+        if self.keys == 0 || (matches!(self.skew, Skew::Zipfian(_)) && self.keys > 10_000_000) {
+            return Err(format!(
+                "--keys {}: at least 1 (at most 10,000,000 with zipfian)",
+                self.keys
+            ));
+        }
+        if self.record_bytes > 1 << 20 {
+            return Err(format!("--recordBytes {}: at most 1 MiB", self.record_bytes));
+        }
+        if let Some(r) = self.rate {
+            if !(r.is_finite() && r > 0.0) {
+                return Err(format!("--rate {r}: a positive number of operations per second"));
+            }
+        }
+        Ok(())
+    }
+}
+
+/// What a run measured.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Report {
+    pub workload: Workload,
+    pub module: String,
+    /// `in-process (tasks 8, threads 2)` or the cluster's rama.yaml.
+    pub target: String,
+    /// `closed` or `open`.
+    pub mode: String,
+    pub clients: usize,
+    pub in_flight: usize,
+    pub offered_per_sec: Option<f64>,
+    pub record_bytes: usize,
+    pub keys: u64,
+    pub skew: Skew,
+    pub ack: String,
+    pub ops: u64,
+    pub errors: u64,
+    pub first_error: Option<String>,
+    pub seconds: f64,
+    pub ops_per_sec: f64,
+    pub latency: Latency,
+}
+
+type Pending = Pin<Box<dyn Future<Output = engine::Result<()>> + Send>>;
+
+/// Starts operations of a workload.
+trait Target: Sync {
+    fn start(&self, op: &Value) -> engine::Result<Pending>;
+}
+
+struct Appends<D>(D, AckLevel);
+
+impl Target for Appends<engine::cluster::DepotClient> {
+    fn start(&self, record: &Value) -> engine::Result<Pending> {
+        let f = self.0.append_async(record, self.1)?;
+        Ok(Box::pin(async move { f.await.map(|_| ()) }))
+    }
+}
+
+impl Target for Appends<net::remote::RemoteDepot> {
+    fn start(&self, record: &Value) -> engine::Result<Pending> {
+        let f = self.0.append_future(record, self.1)?;
+        Ok(Box::pin(async move { f.await.map(|_| ()) }))
+    }
+}
+
+struct Selects<P>(P);
+
+impl Target for Selects<engine::cluster::PStateClient> {
+    fn start(&self, key: &Value) -> engine::Result<Pending> {
+        let f = self.0.select_future(None, vec![Nav::Key(key.clone())]);
+        Ok(Box::pin(async move { f.await.map(|_| ()) }))
+    }
+}
+
+impl Target for Selects<net::remote::RemotePState> {
+    fn start(&self, key: &Value) -> engine::Result<Pending> {
+        let f = self.0.select_future(&[Nav::Key(key.clone())])?;
+        Ok(Box::pin(async move { f.await.map(|_| ()) }))
+    }
+}
+
+/// Keys (and sentences) for operation `i` of one client.
+struct Generator {
+    state: u64,
+    keys: u64,
+    /// Zipfian: cumulative probabilities of ranks 0..keys.
+    cdf: Option<std::sync::Arc<Vec<f64>>>,
+    value: Vec<u8>,
+}
+
+impl Generator {
+    fn next_u64(&mut self) -> u64 {
+        self.state ^= self.state << 13;
+        self.state ^= self.state >> 7;
+        self.state ^= self.state << 17;
+        self.state
+    }
+
+    fn key(&mut self) -> u64 {
+        let x = self.next_u64();
+        match &self.cdf {
+            None => x % self.keys,
+            Some(cdf) => {
+                let u = (x >> 11) as f64 / (1u64 << 53) as f64;
+                cdf.partition_point(|&p| p < u).min(cdf.len() - 1) as u64
+            }
+        }
+    }
+
+    fn op(&mut self, workload: Workload) -> Value {
+        match workload {
+            Workload::WordCount => {
+                let words: Vec<String> = (0..10).map(|_| format!("w{}", self.key())).collect();
+                Value::from(words.join(" "))
+            }
+            Workload::Append => Value::map([
+                ("key", Value::from(format!("k{}", self.key()))),
+                ("value", Value::Bytes(self.value.clone())),
+            ]),
+            Workload::Select => Value::from(format!("k{}", self.key())),
+        }
+    }
+}
+
+fn zipf_cdf(keys: u64, s: f64) -> Vec<f64> {
+    let mut cdf = Vec::with_capacity(keys as usize);
+    let mut sum = 0.0;
+    for k in 1..=keys {
+        sum += 1.0 / (k as f64).powf(s);
+        cdf.push(sum);
+    }
+    for p in &mut cdf {
+        *p /= sum;
+    }
+    cdf
+}
+
+/// Counters the progress line shows.
+#[derive(Default)]
+struct Live {
+    done: AtomicU64,
+    errors: AtomicU64,
+    first_error: Mutex<Option<String>>,
+}
+
+impl Live {
+    fn finished(&self, r: engine::Result<()>) {
+        self.done.fetch_add(1, Ordering::Relaxed);
+        if let Err(e) = r {
+            self.errors.fetch_add(1, Ordering::Relaxed);
+            self.first_error
+                .lock()
+                .expect("first error")
+                .get_or_insert(e.to_string());
+        }
+    }
+}
+
+fn progress(live: &Live, stop: &AtomicBool, started: Instant) {
+    let mut last = (0u64, started);
+    while !stop.load(Ordering::Relaxed) {
+        std::thread::sleep(Duration::from_millis(200));
+        if last.1.elapsed() < Duration::from_secs(1) {
+            continue;
+        }
+        let done = live.done.load(Ordering::Relaxed);
+        let rate = (done - last.0) as f64 / last.1.elapsed().as_secs_f64();
+        last = (done, Instant::now());
+        let mut err = std::io::stderr();
+        let _ = write!(
+            err,
+            "\r  {:>4.0} s  {done:>10} ops  {rate:>10.0} ops/s  {} errors   ",
+            started.elapsed().as_secs_f64(),
+            live.errors.load(Ordering::Relaxed)
+        );
+        let _ = err.flush();
+    }
+    let _ = writeln!(std::io::stderr());
+}
+
+fn closed_loop(o: &Options, target: &dyn Target, gens: Vec<Generator>, live: &Live) -> BenchResult<Histogram<u64>> {
+    let deadline = Instant::now() + o.duration;
+    std::thread::scope(|s| {
+        let handles: Vec<_> = gens
+            .into_iter()
+            .map(|mut gen| {
+                s.spawn(move || -> Result<Histogram<u64>, String> {
+                    let mut hist = new_histogram();
+                    let mut window: std::collections::VecDeque<(Instant, Pending)> =
+                        std::collections::VecDeque::with_capacity(o.in_flight);
+                    while Instant::now() < deadline {
+                        if window.len() == o.in_flight {
+                            let (sent, f) = window.pop_front().expect("full");
+                            live.finished(futures_lite::future::block_on(f));
+                            record(&mut hist, sent.elapsed());
+                        }
+                        let op = gen.op(o.workload);
+                        let sent = Instant::now();
+                        window.push_back((sent, target.start(&op).map_err(|e| e.to_string())?));
+                    }
+                    for (sent, f) in window {
+                        live.finished(futures_lite::future::block_on(f));
+                        record(&mut hist, sent.elapsed());
+                    }
+                    Ok(hist)
+                })
+            })
+            .collect();
+        let mut all = new_histogram();
+        for h in handles {
+            all.add(h.join().map_err(|_| "a client thread panicked")??)?;
+        }
+        Ok(all)
+    })
+}
+
+fn open_loop(
+    o: &Options,
+    rate: f64,
+    target: &dyn Target,
+    mut gen: Generator,
+    live: &Live,
+) -> BenchResult<Histogram<u64>> {
+    let count = ((rate * o.duration.as_secs_f64()) as u64).max(1);
+    let interval = Duration::from_secs_f64(1.0 / rate);
+    // Bounded: when answers lag this far behind, the sender waits, falls
+    // behind its schedule and the run says so.
+    let (tx, rx) = flume::bounded::<(Instant, Pending)>(o.clients * o.in_flight);
+    std::thread::scope(|s| {
+        let collectors: Vec<_> = (0..o.clients.clamp(1, 8))
+            .map(|_| {
+                let rx = rx.clone();
+                s.spawn(move || {
+                    let mut hist = new_histogram();
+                    for (intended, f) in rx {
+                        live.finished(futures_lite::future::block_on(f));
+                        record(&mut hist, intended.elapsed());
+                    }
+                    hist
+                })
+            })
+            .collect();
+        drop(rx);
+        let started = Instant::now();
+        // Late sends tolerated: 1% of the run (at least 100, for short
+        // runs on a busy machine).
+        let late_max = (count / 100).max(100);
+        let mut late = 0u64;
+        let mut sent = 0u64;
+        for i in 0..count {
+            let intended = started + interval.mul_f64(i as f64);
+            let now = Instant::now();
+            if intended > now {
+                std::thread::sleep(intended - now);
+            } else if now - intended > Duration::from_millis(10) {
+                late += 1;
+                if late > late_max {
+                    // Far behind already: the rest would only measure the
+                    // harness's own queue.
+                    break;
+                }
+            }
+            let op = gen.op(o.workload);
+            let f = target.start(&op)?;
+            if tx.send((intended, f)).is_err() {
+                break;
+            }
+            sent += 1;
+        }
+        drop(tx);
+        let mut all = new_histogram();
+        for c in collectors {
+            all.add(c.join().map_err(|_| "a collector panicked")?)?;
+        }
+        ensure(late <= late_max, || {
+            format!(
+                "the harness could not send {rate:.0} ops/s: {late} of {sent} sends were more than 10 ms behind \
+                 schedule (the cluster is slower than that, or this machine cannot generate it); no rate is \
+                 reported. Lower --rate, or use the closed loop for the maximum"
+            )
+        })?;
+        Ok(all)
+    })
+}
+
+fn generators(o: &Options) -> Vec<Generator> {
+    let cdf = match o.skew {
+        Skew::Uniform => None,
+        Skew::Zipfian(s) => Some(std::sync::Arc::new(zipf_cdf(o.keys, s))),
+    };
+    (0..o.clients.max(1))
+        .map(|c| Generator {
+            state: 0x9E37_79B9_7F4A_7C15 ^ ((c as u64 + 1) << 32),
+            keys: o.keys,
+            cdf: cdf.clone(),
+            value: (0..o.record_bytes).map(|i| i as u8).collect(),
+        })
+        .collect()
+}
+
+/// Loads every key once (for the select workload), closed loop, `Ack`.
+fn load_keys(o: &Options, target: &dyn Target) -> BenchResult<()> {
+    let live = Live::default();
+    let per = o.keys.div_ceil(4);
+    std::thread::scope(|s| -> BenchResult<()> {
+        let handles: Vec<_> = (0..4u64)
+            .map(|c| {
+                let live = &live;
+                s.spawn(move || -> Result<(), String> {
+                    let mut window = std::collections::VecDeque::new();
+                    for k in (c * per)..((c + 1) * per).min(o.keys) {
+                        if window.len() == 256 {
+                            let f: Pending = window.pop_front().expect("full");
+                            live.finished(futures_lite::future::block_on(f));
+                        }
+                        let r = Value::map([
+                            ("key", Value::from(format!("k{k}"))),
+                            ("value", Value::Bytes(vec![7; o.record_bytes])),
+                        ]);
+                        window.push_back(target.start(&r).map_err(|e| e.to_string())?);
+                    }
+                    for f in window {
+                        live.finished(futures_lite::future::block_on(f));
+                    }
+                    Ok(())
+                })
+            })
+            .collect();
+        for h in handles {
+            h.join().map_err(|_| "a loader panicked")??;
+        }
+        Ok(())
+    })?;
+    let errors = live.errors.load(Ordering::Relaxed);
+    ensure(errors == 0, || {
+        format!(
+            "loading the keys failed {errors} times: {}",
+            live.first_error
+                .lock()
+                .expect("first error")
+                .clone()
+                .unwrap_or_default()
+        )
+    })
+}
+
+/// What one measured run returns: latencies, operations, errors, the first
+/// error, seconds.
+type Measured = (Histogram<u64>, u64, u64, Option<String>, f64);
+
+fn measure(o: &Options, target: &dyn Target) -> BenchResult<Measured> {
+    let live = Live::default();
+    let stop = AtomicBool::new(false);
+    let started = Instant::now();
+    let show = o.progress && std::io::stderr().is_terminal();
+    let hist = std::thread::scope(|s| {
+        if show {
+            s.spawn(|| progress(&live, &stop, started));
+        }
+        let hist = match o.rate {
+            None => closed_loop(o, target, generators(o), &live),
+            Some(rate) => open_loop(o, rate, target, generators(o).remove(0), &live),
+        };
+        stop.store(true, Ordering::Relaxed);
+        hist
+    })?;
+    let seconds = started.elapsed().as_secs_f64();
+    let first_error = live.first_error.lock().expect("first error").clone();
+    Ok((
+        hist,
+        live.done.load(Ordering::Relaxed),
+        live.errors.load(Ordering::Relaxed),
+        first_error,
+        seconds,
+    ))
+}
+
+/// Runs the workload and reports what it measured.
+pub fn run(o: &Options) -> BenchResult<Report> {
+    o.check()?;
+    let module = o.workload.module();
+    let run_on = |target: &dyn Target, loader: Option<&dyn Target>| -> BenchResult<_> {
+        if let Some(l) = loader {
+            load_keys(o, l)?;
+        }
+        measure(o, target)
+    };
+    let (measured, target_name) = match &o.cluster {
+        None => {
+            let dir = std::env::temp_dir().join(format!("rama-bench-{}", std::process::id()));
+            let mut cluster = InProcessCluster::new(&dir);
+            let def = match o.workload {
+                Workload::WordCount => rama_examples::WordCountModule::define()?,
+                Workload::Append | Workload::Select => rama_examples::KvModule::define()?,
+            };
+            cluster.launch(def, o.tasks, o.threads)?;
+            let measured = (|| match o.workload {
+                Workload::WordCount => run_on(&Appends(cluster.depot(module, "*sentences")?, o.ack), None),
+                Workload::Append => run_on(&Appends(cluster.depot(module, "*records")?, o.ack), None),
+                Workload::Select => run_on(
+                    &Selects(cluster.pstate(module, "$$kv")?),
+                    Some(&Appends(cluster.depot(module, "*records")?, AckLevel::Ack)),
+                ),
+            })();
+            let stopped = cluster.shutdown();
+            let _ = std::fs::remove_dir_all(&dir);
+            stopped?;
+            (
+                measured?,
+                format!("in-process (tasks {}, threads {})", o.tasks, o.threads),
+            )
+        }
+        Some(config) => {
+            let manager = ClusterManager::open_with(Some(config), &[], Side::External)?;
+            let measured = match o.workload {
+                Workload::WordCount => run_on(&Appends(manager.depot(module, "*sentences")?, o.ack), None),
+                Workload::Append => run_on(&Appends(manager.depot(module, "*records")?, o.ack), None),
+                Workload::Select => run_on(
+                    &Selects(manager.pstate(module, "$$kv")?),
+                    Some(&Appends(manager.depot(module, "*records")?, AckLevel::Ack)),
+                ),
+            }?;
+            (measured, format!("the cluster of {}", config.display()))
+        }
+    };
+    let (hist, ops, errors, first_error, seconds) = measured;
+    Ok(Report {
+        workload: o.workload,
+        module: module.to_string(),
+        target: target_name,
+        mode: if o.rate.is_some() { "open" } else { "closed" }.into(),
+        clients: o.clients,
+        in_flight: o.in_flight,
+        offered_per_sec: o.rate,
+        record_bytes: o.record_bytes,
+        keys: o.keys,
+        skew: o.skew,
+        ack: format!("{:?}", o.ack),
+        ops,
+        errors,
+        first_error,
+        seconds,
+        ops_per_sec: ops as f64 / seconds,
+        latency: Latency::from_histogram(&hist),
+    })
+}
+
+/// The report as a few lines for a terminal.
+pub fn summary(r: &Report) -> String {
+    let ms = |us: f64| format!("{:.3} ms", us / 1000.0);
+    format!(
+        "{:?} on {} ({} loop{}): {} ops in {:.1} s = {:.0} ops/s, {} errors\n\
+         latency: p50 {}  p90 {}  p99 {}  p99.9 {}  max {}{}",
+        r.workload,
+        r.target,
+        r.mode,
+        r.offered_per_sec
+            .map(|x| format!(" at {x:.0} ops/s"))
+            .unwrap_or_default(),
+        r.ops,
+        r.seconds,
+        r.ops_per_sec,
+        r.errors,
+        ms(r.latency.p50_us),
+        ms(r.latency.p90_us),
+        ms(r.latency.p99_us),
+        ms(r.latency.p999_us),
+        ms(r.latency.max_us),
+        r.first_error
+            .as_ref()
+            .map(|e| format!("\nfirst error: {e}"))
+            .unwrap_or_default()
+    )
+}

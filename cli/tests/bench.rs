@@ -1,0 +1,114 @@
+//! `rama bench`: a closed loop and an open loop on an in-process cluster,
+//! the JSON result, and the runs it refuses.
+
+use std::path::Path;
+use std::process::Command;
+
+fn rama(dir: &Path, args: &[&str]) -> std::process::Output {
+    Command::new(env!("CARGO_BIN_EXE_rama"))
+        .current_dir(dir)
+        .env_remove("RAMA_CONFIG")
+        .args(args)
+        .output()
+        .unwrap()
+}
+
+fn text(o: &std::process::Output) -> String {
+    format!(
+        "{}{}",
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr)
+    )
+}
+
+#[test]
+fn bench_measures_and_refuses_what_it_cannot_measure() {
+    let dir = tempfile::tempdir().unwrap();
+    let out_file = dir.path().join("result.json");
+    let out = rama(
+        dir.path(),
+        &[
+            "bench",
+            "--inProcess",
+            "--workload",
+            "append",
+            "--seconds",
+            "1",
+            "--clients",
+            "2",
+            "--inFlight",
+            "32",
+            "--keys",
+            "1000",
+            "--skew",
+            "zipfian",
+            "--recordBytes",
+            "64",
+            "--out",
+            out_file.to_str().unwrap(),
+        ],
+    );
+    assert!(out.status.success(), "{}", text(&out));
+    assert!(text(&out).contains("latency: p50"), "{}", text(&out));
+    let r: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&out_file).unwrap()).unwrap();
+    assert_eq!(r["workload"], "append");
+    assert_eq!(r["mode"], "closed");
+    assert_eq!(r["errors"], 0);
+    assert!(r["ops"].as_u64().unwrap() > 0);
+    let p = |k: &str| r["latency"][k].as_f64().unwrap();
+    assert!(
+        p("p50_us") > 0.0 && p("p50_us") <= p("p99_us") && p("p99_us") <= p("max_us"),
+        "{r}"
+    );
+
+    // Open loop at a rate it can send: about that many operations.
+    let out = rama(
+        dir.path(),
+        &[
+            "bench",
+            "--inProcess",
+            "--workload",
+            "select",
+            "--keys",
+            "200",
+            "--seconds",
+            "1",
+            "--rate",
+            "200",
+        ],
+    );
+    assert!(out.status.success(), "{}", text(&out));
+    assert!(
+        text(&out).contains("open loop at 200 ops/s): 200 ops"),
+        "{}",
+        text(&out)
+    );
+
+    // A rate the harness cannot send is an error, not a number.
+    let out = rama(
+        dir.path(),
+        &[
+            "bench",
+            "--inProcess",
+            "--workload",
+            "append",
+            "--seconds",
+            "1",
+            "--rate",
+            "50000000",
+        ],
+    );
+    assert_eq!(out.status.code(), Some(1), "{}", text(&out));
+    assert!(text(&out).contains("could not send"), "{}", text(&out));
+
+    for (args, why) in [
+        (vec!["--workload", "nope"], "unknown workload"),
+        (vec!["--clients", "0"], "--clients 0"),
+        (vec!["--skew", "pareto"], "unknown key skew"),
+        (vec!["--seconds", "0"], "--seconds"),
+    ] {
+        let out = rama(dir.path(), &[&["bench", "--inProcess"][..], &args].concat());
+        assert_eq!(out.status.code(), Some(2), "{args:?}: {}", text(&out));
+        assert!(text(&out).contains(why), "{args:?}: {}", text(&out));
+    }
+}
