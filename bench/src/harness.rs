@@ -148,6 +148,13 @@ pub struct Report {
     pub seconds: f64,
     pub ops_per_sec: f64,
     pub latency: Latency,
+    /// CPU and memory of the processes serving the module during the run.
+    pub processes: Vec<crate::procstat::ProcessUse>,
+    /// Their CPU time per operation, in microseconds (`None` when they run
+    /// on other machines).
+    pub cpu_us_per_op: Option<f64>,
+    /// Why `processes` is empty, when it is.
+    pub processes_note: Option<String>,
 }
 
 type Pending = Pin<Box<dyn Future<Output = engine::Result<()>> + Send>>;
@@ -489,11 +496,16 @@ fn measure(o: &Options, target: &dyn Target) -> BenchResult<Measured> {
 pub fn run(o: &Options) -> BenchResult<Report> {
     o.check()?;
     let module = o.workload.module();
-    let run_on = |target: &dyn Target, loader: Option<&dyn Target>| -> BenchResult<_> {
+    let run_on = |target: &dyn Target,
+                  loader: Option<&dyn Target>,
+                  procs: Vec<(u32, String)>|
+     -> BenchResult<(Measured, Vec<crate::procstat::ProcessUse>)> {
         if let Some(l) = loader {
             load_keys(o, l)?;
         }
-        measure(o, target)
+        let watch = crate::procstat::Watch::start(procs);
+        let measured = measure(o, target)?;
+        Ok((measured, watch.finish()))
     };
     let (measured, target_name) = match &o.cluster {
         None => {
@@ -504,12 +516,17 @@ pub fn run(o: &Options) -> BenchResult<Report> {
                 Workload::Append | Workload::Select => rama_examples::KvModule::define()?,
             };
             cluster.launch(def, o.tasks, o.threads)?;
+            let me = vec![(
+                std::process::id(),
+                "this process (the cluster and the clients)".to_string(),
+            )];
             let measured = (|| match o.workload {
-                Workload::WordCount => run_on(&Appends(cluster.depot(module, "*sentences")?, o.ack), None),
-                Workload::Append => run_on(&Appends(cluster.depot(module, "*records")?, o.ack), None),
+                Workload::WordCount => run_on(&Appends(cluster.depot(module, "*sentences")?, o.ack), None, me),
+                Workload::Append => run_on(&Appends(cluster.depot(module, "*records")?, o.ack), None, me),
                 Workload::Select => run_on(
                     &Selects(cluster.pstate(module, "$$kv")?),
                     Some(&Appends(cluster.depot(module, "*records")?, AckLevel::Ack)),
+                    me,
                 ),
             })();
             let stopped = cluster.shutdown();
@@ -522,18 +539,33 @@ pub fn run(o: &Options) -> BenchResult<Report> {
         }
         Some(config) => {
             let manager = ClusterManager::open_with(Some(config), &[], Side::External)?;
+            // The workers' processes, when they run on this machine.
+            let workers: Vec<(u32, String)> = manager
+                .workers(module)?
+                .into_iter()
+                .filter_map(|w| {
+                    let port = w.address.rsplit(':').next()?.parse().ok()?;
+                    let pid = crate::procstat::listener_pid(port)?;
+                    Some((pid, format!("worker {} at {}", w.worker, w.address)))
+                })
+                .collect();
             let measured = match o.workload {
-                Workload::WordCount => run_on(&Appends(manager.depot(module, "*sentences")?, o.ack), None),
-                Workload::Append => run_on(&Appends(manager.depot(module, "*records")?, o.ack), None),
+                Workload::WordCount => run_on(&Appends(manager.depot(module, "*sentences")?, o.ack), None, workers),
+                Workload::Append => run_on(&Appends(manager.depot(module, "*records")?, o.ack), None, workers),
                 Workload::Select => run_on(
                     &Selects(manager.pstate(module, "$$kv")?),
                     Some(&Appends(manager.depot(module, "*records")?, AckLevel::Ack)),
+                    workers,
                 ),
             }?;
             (measured, format!("the cluster of {}", config.display()))
         }
     };
-    let (hist, ops, errors, first_error, seconds) = measured;
+    let ((hist, ops, errors, first_error, seconds), processes) = measured;
+    let cpu: f64 = processes.iter().map(|p| p.cpu_seconds).sum();
+    let processes_note = processes
+        .is_empty()
+        .then(|| "the module's workers do not run on this machine; their CPU and memory are not measured".to_string());
     Ok(Report {
         workload: o.workload,
         module: module.to_string(),
@@ -552,6 +584,9 @@ pub fn run(o: &Options) -> BenchResult<Report> {
         seconds,
         ops_per_sec: ops as f64 / seconds,
         latency: Latency::from_histogram(&hist),
+        cpu_us_per_op: (!processes.is_empty() && ops > 0).then(|| cpu / ops as f64 * 1e6),
+        processes,
+        processes_note,
     })
 }
 
@@ -580,5 +615,25 @@ pub fn summary(r: &Report) -> String {
             .as_ref()
             .map(|e| format!("\nfirst error: {e}"))
             .unwrap_or_default()
-    )
+    ) + &cost(r)
+}
+
+fn cost(r: &Report) -> String {
+    let mut out = String::new();
+    for p in &r.processes {
+        out += &format!(
+            "\n{} (pid {}): {:.2} cores, {:.1} MB resident (peak {:.1} MB)",
+            p.role,
+            p.pid,
+            p.cores,
+            p.rss_bytes as f64 / 1e6,
+            p.peak_rss_bytes as f64 / 1e6
+        );
+    }
+    match (r.cpu_us_per_op, &r.processes_note) {
+        (Some(us), _) => out += &format!("\ncost: {us:.1} µs of CPU per operation"),
+        (None, Some(note)) => out += &format!("\n{note}"),
+        _ => {}
+    }
+    out
 }

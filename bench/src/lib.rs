@@ -9,6 +9,7 @@ pub mod harness;
 pub mod keys;
 pub mod lsm;
 pub mod machine;
+pub mod procstat;
 pub mod raw;
 pub mod remote;
 pub mod report;

@@ -50,11 +50,14 @@ fn bench_measures_and_refuses_what_it_cannot_measure() {
     );
     assert!(out.status.success(), "{}", text(&out));
     assert!(text(&out).contains("latency: p50"), "{}", text(&out));
+    assert!(text(&out).contains("µs of CPU per operation"), "{}", text(&out));
     let r: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&out_file).unwrap()).unwrap();
     assert_eq!(r["workload"], "append");
     assert_eq!(r["mode"], "closed");
     assert_eq!(r["errors"], 0);
     assert!(r["ops"].as_u64().unwrap() > 0);
+    assert!(r["processes"][0]["rssBytes"].as_u64().unwrap() > 0, "{r}");
+    assert!(r["cpuUsPerOp"].as_f64().unwrap() > 0.0, "{r}");
     let p = |k: &str| r["latency"][k].as_f64().unwrap();
     assert!(
         p("p50_us") > 0.0 && p("p50_us") <= p("p99_us") && p("p99_us") <= p("max_us"),

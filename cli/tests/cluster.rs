@@ -399,6 +399,9 @@ fn deploy_serve_survive_crashes_and_destroy() {
     ]);
     assert!(out.status.success(), "{}", text(&out));
     assert!(text(&out).contains("WordCount on the cluster of"), "{}", text(&out));
+    // The cost of an operation, from the two worker processes' CPU time.
+    assert_eq!(text(&out).matches("resident (peak").count(), 2, "{}", text(&out));
+    assert!(text(&out).contains("µs of CPU per operation"), "{}", text(&out));
     let out = conductor.rama(&["bench", "--workload", "append", "--seconds", "1"]);
     assert_eq!(out.status.code(), Some(1), "{}", text(&out));
     assert!(
