@@ -492,22 +492,28 @@ fn measure(o: &Options, target: &dyn Target) -> BenchResult<Measured> {
     ))
 }
 
-/// Runs the workload and reports what it measured.
-pub fn run(o: &Options) -> BenchResult<Report> {
+/// Where a run goes: the target, the processes serving it, and its shape.
+struct Setup {
+    processes: Vec<(u32, String)>,
+    name: String,
+    /// Task threads serving the module, and the machines they run on.
+    threads: u32,
+    nodes: usize,
+}
+
+/// Sets up the workload's target (an in-process cluster, or clients of the
+/// cluster of rama.yaml), loads the keys a select workload reads, and runs
+/// `f` on it.
+fn with_target<R>(o: &Options, f: impl FnOnce(&dyn Target, &Setup) -> BenchResult<R>) -> BenchResult<R> {
     o.check()?;
     let module = o.workload.module();
-    let run_on = |target: &dyn Target,
-                  loader: Option<&dyn Target>,
-                  procs: Vec<(u32, String)>|
-     -> BenchResult<(Measured, Vec<crate::procstat::ProcessUse>)> {
+    let go = |target: &dyn Target, loader: Option<&dyn Target>, setup: Setup| -> BenchResult<R> {
         if let Some(l) = loader {
             load_keys(o, l)?;
         }
-        let watch = crate::procstat::Watch::start(procs);
-        let measured = measure(o, target)?;
-        Ok((measured, watch.finish()))
+        f(target, &setup)
     };
-    let (measured, target_name) = match &o.cluster {
+    match &o.cluster {
         None => {
             let dir = std::env::temp_dir().join(format!("rama-bench-{}", std::process::id()));
             let mut cluster = InProcessCluster::new(&dir);
@@ -516,60 +522,91 @@ pub fn run(o: &Options) -> BenchResult<Report> {
                 Workload::Append | Workload::Select => rama_examples::KvModule::define()?,
             };
             cluster.launch(def, o.tasks, o.threads)?;
-            let me = vec![(
-                std::process::id(),
-                "this process (the cluster and the clients)".to_string(),
-            )];
-            let measured = (|| match o.workload {
-                Workload::WordCount => run_on(&Appends(cluster.depot(module, "*sentences")?, o.ack), None, me),
-                Workload::Append => run_on(&Appends(cluster.depot(module, "*records")?, o.ack), None, me),
-                Workload::Select => run_on(
-                    &Selects(cluster.pstate(module, "$$kv")?),
-                    Some(&Appends(cluster.depot(module, "*records")?, AckLevel::Ack)),
-                    me,
-                ),
+            let setup = || Setup {
+                processes: vec![(
+                    std::process::id(),
+                    "this process (the cluster and the clients)".to_string(),
+                )],
+                name: format!("in-process (tasks {}, threads {})", o.tasks, o.threads),
+                threads: o.threads,
+                nodes: 1,
+            };
+            let result = (|| match o.workload {
+                Workload::WordCount => {
+                    let t = Appends(cluster.depot(module, "*sentences")?, o.ack);
+                    go(&t, None, setup())
+                }
+                Workload::Append => {
+                    let t = Appends(cluster.depot(module, "*records")?, o.ack);
+                    go(&t, None, setup())
+                }
+                Workload::Select => {
+                    let t = Selects(cluster.pstate(module, "$$kv")?);
+                    let loader = Appends(cluster.depot(module, "*records")?, AckLevel::Ack);
+                    go(&t, Some(&loader), setup())
+                }
             })();
             let stopped = cluster.shutdown();
             let _ = std::fs::remove_dir_all(&dir);
             stopped?;
-            (
-                measured?,
-                format!("in-process (tasks {}, threads {})", o.tasks, o.threads),
-            )
+            result
         }
         Some(config) => {
             let manager = ClusterManager::open_with(Some(config), &[], Side::External)?;
+            let registered = manager.workers(module)?;
             // The workers' processes, when they run on this machine.
-            let workers: Vec<(u32, String)> = manager
-                .workers(module)?
-                .into_iter()
+            let processes: Vec<(u32, String)> = registered
+                .iter()
                 .filter_map(|w| {
                     let port = w.address.rsplit(':').next()?.parse().ok()?;
                     let pid = crate::procstat::listener_pid(port)?;
                     Some((pid, format!("worker {} at {}", w.worker, w.address)))
                 })
                 .collect();
-            let measured = match o.workload {
-                Workload::WordCount => run_on(&Appends(manager.depot(module, "*sentences")?, o.ack), None, workers),
-                Workload::Append => run_on(&Appends(manager.depot(module, "*records")?, o.ack), None, workers),
-                Workload::Select => run_on(
-                    &Selects(manager.pstate(module, "$$kv")?),
-                    Some(&Appends(manager.depot(module, "*records")?, AckLevel::Ack)),
-                    workers,
-                ),
-            }?;
-            (measured, format!("the cluster of {}", config.display()))
+            let mut hosts: Vec<&str> = registered
+                .iter()
+                .filter_map(|w| w.address.rsplit_once(':').map(|(h, _)| h))
+                .collect();
+            hosts.sort_unstable();
+            hosts.dedup();
+            let setup = || Setup {
+                processes: processes.clone(),
+                name: format!("the cluster of {}", config.display()),
+                threads: registered.first().map_or(1, |w| w.threads),
+                nodes: hosts.len().max(1),
+            };
+            match o.workload {
+                Workload::WordCount => {
+                    let t = Appends(manager.depot(module, "*sentences")?, o.ack);
+                    go(&t, None, setup())
+                }
+                Workload::Append => {
+                    let t = Appends(manager.depot(module, "*records")?, o.ack);
+                    go(&t, None, setup())
+                }
+                Workload::Select => {
+                    let t = Selects(manager.pstate(module, "$$kv")?);
+                    let loader = Appends(manager.depot(module, "*records")?, AckLevel::Ack);
+                    go(&t, Some(&loader), setup())
+                }
+            }
         }
-    };
-    let ((hist, ops, errors, first_error, seconds), processes) = measured;
+    }
+}
+
+/// One measured run on a set-up target.
+fn report(o: &Options, target: &dyn Target, setup: &Setup) -> BenchResult<Report> {
+    let watch = crate::procstat::Watch::start(setup.processes.clone());
+    let (hist, ops, errors, first_error, seconds) = measure(o, target)?;
+    let processes = watch.finish();
     let cpu: f64 = processes.iter().map(|p| p.cpu_seconds).sum();
     let processes_note = processes
         .is_empty()
         .then(|| "the module's workers do not run on this machine; their CPU and memory are not measured".to_string());
     Ok(Report {
         workload: o.workload,
-        module: module.to_string(),
-        target: target_name,
+        module: o.workload.module().to_string(),
+        target: setup.name.clone(),
         mode: if o.rate.is_some() { "open" } else { "closed" }.into(),
         clients: o.clients,
         in_flight: o.in_flight,
@@ -588,6 +625,103 @@ pub fn run(o: &Options) -> BenchResult<Report> {
         processes,
         processes_note,
     })
+}
+
+/// Runs the workload and reports what it measured.
+pub fn run(o: &Options) -> BenchResult<Report> {
+    with_target(o, |target, setup| report(o, target, setup))
+}
+
+/// A capacity sweep: the offered load raised step by step until p99
+/// passes the bound.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Sweep {
+    pub p99_bound_ms: f64,
+    /// The closed-loop maximum the sweep started from.
+    pub closed_loop_max_per_sec: f64,
+    pub steps: Vec<Report>,
+    /// The highest offered rate whose p99 stayed within the bound, with no
+    /// errors (0 when even the first step passed it).
+    pub max_sustainable_per_sec: f64,
+    pub threads: u32,
+    pub nodes: usize,
+    pub per_thread_per_sec: f64,
+    pub per_node_per_sec: f64,
+}
+
+/// Measures the closed-loop maximum, then offers 10%, 20%, ... of it (open
+/// loop, `o.duration` per step) until a step's p99 passes `p99_bound`, it
+/// has errors, or the harness cannot send the rate.
+pub fn sweep(o: &Options, p99_bound: Duration) -> BenchResult<Sweep> {
+    with_target(o, |target, setup| {
+        let closed = Options {
+            rate: None,
+            progress: false,
+            ..o.clone()
+        };
+        let max = report(&closed, target, setup)?.ops_per_sec;
+        ensure(max > 0.0, || "the closed loop completed no operation".to_string())?;
+        let mut steps = Vec::new();
+        let mut sustained = 0.0;
+        for tenth in 1..=12u32 {
+            let rate = max * f64::from(tenth) / 10.0;
+            let open = Options {
+                rate: Some(rate),
+                ..o.clone()
+            };
+            let step = match report(&open, target, setup) {
+                Ok(r) => r,
+                // The harness cannot send this rate: the sweep ends here.
+                Err(e) if e.to_string().contains("could not send") => break,
+                Err(e) => return Err(e),
+            };
+            let ok = step.errors == 0 && step.latency.p99_us <= p99_bound.as_secs_f64() * 1e6;
+            if o.progress {
+                let _ = writeln!(
+                    std::io::stderr(),
+                    "  offered {rate:.0}/s: p99 {:.3} ms, {} errors{}",
+                    step.latency.p99_us / 1000.0,
+                    step.errors,
+                    if ok { "" } else { " (past the bound)" }
+                );
+            }
+            steps.push(step);
+            if !ok {
+                break;
+            }
+            sustained = rate;
+        }
+        Ok(Sweep {
+            p99_bound_ms: p99_bound.as_secs_f64() * 1000.0,
+            closed_loop_max_per_sec: max,
+            steps,
+            max_sustainable_per_sec: sustained,
+            threads: setup.threads,
+            nodes: setup.nodes,
+            per_thread_per_sec: sustained / f64::from(setup.threads.max(1)),
+            per_node_per_sec: sustained / setup.nodes.max(1) as f64,
+        })
+    })
+}
+
+/// What a target rate needs, from a sweep, with the assumptions it rests on.
+pub fn estimate(s: &Sweep, target_per_sec: f64, threads_per_node: u32) -> String {
+    if s.per_thread_per_sec <= 0.0 {
+        return "no step stayed within the latency bound, so there is nothing to scale from".into();
+    }
+    let threads = (target_per_sec / s.per_thread_per_sec).ceil().max(1.0) as u64;
+    let nodes = threads.div_ceil(u64::from(threads_per_node.max(1)));
+    format!(
+        "for {target_per_sec:.0} ops/s with p99 within {:.1} ms: {threads} task threads, on {nodes} nodes of \
+         {threads_per_node} task threads each (one worker per node), tasks a power of two of at least {}.\n\
+         assumptions: throughput scales linearly with task threads (measured {:.0} ops/s per thread at the \
+         bound); nodes like this machine; the workload as measured (record size, keys, skew, ack level); \
+         keys spread evenly over tasks; replication not counted (it does not exist yet).",
+        s.p99_bound_ms,
+        threads.next_power_of_two(),
+        s.per_thread_per_sec
+    )
 }
 
 /// The report as a few lines for a terminal.

@@ -109,6 +109,18 @@ enum Cmd {
         /// Also write the result as JSON to this file.
         #[arg(long)]
         out: Option<PathBuf>,
+        /// Capacity planning: measure the closed-loop maximum, then offer
+        /// 10%, 20%, ... of it (--seconds per step) until p99 passes
+        /// --p99Ms; report the highest sustainable rate per task thread and
+        /// per node.
+        #[arg(long)]
+        sweep: bool,
+        #[arg(long = "p99Ms", default_value_t = 10.0)]
+        p99_ms: f64,
+        /// With --sweep: estimate the task threads and nodes this rate
+        /// needs.
+        #[arg(long = "targetRate")]
+        target_rate: Option<f64>,
     },
     /// Runs a development ZooKeeper server (Debian's zookeeper package) on
     /// zookeeper.port with its data under local.dir, until interrupted.
@@ -326,10 +338,28 @@ fn bench(cli: &Cli, config: &Config) -> Result<(), Failure> {
         skew,
         ack_level,
         out,
+        sweep,
+        p99_ms,
+        target_rate,
     } = &cli.command
     else {
         unreachable!("bench")
     };
+    if !(p99_ms.is_finite() && *p99_ms > 0.0) {
+        return Err(Failure::Usage(format!(
+            "--p99Ms {p99_ms}: a positive number of milliseconds"
+        )));
+    }
+    if target_rate.is_some() && !sweep {
+        return Err(Failure::Usage(
+            "--targetRate needs --sweep (the estimate scales a sweep's result)".into(),
+        ));
+    }
+    if *sweep && rate.is_some() {
+        return Err(Failure::Usage(
+            "--sweep chooses the rates itself; leave out --rate".into(),
+        ));
+    }
     if !(seconds.is_finite() && *seconds > 0.0) {
         return Err(Failure::Usage(format!("--seconds {seconds}: a positive number")));
     }
@@ -349,10 +379,34 @@ fn bench(cli: &Cli, config: &Config) -> Result<(), Failure> {
         progress: true,
     };
     options.check().map_err(Failure::Usage)?;
-    let report = run(&options).map_err(|e| Failure::Failed(e.to_string()))?;
-    println!("{}", summary(&report));
+    let json = if *sweep {
+        let s = rama_bench::harness::sweep(&options, Duration::from_secs_f64(p99_ms / 1000.0))
+            .map_err(|e| Failure::Failed(e.to_string()))?;
+        println!(
+            "closed-loop maximum {:.0} ops/s; highest offered rate with p99 within {} ms: {:.0} ops/s\n\
+             = {:.0} ops/s per task thread ({} threads), {:.0} ops/s per node ({} nodes)",
+            s.closed_loop_max_per_sec,
+            s.p99_bound_ms,
+            s.max_sustainable_per_sec,
+            s.per_thread_per_sec,
+            s.threads,
+            s.per_node_per_sec,
+            s.nodes
+        );
+        if let Some(t) = target_rate {
+            println!(
+                "{}",
+                rama_bench::harness::estimate(&s, *t, (s.threads / s.nodes.max(1) as u32).max(1))
+            );
+        }
+        serde_json::to_string_pretty(&s)
+    } else {
+        let report = run(&options).map_err(|e| Failure::Failed(e.to_string()))?;
+        println!("{}", summary(&report));
+        serde_json::to_string_pretty(&report)
+    }
+    .map_err(|e| Failure::Failed(e.to_string()))?;
     if let Some(path) = out {
-        let json = serde_json::to_string_pretty(&report).map_err(|e| Failure::Failed(e.to_string()))?;
         std::fs::write(path, json).map_err(|e| Failure::Failed(format!("writing {}: {e}", path.display())))?;
         println!("result written to {}", path.display());
     }

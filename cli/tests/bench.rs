@@ -87,6 +87,46 @@ fn bench_measures_and_refuses_what_it_cannot_measure() {
         text(&out)
     );
 
+    // Capacity planning: a sweep up to the latency bound, and an estimate.
+    let sweep_file = dir.path().join("sweep.json");
+    let out = rama(
+        dir.path(),
+        &[
+            "bench",
+            "--inProcess",
+            "--workload",
+            "append",
+            "--seconds",
+            "0.5",
+            "--keys",
+            "1000",
+            "--sweep",
+            "--p99Ms",
+            "2000",
+            "--targetRate",
+            "1000000",
+            "--out",
+            sweep_file.to_str().unwrap(),
+        ],
+    );
+    assert!(out.status.success(), "{}", text(&out));
+    assert!(
+        text(&out).contains("ops/s per task thread (2 threads)"),
+        "{}",
+        text(&out)
+    );
+    assert!(
+        text(&out).contains("assumptions: throughput scales linearly"),
+        "{}",
+        text(&out)
+    );
+    let s: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&sweep_file).unwrap()).unwrap();
+    assert!(s["maxSustainablePerSec"].as_f64().unwrap() > 0.0, "{s}");
+    assert!(!s["steps"].as_array().unwrap().is_empty(), "{s}");
+    let out = rama(dir.path(), &["bench", "--inProcess", "--targetRate", "5"]);
+    assert_eq!(out.status.code(), Some(2), "{}", text(&out));
+    assert!(text(&out).contains("--targetRate needs --sweep"), "{}", text(&out));
+
     // A rate the harness cannot send is an error, not a number.
     let out = rama(
         dir.path(),
