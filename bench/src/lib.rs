@@ -11,6 +11,7 @@ pub mod lsm;
 pub mod machine;
 pub mod procstat;
 pub mod raw;
+pub mod redis;
 pub mod remote;
 pub mod report;
 pub mod results;

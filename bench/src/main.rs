@@ -196,6 +196,15 @@ fn run_all(args: &StorageArgs, data: &Path, started: Instant, started_unix: u64)
     let wordcount = wordcount::run(&wordcount_plan(args.quick), data)?;
     eprintln!("6-7. Through the network: a real cluster (rama dev), remote clients, redis-benchmark");
     let remote = remote::run(&wordcount_plan(args.quick), data, args.quick)?;
+    eprintln!("8. WordCount on Redis (HINCRBY per word), appendfsync always and everysec");
+    let plan = wordcount_plan(args.quick);
+    let sentences = wordcount::sample_sentences(&plan, plan.sentences);
+    let mut redis_wordcount = Vec::new();
+    for policy in ["always", "everysec"] {
+        let r = rama_bench::redis::wordcount(&data.join("redis-wc"), policy, &sentences, plan.clients, 256)?;
+        eprintln!("  appendfsync {policy}: {:.0} increments/s", r.increments_per_sec);
+        redis_wordcount.push(r);
+    }
     machine.load_end = machine::load_average();
 
     Ok(Results {
@@ -210,6 +219,7 @@ fn run_all(args: &StorageArgs, data: &Path, started: Instant, started_unix: u64)
         lsm,
         wordcount: Some(wordcount),
         remote: Some(remote),
+        redis_wordcount,
     })
 }
 

@@ -199,62 +199,10 @@ fn point_selects(addr: &str, connections: usize, ops: u64, keys: usize) -> Bench
     Ok(Throughput::new(per * connections as u64, 0, started.elapsed()))
 }
 
-fn redis_port() -> BenchResult<u16> {
-    Ok(std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
-}
-
-fn redis_ready(port: u16) -> bool {
-    use std::io::{Read, Write};
-    let Ok(mut s) = std::net::TcpStream::connect(("127.0.0.1", port)) else {
-        return false;
-    };
-    let _ = s.set_read_timeout(Some(Duration::from_secs(1)));
-    let mut buf = [0u8; 7];
-    s.write_all(b"PING\r\n").is_ok() && s.read_exact(&mut buf).is_ok() && &buf == b"+PONG\r\n"
-}
-
 /// `redis-benchmark` GETs against a Redis started (and stopped) here.
-fn redis_gets(dir: &Path, connections: usize, ops: u64, keys: usize) -> BenchResult<(Throughput, String)> {
-    for tool in ["redis-server", "redis-benchmark"] {
-        ensure(
-            Command::new(tool)
-                .arg("--version")
-                .output()
-                .is_ok_and(|o| o.status.success()),
-            || format!("{tool} is not installed; install Debian's redis-server package (scripts/install-deps does)"),
-        )?;
-    }
-    let version = String::from_utf8_lossy(&Command::new("redis-server").arg("--version").output()?.stdout)
-        .trim()
-        .to_string();
-    let data = dir.join("redis");
-    std::fs::create_dir_all(&data)?;
-    let port = redis_port()?;
-    let server = Stopped {
-        child: Command::new("redis-server")
-            .args([
-                "--bind",
-                "127.0.0.1",
-                "--port",
-                &port.to_string(),
-                "--save",
-                "",
-                "--appendonly",
-                "no",
-            ])
-            .arg("--dir")
-            .arg(&data)
-            .stdout(Stdio::null())
-            .spawn()?,
-        signal: libc::SIGTERM,
-    };
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while !redis_ready(port) {
-        ensure(Instant::now() < deadline, || {
-            "redis-server did not answer PING within 10 s".to_string()
-        })?;
-        std::thread::sleep(Duration::from_millis(20));
-    }
+fn redis_gets(dir: &Path, connections: usize, ops: u64, keys: usize) -> BenchResult<(Throughput, String, String)> {
+    let server = crate::redis::RedisServer::start(&dir.join("redis"), None)?;
+    let port = server.port;
     let bench = |args: &[&str]| -> BenchResult<String> {
         let out = Command::new("redis-benchmark")
             .args(["-h", "127.0.0.1", "-p", &port.to_string(), "--csv"])
@@ -282,6 +230,7 @@ fn redis_gets(dir: &Path, connections: usize, ops: u64, keys: usize) -> BenchRes
     let started = Instant::now();
     let csv = bench(&["-t", "get", "-P", "16", "-c", &c, "-r", &r, "-n", &ops.to_string()])?;
     let elapsed = started.elapsed();
+    let (version, setup) = (server.version.clone(), server.setup.clone());
     drop(server);
     // "GET","123456.78",... : requests per second as redis-benchmark measured.
     let rps: f64 = csv
@@ -290,11 +239,10 @@ fn redis_gets(dir: &Path, connections: usize, ops: u64, keys: usize) -> BenchRes
         .and_then(|l| l.split(',').nth(1))
         .and_then(|v| v.trim_matches('"').parse().ok())
         .ok_or_else(|| format!("no GET line in redis-benchmark's output: {csv}"))?;
-    let _ = std::fs::remove_dir_all(&data);
     let mut t = Throughput::new(ops, 0, elapsed);
     t.ops_per_sec = rps;
     t.seconds = ops as f64 / rps;
-    Ok((t, version))
+    Ok((t, version, setup))
 }
 
 pub fn run(plan: &wordcount::Plan, data: &Path, quick: bool) -> BenchResult<Remote> {
@@ -320,7 +268,7 @@ pub fn run(plan: &wordcount::Plan, data: &Path, quick: bool) -> BenchResult<Remo
         drop(manager);
         drop(cluster);
         eprintln!("  redis-benchmark -t get -P {PIPELINE} -c {connections}");
-        let (redis, redis_version) = redis_gets(&dir, connections, ops, plan.vocabulary)?;
+        let (redis, redis_version, redis_setup) = redis_gets(&dir, connections, ops, plan.vocabulary)?;
         eprintln!(
             "  selects: ours {:.0}/s, redis GET {:.0}/s",
             ours.ops_per_sec, redis.ops_per_sec
@@ -339,9 +287,7 @@ pub fn run(plan: &wordcount::Plan, data: &Path, quick: bool) -> BenchResult<Remo
                 ours,
                 redis,
                 redis_version,
-                redis_setup: "redis-server on loopback, no persistence (--save \"\" --appendonly no: a GET \
-                              never touches the disk either way)"
-                    .into(),
+                redis_setup: format!("redis-server on loopback, {redis_setup}: a GET never touches the disk"),
             },
         })
     })();

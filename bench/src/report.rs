@@ -494,6 +494,45 @@ fn remote_section(out: &mut String, r: &Results) {
     );
 }
 
+fn redis_wordcount_section(out: &mut String, r: &Results) {
+    if r.redis_wordcount.is_empty() {
+        return;
+    }
+    let _ = writeln!(
+        out,
+        "## 8. WordCount on Redis, side by side\n\n\
+         The same sentences as sections 5 and 6, counted the Redis way: the client splits each sentence and \
+         sends `HINCRBY wordCounts <word> 1` per word, {} connections each sending pipelines of {} sentences \
+         and waiting for their replies. Redis ({}) runs on loopback, started and stopped by the harness, with \
+         its append-only file; with `appendfsync always` a reply is sent after the write is fsynced (the same \
+         promise as our `Ack`), with `everysec` up to a second of acknowledged writes can be lost. Counts of a \
+         sample of words are checked against the reference.\n\n\
+         | engine | durability | word increments/s | ours in-process over it | ours remote over it |\n\
+         |---|---|---:|---:|---:|",
+        r.redis_wordcount[0].clients, r.redis_wordcount[0].pipeline_sentences, r.redis_wordcount[0].version
+    );
+    let ours = r.wordcount.as_ref().map(|w| w.max.ops_per_sec);
+    let remote = r.remote.as_ref().map(|w| w.wordcount.max.ops_per_sec);
+    if let Some(o) = ours {
+        let _ = writeln!(out, "| ours, in-process | durable before Ack | {} | | |", int(o));
+    }
+    if let Some(o) = remote {
+        let _ = writeln!(out, "| ours, remote client | durable before Ack | {} | | |", int(o));
+    }
+    for w in &r.redis_wordcount {
+        let vs = |x: Option<f64>| x.map_or_else(String::new, |x| ratio(x / w.increments_per_sec));
+        let _ = writeln!(
+            out,
+            "| Redis | {} | {} | {} | {} |",
+            w.setup,
+            int(w.increments_per_sec),
+            vs(ours),
+            vs(remote)
+        );
+    }
+    let _ = writeln!(out);
+}
+
 fn engine_cell(rate: &OpRate, first: &OpRate, is_first: bool) -> String {
     if is_first {
         int(rate.ops_per_sec)
@@ -681,6 +720,7 @@ pub fn markdown(r: &Results) -> String {
     lsm_section(&mut out, r);
     wordcount_section(&mut out, r);
     remote_section(&mut out, r);
+    redis_wordcount_section(&mut out, r);
     out
 }
 

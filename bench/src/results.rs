@@ -43,6 +43,9 @@ pub struct Results {
     /// Through the network on a real cluster (absent in older runs).
     #[serde(default)]
     pub remote: Option<crate::remote::Remote>,
+    /// WordCount on Redis, per durability setting (absent in older runs).
+    #[serde(default)]
+    pub redis_wordcount: Vec<crate::redis::RedisWordCount>,
 }
 
 /// `ops` operations moving `bytes` payload bytes in `seconds`.

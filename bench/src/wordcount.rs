@@ -110,6 +110,13 @@ impl Target for InProcess {
     }
 }
 
+/// The first `n` sentences every WordCount run uses (the same for the
+/// baselines).
+pub fn sample_sentences(plan: &Plan, n: usize) -> Vec<String> {
+    let mut gen = Sentences::new(plan.vocabulary, plan.words_per_sentence);
+    (0..n).map(|_| gen.next()).collect()
+}
+
 pub fn run(plan: &Plan, data: &Path) -> BenchResult<WordCount> {
     let dir = data.join("wordcount");
     let mut cluster = InProcessCluster::new(&dir);
