@@ -1,25 +1,9 @@
 //! `rama bench`: a closed loop and an open loop on an in-process cluster,
 //! the JSON result, and the runs it refuses.
 
-use std::path::Path;
-use std::process::Command;
+mod common;
 
-fn rama(dir: &Path, args: &[&str]) -> std::process::Output {
-    Command::new(env!("CARGO_BIN_EXE_rama"))
-        .current_dir(dir)
-        .env_remove("RAMA_CONFIG")
-        .args(args)
-        .output()
-        .unwrap()
-}
-
-fn text(o: &std::process::Output) -> String {
-    format!(
-        "{}{}",
-        String::from_utf8_lossy(&o.stdout),
-        String::from_utf8_lossy(&o.stderr)
-    )
-}
+use common::{rama_in as rama, text};
 
 #[test]
 fn bench_measures_and_refuses_what_it_cannot_measure() {

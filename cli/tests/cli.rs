@@ -2,22 +2,12 @@
 //! development ZooKeeper (Debian's package, which `.ci/run` installs).
 
 use std::io::{BufRead, BufReader};
-use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 mod common;
 
-use common::{examples_artifact, free_port, Daemon};
-
-fn rama(dir: &Path, args: &[&str]) -> std::process::Output {
-    Command::new(env!("CARGO_BIN_EXE_rama"))
-        .current_dir(dir)
-        .env_remove("RAMA_CONFIG")
-        .args(args)
-        .output()
-        .unwrap()
-}
+use common::{examples_artifact, free_port, rama_in as rama, Daemon};
 
 #[test]
 fn conf_value_prints_set_and_default_values() {

@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 
 mod common;
 
-use common::{examples_artifact, free_port, Daemon};
+use common::{examples_artifact, free_port, text, Daemon};
 use control::config::Side;
 use engine::cluster::AckLevel;
 use engine::pstate::Nav;
@@ -97,14 +97,6 @@ impl Node {
                 .flatten()
         })
     }
-}
-
-fn text(o: &Output) -> String {
-    format!(
-        "{}{}",
-        String::from_utf8_lossy(&o.stdout),
-        String::from_utf8_lossy(&o.stderr)
-    )
 }
 
 fn alive(pid: u32) -> bool {

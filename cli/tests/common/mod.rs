@@ -49,3 +49,22 @@ pub fn examples_artifact() -> PathBuf {
     }
     exe
 }
+
+/// Runs `rama ARGS` in `dir` (no RAMA_CONFIG: the rama.yaml there, if any).
+pub fn rama_in(dir: &Path, args: &[&str]) -> std::process::Output {
+    Command::new(env!("CARGO_BIN_EXE_rama"))
+        .current_dir(dir)
+        .env_remove("RAMA_CONFIG")
+        .args(args)
+        .output()
+        .unwrap()
+}
+
+/// What a command printed, stdout then stderr.
+pub fn text(o: &std::process::Output) -> String {
+    format!(
+        "{}{}",
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr)
+    )
+}
