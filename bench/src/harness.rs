@@ -5,7 +5,9 @@
 //! Workloads: `wordcount` (sentences appended to WordCountModule),
 //! `append` (the generic one: records of a chosen size to KvModule, keys
 //! uniform or zipfian), `select` (point selects of KvModule keys, after
-//! loading them). Closed loop (`clients` x `in_flight`, for the maximum) or
+//! loading them), `bank` (BankTransferModule transfers between funded
+//! accounts), `timeline` (TimelineModule posts fanned out to followers),
+//! `query` (WordCountModule `topWords` invocations over loaded counts). Closed loop (`clients` x `in_flight`, for the maximum) or
 //! open loop (`rate`: sends scheduled at fixed intervals, latency counted
 //! from each intended send time so a stall cannot hide; a rate the harness
 //! cannot send is an error, never a number).
@@ -35,6 +37,9 @@ pub enum Workload {
     WordCount,
     Append,
     Select,
+    Bank,
+    Timeline,
+    Query,
 }
 
 impl Workload {
@@ -43,17 +48,89 @@ impl Workload {
             "wordcount" => Ok(Workload::WordCount),
             "append" => Ok(Workload::Append),
             "select" => Ok(Workload::Select),
-            _ => Err(format!("unknown workload {s:?} (workloads: wordcount, append, select)")),
+            "bank" => Ok(Workload::Bank),
+            "timeline" => Ok(Workload::Timeline),
+            "query" => Ok(Workload::Query),
+            _ => Err(format!(
+                "unknown workload {s:?} (workloads: wordcount, append, select, bank, timeline, query)"
+            )),
         }
     }
 
     fn module(self) -> &'static str {
         match self {
-            Workload::WordCount => "WordCountModule",
+            Workload::WordCount | Workload::Query => "WordCountModule",
             Workload::Append | Workload::Select => "KvModule",
+            Workload::Bank => "BankTransferModule",
+            Workload::Timeline => "TimelineModule",
+        }
+    }
+
+    fn define(self) -> engine::Result<engine::module::ModuleDef> {
+        match self {
+            Workload::WordCount | Workload::Query => rama_examples::WordCountModule::define(),
+            Workload::Append | Workload::Select => rama_examples::KvModule::define(),
+            Workload::Bank => rama_examples::BankTransferModule::define(),
+            Workload::Timeline => rama_examples::TimelineModule::define(),
+        }
+    }
+
+    /// The depot the workload appends to (none for reads).
+    fn depot(self) -> Option<&'static str> {
+        match self {
+            Workload::WordCount => Some("*sentences"),
+            Workload::Append => Some("*records"),
+            Workload::Bank => Some("*transfers"),
+            Workload::Timeline => Some("*posts"),
+            Workload::Select | Workload::Query => None,
+        }
+    }
+
+    /// What is loaded before measuring: (depot, records, record `k`).
+    fn setup(self, keys: u64, fanout: u64, record_bytes: usize) -> Option<(&'static str, u64, Loader)> {
+        match self {
+            Workload::Select => Some((
+                "*records",
+                keys,
+                Box::new(move |k| {
+                    Value::map([
+                        ("key", Value::from(format!("k{k}"))),
+                        ("value", Value::Bytes(vec![7; record_bytes])),
+                    ])
+                }),
+            )),
+            Workload::Bank => Some((
+                "*deposits",
+                keys,
+                Box::new(|k| {
+                    Value::map([
+                        ("account", Value::from(format!("a{k}"))),
+                        ("amount", Value::Int(1 << 40)),
+                    ])
+                }),
+            )),
+            Workload::Timeline => Some((
+                "*follows",
+                keys * fanout,
+                Box::new(move |k| {
+                    Value::map([
+                        ("follower", Value::from(format!("u{}", k.wrapping_mul(7919) % keys))),
+                        ("followee", Value::from(format!("u{}", k / fanout.max(1)))),
+                    ])
+                }),
+            )),
+            Workload::Query => Some((
+                "*sentences",
+                keys.min(10_000),
+                Box::new(|k| Value::from(format!("w{} w{} w{}", k % 97, k % 89, k % 83))),
+            )),
+            Workload::WordCount | Workload::Append => None,
         }
     }
 }
+
+/// Makes setup record `k`.
+type Loader = Box<dyn Fn(u64) -> Value + Sync>;
 
 #[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
@@ -91,6 +168,8 @@ pub struct Options {
     pub keys: u64,
     pub skew: Skew,
     pub ack: AckLevel,
+    /// Timeline: followers of each user.
+    pub fanout: u64,
     /// A progress line on stderr every second (when it is a terminal).
     pub progress: bool,
 }
@@ -111,6 +190,15 @@ impl Options {
             return Err(format!(
                 "--keys {}: at least 1 (at most 10,000,000 with zipfian)",
                 self.keys
+            ));
+        }
+        if self.workload == Workload::Timeline && !(1..=1000).contains(&self.fanout) {
+            return Err(format!("--fanout {}: from 1 to 1000", self.fanout));
+        }
+        if self.workload == Workload::Timeline && self.keys.saturating_mul(self.fanout) > 10_000_000 {
+            return Err(format!(
+                "--keys {} x --fanout {}: the follows loaded first would be more than 10,000,000",
+                self.keys, self.fanout
             ));
         }
         if self.record_bytes > 1 << 20 {
@@ -196,6 +284,22 @@ impl Target for Selects<net::remote::RemotePState> {
     }
 }
 
+struct Invokes<Q>(Q);
+
+impl Target for Invokes<engine::cluster::QueryClient> {
+    fn start(&self, args: &Value) -> engine::Result<Pending> {
+        let f = self.0.invoke_future(args);
+        Ok(Box::pin(async move { f.await.map(|_| ()) }))
+    }
+}
+
+impl Target for Invokes<net::remote::RemoteQuery> {
+    fn start(&self, args: &Value) -> engine::Result<Pending> {
+        let f = self.0.invoke_future(args)?;
+        Ok(Box::pin(async move { f.await.map(|_| ()) }))
+    }
+}
+
 /// Keys (and sentences) for operation `i` of one client.
 struct Generator {
     state: u64,
@@ -203,6 +307,10 @@ struct Generator {
     /// Zipfian: cumulative probabilities of ranks 0..keys.
     cdf: Option<std::sync::Arc<Vec<f64>>>,
     value: Vec<u8>,
+    /// Operations made so far (ids of transfers and posts).
+    made: u64,
+    /// Ids are `id_base + made`, distinct per client.
+    id_base: u64,
 }
 
 impl Generator {
@@ -225,7 +333,21 @@ impl Generator {
     }
 
     fn op(&mut self, workload: Workload) -> Value {
+        self.made += 1;
+        let id = (self.id_base + self.made) as i64;
         match workload {
+            Workload::Bank => Value::map([
+                ("id", Value::Int(id)),
+                ("from", Value::from(format!("a{}", self.key()))),
+                ("to", Value::from(format!("a{}", self.key()))),
+                ("amount", Value::Int(1)),
+            ]),
+            Workload::Timeline => Value::map([
+                ("author", Value::from(format!("u{}", self.key()))),
+                ("id", Value::Int(id)),
+                ("text", Value::from("x".repeat(self.value.len()))),
+            ]),
+            Workload::Query => Value::Int(10),
             Workload::WordCount => {
                 let words: Vec<String> = (0..10).map(|_| format!("w{}", self.key())).collect();
                 Value::from(words.join(" "))
@@ -411,30 +533,29 @@ fn generators(o: &Options) -> Vec<Generator> {
             keys: o.keys,
             cdf: cdf.clone(),
             value: (0..o.record_bytes).map(|i| i as u8).collect(),
+            made: 0,
+            id_base: (c as u64 + 1) << 40,
         })
         .collect()
 }
 
-/// Loads every key once (for the select workload), closed loop, `Ack`.
-fn load_keys(o: &Options, target: &dyn Target) -> BenchResult<()> {
+/// Loads what the workload reads or needs (keys, accounts, follows),
+/// closed loop, `Ack`.
+fn load(target: &dyn Target, count: u64, make: &Loader) -> BenchResult<()> {
     let live = Live::default();
-    let per = o.keys.div_ceil(4);
+    let per = count.div_ceil(4);
     std::thread::scope(|s| -> BenchResult<()> {
         let handles: Vec<_> = (0..4u64)
             .map(|c| {
                 let live = &live;
                 s.spawn(move || -> Result<(), String> {
                     let mut window = std::collections::VecDeque::new();
-                    for k in (c * per)..((c + 1) * per).min(o.keys) {
+                    for k in (c * per)..((c + 1) * per).min(count) {
                         if window.len() == 256 {
                             let f: Pending = window.pop_front().expect("full");
                             live.finished(futures_lite::future::block_on(f));
                         }
-                        let r = Value::map([
-                            ("key", Value::from(format!("k{k}"))),
-                            ("value", Value::Bytes(vec![7; o.record_bytes])),
-                        ]);
-                        window.push_back(target.start(&r).map_err(|e| e.to_string())?);
+                        window.push_back(target.start(&make(k)).map_err(|e| e.to_string())?);
                     }
                     for f in window {
                         live.finished(futures_lite::future::block_on(f));
@@ -451,7 +572,7 @@ fn load_keys(o: &Options, target: &dyn Target) -> BenchResult<()> {
     let errors = live.errors.load(Ordering::Relaxed);
     ensure(errors == 0, || {
         format!(
-            "loading the keys failed {errors} times: {}",
+            "loading failed {errors} times: {}",
             live.first_error
                 .lock()
                 .expect("first error")
@@ -501,28 +622,62 @@ struct Setup {
     nodes: usize,
 }
 
+/// A cluster's clients, in-process or remote.
+trait Clients {
+    fn appends(&self, module: &str, depot: &str, ack: AckLevel) -> BenchResult<Box<dyn Target + '_>>;
+    fn selects(&self, module: &str, pstate: &str) -> BenchResult<Box<dyn Target + '_>>;
+    fn invokes(&self, module: &str, query: &str) -> BenchResult<Box<dyn Target + '_>>;
+}
+
+impl Clients for InProcessCluster {
+    fn appends(&self, module: &str, depot: &str, ack: AckLevel) -> BenchResult<Box<dyn Target + '_>> {
+        Ok(Box::new(Appends(self.depot(module, depot)?, ack)))
+    }
+    fn selects(&self, module: &str, pstate: &str) -> BenchResult<Box<dyn Target + '_>> {
+        Ok(Box::new(Selects(self.pstate(module, pstate)?)))
+    }
+    fn invokes(&self, module: &str, query: &str) -> BenchResult<Box<dyn Target + '_>> {
+        Ok(Box::new(Invokes(self.query(module, query)?)))
+    }
+}
+
+impl Clients for ClusterManager {
+    fn appends(&self, module: &str, depot: &str, ack: AckLevel) -> BenchResult<Box<dyn Target + '_>> {
+        Ok(Box::new(Appends(self.depot(module, depot)?, ack)))
+    }
+    fn selects(&self, module: &str, pstate: &str) -> BenchResult<Box<dyn Target + '_>> {
+        Ok(Box::new(Selects(self.pstate(module, pstate)?)))
+    }
+    fn invokes(&self, module: &str, query: &str) -> BenchResult<Box<dyn Target + '_>> {
+        Ok(Box::new(Invokes(self.query(module, query)?)))
+    }
+}
+
+/// Loads the workload's setup records and makes its target.
+fn prepare<'c>(o: &Options, clients: &'c dyn Clients) -> BenchResult<Box<dyn Target + 'c>> {
+    let module = o.workload.module();
+    if let Some((depot, count, make)) = o.workload.setup(o.keys, o.fanout, o.record_bytes) {
+        load(clients.appends(module, depot, AckLevel::Ack)?.as_ref(), count, &make)?;
+    }
+    match (o.workload, o.workload.depot()) {
+        (Workload::Select, _) => clients.selects(module, "$$kv"),
+        (Workload::Query, _) => clients.invokes(module, "topWords"),
+        (_, Some(depot)) => clients.appends(module, depot, o.ack),
+        (w, None) => Err(format!("workload {w:?} has no operation").into()),
+    }
+}
+
 /// Sets up the workload's target (an in-process cluster, or clients of the
-/// cluster of rama.yaml), loads the keys a select workload reads, and runs
-/// `f` on it.
+/// cluster of rama.yaml), loads what it needs, and runs `f` on it.
 fn with_target<R>(o: &Options, f: impl FnOnce(&dyn Target, &Setup) -> BenchResult<R>) -> BenchResult<R> {
     o.check()?;
     let module = o.workload.module();
-    let go = |target: &dyn Target, loader: Option<&dyn Target>, setup: Setup| -> BenchResult<R> {
-        if let Some(l) = loader {
-            load_keys(o, l)?;
-        }
-        f(target, &setup)
-    };
     match &o.cluster {
         None => {
             let dir = std::env::temp_dir().join(format!("rama-bench-{}", std::process::id()));
             let mut cluster = InProcessCluster::new(&dir);
-            let def = match o.workload {
-                Workload::WordCount => rama_examples::WordCountModule::define()?,
-                Workload::Append | Workload::Select => rama_examples::KvModule::define()?,
-            };
-            cluster.launch(def, o.tasks, o.threads)?;
-            let setup = || Setup {
+            cluster.launch(o.workload.define()?, o.tasks, o.threads)?;
+            let setup = Setup {
                 processes: vec![(
                     std::process::id(),
                     "this process (the cluster and the clients)".to_string(),
@@ -531,21 +686,7 @@ fn with_target<R>(o: &Options, f: impl FnOnce(&dyn Target, &Setup) -> BenchResul
                 threads: o.threads,
                 nodes: 1,
             };
-            let result = (|| match o.workload {
-                Workload::WordCount => {
-                    let t = Appends(cluster.depot(module, "*sentences")?, o.ack);
-                    go(&t, None, setup())
-                }
-                Workload::Append => {
-                    let t = Appends(cluster.depot(module, "*records")?, o.ack);
-                    go(&t, None, setup())
-                }
-                Workload::Select => {
-                    let t = Selects(cluster.pstate(module, "$$kv")?);
-                    let loader = Appends(cluster.depot(module, "*records")?, AckLevel::Ack);
-                    go(&t, Some(&loader), setup())
-                }
-            })();
+            let result = prepare(o, &cluster).and_then(|target| f(target.as_ref(), &setup));
             let stopped = cluster.shutdown();
             let _ = std::fs::remove_dir_all(&dir);
             stopped?;
@@ -569,27 +710,14 @@ fn with_target<R>(o: &Options, f: impl FnOnce(&dyn Target, &Setup) -> BenchResul
                 .collect();
             hosts.sort_unstable();
             hosts.dedup();
-            let setup = || Setup {
-                processes: processes.clone(),
+            let setup = Setup {
+                processes,
                 name: format!("the cluster of {}", config.display()),
                 threads: registered.first().map_or(1, |w| w.threads),
                 nodes: hosts.len().max(1),
             };
-            match o.workload {
-                Workload::WordCount => {
-                    let t = Appends(manager.depot(module, "*sentences")?, o.ack);
-                    go(&t, None, setup())
-                }
-                Workload::Append => {
-                    let t = Appends(manager.depot(module, "*records")?, o.ack);
-                    go(&t, None, setup())
-                }
-                Workload::Select => {
-                    let t = Selects(manager.pstate(module, "$$kv")?);
-                    let loader = Appends(manager.depot(module, "*records")?, AckLevel::Ack);
-                    go(&t, Some(&loader), setup())
-                }
-            }
+            let target = prepare(o, &manager)?;
+            f(target.as_ref(), &setup)
         }
     }
 }

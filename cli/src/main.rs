@@ -74,7 +74,10 @@ enum Cmd {
     /// with --inProcess on a cluster in this process.
     Bench {
         /// wordcount (WordCountModule), append (KvModule: records of
-        /// --recordBytes to --keys keys), select (KvModule point selects).
+        /// --recordBytes to --keys keys), select (KvModule point selects),
+        /// bank (BankTransferModule transfers among --keys accounts),
+        /// timeline (TimelineModule posts by --keys users with --fanout
+        /// followers each), query (WordCountModule topWords).
         #[arg(long, default_value = "wordcount")]
         workload: String,
         /// Run the module in this process instead of on the cluster.
@@ -103,6 +106,9 @@ enum Cmd {
         /// uniform or zipfian.
         #[arg(long, default_value = "uniform")]
         skew: String,
+        /// timeline: followers of each user.
+        #[arg(long, default_value_t = 10)]
+        fanout: u64,
         /// ack, appendAck or none (appends).
         #[arg(long = "ackLevel", default_value = "ack")]
         ack_level: String,
@@ -336,6 +342,7 @@ fn bench(cli: &Cli, config: &Config) -> Result<(), Failure> {
         record_bytes,
         keys,
         skew,
+        fanout,
         ack_level,
         out,
         sweep,
@@ -376,6 +383,7 @@ fn bench(cli: &Cli, config: &Config) -> Result<(), Failure> {
         keys: *keys,
         skew: Skew::parse(skew).map_err(Failure::Usage)?,
         ack: ack_level_named(ack_level).map_err(|e| Failure::Usage(e.to_string()))?,
+        fanout: *fanout,
         progress: true,
     };
     options.check().map_err(Failure::Usage)?;

@@ -71,6 +71,31 @@ fn bench_measures_and_refuses_what_it_cannot_measure() {
         text(&out)
     );
 
+    // The example modules' workloads, each loading what it needs first.
+    for workload in ["bank", "timeline", "query"] {
+        let out = rama(
+            dir.path(),
+            &[
+                "bench",
+                "--inProcess",
+                "--workload",
+                workload,
+                "--keys",
+                "100",
+                "--fanout",
+                "3",
+                "--seconds",
+                "0.5",
+                "--clients",
+                "2",
+                "--inFlight",
+                "8",
+            ],
+        );
+        assert!(out.status.success(), "{workload}: {}", text(&out));
+        assert!(text(&out).contains(", 0 errors"), "{workload}: {}", text(&out));
+    }
+
     // Capacity planning: a sweep up to the latency bound, and an estimate.
     let sweep_file = dir.path().join("sweep.json");
     let out = rama(

@@ -295,14 +295,26 @@ impl RemoteQuery {
     }
 
     pub fn invoke(&self, args: &Value) -> Result<Value> {
-        let m = self.cluster.call(&Value::map([
+        smol::block_on(self.invoke_future(args)?)
+    }
+
+    /// `invoke` sent now; the future resolves to the result. Many may be in
+    /// flight on one connection.
+    pub fn invoke_future(
+        &self,
+        args: &Value,
+    ) -> Result<impl std::future::Future<Output = Result<Value>> + Send + 'static> {
+        let pending = self.cluster.any().call_future(&Value::map([
             ("op", Value::from("invoke")),
             ("module", Value::from(self.module.as_str())),
             ("query", Value::from(self.query.as_str())),
             ("args", args.clone()),
         ]))?;
-        m.get(&Value::from("result"))
-            .cloned()
-            .ok_or_else(|| Error::Closed("an invoke response has no result".into()))
+        Ok(async move {
+            pending
+                .await?
+                .remove(&Value::from("result"))
+                .ok_or_else(|| Error::Closed("an invoke response has no result".into()))
+        })
     }
 }
