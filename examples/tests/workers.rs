@@ -91,11 +91,16 @@ impl Workers {
         drop(self.servers);
         for c in self.clusters {
             // Server threads still holding the cluster let go shortly.
+            let deadline = std::time::Instant::now() + Duration::from_secs(60);
             let mut c = c;
             let cluster = loop {
                 match Arc::try_unwrap(c) {
                     Ok(cluster) => break cluster,
                     Err(again) => {
+                        assert!(
+                            std::time::Instant::now() < deadline,
+                            "the server still holds the cluster 60 s after it was dropped"
+                        );
                         c = again;
                         std::thread::sleep(Duration::from_millis(10));
                     }

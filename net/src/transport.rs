@@ -499,9 +499,9 @@ impl Server {
                     if let Ok(s) = stream.try_clone() {
                         open.lock().expect("open connections").insert(n as u64, s);
                     }
-                    let (handler, open) = (handler.clone(), open.clone());
+                    let (handler, open, stop) = (handler.clone(), open.clone(), stop.clone());
                     std::thread::spawn(move || {
-                        serve_connection(stream, version, frame_max, handler);
+                        serve_connection(stream, version, frame_max, handler, &stop);
                         open.lock().expect("open connections").remove(&(n as u64));
                     });
                 }
@@ -541,7 +541,7 @@ impl Drop for Server {
     }
 }
 
-fn serve_connection(mut stream: TcpStream, version: u16, frame_max: usize, handler: Serve) {
+fn serve_connection(mut stream: TcpStream, version: u16, frame_max: usize, handler: Serve, stop: &AtomicBool) {
     let addr = stream.peer_addr().map_or_else(|_| "?".into(), |a| a.to_string());
     let _ = stream.set_nodelay(true);
     let mut hello = [0u8; 8];
@@ -563,8 +563,13 @@ fn serve_connection(mut stream: TcpStream, version: u16, frame_max: usize, handl
     let handler = match handler {
         Serve::Threads(h) => h,
         Serve::Async(h, executor) => {
-            serve_async(stream, role, frame_max, &addr, &h, &executor, frames_tx);
-            let _ = writer_thread.join();
+            serve_async(stream, role, frame_max, &addr, (&h, &executor), frames_tx, stop);
+            // Not joined: the writer ends when the answers still pending
+            // are given or dropped, and some of them may wait in the
+            // executor, which this thread holds; waiting here would keep
+            // both (and the handler's state) alive forever once the
+            // server's executor threads have stopped.
+            drop(writer_thread);
             return;
         }
     };
@@ -610,9 +615,9 @@ fn serve_async(
     role: u8,
     frame_max: usize,
     addr: &str,
-    handler: &AsyncHandler,
-    executor: &Arc<smol::Executor<'static>>,
+    (handler, executor): (&AsyncHandler, &Arc<smol::Executor<'static>>),
     frames_tx: flume::Sender<Vec<u8>>,
+    stop: &AtomicBool,
 ) {
     let (tokens_tx, tokens_rx) = flume::bounded::<()>(IN_FLIGHT_MAX);
     for _ in 0..IN_FLIGHT_MAX {
@@ -620,7 +625,16 @@ fn serve_async(
     }
     let mut input = BufReader::new(stream);
     while let Ok(Some((id, KIND_REQUEST, payload))) = read_frame(&mut input, frame_max, addr) {
-        if tokens_rx.recv().is_err() {
+        // Waits for a free slot; gives up once the server stops (answers
+        // in its stopped executor would never free one).
+        let slot = loop {
+            match tokens_rx.recv_timeout(Duration::from_millis(100)) {
+                Ok(()) => break true,
+                Err(flume::RecvTimeoutError::Timeout) if !stop.load(Ordering::SeqCst) => {}
+                Err(_) => break false,
+            }
+        };
+        if !slot {
             break;
         }
         let (frames, tokens) = (frames_tx.clone(), tokens_tx.clone());
