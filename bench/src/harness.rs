@@ -629,29 +629,26 @@ trait Clients {
     fn invokes(&self, module: &str, query: &str) -> BenchResult<Box<dyn Target + '_>>;
 }
 
-impl Clients for InProcessCluster {
-    fn appends(&self, module: &str, depot: &str, ack: AckLevel) -> BenchResult<Box<dyn Target + '_>> {
-        Ok(Box::new(Appends(self.depot(module, depot)?, ack)))
-    }
-    fn selects(&self, module: &str, pstate: &str) -> BenchResult<Box<dyn Target + '_>> {
-        Ok(Box::new(Selects(self.pstate(module, pstate)?)))
-    }
-    fn invokes(&self, module: &str, query: &str) -> BenchResult<Box<dyn Target + '_>> {
-        Ok(Box::new(Invokes(self.query(module, query)?)))
-    }
+/// The same three methods for both kinds of cluster handle (their client
+/// types differ, their method names do not).
+macro_rules! clients_of {
+    ($cluster:ty) => {
+        impl Clients for $cluster {
+            fn appends(&self, module: &str, depot: &str, ack: AckLevel) -> BenchResult<Box<dyn Target + '_>> {
+                Ok(Box::new(Appends(self.depot(module, depot)?, ack)))
+            }
+            fn selects(&self, module: &str, pstate: &str) -> BenchResult<Box<dyn Target + '_>> {
+                Ok(Box::new(Selects(self.pstate(module, pstate)?)))
+            }
+            fn invokes(&self, module: &str, query: &str) -> BenchResult<Box<dyn Target + '_>> {
+                Ok(Box::new(Invokes(self.query(module, query)?)))
+            }
+        }
+    };
 }
 
-impl Clients for ClusterManager {
-    fn appends(&self, module: &str, depot: &str, ack: AckLevel) -> BenchResult<Box<dyn Target + '_>> {
-        Ok(Box::new(Appends(self.depot(module, depot)?, ack)))
-    }
-    fn selects(&self, module: &str, pstate: &str) -> BenchResult<Box<dyn Target + '_>> {
-        Ok(Box::new(Selects(self.pstate(module, pstate)?)))
-    }
-    fn invokes(&self, module: &str, query: &str) -> BenchResult<Box<dyn Target + '_>> {
-        Ok(Box::new(Invokes(self.query(module, query)?)))
-    }
-}
+clients_of!(InProcessCluster);
+clients_of!(ClusterManager);
 
 /// Loads the workload's setup records and makes its target.
 fn prepare<'c>(o: &Options, clients: &'c dyn Clients) -> BenchResult<Box<dyn Target + 'c>> {

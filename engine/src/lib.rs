@@ -19,7 +19,7 @@ pub mod lsm;
 pub mod module;
 pub mod pstate;
 pub mod runtime;
-mod sync;
+pub mod sync;
 pub mod value;
 mod varint;
 

@@ -143,22 +143,18 @@ impl Peers for NetPeers {
         };
         // `done` is called exactly once: by the answer, or here when the
         // connection refuses the message.
-        let slot = Arc::new(Mutex::new(Some(done)));
+        let done = engine::sync::CallOnce::new(done);
         let on_answer = {
-            let (slot, module) = (slot.clone(), self.module.clone());
+            let (done, module) = (done.clone(), self.module.clone());
             Box::new(move |answer: crate::Result<Vec<u8>>| {
-                if let Some(done) = slot.lock().expect("done").take() {
-                    done(answer.map_err(|e| Error::Unavailable(format!("worker {worker} of module {module}: {e}"))));
-                }
+                done.call(answer.map_err(|e| Error::Unavailable(format!("worker {worker} of module {module}: {e}"))));
             })
         };
         if let Err(e) = conn.send_with(&message, on_answer) {
-            if let Some(done) = slot.lock().expect("done").take() {
-                done(Err(Error::Unavailable(format!(
-                    "worker {worker} of module {}: {e}",
-                    self.module
-                ))));
-            }
+            done.call(Err(Error::Unavailable(format!(
+                "worker {worker} of module {}: {e}",
+                self.module
+            ))));
         }
     }
 }

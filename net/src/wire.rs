@@ -180,20 +180,12 @@ pub fn handle_then(
         Ok(Some(start)) => {
             // The callback answers; an error before anything was sent
             // answers here (the callback was dropped unused).
-            let (tx, rx) = flume::bounded::<crate::transport::Respond>(1);
-            let _ = tx.send(respond);
-            let relay: crate::transport::Respond = {
-                let rx = rx.clone();
-                Box::new(move |answer| {
-                    if let Ok(respond) = rx.try_recv() {
-                        respond(answer);
-                    }
-                })
-            };
-            if let Err(e) = start(relay) {
-                if let Ok(respond) = rx.try_recv() {
-                    respond(Ok(encoded(Err(e))));
-                }
+            let once = engine::sync::CallOnce::new(respond);
+            let relay = once.clone();
+            if let Err(e) = start(Box::new(move |answer| {
+                relay.call(answer);
+            })) {
+                once.call(Ok(encoded(Err(e))));
             }
             None
         }

@@ -5,12 +5,12 @@
 //! `origin, value` pairs), the form they will have on the wire in `net/`.
 
 use std::collections::BTreeMap;
-use std::sync::{Arc, Mutex};
 
 use super::proxy::ProxyEvent;
 use super::AckLevel;
 use crate::error::{Error, Result};
 use crate::pstate::Nav;
+use crate::sync::CallOnce;
 use crate::value::{archived, Value};
 
 /// Where the answer to a request goes: a channel the requester waits on,
@@ -19,26 +19,19 @@ use crate::value::{archived, Value};
 /// the first answer counts.
 pub(crate) enum Reply<T> {
     Channel(flume::Sender<Result<T>>),
-    Callback(Arc<Mutex<Option<AnswerFn<T>>>>),
+    Callback(CallOnce<Result<T>>),
 }
-
-/// A callback taking an answer.
-pub type AnswerFn<T> = Box<dyn FnOnce(Result<T>) + Send>;
 
 impl<T> Reply<T> {
     pub fn callback(f: impl FnOnce(Result<T>) + Send + 'static) -> Reply<T> {
-        Reply::Callback(Arc::new(Mutex::new(Some(Box::new(f)))))
+        Reply::Callback(CallOnce::new(f))
     }
 
     /// Delivers the answer; `Err` when nobody takes it any more.
     pub fn send(&self, answer: Result<T>) -> std::result::Result<(), ()> {
         match self {
             Reply::Channel(tx) => tx.send(answer).map_err(|_| ()),
-            Reply::Callback(f) => {
-                let f = f.lock().unwrap_or_else(|p| p.into_inner()).take().ok_or(())?;
-                f(answer);
-                Ok(())
-            }
+            Reply::Callback(f) => f.call(answer).then_some(()).ok_or(()),
         }
     }
 }

@@ -536,14 +536,18 @@ fn commit_batch(task: u32, name: &str, id: u64, writes: &crate::pstate::Overlay)
 
 async fn commit(th: &Rc<TaskThread>, topology: usize, id: u64) -> Result<()> {
     let name = th.rt.def.topologies[topology].name.clone();
+    // A thread that processed this microbatch has its changes in memory (a
+    // task without any had none); one that restarted after preparing has
+    // only what it stored.
+    let restarted = th.begun.borrow().get(&topology).map(|&(b, _)| b) != Some(id);
     for &task in &th.tasks {
         let taken = th.pending.borrow_mut().remove(&(topology, task));
         let writes = match taken {
             Some((pending_id, _, o)) if pending_id == id => o,
             _ => {
-                // Not in memory (the thread restarted after preparing):
-                // apply what it stored, if that is this microbatch.
-                recover_task(th, task, &name, id).await?;
+                if restarted {
+                    recover_task(th, task, &name, id).await?;
+                }
                 continue;
             }
         };
