@@ -7,7 +7,11 @@
 //! uniform or zipfian), `select` (point selects of KvModule keys, after
 //! loading them), `bank` (BankTransferModule transfers between funded
 //! accounts), `timeline` (TimelineModule posts fanned out to followers),
-//! `query` (WordCountModule `topWords` invocations over loaded counts). Closed loop (`clients` x `in_flight`, for the maximum) or
+//! `query` (WordCountModule `topWords` invocations over loaded counts),
+//! `range` (TimelineModule range selects: the newest posts of a timeline,
+//! after loading follows and posts). `--mix` sends a weighted mix of one
+//! module's operations (e.g. posts and timeline reads) and reports each
+//! operation's percentiles. Closed loop (`clients` x `in_flight`, for the maximum) or
 //! open loop (`rate`: sends scheduled at fixed intervals, latency counted
 //! from each intended send time so a stall cannot hide; a rate the harness
 //! cannot send is an error, never a number).
@@ -40,6 +44,7 @@ pub enum Workload {
     Bank,
     Timeline,
     Query,
+    Range,
 }
 
 impl Workload {
@@ -51,65 +56,113 @@ impl Workload {
             "bank" => Ok(Workload::Bank),
             "timeline" => Ok(Workload::Timeline),
             "query" => Ok(Workload::Query),
+            "range" => Ok(Workload::Range),
             _ => Err(format!(
-                "unknown workload {s:?} (workloads: wordcount, append, select, bank, timeline, query)"
+                "unknown workload {s:?} (workloads: wordcount, append, select, bank, timeline, query, range)"
             )),
+        }
+    }
+
+    /// The operation the workload runs when no mix is given.
+    pub fn op(self) -> Op {
+        match self {
+            Workload::WordCount => Op::Sentence,
+            Workload::Append => Op::Put,
+            Workload::Select => Op::Get,
+            Workload::Bank => Op::Transfer,
+            Workload::Timeline => Op::Post,
+            Workload::Query => Op::TopWords,
+            Workload::Range => Op::Range,
+        }
+    }
+
+    /// The workload whose default operation is `op`.
+    pub fn of(op: Op) -> Workload {
+        match op {
+            Op::Sentence => Workload::WordCount,
+            Op::TopWords => Workload::Query,
+            Op::Put => Workload::Append,
+            Op::Get => Workload::Select,
+            Op::Transfer => Workload::Bank,
+            Op::Post => Workload::Timeline,
+            Op::Range => Workload::Range,
         }
     }
 
     fn module(self) -> &'static str {
-        match self {
-            Workload::WordCount | Workload::Query => "WordCountModule",
-            Workload::Append | Workload::Select => "KvModule",
-            Workload::Bank => "BankTransferModule",
-            Workload::Timeline => "TimelineModule",
-        }
+        self.op().module()
     }
 
     fn define(self) -> engine::Result<engine::module::ModuleDef> {
+        match self.module() {
+            "WordCountModule" => rama_examples::WordCountModule::define(),
+            "KvModule" => rama_examples::KvModule::define(),
+            "BankTransferModule" => rama_examples::BankTransferModule::define(),
+            _ => rama_examples::TimelineModule::define(),
+        }
+    }
+}
+
+/// One kind of operation a run sends; a run sends a weighted mix of the
+/// operations of one module.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub enum Op {
+    /// A sentence of ten words appended to WordCountModule's `*sentences`.
+    Sentence,
+    /// WordCountModule's `topWords` query (the ten most counted words).
+    TopWords,
+    /// A record of `--recordBytes` appended to KvModule's `*records`.
+    Put,
+    /// A point select of one KvModule key (the keys are loaded first).
+    Get,
+    /// A BankTransferModule transfer between two funded accounts.
+    Transfer,
+    /// A TimelineModule post, fanned out to the author's followers.
+    Post,
+    /// A range select: the newest `--rangeLimit` posts of one user's
+    /// timeline (follows and posts are loaded first).
+    Range,
+}
+
+pub const OPS: [Op; 7] = [
+    Op::Sentence,
+    Op::TopWords,
+    Op::Put,
+    Op::Get,
+    Op::Transfer,
+    Op::Post,
+    Op::Range,
+];
+
+impl Op {
+    pub fn name(self) -> &'static str {
         match self {
-            Workload::WordCount | Workload::Query => rama_examples::WordCountModule::define(),
-            Workload::Append | Workload::Select => rama_examples::KvModule::define(),
-            Workload::Bank => rama_examples::BankTransferModule::define(),
-            Workload::Timeline => rama_examples::TimelineModule::define(),
+            Op::Sentence => "sentence",
+            Op::TopWords => "topWords",
+            Op::Put => "put",
+            Op::Get => "get",
+            Op::Transfer => "transfer",
+            Op::Post => "post",
+            Op::Range => "range",
         }
     }
 
-    /// The depot the workload appends to (none for reads).
-    fn depot(self) -> Option<&'static str> {
+    pub fn module(self) -> &'static str {
         match self {
-            Workload::WordCount => Some("*sentences"),
-            Workload::Append => Some("*records"),
-            Workload::Bank => Some("*transfers"),
-            Workload::Timeline => Some("*posts"),
-            Workload::Select | Workload::Query => None,
+            Op::Sentence | Op::TopWords => "WordCountModule",
+            Op::Put | Op::Get => "KvModule",
+            Op::Transfer => "BankTransferModule",
+            Op::Post | Op::Range => "TimelineModule",
         }
     }
 
-    /// What is loaded before measuring: (depot, records, record `k`).
-    fn setup(self, keys: u64, fanout: u64, record_bytes: usize) -> Option<(&'static str, u64, Loader)> {
-        match self {
-            Workload::Select => Some((
-                "*records",
-                keys,
-                Box::new(move |k| {
-                    Value::map([
-                        ("key", Value::from(format!("k{k}"))),
-                        ("value", Value::Bytes(vec![7; record_bytes])),
-                    ])
-                }),
-            )),
-            Workload::Bank => Some((
-                "*deposits",
-                keys,
-                Box::new(|k| {
-                    Value::map([
-                        ("account", Value::from(format!("a{k}"))),
-                        ("amount", Value::Int(1 << 40)),
-                    ])
-                }),
-            )),
-            Workload::Timeline => Some((
+    /// What is loaded before measuring, in order: (name, depot, records,
+    /// record `k`). Operations needing the same load share it by name.
+    fn setup(self, keys: u64, fanout: u64, record_bytes: usize) -> Vec<(&'static str, &'static str, u64, Loader)> {
+        let follows = move || -> (&'static str, &'static str, u64, Loader) {
+            (
+                "follows",
                 "*follows",
                 keys * fanout,
                 Box::new(move |k| {
@@ -118,15 +171,94 @@ impl Workload {
                         ("followee", Value::from(format!("u{}", k / fanout.max(1)))),
                     ])
                 }),
-            )),
-            Workload::Query => Some((
+            )
+        };
+        match self {
+            Op::Get => vec![(
+                "records",
+                "*records",
+                keys,
+                Box::new(move |k| {
+                    Value::map([
+                        ("key", Value::from(format!("k{k}"))),
+                        ("value", Value::Bytes(vec![7; record_bytes])),
+                    ])
+                }),
+            )],
+            Op::Transfer => vec![(
+                "deposits",
+                "*deposits",
+                keys,
+                Box::new(|k| {
+                    Value::map([
+                        ("account", Value::from(format!("a{k}"))),
+                        ("amount", Value::Int(1 << 40)),
+                    ])
+                }),
+            )],
+            Op::Post => vec![follows()],
+            // Four posts per user: each timeline holds about 4 x fanout.
+            Op::Range => vec![
+                follows(),
+                (
+                    "posts",
+                    "*posts",
+                    keys * 4,
+                    Box::new(move |k| {
+                        Value::map([
+                            ("author", Value::from(format!("u{}", k % keys))),
+                            ("id", Value::Int(k as i64)),
+                            ("text", Value::from("x".repeat(record_bytes.min(1000)))),
+                        ])
+                    }),
+                ),
+            ],
+            Op::TopWords => vec![(
+                "sentences",
                 "*sentences",
                 keys.min(10_000),
                 Box::new(|k| Value::from(format!("w{} w{} w{}", k % 97, k % 89, k % 83))),
-            )),
-            Workload::WordCount | Workload::Append => None,
+            )],
+            Op::Sentence | Op::Put => Vec::new(),
         }
     }
+}
+
+/// Parses a mix: `op:weight,...` (e.g. `post:20,range:80`); the operations
+/// must belong to one module.
+pub fn parse_mix(s: &str) -> Result<Vec<(Op, u32)>, String> {
+    let names = || OPS.iter().map(|o| o.name()).collect::<Vec<_>>().join(", ");
+    let mut mix: Vec<(Op, u32)> = Vec::new();
+    for part in s.split(',') {
+        let (name, weight) = part.split_once(':').unwrap_or((part, "1"));
+        let op = OPS
+            .into_iter()
+            .find(|o| o.name() == name.trim())
+            .ok_or_else(|| format!("--mix: unknown operation {name:?} (operations: {})", names()))?;
+        let weight: u32 = weight
+            .trim()
+            .parse()
+            .ok()
+            .filter(|w| (1..=1000).contains(w))
+            .ok_or_else(|| {
+                format!("--mix: the weight of {name} must be a whole number from 1 to 1000, not {weight:?}")
+            })?;
+        if mix.iter().any(|(o, _)| *o == op) {
+            return Err(format!("--mix names {name} twice"));
+        }
+        if let Some((first, _)) = mix.first() {
+            if first.module() != op.module() {
+                return Err(format!(
+                    "--mix: {} is an operation of {} and {name} of {}; a run drives one module",
+                    first.name(),
+                    first.module(),
+                    op.module()
+                ));
+            }
+        }
+        mix.push((op, weight));
+    }
+    Ok(mix)
 }
 
 /// Makes setup record `k`.
@@ -154,6 +286,8 @@ impl Skew {
 #[derive(Debug, Clone)]
 pub struct Options {
     pub workload: Workload,
+    /// Operations and their weights; empty: the workload's own operation.
+    pub mix: Vec<(Op, u32)>,
     /// The cluster's `rama.yaml`; `None`: an in-process cluster of
     /// `tasks`/`threads` in a temporary directory.
     pub cluster: Option<PathBuf>,
@@ -170,13 +304,39 @@ pub struct Options {
     pub ack: AckLevel,
     /// Timeline: followers of each user.
     pub fanout: u64,
+    /// Range selects: posts read per timeline.
+    pub range_limit: usize,
     /// A progress line on stderr every second (when it is a terminal).
     pub progress: bool,
 }
 
 impl Options {
+    /// The operations sent and their weights.
+    pub fn ops(&self) -> Vec<(Op, u32)> {
+        if self.mix.is_empty() {
+            vec![(self.workload.op(), 1)]
+        } else {
+            self.mix.clone()
+        }
+    }
+
     /// Refuses settings that cannot make a meaningful run.
     pub fn check(&self) -> Result<(), String> {
+        for (op, _) in &self.mix {
+            if op.module() != self.workload.module() {
+                return Err(format!(
+                    "--mix: {} is an operation of {}; workload {:?} drives {}",
+                    op.name(),
+                    op.module(),
+                    self.workload,
+                    self.workload.module()
+                ));
+            }
+        }
+        let timeline = self.ops().iter().any(|(o, _)| matches!(o, Op::Post | Op::Range));
+        if !(1..=1000).contains(&self.range_limit) {
+            return Err(format!("--rangeLimit {}: from 1 to 1000", self.range_limit));
+        }
         if self.clients == 0 || self.clients > 1024 {
             return Err(format!("--clients {}: from 1 to 1024", self.clients));
         }
@@ -192,10 +352,10 @@ impl Options {
                 self.keys
             ));
         }
-        if self.workload == Workload::Timeline && !(1..=1000).contains(&self.fanout) {
+        if timeline && !(1..=1000).contains(&self.fanout) {
             return Err(format!("--fanout {}: from 1 to 1000", self.fanout));
         }
-        if self.workload == Workload::Timeline && self.keys.saturating_mul(self.fanout) > 10_000_000 {
+        if timeline && self.keys.saturating_mul(self.fanout) > 10_000_000 {
             return Err(format!(
                 "--keys {} x --fanout {}: the follows loaded first would be more than 10,000,000",
                 self.keys, self.fanout
@@ -235,7 +395,10 @@ pub struct Report {
     pub first_error: Option<String>,
     pub seconds: f64,
     pub ops_per_sec: f64,
+    /// Every operation together.
     pub latency: Latency,
+    /// Each operation of the mix on its own.
+    pub operations: Vec<OpReport>,
     /// CPU and memory of the processes serving the module during the run.
     pub processes: Vec<crate::procstat::ProcessUse>,
     /// Their CPU time per operation, in microseconds (`None` when they run
@@ -245,7 +408,20 @@ pub struct Report {
     pub processes_note: Option<String>,
 }
 
-type Pending = Pin<Box<dyn Future<Output = engine::Result<()>> + Send>>;
+/// What one operation of a mix measured.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct OpReport {
+    pub op: Op,
+    pub weight: u32,
+    pub ops: u64,
+    pub errors: u64,
+    pub ops_per_sec: f64,
+    pub latency: Latency,
+}
+
+/// An operation under way; its answer (nil for appends).
+type Pending = Pin<Box<dyn Future<Output = engine::Result<Value>> + Send>>;
 
 /// Starts operations of a workload.
 trait Target: Sync {
@@ -257,30 +433,40 @@ struct Appends<D>(D, AckLevel);
 impl Target for Appends<engine::cluster::DepotClient> {
     fn start(&self, record: &Value) -> engine::Result<Pending> {
         let f = self.0.append_async(record, self.1)?;
-        Ok(Box::pin(async move { f.await.map(|_| ()) }))
+        Ok(Box::pin(async move { f.await.map(|_| Value::Nil) }))
     }
 }
 
 impl Target for Appends<net::remote::RemoteDepot> {
     fn start(&self, record: &Value) -> engine::Result<Pending> {
         let f = self.0.append_future(record, self.1)?;
-        Ok(Box::pin(async move { f.await.map(|_| ()) }))
+        Ok(Box::pin(async move { f.await.map(|_| Value::Nil) }))
     }
 }
 
-struct Selects<P>(P);
+/// Selects of `[key(k)] + path` (the path after the key).
+struct Selects<P>(P, Vec<Nav>);
+
+impl<P> Selects<P> {
+    fn path(&self, key: &Value) -> Vec<Nav> {
+        let mut path = Vec::with_capacity(1 + self.1.len());
+        path.push(Nav::Key(key.clone()));
+        path.extend(self.1.iter().cloned());
+        path
+    }
+}
 
 impl Target for Selects<engine::cluster::PStateClient> {
     fn start(&self, key: &Value) -> engine::Result<Pending> {
-        let f = self.0.select_future(None, vec![Nav::Key(key.clone())]);
-        Ok(Box::pin(async move { f.await.map(|_| ()) }))
+        let f = self.0.select_future(None, self.path(key));
+        Ok(Box::pin(async move { f.await.map(Value::List) }))
     }
 }
 
 impl Target for Selects<net::remote::RemotePState> {
     fn start(&self, key: &Value) -> engine::Result<Pending> {
-        let f = self.0.select_future(&[Nav::Key(key.clone())])?;
-        Ok(Box::pin(async move { f.await.map(|_| ()) }))
+        let f = self.0.select_future(&self.path(key))?;
+        Ok(Box::pin(async move { f.await.map(Value::List) }))
     }
 }
 
@@ -289,14 +475,14 @@ struct Invokes<Q>(Q);
 impl Target for Invokes<engine::cluster::QueryClient> {
     fn start(&self, args: &Value) -> engine::Result<Pending> {
         let f = self.0.invoke_future(args);
-        Ok(Box::pin(async move { f.await.map(|_| ()) }))
+        Ok(Box::pin(async move { f.await }))
     }
 }
 
 impl Target for Invokes<net::remote::RemoteQuery> {
     fn start(&self, args: &Value) -> engine::Result<Pending> {
         let f = self.0.invoke_future(args)?;
-        Ok(Box::pin(async move { f.await.map(|_| ()) }))
+        Ok(Box::pin(async move { f.await }))
     }
 }
 
@@ -332,31 +518,47 @@ impl Generator {
         }
     }
 
-    fn op(&mut self, workload: Workload) -> Value {
+    /// Picks an operation of `ops` by weight (`total`: their sum).
+    fn pick(&mut self, ops: &[(Op, u32)], total: u64) -> usize {
+        if ops.len() == 1 {
+            return 0;
+        }
+        let mut x = self.next_u64() % total;
+        for (i, (_, w)) in ops.iter().enumerate() {
+            if x < u64::from(*w) {
+                return i;
+            }
+            x -= u64::from(*w);
+        }
+        ops.len() - 1
+    }
+
+    fn op(&mut self, op: Op) -> Value {
         self.made += 1;
         let id = (self.id_base + self.made) as i64;
-        match workload {
-            Workload::Bank => Value::map([
+        match op {
+            Op::Transfer => Value::map([
                 ("id", Value::Int(id)),
                 ("from", Value::from(format!("a{}", self.key()))),
                 ("to", Value::from(format!("a{}", self.key()))),
                 ("amount", Value::Int(1)),
             ]),
-            Workload::Timeline => Value::map([
+            Op::Post => Value::map([
                 ("author", Value::from(format!("u{}", self.key()))),
                 ("id", Value::Int(id)),
                 ("text", Value::from("x".repeat(self.value.len()))),
             ]),
-            Workload::Query => Value::Int(10),
-            Workload::WordCount => {
+            Op::TopWords => Value::Int(10),
+            Op::Sentence => {
                 let words: Vec<String> = (0..10).map(|_| format!("w{}", self.key())).collect();
                 Value::from(words.join(" "))
             }
-            Workload::Append => Value::map([
+            Op::Put => Value::map([
                 ("key", Value::from(format!("k{}", self.key()))),
                 ("value", Value::Bytes(self.value.clone())),
             ]),
-            Workload::Select => Value::from(format!("k{}", self.key())),
+            Op::Get => Value::from(format!("k{}", self.key())),
+            Op::Range => Value::from(format!("u{}", self.key())),
         }
     }
 }
@@ -375,18 +577,30 @@ fn zipf_cdf(keys: u64, s: f64) -> Vec<f64> {
 }
 
 /// Counters the progress line shows.
-#[derive(Default)]
 struct Live {
     done: AtomicU64,
     errors: AtomicU64,
     first_error: Mutex<Option<String>>,
+    /// Per operation of the mix: (done, errors).
+    per_op: Vec<(AtomicU64, AtomicU64)>,
 }
 
 impl Live {
-    fn finished(&self, r: engine::Result<()>) {
+    fn new(ops: usize) -> Live {
+        Live {
+            done: AtomicU64::new(0),
+            errors: AtomicU64::new(0),
+            first_error: Mutex::new(None),
+            per_op: (0..ops).map(|_| (AtomicU64::new(0), AtomicU64::new(0))).collect(),
+        }
+    }
+
+    fn finished(&self, op: usize, r: engine::Result<Value>) {
         self.done.fetch_add(1, Ordering::Relaxed);
+        self.per_op[op].0.fetch_add(1, Ordering::Relaxed);
         if let Err(e) = r {
             self.errors.fetch_add(1, Ordering::Relaxed);
+            self.per_op[op].1.fetch_add(1, Ordering::Relaxed);
             self.first_error
                 .lock()
                 .expect("first error")
@@ -417,65 +631,82 @@ fn progress(live: &Live, stop: &AtomicBool, started: Instant) {
     let _ = writeln!(std::io::stderr());
 }
 
-fn closed_loop(o: &Options, target: &dyn Target, gens: Vec<Generator>, live: &Live) -> BenchResult<Histogram<u64>> {
+/// One latency histogram per operation of the mix.
+type Histograms = Vec<Histogram<u64>>;
+
+fn histograms(n: usize) -> Histograms {
+    (0..n).map(|_| new_histogram()).collect()
+}
+
+fn add_all(into: &mut Histograms, from: Histograms) -> BenchResult<()> {
+    for (a, b) in into.iter_mut().zip(from) {
+        a.add(b)?;
+    }
+    Ok(())
+}
+
+/// The operations of a run: their targets and weights.
+struct Mix<'c> {
+    ops: Vec<(Op, u32)>,
+    total: u64,
+    targets: Vec<Box<dyn Target + 'c>>,
+}
+
+fn closed_loop(o: &Options, mix: &Mix<'_>, gens: Vec<Generator>, live: &Live) -> BenchResult<Histograms> {
     let deadline = Instant::now() + o.duration;
     std::thread::scope(|s| {
         let handles: Vec<_> = gens
             .into_iter()
             .map(|mut gen| {
-                s.spawn(move || -> Result<Histogram<u64>, String> {
-                    let mut hist = new_histogram();
-                    let mut window: std::collections::VecDeque<(Instant, Pending)> =
+                s.spawn(move || -> Result<Histograms, String> {
+                    let mut hists = histograms(mix.ops.len());
+                    let mut window: std::collections::VecDeque<(Instant, usize, Pending)> =
                         std::collections::VecDeque::with_capacity(o.in_flight);
                     while Instant::now() < deadline {
                         if window.len() == o.in_flight {
-                            let (sent, f) = window.pop_front().expect("full");
-                            live.finished(futures_lite::future::block_on(f));
-                            record(&mut hist, sent.elapsed());
+                            let (sent, i, f) = window.pop_front().expect("full");
+                            live.finished(i, futures_lite::future::block_on(f));
+                            record(&mut hists[i], sent.elapsed());
                         }
-                        let op = gen.op(o.workload);
+                        let i = gen.pick(&mix.ops, mix.total);
+                        let op = gen.op(mix.ops[i].0);
                         let sent = Instant::now();
-                        window.push_back((sent, target.start(&op).map_err(|e| e.to_string())?));
+                        let f = mix.targets[i].start(&op).map_err(|e| e.to_string())?;
+                        window.push_back((sent, i, f));
                     }
-                    for (sent, f) in window {
-                        live.finished(futures_lite::future::block_on(f));
-                        record(&mut hist, sent.elapsed());
+                    for (sent, i, f) in window {
+                        live.finished(i, futures_lite::future::block_on(f));
+                        record(&mut hists[i], sent.elapsed());
                     }
-                    Ok(hist)
+                    Ok(hists)
                 })
             })
             .collect();
-        let mut all = new_histogram();
+        let mut all = histograms(mix.ops.len());
         for h in handles {
-            all.add(h.join().map_err(|_| "a client thread panicked")??)?;
+            add_all(&mut all, h.join().map_err(|_| "a client thread panicked")??)?;
         }
         Ok(all)
     })
 }
 
-fn open_loop(
-    o: &Options,
-    rate: f64,
-    target: &dyn Target,
-    mut gen: Generator,
-    live: &Live,
-) -> BenchResult<Histogram<u64>> {
+fn open_loop(o: &Options, rate: f64, mix: &Mix<'_>, mut gen: Generator, live: &Live) -> BenchResult<Histograms> {
     let count = ((rate * o.duration.as_secs_f64()) as u64).max(1);
     let interval = Duration::from_secs_f64(1.0 / rate);
     // Bounded: when answers lag this far behind, the sender waits, falls
     // behind its schedule and the run says so.
-    let (tx, rx) = flume::bounded::<(Instant, Pending)>(o.clients * o.in_flight);
+    let (tx, rx) = flume::bounded::<(Instant, usize, Pending)>(o.clients * o.in_flight);
     std::thread::scope(|s| {
         let collectors: Vec<_> = (0..o.clients.clamp(1, 8))
             .map(|_| {
                 let rx = rx.clone();
                 s.spawn(move || {
-                    let mut hist = new_histogram();
-                    for (intended, f) in rx {
-                        live.finished(futures_lite::future::block_on(f));
-                        record(&mut hist, intended.elapsed());
+                    let mut hists = histograms(mix.ops.len());
+                    for (intended, i, f) in rx {
+                        live.finished(i, futures_lite::future::block_on(f));
+                        record(&mut hists[i], intended.elapsed());
                     }
-                    hist
+                    hists
                 })
             })
             .collect();
@@ -486,8 +717,8 @@ fn open_loop(
         let late_max = (count / 100).max(100);
         let mut late = 0u64;
         let mut sent = 0u64;
-        for i in 0..count {
-            let intended = started + interval.mul_f64(i as f64);
+        for n in 0..count {
+            let intended = started + interval.mul_f64(n as f64);
             let now = Instant::now();
             if intended > now {
                 std::thread::sleep(intended - now);
@@ -499,17 +730,18 @@ fn open_loop(
                     break;
                 }
             }
-            let op = gen.op(o.workload);
-            let f = target.start(&op)?;
-            if tx.send((intended, f)).is_err() {
+            let i = gen.pick(&mix.ops, mix.total);
+            let op = gen.op(mix.ops[i].0);
+            let f = mix.targets[i].start(&op)?;
+            if tx.send((intended, i, f)).is_err() {
                 break;
             }
             sent += 1;
         }
         drop(tx);
-        let mut all = new_histogram();
+        let mut all = histograms(mix.ops.len());
         for c in collectors {
-            all.add(c.join().map_err(|_| "a collector panicked")?)?;
+            add_all(&mut all, c.join().map_err(|_| "a collector panicked")?)?;
         }
         ensure(late <= late_max, || {
             format!(
@@ -542,7 +774,7 @@ fn generators(o: &Options) -> Vec<Generator> {
 /// Loads what the workload reads or needs (keys, accounts, follows),
 /// closed loop, `Ack`.
 fn load(target: &dyn Target, count: u64, make: &Loader) -> BenchResult<()> {
-    let live = Live::default();
+    let live = Live::new(1);
     let per = count.div_ceil(4);
     std::thread::scope(|s| -> BenchResult<()> {
         let handles: Vec<_> = (0..4u64)
@@ -553,12 +785,12 @@ fn load(target: &dyn Target, count: u64, make: &Loader) -> BenchResult<()> {
                     for k in (c * per)..((c + 1) * per).min(count) {
                         if window.len() == 256 {
                             let f: Pending = window.pop_front().expect("full");
-                            live.finished(futures_lite::future::block_on(f));
+                            live.finished(0, futures_lite::future::block_on(f));
                         }
                         window.push_back(target.start(&make(k)).map_err(|e| e.to_string())?);
                     }
                     for f in window {
-                        live.finished(futures_lite::future::block_on(f));
+                        live.finished(0, futures_lite::future::block_on(f));
                     }
                     Ok(())
                 })
@@ -582,12 +814,12 @@ fn load(target: &dyn Target, count: u64, make: &Loader) -> BenchResult<()> {
     })
 }
 
-/// What one measured run returns: latencies, operations, errors, the first
-/// error, seconds.
-type Measured = (Histogram<u64>, u64, u64, Option<String>, f64);
+/// What one measured run returns: latencies per operation, the counters,
+/// seconds.
+type Measured = (Histograms, Live, f64);
 
-fn measure(o: &Options, target: &dyn Target) -> BenchResult<Measured> {
-    let live = Live::default();
+fn measure(o: &Options, mix: &Mix<'_>) -> BenchResult<Measured> {
+    let live = Live::new(mix.ops.len());
     let stop = AtomicBool::new(false);
     let started = Instant::now();
     let show = o.progress && std::io::stderr().is_terminal();
@@ -596,21 +828,13 @@ fn measure(o: &Options, target: &dyn Target) -> BenchResult<Measured> {
             s.spawn(|| progress(&live, &stop, started));
         }
         let hist = match o.rate {
-            None => closed_loop(o, target, generators(o), &live),
-            Some(rate) => open_loop(o, rate, target, generators(o).remove(0), &live),
+            None => closed_loop(o, mix, generators(o), &live),
+            Some(rate) => open_loop(o, rate, mix, generators(o).remove(0), &live),
         };
         stop.store(true, Ordering::Relaxed);
         hist
     })?;
-    let seconds = started.elapsed().as_secs_f64();
-    let first_error = live.first_error.lock().expect("first error").clone();
-    Ok((
-        hist,
-        live.done.load(Ordering::Relaxed),
-        live.errors.load(Ordering::Relaxed),
-        first_error,
-        seconds,
-    ))
+    Ok((hist, live, started.elapsed().as_secs_f64()))
 }
 
 /// Where a run goes: the target, the processes serving it, and its shape.
@@ -625,7 +849,8 @@ struct Setup {
 /// A cluster's clients, in-process or remote.
 trait Clients {
     fn appends(&self, module: &str, depot: &str, ack: AckLevel) -> BenchResult<Box<dyn Target + '_>>;
-    fn selects(&self, module: &str, pstate: &str) -> BenchResult<Box<dyn Target + '_>>;
+    /// Selects of `[key(k)] + then`.
+    fn selects(&self, module: &str, pstate: &str, then: Vec<Nav>) -> BenchResult<Box<dyn Target + '_>>;
     fn invokes(&self, module: &str, query: &str) -> BenchResult<Box<dyn Target + '_>>;
 }
 
@@ -637,8 +862,8 @@ macro_rules! clients_of {
             fn appends(&self, module: &str, depot: &str, ack: AckLevel) -> BenchResult<Box<dyn Target + '_>> {
                 Ok(Box::new(Appends(self.depot(module, depot)?, ack)))
             }
-            fn selects(&self, module: &str, pstate: &str) -> BenchResult<Box<dyn Target + '_>> {
-                Ok(Box::new(Selects(self.pstate(module, pstate)?)))
+            fn selects(&self, module: &str, pstate: &str, then: Vec<Nav>) -> BenchResult<Box<dyn Target + '_>> {
+                Ok(Box::new(Selects(self.pstate(module, pstate)?, then)))
             }
             fn invokes(&self, module: &str, query: &str) -> BenchResult<Box<dyn Target + '_>> {
                 Ok(Box::new(Invokes(self.query(module, query)?)))
@@ -650,23 +875,69 @@ macro_rules! clients_of {
 clients_of!(InProcessCluster);
 clients_of!(ClusterManager);
 
-/// Loads the workload's setup records and makes its target.
-fn prepare<'c>(o: &Options, clients: &'c dyn Clients) -> BenchResult<Box<dyn Target + 'c>> {
+/// Loads what the mix's operations need (each load once) and makes their
+/// targets.
+fn prepare<'c>(o: &Options, clients: &'c dyn Clients) -> BenchResult<Mix<'c>> {
     let module = o.workload.module();
-    if let Some((depot, count, make)) = o.workload.setup(o.keys, o.fanout, o.record_bytes) {
-        load(clients.appends(module, depot, AckLevel::Ack)?.as_ref(), count, &make)?;
+    let ops = o.ops();
+    let mut loaded: Vec<&str> = Vec::new();
+    for (op, _) in &ops {
+        for (name, depot, count, make) in op.setup(o.keys, o.fanout, o.record_bytes) {
+            if !loaded.contains(&name) {
+                load(clients.appends(module, depot, AckLevel::Ack)?.as_ref(), count, &make)?;
+                loaded.push(name);
+            }
+        }
     }
-    match (o.workload, o.workload.depot()) {
-        (Workload::Select, _) => clients.selects(module, "$$kv"),
-        (Workload::Query, _) => clients.invokes(module, "topWords"),
-        (_, Some(depot)) => clients.appends(module, depot, o.ack),
-        (w, None) => Err(format!("workload {w:?} has no operation").into()),
+    let targets = ops
+        .iter()
+        .map(|(op, _)| match op {
+            Op::Sentence => clients.appends(module, "*sentences", o.ack),
+            Op::Put => clients.appends(module, "*records", o.ack),
+            Op::Transfer => clients.appends(module, "*transfers", o.ack),
+            Op::Post => clients.appends(module, "*posts", o.ack),
+            Op::Get => clients.selects(module, "$$kv", Vec::new()),
+            Op::Range => clients.selects(module, "$$timelines", vec![Nav::last(o.range_limit)]),
+            Op::TopWords => clients.invokes(module, "topWords"),
+        })
+        .collect::<BenchResult<Vec<_>>>()?;
+    // The loaded data must be visible before reads of it are measured.
+    for ((op, _), target) in ops.iter().zip(&targets) {
+        let probe = match op {
+            Op::Get => Value::from("k0"),
+            Op::Range => Value::from("u0"),
+            Op::TopWords => Value::Int(10),
+            _ => continue,
+        };
+        let answer = futures_lite::future::block_on(target.start(&probe)?)?;
+        ensure(!empty(&answer), || {
+            format!(
+                "{}: the data loaded first is not visible ({probe} read {answer})",
+                op.name()
+            )
+        })?;
+    }
+    Ok(Mix {
+        total: ops.iter().map(|(_, w)| u64::from(*w)).sum(),
+        ops,
+        targets,
+    })
+}
+
+/// Nil, or only empty containers.
+fn empty(v: &Value) -> bool {
+    match v {
+        Value::Nil => true,
+        Value::List(l) => l.iter().all(empty),
+        Value::Map(m) => m.is_empty(),
+        Value::Set(s) => s.is_empty(),
+        _ => false,
     }
 }
 
 /// Sets up the workload's target (an in-process cluster, or clients of the
 /// cluster of rama.yaml), loads what it needs, and runs `f` on it.
-fn with_target<R>(o: &Options, f: impl FnOnce(&dyn Target, &Setup) -> BenchResult<R>) -> BenchResult<R> {
+fn with_target<R>(o: &Options, f: impl FnOnce(&Mix<'_>, &Setup) -> BenchResult<R>) -> BenchResult<R> {
     o.check()?;
     let module = o.workload.module();
     match &o.cluster {
@@ -683,7 +954,7 @@ fn with_target<R>(o: &Options, f: impl FnOnce(&dyn Target, &Setup) -> BenchResul
                 threads: o.threads,
                 nodes: 1,
             };
-            let result = prepare(o, &cluster).and_then(|target| f(target.as_ref(), &setup));
+            let result = prepare(o, &cluster).and_then(|mix| f(&mix, &setup));
             let stopped = cluster.shutdown();
             let _ = std::fs::remove_dir_all(&dir);
             stopped?;
@@ -713,16 +984,37 @@ fn with_target<R>(o: &Options, f: impl FnOnce(&dyn Target, &Setup) -> BenchResul
                 threads: registered.first().map_or(1, |w| w.threads),
                 nodes: hosts.len().max(1),
             };
-            let target = prepare(o, &manager)?;
-            f(target.as_ref(), &setup)
+            let mix = prepare(o, &manager)?;
+            f(&mix, &setup)
         }
     }
 }
 
 /// One measured run on a set-up target.
-fn report(o: &Options, target: &dyn Target, setup: &Setup) -> BenchResult<Report> {
+fn report(o: &Options, mix: &Mix<'_>, setup: &Setup) -> BenchResult<Report> {
     let watch = crate::procstat::Watch::start(setup.processes.clone());
-    let (hist, ops, errors, first_error, seconds) = measure(o, target)?;
+    let (hists, live, seconds) = measure(o, mix)?;
+    let ops = live.done.load(Ordering::Relaxed);
+    let errors = live.errors.load(Ordering::Relaxed);
+    let first_error = live.first_error.lock().expect("first error").clone();
+    let mut hist = new_histogram();
+    for h in &hists {
+        hist.add(h)?;
+    }
+    let operations = mix
+        .ops
+        .iter()
+        .zip(&hists)
+        .zip(&live.per_op)
+        .map(|(((op, weight), h), (done, errs))| OpReport {
+            op: *op,
+            weight: *weight,
+            ops: done.load(Ordering::Relaxed),
+            errors: errs.load(Ordering::Relaxed),
+            ops_per_sec: done.load(Ordering::Relaxed) as f64 / seconds,
+            latency: Latency::from_histogram(h),
+        })
+        .collect();
     let processes = watch.finish();
     let cpu: f64 = processes.iter().map(|p| p.cpu_seconds).sum();
     let processes_note = processes
@@ -746,6 +1038,7 @@ fn report(o: &Options, target: &dyn Target, setup: &Setup) -> BenchResult<Report
         seconds,
         ops_per_sec: ops as f64 / seconds,
         latency: Latency::from_histogram(&hist),
+        operations,
         cpu_us_per_op: (!processes.is_empty() && ops > 0).then(|| cpu / ops as f64 * 1e6),
         processes,
         processes_note,
@@ -754,7 +1047,7 @@ fn report(o: &Options, target: &dyn Target, setup: &Setup) -> BenchResult<Report
 
 /// Runs the workload and reports what it measured.
 pub fn run(o: &Options) -> BenchResult<Report> {
-    with_target(o, |target, setup| report(o, target, setup))
+    with_target(o, |mix, setup| report(o, mix, setup))
 }
 
 /// A capacity sweep: the offered load raised step by step until p99
@@ -779,13 +1072,13 @@ pub struct Sweep {
 /// loop, `o.duration` per step) until a step's p99 passes `p99_bound`, it
 /// has errors, or the harness cannot send the rate.
 pub fn sweep(o: &Options, p99_bound: Duration) -> BenchResult<Sweep> {
-    with_target(o, |target, setup| {
+    with_target(o, |mix, setup| {
         let closed = Options {
             rate: None,
             progress: false,
             ..o.clone()
         };
-        let max = report(&closed, target, setup)?.ops_per_sec;
+        let max = report(&closed, mix, setup)?.ops_per_sec;
         ensure(max > 0.0, || "the closed loop completed no operation".to_string())?;
         let mut steps = Vec::new();
         let mut sustained = 0.0;
@@ -795,7 +1088,7 @@ pub fn sweep(o: &Options, p99_bound: Duration) -> BenchResult<Sweep> {
                 rate: Some(rate),
                 ..o.clone()
             };
-            let step = match report(&open, target, setup) {
+            let step = match report(&open, mix, setup) {
                 Ok(r) => r,
                 // The harness cannot send this rate: the sweep ends here.
                 Err(e) if e.to_string().contains("could not send") => break,
@@ -874,7 +1167,33 @@ pub fn summary(r: &Report) -> String {
             .as_ref()
             .map(|e| format!("\nfirst error: {e}"))
             .unwrap_or_default()
-    ) + &cost(r)
+    ) + &per_op(r)
+        + &cost(r)
+}
+
+/// One line per operation, when the run mixed several.
+fn per_op(r: &Report) -> String {
+    if r.operations.len() < 2 {
+        return String::new();
+    }
+    let ms = |us: f64| format!("{:.3} ms", us / 1000.0);
+    r.operations
+        .iter()
+        .map(|o| {
+            format!(
+                "\n  {} (weight {}): {:.0} ops/s, {} errors; p50 {}  p90 {}  p99 {}  p99.9 {}  max {}",
+                o.op.name(),
+                o.weight,
+                o.ops_per_sec,
+                o.errors,
+                ms(o.latency.p50_us),
+                ms(o.latency.p90_us),
+                ms(o.latency.p99_us),
+                ms(o.latency.p999_us),
+                ms(o.latency.max_us)
+            )
+        })
+        .collect()
 }
 
 fn cost(r: &Report) -> String {

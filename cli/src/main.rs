@@ -77,9 +77,15 @@ enum Cmd {
         /// --recordBytes to --keys keys), select (KvModule point selects),
         /// bank (BankTransferModule transfers among --keys accounts),
         /// timeline (TimelineModule posts by --keys users with --fanout
-        /// followers each), query (WordCountModule topWords).
-        #[arg(long, default_value = "wordcount")]
-        workload: String,
+        /// followers each), query (WordCountModule topWords), range
+        /// (TimelineModule: the newest --rangeLimit posts of a timeline).
+        #[arg(long)]
+        workload: Option<String>,
+        /// A weighted mix of one module's operations, e.g. post:20,range:80
+        /// (operations: sentence, topWords, put, get, transfer, post,
+        /// range); percentiles are reported per operation.
+        #[arg(long)]
+        mix: Option<String>,
         /// Run the module in this process instead of on the cluster.
         #[arg(long = "inProcess")]
         in_process: bool,
@@ -109,6 +115,9 @@ enum Cmd {
         /// timeline: followers of each user.
         #[arg(long, default_value_t = 10)]
         fanout: u64,
+        /// range: posts read per timeline.
+        #[arg(long = "rangeLimit", default_value_t = 20)]
+        range_limit: usize,
         /// ack, appendAck or none (appends).
         #[arg(long = "ackLevel", default_value = "ack")]
         ack_level: String,
@@ -329,9 +338,10 @@ fn deploy(cli: &Cli, config: &Config) -> Result<(), Failure> {
 }
 
 fn bench(cli: &Cli, config: &Config) -> Result<(), Failure> {
-    use rama_bench::harness::{run, summary, Options, Skew, Workload};
+    use rama_bench::harness::{parse_mix, run, summary, Options, Skew, Workload};
     let Cmd::Bench {
         workload,
+        mix,
         in_process,
         tasks,
         threads,
@@ -343,6 +353,7 @@ fn bench(cli: &Cli, config: &Config) -> Result<(), Failure> {
         keys,
         skew,
         fanout,
+        range_limit,
         ack_level,
         out,
         sweep,
@@ -370,8 +381,18 @@ fn bench(cli: &Cli, config: &Config) -> Result<(), Failure> {
     if !(seconds.is_finite() && *seconds > 0.0) {
         return Err(Failure::Usage(format!("--seconds {seconds}: a positive number")));
     }
+    let mix = match mix {
+        Some(m) => parse_mix(m).map_err(Failure::Usage)?,
+        None => Vec::new(),
+    };
+    let workload = match (workload, mix.first()) {
+        (Some(w), _) => Workload::parse(w).map_err(Failure::Usage)?,
+        (None, Some((op, _))) => Workload::of(*op),
+        (None, None) => Workload::WordCount,
+    };
     let options = Options {
-        workload: Workload::parse(workload).map_err(Failure::Usage)?,
+        workload,
+        mix,
         cluster: (!in_process).then(|| config.path().to_path_buf()),
         tasks: *tasks,
         threads: *threads,
@@ -384,6 +405,7 @@ fn bench(cli: &Cli, config: &Config) -> Result<(), Failure> {
         skew: Skew::parse(skew).map_err(Failure::Usage)?,
         ack: ack_level_named(ack_level).map_err(|e| Failure::Usage(e.to_string()))?,
         fanout: *fanout,
+        range_limit: *range_limit,
         progress: true,
     };
     options.check().map_err(Failure::Usage)?;

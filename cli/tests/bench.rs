@@ -72,7 +72,7 @@ fn bench_measures_and_refuses_what_it_cannot_measure() {
     );
 
     // The example modules' workloads, each loading what it needs first.
-    for workload in ["bank", "timeline", "query"] {
+    for workload in ["bank", "timeline", "query", "range"] {
         let out = rama(
             dir.path(),
             &[
@@ -95,6 +95,46 @@ fn bench_measures_and_refuses_what_it_cannot_measure() {
         assert!(out.status.success(), "{workload}: {}", text(&out));
         assert!(text(&out).contains(", 0 errors"), "{workload}: {}", text(&out));
     }
+
+    // A mix of posts and timeline range reads: percentiles per operation.
+    let mix_file = dir.path().join("mix.json");
+    let out = rama(
+        dir.path(),
+        &[
+            "bench",
+            "--inProcess",
+            "--mix",
+            "post:1,range:3",
+            "--keys",
+            "100",
+            "--fanout",
+            "3",
+            "--rangeLimit",
+            "5",
+            "--seconds",
+            "0.5",
+            "--clients",
+            "2",
+            "--inFlight",
+            "8",
+            "--out",
+            mix_file.to_str().unwrap(),
+        ],
+    );
+    assert!(out.status.success(), "{}", text(&out));
+    assert!(text(&out).contains("  range (weight 3): "), "{}", text(&out));
+    let r: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&mix_file).unwrap()).unwrap();
+    assert_eq!(r["workload"], "timeline", "{r}");
+    let ops = r["operations"].as_array().unwrap();
+    assert_eq!(ops.len(), 2, "{r}");
+    assert_eq!(
+        (ops[0]["op"].as_str(), ops[1]["op"].as_str()),
+        (Some("post"), Some("range"))
+    );
+    let count = |i: usize| ops[i]["ops"].as_u64().unwrap();
+    assert!(count(0) > 0 && count(1) > count(0), "{r}");
+    assert_eq!(count(0) + count(1), r["ops"].as_u64().unwrap(), "{r}");
+    assert!(ops[1]["latency"]["p99_us"].as_f64().unwrap() > 0.0, "{r}");
 
     // Capacity planning: a sweep up to the latency bound, and an estimate.
     let sweep_file = dir.path().join("sweep.json");
@@ -158,6 +198,14 @@ fn bench_measures_and_refuses_what_it_cannot_measure() {
         (vec!["--clients", "0"], "--clients 0"),
         (vec!["--skew", "pareto"], "unknown key skew"),
         (vec!["--seconds", "0"], "--seconds"),
+        (vec!["--mix", "put:1,range:1"], "a run drives one module"),
+        (vec!["--mix", "scan:1"], "unknown operation \"scan\""),
+        (vec!["--mix", "get:0"], "weight of get"),
+        (
+            vec!["--workload", "wordcount", "--mix", "get"],
+            "workload WordCount drives WordCountModule",
+        ),
+        (vec!["--workload", "range", "--rangeLimit", "0"], "--rangeLimit 0"),
     ] {
         let out = rama(dir.path(), &[&["bench", "--inProcess"][..], &args].concat());
         assert_eq!(out.status.code(), Some(2), "{args:?}: {}", text(&out));
