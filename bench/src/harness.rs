@@ -475,14 +475,14 @@ struct Invokes<Q>(Q);
 impl Target for Invokes<engine::cluster::QueryClient> {
     fn start(&self, args: &Value) -> engine::Result<Pending> {
         let f = self.0.invoke_future(args);
-        Ok(Box::pin(async move { f.await }))
+        Ok(Box::pin(f))
     }
 }
 
 impl Target for Invokes<net::remote::RemoteQuery> {
     fn start(&self, args: &Value) -> engine::Result<Pending> {
         let f = self.0.invoke_future(args)?;
-        Ok(Box::pin(async move { f.await }))
+        Ok(Box::pin(f))
     }
 }
 
