@@ -282,15 +282,24 @@ impl Skew {
     }
 }
 
+/// A running cluster, and how to find its workers.
+#[derive(Debug, Clone)]
+pub enum Cluster {
+    /// Through the ZooKeeper servers of this `rama.yaml`.
+    Config(PathBuf),
+    /// Through the Conductor at this `host:port` (its admin API).
+    Conductor(String),
+}
+
 /// What to run.
 #[derive(Debug, Clone)]
 pub struct Options {
     pub workload: Workload,
     /// Operations and their weights; empty: the workload's own operation.
     pub mix: Vec<(Op, u32)>,
-    /// The cluster's `rama.yaml`; `None`: an in-process cluster of
+    /// The cluster to drive; `None`: an in-process cluster of
     /// `tasks`/`threads` in a temporary directory.
-    pub cluster: Option<PathBuf>,
+    pub cluster: Option<Cluster>,
     pub tasks: u32,
     pub threads: u32,
     pub clients: usize,
@@ -960,8 +969,17 @@ fn with_target<R>(o: &Options, f: impl FnOnce(&Mix<'_>, &Setup) -> BenchResult<R
             stopped?;
             result
         }
-        Some(config) => {
-            let manager = ClusterManager::open_with(Some(config), &[], Side::External)?;
+        Some(cluster) => {
+            let (manager, name) = match cluster {
+                Cluster::Config(config) => (
+                    ClusterManager::open_with(Some(config), &[], Side::External)?,
+                    format!("the cluster of {}", config.display()),
+                ),
+                Cluster::Conductor(addr) => (
+                    ClusterManager::via_conductor(addr)?,
+                    format!("the cluster of the Conductor at {addr}"),
+                ),
+            };
             let registered = manager.workers(module)?;
             // The workers' processes, when they run on this machine.
             let processes: Vec<(u32, String)> = registered
@@ -980,7 +998,7 @@ fn with_target<R>(o: &Options, f: impl FnOnce(&Mix<'_>, &Setup) -> BenchResult<R
             hosts.dedup();
             let setup = Setup {
                 processes,
-                name: format!("the cluster of {}", config.display()),
+                name,
                 threads: registered.first().map_or(1, |w| w.threads),
                 nodes: hosts.len().max(1),
             };

@@ -196,6 +196,17 @@ impl Conductor {
                 )]))
             }
             "taskGroups" => self.task_groups(text(m, "module")?),
+            "workers" => {
+                let module = text(m, "module")?;
+                if !valid_module_name(module) {
+                    return Err(format!("{module:?} is not a module name"));
+                }
+                let workers = net::manager::registered_workers(&self.meta, module).map_err(|e| e.to_string())?;
+                Ok(Value::map([(
+                    "workers",
+                    Value::List(workers.iter().map(net::manager::WorkerInfo::to_value).collect()),
+                )]))
+            }
             "destroy" => {
                 let module = text(m, "module")?;
                 if state(&self.meta, module)?.is_none() {

@@ -89,6 +89,10 @@ enum Cmd {
         /// Run the module in this process instead of on the cluster.
         #[arg(long = "inProcess")]
         in_process: bool,
+        /// Find the cluster's workers through the Conductor at host:port
+        /// (its admin API) instead of ZooKeeper from rama.yaml.
+        #[arg(long, conflicts_with = "in_process")]
+        conductor: Option<String>,
         #[arg(long, default_value_t = 8)]
         tasks: u32,
         #[arg(long, default_value_t = 2)]
@@ -338,11 +342,12 @@ fn deploy(cli: &Cli, config: &Config) -> Result<(), Failure> {
 }
 
 fn bench(cli: &Cli, config: &Config) -> Result<(), Failure> {
-    use rama_bench::harness::{parse_mix, run, summary, Options, Skew, Workload};
+    use rama_bench::harness::{parse_mix, run, summary, Cluster, Options, Skew, Workload};
     let Cmd::Bench {
         workload,
         mix,
         in_process,
+        conductor,
         tasks,
         threads,
         clients,
@@ -393,7 +398,11 @@ fn bench(cli: &Cli, config: &Config) -> Result<(), Failure> {
     let options = Options {
         workload,
         mix,
-        cluster: (!in_process).then(|| config.path().to_path_buf()),
+        cluster: match (in_process, conductor) {
+            (true, _) => None,
+            (false, Some(addr)) => Some(Cluster::Conductor(addr.clone())),
+            (false, None) => Some(Cluster::Config(config.path().to_path_buf())),
+        },
         tasks: *tasks,
         threads: *threads,
         clients: *clients,

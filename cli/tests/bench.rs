@@ -136,6 +136,15 @@ fn bench_measures_and_refuses_what_it_cannot_measure() {
     assert_eq!(count(0) + count(1), r["ops"].as_u64().unwrap(), "{r}");
     assert!(ops[1]["latency"]["p99_us"].as_f64().unwrap() > 0.0, "{r}");
 
+    // A Conductor that does not answer is named.
+    let out = rama(dir.path(), &["bench", "--conductor", "127.0.0.1:1", "--seconds", "1"]);
+    assert_eq!(out.status.code(), Some(1), "{}", text(&out));
+    assert!(
+        text(&out).contains("cannot reach the Conductor at 127.0.0.1:1"),
+        "{}",
+        text(&out)
+    );
+
     // Capacity planning: a sweep up to the latency bound, and an estimate.
     let sweep_file = dir.path().join("sweep.json");
     let out = rama(
@@ -206,6 +215,7 @@ fn bench_measures_and_refuses_what_it_cannot_measure() {
             "workload WordCount drives WordCountModule",
         ),
         (vec!["--workload", "range", "--rangeLimit", "0"], "--rangeLimit 0"),
+        (vec!["--conductor", "127.0.0.1:1"], "cannot be used with"),
     ] {
         let out = rama(dir.path(), &[&["bench", "--inProcess"][..], &args].concat());
         assert_eq!(out.status.code(), Some(2), "{args:?}: {}", text(&out));

@@ -394,6 +394,34 @@ fn deploy_serve_survive_crashes_and_destroy() {
     // The cost of an operation, from the two worker processes' CPU time.
     assert_eq!(text(&out).matches("resident (peak").count(), 2, "{}", text(&out));
     assert!(text(&out).contains("µs of CPU per operation"), "{}", text(&out));
+    // The same through the Conductor's admin API alone, from a directory
+    // without rama.yaml (a client that does not reach ZooKeeper).
+    let bare = root.path().join("bare");
+    std::fs::create_dir_all(&bare).unwrap();
+    let via = format!("127.0.0.1:{cport}");
+    let out = common::rama_in(
+        &bare,
+        &[
+            "bench",
+            "--conductor",
+            &via,
+            "--mix",
+            "sentence:3,topWords:1",
+            "--seconds",
+            "1",
+            "--clients",
+            "1",
+            "--inFlight",
+            "8",
+        ],
+    );
+    assert!(out.status.success(), "{}", text(&out));
+    assert!(
+        text(&out).contains(&format!("on the cluster of the Conductor at {via}")),
+        "{}",
+        text(&out)
+    );
+    assert!(text(&out).contains("  topWords (weight 1): "), "{}", text(&out));
     let out = conductor.rama(&["bench", "--workload", "append", "--seconds", "1"]);
     assert_eq!(out.status.code(), Some(1), "{}", text(&out));
     assert!(

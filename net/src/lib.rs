@@ -6,6 +6,7 @@
 //! protocol and, for a module spread over workers, the messages between
 //! them ([`peers`]).
 
+pub mod admin;
 pub mod artifact;
 pub mod manager;
 pub mod peers;

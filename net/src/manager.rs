@@ -1,4 +1,6 @@
-//! `ClusterManager`: remote clients found through the metastore.
+//! `ClusterManager`: remote clients found through the metastore, or
+//! through the Conductor's admin API (`workers` op) for clients that reach
+//! only the Conductor.
 //!
 //! A worker serving a module registers itself as an ephemeral node
 //! `/modules/<module>/workers/<id>` whose data is JSON:
@@ -16,6 +18,7 @@ use std::time::Duration;
 
 use control::config::{Config, Side};
 use control::metastore::{MetaError, Metastore, NodeKind, ZkMetastore};
+use engine::value::Value;
 use engine::{Error, Result};
 use serde_json::{json, Value as Json};
 
@@ -71,17 +74,83 @@ pub struct WorkerInfo {
     pub workers: u32,
 }
 
+impl WorkerInfo {
+    /// As the Conductor's `workers` op sends it.
+    pub fn to_value(&self) -> Value {
+        Value::map([
+            ("worker", Value::Int(i64::from(self.worker))),
+            ("address", Value::from(self.address.as_str())),
+            ("tasks", Value::Int(i64::from(self.tasks))),
+            ("threads", Value::Int(i64::from(self.threads))),
+            ("workers", Value::Int(i64::from(self.workers))),
+        ])
+    }
+
+    fn from_value(v: &Value) -> Option<WorkerInfo> {
+        let Value::Map(m) = v else { return None };
+        let int = |k: &str| {
+            m.get(&Value::from(k))
+                .and_then(Value::as_int)
+                .and_then(|i| u32::try_from(i).ok())
+        };
+        Some(WorkerInfo {
+            worker: int("worker")?,
+            address: m.get(&Value::from("address"))?.as_str()?.to_string(),
+            tasks: int("tasks")?,
+            threads: int("threads")?,
+            workers: int("workers")?,
+        })
+    }
+}
+
+/// The workers of `module` registered in the metastore, by index.
+pub fn registered_workers(meta: &ZkMetastore, module: &str) -> Result<Vec<WorkerInfo>> {
+    let path = workers_path(module);
+    let ids = match meta.children(&path) {
+        Ok(ids) => ids,
+        Err(MetaError::NoNode(_)) => Vec::new(),
+        Err(e) => return Err(meta_error(e)),
+    };
+    let mut out = Vec::new();
+    for id in ids {
+        let Some((data, _)) = meta.get(&format!("{path}/{id}")).map_err(meta_error)? else {
+            continue;
+        };
+        let j: Json = serde_json::from_slice(&data)
+            .map_err(|e| Error::Closed(format!("worker {id} of {module} registered bad data: {e}")))?;
+        out.push(WorkerInfo {
+            worker: id.parse().unwrap_or(u32::MAX),
+            address: j["address"].as_str().unwrap_or_default().to_string(),
+            tasks: j["tasks"].as_u64().unwrap_or(0) as u32,
+            threads: j["threads"].as_u64().unwrap_or(0) as u32,
+            workers: j["workers"].as_u64().unwrap_or(1) as u32,
+        });
+    }
+    out.sort_by_key(|w| w.worker);
+    Ok(out)
+}
+
+/// Where a manager finds the workers.
+enum Directory {
+    Metastore(ZkMetastore),
+    /// The Conductor's admin address.
+    Conductor(String),
+}
+
 /// Hands out remote clients of the modules running on a cluster.
 pub struct ClusterManager {
-    meta: ZkMetastore,
+    directory: Directory,
     connections: Mutex<HashMap<String, RemoteCluster>>,
 }
 
 impl std::fmt::Debug for ClusterManager {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("ClusterManager")
-            .field("meta", &self.meta)
-            .finish_non_exhaustive()
+        let mut d = f.debug_struct("ClusterManager");
+        match &self.directory {
+            Directory::Metastore(meta) => d.field("meta", meta),
+            Directory::Conductor(addr) => d.field("conductor", addr),
+        };
+        d.finish_non_exhaustive()
     }
 }
 
@@ -101,36 +170,46 @@ impl ClusterManager {
     pub fn open_with(config: Option<&Path>, overrides: &[(&str, &str)], side: Side) -> Result<ClusterManager> {
         let config = load_config(config, overrides)?;
         Ok(ClusterManager {
-            meta: connect_metastore(&config, side)?,
+            directory: Directory::Metastore(connect_metastore(&config, side)?),
             connections: Mutex::new(HashMap::new()),
         })
     }
 
+    /// Through the Conductor at `addr` (`host:port`): for clients that
+    /// reach the Conductor and the workers but not ZooKeeper. Checks that
+    /// the Conductor answers.
+    pub fn via_conductor(addr: &str) -> Result<ClusterManager> {
+        let manager = ClusterManager {
+            directory: Directory::Conductor(addr.to_string()),
+            connections: Mutex::new(HashMap::new()),
+        };
+        crate::admin::Admin::connect(addr).map_err(Error::Unavailable)?;
+        Ok(manager)
+    }
+
     /// The workers of `module`.
     pub fn workers(&self, module: &str) -> Result<Vec<WorkerInfo>> {
-        let path = workers_path(module);
-        let ids = match self.meta.children(&path) {
-            Ok(ids) => ids,
-            Err(MetaError::NoNode(_)) => Vec::new(),
-            Err(e) => return Err(meta_error(e)),
-        };
-        let mut out = Vec::new();
-        for id in ids {
-            let Some((data, _)) = self.meta.get(&format!("{path}/{id}")).map_err(meta_error)? else {
-                continue;
-            };
-            let j: Json = serde_json::from_slice(&data)
-                .map_err(|e| Error::Closed(format!("worker {id} of {module} registered bad data: {e}")))?;
-            out.push(WorkerInfo {
-                worker: id.parse().unwrap_or(u32::MAX),
-                address: j["address"].as_str().unwrap_or_default().to_string(),
-                tasks: j["tasks"].as_u64().unwrap_or(0) as u32,
-                threads: j["threads"].as_u64().unwrap_or(0) as u32,
-                workers: j["workers"].as_u64().unwrap_or(1) as u32,
-            });
+        match &self.directory {
+            Directory::Metastore(meta) => registered_workers(meta, module),
+            Directory::Conductor(addr) => {
+                let admin = crate::admin::Admin::connect(addr).map_err(Error::Unavailable)?;
+                let answer = admin
+                    .call(&crate::admin::request("workers", [("module", Value::from(module))]))
+                    .map_err(|e| Error::Closed(format!("the Conductor at {addr}: {e}")))?;
+                let Some(Value::List(list)) = answer.get(&Value::from("workers")) else {
+                    return Err(Error::Closed(format!(
+                        "the Conductor at {addr} answered `workers` without a list"
+                    )));
+                };
+                list.iter()
+                    .map(|w| {
+                        WorkerInfo::from_value(w).ok_or_else(|| {
+                            Error::Closed(format!("the Conductor at {addr} sent a bad worker entry {w}"))
+                        })
+                    })
+                    .collect()
+            }
         }
-        out.sort_by_key(|w| w.worker);
-        Ok(out)
     }
 
     /// Connections to every worker of `module`, and its placement.
