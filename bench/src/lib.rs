@@ -4,6 +4,7 @@
 //! their results (binary `rama-bench`, script `bench/run`), and the load
 //! harness behind `rama bench` ([`harness`]).
 
+pub mod baseline;
 pub mod depot;
 pub mod harness;
 pub mod keys;
@@ -15,4 +16,5 @@ pub mod redis;
 pub mod remote;
 pub mod report;
 pub mod results;
+pub mod tcp;
 pub mod wordcount;

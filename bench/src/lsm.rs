@@ -181,11 +181,22 @@ fn ours(w: &Workload, dir: &Path) -> BenchResult<EngineRun> {
 
 /// Runs every engine in [`ENGINES`], each in its own directory under `dir`.
 pub fn run(workload: &Workload, dir: &Path) -> BenchResult<LsmComparison> {
+    run_engines(workload, dir, &ENGINES.iter().map(|(n, _)| *n).collect::<Vec<_>>())
+}
+
+/// Runs the engines of [`ENGINES`] named in `names` (in [`ENGINES`] order).
+pub fn run_engines(workload: &Workload, dir: &Path, names: &[&str]) -> BenchResult<LsmComparison> {
+    for n in names {
+        ensure(ENGINES.iter().any(|(e, _)| e == n), || {
+            format!("no LSM engine named {n}")
+        })?;
+    }
+    let engines: Vec<&(&str, Runner)> = ENGINES.iter().filter(|(n, _)| names.contains(n)).collect();
     // Round-robin repeats, so that a slow spell of the (shared, virtual)
     // disk hits every engine alike; each phase then reports its median.
-    let mut runs: Vec<Vec<EngineRun>> = vec![Vec::new(); ENGINES.len()];
+    let mut runs: Vec<Vec<EngineRun>> = vec![Vec::new(); engines.len()];
     for round in 0..workload.repeats.max(1) {
-        for (i, (name, runner)) in ENGINES.iter().enumerate() {
+        for (i, (name, runner)) in engines.iter().enumerate() {
             let engine_dir = dir.join(format!("lsm-{name}"));
             eprintln!("  lsm: {name} (run {} of {})", round + 1, workload.repeats.max(1));
             let result = runner(workload, &engine_dir).map_err(|e| format!("lsm engine {name}: {e}"))?;
@@ -295,6 +306,12 @@ fn fjall_crate_dir() -> PathBuf {
 /// Builds the fjall baseline (a no-op when up to date) and returns its path.
 fn build_fjall_baseline() -> BenchResult<PathBuf> {
     let crate_dir = fjall_crate_dir();
+    ensure(crate_dir.join("Cargo.toml").exists(), || {
+        format!(
+            "the fjall baseline is built from the source tree and {} is not there (run it from a checkout)",
+            crate_dir.display()
+        )
+    })?;
     let target = crate_dir.join("target");
     let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
     let status = Command::new(&cargo)

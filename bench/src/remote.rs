@@ -199,8 +199,9 @@ fn point_selects(addr: &str, connections: usize, ops: u64, keys: usize) -> Bench
     Ok(Throughput::new(per * connections as u64, 0, started.elapsed()))
 }
 
-/// `redis-benchmark` GETs against a Redis started (and stopped) here.
-fn redis_gets(dir: &Path, connections: usize, ops: u64, keys: usize) -> BenchResult<(Throughput, String, String)> {
+/// `redis-benchmark` GETs against a Redis started (and stopped) here:
+/// their rate, Redis's version and its setup.
+pub fn redis_gets(dir: &Path, connections: usize, ops: u64, keys: usize) -> BenchResult<(Throughput, String, String)> {
     let server = crate::redis::RedisServer::start(&dir.join("redis"), None)?;
     let port = server.port;
     let bench = |args: &[&str]| -> BenchResult<String> {

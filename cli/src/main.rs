@@ -140,6 +140,16 @@ enum Cmd {
         /// needs.
         #[arg(long = "targetRate")]
         target_rate: Option<f64>,
+        /// Run a baseline instead of a module: disk (write + fdatasync),
+        /// tcp (loopback round trips), lsm (ours, fjall and RocksDB's
+        /// db_bench), ours, fjall, rocksdb, or redis (GET and WordCount
+        /// with appendfsync always and everysec). Sized by --seconds,
+        /// --keys and --clients.
+        #[arg(long, conflicts_with_all = ["workload", "mix", "sweep", "rate", "in_process", "conductor"])]
+        baseline: Option<String>,
+        /// With --baseline: where its data goes (a real disk, not tmpfs).
+        #[arg(long, default_value = ".")]
+        dir: PathBuf,
     },
     /// Runs a development ZooKeeper server (Debian's zookeeper package) on
     /// zookeeper.port with its data under local.dir, until interrupted.
@@ -364,6 +374,8 @@ fn bench(cli: &Cli, config: &Config) -> Result<(), Failure> {
         sweep,
         p99_ms,
         target_rate,
+        baseline,
+        dir,
     } = &cli.command
     else {
         unreachable!("bench")
@@ -385,6 +397,23 @@ fn bench(cli: &Cli, config: &Config) -> Result<(), Failure> {
     }
     if !(seconds.is_finite() && *seconds > 0.0) {
         return Err(Failure::Usage(format!("--seconds {seconds}: a positive number")));
+    }
+    if let Some(name) = baseline {
+        if !rama_bench::baseline::NAMES.contains(&name.as_str()) {
+            return Err(Failure::Usage(format!(
+                "unknown baseline {name:?} (baselines: {})",
+                rama_bench::baseline::NAMES.join(", ")
+            )));
+        }
+        let plan = rama_bench::baseline::Plan {
+            dir: dir.clone(),
+            duration: Duration::from_secs_f64(*seconds),
+            keys: *keys,
+            clients: *clients,
+        };
+        let outcome = rama_bench::baseline::run(name, &plan).map_err(|e| Failure::Failed(e.to_string()))?;
+        println!("{}", outcome.summary);
+        return write_result(out.as_deref(), &outcome.json);
     }
     let mix = match mix {
         Some(m) => parse_mix(m).map_err(Failure::Usage)?,
@@ -418,7 +447,7 @@ fn bench(cli: &Cli, config: &Config) -> Result<(), Failure> {
         progress: true,
     };
     options.check().map_err(Failure::Usage)?;
-    let json = if *sweep {
+    let json: serde_json::Value = if *sweep {
         let s = rama_bench::harness::sweep(&options, Duration::from_secs_f64(p99_ms / 1000.0))
             .map_err(|e| Failure::Failed(e.to_string()))?;
         println!(
@@ -438,15 +467,21 @@ fn bench(cli: &Cli, config: &Config) -> Result<(), Failure> {
                 rama_bench::harness::estimate(&s, *t, (s.threads / s.nodes.max(1) as u32).max(1))
             );
         }
-        serde_json::to_string_pretty(&s)
+        serde_json::to_value(&s)
     } else {
         let report = run(&options).map_err(|e| Failure::Failed(e.to_string()))?;
         println!("{}", summary(&report));
-        serde_json::to_string_pretty(&report)
+        serde_json::to_value(&report)
     }
     .map_err(|e| Failure::Failed(e.to_string()))?;
-    if let Some(path) = out {
-        std::fs::write(path, json).map_err(|e| Failure::Failed(format!("writing {}: {e}", path.display())))?;
+    write_result(out.as_deref(), &json)
+}
+
+/// Writes a bench result as JSON to `path`, when there is one.
+fn write_result(path: Option<&std::path::Path>, json: &serde_json::Value) -> Result<(), Failure> {
+    if let Some(path) = path {
+        let text = serde_json::to_string_pretty(json).map_err(|e| Failure::Failed(e.to_string()))?;
+        std::fs::write(path, text + "\n").map_err(|e| Failure::Failed(format!("writing {}: {e}", path.display())))?;
         println!("result written to {}", path.display());
     }
     Ok(())

@@ -202,6 +202,46 @@ fn bench_measures_and_refuses_what_it_cannot_measure() {
     assert_eq!(out.status.code(), Some(1), "{}", text(&out));
     assert!(text(&out).contains("could not send"), "{}", text(&out));
 
+    // Baselines through the harness: the loopback limit, and a tool that
+    // is not installed is named with its package.
+    let tcp_file = dir.path().join("tcp.json");
+    let out = rama(
+        dir.path(),
+        &[
+            "bench",
+            "--baseline",
+            "tcp",
+            "--seconds",
+            "0.3",
+            "--clients",
+            "2",
+            "--out",
+            tcp_file.to_str().unwrap(),
+        ],
+    );
+    assert!(out.status.success(), "{}", text(&out));
+    let t: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&tcp_file).unwrap()).unwrap();
+    assert!(t["sequentialPerSec"].as_f64().unwrap() > 0.0, "{t}");
+    assert!(t["pipelinedPerSec"].as_f64().unwrap() > 0.0, "{t}");
+    let data = tempfile::tempdir_in(env!("CARGO_TARGET_TMPDIR")).unwrap();
+    for (baseline, package) in [("rocksdb", "rocksdb-tools"), ("redis", "redis-server")] {
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_rama"))
+            .current_dir(dir.path())
+            .env_remove("RAMA_CONFIG")
+            .env("PATH", "/nonexistent")
+            .args(["bench", "--baseline", baseline, "--keys", "1000", "--dir"])
+            .arg(data.path())
+            .output()
+            .unwrap();
+        assert_eq!(out.status.code(), Some(1), "{baseline}: {}", text(&out));
+        assert!(text(&out).contains(package), "{baseline}: {}", text(&out));
+    }
+    assert_eq!(
+        std::fs::read_dir(data.path()).unwrap().count(),
+        0,
+        "baseline data left behind"
+    );
+
     for (args, why) in [
         (vec!["--workload", "nope"], "unknown workload"),
         (vec!["--clients", "0"], "--clients 0"),
