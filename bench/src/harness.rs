@@ -298,8 +298,10 @@ pub struct Options {
     /// Operations and their weights; empty: the workload's own operation.
     pub mix: Vec<(Op, u32)>,
     /// The cluster to drive; `None`: an in-process cluster of
-    /// `tasks`/`threads` in a temporary directory.
+    /// `tasks`/`threads` in a new directory under `dir`.
     pub cluster: Option<Cluster>,
+    /// Where an in-process cluster keeps its data (removed afterwards).
+    pub dir: PathBuf,
     pub tasks: u32,
     pub threads: u32,
     pub clients: usize,
@@ -951,7 +953,7 @@ fn with_target<R>(o: &Options, f: impl FnOnce(&Mix<'_>, &Setup) -> BenchResult<R
     let module = o.workload.module();
     match &o.cluster {
         None => {
-            let dir = std::env::temp_dir().join(format!("rama-bench-{}", std::process::id()));
+            let dir = o.dir.join(format!("rama-bench-{}", std::process::id()));
             let mut cluster = InProcessCluster::new(&dir);
             cluster.launch(o.workload.define()?, o.tasks, o.threads)?;
             let setup = Setup {
@@ -1232,4 +1234,161 @@ fn cost(r: &Report) -> String {
         _ => {}
     }
     out
+}
+
+/// The harness's part of the BENCHMARKS.md record: every workload and a
+/// mix, in-process, then a capacity sweep.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Record {
+    pub runs: Vec<RecordedRun>,
+    pub sweep: Sweep,
+    /// The sweep's `rama bench` flags.
+    pub sweep_command: String,
+    /// The estimate printed for `estimate_rate` from the sweep.
+    pub estimate_rate: f64,
+    pub estimate: String,
+}
+
+/// One run of the record and the `rama bench` flags that make it.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct RecordedRun {
+    pub command: String,
+    pub report: Report,
+}
+
+/// Runs the record's workloads in-process under `dir`: `seconds` each.
+pub fn record_runs(dir: &std::path::Path, quick: bool) -> BenchResult<Record> {
+    let seconds = if quick { 0.3 } else { 5.0 };
+    let base = Options {
+        workload: Workload::WordCount,
+        mix: Vec::new(),
+        cluster: None,
+        dir: dir.to_path_buf(),
+        tasks: 8,
+        threads: 2,
+        clients: 4,
+        in_flight: 256,
+        rate: None,
+        duration: Duration::from_secs_f64(seconds),
+        record_bytes: 100,
+        keys: if quick { 1_000 } else { 100_000 },
+        skew: Skew::Uniform,
+        ack: AckLevel::Ack,
+        fanout: 10,
+        range_limit: 20,
+        progress: false,
+    };
+    let social = if quick { 200 } else { 10_000 };
+    let plans = [
+        Options { ..base.clone() },
+        Options {
+            workload: Workload::Append,
+            skew: Skew::Zipfian(0.99),
+            ..base.clone()
+        },
+        Options {
+            workload: Workload::Select,
+            ..base.clone()
+        },
+        Options {
+            workload: Workload::Bank,
+            keys: social,
+            ..base.clone()
+        },
+        Options {
+            workload: Workload::Timeline,
+            keys: social,
+            ..base.clone()
+        },
+        Options {
+            workload: Workload::Range,
+            keys: social,
+            ..base.clone()
+        },
+        Options {
+            workload: Workload::Timeline,
+            mix: vec![(Op::Post, 20), (Op::Range, 80)],
+            keys: social,
+            ..base.clone()
+        },
+        Options {
+            workload: Workload::Query,
+            clients: 2,
+            in_flight: 16,
+            ..base.clone()
+        },
+    ];
+    let mut runs = Vec::new();
+    for o in &plans {
+        eprintln!("  rama bench: {}", describe(o));
+        let r = run(o)?;
+        ensure(r.errors == 0 && r.ops > 0, || {
+            format!(
+                "{}: {} errors in {} operations: {:?}",
+                describe(o),
+                r.errors,
+                r.ops,
+                r.first_error
+            )
+        })?;
+        runs.push(RecordedRun {
+            command: format!("rama bench {}", describe(o)),
+            report: r,
+        });
+    }
+    let sweep_options = Options {
+        workload: Workload::Append,
+        duration: Duration::from_secs_f64(if quick { 0.3 } else { 3.0 }),
+        ..base
+    };
+    eprintln!("  rama bench --sweep: {}", describe(&sweep_options));
+    let s = sweep(&sweep_options, Duration::from_millis(10))?;
+    let estimate_rate = 1_000_000.0;
+    Ok(Record {
+        estimate: estimate(&s, estimate_rate, s.threads.max(1)),
+        runs,
+        sweep: s,
+        sweep_command: format!("rama bench {}", describe(&sweep_options)),
+        estimate_rate,
+    })
+}
+
+/// The `rama bench` flags of a run, as typed.
+pub fn describe(o: &Options) -> String {
+    let mut out = String::from("--inProcess");
+    if o.mix.is_empty() {
+        out += &format!(" --workload {}", workload_name(o.workload));
+    } else {
+        let mix: Vec<String> = o.mix.iter().map(|(op, w)| format!("{}:{w}", op.name())).collect();
+        out += &format!(" --mix {}", mix.join(","));
+    }
+    out += &format!(
+        " --keys {} --clients {} --inFlight {} --seconds {}",
+        o.keys,
+        o.clients,
+        o.in_flight,
+        o.duration.as_secs_f64()
+    );
+    if matches!(o.skew, Skew::Zipfian(_)) {
+        out += " --skew zipfian";
+    }
+    if o.ops().iter().any(|(op, _)| matches!(op, Op::Post | Op::Range)) {
+        out += &format!(" --fanout {}", o.fanout);
+    }
+    out
+}
+
+/// The name `--workload` takes.
+pub fn workload_name(w: Workload) -> &'static str {
+    match w {
+        Workload::WordCount => "wordcount",
+        Workload::Append => "append",
+        Workload::Select => "select",
+        Workload::Bank => "bank",
+        Workload::Timeline => "timeline",
+        Workload::Query => "query",
+        Workload::Range => "range",
+    }
 }

@@ -6,7 +6,7 @@ use rama_bench::{depot, lsm, machine, remote, report, wordcount};
 
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
-use std::time::{Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use clap::{Args, Parser, Subcommand};
 
@@ -205,6 +205,21 @@ fn run_all(args: &StorageArgs, data: &Path, started: Instant, started_unix: u64)
         eprintln!("  appendfsync {policy}: {:.0} increments/s", r.increments_per_sec);
         redis_wordcount.push(r);
     }
+    eprintln!("9. Loopback TCP round trips (the network's physical limit)");
+    let tcp = rama_bench::tcp::loopback(
+        64,
+        4,
+        rama_bench::remote::PIPELINE,
+        Duration::from_secs_f64(if args.quick { 0.2 } else { 3.0 }),
+    )?;
+    eprintln!(
+        "  one in flight {:.0}/s; 4 x {} pipelined {:.0}/s",
+        tcp.sequential_per_sec,
+        rama_bench::remote::PIPELINE,
+        tcp.pipelined_per_sec
+    );
+    eprintln!("10. rama bench: the example workloads in-process, and a capacity sweep");
+    let harness = rama_bench::harness::record_runs(data, args.quick)?;
     machine.load_end = machine::load_average();
 
     Ok(Results {
@@ -220,6 +235,8 @@ fn run_all(args: &StorageArgs, data: &Path, started: Instant, started_unix: u64)
         wordcount: Some(wordcount),
         remote: Some(remote),
         redis_wordcount,
+        tcp: Some(tcp),
+        harness: Some(harness),
     })
 }
 

@@ -467,7 +467,7 @@ fn remote_section(out: &mut String, r: &Results) {
          against {} ({}).\n\n\
          | engine | point reads/s | ratio |\n|---|---:|---:|\n\
          | ours (remote `select`) | {} | {} |\n\
-         | Redis GET | {} | 1.00x |\n",
+         | Redis GET | {} | 1.00x |",
         s.connections,
         s.in_flight_per_connection,
         s.in_flight_per_connection,
@@ -481,6 +481,18 @@ fn remote_section(out: &mut String, r: &Results) {
         ratio(s.ours.ops_per_sec / s.redis.ops_per_sec),
         int(s.redis.ops_per_sec)
     );
+    if let Some(t) = &r.tcp {
+        let _ = writeln!(
+            out,
+            "| loopback TCP echo, {} x {} pipelined {}-byte messages (physical limit, section 9) | {} | {} |",
+            t.connections,
+            t.pipeline,
+            t.message_bytes,
+            int(t.pipelined_per_sec),
+            ratio(t.pipelined_per_sec / s.redis.ops_per_sec)
+        );
+    }
+    let _ = writeln!(out);
     let _ = writeln!(
         out,
         "Why the gap: a select crosses five threads (client writer, server reader, task thread, server \
@@ -721,7 +733,114 @@ pub fn markdown(r: &Results) -> String {
     wordcount_section(&mut out, r);
     remote_section(&mut out, r);
     redis_wordcount_section(&mut out, r);
+    tcp_section(&mut out, r);
+    harness_section(&mut out, r);
     out
+}
+
+fn tcp_section(out: &mut String, r: &Results) {
+    let Some(t) = &r.tcp else {
+        return;
+    };
+    let _ = writeln!(
+        out,
+        "## 9. Loopback TCP round trips (the physical limit)\n\n\
+         Two plain blocking sockets on 127.0.0.1 (`TCP_NODELAY`), {}-byte messages echoed back, no framing and \
+         no protocol: what any request/response over loopback pays on this machine at least. \
+         `rama bench --baseline tcp` runs the same loop.\n\n\
+         | shape | messages/s | p50 | p99 |\n|---|---:|---:|---:|\n\
+         | one connection, one in flight | {} | {} | {} |\n\
+         | {} connections x {} pipelined | {} | | |\n",
+        t.message_bytes,
+        int(t.sequential_per_sec),
+        micros(t.round_trip.p50_us),
+        micros(t.round_trip.p99_us),
+        t.connections,
+        t.pipeline,
+        int(t.pipelined_per_sec)
+    );
+}
+
+fn harness_section(out: &mut String, r: &Results) {
+    let Some(h) = &r.harness else {
+        return;
+    };
+    let _ = writeln!(
+        out,
+        "## 10. `rama bench`: the example workloads, and a capacity sweep\n\n\
+         Each row is one `rama bench` run (closed loop; the command is in the first column), in-process: the \
+         module's task threads and the client threads share this process and its cores, so CPU per \
+         operation includes the clients. Latency counts from the send to the answer (`Ack` for appends: \
+         processed by the module's topologies). Mixed runs list each operation below the total. Resident \
+         memory is the whole benchmark process's at the end of the run (the runs share the process).\n\n\
+         | `rama bench` | ops/s | p50 | p99 | p99.9 | max | CPU per op | resident |\n\
+         |---|---:|---:|---:|---:|---:|---:|---:|"
+    );
+    for recorded in &h.runs {
+        let run = &recorded.report;
+        let resident: u64 = run.processes.iter().map(|p| p.rss_bytes).sum();
+        let _ = writeln!(
+            out,
+            "| `{}` | {} | {} | {} | {} | {} | {} | {:.0} MB |",
+            recorded.command,
+            int(run.ops_per_sec),
+            micros(run.latency.p50_us),
+            micros(run.latency.p99_us),
+            micros(run.latency.p999_us),
+            micros(run.latency.max_us),
+            run.cpu_us_per_op.map_or_else(String::new, micros),
+            resident as f64 / 1e6
+        );
+        if run.operations.len() > 1 {
+            for o in &run.operations {
+                let _ = writeln!(
+                    out,
+                    "| &nbsp;&nbsp;{} (weight {}) | {} | {} | {} | {} | {} | | |",
+                    o.op.name(),
+                    o.weight,
+                    int(o.ops_per_sec),
+                    micros(o.latency.p50_us),
+                    micros(o.latency.p99_us),
+                    micros(o.latency.p999_us),
+                    micros(o.latency.max_us)
+                );
+            }
+        }
+    }
+    let s = &h.sweep;
+    let _ = writeln!(
+        out,
+        "\nCapacity sweep (`{} --sweep --p99Ms {}`): the closed-loop maximum ({} ops/s), then open-loop steps \
+         of 10% of it, latency counted from each intended send time, until p99 passed {} ms.\n\n\
+         | offered ops/s | achieved ops/s | p50 | p99 | errors |\n|---:|---:|---:|---:|---:|",
+        h.sweep_command,
+        s.p99_bound_ms,
+        int(s.closed_loop_max_per_sec),
+        s.p99_bound_ms
+    );
+    for step in &s.steps {
+        let _ = writeln!(
+            out,
+            "| {} | {} | {} | {} | {} |",
+            int(step.offered_per_sec.unwrap_or(0.0)),
+            int(step.ops_per_sec),
+            micros(step.latency.p50_us),
+            micros(step.latency.p99_us),
+            step.errors
+        );
+    }
+    let _ = writeln!(
+        out,
+        "\nHighest offered rate within the bound: **{} ops/s** = {} per task thread ({} threads), {} per node \
+         ({} node). The estimate `--targetRate {}` prints from it:\n\n> {}\n",
+        int(s.max_sustainable_per_sec),
+        int(s.per_thread_per_sec),
+        s.threads,
+        int(s.per_node_per_sec),
+        s.nodes,
+        h.estimate_rate,
+        h.estimate.replace('\n', "\n> ")
+    );
 }
 
 /// Throughput in a line, for progress output.

@@ -46,6 +46,13 @@ pub struct Results {
     /// WordCount on Redis, per durability setting (absent in older runs).
     #[serde(default)]
     pub redis_wordcount: Vec<crate::redis::RedisWordCount>,
+    /// Loopback TCP round trips: the network's physical limit (absent in
+    /// older runs).
+    #[serde(default)]
+    pub tcp: Option<crate::tcp::TcpLoopback>,
+    /// `rama bench` workloads and a sweep (absent in older runs).
+    #[serde(default)]
+    pub harness: Option<crate::harness::Record>,
 }
 
 /// `ops` operations moving `bytes` payload bytes in `seconds`.

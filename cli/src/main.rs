@@ -147,7 +147,8 @@ enum Cmd {
         /// --keys and --clients.
         #[arg(long, conflicts_with_all = ["workload", "mix", "sweep", "rate", "in_process", "conductor"])]
         baseline: Option<String>,
-        /// With --baseline: where its data goes (a real disk, not tmpfs).
+        /// Where --inProcess and --baseline runs keep their data (a new
+        /// directory, removed afterwards; a real disk, not tmpfs).
         #[arg(long, default_value = ".")]
         dir: PathBuf,
     },
@@ -432,6 +433,7 @@ fn bench(cli: &Cli, config: &Config) -> Result<(), Failure> {
             (false, Some(addr)) => Some(Cluster::Conductor(addr.clone())),
             (false, None) => Some(Cluster::Config(config.path().to_path_buf())),
         },
+        dir: dir.clone(),
         tasks: *tasks,
         threads: *threads,
         clients: *clients,
