@@ -40,6 +40,12 @@ pub use self::messages::AppendResult;
 use self::messages::{Control, Request};
 use self::peer::{WorkerPart, LANE_CLIENT};
 pub use self::proxy::{apply_diff, Diff, Proxy, ProxyEvent};
+
+/// How many task threads' states (stores, logs, memtables) are alive in
+/// this process: 0 once every cluster it ran has shut down. For leak tests.
+pub fn live_task_threads() -> usize {
+    thread::LIVE.load(std::sync::atomic::Ordering::Relaxed)
+}
 use self::thread::ThreadLinks;
 use crate::error::{Error, Result};
 use crate::executor::ExecutorConfig;

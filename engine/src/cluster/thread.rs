@@ -145,6 +145,16 @@ pub(crate) struct TaskThread {
     workers: RefCell<Vec<glommio::Task<()>>>,
 }
 
+/// Task threads whose state is alive in this process (a thread's state is
+/// freed when its thread stops; see [`super::live_task_threads`]).
+pub(crate) static LIVE: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+
+impl Drop for TaskThread {
+    fn drop(&mut self) {
+        LIVE.fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
+    }
+}
+
 impl TaskThread {
     fn index(&self, task: u32) -> Result<usize> {
         self.tasks.iter().position(|&t| t == task).ok_or_else(|| {
@@ -271,6 +281,7 @@ pub(crate) async fn open(rt: Arc<ModuleRuntime>, thread: u32, dir: &Path) -> Res
         pstates.push(per_task);
     }
     let apply = tasks.iter().map(|_| Rc::new(Semaphore::new(1))).collect();
+    LIVE.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
     Ok(Rc::new(TaskThread {
         apply,
         queued: tasks.iter().map(|_| RefCell::new(Queued::new())).collect(),
@@ -390,7 +401,6 @@ pub(crate) async fn run(th: Rc<TaskThread>, inbox: ThreadInbox) -> Result<()> {
         .detach();
     }
     quiesce(&th).await;
-    drop(loops);
     // Waiters left (their record was taken while its consumer had already
     // stopped, e.g. a topology append) get an answer rather than none.
     for (_, waiting) in th.acks.borrow_mut().drain() {
@@ -402,12 +412,23 @@ pub(crate) async fn run(th: Rc<TaskThread>, inbox: ThreadInbox) -> Result<()> {
             ))));
         }
     }
-    for depot in &th.logs {
-        for log in depot.iter().flatten() {
-            log.close().await?;
+    let closed = async {
+        for depot in &th.logs {
+            for log in depot.iter().flatten() {
+                log.close().await?;
+            }
         }
+        th.store.close().await
     }
-    th.store.close().await
+    .await;
+    // The serve loops hold `th`, and `th.rt` holds senders of their own
+    // channels, so they never end by themselves: cancel them, or this
+    // thread's state (memtables, caches, logs) would outlive the cluster.
+    for l in loops {
+        l.cancel();
+        let _ = l.await;
+    }
+    closed
 }
 
 /// Stops the stream consumers and microbatch coordinators after the batch
