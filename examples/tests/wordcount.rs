@@ -79,6 +79,33 @@ fn counts_match_reference(tasks: u32, threads: u32) {
     // Ack means processed: no waiting needed.
     let expected = reference(&sentences);
     check_counts(&cluster, &expected);
+    // Many selects and queries started before any is awaited (more than a
+    // task thread's request channel holds, so some are sent only when
+    // polled), answered in any order of awaiting.
+    let counts = cluster.pstate("WordCountModule", "$$wordCounts").unwrap();
+    let words: Vec<&String> = expected.keys().cycle().take(20_000).collect();
+    let selects: Vec<_> = words
+        .iter()
+        .map(|w| counts.select_future(None, vec![Nav::key(w.as_str())]))
+        .collect();
+    let queries: Vec<_> = (0..64)
+        .map(|_| {
+            cluster
+                .query("WordCountModule", "topWords")
+                .unwrap()
+                .invoke_future(&Value::Int(3))
+        })
+        .collect();
+    for (w, f) in words.iter().zip(selects).rev() {
+        assert_eq!(
+            futures_lite::future::block_on(f).unwrap(),
+            [Value::Int(expected[*w])],
+            "{w}"
+        );
+    }
+    for q in queries {
+        assert_eq!(futures_lite::future::block_on(q).unwrap(), top(&expected, 3));
+    }
     let top_words = cluster.query("WordCountModule", "topWords").unwrap();
     assert_eq!(top_words.invoke(&Value::Int(5)).unwrap(), top(&expected, 5));
     assert_eq!(top_words.invoke(&Value::Int(1000)).unwrap(), top(&expected, 1000));

@@ -111,6 +111,22 @@ impl GateTicket {
     }
 }
 
+impl GateTicket {
+    /// Enters without waiting: `Ok(None)` when reads are not gated, `Err`
+    /// while a commit holds the gate closed.
+    fn try_enter(rt: &Arc<ModuleRuntime>) -> std::result::Result<Option<GateTicket>, ()> {
+        if !rt.gated {
+            return Ok(None);
+        }
+        let mut s = rt.gate.state.lock().expect("gate");
+        if s.1 > 0 {
+            return Err(());
+        }
+        s.0 += 1;
+        Ok(Some(GateTicket(rt.clone())))
+    }
+}
+
 impl Drop for GateTicket {
     fn drop(&mut self) {
         self.0.gate.state.lock().expect("gate").0 -= 1;
@@ -339,6 +355,43 @@ impl ModuleRuntime {
         let thread = self.placement.thread_of_task[task as usize] as usize;
         self.send_to_async(thread, LANE_CLIENT, request(tx.into())).await?;
         self.answer(rx).await
+    }
+
+    /// A client read (select, query) sent now if that needs no wait (the
+    /// read gate open, room in the task thread's channel), so a caller can
+    /// keep many in flight before it polls any; otherwise sent when the
+    /// future is first polled. The read gate is held until the answer.
+    fn read_soon<T: Send + 'static>(
+        self: &Arc<Self>,
+        task: u32,
+        request: impl FnOnce(messages::Reply<T>) -> Request,
+    ) -> impl Future<Output = Result<T>> + Send + 'static {
+        let (tx, rx) = flume::bounded(1);
+        let thread = self.placement.thread_of_task[task as usize] as usize;
+        let mut request = Some(request(tx.into()));
+        let mut held = None;
+        if let Ok(ticket) = GateTicket::try_enter(self) {
+            match self.links[thread].client.try_send(request.take().expect("request")) {
+                Ok(()) => held = Some(ticket),
+                // Full, or the thread is gone (the await below says so).
+                Err(flume::TrySendError::Full(r) | flume::TrySendError::Disconnected(r)) => request = Some(r),
+            }
+        }
+        let rt = self.clone();
+        async move {
+            match request {
+                None => {
+                    let answer = rt.answer(rx).await;
+                    drop(held);
+                    answer
+                }
+                Some(request) => {
+                    let _read = rt.read_guard_async().await;
+                    rt.send_to_async(thread, LANE_CLIENT, request).await?;
+                    rt.answer(rx).await
+                }
+            }
+        }
     }
 
     async fn read_guard_async(&self) -> GateGuard<'_> {
@@ -1140,19 +1193,16 @@ impl PStateClient {
         task: Option<u32>,
         path: Vec<Nav>,
     ) -> impl Future<Output = Result<Vec<Value>>> + Send + 'static {
-        let routed = self.target(task, &path);
-        let (rt, pstate) = (self.rt.clone(), self.pstate);
-        async move {
-            let task = routed?;
-            let _read = rt.read_guard_async().await;
-            rt.call_async(task, |reply| Request::Select {
+        let pstate = self.pstate;
+        let pending = self.target(task, &path).map(move |task| {
+            self.rt.read_soon(task, move |reply| Request::Select {
                 pstate,
                 task,
                 path,
                 reply,
             })
-            .await
-        }
+        });
+        async move { pending?.await }
     }
 
     /// A live view of what `path` reaches (routed by its first key): the
@@ -1189,17 +1239,13 @@ impl QueryClient {
 
     /// `invoke` that never blocks the calling thread.
     pub fn invoke_future(&self, args: &Value) -> impl Future<Output = Result<Value>> + Send + 'static {
-        let (rt, query, task, args) = (self.rt.clone(), self.query, self.origin(), archived::to_bytes(args));
-        async move {
-            let _read = rt.read_guard_async().await;
-            rt.call_async(task, |reply| Request::Invoke {
-                query,
-                task,
-                args,
-                reply,
-            })
-            .await
-        }
+        let (query, task, args) = (self.query, self.origin(), archived::to_bytes(args));
+        self.rt.read_soon(task, move |reply| Request::Invoke {
+            query,
+            task,
+            args,
+            reply,
+        })
     }
 
     /// Runs the query with `args` and returns its result.
