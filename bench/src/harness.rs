@@ -1090,7 +1090,9 @@ pub struct Sweep {
 
 /// Measures the closed-loop maximum, then offers 10%, 20%, ... of it (open
 /// loop, `o.duration` per step) until a step's p99 passes `p99_bound`, it
-/// has errors, or the harness cannot send the rate.
+/// has errors, or the harness cannot send the rate; below 10% when even
+/// that step passed the bound; then bisects twice between the last rate
+/// within the bound and the first past it.
 pub fn sweep(o: &Options, p99_bound: Duration) -> BenchResult<Sweep> {
     with_target(o, |mix, setup| {
         let closed = Options {
@@ -1100,21 +1102,21 @@ pub fn sweep(o: &Options, p99_bound: Duration) -> BenchResult<Sweep> {
         };
         let max = report(&closed, mix, setup)?.ops_per_sec;
         ensure(max > 0.0, || "the closed loop completed no operation".to_string())?;
+        let bound_us = p99_bound.as_secs_f64() * 1e6;
         let mut steps = Vec::new();
-        let mut sustained = 0.0;
-        for tenth in 1..=12u32 {
-            let rate = max * f64::from(tenth) / 10.0;
+        // One open-loop step: `Some(within the bound)`, `None` when the
+        // harness cannot send the rate.
+        let step = |rate: f64, steps: &mut Vec<Report>| -> BenchResult<Option<bool>> {
             let open = Options {
                 rate: Some(rate),
                 ..o.clone()
             };
             let step = match report(&open, mix, setup) {
                 Ok(r) => r,
-                // The harness cannot send this rate: the sweep ends here.
-                Err(e) if e.to_string().contains("could not send") => break,
+                Err(e) if e.to_string().contains("could not send") => return Ok(None),
                 Err(e) => return Err(e),
             };
-            let ok = step.errors == 0 && step.latency.p99_us <= p99_bound.as_secs_f64() * 1e6;
+            let ok = step.errors == 0 && step.latency.p99_us <= bound_us;
             if o.progress {
                 let _ = writeln!(
                     std::io::stderr(),
@@ -1125,11 +1127,49 @@ pub fn sweep(o: &Options, p99_bound: Duration) -> BenchResult<Sweep> {
                 );
             }
             steps.push(step);
-            if !ok {
-                break;
+            Ok(Some(ok))
+        };
+        // Steps of 10% of the maximum until one passes the bound...
+        let (mut sustained, mut failed) = (0.0, None);
+        for tenth in 1..=12u32 {
+            let rate = max * f64::from(tenth) / 10.0;
+            match step(rate, &mut steps)? {
+                Some(true) => sustained = rate,
+                Some(false) => {
+                    failed = Some(rate);
+                    break;
+                }
+                None => break,
             }
-            sustained = rate;
         }
+        // ...below 10% when even that passed it (halving, three times)...
+        if sustained == 0.0 {
+            let mut rate = max / 10.0;
+            for _ in 0..3 {
+                rate /= 2.0;
+                if step(rate, &mut steps)? == Some(true) {
+                    sustained = rate;
+                    break;
+                }
+                failed = Some(rate);
+            }
+        }
+        // ...then two bisections between the last rate within the bound
+        // and the first past it, for a closer figure.
+        if let Some(mut hi) = failed.filter(|_| sustained > 0.0) {
+            for _ in 0..2 {
+                let mid = (sustained + hi) / 2.0;
+                match step(mid, &mut steps)? {
+                    Some(true) => sustained = mid,
+                    _ => hi = mid,
+                }
+            }
+        }
+        steps.sort_by(|a, b| {
+            a.offered_per_sec
+                .unwrap_or(0.0)
+                .total_cmp(&b.offered_per_sec.unwrap_or(0.0))
+        });
         Ok(Sweep {
             p99_bound_ms: p99_bound.as_secs_f64() * 1000.0,
             closed_loop_max_per_sec: max,

@@ -811,7 +811,8 @@ fn harness_section(out: &mut String, r: &Results) {
     let _ = writeln!(
         out,
         "\nCapacity sweep (`{} --sweep --p99Ms {}`): the closed-loop maximum ({} ops/s), then open-loop steps \
-         of 10% of it, latency counted from each intended send time, until p99 passed {} ms.\n\n\
+         of 10% of it, latency counted from each intended send time, until p99 passed {} ms; then two \
+         bisections between the last step within the bound and the first past it.\n\n\
          | offered ops/s | achieved ops/s | p50 | p99 | errors |\n|---:|---:|---:|---:|---:|",
         h.sweep_command,
         s.p99_bound_ms,

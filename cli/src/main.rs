@@ -130,8 +130,10 @@ enum Cmd {
         out: Option<PathBuf>,
         /// Capacity planning: measure the closed-loop maximum, then offer
         /// 10%, 20%, ... of it (--seconds per step) until p99 passes
-        /// --p99Ms; report the highest sustainable rate per task thread and
-        /// per node.
+        /// --p99Ms (below 10% if that step passes it already), bisect twice
+        /// between the last step within the bound and the first past it;
+        /// report the highest sustainable rate per task thread and per
+        /// node.
         #[arg(long)]
         sweep: bool,
         #[arg(long = "p99Ms", default_value_t = 10.0)]
@@ -454,7 +456,7 @@ fn bench(cli: &Cli, config: &Config) -> Result<(), Failure> {
             .map_err(|e| Failure::Failed(e.to_string()))?;
         println!(
             "closed-loop maximum {:.0} ops/s; highest offered rate with p99 within {} ms: {:.0} ops/s\n\
-             = {:.0} ops/s per task thread ({} threads), {:.0} ops/s per node ({} nodes)",
+             = {:.0} ops/s per task thread ({} threads), {:.0} ops/s per node ({} nodes in all)",
             s.closed_loop_max_per_sec,
             s.p99_bound_ms,
             s.max_sustainable_per_sec,

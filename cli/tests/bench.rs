@@ -181,6 +181,43 @@ fn bench_measures_and_refuses_what_it_cannot_measure() {
     let s: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&sweep_file).unwrap()).unwrap();
     assert!(s["maxSustainablePerSec"].as_f64().unwrap() > 0.0, "{s}");
     assert!(!s["steps"].as_array().unwrap().is_empty(), "{s}");
+    // A bound nothing meets: 10% of the maximum, then three halvings
+    // below it, and no estimate.
+    let out = rama(
+        dir.path(),
+        &[
+            "bench",
+            "--inProcess",
+            "--workload",
+            "append",
+            "--seconds",
+            "0.3",
+            "--keys",
+            "100",
+            "--sweep",
+            "--p99Ms",
+            "0.001",
+            "--targetRate",
+            "1000",
+            "--out",
+            sweep_file.to_str().unwrap(),
+        ],
+    );
+    assert!(out.status.success(), "{}", text(&out));
+    assert!(text(&out).contains("nothing to scale from"), "{}", text(&out));
+    let s: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&sweep_file).unwrap()).unwrap();
+    assert_eq!(s["maxSustainablePerSec"].as_f64(), Some(0.0), "{s}");
+    let offered: Vec<f64> = s["steps"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| r["offeredPerSec"].as_f64().unwrap())
+        .collect();
+    assert_eq!(offered.len(), 4, "{s}");
+    assert!(
+        offered.windows(2).all(|w| w[0] < w[1]),
+        "steps sorted by rate: {offered:?}"
+    );
     let out = rama(dir.path(), &["bench", "--inProcess", "--targetRate", "5"]);
     assert_eq!(out.status.code(), Some(2), "{}", text(&out));
     assert!(text(&out).contains("--targetRate needs --sweep"), "{}", text(&out));
