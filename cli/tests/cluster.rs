@@ -342,6 +342,9 @@ fn deploy_serve_survive_crashes_and_destroy() {
     assert_eq!(String::from_utf8_lossy(&select().stdout), format!("[{the}]\n"));
 
     // kill -9 one worker: its Supervisor starts it again; data intact.
+    // Clients made before follow it (they find the workers again).
+    let old_depot = manager.depot("WordCountModule", "*sentences").unwrap();
+    let old_counts = manager.pstate("WordCountModule", "$$wordCounts").unwrap();
     let which = with_worker[0];
     let node = &nodes[which];
     let pid = node.worker_pid().expect("a worker pid file");
@@ -351,15 +354,23 @@ fn deploy_serve_survive_crashes_and_destroy() {
         node.worker_pid().is_some_and(|p| p != pid && alive(p))
             && String::from_utf8_lossy(&select().stdout) == format!("[{the}]\n")
     });
-    let manager = ClusterManager::open_with(Some(&conductor.dir.join("rama.yaml")), &[], Side::External).unwrap();
-    check_counts(&manager, &expected);
-    // Both workers take new sentences again (one of them restarted).
-    let depot = manager.depot("WordCountModule", "*sentences").unwrap();
-    for _ in 0..4 {
-        depot.append(&Value::from("phoenix"), AckLevel::Ack).unwrap();
+    // Every word's count through the client made before the kill (its
+    // connection to the killed worker ended; it reconnects).
+    for (w, c) in &expected {
+        assert_eq!(
+            old_counts.select_one(&[Nav::key(w.as_str())]).unwrap(),
+            Value::Int(*c),
+            "{w}"
+        );
     }
-    let counts = manager.pstate("WordCountModule", "$$wordCounts").unwrap();
-    assert_eq!(counts.select_one(&[Nav::key("phoenix")]).unwrap(), Value::Int(4));
+    check_counts(&manager, &expected);
+    // Both workers take new sentences again (one of them restarted),
+    // through the old client and a new one.
+    let depot = manager.depot("WordCountModule", "*sentences").unwrap();
+    for d in [&old_depot, &depot, &old_depot, &depot] {
+        d.append(&Value::from("phoenix"), AckLevel::Ack).unwrap();
+    }
+    assert_eq!(old_counts.select_one(&[Nav::key("phoenix")]).unwrap(), Value::Int(4));
 
     // kill -9 its Supervisor: the worker keeps serving; a restarted
     // Supervisor adopts it instead of starting another.

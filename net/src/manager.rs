@@ -22,7 +22,7 @@ use engine::value::Value;
 use engine::{Error, Result};
 use serde_json::{json, Value as Json};
 
-use crate::remote::{RemoteCluster, RemoteDepot, RemotePState, RemoteQuery, Targets};
+use crate::remote::{RemoteCluster, RemoteDepot, RemotePState, RemoteQuery, Resolved, Targets};
 use engine::runtime::placement::{Parallelism, Placement};
 
 /// Where a module's workers register.
@@ -139,6 +139,11 @@ enum Directory {
 
 /// Hands out remote clients of the modules running on a cluster.
 pub struct ClusterManager {
+    inner: Arc<Inner>,
+}
+
+/// What a manager's clients share (they find workers again through it).
+struct Inner {
     directory: Directory,
     connections: Mutex<HashMap<String, RemoteCluster>>,
 }
@@ -146,7 +151,7 @@ pub struct ClusterManager {
 impl std::fmt::Debug for ClusterManager {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         let mut d = f.debug_struct("ClusterManager");
-        match &self.directory {
+        match &self.inner.directory {
             Directory::Metastore(meta) => d.field("meta", meta),
             Directory::Conductor(addr) => d.field("conductor", addr),
         };
@@ -169,26 +174,65 @@ impl ClusterManager {
     /// precedence.
     pub fn open_with(config: Option<&Path>, overrides: &[(&str, &str)], side: Side) -> Result<ClusterManager> {
         let config = load_config(config, overrides)?;
-        Ok(ClusterManager {
-            directory: Directory::Metastore(connect_metastore(&config, side)?),
-            connections: Mutex::new(HashMap::new()),
-        })
+        Ok(ClusterManager::with(Directory::Metastore(connect_metastore(
+            &config, side,
+        )?)))
     }
 
     /// Through the Conductor at `addr` (`host:port`): for clients that
     /// reach the Conductor and the workers but not ZooKeeper. Checks that
     /// the Conductor answers.
     pub fn via_conductor(addr: &str) -> Result<ClusterManager> {
-        let manager = ClusterManager {
-            directory: Directory::Conductor(addr.to_string()),
-            connections: Mutex::new(HashMap::new()),
-        };
         crate::admin::Admin::connect(addr).map_err(Error::Unavailable)?;
-        Ok(manager)
+        Ok(ClusterManager::with(Directory::Conductor(addr.to_string())))
+    }
+
+    fn with(directory: Directory) -> ClusterManager {
+        ClusterManager {
+            inner: Arc::new(Inner {
+                directory,
+                connections: Mutex::new(HashMap::new()),
+            }),
+        }
     }
 
     /// The workers of `module`.
     pub fn workers(&self, module: &str) -> Result<Vec<WorkerInfo>> {
+        self.inner.workers(module)
+    }
+
+    /// The number of tasks of `module`.
+    pub fn tasks(&self, module: &str) -> Result<u32> {
+        Ok(self.inner.resolve(module)?.1.tasks)
+    }
+
+    /// Connections to every worker of `module`, its placement, and how its
+    /// clients find them again after a connection ends.
+    fn targets(&self, module: &str) -> Result<Targets> {
+        let (resolved, _) = self.inner.resolve(module)?;
+        let (inner, module) = (self.inner.clone(), module.to_string());
+        let again: crate::remote::Resolve = Arc::new(move || inner.resolve(&module).map(|(r, _)| r));
+        Ok(Targets::new(resolved.workers, resolved.placement, Some(again)))
+    }
+
+    /// A client of depot `depot` of `module`. It follows the module's
+    /// workers: when a worker's connection ends (it restarted), the next
+    /// request finds the workers again.
+    pub fn depot(&self, module: &str, depot: &str) -> Result<RemoteDepot> {
+        Ok(RemoteDepot::new(self.targets(module)?, module, depot))
+    }
+
+    pub fn pstate(&self, module: &str, pstate: &str) -> Result<RemotePState> {
+        Ok(RemotePState::new(self.targets(module)?, module, pstate))
+    }
+
+    pub fn query(&self, module: &str, query: &str) -> Result<RemoteQuery> {
+        Ok(RemoteQuery::new(self.targets(module)?, module, query))
+    }
+}
+
+impl Inner {
+    fn workers(&self, module: &str) -> Result<Vec<WorkerInfo>> {
         match &self.directory {
             Directory::Metastore(meta) => registered_workers(meta, module),
             Directory::Conductor(addr) => {
@@ -212,8 +256,9 @@ impl ClusterManager {
         }
     }
 
-    /// Connections to every worker of `module`, and its placement.
-    fn targets(&self, module: &str) -> Result<(Targets, WorkerInfo)> {
+    /// Connects to every worker of `module` (reusing open connections):
+    /// them, the placement, and the first worker's registration.
+    fn resolve(&self, module: &str) -> Result<(Resolved, WorkerInfo)> {
         let workers = self.workers(module)?;
         let first = workers.first().cloned().ok_or_else(|| {
             Error::Schema(format!(
@@ -244,26 +289,13 @@ impl ClusterManager {
             };
             clusters.push(c);
         }
-        Ok((Targets::new(clusters, Some(placement)), first))
-    }
-
-    /// The number of tasks of `module`.
-    pub fn tasks(&self, module: &str) -> Result<u32> {
-        Ok(self.targets(module)?.1.tasks)
-    }
-
-    /// A client of depot `depot` of `module`, bound to the workers
-    /// registered now (after a worker restarts, take a new client).
-    pub fn depot(&self, module: &str, depot: &str) -> Result<RemoteDepot> {
-        Ok(RemoteDepot::new(self.targets(module)?.0, module, depot))
-    }
-
-    pub fn pstate(&self, module: &str, pstate: &str) -> Result<RemotePState> {
-        Ok(RemotePState::new(self.targets(module)?.0, module, pstate))
-    }
-
-    pub fn query(&self, module: &str, query: &str) -> Result<RemoteQuery> {
-        Ok(RemoteQuery::new(self.targets(module)?.0, module, query))
+        Ok((
+            Resolved {
+                workers: clusters,
+                placement: Some(placement),
+            },
+            first,
+        ))
     }
 }
 

@@ -9,10 +9,15 @@
 //! the placement: a select goes straight to the worker owning its task;
 //! appends and queries are spread over the workers round-robin (the worker
 //! taking an append routes it by the depot's partitioner, which is module
-//! code the client does not have).
+//! code the client does not have). When a worker's connection has
+//! ended (the worker restarted, perhaps at another address), a
+//! manager-made client finds the module's workers again and reconnects
+//! before it sends; a select, read or query that failed because its
+//! connection ended is sent once more. An append already sent is never
+//! sent again (it may have been taken).
 
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, RwLock};
 
 use engine::runtime::partition::task_for_key;
 use engine::runtime::placement::Placement;
@@ -74,7 +79,7 @@ impl RemoteCluster {
     }
 
     fn single(&self) -> Targets {
-        Targets::new(vec![self.clone()], None)
+        Targets::new(vec![self.clone()], None, None)
     }
 
     /// Whether the connection has ended.
@@ -95,47 +100,119 @@ impl RemoteCluster {
     }
 }
 
-/// The workers a client talks to, and where each task lives.
-#[derive(Debug, Clone)]
-pub(crate) struct Targets {
+/// The workers of a module and where each task lives, as found at one
+/// time.
+#[derive(Debug)]
+pub(crate) struct Resolved {
     /// By worker index.
-    workers: Arc<Vec<RemoteCluster>>,
-    placement: Option<Arc<Placement>>,
+    pub(crate) workers: Vec<RemoteCluster>,
+    pub(crate) placement: Option<Placement>,
+}
+
+/// Finds a module's workers again (and connects to them).
+pub(crate) type Resolve = Arc<dyn Fn() -> Result<Resolved> + Send + Sync>;
+
+/// The workers a client talks to, and where each task lives.
+#[derive(Clone)]
+pub(crate) struct Targets {
+    current: Arc<RwLock<Arc<Resolved>>>,
+    /// `None`: a client of one connection, never renewed.
+    resolve: Option<Resolve>,
+    /// Held while renewing, so concurrent callers renew once.
+    renewing: Arc<Mutex<()>>,
     next: Arc<AtomicUsize>,
 }
 
+impl std::fmt::Debug for Targets {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Targets")
+            .field("current", &self.snapshot())
+            .finish_non_exhaustive()
+    }
+}
+
+/// Which worker a request goes to.
+#[derive(Clone, Copy)]
+enum To {
+    /// Any worker, round-robin.
+    Any,
+    /// The worker owning this task.
+    Task(u32),
+}
+
 impl Targets {
-    pub(crate) fn new(workers: Vec<RemoteCluster>, placement: Option<Placement>) -> Targets {
+    pub(crate) fn new(workers: Vec<RemoteCluster>, placement: Option<Placement>, resolve: Option<Resolve>) -> Targets {
         Targets {
-            workers: Arc::new(workers),
-            placement: placement.map(Arc::new),
+            current: Arc::new(RwLock::new(Arc::new(Resolved { workers, placement }))),
+            resolve,
+            renewing: Arc::new(Mutex::new(())),
             next: Arc::new(AtomicUsize::new(0)),
         }
     }
 
-    /// Any worker, round-robin.
-    fn any(&self) -> &RemoteCluster {
-        &self.workers[self.next.fetch_add(1, Ordering::Relaxed) % self.workers.len()]
+    fn snapshot(&self) -> Arc<Resolved> {
+        self.current.read().unwrap_or_else(|p| p.into_inner()).clone()
     }
 
-    /// The worker owning `task` (any worker when the placement is unknown
-    /// or the task does not exist: it answers with the error).
-    fn of_task(&self, task: u32) -> &RemoteCluster {
-        match &self.placement {
-            Some(p) if (task as usize) < p.thread_of_task.len() => {
+    fn choose(&self, r: &Resolved, to: To) -> RemoteCluster {
+        match (to, &r.placement) {
+            (To::Task(task), Some(p)) if (task as usize) < p.thread_of_task.len() => {
                 let worker = p.worker_of_thread[p.thread_of_task[task as usize] as usize] as usize;
-                self.workers.get(worker).unwrap_or(&self.workers[0])
+                r.workers.get(worker).unwrap_or(&r.workers[0]).clone()
             }
-            _ => &self.workers[0],
+            // Unknown placement or no such task: the worker answers with
+            // the error.
+            (To::Task(_), _) => r.workers[0].clone(),
+            (To::Any, _) => r.workers[self.next.fetch_add(1, Ordering::Relaxed) % r.workers.len()].clone(),
         }
     }
 
-    fn tasks(&self) -> Option<u32> {
-        self.placement.as_ref().map(|p| p.parallelism.tasks)
+    /// The worker for `to`; when its connection has ended, the module's
+    /// workers are found again first.
+    fn pick(&self, to: To) -> Result<RemoteCluster> {
+        let seen = self.snapshot();
+        let chosen = self.choose(&seen, to);
+        if !chosen.is_closed() || self.resolve.is_none() {
+            return Ok(chosen);
+        }
+        self.renew(&seen)?;
+        Ok(self.choose(&self.snapshot(), to))
     }
 
-    fn call(&self, request: &Value) -> Result<std::collections::BTreeMap<Value, Value>> {
-        self.any().call(request)
+    /// Finds the workers again, unless another caller already did since
+    /// `seen`.
+    fn renew(&self, seen: &Arc<Resolved>) -> Result<()> {
+        let Some(resolve) = &self.resolve else {
+            return Ok(());
+        };
+        let _one = self.renewing.lock().unwrap_or_else(|p| p.into_inner());
+        if !Arc::ptr_eq(&self.snapshot(), seen) {
+            return Ok(());
+        }
+        let fresh = Arc::new(resolve()?);
+        *self.current.write().unwrap_or_else(|p| p.into_inner()) = fresh;
+        Ok(())
+    }
+
+    /// Whether a request that failed with `e` may be sent again: its
+    /// connection ended and the workers can be found again.
+    fn may_resend(&self, e: &Error) -> bool {
+        matches!(e, Error::Closed(_))
+            && self.resolve.is_some()
+            && self.snapshot().workers.iter().any(RemoteCluster::is_closed)
+    }
+
+    fn tasks(&self) -> Option<u32> {
+        self.snapshot().placement.as_ref().map(|p| p.parallelism.tasks)
+    }
+
+    /// Sends `request` to `to`, and once more after a reconnect when
+    /// `idempotent` and its connection ended.
+    fn call(&self, to: To, request: &Value, idempotent: bool) -> Result<std::collections::BTreeMap<Value, Value>> {
+        match self.pick(to)?.call(request) {
+            Err(e) if idempotent && self.may_resend(&e) => self.pick(to)?.call(request),
+            r => r,
+        }
     }
 }
 
@@ -157,9 +234,11 @@ impl RemoteDepot {
     }
 
     pub fn append(&self, record: &Value, ack: AckLevel) -> Result<AppendResult> {
-        let m = self
-            .cluster
-            .call(&wire::append_request(&self.module, &self.depot, record, ack))?;
+        let m = self.cluster.call(
+            To::Any,
+            &wire::append_request(&self.module, &self.depot, record, ack),
+            false,
+        )?;
         wire::append_result(&m)
     }
 
@@ -170,15 +249,15 @@ impl RemoteDepot {
         record: &Value,
         ack: AckLevel,
     ) -> Result<impl std::future::Future<Output = Result<AppendResult>> + Send + 'static> {
-        let pending = self
-            .cluster
-            .any()
-            .call_future(&wire::append_request(&self.module, &self.depot, record, ack))?;
+        let pending =
+            self.cluster
+                .pick(To::Any)?
+                .call_future(&wire::append_request(&self.module, &self.depot, record, ack))?;
         Ok(async move { wire::append_result(&pending.await?) })
     }
 
     pub fn read(&self, task: u32, start: u64, end: u64, bytes_max: usize) -> Result<Vec<(u64, Value)>> {
-        let m = self.cluster.of_task(task).call(&Value::map([
+        let request = Value::map([
             ("op", Value::from("read")),
             ("module", Value::from(self.module.as_str())),
             ("depot", Value::from(self.depot.as_str())),
@@ -186,7 +265,8 @@ impl RemoteDepot {
             ("start", Value::Int(i64::try_from(start).unwrap_or(i64::MAX))),
             ("end", Value::Int(i64::try_from(end).unwrap_or(i64::MAX))),
             ("bytesMax", Value::Int(i64::try_from(bytes_max).unwrap_or(i64::MAX))),
-        ]))?;
+        ]);
+        let m = self.cluster.call(To::Task(task), &request, true)?;
         let Some(Value::List(records)) = m.get(&Value::from("records")) else {
             return Err(Error::Closed("a read response has no records".into()));
         };
@@ -220,7 +300,10 @@ impl RemotePState {
     }
 
     fn request(&self, path: &[Nav], task: Option<u32>) -> Result<Vec<Value>> {
-        smol::block_on(self.request_future(path, task)?)
+        match smol::block_on(self.request_future(path, task)?) {
+            Err(e) if self.cluster.may_resend(&e) => smol::block_on(self.request_future(path, task)?),
+            r => r,
+        }
     }
 
     fn request_future(
@@ -242,10 +325,7 @@ impl RemotePState {
             (None, Some(Nav::Key(k)), Some(tasks)) => Some(task_for_key(k, tasks)),
             _ => None,
         };
-        let target = match owner {
-            Some(t) => self.cluster.of_task(t),
-            None => self.cluster.any(),
-        };
+        let target = self.cluster.pick(owner.map_or(To::Any, To::Task))?;
         let pending = target.call_future(&Value::map(req))?;
         Ok(async move {
             match pending.await?.remove(&Value::from("values")) {
@@ -295,7 +375,10 @@ impl RemoteQuery {
     }
 
     pub fn invoke(&self, args: &Value) -> Result<Value> {
-        smol::block_on(self.invoke_future(args)?)
+        match smol::block_on(self.invoke_future(args)?) {
+            Err(e) if self.cluster.may_resend(&e) => smol::block_on(self.invoke_future(args)?),
+            r => r,
+        }
     }
 
     /// `invoke` sent now; the future resolves to the result. Many may be in
@@ -304,7 +387,7 @@ impl RemoteQuery {
         &self,
         args: &Value,
     ) -> Result<impl std::future::Future<Output = Result<Value>> + Send + 'static> {
-        let pending = self.cluster.any().call_future(&Value::map([
+        let pending = self.cluster.pick(To::Any)?.call_future(&Value::map([
             ("op", Value::from("invoke")),
             ("module", Value::from(self.module.as_str())),
             ("query", Value::from(self.query.as_str())),
