@@ -955,7 +955,15 @@ fn with_target<R>(o: &Options, f: impl FnOnce(&Mix<'_>, &Setup) -> BenchResult<R
         None => {
             let dir = o.dir.join(format!("rama-bench-{}", std::process::id()));
             let mut cluster = InProcessCluster::new(&dir);
-            cluster.launch(o.workload.define()?, o.tasks, o.threads)?;
+            let launched = o
+                .workload
+                .define()
+                .and_then(|def| cluster.launch(def, o.tasks, o.threads));
+            if let Err(e) = launched {
+                let _ = cluster.shutdown();
+                let _ = std::fs::remove_dir_all(&dir);
+                return Err(e.into());
+            }
             let setup = Setup {
                 processes: vec![(
                     std::process::id(),

@@ -7,6 +7,7 @@
 
 use std::io::{Read, Write};
 use std::net::{TcpListener, TcpStream};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use serde::{Deserialize, Serialize};
@@ -83,14 +84,26 @@ pub fn loopback(
     })?;
     let listener = TcpListener::bind("127.0.0.1:0")?;
     let addr = listener.local_addr()?;
+    // Non-blocking accepts, so a client that fails cannot leave the server
+    // waiting for a connection that never comes.
+    listener.set_nonblocking(true)?;
+    let done = AtomicBool::new(false);
     std::thread::scope(|s| -> BenchResult<TcpLoopback> {
-        // Accepts exactly the connections the two phases make.
+        let done = &done;
         let server = s.spawn(move || -> std::io::Result<()> {
             std::thread::scope(|inner| {
                 let mut echoes = Vec::new();
-                for _ in 0..1 + connections {
-                    let (stream, _) = listener.accept()?;
-                    echoes.push(inner.spawn(move || echo(stream, message_bytes, pipeline)));
+                while echoes.len() < 1 + connections && !done.load(Ordering::Relaxed) {
+                    match listener.accept() {
+                        Ok((stream, _)) => {
+                            stream.set_nonblocking(false)?;
+                            echoes.push(inner.spawn(move || echo(stream, message_bytes, pipeline)));
+                        }
+                        Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                            std::thread::sleep(Duration::from_millis(1));
+                        }
+                        Err(e) => return Err(e),
+                    }
                 }
                 for e in echoes {
                     e.join()
@@ -99,29 +112,34 @@ pub fn loopback(
                 Ok(())
             })
         });
-        let mut hist = new_histogram();
-        let started = Instant::now();
-        let sequential = drive(addr, message_bytes, 1, started + duration, Some(&mut hist))?;
-        let sequential_per_sec = sequential as f64 / started.elapsed().as_secs_f64();
-        let started = Instant::now();
-        let until = started + duration;
-        let clients: Vec<_> = (0..connections)
-            .map(|_| s.spawn(move || drive(addr, message_bytes, pipeline, until, None)))
-            .collect();
-        let mut echoed = 0;
-        for c in clients {
-            echoed += c.join().map_err(|_| "a TCP client panicked")??;
-        }
-        let pipelined_per_sec = echoed as f64 / started.elapsed().as_secs_f64();
-        server.join().map_err(|_| "the echo server panicked")??;
-        Ok(TcpLoopback {
-            message_bytes,
-            sequential_per_sec,
-            round_trip: Latency::from_histogram(&hist),
-            connections,
-            pipeline,
-            pipelined_per_sec,
-        })
+        let measured = (|| -> BenchResult<TcpLoopback> {
+            let mut hist = new_histogram();
+            let started = Instant::now();
+            let sequential = drive(addr, message_bytes, 1, started + duration, Some(&mut hist))?;
+            let sequential_per_sec = sequential as f64 / started.elapsed().as_secs_f64();
+            let started = Instant::now();
+            let until = started + duration;
+            let clients: Vec<_> = (0..connections)
+                .map(|_| s.spawn(move || drive(addr, message_bytes, pipeline, until, None)))
+                .collect();
+            let mut echoed = 0;
+            for c in clients {
+                echoed += c.join().map_err(|_| "a TCP client panicked")??;
+            }
+            Ok(TcpLoopback {
+                message_bytes,
+                sequential_per_sec,
+                round_trip: Latency::from_histogram(&hist),
+                connections,
+                pipeline,
+                pipelined_per_sec: echoed as f64 / started.elapsed().as_secs_f64(),
+            })
+        })();
+        done.store(true, Ordering::Relaxed);
+        let served = server.join().map_err(|_| "the echo server panicked")?;
+        let r = measured?;
+        served?;
+        Ok(r)
     })
 }
 

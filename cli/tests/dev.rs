@@ -1,6 +1,7 @@
 //! `rama dev`: one command brings up ZooKeeper, a Conductor, a Supervisor
 //! and WordCountModule; the commands it prints work; SIGINT (Ctrl-C)
-//! destroys the module and stops every process it started.
+//! destroys the module and stops every process it started. The module
+//! runs on two workers (both under the one Supervisor).
 
 use std::io::{BufRead, BufReader};
 use std::process::{Command, Stdio};
@@ -23,7 +24,15 @@ fn dev_runs_a_cluster_and_stops_everything() {
     let mut child = Command::new(env!("CARGO_BIN_EXE_rama"))
         .current_dir(root.path())
         .env_remove("RAMA_CONFIG")
-        .args(["dev", "--dir", dir.to_str().unwrap(), "--jar", jar.to_str().unwrap()])
+        .args([
+            "dev",
+            "--dir",
+            dir.to_str().unwrap(),
+            "--jar",
+            jar.to_str().unwrap(),
+            "--workers",
+            "2",
+        ])
         .stdout(Stdio::piped())
         .spawn()
         .unwrap();
@@ -66,14 +75,15 @@ fn dev_runs_a_cluster_and_stops_everything() {
         .output()
         .unwrap();
     assert_eq!(String::from_utf8_lossy(&out.stdout), "[1]\n");
-    // Every process it started: ZooKeeper's java, the daemons, the worker.
-    let worker_pid: i32 = std::fs::read_dir(dir.join("data/supervisor/workers"))
+    // Every process it started: ZooKeeper's java, the daemons, the workers.
+    let worker_pids: Vec<i32> = std::fs::read_dir(dir.join("data/supervisor/workers"))
         .unwrap()
         .flatten()
-        .find(|e| e.path().extension().is_some_and(|x| x == "pid"))
+        .filter(|e| e.path().extension().is_some_and(|x| x == "pid"))
         .map(|e| std::fs::read_to_string(e.path()).unwrap().trim().parse().unwrap())
-        .expect("a worker pid file");
-    assert!(alive(worker_pid));
+        .collect();
+    assert_eq!(worker_pids.len(), 2, "{worker_pids:?}");
+    assert!(worker_pids.iter().all(|&p| alive(p)));
     let pid = dev.0.id() as i32;
     // SAFETY: signals our own child.
     unsafe { libc::kill(pid, libc::SIGINT) };
@@ -90,8 +100,8 @@ fn dev_runs_a_cluster_and_stops_everything() {
     let status = dev.0.wait().unwrap();
     assert!(status.success());
     let deadline = Instant::now() + Duration::from_secs(20);
-    while alive(worker_pid) {
-        assert!(Instant::now() < deadline, "the worker outlived rama dev");
+    while worker_pids.iter().any(|&p| alive(p)) {
+        assert!(Instant::now() < deadline, "a worker outlived rama dev");
         std::thread::sleep(Duration::from_millis(50));
     }
     // Nothing listens on the ports it used any more.

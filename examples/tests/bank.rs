@@ -214,3 +214,41 @@ fn pause_holds_microbatches_and_resume_catches_up() {
     assert!(err.contains("has no topology nope"), "{err}");
     cluster.shutdown().unwrap();
 }
+
+/// Reads started and answered but not yet awaited never hold a commit
+/// back: the gate ticket belongs to the request, released by its answer.
+#[test]
+fn unawaited_reads_do_not_block_commits() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut cluster = InProcessCluster::new(dir.path());
+    cluster.launch_module::<BankTransferModule>(4, 2).unwrap();
+    let deposits = cluster.depot(M, "*deposits").unwrap();
+    let funds = cluster.pstate(M, "$$funds").unwrap();
+    let totals = cluster.query(M, "totalFunds").unwrap();
+    deposits.append(&deposit("a", DEPOSIT), AckLevel::AppendAck).unwrap();
+    cluster.wait_microbatch(M, "banking", WAIT).unwrap();
+    // Many reads in flight (more than a task thread's channel holds), none
+    // awaited, while more microbatches must commit.
+    let selects: Vec<_> = (0..5000)
+        .map(|_| funds.select_future(None, vec![Nav::key("a")]))
+        .collect();
+    let queries: Vec<_> = (0..16).map(|_| totals.invoke_future(&Value::Nil)).collect();
+    for round in 0..3 {
+        deposits.append(&deposit("a", DEPOSIT), AckLevel::AppendAck).unwrap();
+        cluster
+            .wait_microbatch(M, "banking", Duration::from_secs(60))
+            .unwrap_or_else(|e| panic!("round {round}: {e}"));
+    }
+    for f in selects {
+        let v = futures_lite::future::block_on(f).unwrap();
+        assert!(
+            matches!(v[..], [Value::Int(n)] if n >= DEPOSIT && n % DEPOSIT == 0),
+            "{v:?}"
+        );
+    }
+    for q in queries {
+        futures_lite::future::block_on(q).unwrap();
+    }
+    assert_eq!(funds.select_one(&[Nav::key("a")]).unwrap(), Value::Int(4 * DEPOSIT));
+    cluster.shutdown().unwrap();
+}

@@ -12,9 +12,11 @@
 //! code the client does not have). When a worker's connection has
 //! ended (the worker restarted, perhaps at another address), a
 //! manager-made client finds the module's workers again and reconnects
-//! before it sends; a select, read or query that failed because its
-//! connection ended is sent once more. An append already sent is never
-//! sent again (it may have been taken).
+//! before it sends (and sends again when the send itself finds the
+//! connection ended); a blocking `select`, `read` or `invoke` whose
+//! connection ended before the answer is sent once more. An append already
+//! sent is never sent again (it may have been taken), nor is a request
+//! whose future is pending (the caller decides).
 
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
@@ -168,15 +170,21 @@ impl Targets {
     }
 
     /// The worker for `to`; when its connection has ended, the module's
-    /// workers are found again first.
+    /// workers are found again first (a request for any worker goes to
+    /// another open one when they cannot be found again now).
     fn pick(&self, to: To) -> Result<RemoteCluster> {
         let seen = self.snapshot();
         let chosen = self.choose(&seen, to);
         if !chosen.is_closed() || self.resolve.is_none() {
             return Ok(chosen);
         }
-        self.renew(&seen)?;
-        Ok(self.choose(&self.snapshot(), to))
+        match self.renew(&seen) {
+            Ok(()) => Ok(self.choose(&self.snapshot(), to)),
+            Err(e) => match to {
+                To::Any => seen.workers.iter().find(|w| !w.is_closed()).cloned().ok_or(e),
+                To::Task(_) => Err(e),
+            },
+        }
     }
 
     /// Finds the workers again, unless another caller already did since
@@ -194,12 +202,10 @@ impl Targets {
         Ok(())
     }
 
-    /// Whether a request that failed with `e` may be sent again: its
-    /// connection ended and the workers can be found again.
-    fn may_resend(&self, e: &Error) -> bool {
-        matches!(e, Error::Closed(_))
-            && self.resolve.is_some()
-            && self.snapshot().workers.iter().any(RemoteCluster::is_closed)
+    /// Whether a request that failed with `e` on `used` may be sent
+    /// again: that connection ended and the workers can be found again.
+    fn may_resend(&self, e: &Error, used: &RemoteCluster) -> bool {
+        matches!(e, Error::Closed(_)) && self.resolve.is_some() && used.is_closed()
     }
 
     fn tasks(&self) -> Option<u32> {
@@ -209,9 +215,33 @@ impl Targets {
     /// Sends `request` to `to`, and once more after a reconnect when
     /// `idempotent` and its connection ended.
     fn call(&self, to: To, request: &Value, idempotent: bool) -> Result<std::collections::BTreeMap<Value, Value>> {
-        match self.pick(to)?.call(request) {
-            Err(e) if idempotent && self.may_resend(&e) => self.pick(to)?.call(request),
+        let used = self.pick(to)?;
+        match used.call(request) {
+            Err(e) if idempotent && self.may_resend(&e, &used) => self.pick(to)?.call(request),
             r => r,
+        }
+    }
+
+    /// Sends `request` to `to` now, once more on another connection when
+    /// the send fails because the picked one just ended (nothing was sent);
+    /// the connection used and the pending answer.
+    fn send(
+        &self,
+        to: To,
+        request: &Value,
+    ) -> Result<(
+        RemoteCluster,
+        impl std::future::Future<Output = Result<std::collections::BTreeMap<Value, Value>>> + Send + 'static,
+    )> {
+        let used = self.pick(to)?;
+        match used.call_future(request) {
+            Ok(pending) => Ok((used, pending)),
+            Err(e) if self.may_resend(&e, &used) => {
+                let again = self.pick(to)?;
+                let pending = again.call_future(request)?;
+                Ok((again, pending))
+            }
+            Err(e) => Err(e),
         }
     }
 }
@@ -249,10 +279,9 @@ impl RemoteDepot {
         record: &Value,
         ack: AckLevel,
     ) -> Result<impl std::future::Future<Output = Result<AppendResult>> + Send + 'static> {
-        let pending =
-            self.cluster
-                .pick(To::Any)?
-                .call_future(&wire::append_request(&self.module, &self.depot, record, ack))?;
+        let (_, pending) = self
+            .cluster
+            .send(To::Any, &wire::append_request(&self.module, &self.depot, record, ack))?;
         Ok(async move { wire::append_result(&pending.await?) })
     }
 
@@ -300,8 +329,9 @@ impl RemotePState {
     }
 
     fn request(&self, path: &[Nav], task: Option<u32>) -> Result<Vec<Value>> {
-        match smol::block_on(self.request_future(path, task)?) {
-            Err(e) if self.cluster.may_resend(&e) => smol::block_on(self.request_future(path, task)?),
+        let (used, pending) = self.request_future(path, task)?;
+        match smol::block_on(pending) {
+            Err(e) if self.cluster.may_resend(&e, &used) => smol::block_on(self.request_future(path, task)?.1),
             r => r,
         }
     }
@@ -310,7 +340,10 @@ impl RemotePState {
         &self,
         path: &[Nav],
         task: Option<u32>,
-    ) -> Result<impl std::future::Future<Output = Result<Vec<Value>>> + Send + 'static> {
+    ) -> Result<(
+        RemoteCluster,
+        impl std::future::Future<Output = Result<Vec<Value>>> + Send + 'static,
+    )> {
         let mut req = vec![
             ("op", Value::from("select")),
             ("module", Value::from(self.module.as_str())),
@@ -325,14 +358,13 @@ impl RemotePState {
             (None, Some(Nav::Key(k)), Some(tasks)) => Some(task_for_key(k, tasks)),
             _ => None,
         };
-        let target = self.cluster.pick(owner.map_or(To::Any, To::Task))?;
-        let pending = target.call_future(&Value::map(req))?;
-        Ok(async move {
+        let (used, pending) = self.cluster.send(owner.map_or(To::Any, To::Task), &Value::map(req))?;
+        Ok((used, async move {
             match pending.await?.remove(&Value::from("values")) {
                 Some(Value::List(v)) => Ok(v),
                 _ => Err(Error::Closed("a select response has no values".into())),
             }
-        })
+        }))
     }
 
     /// `select` sent now; the future resolves to the values. Many may be
@@ -341,7 +373,7 @@ impl RemotePState {
         &self,
         path: &[Nav],
     ) -> Result<impl std::future::Future<Output = Result<Vec<Value>>> + Send + 'static> {
-        self.request_future(path, None)
+        Ok(self.request_future(path, None)?.1)
     }
 
     pub fn select(&self, path: &[Nav]) -> Result<Vec<Value>> {
@@ -375,8 +407,9 @@ impl RemoteQuery {
     }
 
     pub fn invoke(&self, args: &Value) -> Result<Value> {
-        match smol::block_on(self.invoke_future(args)?) {
-            Err(e) if self.cluster.may_resend(&e) => smol::block_on(self.invoke_future(args)?),
+        let (used, pending) = self.start(args)?;
+        match smol::block_on(pending) {
+            Err(e) if self.cluster.may_resend(&e, &used) => smol::block_on(self.start(args)?.1),
             r => r,
         }
     }
@@ -387,17 +420,31 @@ impl RemoteQuery {
         &self,
         args: &Value,
     ) -> Result<impl std::future::Future<Output = Result<Value>> + Send + 'static> {
-        let pending = self.cluster.pick(To::Any)?.call_future(&Value::map([
-            ("op", Value::from("invoke")),
-            ("module", Value::from(self.module.as_str())),
-            ("query", Value::from(self.query.as_str())),
-            ("args", args.clone()),
-        ]))?;
-        Ok(async move {
+        Ok(self.start(args)?.1)
+    }
+
+    /// Sends the invoke: the connection used and the pending result.
+    fn start(
+        &self,
+        args: &Value,
+    ) -> Result<(
+        RemoteCluster,
+        impl std::future::Future<Output = Result<Value>> + Send + 'static,
+    )> {
+        let (used, pending) = self.cluster.send(
+            To::Any,
+            &Value::map([
+                ("op", Value::from("invoke")),
+                ("module", Value::from(self.module.as_str())),
+                ("query", Value::from(self.query.as_str())),
+                ("args", args.clone()),
+            ]),
+        )?;
+        Ok((used, async move {
             pending
                 .await?
                 .remove(&Value::from("result"))
                 .ok_or_else(|| Error::Closed("an invoke response has no result".into()))
-        })
+        }))
     }
 }

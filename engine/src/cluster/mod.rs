@@ -360,7 +360,10 @@ impl ModuleRuntime {
     /// A client read (select, query) sent now if that needs no wait (the
     /// read gate open, room in the task thread's channel), so a caller can
     /// keep many in flight before it polls any; otherwise sent when the
-    /// future is first polled. The read gate is held until the answer.
+    /// future is first polled. The gate ticket belongs to the request, not
+    /// to the future: it is released when the task thread answers (or the
+    /// request is dropped), however late the caller polls, so an answered
+    /// read never holds a microbatch commit back.
     fn read_soon<T: Send + 'static>(
         self: &Arc<Self>,
         task: u32,
@@ -368,29 +371,38 @@ impl ModuleRuntime {
     ) -> impl Future<Output = Result<T>> + Send + 'static {
         let (tx, rx) = flume::bounded(1);
         let thread = self.placement.thread_of_task[task as usize] as usize;
-        let mut request = Some(request(tx.into()));
-        let mut held = None;
-        if let Ok(ticket) = GateTicket::try_enter(self) {
+        let ticket: Arc<Mutex<Option<GateTicket>>> = Arc::default();
+        let held = ticket.clone();
+        let reply = messages::Reply::callback(move |answer| {
+            drop(held.lock().unwrap_or_else(|p| p.into_inner()).take());
+            let _ = tx.send(answer);
+        });
+        let mut request = Some(request(reply));
+        if let Ok(entered) = GateTicket::try_enter(self) {
+            *ticket.lock().unwrap_or_else(|p| p.into_inner()) = entered;
             match self.links[thread].client.try_send(request.take().expect("request")) {
-                Ok(()) => held = Some(ticket),
-                // Full, or the thread is gone (the await below says so).
-                Err(flume::TrySendError::Full(r) | flume::TrySendError::Disconnected(r)) => request = Some(r),
+                Ok(()) => {}
+                // Full, or the thread is gone (the await below says so):
+                // leave the gate and send when polled.
+                Err(flume::TrySendError::Full(r) | flume::TrySendError::Disconnected(r)) => {
+                    request = Some(r);
+                    drop(ticket.lock().unwrap_or_else(|p| p.into_inner()).take());
+                }
             }
         }
         let rt = self.clone();
         async move {
-            match request {
-                None => {
-                    let answer = rt.answer(rx).await;
-                    drop(held);
-                    answer
+            if let Some(request) = request {
+                let guard = rt.read_guard_async().await;
+                if guard.0.is_some() {
+                    // The request holds the read from here on.
+                    std::mem::forget(guard);
+                    *ticket.lock().unwrap_or_else(|p| p.into_inner()) = Some(GateTicket(rt.clone()));
                 }
-                Some(request) => {
-                    let _read = rt.read_guard_async().await;
-                    rt.send_to_async(thread, LANE_CLIENT, request).await?;
-                    rt.answer(rx).await
-                }
+                drop(ticket);
+                rt.send_to_async(thread, LANE_CLIENT, request).await?;
             }
+            rt.answer(rx).await
         }
     }
 
