@@ -276,15 +276,27 @@ impl Inner {
         let placement = Parallelism::new(first.tasks, first.threads, want)
             .map(Placement::new)
             .map_err(|e| Error::Closed(format!("module {module} registered a bad shape: {e}")))?;
-        let mut conns = self.connections.lock().unwrap_or_else(|p| p.into_inner());
         let mut clusters = Vec::new();
         for w in &workers {
-            let c = match conns.get(&w.address) {
-                Some(c) if !c.is_closed() => c.clone(),
-                _ => {
+            let open = {
+                let conns = self.connections.lock().unwrap_or_else(|p| p.into_inner());
+                conns.get(&w.address).filter(|c| !c.is_closed()).cloned()
+            };
+            let c = match open {
+                Some(c) => c,
+                None => {
+                    // Connected without the lock: an unreachable worker
+                    // does not hold up the manager's other clients.
                     let c = RemoteCluster::connect(&w.address)?;
-                    conns.insert(w.address.clone(), c.clone());
-                    c
+                    let mut conns = self.connections.lock().unwrap_or_else(|p| p.into_inner());
+                    match conns.get(&w.address) {
+                        // Another caller connected meanwhile: share theirs.
+                        Some(theirs) if !theirs.is_closed() => theirs.clone(),
+                        _ => {
+                            conns.insert(w.address.clone(), c.clone());
+                            c
+                        }
+                    }
                 }
             };
             clusters.push(c);
