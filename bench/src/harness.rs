@@ -261,6 +261,9 @@ pub fn parse_mix(s: &str) -> Result<Vec<(Op, u32)>, String> {
     Ok(mix)
 }
 
+/// The error of a run ended by [`Options::stop`].
+pub const INTERRUPTED: &str = "interrupted: the run stopped early, its data is removed and nothing is reported";
+
 /// Makes setup record `k`.
 type Loader = Box<dyn Fn(u64) -> Value + Sync>;
 
@@ -319,9 +322,16 @@ pub struct Options {
     pub range_limit: usize,
     /// A progress line on stderr every second (when it is a terminal).
     pub progress: bool,
+    /// Set (by a signal handler) to end the run early: it stops sending,
+    /// cleans up and reports nothing.
+    pub stop: Option<&'static AtomicBool>,
 }
 
 impl Options {
+    fn interrupted(&self) -> bool {
+        self.stop.is_some_and(|s| s.load(Ordering::Relaxed))
+    }
+
     /// The operations sent and their weights.
     pub fn ops(&self) -> Vec<(Op, u32)> {
         if self.mix.is_empty() {
@@ -369,6 +379,14 @@ impl Options {
         if timeline && self.keys.saturating_mul(self.fanout) > 10_000_000 {
             return Err(format!(
                 "--keys {} x --fanout {}: the follows loaded first would be more than 10,000,000",
+                self.keys, self.fanout
+            ));
+        }
+        if self.ops().iter().any(|(o, _)| *o == Op::Range)
+            && self.keys.saturating_mul(4).saturating_mul(self.fanout) > 40_000_000
+        {
+            return Err(format!(
+                "--keys {} x 4 posts x --fanout {}: the timeline entries loaded first would be more than 40,000,000",
                 self.keys, self.fanout
             ));
         }
@@ -673,7 +691,7 @@ fn closed_loop(o: &Options, mix: &Mix<'_>, gens: Vec<Generator>, live: &Live) ->
                     let mut hists = histograms(mix.ops.len());
                     let mut window: std::collections::VecDeque<(Instant, usize, Pending)> =
                         std::collections::VecDeque::with_capacity(o.in_flight);
-                    while Instant::now() < deadline {
+                    while Instant::now() < deadline && !o.interrupted() {
                         if window.len() == o.in_flight {
                             let (sent, i, f) = window.pop_front().expect("full");
                             live.finished(i, futures_lite::future::block_on(f));
@@ -729,6 +747,9 @@ fn open_loop(o: &Options, rate: f64, mix: &Mix<'_>, mut gen: Generator, live: &L
         let mut late = 0u64;
         let mut sent = 0u64;
         for n in 0..count {
+            if o.interrupted() {
+                break;
+            }
             let intended = started + interval.mul_f64(n as f64);
             let now = Instant::now();
             if intended > now {
@@ -784,7 +805,7 @@ fn generators(o: &Options) -> Vec<Generator> {
 
 /// Loads what the workload reads or needs (keys, accounts, follows),
 /// closed loop, `Ack`.
-fn load(target: &dyn Target, count: u64, make: &Loader) -> BenchResult<()> {
+fn load(o: &Options, target: &dyn Target, count: u64, make: &Loader) -> BenchResult<()> {
     let live = Live::new(1);
     let per = count.div_ceil(4);
     std::thread::scope(|s| -> BenchResult<()> {
@@ -794,6 +815,9 @@ fn load(target: &dyn Target, count: u64, make: &Loader) -> BenchResult<()> {
                 s.spawn(move || -> Result<(), String> {
                     let mut window = std::collections::VecDeque::new();
                     for k in (c * per)..((c + 1) * per).min(count) {
+                        if o.interrupted() {
+                            break;
+                        }
                         if window.len() == 256 {
                             let f: Pending = window.pop_front().expect("full");
                             live.finished(0, futures_lite::future::block_on(f));
@@ -895,7 +919,8 @@ fn prepare<'c>(o: &Options, clients: &'c dyn Clients) -> BenchResult<Mix<'c>> {
     for (op, _) in &ops {
         for (name, depot, count, make) in op.setup(o.keys, o.fanout, o.record_bytes) {
             if !loaded.contains(&name) {
-                load(clients.appends(module, depot, AckLevel::Ack)?.as_ref(), count, &make)?;
+                load(o, clients.appends(module, depot, AckLevel::Ack)?.as_ref(), count, &make)?;
+                ensure(!o.interrupted(), || INTERRUPTED.to_string())?;
                 loaded.push(name);
             }
         }
@@ -1022,6 +1047,7 @@ fn with_target<R>(o: &Options, f: impl FnOnce(&Mix<'_>, &Setup) -> BenchResult<R
 fn report(o: &Options, mix: &Mix<'_>, setup: &Setup) -> BenchResult<Report> {
     let watch = crate::procstat::Watch::start(setup.processes.clone());
     let (hists, live, seconds) = measure(o, mix)?;
+    ensure(!o.interrupted(), || INTERRUPTED.to_string())?;
     let ops = live.done.load(Ordering::Relaxed);
     let errors = live.errors.load(Ordering::Relaxed);
     let first_error = live.first_error.lock().expect("first error").clone();
@@ -1327,6 +1353,7 @@ pub fn record_runs(dir: &std::path::Path, quick: bool) -> BenchResult<Record> {
         fanout: 10,
         range_limit: 20,
         progress: false,
+        stop: None,
     };
     let social = if quick { 200 } else { 10_000 };
     let plans = [

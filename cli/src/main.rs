@@ -401,6 +401,8 @@ fn bench(cli: &Cli, config: &Config) -> Result<(), Failure> {
     if !(seconds.is_finite() && *seconds > 0.0) {
         return Err(Failure::Usage(format!("--seconds {seconds}: a positive number")));
     }
+    // Ctrl-C ends a run early and still cleans up (cluster, data, Redis).
+    catch_signals();
     if let Some(name) = baseline {
         if !rama_bench::baseline::NAMES.contains(&name.as_str()) {
             return Err(Failure::Usage(format!(
@@ -449,6 +451,7 @@ fn bench(cli: &Cli, config: &Config) -> Result<(), Failure> {
         fanout: *fanout,
         range_limit: *range_limit,
         progress: true,
+        stop: Some(&STOP),
     };
     options.check().map_err(Failure::Usage)?;
     let json: serde_json::Value = if *sweep {

@@ -145,6 +145,44 @@ fn bench_measures_and_refuses_what_it_cannot_measure() {
         text(&out)
     );
 
+    // Ctrl-C ends a run early: the cluster stops, its data is removed,
+    // nothing is reported.
+    let data = tempfile::tempdir_in(env!("CARGO_TARGET_TMPDIR")).unwrap();
+    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_rama"))
+        .current_dir(dir.path())
+        .env_remove("RAMA_CONFIG")
+        .args([
+            "bench",
+            "--inProcess",
+            "--workload",
+            "append",
+            "--seconds",
+            "120",
+            "--dir",
+        ])
+        .arg(data.path())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let started = std::time::Instant::now();
+    while std::fs::read_dir(data.path()).unwrap().count() == 0 {
+        assert!(started.elapsed().as_secs() < 60, "the run made no data directory");
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    std::thread::sleep(std::time::Duration::from_millis(500));
+    // SAFETY: signals our own child.
+    unsafe { libc::kill(child.id() as i32, libc::SIGINT) };
+    let out = child.wait_with_output().unwrap();
+    assert_eq!(out.status.code(), Some(1), "{}", text(&out));
+    assert!(text(&out).contains("interrupted"), "{}", text(&out));
+    assert!(started.elapsed().as_secs() < 100, "the run did not stop early");
+    assert_eq!(
+        std::fs::read_dir(data.path()).unwrap().count(),
+        0,
+        "the run's data was left behind"
+    );
+
     // Capacity planning: a sweep up to the latency bound, and an estimate.
     let sweep_file = dir.path().join("sweep.json");
     let out = rama(
