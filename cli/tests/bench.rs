@@ -148,7 +148,7 @@ fn bench_measures_and_refuses_what_it_cannot_measure() {
     // Ctrl-C ends a run early: the cluster stops, its data is removed,
     // nothing is reported.
     let data = tempfile::tempdir_in(env!("CARGO_TARGET_TMPDIR")).unwrap();
-    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_rama"))
+    let child = std::process::Command::new(env!("CARGO_BIN_EXE_rama"))
         .current_dir(dir.path())
         .env_remove("RAMA_CONFIG")
         .args([
