@@ -262,7 +262,8 @@ pub fn parse_mix(s: &str) -> Result<Vec<(Op, u32)>, String> {
 }
 
 /// The error of a run ended by [`Options::stop`].
-pub const INTERRUPTED: &str = "interrupted: the run stopped early, its data is removed and nothing is reported";
+pub const INTERRUPTED: &str =
+    "interrupted: the run stopped early and nothing is reported (an in-process cluster's data is removed)";
 
 /// Makes setup record `k`.
 type Loader = Box<dyn Fn(u64) -> Value + Sync>;
@@ -1141,6 +1142,7 @@ pub fn sweep(o: &Options, p99_bound: Duration) -> BenchResult<Sweep> {
         // One open-loop step: `Some(within the bound)`, `None` when the
         // harness cannot send the rate.
         let step = |rate: f64, steps: &mut Vec<Report>| -> BenchResult<Option<bool>> {
+            ensure(!o.interrupted(), || INTERRUPTED.to_string())?;
             let open = Options {
                 rate: Some(rate),
                 ..o.clone()
@@ -1204,6 +1206,7 @@ pub fn sweep(o: &Options, p99_bound: Duration) -> BenchResult<Sweep> {
                 .unwrap_or(0.0)
                 .total_cmp(&b.offered_per_sec.unwrap_or(0.0))
         });
+        ensure(!o.interrupted(), || INTERRUPTED.to_string())?;
         Ok(Sweep {
             p99_bound_ms: p99_bound.as_secs_f64() * 1000.0,
             closed_loop_max_per_sec: max,

@@ -84,26 +84,20 @@ pub fn loopback(
     })?;
     let listener = TcpListener::bind("127.0.0.1:0")?;
     let addr = listener.local_addr()?;
-    // Non-blocking accepts, so a client that fails cannot leave the server
-    // waiting for a connection that never comes.
-    listener.set_nonblocking(true)?;
+    // Set when the clients are done; a connection made then wakes the
+    // acceptor if it still waits (a client failed before connecting).
     let done = AtomicBool::new(false);
     std::thread::scope(|s| -> BenchResult<TcpLoopback> {
         let done = &done;
         let server = s.spawn(move || -> std::io::Result<()> {
             std::thread::scope(|inner| {
                 let mut echoes = Vec::new();
-                while echoes.len() < 1 + connections && !done.load(Ordering::Relaxed) {
-                    match listener.accept() {
-                        Ok((stream, _)) => {
-                            stream.set_nonblocking(false)?;
-                            echoes.push(inner.spawn(move || echo(stream, message_bytes, pipeline)));
-                        }
-                        Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
-                            std::thread::sleep(Duration::from_millis(1));
-                        }
-                        Err(e) => return Err(e),
+                while echoes.len() < 1 + connections {
+                    let (stream, _) = listener.accept()?;
+                    if done.load(Ordering::SeqCst) {
+                        break;
                     }
+                    echoes.push(inner.spawn(move || echo(stream, message_bytes, pipeline)));
                 }
                 for e in echoes {
                     e.join()
@@ -135,7 +129,10 @@ pub fn loopback(
                 pipelined_per_sec: echoed as f64 / started.elapsed().as_secs_f64(),
             })
         })();
-        done.store(true, Ordering::Relaxed);
+        done.store(true, Ordering::SeqCst);
+        // Wakes the acceptor if a client never connected; refused or
+        // unneeded otherwise.
+        let _ = TcpStream::connect(addr);
         let served = server.join().map_err(|_| "the echo server panicked")?;
         let r = measured?;
         served?;

@@ -237,7 +237,12 @@ enum Cmd {
 static STOP: AtomicBool = AtomicBool::new(false);
 
 extern "C" fn on_signal(_: libc::c_int) {
-    STOP.store(true, Ordering::SeqCst);
+    // The first signal asks for a clean stop; a second one ends the
+    // process at once (for a stop that hangs).
+    if STOP.swap(true, Ordering::SeqCst) {
+        // SAFETY: `_exit` is async-signal-safe.
+        unsafe { libc::_exit(130) };
+    }
 }
 
 fn config(cli: &Cli) -> Result<Config, String> {
@@ -401,8 +406,6 @@ fn bench(cli: &Cli, config: &Config) -> Result<(), Failure> {
     if !(seconds.is_finite() && *seconds > 0.0) {
         return Err(Failure::Usage(format!("--seconds {seconds}: a positive number")));
     }
-    // Ctrl-C ends a run early and still cleans up (cluster, data, Redis).
-    catch_signals();
     if let Some(name) = baseline {
         if !rama_bench::baseline::NAMES.contains(&name.as_str()) {
             return Err(Failure::Usage(format!(
@@ -454,6 +457,9 @@ fn bench(cli: &Cli, config: &Config) -> Result<(), Failure> {
         stop: Some(&STOP),
     };
     options.check().map_err(Failure::Usage)?;
+    // Ctrl-C ends a run early and still cleans up (its cluster and data);
+    // a second one ends it at once.
+    catch_signals();
     let json: serde_json::Value = if *sweep {
         let s = rama_bench::harness::sweep(&options, Duration::from_secs_f64(p99_ms / 1000.0))
             .map_err(|e| Failure::Failed(e.to_string()))?;

@@ -120,8 +120,10 @@ pub(crate) struct Targets {
     current: Arc<RwLock<Arc<Resolved>>>,
     /// `None`: a client of one connection, never renewed.
     resolve: Option<Resolve>,
-    /// Held while renewing, so concurrent callers renew once.
-    renewing: Arc<Mutex<()>>,
+    /// Held while renewing, so concurrent callers renew once; the last
+    /// failed renewal, which callers within [`RENEW_BACKOFF`] of it take as
+    /// their answer instead of trying again.
+    renewing: Arc<Mutex<Option<(std::time::Instant, String)>>>,
     next: Arc<AtomicUsize>,
 }
 
@@ -132,6 +134,11 @@ impl std::fmt::Debug for Targets {
             .finish_non_exhaustive()
     }
 }
+
+/// How long a failed renewal is the answer before the workers are looked
+/// up again (so callers queued behind an unreachable worker do not each
+/// wait for their own connect timeout).
+const RENEW_BACKOFF: std::time::Duration = std::time::Duration::from_secs(1);
 
 /// Which worker a request goes to.
 #[derive(Clone, Copy)]
@@ -147,7 +154,7 @@ impl Targets {
         Targets {
             current: Arc::new(RwLock::new(Arc::new(Resolved { workers, placement }))),
             resolve,
-            renewing: Arc::new(Mutex::new(())),
+            renewing: Arc::new(Mutex::new(None)),
             next: Arc::new(AtomicUsize::new(0)),
         }
     }
@@ -193,13 +200,26 @@ impl Targets {
         let Some(resolve) = &self.resolve else {
             return Ok(());
         };
-        let _one = self.renewing.lock().unwrap_or_else(|p| p.into_inner());
+        let mut last_failure = self.renewing.lock().unwrap_or_else(|p| p.into_inner());
         if !Arc::ptr_eq(&self.snapshot(), seen) {
             return Ok(());
         }
-        let fresh = Arc::new(resolve()?);
-        *self.current.write().unwrap_or_else(|p| p.into_inner()) = fresh;
-        Ok(())
+        if let Some((at, why)) = &*last_failure {
+            if at.elapsed() < RENEW_BACKOFF {
+                return Err(Error::Closed(why.clone()));
+            }
+        }
+        match resolve() {
+            Ok(fresh) => {
+                *last_failure = None;
+                *self.current.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(fresh);
+                Ok(())
+            }
+            Err(e) => {
+                *last_failure = Some((std::time::Instant::now(), e.to_string()));
+                Err(e)
+            }
+        }
     }
 
     /// Whether a request that failed with `e` on `used` may be sent

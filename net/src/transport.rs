@@ -281,6 +281,9 @@ impl Connection {
                 let drained: Vec<OnAnswer> = pending.lock().expect("pending").drain().map(|(_, a)| a).collect();
                 for on_answer in drained {
                     on_answer(Err(NetError::Remote(why.clone())));
+                    // A sender waiting for a free slot wakes, sees the
+                    // connection closed and fails instead of waiting on.
+                    let _ = free.send(());
                 }
             });
         }

@@ -98,7 +98,9 @@ struct GateGuard<'a>(Option<&'a Gate>);
 
 /// A read let through the gate of a module, held by an answer callback
 /// until the read is done (it may be dropped on another thread).
-struct GateTicket(Arc<ModuleRuntime>);
+/// Holds the gate only (not the runtime): a request stuck in a stopped
+/// thread's channel must not keep the runtime, and so that channel, alive.
+struct GateTicket(Arc<Gate>);
 
 impl GateTicket {
     /// Blocks the calling thread while a commit is applied; `None` when
@@ -106,7 +108,7 @@ impl GateTicket {
     fn enter(rt: &Arc<ModuleRuntime>) -> Option<GateTicket> {
         rt.gated.then(|| {
             std::mem::forget(rt.gate.enter());
-            GateTicket(rt.clone())
+            GateTicket(rt.gate.clone())
         })
     }
 }
@@ -123,13 +125,13 @@ impl GateTicket {
             return Err(());
         }
         s.0 += 1;
-        Ok(Some(GateTicket(rt.clone())))
+        Ok(Some(GateTicket(rt.gate.clone())))
     }
 }
 
 impl Drop for GateTicket {
     fn drop(&mut self) {
-        self.0.gate.state.lock().expect("gate").0 -= 1;
+        self.0.state.lock().expect("gate").0 -= 1;
     }
 }
 
@@ -246,7 +248,7 @@ pub(crate) struct ModuleRuntime {
     def: ModuleDef,
     placement: Placement,
     links: Vec<ThreadLinks>,
-    gate: Gate,
+    gate: Arc<Gate>,
     /// Reads are gated only when the module has microbatch topologies.
     gated: bool,
     /// Per topology (microbatch ones only).
@@ -390,14 +392,17 @@ impl ModuleRuntime {
                 }
             }
         }
+        // Sent: the request alone owns the ticket (released by its answer,
+        // or when it is dropped unanswered), not this future.
+        let ticket = request.is_some().then_some(ticket);
         let rt = self.clone();
         async move {
-            if let Some(request) = request {
+            if let (Some(request), Some(ticket)) = (request, ticket) {
                 let guard = rt.read_guard_async().await;
                 if guard.0.is_some() {
                     // The request holds the read from here on.
                     std::mem::forget(guard);
-                    *ticket.lock().unwrap_or_else(|p| p.into_inner()) = Some(GateTicket(rt.clone()));
+                    *ticket.lock().unwrap_or_else(|p| p.into_inner()) = Some(GateTicket(rt.gate.clone()));
                 }
                 drop(ticket);
                 rt.send_to_async(thread, LANE_CLIENT, request).await?;
@@ -622,7 +627,7 @@ impl InProcessCluster {
             def,
             placement,
             links,
-            gate: Gate::default(),
+            gate: Arc::default(),
             microbatches,
             stream_consumers,
             next_origin: AtomicU32::new(0),

@@ -428,6 +428,10 @@ pub(crate) async fn run(th: Rc<TaskThread>, inbox: ThreadInbox) -> Result<()> {
         l.cancel();
         let _ = l.await;
     }
+    // Requests that arrived after the last one taken are dropped (their
+    // callers get `Closed`), and later sends fail at once.
+    drop(client.drain());
+    drop(client);
     closed
 }
 
