@@ -69,9 +69,12 @@ enum Cmd {
         #[arg(long = "configOverrides")]
         config_overrides: Option<PathBuf>,
     },
-    /// Puts load on a module and reports throughput and latency
-    /// percentiles: on the cluster of rama.yaml (the module deployed), or
-    /// with --inProcess on a cluster in this process.
+    /// Puts load on a module and reports throughput, latency percentiles
+    /// per operation and CPU per operation: on the cluster of rama.yaml
+    /// (the module deployed), through a Conductor (--conductor), or with
+    /// --inProcess on a cluster in this process; --sweep for capacity
+    /// planning, --baseline for the comparisons of the record. Ctrl-C stops
+    /// a run early and cleans up.
     Bench {
         /// wordcount (WordCountModule), append (KvModule: records of
         /// --recordBytes to --keys keys), select (KvModule point selects),
