@@ -47,46 +47,54 @@ pub enum Workload {
     Range,
 }
 
+/// Every workload: its `--workload` name and the operation it runs when
+/// no mix is given.
+const WORKLOADS: [(&str, Workload, Op); 7] = [
+    ("wordcount", Workload::WordCount, Op::Sentence),
+    ("append", Workload::Append, Op::Put),
+    ("select", Workload::Select, Op::Get),
+    ("bank", Workload::Bank, Op::Transfer),
+    ("timeline", Workload::Timeline, Op::Post),
+    ("query", Workload::Query, Op::TopWords),
+    ("range", Workload::Range, Op::Range),
+];
+
 impl Workload {
     pub fn parse(s: &str) -> Result<Workload, String> {
-        match s {
-            "wordcount" => Ok(Workload::WordCount),
-            "append" => Ok(Workload::Append),
-            "select" => Ok(Workload::Select),
-            "bank" => Ok(Workload::Bank),
-            "timeline" => Ok(Workload::Timeline),
-            "query" => Ok(Workload::Query),
-            "range" => Ok(Workload::Range),
-            _ => Err(format!(
-                "unknown workload {s:?} (workloads: wordcount, append, select, bank, timeline, query, range)"
-            )),
-        }
+        WORKLOADS
+            .iter()
+            .find(|(name, _, _)| *name == s)
+            .map(|&(_, w, _)| w)
+            .ok_or_else(|| {
+                let names: Vec<&str> = WORKLOADS.iter().map(|(name, _, _)| *name).collect();
+                format!("unknown workload {s:?} (workloads: {})", names.join(", "))
+            })
+    }
+
+    fn entry(self) -> &'static (&'static str, Workload, Op) {
+        WORKLOADS
+            .iter()
+            .find(|(_, w, _)| *w == self)
+            .expect("every workload is in WORKLOADS")
+    }
+
+    /// The name `--workload` takes.
+    pub fn name(self) -> &'static str {
+        self.entry().0
     }
 
     /// The operation the workload runs when no mix is given.
     pub fn op(self) -> Op {
-        match self {
-            Workload::WordCount => Op::Sentence,
-            Workload::Append => Op::Put,
-            Workload::Select => Op::Get,
-            Workload::Bank => Op::Transfer,
-            Workload::Timeline => Op::Post,
-            Workload::Query => Op::TopWords,
-            Workload::Range => Op::Range,
-        }
+        self.entry().2
     }
 
     /// The workload whose default operation is `op`.
     pub fn of(op: Op) -> Workload {
-        match op {
-            Op::Sentence => Workload::WordCount,
-            Op::TopWords => Workload::Query,
-            Op::Put => Workload::Append,
-            Op::Get => Workload::Select,
-            Op::Transfer => Workload::Bank,
-            Op::Post => Workload::Timeline,
-            Op::Range => Workload::Range,
-        }
+        WORKLOADS
+            .iter()
+            .find(|(_, _, o)| *o == op)
+            .expect("every operation has a workload")
+            .1
     }
 
     fn module(self) -> &'static str {
@@ -1241,10 +1249,9 @@ pub fn estimate(s: &Sweep, target_per_sec: f64, threads_per_node: u32) -> String
 
 /// The report as a few lines for a terminal.
 pub fn summary(r: &Report) -> String {
-    let ms = |us: f64| format!("{:.3} ms", us / 1000.0);
     format!(
         "{:?} on {} ({} loop{}): {} ops in {:.1} s = {:.0} ops/s, {} errors\n\
-         latency: p50 {}  p90 {}  p99 {}  p99.9 {}  max {}{}",
+         latency: {}{}",
         r.workload,
         r.target,
         r.mode,
@@ -1255,11 +1262,7 @@ pub fn summary(r: &Report) -> String {
         r.seconds,
         r.ops_per_sec,
         r.errors,
-        ms(r.latency.p50_us),
-        ms(r.latency.p90_us),
-        ms(r.latency.p99_us),
-        ms(r.latency.p999_us),
-        ms(r.latency.max_us),
+        r.latency.line(),
         r.first_error
             .as_ref()
             .map(|e| format!("\nfirst error: {e}"))
@@ -1273,21 +1276,16 @@ fn per_op(r: &Report) -> String {
     if r.operations.len() < 2 {
         return String::new();
     }
-    let ms = |us: f64| format!("{:.3} ms", us / 1000.0);
     r.operations
         .iter()
         .map(|o| {
             format!(
-                "\n  {} (weight {}): {:.0} ops/s, {} errors; p50 {}  p90 {}  p99 {}  p99.9 {}  max {}",
+                "\n  {} (weight {}): {:.0} ops/s, {} errors; {}",
                 o.op.name(),
                 o.weight,
                 o.ops_per_sec,
                 o.errors,
-                ms(o.latency.p50_us),
-                ms(o.latency.p90_us),
-                ms(o.latency.p99_us),
-                ms(o.latency.p999_us),
-                ms(o.latency.max_us)
+                o.latency.line()
             )
         })
         .collect()
@@ -1437,7 +1435,7 @@ pub fn record_runs(dir: &std::path::Path, quick: bool) -> BenchResult<Record> {
 pub fn describe(o: &Options) -> String {
     let mut out = String::from("--inProcess");
     if o.mix.is_empty() {
-        out += &format!(" --workload {}", workload_name(o.workload));
+        out += &format!(" --workload {}", o.workload.name());
     } else {
         let mix: Vec<String> = o.mix.iter().map(|(op, w)| format!("{}:{w}", op.name())).collect();
         out += &format!(" --mix {}", mix.join(","));
@@ -1456,17 +1454,4 @@ pub fn describe(o: &Options) -> String {
         out += &format!(" --fanout {}", o.fanout);
     }
     out
-}
-
-/// The name `--workload` takes.
-pub fn workload_name(w: Workload) -> &'static str {
-    match w {
-        Workload::WordCount => "wordcount",
-        Workload::Append => "append",
-        Workload::Select => "select",
-        Workload::Bank => "bank",
-        Workload::Timeline => "timeline",
-        Workload::Query => "query",
-        Workload::Range => "range",
-    }
 }

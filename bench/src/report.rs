@@ -761,6 +761,17 @@ fn tcp_section(out: &mut String, r: &Results) {
     );
 }
 
+/// The `p50 | p99 | p99.9 | max` cells of a table row.
+fn tail_cells(l: &crate::results::Latency) -> String {
+    format!(
+        "{} | {} | {} | {}",
+        micros(l.p50_us),
+        micros(l.p99_us),
+        micros(l.p999_us),
+        micros(l.max_us)
+    )
+}
+
 fn harness_section(out: &mut String, r: &Results) {
     let Some(h) = &r.harness else {
         return;
@@ -781,13 +792,10 @@ fn harness_section(out: &mut String, r: &Results) {
         let resident: u64 = run.processes.iter().map(|p| p.rss_bytes).sum();
         let _ = writeln!(
             out,
-            "| `{}` | {} | {} | {} | {} | {} | {} | {:.0} MB |",
+            "| `{}` | {} | {} | {} | {:.0} MB |",
             recorded.command,
             int(run.ops_per_sec),
-            micros(run.latency.p50_us),
-            micros(run.latency.p99_us),
-            micros(run.latency.p999_us),
-            micros(run.latency.max_us),
+            tail_cells(&run.latency),
             run.cpu_us_per_op.map_or_else(String::new, micros),
             resident as f64 / 1e6
         );
@@ -795,14 +803,11 @@ fn harness_section(out: &mut String, r: &Results) {
             for o in &run.operations {
                 let _ = writeln!(
                     out,
-                    "| &nbsp;&nbsp;{} (weight {}) | {} | {} | {} | {} | {} | | |",
+                    "| &nbsp;&nbsp;{} (weight {}) | {} | {} | | |",
                     o.op.name(),
                     o.weight,
                     int(o.ops_per_sec),
-                    micros(o.latency.p50_us),
-                    micros(o.latency.p99_us),
-                    micros(o.latency.p999_us),
-                    micros(o.latency.max_us)
+                    tail_cells(&o.latency)
                 );
             }
         }

@@ -112,6 +112,19 @@ pub fn record(hist: &mut Histogram<u64>, elapsed: Duration) {
 }
 
 impl Latency {
+    /// `p50 1.234 ms  p90 ...  max ...`, for a terminal.
+    pub fn line(&self) -> String {
+        let ms = |us: f64| format!("{:.3} ms", us / 1000.0);
+        format!(
+            "p50 {}  p90 {}  p99 {}  p99.9 {}  max {}",
+            ms(self.p50_us),
+            ms(self.p90_us),
+            ms(self.p99_us),
+            ms(self.p999_us),
+            ms(self.max_us)
+        )
+    }
+
     pub fn from_histogram(h: &Histogram<u64>) -> Self {
         let us = |ns: u64| ns as f64 / 1e3;
         Latency {
