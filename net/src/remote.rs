@@ -242,6 +242,19 @@ impl Targets {
         }
     }
 
+    /// Waits for the read `start` sends; starts it once more when the
+    /// connection it used ended before the answer.
+    fn wait_read<T, F: std::future::Future<Output = Result<T>>>(
+        &self,
+        start: impl Fn() -> Result<(RemoteCluster, F)>,
+    ) -> Result<T> {
+        let (used, pending) = start()?;
+        match smol::block_on(pending) {
+            Err(e) if self.may_resend(&e, &used) => smol::block_on(start()?.1),
+            r => r,
+        }
+    }
+
     /// Sends `request` to `to` now, once more on another connection when
     /// the send fails because the picked one just ended (nothing was sent);
     /// the connection used and the pending answer.
@@ -349,11 +362,7 @@ impl RemotePState {
     }
 
     fn request(&self, path: &[Nav], task: Option<u32>) -> Result<Vec<Value>> {
-        let (used, pending) = self.request_future(path, task)?;
-        match smol::block_on(pending) {
-            Err(e) if self.cluster.may_resend(&e, &used) => smol::block_on(self.request_future(path, task)?.1),
-            r => r,
-        }
+        self.cluster.wait_read(|| self.request_future(path, task))
     }
 
     fn request_future(
@@ -427,11 +436,7 @@ impl RemoteQuery {
     }
 
     pub fn invoke(&self, args: &Value) -> Result<Value> {
-        let (used, pending) = self.start(args)?;
-        match smol::block_on(pending) {
-            Err(e) if self.cluster.may_resend(&e, &used) => smol::block_on(self.start(args)?.1),
-            r => r,
-        }
+        self.cluster.wait_read(|| self.start(args))
     }
 
     /// `invoke` sent now; the future resolves to the result. Many may be in
