@@ -1020,7 +1020,12 @@ fn with_target<R>(o: &Options, f: impl FnOnce(&Mix<'_>, &Setup) -> BenchResult<R
                     format!("the cluster of {}", config.display()),
                 ),
                 Cluster::Conductor(addr) => (
-                    ClusterManager::via_conductor(addr)?,
+                    // The secret of the local configuration
+                    // (cluster.secret.file of ./rama.yaml or $RAMA_CONFIG).
+                    ClusterManager::via_conductor(
+                        addr,
+                        &net::manager::load_secret(&net::manager::load_config(None, &[])?)?,
+                    )?,
                     format!("the cluster of the Conductor at {addr}"),
                 ),
             };

@@ -157,14 +157,20 @@ fn key(i: u64, keys: usize) -> u64 {
 /// `ops` point selects of words over `connections` connections to `addr`,
 /// in pipelines of [`PIPELINE`] (sent together, then their answers taken,
 /// as `redis-benchmark -P` does).
-fn point_selects(addr: &str, connections: usize, ops: u64, keys: usize) -> BenchResult<Throughput> {
+fn point_selects(
+    addr: &str,
+    secret: &net::auth::Secret,
+    connections: usize,
+    ops: u64,
+    keys: usize,
+) -> BenchResult<Throughput> {
     let per = ops / connections as u64;
     let started = Instant::now();
     std::thread::scope(|s| -> BenchResult<()> {
         let handles: Vec<_> = (0..connections)
             .map(|c| {
                 s.spawn(move || -> Result<(), String> {
-                    let cluster = RemoteCluster::connect(addr).map_err(|e| e.to_string())?;
+                    let cluster = RemoteCluster::connect(addr, secret).map_err(|e| e.to_string())?;
                     let counts = cluster.pstate("WordCountModule", "$$wordCounts");
                     // As redis-benchmark -P 16: send 16, take their 16 answers,
                     // send the next 16.
@@ -265,7 +271,8 @@ pub fn run(plan: &wordcount::Plan, data: &Path, quick: bool) -> BenchResult<Remo
         let connections = 4;
         let ops = if quick { 8_000 } else { 2_000_000 };
         eprintln!("  point selects, {connections} connections x {PIPELINE} in flight");
-        let ours = point_selects(&worker.address, connections, ops, plan.vocabulary)?;
+        let secret = net::manager::load_secret(&net::manager::load_config(Some(&config), &[])?)?;
+        let ours = point_selects(&worker.address, &secret, connections, ops, plan.vocabulary)?;
         drop(manager);
         drop(cluster);
         eprintln!("  redis-benchmark -t get -P {PIPELINE} -c {connections}");

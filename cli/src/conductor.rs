@@ -36,12 +36,35 @@ use sha2::{Digest, Sha256};
 use crate::admin::{self, bytes, int, text, CHUNK_BYTES};
 
 const LAUNCH_TIMEOUT: Duration = Duration::from_secs(180);
+/// Uploads in progress at once; a further one is refused until one ends.
+const UPLOADS_MAX: usize = 4;
+/// An upload that received no chunk for this long is dropped.
+const UPLOAD_IDLE: Duration = Duration::from_secs(120);
+/// A stored artifact no module uses is removed once it is this old (an
+/// upload's deploy comes right after it).
+const ARTIFACT_UNUSED_KEEP: Duration = Duration::from_secs(600);
+/// How long an artifact's `describe` may run, and how much it may print.
+const DESCRIBE_TIMEOUT: Duration = Duration::from_secs(30);
+const DESCRIBE_BYTES_MAX: u64 = 4 << 20;
 
 struct Upload {
     file: File,
     path: PathBuf,
     size: u64,
     written: u64,
+    /// When the last chunk came.
+    touched: Instant,
+}
+
+/// A deploy's shape, checked.
+struct Shape {
+    tasks: u32,
+    threads: u32,
+    workers: u32,
+    rf: u32,
+    overrides: control::worker_config::WorkerConfig,
+    /// (Supervisor, ports free on it).
+    slots: Vec<(String, u64)>,
 }
 
 struct Conductor {
@@ -51,6 +74,10 @@ struct Conductor {
     uploads: Mutex<HashMap<i64, Upload>>,
     next_upload: AtomicU64,
     max_bytes: u64,
+    /// Upper bounds of a module's parallelism (module.tasks.max,
+    /// module.threads.max).
+    tasks_max: u32,
+    threads_max: u32,
     /// When each launching module started launching.
     launching: Mutex<HashMap<String, Instant>>,
 }
@@ -113,16 +140,26 @@ impl Conductor {
                         self.max_bytes
                     ));
                 }
+                self.expire_uploads();
+                let mut uploads = self.uploads.lock().expect("uploads");
+                if uploads.len() >= UPLOADS_MAX {
+                    return Err(format!(
+                        "{UPLOADS_MAX} uploads are in progress already; try again when one ends (an upload that \
+                         sends nothing for {} s is dropped)",
+                        UPLOAD_IDLE.as_secs()
+                    ));
+                }
                 let id = self.next_upload.fetch_add(1, Ordering::SeqCst) as i64;
                 let path = self.uploads_dir.join(format!("upload-{id}.part"));
                 let file = File::create(&path).map_err(|e| format!("creating {}: {e}", path.display()))?;
-                self.uploads.lock().expect("uploads").insert(
+                uploads.insert(
                     id,
                     Upload {
                         file,
                         path,
                         size,
                         written: 0,
+                        touched: Instant::now(),
                     },
                 );
                 Ok(Value::map([("upload", Value::Int(id))]))
@@ -143,6 +180,7 @@ impl Conductor {
                 }
                 u.file.write_all(data).map_err(|e| format!("writing the upload: {e}"))?;
                 u.written += data.len() as u64;
+                u.touched = Instant::now();
                 Ok(Value::map::<&str, Value>([]))
             }
             "uploadFinish" => {
@@ -187,7 +225,20 @@ impl Conductor {
                     ("size", Value::Int(size as i64)),
                 ]))
             }
-            "deploy" => self.deploy(m),
+            "deployCheck" => {
+                self.check_shape(m)?;
+                Ok(Value::map::<&str, Value>([]))
+            }
+            "deploy" => {
+                let artifact = text(m, "artifact")?.to_string();
+                let deployed = self.deploy(m);
+                if deployed.is_err() {
+                    // A refused deploy leaves no artifact behind unless
+                    // another module runs it.
+                    self.remove_artifact_if_unused(&artifact);
+                }
+                deployed
+            }
             "status" => {
                 let module = text(m, "module")?;
                 Ok(Value::map([(
@@ -234,11 +285,13 @@ impl Conductor {
         Ok(p)
     }
 
-    fn deploy(&self, m: &BTreeMap<Value, Value>) -> Result<Value, String> {
+    /// Everything about a deploy that can be checked without its
+    /// artifact: the CLI asks for this (`deployCheck`) before it uploads,
+    /// and `deploy` checks it again.
+    fn check_shape(&self, m: &BTreeMap<Value, Value>) -> Result<Shape, String> {
         let module = text(m, "module")?;
-        let artifact = text(m, "artifact")?;
         let num = |name: &str| -> Result<u32, String> {
-            u32::try_from(int(m, name)?).map_err(|_| format!("--{name} must be a positive number"))
+            u32::try_from(int(m, name)?).map_err(|_| format!("--{name} must be a positive number below 2^32"))
         };
         let (tasks, threads, workers, rf) = (
             num("tasks")?,
@@ -248,6 +301,21 @@ impl Conductor {
         );
         if !valid_module_name(module) {
             return Err(format!("{module:?} is not a module name"));
+        }
+        // Bounds first: a worker's fixed memory grows with its tasks (see
+        // module.tasks.max in rama.yaml).
+        if tasks > self.tasks_max {
+            return Err(format!(
+                "--tasks {tasks} is above module.tasks.max = {}; raise it in the Conductor's rama.yaml if the \
+                 workers have the memory",
+                self.tasks_max
+            ));
+        }
+        if threads > self.threads_max {
+            return Err(format!(
+                "--threads {threads} is above module.threads.max = {}; raise it in the Conductor's rama.yaml",
+                self.threads_max
+            ));
         }
         Parallelism::new(tasks, threads, workers).map_err(|e| e.to_string())?;
         let overrides = match m.get(&Value::from("configOverrides")).and_then(Value::as_str) {
@@ -262,40 +330,15 @@ impl Conductor {
                 "--replicationFactor {rf}: replication is not implemented yet; only 1 is accepted"
             ));
         }
-        let path = self.artifact_path(artifact)?;
-        // The artifact must be a module artifact, contain the module, and
-        // be built with this engine.
-        let out = std::process::Command::new(&path)
-            .arg("describe")
-            .output()
-            .map_err(|e| format!("the jar is not a runnable module artifact: {e}"))?;
-        let described: Json = serde_json::from_slice(&out.stdout).map_err(|_| {
-            "the jar is not a module artifact (its describe command printed no module list)".to_string()
-        })?;
-        let modules = described.as_array().cloned().unwrap_or_default();
-        let found = modules.iter().find(|d| d["name"] == module).ok_or_else(|| {
-            format!(
-                "the artifact has no module {module} (it has: {})",
-                modules
-                    .iter()
-                    .filter_map(|d| d["name"].as_str())
-                    .collect::<Vec<_>>()
-                    .join(", ")
-            )
-        })?;
-        let version = found["engine_version"].as_str().unwrap_or("?");
-        if version != engine::VERSION {
-            return Err(format!(
-                "the artifact was built with engine {version}; this cluster runs engine {}",
-                engine::VERSION
-            ));
+        if state(&self.meta, module)?.is_some() {
+            return Err(format!("module {module} is already deployed"));
         }
         let supervisors = self.meta.children("/supervisors").or_else(|e| match e {
             MetaError::NoNode(_) => Ok(Vec::new()),
             e => Err(meta_err(e)),
         })?;
         if supervisors.is_empty() {
-            return Err("not enough Supervisors: none is running".into());
+            return Err("not enough Supervisors: none is running; start one with `rama supervisor`".into());
         }
         // Each worker takes a port from its Supervisor's range: see that
         // the free ports are enough before claiming anything.
@@ -316,6 +359,52 @@ impl Conductor {
                 slots.len()
             ));
         }
+        Ok(Shape {
+            tasks,
+            threads,
+            workers,
+            rf,
+            overrides,
+            slots,
+        })
+    }
+
+    fn deploy(&self, m: &BTreeMap<Value, Value>) -> Result<Value, String> {
+        let module = text(m, "module")?;
+        let artifact = text(m, "artifact")?;
+        let Shape {
+            tasks,
+            threads,
+            workers,
+            rf,
+            overrides,
+            slots,
+        } = self.check_shape(m)?;
+        let path = self.artifact_path(artifact)?;
+        // The artifact must be a module artifact, contain the module, and
+        // be built with this engine.
+        let stdout = describe(&path)?;
+        let described: Json = serde_json::from_slice(&stdout).map_err(|_| {
+            "the jar is not a module artifact (its describe command printed no module list)".to_string()
+        })?;
+        let modules = described.as_array().cloned().unwrap_or_default();
+        let found = modules.iter().find(|d| d["name"] == module).ok_or_else(|| {
+            format!(
+                "the artifact has no module {module} (it has: {})",
+                modules
+                    .iter()
+                    .filter_map(|d| d["name"].as_str())
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            )
+        })?;
+        let version = found["engine_version"].as_str().unwrap_or("?");
+        if version != engine::VERSION {
+            return Err(format!(
+                "the artifact was built with engine {version}; this cluster runs engine {}",
+                engine::VERSION
+            ));
+        }
         // Claim the module name; a second deploy of it fails here.
         self.meta.create_all("/modules").map_err(meta_err)?;
         match self
@@ -326,8 +415,12 @@ impl Conductor {
             Err(MetaError::NodeExists(_)) => return Err(format!("module {module} is already deployed")),
             Err(e) => return Err(meta_err(e)),
         }
+        // The module instance this deploy makes: its workers serve only
+        // while their assignments name it, and clients take only its
+        // workers.
+        let instance: String = net::auth::nonce().iter().map(|b| format!("{b:02x}")).collect();
         let spec = json!({"module": module, "artifact": artifact, "tasks": tasks, "threads": threads,
-                          "workers": workers, "replicationFactor": rf,
+                          "workers": workers, "replicationFactor": rf, "instance": instance,
                           "config": overrides.to_json()});
         let launched = (|| -> Result<(), String> {
             self.meta
@@ -358,7 +451,7 @@ impl Conductor {
                     .map_err(meta_err)?;
                 let assignment = json!({"module": module, "artifact": artifact, "tasks": tasks,
                                         "threads": threads, "workers": workers, "worker": w,
-                                        "config": overrides.to_json()});
+                                        "instance": instance, "config": overrides.to_json()});
                 self.meta
                     .create(
                         &format!("/assignments/{target}/{module}.{w}"),
@@ -426,6 +519,63 @@ impl Conductor {
         Ok(Value::map([("groups", Value::List(groups))]))
     }
 
+    /// Drops uploads that received nothing for [`UPLOAD_IDLE`].
+    fn expire_uploads(&self) {
+        self.uploads.lock().expect("uploads").retain(|_, u| {
+            let keep = u.touched.elapsed() < UPLOAD_IDLE;
+            if !keep {
+                let _ = std::fs::remove_file(&u.path);
+            }
+            keep
+        });
+    }
+
+    /// The artifacts the modules' specs name.
+    fn artifacts_in_use(&self) -> Result<std::collections::BTreeSet<String>, String> {
+        let modules = match self.meta.children("/modules") {
+            Ok(m) => m,
+            Err(MetaError::NoNode(_)) => Vec::new(),
+            Err(e) => return Err(meta_err(e)),
+        };
+        let mut used = std::collections::BTreeSet::new();
+        for module in modules {
+            if let Some(spec) = read_json(&self.meta, &format!("/modules/{module}/spec"))? {
+                if let Some(a) = spec["artifact"].as_str() {
+                    used.insert(a.to_string());
+                }
+            }
+        }
+        Ok(used)
+    }
+
+    fn remove_artifact_if_unused(&self, hash: &str) {
+        let Ok(path) = self.artifact_path(hash) else { return };
+        if self.artifacts_in_use().is_ok_and(|used| !used.contains(hash)) {
+            let _ = std::fs::remove_file(path);
+        }
+    }
+
+    /// Removes stored artifacts no module uses, once they are older than
+    /// [`ARTIFACT_UNUSED_KEEP`] (those of destroyed modules, and uploads
+    /// never deployed).
+    fn collect_artifacts(&self) -> Result<(), String> {
+        let used = self.artifacts_in_use()?;
+        let entries = std::fs::read_dir(&self.artifacts).map_err(|e| e.to_string())?;
+        for e in entries.flatten() {
+            let name = e.file_name().to_string_lossy().into_owned();
+            let old = e
+                .metadata()
+                .and_then(|m| m.modified())
+                .ok()
+                .and_then(|t| t.elapsed().ok())
+                .is_some_and(|age| age > ARTIFACT_UNUSED_KEEP);
+            if old && !used.contains(&name) {
+                let _ = std::fs::remove_file(e.path());
+            }
+        }
+        Ok(())
+    }
+
     fn remove_assignments(&self, module: &str) -> Result<(), String> {
         let supervisors = match self.meta.children("/assignments") {
             Ok(s) => s,
@@ -485,14 +635,61 @@ impl Conductor {
                     }
                 }
                 "destroying" if registered == 0 => {
+                    let artifact = read_json(&self.meta, &format!("/modules/{module}/spec"))?
+                        .and_then(|s| s["artifact"].as_str().map(str::to_string));
                     self.meta.delete_all(&format!("/modules/{module}")).map_err(meta_err)?;
                     self.launching.lock().expect("launching").remove(&module);
+                    if let Some(a) = artifact {
+                        self.remove_artifact_if_unused(&a);
+                    }
                 }
                 _ => {}
             }
         }
-        Ok(())
+        self.expire_uploads();
+        self.collect_artifacts()
     }
+}
+
+/// Runs the artifact's `describe` and returns what it printed, within
+/// [`DESCRIBE_TIMEOUT`] and [`DESCRIBE_BYTES_MAX`] (an artifact that hangs
+/// or floods is killed and refused).
+fn describe(path: &Path) -> Result<Vec<u8>, String> {
+    let mut child = std::process::Command::new(path)
+        .arg("describe")
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .map_err(|e| format!("the jar is not a runnable module artifact: {e}"))?;
+    let stdout = child.stdout.take().expect("stdout is piped");
+    let reader = std::thread::spawn(move || {
+        let mut out = Vec::new();
+        let _ = stdout.take(DESCRIBE_BYTES_MAX + 1).read_to_end(&mut out);
+        out
+    });
+    let started = Instant::now();
+    let status = loop {
+        match child.try_wait() {
+            Ok(Some(status)) => break Some(status),
+            Ok(None) if started.elapsed() < DESCRIBE_TIMEOUT => std::thread::sleep(Duration::from_millis(20)),
+            _ => break None,
+        }
+    };
+    if status.is_none() {
+        let _ = child.kill();
+        let _ = child.wait();
+        let _ = reader.join();
+        return Err(format!(
+            "the jar's describe command did not finish within {} s; it is not a module artifact",
+            DESCRIBE_TIMEOUT.as_secs()
+        ));
+    }
+    let out = reader.join().unwrap_or_default();
+    if out.len() as u64 > DESCRIBE_BYTES_MAX {
+        return Err("the jar's describe command printed more than 4 MiB; it is not a module artifact".into());
+    }
+    Ok(out)
 }
 
 fn set_executable(path: &Path) -> Result<(), String> {
@@ -520,6 +717,7 @@ pub fn run(config: &Config, stop: &AtomicBool) -> Result<(), String> {
             .ok_or("conductor.artifact.max.bytes must be a number of bytes")?,
         None => 1 << 30,
     };
+    let secret = net::manager::load_secret(config).map_err(|e| e.to_string())?;
     let meta = connect_metastore(config, Side::Internal).map_err(|e| e.to_string())?;
     let host = match config.get("conductor.host") {
         Some(_) => config
@@ -536,14 +734,22 @@ pub fn run(config: &Config, stop: &AtomicBool) -> Result<(), String> {
         uploads: Mutex::new(HashMap::new()),
         next_upload: AtomicU64::new(1),
         max_bytes,
+        tasks_max: config.count("module.tasks.max").map_err(|e| e.to_string())? as u32,
+        threads_max: config.count("module.threads.max").map_err(|e| e.to_string())? as u32,
         launching: Mutex::new(HashMap::new()),
     });
     let server = {
         let c = conductor.clone();
+        let limits = net::ServerLimits {
+            connections_max: config.count("conductor.connections.max").map_err(|e| e.to_string())? as usize,
+            idle_timeout: config.idle_timeout().map_err(|e| e.to_string())?,
+            ..Default::default()
+        };
         net::Server::bind(
             (host.as_str(), port),
             net::PROTOCOL_VERSION,
-            net::FRAME_BYTES_MAX,
+            &secret,
+            limits,
             Arc::new(move |req: Vec<u8>| Ok(c.handle(&req))),
         )
         .map_err(|e| format!("the admin API cannot listen on {host}:{port} (conductor.port): {e}"))?

@@ -207,6 +207,12 @@ pub fn run(base: &Config, options: &DevOptions, stop: &AtomicBool) -> Result<(),
         ),
     )
     .map_err(|e| format!("writing {}: {e}", config.display()))?;
+    // The cluster secret (cluster.secret.file's default, beside rama.yaml):
+    // made once, kept when --dir is used again.
+    let secret = dir.join("cluster.secret");
+    if !secret.exists() {
+        net::auth::Secret::create(&secret, false).map_err(|e| e.to_string())?;
+    }
     say!("rama dev: data and configuration in {}", dir.display());
     let _workers = WorkersGuard(data.clone());
     let result = (|| -> Result<Vec<Daemon>, String> {

@@ -37,6 +37,17 @@ struct Cli {
 }
 
 #[derive(Debug, Subcommand)]
+enum SecretCmd {
+    /// Writes a new random secret to cluster.secret.file (mode 0600); copy
+    /// that file to every node of the cluster and every client machine.
+    Create {
+        /// Replace an existing secret (every node then needs the new file).
+        #[arg(long)]
+        force: bool,
+    },
+}
+
+#[derive(Debug, Subcommand)]
 enum Cmd {
     /// Prints the value of a configuration key (set in rama.yaml, or its
     /// default).
@@ -157,6 +168,10 @@ enum Cmd {
         #[arg(long, default_value = ".")]
         dir: PathBuf,
     },
+    /// Manages the cluster secret every process proves it holds
+    /// (cluster.secret.file in rama.yaml).
+    #[command(subcommand)]
+    Secret(SecretCmd),
     /// Runs a development ZooKeeper server (Debian's zookeeper package) on
     /// zookeeper.port with its data under local.dir, until interrupted.
     #[command(name = "devZookeeper")]
@@ -271,13 +286,23 @@ fn catch_signals() {
     }
 }
 
+/// Daemons create their data, logs and artifacts for their own user
+/// only (directories 0700, files 0600); workers inherit it.
+fn private_files() {
+    // SAFETY: umask only sets the process's file mode mask.
+    unsafe {
+        libc::umask(0o077);
+    }
+}
+
 fn admin(cli: &Cli, config: &Config) -> Result<admin::Admin, String> {
     let side = if cli.use_internal_hostnames {
         Side::Internal
     } else {
         Side::External
     };
-    admin::Admin::connect(&conductor::address(config, side)?)
+    let secret = net::manager::load_secret(config).map_err(|e| e.to_string())?;
+    admin::Admin::connect(&conductor::address(config, side)?, &secret)
 }
 
 fn module_state(admin: &admin::Admin, module: &str) -> Result<Option<String>, String> {
@@ -320,11 +345,8 @@ fn deploy(cli: &Cli, config: &Config) -> Result<(), Failure> {
         return Err(Failure::Failed(format!("--jar {}: no such file", jar.display())));
     }
     let admin = admin(cli, config)?;
-    println!("uploading {}", jar.display());
-    let artifact = conductor::upload(&admin, jar)?;
     use engine::value::Value;
-    admin.call(&admin::request(
-        "deploy",
+    let fields = |artifact: &str| {
         [
             ("module", Value::from(module.as_str())),
             ("artifact", Value::from(artifact)),
@@ -333,8 +355,13 @@ fn deploy(cli: &Cli, config: &Config) -> Result<(), Failure> {
             ("workers", Value::from(*workers)),
             ("replicationFactor", Value::from(*replication_factor)),
             ("configOverrides", Value::from(overrides.to_json().to_string())),
-        ],
-    ))?;
+        ]
+    };
+    // Everything but the artifact is checked before the upload.
+    admin.call(&admin::request("deployCheck", fields("")))?;
+    println!("uploading {}", jar.display());
+    let artifact = conductor::upload(&admin, jar)?;
+    admin.call(&admin::request("deploy", fields(&artifact)))?;
     let deadline = std::time::Instant::now() + Duration::from_secs(240);
     let mut last = String::new();
     loop {
@@ -615,6 +642,15 @@ fn main() -> ExitCode {
                 .map(|v| println!("{v}"))
                 .map_err(|e| e.to_string())?),
             Cmd::DevZookeeper => Ok(dev_zookeeper(&config)?),
+            Cmd::Secret(SecretCmd::Create { force }) => {
+                let path = config.secret_file().map_err(|e| e.to_string())?;
+                net::auth::Secret::create(&path, *force).map_err(|e| e.to_string())?;
+                println!(
+                    "wrote a new cluster secret to {} (mode 0600); copy it to every node",
+                    path.display()
+                );
+                Ok(())
+            }
             Cmd::Dev {
                 dir,
                 jar,
@@ -637,10 +673,12 @@ fn main() -> ExitCode {
                 Ok(dev::run(&config, &options, &STOP)?)
             }
             Cmd::Conductor => {
+                private_files();
                 catch_signals();
                 Ok(conductor::run(&config, &STOP)?)
             }
             Cmd::Supervisor => {
+                private_files();
                 catch_signals();
                 Ok(supervisor::run(&config, &STOP)?)
             }

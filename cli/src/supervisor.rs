@@ -117,6 +117,7 @@ struct Supervisor {
     host: String,
     ports: (u16, u16),
     workers: HashMap<String, Proc>,
+    secret: net::auth::Secret,
 }
 
 impl Supervisor {
@@ -138,13 +139,24 @@ impl Supervisor {
         }
         let path = self.dir.join("artifacts").join(hash);
         if path.is_file() {
-            return Ok(path);
+            // Checked at every start, not only after the download: what is
+            // run is exactly what the Conductor validated.
+            let got = sha256_file(&path)?;
+            if got == hash {
+                return Ok(path);
+            }
+            let _ = std::fs::remove_file(&path);
+            return Err(format!(
+                "the stored artifact {} does not match its sha256 (it hashes to {got}); removed it, it is \
+                 downloaded again at the next try",
+                path.display()
+            ));
         }
         let addr = match self.meta.get("/conductor").map_err(|e| e.to_string())? {
             Some((d, _)) => String::from_utf8_lossy(&d).into_owned(),
             None => crate::conductor::address(&self.config, Side::Internal)?,
         };
-        let admin = Admin::connect(&addr)?;
+        let admin = Admin::connect(&addr, &self.secret)?;
         let part = path.with_extension("part");
         let mut f = File::create(&part).map_err(|e| format!("creating {}: {e}", part.display()))?;
         let mut offset = 0i64;
@@ -162,6 +174,14 @@ impl Supervisor {
         }
         f.sync_all().map_err(|e| e.to_string())?;
         drop(f);
+        let got = sha256_file(&part)?;
+        if got != hash {
+            let _ = std::fs::remove_file(&part);
+            return Err(format!(
+                "the artifact downloaded from the Conductor at {addr} does not match the assignment's sha256 \
+                 {hash} (it hashes to {got}); it was removed and is not run"
+            ));
+        }
         use std::os::unix::fs::PermissionsExt;
         std::fs::set_permissions(&part, std::fs::Permissions::from_mode(0o755)).map_err(|e| e.to_string())?;
         std::fs::rename(&part, &path).map_err(|e| e.to_string())?;
@@ -201,6 +221,10 @@ impl Supervisor {
             .arg(self.config.path())
             .args(["--id", &spec["worker"].to_string()])
             .args(["--workers", &spec["workers"].as_u64().unwrap_or(1).to_string()])
+            // Its fence: it serves only while this assignment names this
+            // instance.
+            .args(["--instance", spec["instance"].as_str().unwrap_or_default()])
+            .args(["--assignment", &format!("/assignments/{}/{a}", self.id)])
             .arg("--dir")
             .arg(&data)
             .arg("--log")
@@ -308,6 +332,7 @@ pub fn run(config: &Config, stop: &AtomicBool) -> Result<(), String> {
     let ports = config.port_range().map_err(|e| e.to_string())?;
     let meta = connect_metastore(config, Side::Internal).map_err(|e| e.to_string())?;
     let log = crate::log::Log::open(&logging, &format!("supervisor-{id}"))?;
+    let secret = net::manager::load_secret(config).map_err(|e| e.to_string())?;
     let mut s = Supervisor {
         log,
         config: config.clone(),
@@ -318,6 +343,7 @@ pub fn run(config: &Config, stop: &AtomicBool) -> Result<(), String> {
         host,
         ports,
         workers: HashMap::new(),
+        secret,
     };
     s.adopt();
     s.register();
@@ -334,4 +360,23 @@ pub fn run(config: &Config, stop: &AtomicBool) -> Result<(), String> {
     s.log
         .line(&format!("supervisor {}: stopped (its workers keep running)", s.id));
     Ok(())
+}
+
+/// The sha256 of the file at `path`, in hexadecimal.
+fn sha256_file(path: &Path) -> Result<String, String> {
+    use sha2::{Digest, Sha256};
+    use std::io::Read;
+    let mut f = File::open(path).map_err(|e| format!("reading {}: {e}", path.display()))?;
+    let mut hasher = Sha256::new();
+    let mut buf = vec![0u8; 1 << 20];
+    loop {
+        let n = f
+            .read(&mut buf)
+            .map_err(|e| format!("reading {}: {e}", path.display()))?;
+        if n == 0 {
+            break;
+        }
+        hasher.update(&buf[..n]);
+    }
+    Ok(hasher.finalize().iter().map(|b| format!("{b:02x}")).collect())
 }

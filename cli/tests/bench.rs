@@ -136,7 +136,12 @@ fn bench_measures_and_refuses_what_it_cannot_measure() {
     assert_eq!(count(0) + count(1), r["ops"].as_u64().unwrap(), "{r}");
     assert!(ops[1]["latency"]["p99_us"].as_f64().unwrap() > 0.0, "{r}");
 
+    // Without the cluster secret nothing is tried, and the fix is named.
+    let out = rama(dir.path(), &["bench", "--conductor", "127.0.0.1:1", "--seconds", "1"]);
+    assert_eq!(out.status.code(), Some(1), "{}", text(&out));
+    assert!(text(&out).contains("rama secret create"), "{}", text(&out));
     // A Conductor that does not answer is named.
+    common::make_secret(dir.path());
     let out = rama(dir.path(), &["bench", "--conductor", "127.0.0.1:1", "--seconds", "1"]);
     assert_eq!(out.status.code(), Some(1), "{}", text(&out));
     assert!(

@@ -7,7 +7,7 @@ use std::time::{Duration, Instant};
 
 mod common;
 
-use common::{examples_artifact, free_port, rama_in as rama, Daemon};
+use common::{examples_artifact, free_port, make_secret, rama_in as rama, Daemon};
 
 #[test]
 fn conf_value_prints_set_and_default_values() {
@@ -127,6 +127,7 @@ fn data_commands_reach_a_registered_worker() {
         format!("zookeeper.servers: [\"127.0.0.1\"]\nzookeeper.port: {port}\nlocal.dir: data\n"),
     )
     .unwrap();
+    make_secret(dir.path());
     let zk = Command::new(env!("CARGO_BIN_EXE_rama"))
         .current_dir(dir.path())
         .env_remove("RAMA_CONFIG")
@@ -255,6 +256,7 @@ fn zookeeper_unreachable_at_start_is_retried_then_named() {
         format!("zookeeper.servers: [\"127.0.0.1\"]\nzookeeper.port: {zk}\nzookeeper.connect.timeout.secs: 2\nlocal.dir: data\n"),
     )
     .unwrap();
+    make_secret(dir.path());
     for args in [
         &["conductor"][..],
         &["supervisor"],

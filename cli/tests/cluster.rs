@@ -6,14 +6,11 @@
 //! crashes, destroy, and bad deploys through the CLI.
 
 use std::collections::BTreeMap;
-use std::io::{BufRead, BufReader};
-use std::path::{Path, PathBuf};
-use std::process::{Command, Output, Stdio};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 mod common;
 
-use common::{examples_artifact, free_port, text, Daemon};
+use common::{alive, eventually, examples_artifact, free_port, text, KillWorkers, Node};
 use control::config::Side;
 use engine::cluster::AckLevel;
 use engine::pstate::Nav;
@@ -21,96 +18,6 @@ use engine::runtime::partition::task_for_key;
 use engine::runtime::placement::{Parallelism, Placement};
 use engine::value::Value;
 use net::manager::ClusterManager;
-
-/// Kills, when dropped, every worker process the Supervisors under `root`
-/// recorded (Supervisors leave workers running by design; a failed test
-/// must not leave them behind).
-struct KillWorkers(PathBuf);
-
-impl Drop for KillWorkers {
-    fn drop(&mut self) {
-        for sup in ["s1", "s2", "s3"] {
-            let dir = self.0.join(sup).join("data/supervisor/workers");
-            for e in std::fs::read_dir(dir).into_iter().flatten().flatten() {
-                if let Some(pid) = std::fs::read_to_string(e.path())
-                    .ok()
-                    .and_then(|p| p.trim().parse::<i32>().ok())
-                {
-                    // SAFETY: signals a worker this test's cluster started.
-                    unsafe { libc::kill(pid, libc::SIGKILL) };
-                }
-            }
-        }
-    }
-}
-
-struct Node {
-    dir: PathBuf,
-}
-
-impl Node {
-    fn new(root: &Path, name: &str, zk: u16, conductor: u16, extra: &str) -> Node {
-        let dir = root.join(name);
-        std::fs::create_dir_all(&dir).unwrap();
-        std::fs::write(
-            dir.join("rama.yaml"),
-            format!(
-                "zookeeper.servers: [\"127.0.0.1\"]\nzookeeper.port: {zk}\nconductor.host: \"127.0.0.1\"\n\
-                 conductor.port: {conductor}\nlocal.dir: data\n{extra}"
-            ),
-        )
-        .unwrap();
-        Node { dir }
-    }
-
-    fn rama(&self, args: &[&str]) -> Output {
-        Command::new(env!("CARGO_BIN_EXE_rama"))
-            .current_dir(&self.dir)
-            .env_remove("RAMA_CONFIG")
-            .args(args)
-            .output()
-            .unwrap()
-    }
-
-    /// Starts a daemon and waits for its first line of output.
-    fn daemon(&self, cmd: &str, expect: &str) -> (Daemon, BufReader<std::process::ChildStdout>) {
-        let mut child = Command::new(env!("CARGO_BIN_EXE_rama"))
-            .current_dir(&self.dir)
-            .env_remove("RAMA_CONFIG")
-            .arg(cmd)
-            .stdout(Stdio::piped())
-            .spawn()
-            .unwrap();
-        let mut out = BufReader::new(child.stdout.take().unwrap());
-        let mut line = String::new();
-        out.read_line(&mut line).unwrap();
-        assert!(line.contains(expect), "{cmd}: {line:?}");
-        (Daemon(child), out)
-    }
-
-    fn worker_pid(&self) -> Option<u32> {
-        let dir = self.dir.join("data/supervisor/workers");
-        std::fs::read_dir(dir).ok()?.flatten().find_map(|e| {
-            let name = e.file_name().to_string_lossy().into_owned();
-            name.ends_with(".pid")
-                .then(|| std::fs::read_to_string(e.path()).ok()?.trim().parse().ok())
-                .flatten()
-        })
-    }
-}
-
-fn alive(pid: u32) -> bool {
-    // SAFETY: kill(pid, 0) only checks that the process exists.
-    unsafe { libc::kill(pid as i32, 0) == 0 }
-}
-
-fn eventually(what: &str, mut f: impl FnMut() -> bool) {
-    let deadline = Instant::now() + Duration::from_secs(90);
-    while !f() {
-        assert!(Instant::now() < deadline, "timed out waiting for {what}");
-        std::thread::sleep(Duration::from_millis(200));
-    }
-}
 
 /// A sentence of 3 to 10 words, deterministic in `i`.
 fn sentence(i: u64) -> String {
@@ -409,6 +316,8 @@ fn deploy_serve_survive_crashes_and_destroy() {
     // without rama.yaml (a client that does not reach ZooKeeper).
     let bare = root.path().join("bare");
     std::fs::create_dir_all(&bare).unwrap();
+    // It holds the cluster secret, as every client must.
+    std::fs::copy(root.path().join("cluster.secret"), bare.join("cluster.secret")).unwrap();
     let via = format!("127.0.0.1:{cport}");
     let out = common::rama_in(
         &bare,

@@ -51,6 +51,21 @@ const DEFAULTS: &[(&str, &str)] = &[
     ("conductor.port", "1973"),
     ("supervisor.port.range", "[3000, 4000]"),
     ("local.dir", "local-rama-data"),
+    ("cluster.secret.file", "cluster.secret"),
+    ("conductor.connections.max", "256"),
+    ("worker.connections.max", "1024"),
+    ("net.idle.timeout.secs", "600"),
+    ("module.tasks.max", "4096"),
+    ("module.threads.max", "512"),
+];
+
+/// Bounds of the numeric keys: (key, least, most).
+const RANGES: &[(&str, u64, u64)] = &[
+    ("conductor.connections.max", 1, 65536),
+    ("worker.connections.max", 1, 65536),
+    ("net.idle.timeout.secs", 1, 86400),
+    ("module.tasks.max", 1, 1 << 20),
+    ("module.threads.max", 1, 1 << 16),
 ];
 
 /// The loaded configuration.
@@ -84,9 +99,9 @@ impl Config {
         let doc: Yaml = if text.trim().is_empty() {
             Yaml::Mapping(Default::default())
         } else {
-            serde_yaml::from_str(text).map_err(|e| ConfigError::Syntax {
+            crate::yaml::parse(text).map_err(|reason| ConfigError::Syntax {
                 path: path.to_path_buf(),
-                reason: e.to_string(),
+                reason,
             })?
         };
         let Yaml::Mapping(map) = doc else {
@@ -116,7 +131,7 @@ impl Config {
     /// Sets `key` to `value` (overrides take precedence over the file).
     /// A bad value is refused and leaves the configuration as it was.
     pub fn set(&mut self, key: &str, value: &str) -> Result<()> {
-        let v: Yaml = serde_yaml::from_str(value).map_err(|e| self.invalid(key, format!("not YAML: {e}")))?;
+        let v: Yaml = crate::yaml::parse(value).map_err(|e| self.invalid(key, format!("not YAML: {e}")))?;
         let mut next = self.clone();
         next.values.insert(key.to_string(), v);
         next.validate()?;
@@ -157,10 +172,13 @@ impl Config {
             self.port_range()?;
         }
         self.connect_timeout()?;
-        for key in ["zookeeper.root", "local.dir"] {
+        for key in ["zookeeper.root", "local.dir", "cluster.secret.file"] {
             if self.values.contains_key(key) {
                 self.string(key)?;
             }
+        }
+        for (key, _, _) in RANGES {
+            self.count(key)?;
         }
         for key in ["conductor.host", "supervisor.host"] {
             if self.values.contains_key(key) {
@@ -278,14 +296,44 @@ impl Config {
         Ok(list)
     }
 
+    /// A numeric key of [`RANGES`], checked against its bounds.
+    pub fn count(&self, key: &str) -> Result<u64> {
+        let &(_, least, most) = RANGES
+            .iter()
+            .find(|(k, _, _)| *k == key)
+            .unwrap_or_else(|| panic!("{key} must be listed in RANGES"));
+        match self.require(key)? {
+            Yaml::Number(n) if n.as_u64().is_some_and(|v| (least..=most).contains(&v)) => {
+                Ok(n.as_u64().expect("checked"))
+            }
+            other => Err(self.invalid(
+                key,
+                format!("must be a whole number from {least} to {most}, got {}", flow(&other)),
+            )),
+        }
+    }
+
+    /// `net.idle.timeout.secs` as a duration.
+    pub fn idle_timeout(&self) -> Result<std::time::Duration> {
+        Ok(std::time::Duration::from_secs(self.count("net.idle.timeout.secs")?))
+    }
+
+    /// `cluster.secret.file`, relative to the directory of `rama.yaml`.
+    pub fn secret_file(&self) -> Result<PathBuf> {
+        Ok(self.relative(PathBuf::from(self.string("cluster.secret.file")?)))
+    }
+
+    fn relative(&self, p: PathBuf) -> PathBuf {
+        if p.is_absolute() {
+            p
+        } else {
+            self.path.parent().unwrap_or(Path::new(".")).join(p)
+        }
+    }
+
     /// `local.dir`, relative to the directory of `rama.yaml`.
     pub fn local_dir(&self) -> Result<PathBuf> {
-        let dir = PathBuf::from(self.string("local.dir")?);
-        Ok(if dir.is_absolute() {
-            dir
-        } else {
-            self.path.parent().unwrap_or(Path::new(".")).join(dir)
-        })
+        Ok(self.relative(PathBuf::from(self.string("local.dir")?)))
     }
 }
 

@@ -9,3 +9,4 @@ pub mod logging;
 pub mod metastore;
 pub mod process;
 pub mod worker_config;
+pub mod yaml;

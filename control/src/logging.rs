@@ -62,7 +62,7 @@ impl Logging {
         let doc: Yaml = if text.trim().is_empty() {
             Yaml::Mapping(Default::default())
         } else {
-            serde_yaml::from_str(&text).map_err(|e| syntax(e.to_string()))?
+            crate::yaml::parse(&text).map_err(syntax)?
         };
         let Yaml::Mapping(map) = doc else {
             return Err(syntax("the top level must be a map of keys to values".into()));

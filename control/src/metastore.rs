@@ -91,6 +91,28 @@ pub trait Metastore: Send + Sync {
     fn watch_children(&self, path: &str) -> Result<(Vec<String>, Watch)>;
     /// Changes each time the metastore had to open a new session.
     fn session_epoch(&self) -> u64;
+    /// The session that owns ephemeral node `path` (`None`: it does not
+    /// exist; `Some(0)`: it is persistent).
+    fn owner(&self, path: &str) -> Result<Option<i64>>;
+    /// This metastore's current session (the owner of the ephemeral nodes
+    /// it creates from now on).
+    fn session_id(&self) -> i64;
+}
+
+/// Credentials of the cluster in the metastore: every node is created
+/// readable and writable by these alone (ZooKeeper digest ACLs).
+#[derive(Clone)]
+pub struct Credentials {
+    pub user: String,
+    pub password: String,
+}
+
+impl std::fmt::Debug for Credentials {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Credentials")
+            .field("user", &self.user)
+            .finish_non_exhaustive()
+    }
 }
 
 /// The ZooKeeper backend.
@@ -98,6 +120,7 @@ pub struct ZkMetastore {
     /// `host:port,...`
     servers: String,
     root: String,
+    credentials: Credentials,
     session_timeout: Duration,
     client: Mutex<zk::Client>,
     epoch: AtomicU64,
@@ -123,14 +146,24 @@ fn map_err(path: &str, e: zk::Error) -> MetaError {
     }
 }
 
+/// Nodes are readable and writable by sessions with the cluster's
+/// credentials alone: the creator's digest identity.
 fn persistent() -> zk::CreateOptions<'static> {
-    zk::CreateMode::Persistent.with_acls(zk::Acls::anyone_all())
+    zk::CreateMode::Persistent.with_acls(zk::Acls::creator_all())
 }
 
 impl ZkMetastore {
-    /// Connects to `hosts` on `port` under `root` (created if missing),
-    /// retrying with backoff for up to `wait`; then a clear error.
-    pub fn connect(hosts: &[String], port: u16, root: &str, wait: Duration) -> Result<ZkMetastore> {
+    /// Connects to `hosts` on `port` under `root` (created if missing, with
+    /// an ACL that lets only `credentials` in), authenticated with
+    /// `credentials`, retrying with backoff for up to `wait`; then a clear
+    /// error.
+    pub fn connect(
+        hosts: &[String],
+        port: u16,
+        root: &str,
+        credentials: &Credentials,
+        wait: Duration,
+    ) -> Result<ZkMetastore> {
         let servers = hosts
             .iter()
             .map(|h| format!("{h}:{port}"))
@@ -138,10 +171,11 @@ impl ZkMetastore {
             .join(",");
         let root = format!("/{}", root.trim_matches('/'));
         let session_timeout = Duration::from_secs(10);
-        let client = Self::open(&servers, &root, session_timeout, wait)?;
+        let client = Self::open(&servers, &root, credentials, session_timeout, wait)?;
         Ok(ZkMetastore {
             servers,
             root,
+            credentials: credentials.clone(),
             session_timeout,
             client: Mutex::new(client),
             epoch: AtomicU64::new(0),
@@ -151,11 +185,14 @@ impl ZkMetastore {
     async fn attempt(
         servers: &str,
         root: &str,
+        credentials: &Credentials,
         session_timeout: Duration,
     ) -> std::result::Result<zk::Client, zk::Error> {
+        let auth = format!("{}:{}", credentials.user, credentials.password);
         let client = zk::Client::connector()
             .with_session_timeout(session_timeout)
             .with_connection_timeout(Duration::from_secs(2))
+            .with_auth("digest", auth.as_bytes())
             .connect(servers)
             .await?;
         if root != "/" {
@@ -163,11 +200,24 @@ impl ZkMetastore {
                 Ok(()) | Err(zk::Error::NodeExists) => {}
                 Err(e) => return Err(e),
             }
+            // The root must be the cluster's alone: one made by another
+            // cluster (other credentials) or open to anyone is refused.
+            match client.get_acl(root).await {
+                Ok((acl, _)) if acl.iter().all(|a| a.scheme() == "digest") => {}
+                Ok(_) => return Err(zk::Error::NoAuth),
+                Err(e) => return Err(e),
+            }
         }
         Ok(client)
     }
 
-    fn open(servers: &str, root: &str, session_timeout: Duration, wait: Duration) -> Result<zk::Client> {
+    fn open(
+        servers: &str,
+        root: &str,
+        credentials: &Credentials,
+        session_timeout: Duration,
+        wait: Duration,
+    ) -> Result<zk::Client> {
         let deadline = Instant::now() + wait;
         let mut backoff = Duration::from_millis(100);
         loop {
@@ -177,13 +227,20 @@ impl ZkMetastore {
                 .saturating_duration_since(Instant::now())
                 .max(Duration::from_millis(100));
             let attempt = smol::block_on(smol::future::or(
-                async { Some(Self::attempt(servers, root, session_timeout).await) },
+                async { Some(Self::attempt(servers, root, credentials, session_timeout).await) },
                 async {
                     smol::Timer::after(remaining).await;
                     None
                 },
             ));
             let attempt = match attempt {
+                Some(Err(zk::Error::NoAuth)) => {
+                    return Err(MetaError::Unavailable(format!(
+                        "ZooKeeper at {servers} refuses this cluster's credentials for {root}: another cluster \
+                         (another cluster secret) owns zookeeper.root, or the node is open to anyone; use another \
+                         zookeeper.root or the cluster's secret file"
+                    )))
+                }
                 Some(a) => a.map_err(|e| e.to_string()),
                 None => Err(format!("no session within {:.1} s", remaining.as_secs_f64())),
             };
@@ -223,7 +280,13 @@ impl ZkMetastore {
         match op(client) {
             Ok(v) => Ok(v),
             Err(zk::Error::SessionExpired) => {
-                let fresh = Self::open(&self.servers, &self.root, self.session_timeout, self.session_timeout)?;
+                let fresh = Self::open(
+                    &self.servers,
+                    &self.root,
+                    &self.credentials,
+                    self.session_timeout,
+                    self.session_timeout,
+                )?;
                 *self.client() = fresh;
                 self.epoch.fetch_add(1, Ordering::SeqCst);
                 Err(MetaError::SessionExpired)
@@ -240,7 +303,7 @@ impl Metastore for ZkMetastore {
             NodeKind::Ephemeral => zk::CreateMode::Ephemeral,
         };
         self.run(path, |c| {
-            smol::block_on(c.create(path, data, &mode.with_acls(zk::Acls::anyone_all()))).map(|_| ())
+            smol::block_on(c.create(path, data, &mode.with_acls(zk::Acls::creator_all()))).map(|_| ())
         })
     }
 
@@ -309,5 +372,16 @@ impl Metastore for ZkMetastore {
 
     fn session_epoch(&self) -> u64 {
         self.epoch.load(Ordering::SeqCst)
+    }
+
+    fn owner(&self, path: &str) -> Result<Option<i64>> {
+        self.run(path, |c| match smol::block_on(c.check_stat(path)) {
+            Ok(stat) => Ok(stat.map(|s| s.ephemeral_owner)),
+            Err(e) => Err(e),
+        })
+    }
+
+    fn session_id(&self) -> i64 {
+        self.client().session_id().0
     }
 }

@@ -66,7 +66,7 @@ impl WorkerConfig {
         let doc: Yaml = if text.trim().is_empty() {
             Yaml::Mapping(Default::default())
         } else {
-            serde_yaml::from_str(text).map_err(|e| format!("not valid YAML: {e}"))?
+            crate::yaml::parse(text).map_err(|e| format!("not valid YAML: {e}"))?
         };
         let Yaml::Mapping(map) = doc else {
             return Err("the top level must be a map of worker configurations".into());

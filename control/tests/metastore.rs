@@ -7,7 +7,7 @@ use std::time::{Duration, Instant};
 
 use control::config::Config;
 use control::devzk::DevZookeeper;
-use control::metastore::{MetaError, Metastore, NodeKind, ZkMetastore};
+use control::metastore::{Credentials, MetaError, Metastore, NodeKind, ZkMetastore};
 
 fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0")
@@ -23,8 +23,64 @@ fn zookeeper(dir: &Path, port: u16) -> DevZookeeper {
     DevZookeeper::start(&config).unwrap()
 }
 
+fn credentials(password: &str) -> Credentials {
+    Credentials {
+        user: "rama".into(),
+        password: password.into(),
+    }
+}
+
 fn connect(port: u16, root: &str) -> ZkMetastore {
-    ZkMetastore::connect(&["127.0.0.1".to_string()], port, root, Duration::from_secs(30)).unwrap()
+    connect_as(port, root, "test-password").unwrap()
+}
+
+fn connect_as(port: u16, root: &str, password: &str) -> Result<ZkMetastore, control::metastore::MetaError> {
+    ZkMetastore::connect(
+        &["127.0.0.1".to_string()],
+        port,
+        root,
+        &credentials(password),
+        Duration::from_secs(30),
+    )
+}
+
+/// Regression: every node was `world:anyone cdrwa`, so anyone reaching
+/// ZooKeeper could rewrite the Conductor's address or a worker's
+/// registration. Nodes are now the cluster's alone (digest ACLs).
+#[test]
+fn metadata_is_the_clusters_alone() {
+    let dir = tempfile::tempdir().unwrap();
+    let port = free_port();
+    let _zk = zookeeper(dir.path(), port);
+    let meta = connect(port, "acl-test");
+    meta.create_all("/modules").unwrap();
+    meta.create("/conductor", b"127.0.0.1:1973", NodeKind::Ephemeral)
+        .unwrap();
+    assert_eq!(meta.owner("/conductor").unwrap(), Some(meta.session_id()));
+    assert_eq!(meta.owner("/modules").unwrap(), Some(0));
+    assert_eq!(meta.owner("/nothing").unwrap(), None);
+    // Another cluster's credentials under the same root: refused at
+    // connect, with the reason named.
+    let err = connect_as(port, "acl-test", "another-secret").unwrap_err().to_string();
+    assert!(err.contains("refuses this cluster's credentials"), "{err}");
+    // Without any credentials (a plain ZooKeeper client), nothing can be
+    // read or changed.
+    smol::block_on(async {
+        let anon = zookeeper_client::Client::connector()
+            .connect(&format!("127.0.0.1:{port}"))
+            .await
+            .unwrap();
+        assert!(
+            anon.get_data("/acl-test/conductor").await.is_err(),
+            "read without credentials"
+        );
+        assert!(anon.set_data("/acl-test/conductor", b"evil:1", None).await.is_err());
+        assert!(anon.delete("/acl-test/conductor", None).await.is_err());
+        let opts = zookeeper_client::CreateMode::Persistent.with_acls(zookeeper_client::Acls::anyone_all());
+        assert!(anon.create("/acl-test/modules/evil", b"", &opts).await.is_err());
+    });
+    // The cluster's own session still reads its data.
+    assert_eq!(meta.get("/conductor").unwrap().unwrap().0, b"127.0.0.1:1973");
 }
 
 #[test]
@@ -109,7 +165,14 @@ fn survives_a_zookeeper_restart() {
 fn unreachable_zookeeper_is_a_clear_error() {
     let port = free_port();
     let start = Instant::now();
-    let err = ZkMetastore::connect(&["127.0.0.1".to_string()], port, "rama", Duration::from_secs(2)).unwrap_err();
+    let err = ZkMetastore::connect(
+        &["127.0.0.1".to_string()],
+        port,
+        "rama",
+        &credentials("p"),
+        Duration::from_secs(2),
+    )
+    .unwrap_err();
     assert!(start.elapsed() >= Duration::from_secs(1), "gave up without retrying");
     let msg = err.to_string();
     assert!(

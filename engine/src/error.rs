@@ -51,8 +51,9 @@ pub enum Error {
         reason: &'static str,
     },
 
-    /// The store was closed.
-    #[error("{0} is closed")]
+    /// Something the request needed has stopped or closed; the message is
+    /// a whole sentence saying what (composed where it is known).
+    #[error("{0}")]
     Closed(String),
 
     /// A path or value does not fit the PState's schema.

@@ -1078,8 +1078,10 @@ fn damaged_segments_are_truncated_or_reported() {
         "seed {seed}: records in the tail segment"
     );
 
-    // --- The tail segment: damage is cut off, the rest survives. ---
-    for trial in 0..32u32 {
+    // --- The tail segment: a torn tail is cut off and the rest survives;
+    // damage with intact records after it is refused. ---
+    let mut refused = 0;
+    for trial in 0..48u32 {
         let dir = root.path().join(format!("tail-{trial}"));
         copy_dir(&pristine_dir, &dir);
         let path = dir.join(files[tail_i].file_name().expect("name"));
@@ -1110,10 +1112,42 @@ fn damaged_segments_are_truncated_or_reported() {
             }
         };
         std::fs::write(&path, &damaged).expect("write damaged segment");
-        let expected_end = tail.base + tail.first_bad_frame(pristine, &damaged) as u64;
+        let first_bad = tail.first_bad_frame(pristine, &damaged);
+        let expected_end = tail.base + first_bad as u64;
         // A file torn exactly at a frame boundary looks like a clean end.
         let clean_cut = damaged.len() < pristine.len() && tail.frames.iter().any(|&(p, _)| p == damaged.len());
         let ctx = format!("seed {seed}, tail trial {trial}: {what}");
+        // Intact frames after the first bad one: acknowledged records
+        // behind damage. Regression: recovery once took any bad frame for a
+        // torn tail and zeroed everything after it, acknowledged records
+        // included, without a word.
+        let intact_after = tail
+            .frames
+            .iter()
+            .skip(first_bad + 1)
+            .any(|&(p, l)| damaged.get(p..p + l) == Some(&pristine[p..p + l]));
+        if intact_after {
+            run(async {
+                match Log::open(&dir, damage_config()).await {
+                    Err(Error::Corrupt { path: p, offset, .. }) => {
+                        assert_eq!(p, path, "{ctx}: Corrupt names the segment");
+                        assert_eq!(offset, expected_end, "{ctx}: Corrupt names the first bad frame");
+                    }
+                    Err(e) => panic!("{ctx}: expected Corrupt, got {e}"),
+                    Ok((log, recovery)) => panic!(
+                        "{ctx}: damage before intact records was taken for a torn tail: end {}, {recovery:?}",
+                        log.end_offset()
+                    ),
+                }
+            });
+            assert_eq!(
+                std::fs::read(&path).expect("segment kept"),
+                damaged,
+                "{ctx}: nothing is changed"
+            );
+            refused += 1;
+            continue;
+        }
         run(async {
             let (log, recovery) = Log::open(&dir, damage_config())
                 .await
@@ -1149,6 +1183,11 @@ fn damaged_segments_are_truncated_or_reported() {
             log.close().await.unwrap_or_else(|e| panic!("{ctx}: close: {e}"));
         });
     }
+
+    assert!(
+        refused > 0 && refused < 48,
+        "seed {seed}: the trials hit both torn tails and damage before intact records ({refused} refused)"
+    );
 
     // --- A closed segment: reads of it fail loudly, others still work. ---
     for trial in 0..16u32 {

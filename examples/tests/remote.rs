@@ -14,12 +14,35 @@ use engine::cluster::AckLevel;
 use engine::pstate::Nav;
 use engine::value::Value;
 use engine::Error;
+use net::auth::Secret;
 use net::remote::RemoteCluster;
 use rama_examples::words;
 
+/// A secret file for a worker started by a test, and the secret.
+fn secret_in(dir: &Path) -> (std::path::PathBuf, Secret) {
+    let path = dir.join("cluster.secret");
+    let secret = match Secret::load(&path) {
+        Ok(s) => s,
+        Err(_) => Secret::create(&path, false).unwrap(),
+    };
+    (path, secret)
+}
+
 fn start_worker(dir: &Path, module: &str) -> (Child, String) {
+    let (secret, _) = secret_in(dir);
     let mut child = Command::new(env!("CARGO_BIN_EXE_rama-examples"))
-        .args(["worker", "--module", module, "--tasks", "8", "--threads", "2", "--dir"])
+        .args([
+            "worker",
+            "--module",
+            module,
+            "--tasks",
+            "8",
+            "--threads",
+            "2",
+            "--secretFile",
+        ])
+        .arg(secret)
+        .arg("--dir")
         .arg(dir)
         .stdout(Stdio::piped())
         .spawn()
@@ -47,7 +70,7 @@ fn stop_worker(mut child: Child) {
 fn wordcount_through_a_worker_process() {
     let dir = tempfile::tempdir().unwrap();
     let (child, addr) = start_worker(dir.path(), "WordCountModule");
-    let cluster = RemoteCluster::connect(&addr).unwrap();
+    let cluster = RemoteCluster::connect(&addr, &secret_in(dir.path()).1).unwrap();
     let depot = cluster.depot("WordCountModule", "*sentences");
     let mut rng = Rng::new(seed());
     let mut expected: BTreeMap<String, i64> = BTreeMap::new();
@@ -122,7 +145,7 @@ fn wordcount_through_a_worker_process() {
 
     // A new worker over the same directory serves the same counts.
     let (child, addr) = start_worker(dir.path(), "WordCountModule");
-    let cluster = RemoteCluster::connect(&addr).unwrap();
+    let cluster = RemoteCluster::connect(&addr, &secret_in(dir.path()).1).unwrap();
     let counts = cluster.pstate("WordCountModule", "$$wordCounts");
     for (w, c) in &expected {
         assert_eq!(
@@ -155,12 +178,30 @@ fn worker_refuses_unknown_modules_and_bad_flags() {
         .unwrap();
     assert_eq!(out.status.code(), Some(2));
     let out = Command::new(env!("CARGO_BIN_EXE_rama-examples"))
-        .args(["worker", "--module", "WordCountModule", "--tasks", "3", "--dir"])
+        .args(["worker", "--module", "WordCountModule", "--tasks", "3", "--secretFile"])
+        .arg(secret_in(dir.path()).0)
+        .arg("--dir")
         .arg(dir.path())
         .output()
         .unwrap();
     assert_eq!(out.status.code(), Some(1));
     assert!(String::from_utf8_lossy(&out.stderr).contains("power of two"));
+    // Fail closed: a worker without the cluster secret does not start.
+    let out = Command::new(env!("CARGO_BIN_EXE_rama-examples"))
+        .args(["worker", "--module", "WordCountModule", "--dir"])
+        .arg(dir.path().join("nosecret"))
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("needs the cluster secret"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        !dir.path().join("nosecret").exists(),
+        "nothing is stored by a worker that did not start"
+    );
     let out = Command::new(env!("CARGO_BIN_EXE_rama-examples"))
         .arg("describe")
         .output()
@@ -188,6 +229,8 @@ fn a_worker_rotates_its_log() {
             "--threads",
             "1",
         ])
+        .arg("--secretFile")
+        .arg(secret_in(dir.path()).0)
         .args(["--logRotateBytes", "4096", "--logKeep", "2", "--log"])
         .arg(&log)
         .arg("--dir")

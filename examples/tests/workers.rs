@@ -37,6 +37,7 @@ impl Workers {
         let addrs: Arc<Mutex<Vec<Option<String>>>> = Arc::new(Mutex::new(vec![None; workers as usize]));
         let mut clusters = Vec::new();
         let mut servers = Vec::new();
+        let secret = net::auth::Secret::generate();
         for w in 0..workers {
             let found = addrs.clone();
             let peers = NetPeers::with_resolver(
@@ -46,6 +47,7 @@ impl Workers {
                         .clone()
                         .ok_or_else(|| Error::Unavailable(format!("worker {i} has no address yet")))
                 }),
+                secret.clone(),
             );
             let mut cluster = InProcessCluster::new(dir.path().join(format!("worker-{w}")));
             cluster
@@ -61,7 +63,9 @@ impl Workers {
                 )
                 .unwrap();
             let cluster = Arc::new(cluster);
-            let server = net::artifact::serve_worker(cluster.clone(), &name, "127.0.0.1:0").unwrap();
+            let server =
+                net::artifact::serve_worker(cluster.clone(), &name, "127.0.0.1:0", &secret, Default::default())
+                    .unwrap();
             addrs.lock().unwrap()[w as usize] = Some(server.local_addr().to_string());
             clusters.push(cluster);
             servers.push(server);
@@ -71,7 +75,7 @@ impl Workers {
         }
         let remotes = servers
             .iter()
-            .map(|s| RemoteCluster::connect(&s.local_addr().to_string()).unwrap())
+            .map(|s| RemoteCluster::connect(&s.local_addr().to_string(), &secret).unwrap())
             .collect();
         Workers {
             clusters,

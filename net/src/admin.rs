@@ -30,8 +30,8 @@ pub struct Admin {
 }
 
 impl Admin {
-    pub fn connect(addr: &str) -> Result<Admin, String> {
-        Connection::connect(addr, PROTOCOL_VERSION, FRAME_BYTES_MAX)
+    pub fn connect(addr: &str, secret: &crate::auth::Secret) -> Result<Admin, String> {
+        Connection::connect(addr, PROTOCOL_VERSION, FRAME_BYTES_MAX, secret)
             .map(|conn| Admin { conn })
             .map_err(|e| format!("cannot reach the Conductor at {addr} (conductor.host, conductor.port): {e}"))
     }

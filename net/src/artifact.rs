@@ -6,7 +6,7 @@
 //! ARTIFACT version                  the engine version it was built with
 //! ARTIFACT worker --module NAME --dir DIR [--tasks N] [--threads N] [--host H] [--port P]
 //!                [--register RAMA_YAML [--id N] [--workers W]]
-//!                [--log FILE [--logRotateBytes N] [--logKeep K]]
+//!                [--log FILE [--logRotateBytes N] [--logKeep K]] [--secretFile F]
 //!                [--pin auto|on|off] [--spinBeforeParkMicros N]
 //!     runs the module on this process's task threads and serves the wire
 //!     protocol (see [`crate::wire`]) on H:P (default 127.0.0.1, any free
@@ -17,7 +17,10 @@
 //!     through their registrations (see [`crate::peers`]), and starts its
 //!     topologies once every other worker answers; with --log (the file its
 //!     stdout and stderr go to) it rotates that file past N bytes keeping K
-//!     old ones; SIGINT/SIGTERM stop it gracefully.
+//!     old ones; SIGINT/SIGTERM stop it gracefully. It serves only clients
+//!     and peers that prove they hold the cluster secret (the file
+//!     --secretFile names, else `cluster.secret.file` of the --register
+//!     configuration; without either it refuses to start).
 //! ARTIFACT run --module NAME --dir DIR [--tasks N] [--threads N]
 //!     runs the module on an in-process cluster and serves requests, one
 //!     JSON object per line on stdin, one answer per line on stdout:
@@ -45,6 +48,8 @@ use engine::pstate::Nav;
 use engine::value::Value;
 use engine::{Error, Result};
 
+use crate::auth::Secret;
+
 /// Turns a crate's `main` into a module artifact for the listed module
 /// types (each implementing [`engine::module::Module`]).
 #[macro_export]
@@ -60,7 +65,10 @@ macro_rules! module_main {
 }
 
 const USAGE: &str = "usage: ARTIFACT describe | version | run --module NAME --dir DIR [--tasks N] [--threads N] \
-                     | worker --module NAME --dir DIR [--tasks N] [--threads N] [--host H] [--port P]";
+                     | worker --module NAME --dir DIR [--tasks N] [--threads N] [--host H] [--port P] \
+                     [--register RAMA_YAML --id I --workers W] [--secretFile F]\n\
+                     A worker serves only clients that prove they hold the cluster secret: the file \
+                     --secretFile names, else cluster.secret.file of the --register configuration.";
 
 /// The artifact's entry point; exit codes 0 ok, 1 failure, 2 usage.
 pub fn main(modules: &[fn() -> Result<ModuleDef>]) -> ExitCode {
@@ -114,6 +122,9 @@ fn run_command(modules: &[fn() -> Result<ModuleDef>], args: &[String]) -> std::r
             let mut id = 0u32;
             let mut workers = 1u32;
             let mut log = None;
+            let mut secret_file = None;
+            let mut instance = None;
+            let mut assignment = None;
             let (mut log_bytes, mut log_keep) = (10u64 << 20, 3u32);
             let mut threading = engine::cluster::ThreadOptions::default();
             let mut it = args[1..].iter();
@@ -136,6 +147,9 @@ fn run_command(modules: &[fn() -> Result<ModuleDef>], args: &[String]) -> std::r
                     "--id" if cmd == "worker" => id = number()?,
                     "--workers" if cmd == "worker" => workers = number()?,
                     "--log" if cmd == "worker" => log = Some(std::path::PathBuf::from(value)),
+                    "--secretFile" if cmd == "worker" => secret_file = Some(std::path::PathBuf::from(value)),
+                    "--instance" if cmd == "worker" => instance = Some(value.clone()),
+                    "--assignment" if cmd == "worker" => assignment = Some(value.clone()),
                     "--logRotateBytes" if cmd == "worker" => {
                         log_bytes = value
                             .parse()
@@ -173,6 +187,9 @@ fn run_command(modules: &[fn() -> Result<ModuleDef>], args: &[String]) -> std::r
                 if let Some(path) = log {
                     rotate_own_log(path, log_bytes, log_keep.max(1));
                 }
+                if instance.is_some() != assignment.is_some() {
+                    return Err(Failure::Usage("--instance and --assignment go together".into()));
+                }
                 if workers > 1 && register.is_none() {
                     return Err(Failure::Usage(
                         "--workers above 1 needs --register (workers find each other through the metastore)".into(),
@@ -187,9 +204,14 @@ fn run_command(modules: &[fn() -> Result<ModuleDef>], args: &[String]) -> std::r
                         workers,
                         threading,
                     },
-                    &host,
-                    port,
-                    register.as_deref().map(|c| (c, id)),
+                    (&host, port),
+                    Membership {
+                        register: register.as_deref().map(|c| (c, id)),
+                        secret_file: secret_file.as_deref(),
+                        fence: instance
+                            .zip(assignment)
+                            .map(|(instance, assignment)| crate::manager::Fence { assignment, instance }),
+                    },
                 )?;
             } else {
                 serve(def, &dir, tasks, threads, threading)?;
@@ -217,12 +239,15 @@ pub fn serve_worker(
     cluster: std::sync::Arc<InProcessCluster>,
     module: &str,
     addr: impl std::net::ToSocketAddrs,
+    secret: &Secret,
+    limits: crate::transport::ServerLimits,
 ) -> Result<crate::Server> {
     let module = module.to_string();
     crate::Server::bind_async(
         addr,
         crate::PROTOCOL_VERSION,
-        crate::FRAME_BYTES_MAX,
+        secret,
+        limits,
         2,
         std::sync::Arc::new(move |role: u8, request: Vec<u8>, respond: crate::transport::Respond| {
             match crate::peers::lane_of_role(role) {
@@ -272,16 +297,24 @@ fn stopping() -> bool {
     STOP.load(std::sync::atomic::Ordering::SeqCst)
 }
 
+/// How a worker belongs to its cluster.
+struct Membership<'a> {
+    /// The rama.yaml to register through, and the worker's index.
+    register: Option<(&'a std::path::Path, u32)>,
+    /// The cluster secret's file (else the configuration's).
+    secret_file: Option<&'a std::path::Path>,
+    /// The assignment and instance it serves (from its Supervisor).
+    fence: Option<crate::manager::Fence>,
+}
+
 /// Runs `def` (this process's part of it) and serves the wire protocol,
 /// and the other workers' messages, until SIGINT or SIGTERM.
-fn worker(
-    def: ModuleDef,
-    dir: &str,
-    shape: Shape,
-    host: &str,
-    port: u16,
-    register: Option<(&std::path::Path, u32)>,
-) -> Result<()> {
+fn worker(def: ModuleDef, dir: &str, shape: Shape, (host, port): (&str, u16), membership: Membership) -> Result<()> {
+    let Membership {
+        register,
+        secret_file,
+        fence,
+    } = membership;
     let Shape {
         tasks,
         threads,
@@ -300,12 +333,36 @@ fn worker(
     let config = register
         .map(|(path, _)| crate::manager::load_config(Some(path), &[]))
         .transpose()?;
+    // Fail closed: no secret, no worker.
+    let secret = match (secret_file, &config) {
+        (Some(path), _) => Secret::load(path).map_err(|e| Error::Schema(e.to_string()))?,
+        (None, Some(config)) => crate::manager::load_secret(config)?,
+        (None, None) => {
+            return Err(Error::Schema(
+                "a worker needs the cluster secret: pass --secretFile, or --register with a rama.yaml whose \
+                 cluster.secret.file names it"
+                    .into(),
+            ))
+        }
+    };
+    let limits = match &config {
+        Some(config) => crate::transport::ServerLimits {
+            connections_max: config
+                .count("worker.connections.max")
+                .map_err(|e| Error::Schema(e.to_string()))? as usize,
+            idle_timeout: config.idle_timeout().map_err(|e| Error::Schema(e.to_string()))?,
+            ..Default::default()
+        },
+        None => crate::transport::ServerLimits::default(),
+    };
     let connect =
         |config: &control::config::Config| crate::manager::connect_metastore(config, control::config::Side::Internal);
     let peers = match (&config, workers) {
         (Some(config), w) if w > 1 => Some(std::sync::Arc::new(crate::peers::NetPeers::new(
             &name,
             connect(config)?,
+            secret.clone(),
+            fence.as_ref().map(|f| f.instance.clone()),
         ))),
         _ => None,
     };
@@ -324,7 +381,7 @@ fn worker(
         None => cluster.launch(def, tasks, threads)?,
     }
     let cluster = std::sync::Arc::new(cluster);
-    let server = serve_worker(cluster.clone(), &name, (host, port))?;
+    let server = serve_worker(cluster.clone(), &name, (host, port), &secret, limits)?;
     let registration = match (register, &config) {
         (Some((_, id)), Some(config)) => {
             let info = crate::manager::WorkerInfo {
@@ -333,8 +390,15 @@ fn worker(
                 tasks,
                 threads,
                 workers,
+                instance: fence.as_ref().map(|f| f.instance.clone()),
             };
-            Some(crate::manager::Registration::start(connect(config)?, &name, id, &info)?)
+            Some(crate::manager::Registration::start(
+                connect(config)?,
+                &name,
+                id,
+                &info,
+                fence.clone(),
+            )?)
         }
         _ => None,
     };
@@ -364,6 +428,13 @@ fn worker(
         }
     }
     while !stopping() {
+        if let Some(why) = registration.as_ref().and_then(crate::manager::Registration::fenced) {
+            let _ = writeln!(
+                stdout,
+                "worker {me} of module {name}: {why}; stopping (a worker serves only its current assignment)"
+            );
+            break;
+        }
         std::thread::sleep(Duration::from_millis(50));
     }
     drop(registration);

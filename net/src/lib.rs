@@ -8,6 +8,7 @@
 
 pub mod admin;
 pub mod artifact;
+pub mod auth;
 pub mod manager;
 pub mod peers;
 pub mod remote;
@@ -16,3 +17,6 @@ pub mod wire;
 
 pub use engine;
 pub use transport::*;
+
+// One nesting limit for every decoder: archives (engine) and YAML (control).
+const _: () = assert!(engine::value::DEPTH_MAX == control::yaml::DEPTH_MAX);

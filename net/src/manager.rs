@@ -22,6 +22,7 @@ use engine::value::Value;
 use engine::{Error, Result};
 use serde_json::{json, Value as Json};
 
+use crate::auth::Secret;
 use crate::remote::{RemoteCluster, RemoteDepot, RemotePState, RemoteQuery, Resolved, Targets};
 use engine::runtime::placement::{Parallelism, Placement};
 
@@ -46,14 +47,33 @@ pub fn connect_metastore(config: &Config, side: Side) -> Result<ZkMetastore> {
         .string("zookeeper.root")
         .map_err(|e| Error::Schema(e.to_string()))?;
     let wait = config.connect_timeout().map_err(|e| Error::Schema(e.to_string()))?;
-    ZkMetastore::connect(&hosts, port, &root, wait).map_err(meta_error)
+    ZkMetastore::connect(&hosts, port, &root, &metastore_credentials(&load_secret(config)?), wait).map_err(meta_error)
 }
 
-/// Loads `rama.yaml` from `path` (else the working directory) with
-/// `overrides` applied.
+/// The cluster's metastore credentials: user `rama`, a password derived
+/// from the cluster secret (so the secret file is the one thing to copy
+/// to every node).
+pub fn metastore_credentials(secret: &Secret) -> control::metastore::Credentials {
+    control::metastore::Credentials {
+        user: "rama".into(),
+        password: secret.derive("zookeeper-digest"),
+    }
+}
+
+/// The cluster secret of `config` (`cluster.secret.file`).
+pub fn load_secret(config: &Config) -> Result<Secret> {
+    let path = config.secret_file().map_err(|e| Error::Schema(e.to_string()))?;
+    Secret::load(&path).map_err(|e| Error::Schema(e.to_string()))
+}
+
+/// Loads `rama.yaml` from `path` (else `$RAMA_CONFIG`, else the working
+/// directory, as the CLI does) with `overrides` applied.
 pub fn load_config(path: Option<&Path>, overrides: &[(&str, &str)]) -> Result<Config> {
-    let (path, required) = match path {
-        Some(p) => (p.to_path_buf(), true),
+    let from_env = std::env::var_os("RAMA_CONFIG")
+        .filter(|v| !v.is_empty())
+        .map(PathBuf::from);
+    let (path, required) = match path.map(Path::to_path_buf).or(from_env) {
+        Some(p) => (p, true),
         None => (PathBuf::from("rama.yaml"), false),
     };
     let mut config = Config::load(&path, required).map_err(|e| Error::Schema(e.to_string()))?;
@@ -72,6 +92,9 @@ pub struct WorkerInfo {
     pub tasks: u32,
     pub threads: u32,
     pub workers: u32,
+    /// The module instance the worker belongs to (its deploy), when it was
+    /// started by a Supervisor.
+    pub instance: Option<String>,
 }
 
 impl WorkerInfo {
@@ -79,6 +102,7 @@ impl WorkerInfo {
     pub fn to_value(&self) -> Value {
         Value::map([
             ("worker", Value::Int(i64::from(self.worker))),
+            ("instance", self.instance.as_deref().map_or(Value::Nil, Value::from)),
             ("address", Value::from(self.address.as_str())),
             ("tasks", Value::Int(i64::from(self.tasks))),
             ("threads", Value::Int(i64::from(self.threads))),
@@ -99,8 +123,23 @@ impl WorkerInfo {
             tasks: int("tasks")?,
             threads: int("threads")?,
             workers: int("workers")?,
+            instance: m
+                .get(&Value::from("instance"))
+                .and_then(Value::as_str)
+                .map(str::to_string),
         })
     }
+}
+
+/// The instance of `module` its Conductor deployed (`None`: no spec, as
+/// for a worker registered without a Conductor).
+pub fn module_instance(meta: &ZkMetastore, module: &str) -> Result<Option<String>> {
+    let Some((data, _)) = meta.get(&format!("/modules/{module}/spec")).map_err(meta_error)? else {
+        return Ok(None);
+    };
+    let spec: Json = serde_json::from_slice(&data)
+        .map_err(|e| Error::Closed(format!("the spec of module {module} does not parse: {e}")))?;
+    Ok(spec["instance"].as_str().map(str::to_string))
 }
 
 /// The workers of `module` registered in the metastore, by index.
@@ -124,7 +163,13 @@ pub fn registered_workers(meta: &ZkMetastore, module: &str) -> Result<Vec<Worker
             tasks: j["tasks"].as_u64().unwrap_or(0) as u32,
             threads: j["threads"].as_u64().unwrap_or(0) as u32,
             workers: j["workers"].as_u64().unwrap_or(1) as u32,
+            instance: j["instance"].as_str().map(str::to_string),
         });
+    }
+    // Fencing: a worker of another instance of the module (left over from
+    // an earlier deploy or another cluster) is never a target.
+    if let Some(current) = module_instance(meta, module)? {
+        out.retain(|w| w.instance.as_deref() == Some(current.as_str()));
     }
     out.sort_by_key(|w| w.worker);
     Ok(out)
@@ -132,7 +177,7 @@ pub fn registered_workers(meta: &ZkMetastore, module: &str) -> Result<Vec<Worker
 
 /// Where a manager finds the workers.
 enum Directory {
-    Metastore(ZkMetastore),
+    Metastore(Box<ZkMetastore>),
     /// The Conductor's admin address.
     Conductor(String),
 }
@@ -146,6 +191,23 @@ pub struct ClusterManager {
 struct Inner {
     directory: Directory,
     connections: Mutex<HashMap<String, RemoteCluster>>,
+    secret: Secret,
+    /// The last complete set of workers seen per module: a registration
+    /// that lapses for a moment (a ZooKeeper restart, a session expiry, a
+    /// worker re-registering) is filled in from it, so a running module
+    /// never looks absent.
+    last: Mutex<HashMap<String, Vec<WorkerInfo>>>,
+}
+
+/// Whether `workers` are workers 0..n of one module instance.
+fn complete(workers: &[WorkerInfo]) -> bool {
+    workers.first().is_some_and(|first| {
+        workers.len() == first.workers.max(1) as usize
+            && workers
+                .iter()
+                .enumerate()
+                .all(|(i, w)| w.worker == i as u32 && w.instance == first.instance)
+    })
 }
 
 impl std::fmt::Debug for ClusterManager {
@@ -174,24 +236,31 @@ impl ClusterManager {
     /// precedence.
     pub fn open_with(config: Option<&Path>, overrides: &[(&str, &str)], side: Side) -> Result<ClusterManager> {
         let config = load_config(config, overrides)?;
-        Ok(ClusterManager::with(Directory::Metastore(connect_metastore(
-            &config, side,
-        )?)))
+        let secret = load_secret(&config)?;
+        Ok(ClusterManager::with(
+            Directory::Metastore(Box::new(connect_metastore(&config, side)?)),
+            secret,
+        ))
     }
 
     /// Through the Conductor at `addr` (`host:port`): for clients that
     /// reach the Conductor and the workers but not ZooKeeper. Checks that
     /// the Conductor answers.
-    pub fn via_conductor(addr: &str) -> Result<ClusterManager> {
-        crate::admin::Admin::connect(addr).map_err(Error::Unavailable)?;
-        Ok(ClusterManager::with(Directory::Conductor(addr.to_string())))
+    pub fn via_conductor(addr: &str, secret: &Secret) -> Result<ClusterManager> {
+        crate::admin::Admin::connect(addr, secret).map_err(Error::Unavailable)?;
+        Ok(ClusterManager::with(
+            Directory::Conductor(addr.to_string()),
+            secret.clone(),
+        ))
     }
 
-    fn with(directory: Directory) -> ClusterManager {
+    fn with(directory: Directory, secret: Secret) -> ClusterManager {
         ClusterManager {
             inner: Arc::new(Inner {
                 directory,
                 connections: Mutex::new(HashMap::new()),
+                secret,
+                last: Mutex::new(HashMap::new()),
             }),
         }
     }
@@ -232,11 +301,20 @@ impl ClusterManager {
 }
 
 impl Inner {
+    /// Whether `module` is still deployed (its spec exists), as far as the
+    /// directory can tell.
+    fn deployed(&self, module: &str) -> bool {
+        match &self.directory {
+            Directory::Metastore(meta) => meta.get(&format!("/modules/{module}/spec")).is_ok_and(|s| s.is_some()),
+            Directory::Conductor(_) => false,
+        }
+    }
+
     fn workers(&self, module: &str) -> Result<Vec<WorkerInfo>> {
         match &self.directory {
             Directory::Metastore(meta) => registered_workers(meta, module),
             Directory::Conductor(addr) => {
-                let admin = crate::admin::Admin::connect(addr).map_err(Error::Unavailable)?;
+                let admin = crate::admin::Admin::connect(addr, &self.secret).map_err(Error::Unavailable)?;
                 let answer = admin
                     .call(&crate::admin::request("workers", [("module", Value::from(module))]))
                     .map_err(|e| Error::Closed(format!("the Conductor at {addr}: {e}")))?;
@@ -259,7 +337,33 @@ impl Inner {
     /// Connects to every worker of `module` (reusing open connections):
     /// them, the placement, and the first worker's registration.
     fn resolve(&self, module: &str) -> Result<(Resolved, WorkerInfo)> {
-        let workers = self.workers(module)?;
+        let found = self.workers(module);
+        let workers = {
+            let mut last = self.last.lock().unwrap_or_else(|p| p.into_inner());
+            match (found, last.get(module)) {
+                (Ok(w), _) if complete(&w) => {
+                    last.insert(module.to_string(), w.clone());
+                    w
+                }
+                // Some registrations are missing: the last known ones of
+                // the same instance stand in for them until replaced.
+                (Ok(w), Some(prev))
+                    if w.iter().all(|x| x.instance == prev[0].instance) && (!w.is_empty() || self.deployed(module)) =>
+                {
+                    let mut merged = prev.clone();
+                    for x in w {
+                        if let Some(slot) = merged.get_mut(x.worker as usize) {
+                            *slot = x;
+                        }
+                    }
+                    merged
+                }
+                (Ok(w), _) => w,
+                // The directory is unreachable for a moment.
+                (Err(Error::Unavailable(_)), Some(prev)) => prev.clone(),
+                (Err(e), _) => return Err(e),
+            }
+        };
         let first = workers.first().cloned().ok_or_else(|| {
             Error::Schema(format!(
                 "no module named {module} is running (no worker of it is registered)"
@@ -287,7 +391,7 @@ impl Inner {
                 None => {
                     // Connected without the lock: an unreachable worker
                     // does not hold up the manager's other clients.
-                    let c = RemoteCluster::connect(&w.address)?;
+                    let c = RemoteCluster::connect(&w.address, &self.secret)?;
                     let mut conns = self.connections.lock().unwrap_or_else(|p| p.into_inner());
                     match conns.get(&w.address) {
                         // Another caller connected meanwhile: share theirs.
@@ -311,11 +415,47 @@ impl Inner {
     }
 }
 
+/// What a worker started by a Supervisor belongs to: its assignment node
+/// and its module instance. It serves only while that assignment exists
+/// and names that instance.
+#[derive(Debug, Clone)]
+pub struct Fence {
+    pub assignment: String,
+    pub instance: String,
+}
+
+impl Fence {
+    /// `Ok(None)` while the assignment holds, `Ok(Some(why))` once it is
+    /// gone or names another instance; `Err` when the metastore cannot
+    /// tell (then nothing is decided).
+    fn check(&self, meta: &ZkMetastore) -> std::result::Result<Option<String>, MetaError> {
+        let Some((data, _)) = meta.get(&self.assignment)? else {
+            return Ok(Some(format!("its assignment {} is gone", self.assignment)));
+        };
+        let theirs = serde_json::from_slice::<Json>(&data)
+            .ok()
+            .and_then(|j| j["instance"].as_str().map(str::to_string));
+        Ok((theirs.as_deref() != Some(self.instance.as_str())).then(|| {
+            format!(
+                "its assignment {} now belongs to instance {} (this worker is of instance {})",
+                self.assignment,
+                theirs.as_deref().unwrap_or("?"),
+                self.instance
+            )
+        }))
+    }
+}
+
 /// Keeps a worker's registration: creates its ephemeral node and creates
 /// it again whenever it is gone (a new session after an expiry, a
-/// ZooKeeper that lost it). Stops when dropped.
+/// ZooKeeper that lost it). It never deletes or overwrites a node another
+/// session owns (that worker's own fence retires it). With a [`Fence`],
+/// it registers only while the assignment holds, and once the assignment
+/// is gone [`Registration::fenced`] says why: the worker must stop. Stops
+/// when dropped.
 pub struct Registration {
     stop: Arc<std::sync::atomic::AtomicBool>,
+    fenced: Arc<Mutex<Option<String>>>,
     thread: Option<std::thread::JoinHandle<()>>,
 }
 
@@ -326,15 +466,32 @@ impl std::fmt::Debug for Registration {
 }
 
 impl Registration {
-    pub fn start(meta: ZkMetastore, module: &str, id: u32, info: &WorkerInfo) -> Result<Registration> {
+    /// Registers worker `id` of `module`; with `fence`, refuses (an error)
+    /// when the assignment does not hold now.
+    pub fn start(
+        meta: ZkMetastore,
+        module: &str,
+        id: u32,
+        info: &WorkerInfo,
+        fence: Option<Fence>,
+    ) -> Result<Registration> {
+        if let Some(f) = &fence {
+            if let Some(why) = f.check(&meta).map_err(meta_error)? {
+                return Err(Error::Closed(format!(
+                    "worker {id} of module {module} does not start: {why}; a worker serves only its current assignment"
+                )));
+            }
+        }
         let dir = workers_path(module);
         meta.create_all(&dir).map_err(meta_error)?;
         let path = format!("{dir}/{id}");
+        let own = path.clone();
         let data = json!({
             "address": info.address,
             "tasks": info.tasks,
             "threads": info.threads,
             "workers": info.workers,
+            "instance": info.instance,
             "engineVersion": engine::VERSION,
         })
         .to_string()
@@ -343,9 +500,15 @@ impl Registration {
             match meta.get(&path)? {
                 Some((d, _)) if d == data => Ok(()),
                 Some(_) => {
-                    // Another worker's (or a stale) registration under our id.
-                    meta.delete(&path, None)?;
-                    meta.create(&path, &data, NodeKind::Ephemeral)
+                    // Ours from an earlier address: replace it. Another
+                    // session's: leave it (regression: two workers with one
+                    // id deleted each other's node every round, and clients
+                    // reached the stale one); its owner's fence retires it.
+                    if meta.owner(&path)? == Some(meta.session_id()) {
+                        meta.set(&path, &data, None).map(|_| ())
+                    } else {
+                        Ok(())
+                    }
                 }
                 None => match meta.create(&path, &data, NodeKind::Ephemeral) {
                     Ok(()) | Err(MetaError::NodeExists(_)) => Ok(()),
@@ -355,12 +518,28 @@ impl Registration {
         };
         ensure(&meta).map_err(meta_error)?;
         let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let fenced = Arc::new(Mutex::new(None));
         let thread = {
-            let stop = stop.clone();
+            let (stop, fenced) = (stop.clone(), fenced.clone());
             std::thread::spawn(move || {
                 while !stop.load(std::sync::atomic::Ordering::SeqCst) {
                     std::thread::sleep(Duration::from_millis(500));
-                    // Errors (ZooKeeper away) are retried on the next round.
+                    // Errors (ZooKeeper away) are retried on the next round;
+                    // only a definite answer fences.
+                    if let Some(f) = &fence {
+                        match f.check(&meta) {
+                            Ok(Some(why)) => {
+                                // Our own registration goes now, not at exit.
+                                if meta.owner(&own).ok().flatten() == Some(meta.session_id()) {
+                                    let _ = meta.delete(&own, None);
+                                }
+                                *fenced.lock().unwrap_or_else(|p| p.into_inner()) = Some(why);
+                                break;
+                            }
+                            Ok(None) => {}
+                            Err(_) => continue,
+                        }
+                    }
                     let _ = ensure(&meta);
                 }
                 drop(meta);
@@ -368,8 +547,15 @@ impl Registration {
         };
         Ok(Registration {
             stop,
+            fenced,
             thread: Some(thread),
         })
+    }
+
+    /// Why the worker must stop serving (its assignment is gone), once
+    /// that is known.
+    pub fn fenced(&self) -> Option<String> {
+        self.fenced.lock().unwrap_or_else(|p| p.into_inner()).clone()
     }
 }
 

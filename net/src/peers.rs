@@ -13,6 +13,7 @@ use control::metastore::{Metastore, ZkMetastore};
 use engine::cluster::peer::{Done, Peers};
 use engine::{Error, Result};
 
+use crate::auth::Secret;
 use crate::manager::workers_path;
 use crate::transport::{Connection, FRAME_BYTES_MAX, PROTOCOL_VERSION};
 
@@ -26,8 +27,10 @@ pub fn lane_of_role(role: u8) -> Option<u32> {
     role.checked_sub(1).map(u32::from)
 }
 
-/// The address worker `worker` of `module` registered.
-pub fn worker_address(meta: &ZkMetastore, module: &str, worker: u32) -> Result<String> {
+/// The address worker `worker` of `module` registered; with `instance`,
+/// only a registration of that module instance counts (a stale worker of
+/// another deploy is never a peer).
+pub fn worker_address(meta: &ZkMetastore, module: &str, worker: u32, instance: Option<&str>) -> Result<String> {
     let path = format!("{}/{worker}", workers_path(module));
     let (data, _) = meta
         .get(&path)
@@ -35,6 +38,14 @@ pub fn worker_address(meta: &ZkMetastore, module: &str, worker: u32) -> Result<S
         .ok_or_else(|| Error::Unavailable(format!("worker {worker} of module {module} is not registered")))?;
     let j: serde_json::Value = serde_json::from_slice(&data)
         .map_err(|e| Error::Unavailable(format!("worker {worker} of {module} registered bad data: {e}")))?;
+    if let Some(ours) = instance {
+        if j["instance"].as_str() != Some(ours) {
+            return Err(Error::Unavailable(format!(
+                "worker {worker} of module {module} is registered by another instance ({}) than this one ({ours})",
+                j["instance"].as_str().unwrap_or("none")
+            )));
+        }
+    }
     j["address"]
         .as_str()
         .map(str::to_string)
@@ -49,6 +60,7 @@ pub struct NetPeers {
     module: String,
     resolve: Resolve,
     conns: Mutex<HashMap<(u32, u32), Arc<Connection>>>,
+    secret: Secret,
 }
 
 impl std::fmt::Debug for NetPeers {
@@ -61,21 +73,25 @@ impl std::fmt::Debug for NetPeers {
 
 impl NetPeers {
     /// Peers found through their registrations in `meta`.
-    pub fn new(module: &str, meta: ZkMetastore) -> NetPeers {
+    pub fn new(module: &str, meta: ZkMetastore, secret: Secret, instance: Option<String>) -> NetPeers {
         let (meta, name) = (Mutex::new(meta), module.to_string());
         Self::with_resolver(
             module,
-            Box::new(move |worker| worker_address(&meta.lock().expect("metastore"), &name, worker)),
+            Box::new(move |worker| {
+                worker_address(&meta.lock().expect("metastore"), &name, worker, instance.as_deref())
+            }),
+            secret,
         )
     }
 
     /// Peers found by `resolve` (tests wire workers up without a
     /// metastore).
-    pub fn with_resolver(module: &str, resolve: Resolve) -> NetPeers {
+    pub fn with_resolver(module: &str, resolve: Resolve, secret: Secret) -> NetPeers {
         NetPeers {
             module: module.to_string(),
             resolve,
             conns: Mutex::new(HashMap::new()),
+            secret,
         }
     }
 
@@ -86,8 +102,14 @@ impl NetPeers {
             }
         }
         let address = (self.resolve)(worker)?;
-        let conn = Connection::connect_as(address.as_str(), PROTOCOL_VERSION, FRAME_BYTES_MAX, peer_role(lane))
-            .map_err(|e| Error::Unavailable(format!("worker {worker} of module {}: {e}", self.module)))?;
+        let conn = Connection::connect_as(
+            address.as_str(),
+            PROTOCOL_VERSION,
+            FRAME_BYTES_MAX,
+            peer_role(lane),
+            &self.secret,
+        )
+        .map_err(|e| Error::Unavailable(format!("worker {worker} of module {}: {e}", self.module)))?;
         let conn = Arc::new(conn);
         let mut conns = self.conns.lock().expect("peer connections");
         match conns.get(&(worker, lane)) {

@@ -43,9 +43,10 @@ fn net_error(e: crate::NetError) -> Error {
 }
 
 impl RemoteCluster {
-    /// Connects to the worker at `addr` (`host:port`).
-    pub fn connect(addr: &str) -> Result<RemoteCluster> {
-        let conn = Connection::connect(addr, PROTOCOL_VERSION, FRAME_BYTES_MAX).map_err(net_error)?;
+    /// Connects to the worker at `addr` (`host:port`); both sides prove
+    /// they hold the cluster's `secret`.
+    pub fn connect(addr: &str, secret: &crate::auth::Secret) -> Result<RemoteCluster> {
+        let conn = Connection::connect(addr, PROTOCOL_VERSION, FRAME_BYTES_MAX, secret).map_err(net_error)?;
         Ok(RemoteCluster { conn: Arc::new(conn) })
     }
 

@@ -2,14 +2,31 @@
 //!
 //! ```text
 //! handshake, client -> server:  "RAMA" version:u16 LE role:u8 0
+//!                               client_nonce:16
 //! handshake, server -> client:  "RAMA" version:u16 LE status:u8 0
-//!                               status 0 accepted, 1 version mismatch
+//!                               status 0 go on, 1 version mismatch,
+//!                               3 connection limit reached (then closed)
+//!            and, on status 0:  server_nonce:16 server_proof:32
+//! handshake, client -> server:  client_proof:32
+//! handshake, server -> client:  verdict:u8 (0 accepted, 2 refused: closed)
 //! frame:                        len:u32 LE, then len bytes:
 //!                               id:u64 LE kind:u8 payload
 //!                               kind 0 request, 1 response, 2 error (UTF-8)
 //! ```
+//! The proofs are HMAC-SHA256 tags with the cluster secret
+//! ([`crate::auth`]): `server_proof` over (client_nonce, server_nonce,
+//! role), `client_proof` over (server_nonce, client_nonce, role), each
+//! with its own label. The client checks the server's proof before it
+//! sends its own or any request; the server reads no request before the
+//! client's proof checks out. Both fail closed: a wrong or missing proof
+//! ends the connection.
+//!
 //! Every frame length is checked against the receiver's cap before anything
 //! is allocated; a frame above it closes the connection with an error.
+//! A server bounds its connections ([`ServerLimits`]): at most
+//! `connections_max` open (more are refused in the handshake), a handshake
+//! must finish within `handshake_timeout`, and a connection with no request
+//! in flight that sends nothing for `idle_timeout` is closed.
 //! Requests are pipelined: many may be in flight on one connection (up to
 //! a bound), answered in any order, matched by id. Each side writes from
 //! one writer thread that takes every frame already queued (up to
@@ -22,10 +39,12 @@ use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream, ToSocketAddrs};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
-use std::time::Duration;
+use std::time::{Duration, Instant};
+
+use crate::auth::{Secret, Side as AuthSide, NONCE_BYTES, PROOF_BYTES};
 
 /// The protocol version this build speaks.
-pub const PROTOCOL_VERSION: u16 = 1;
+pub const PROTOCOL_VERSION: u16 = 2;
 const MAGIC: &[u8; 4] = b"RAMA";
 /// Default cap on a frame's length.
 pub const FRAME_BYTES_MAX: usize = 16 << 20;
@@ -34,8 +53,6 @@ pub const BATCH_BYTES: usize = 1 << 20;
 /// Requests in flight per connection (client side) and frames queued for
 /// writing; senders wait when they are used up.
 pub const IN_FLIGHT_MAX: usize = 4096;
-/// Threads handling one connection's requests on the server.
-const HANDLERS_PER_CONNECTION: usize = 4;
 
 /// The handshake role of clients.
 pub const ROLE_CLIENT: u8 = 0;
@@ -55,11 +72,19 @@ pub enum NetError {
     },
     #[error("{addr} is not a rama endpoint (bad handshake)")]
     NotRama { addr: String },
+    /// One side could not prove it holds the cluster secret.
+    #[error(
+        "{addr} {why}: the two sides do not hold the same cluster secret (cluster.secret.file in rama.yaml); \
+         copy the cluster's secret file to this node"
+    )]
+    Unauthenticated { addr: String, why: &'static str },
+    #[error("{addr} refused the connection: it has reached its limit of open connections; try again later")]
+    Busy { addr: String },
     #[error("protocol version mismatch with {addr}: this side speaks {ours}, the other {theirs}")]
     Version { addr: String, ours: u16, theirs: u16 },
     #[error("frame of {len} bytes from {addr} is above the limit of {max} bytes; connection closed")]
     FrameTooLarge { addr: String, len: usize, max: usize },
-    #[error("the connection to {addr} is closed")]
+    #[error("the connection to {addr} closed")]
     Closed { addr: String },
     /// The server's handler refused the request.
     #[error("{0}")]
@@ -122,6 +147,53 @@ fn frame(id: u64, kind: u8, payload: &[u8]) -> Vec<u8> {
     f
 }
 
+/// Waits for the next frame's first byte on a server connection whose read
+/// timeout is the idle timeout: `false` once the peer sent nothing for
+/// that long while `busy()` said no request of it was in flight (the
+/// connection is then closed), or when the stream ended or failed.
+fn await_frame(input: &mut BufReader<TcpStream>, idle: Duration, busy: &dyn Fn() -> bool) -> bool {
+    use std::io::BufRead;
+    let mut quiet_since = Instant::now();
+    loop {
+        match input.fill_buf() {
+            Ok([]) => return false,
+            Ok(_) => return true,
+            Err(e) if matches!(e.kind(), std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut) => {
+                if busy() {
+                    // Answers are still owed: the peer waits for them.
+                    quiet_since = Instant::now();
+                } else if quiet_since.elapsed() >= idle {
+                    return false;
+                }
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(_) => return false,
+        }
+    }
+}
+
+/// A server connection's reader inside a frame: its socket's read timeout
+/// is a short tick, and a read that times out is tried again until the
+/// peer has made no progress for `stall_max`.
+struct Patient<'a> {
+    input: &'a mut BufReader<TcpStream>,
+    stall_max: Duration,
+}
+
+impl Read for Patient<'_> {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        let started = Instant::now();
+        loop {
+            match self.input.read(buf) {
+                Err(e)
+                    if matches!(e.kind(), std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut)
+                        && started.elapsed() < self.stall_max => {}
+                other => return other,
+            }
+        }
+    }
+}
+
 /// Reads one frame: (id, kind, payload); `None` at a clean end of stream.
 fn read_frame(input: &mut impl Read, max: usize, addr: &str) -> Result<Option<(u64, u8, Vec<u8>)>> {
     let mut len = [0u8; 4];
@@ -164,6 +236,112 @@ fn handshake_bytes(version: u16, byte: u8) -> [u8; 8] {
     h
 }
 
+/// Bytes of the client's hello: magic, version, role, zero, nonce.
+const HELLO_BYTES: usize = 8 + NONCE_BYTES;
+/// Handshake statuses.
+const STATUS_GO_ON: u8 = 0;
+const STATUS_VERSION: u8 = 1;
+const STATUS_REFUSED: u8 = 2;
+const STATUS_BUSY: u8 = 3;
+/// How long either side waits for the other's part of the handshake.
+pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// The client's side of the handshake (see the module doc).
+fn client_handshake(stream: &mut TcpStream, version: u16, role: u8, secret: &Secret, addr: &str) -> Result<()> {
+    let io = |what: &'static str| {
+        let addr = addr.to_string();
+        move |source| NetError::Io { what, addr, source }
+    };
+    let ours = crate::auth::nonce();
+    let mut hello = [0u8; HELLO_BYTES];
+    hello[..8].copy_from_slice(&handshake_bytes(version, role));
+    hello[8..].copy_from_slice(&ours);
+    stream.write_all(&hello).map_err(io("writing to"))?;
+    let mut reply = [0u8; 8];
+    stream
+        .read_exact(&mut reply)
+        .map_err(io("reading the handshake from"))?;
+    if &reply[..4] != MAGIC {
+        return Err(NetError::NotRama { addr: addr.into() });
+    }
+    let theirs = u16::from_le_bytes([reply[4], reply[5]]);
+    match reply[6] {
+        STATUS_GO_ON => {}
+        STATUS_BUSY => return Err(NetError::Busy { addr: addr.into() }),
+        _ => {
+            return Err(NetError::Version {
+                addr: addr.into(),
+                ours: version,
+                theirs,
+            })
+        }
+    }
+    let mut challenge = [0u8; NONCE_BYTES + PROOF_BYTES];
+    stream
+        .read_exact(&mut challenge)
+        .map_err(io("reading the handshake from"))?;
+    let (nonce, proof) = challenge.split_at(NONCE_BYTES);
+    let server_nonce: [u8; NONCE_BYTES] = nonce.try_into().expect("nonce bytes");
+    if !secret.verify(AuthSide::Server, &ours, &server_nonce, role, proof) {
+        return Err(NetError::Unauthenticated {
+            addr: addr.into(),
+            why: "could not prove it holds the cluster secret",
+        });
+    }
+    stream
+        .write_all(&secret.proof(AuthSide::Client, &server_nonce, &ours, role))
+        .map_err(io("writing to"))?;
+    let mut verdict = [0u8; 1];
+    match stream.read_exact(&mut verdict) {
+        Ok(()) if verdict[0] == STATUS_GO_ON => Ok(()),
+        // A refusal, or the connection closed in its place.
+        _ => Err(NetError::Unauthenticated {
+            addr: addr.into(),
+            why: "refused this side's proof",
+        }),
+    }
+}
+
+/// The server's side of the handshake: returns the client's role once it
+/// proved it holds the secret, or `None` (the connection is then closed).
+fn server_handshake(stream: &mut TcpStream, version: u16, secret: &Secret) -> Option<u8> {
+    let mut hello = [0u8; HELLO_BYTES];
+    if stream.read_exact(&mut hello).is_err() || &hello[..4] != MAGIC {
+        return None;
+    }
+    let theirs = u16::from_le_bytes([hello[4], hello[5]]);
+    let role = hello[6];
+    if theirs != version {
+        let _ = stream.write_all(&handshake_bytes(version, STATUS_VERSION));
+        return None;
+    }
+    let client_nonce: [u8; NONCE_BYTES] = hello[8..].try_into().expect("nonce bytes");
+    let ours = crate::auth::nonce();
+    let mut reply = [0u8; 8 + NONCE_BYTES + PROOF_BYTES];
+    reply[..8].copy_from_slice(&handshake_bytes(version, STATUS_GO_ON));
+    reply[8..8 + NONCE_BYTES].copy_from_slice(&ours);
+    reply[8 + NONCE_BYTES..].copy_from_slice(&secret.proof(AuthSide::Server, &client_nonce, &ours, role));
+    stream.write_all(&reply).ok()?;
+    let mut proof = [0u8; PROOF_BYTES];
+    stream.read_exact(&mut proof).ok()?;
+    if !secret.verify(AuthSide::Client, &ours, &client_nonce, role, &proof) {
+        let _ = stream.write_all(&[STATUS_REFUSED]);
+        return None;
+    }
+    stream.write_all(&[STATUS_GO_ON]).ok()?;
+    Some(role)
+}
+
+/// Refuses a connection over the server's limit, with a status the client
+/// can name. Never blocks: the hello is read only if it has arrived.
+fn refuse_busy(stream: &TcpStream, version: u16) {
+    let _ = stream.set_nonblocking(true);
+    let mut hello = [0u8; HELLO_BYTES];
+    let _ = (&*stream).read(&mut hello);
+    let _ = (&*stream).write(&handshake_bytes(version, STATUS_BUSY));
+    let _ = stream.shutdown(Shutdown::Both);
+}
+
 /// Called once with the answer to a request (or why there is none).
 pub type OnAnswer = Box<dyn FnOnce(Result<Vec<u8>>) + Send>;
 
@@ -194,14 +372,21 @@ impl std::fmt::Debug for Connection {
 impl Connection {
     /// Connects and shakes hands (protocol version `version`, normally
     /// [`PROTOCOL_VERSION`]); `frame_max` caps the frames it accepts.
-    pub fn connect(addr: impl ToSocketAddrs, version: u16, frame_max: usize) -> Result<Connection> {
-        Self::connect_as(addr, version, frame_max, ROLE_CLIENT)
+    /// Both sides prove they hold `secret` before anything else is sent.
+    pub fn connect(addr: impl ToSocketAddrs, version: u16, frame_max: usize, secret: &Secret) -> Result<Connection> {
+        Self::connect_as(addr, version, frame_max, ROLE_CLIENT, secret)
     }
 
     /// `connect` announcing `role` in the handshake (the server hands it
     /// to its handler: clients are 0, other roles are the server's to
     /// define).
-    pub fn connect_as(addr: impl ToSocketAddrs, version: u16, frame_max: usize, role: u8) -> Result<Connection> {
+    pub fn connect_as(
+        addr: impl ToSocketAddrs,
+        version: u16,
+        frame_max: usize,
+        role: u8,
+        secret: &Secret,
+    ) -> Result<Connection> {
         let addrs: Vec<SocketAddr> = addr
             .to_socket_addrs()
             .map_err(|source| NetError::Io {
@@ -222,27 +407,10 @@ impl Connection {
         .map_err(io("connecting to"))?;
         stream.set_nodelay(true).map_err(io("configuring"))?;
         stream
-            .write_all(&handshake_bytes(version, role))
-            .map_err(io("writing to"))?;
-        let mut reply = [0u8; 8];
-        stream
-            .set_read_timeout(Some(Duration::from_secs(10)))
+            .set_read_timeout(Some(HANDSHAKE_TIMEOUT))
             .map_err(io("configuring"))?;
-        stream
-            .read_exact(&mut reply)
-            .map_err(io("reading the handshake from"))?;
+        client_handshake(&mut stream, version, role, secret, &shown)?;
         stream.set_read_timeout(None).map_err(io("configuring"))?;
-        if &reply[..4] != MAGIC {
-            return Err(NetError::NotRama { addr: shown });
-        }
-        let theirs = u16::from_le_bytes([reply[4], reply[5]]);
-        if reply[6] != 0 {
-            return Err(NetError::Version {
-                addr: shown,
-                ours: version,
-                theirs,
-            });
-        }
         let (frames_tx, frames_rx) = flume::bounded(IN_FLIGHT_MAX);
         let stats = Arc::new(Stats::default());
         {
@@ -398,18 +566,44 @@ pub type Later = std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send>>
 /// connection is not read.
 pub type AsyncHandler = Arc<dyn Fn(u8, Vec<u8>, Respond) -> Option<Later> + Send + Sync>;
 
-enum Serve {
-    Threads(Handler),
-    Async(AsyncHandler, Arc<smol::Executor<'static>>),
+/// The handler and the executor its futures run on.
+#[derive(Clone)]
+struct Serve(AsyncHandler, Arc<smol::Executor<'static>>);
+
+/// The bounds of one server. Every field has a default sized for a worker.
+#[derive(Debug, Clone)]
+pub struct ServerLimits {
+    /// Largest frame accepted; a larger one closes the connection.
+    /// Default [`FRAME_BYTES_MAX`].
+    pub frame_bytes_max: usize,
+    /// Open connections at most; further ones are refused in the
+    /// handshake with a status the client reports. Default 1024.
+    pub connections_max: usize,
+    /// A connection with no request in flight that sends nothing for this
+    /// long is closed (clients reconnect when they next send). Default
+    /// 10 minutes.
+    pub idle_timeout: Duration,
+    /// The handshake must finish within this. Default [`HANDSHAKE_TIMEOUT`].
+    pub handshake_timeout: Duration,
 }
 
-impl Clone for Serve {
-    fn clone(&self) -> Self {
-        match self {
-            Serve::Threads(h) => Serve::Threads(h.clone()),
-            Serve::Async(h, e) => Serve::Async(h.clone(), e.clone()),
+impl Default for ServerLimits {
+    fn default() -> Self {
+        ServerLimits {
+            frame_bytes_max: FRAME_BYTES_MAX,
+            connections_max: 1024,
+            idle_timeout: Duration::from_secs(600),
+            handshake_timeout: HANDSHAKE_TIMEOUT,
         }
     }
+}
+
+/// What every connection of a server shares.
+#[derive(Clone)]
+struct Listening {
+    version: u16,
+    secret: Secret,
+    limits: ServerLimits,
 }
 
 /// A listening server; when dropped it stops accepting and ends its open
@@ -434,9 +628,22 @@ impl std::fmt::Debug for Server {
 
 impl Server {
     /// Listens on `addr` (port 0: any free port) and serves every
-    /// connection that speaks `version` with `handler`.
-    pub fn bind(addr: impl ToSocketAddrs, version: u16, frame_max: usize, handler: Handler) -> Result<Server> {
-        Self::listen(addr, version, frame_max, Serve::Threads(handler), None)
+    /// connection that speaks `version` and proves it holds `secret` with
+    /// `handler`, within `limits`.
+    pub fn bind(
+        addr: impl ToSocketAddrs,
+        version: u16,
+        secret: &Secret,
+        limits: ServerLimits,
+        handler: Handler,
+    ) -> Result<Server> {
+        // A blocking handler runs on the shared pool of blocking threads
+        // (bounded), never on the connection's reader.
+        let handler: AsyncHandler = Arc::new(move |_role, request, respond: Respond| {
+            let handler = handler.clone();
+            Some(Box::pin(async move { respond(smol::unblock(move || handler(request)).await) }) as Later)
+        });
+        Self::bind_async(addr, version, secret, limits, 1, handler)
     }
 
     /// Like `bind`, answering with `handler`'s futures on `threads` executor
@@ -444,10 +651,16 @@ impl Server {
     pub fn bind_async(
         addr: impl ToSocketAddrs,
         version: u16,
-        frame_max: usize,
+        secret: &Secret,
+        limits: ServerLimits,
         threads: usize,
         handler: AsyncHandler,
     ) -> Result<Server> {
+        let listening = Listening {
+            version,
+            secret: secret.clone(),
+            limits,
+        };
         let executor = Arc::new(smol::Executor::new());
         let (stop_tx, stop_rx) = flume::bounded::<()>(1);
         let runners = (0..threads.max(1))
@@ -463,19 +676,12 @@ impl Server {
                     })
             })
             .collect::<Result<Vec<_>>>()?;
-        Self::listen(
-            addr,
-            version,
-            frame_max,
-            Serve::Async(handler, executor),
-            Some((stop_tx, runners)),
-        )
+        Self::listen(addr, listening, Serve(handler, executor), Some((stop_tx, runners)))
     }
 
     fn listen(
         addr: impl ToSocketAddrs,
-        version: u16,
-        frame_max: usize,
+        listening: Listening,
         handler: Serve,
         executor: Option<(flume::Sender<()>, Vec<JoinHandle<()>>)>,
     ) -> Result<Server> {
@@ -499,14 +705,34 @@ impl Server {
                         return;
                     }
                     let Ok(stream) = stream else { continue };
-                    if let Ok(s) = stream.try_clone() {
-                        open.lock().expect("open connections").insert(n as u64, s);
+                    {
+                        let mut open = open.lock().expect("open connections");
+                        if open.len() >= listening.limits.connections_max {
+                            drop(open);
+                            refuse_busy(&stream, listening.version);
+                            continue;
+                        }
+                        match stream.try_clone() {
+                            Ok(s) => open.insert(n as u64, s),
+                            Err(_) => continue,
+                        };
                     }
-                    let (handler, open, stop) = (handler.clone(), open.clone(), stop.clone());
-                    std::thread::spawn(move || {
-                        serve_connection(stream, version, frame_max, handler, &stop);
-                        open.lock().expect("open connections").remove(&(n as u64));
+                    let (handler, open, stop, listening) =
+                        (handler.clone(), open.clone(), stop.clone(), listening.clone());
+                    let spawned = std::thread::Builder::new().name("net-connection".into()).spawn({
+                        let open = open.clone();
+                        move || {
+                            serve_connection(stream, &listening, handler, &stop);
+                            open.lock().expect("open connections").remove(&(n as u64));
+                        }
                     });
+                    // Out of threads: this connection is dropped, the
+                    // server goes on.
+                    if spawned.is_err() {
+                        if let Some(s) = open.lock().expect("open connections").remove(&(n as u64)) {
+                            let _ = s.shutdown(Shutdown::Both);
+                        }
+                    }
                 }
             })
         };
@@ -544,79 +770,39 @@ impl Drop for Server {
     }
 }
 
-fn serve_connection(mut stream: TcpStream, version: u16, frame_max: usize, handler: Serve, stop: &AtomicBool) {
+fn serve_connection(mut stream: TcpStream, listening: &Listening, handler: Serve, stop: &AtomicBool) {
     let addr = stream.peer_addr().map_or_else(|_| "?".into(), |a| a.to_string());
+    let limits = &listening.limits;
     let _ = stream.set_nodelay(true);
-    let mut hello = [0u8; 8];
-    let _ = stream.set_read_timeout(Some(Duration::from_secs(10)));
-    if stream.read_exact(&mut hello).is_err() || &hello[..4] != MAGIC {
+    let _ = stream.set_read_timeout(Some(limits.handshake_timeout));
+    let _ = stream.set_write_timeout(Some(limits.handshake_timeout));
+    let Some(role) = server_handshake(&mut stream, listening.version, &listening.secret) else {
+        let _ = stream.shutdown(Shutdown::Both);
         return;
-    }
-    let _ = stream.set_read_timeout(None);
-    let theirs = u16::from_le_bytes([hello[4], hello[5]]);
-    let role = hello[6];
-    let status = u8::from(theirs != version);
-    if stream.write_all(&handshake_bytes(version, status)).is_err() || status != 0 {
-        return;
-    }
+    };
+    // From here on the read timeout is the idle check's tick; writes have
+    // no timeout (the writer blocks only on a full socket, and the
+    // connection's end unblocks it).
+    let _ = stream.set_read_timeout(Some(limits.idle_timeout.min(Duration::from_secs(5))));
+    let _ = stream.set_write_timeout(None);
     let Ok(out) = stream.try_clone() else { return };
     let (frames_tx, frames_rx) = flume::bounded(IN_FLIGHT_MAX);
     let stats = Arc::new(Stats::default());
     let writer_thread = std::thread::spawn(move || writer(out, frames_rx, stats));
-    let handler = match handler {
-        Serve::Threads(h) => h,
-        Serve::Async(h, executor) => {
-            serve_async(stream, role, frame_max, &addr, (&h, &executor), frames_tx, stop);
-            // Not joined: the writer ends when the answers still pending
-            // are given or dropped, and some of them may wait in the
-            // executor, which this thread holds; waiting here would keep
-            // both (and the handler's state) alive forever once the
-            // server's executor threads have stopped.
-            drop(writer_thread);
-            return;
-        }
-    };
-    // Requests are handled by a few threads, so slow ones (an Ack append)
-    // do not hold up the others; the queue is bounded.
-    let (work_tx, work_rx) = flume::bounded::<(u64, Vec<u8>)>(IN_FLIGHT_MAX);
-    let handlers: Vec<_> = (0..HANDLERS_PER_CONNECTION)
-        .map(|_| {
-            let (work_rx, frames_tx, handler) = (work_rx.clone(), frames_tx.clone(), handler.clone());
-            std::thread::spawn(move || {
-                for (id, payload) in work_rx {
-                    let f = match handler(payload) {
-                        Ok(answer) => frame(id, KIND_RESPONSE, &answer),
-                        Err(why) => frame(id, KIND_ERROR, why.as_bytes()),
-                    };
-                    if frames_tx.send(f).is_err() {
-                        return;
-                    }
-                }
-            })
-        })
-        .collect();
-    drop(frames_tx);
-    let mut input = BufReader::new(stream);
-    // A frame of another kind, an oversized frame, an I/O error or the end
-    // of the stream ends the connection.
-    while let Ok(Some((id, KIND_REQUEST, payload))) = read_frame(&mut input, frame_max, &addr) {
-        if work_tx.send((id, payload)).is_err() {
-            break;
-        }
-    }
-    drop(work_tx);
-    for h in handlers {
-        let _ = h.join();
-    }
-    let _ = writer_thread.join();
-    let _ = input.get_ref().shutdown(Shutdown::Both);
+    let Serve(h, executor) = handler;
+    serve_async(stream, role, limits, &addr, (&h, &executor), frames_tx, stop);
+    // Not joined: the writer ends when the answers still pending are given
+    // or dropped, and some of them may wait in the executor, which this
+    // thread holds; waiting here would keep both (and the handler's state)
+    // alive forever once the server's executor threads have stopped.
+    drop(writer_thread);
 }
 
 /// Reads requests and runs their answers on `executor`.
 fn serve_async(
     stream: TcpStream,
     role: u8,
-    frame_max: usize,
+    limits: &ServerLimits,
     addr: &str,
     (handler, executor): (&AsyncHandler, &Arc<smol::Executor<'static>>),
     frames_tx: flume::Sender<Vec<u8>>,
@@ -627,7 +813,19 @@ fn serve_async(
         tokens_tx.send(()).expect("room for every token");
     }
     let mut input = BufReader::new(stream);
-    while let Ok(Some((id, KIND_REQUEST, payload))) = read_frame(&mut input, frame_max, addr) {
+    // Every token back in the pool: no answer is owed.
+    let busy = || tokens_rx.len() < IN_FLIGHT_MAX;
+    loop {
+        if !await_frame(&mut input, limits.idle_timeout, &busy) {
+            break;
+        }
+        let mut patient = Patient {
+            input: &mut input,
+            stall_max: limits.idle_timeout,
+        };
+        let Ok(Some((id, KIND_REQUEST, payload))) = read_frame(&mut patient, limits.frame_bytes_max, addr) else {
+            break;
+        };
         // Waits for a free slot; gives up once the server stops (answers
         // in its stopped executor would never free one).
         let slot = loop {

@@ -1,8 +1,9 @@
 //! Helpers shared by the CLI tests.
 #![allow(dead_code)]
 
+use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command};
+use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
 /// A port free on 127.0.0.1 right now.
@@ -67,4 +68,115 @@ pub fn text(o: &std::process::Output) -> String {
         String::from_utf8_lossy(&o.stdout),
         String::from_utf8_lossy(&o.stderr)
     )
+}
+
+/// Writes a cluster secret to `dir/cluster.secret` (the default of
+/// cluster.secret.file beside a rama.yaml in `dir`) with `rama secret
+/// create`, as an operator would.
+pub fn make_secret(dir: &Path) {
+    let out = rama_in(dir, &["secret", "create"]);
+    assert!(
+        out.status.success(),
+        "rama secret create: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// Kills, when dropped, every worker process the Supervisors under `root`
+/// recorded (Supervisors leave workers running by design; a failed test
+/// must not leave them behind).
+pub struct KillWorkers(pub PathBuf);
+
+impl Drop for KillWorkers {
+    fn drop(&mut self) {
+        // Every node directory under the root that ran a Supervisor.
+        for node in std::fs::read_dir(&self.0).into_iter().flatten().flatten() {
+            let dir = node.path().join("data/supervisor/workers");
+            for e in std::fs::read_dir(dir).into_iter().flatten().flatten() {
+                if let Some(pid) = std::fs::read_to_string(e.path())
+                    .ok()
+                    .and_then(|p| p.trim().parse::<i32>().ok())
+                {
+                    // SAFETY: signals a worker this test's cluster started.
+                    unsafe { libc::kill(pid, libc::SIGKILL) };
+                }
+            }
+        }
+    }
+}
+
+/// A node of a test cluster: a directory with its rama.yaml and the
+/// cluster secret.
+pub struct Node {
+    pub dir: PathBuf,
+}
+
+impl Node {
+    pub fn new(root: &Path, name: &str, zk: u16, conductor: u16, extra: &str) -> Node {
+        let dir = root.join(name);
+        std::fs::create_dir_all(&dir).unwrap();
+        // Every node holds the cluster's one secret.
+        let secret = root.join("cluster.secret");
+        if !secret.exists() {
+            net::auth::Secret::create(&secret, false).unwrap();
+        }
+        std::fs::copy(&secret, dir.join("cluster.secret")).unwrap();
+        std::fs::write(
+            dir.join("rama.yaml"),
+            format!(
+                "zookeeper.servers: [\"127.0.0.1\"]\nzookeeper.port: {zk}\nconductor.host: \"127.0.0.1\"\n\
+                 conductor.port: {conductor}\nlocal.dir: data\n{extra}"
+            ),
+        )
+        .unwrap();
+        Node { dir }
+    }
+
+    pub fn rama(&self, args: &[&str]) -> Output {
+        Command::new(env!("CARGO_BIN_EXE_rama"))
+            .current_dir(&self.dir)
+            .env_remove("RAMA_CONFIG")
+            .args(args)
+            .output()
+            .unwrap()
+    }
+
+    /// Starts a daemon and waits for its first line of output.
+    pub fn daemon(&self, cmd: &str, expect: &str) -> (Daemon, BufReader<std::process::ChildStdout>) {
+        let mut child = Command::new(env!("CARGO_BIN_EXE_rama"))
+            .current_dir(&self.dir)
+            .env_remove("RAMA_CONFIG")
+            .arg(cmd)
+            .stdout(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let mut out = BufReader::new(child.stdout.take().unwrap());
+        let mut line = String::new();
+        out.read_line(&mut line).unwrap();
+        assert!(line.contains(expect), "{cmd}: {line:?}");
+        (Daemon(child), out)
+    }
+
+    pub fn worker_pid(&self) -> Option<u32> {
+        let dir = self.dir.join("data/supervisor/workers");
+        std::fs::read_dir(dir).ok()?.flatten().find_map(|e| {
+            let name = e.file_name().to_string_lossy().into_owned();
+            name.ends_with(".pid")
+                .then(|| std::fs::read_to_string(e.path()).ok()?.trim().parse().ok())
+                .flatten()
+        })
+    }
+}
+
+pub fn alive(pid: u32) -> bool {
+    // SAFETY: kill(pid, 0) only checks that the process exists.
+    unsafe { libc::kill(pid as i32, 0) == 0 }
+}
+
+pub fn eventually(what: &str, mut f: impl FnMut() -> bool) {
+    let deadline = Instant::now() + Duration::from_secs(90);
+    while !f() {
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        std::thread::sleep(Duration::from_millis(200));
+    }
 }

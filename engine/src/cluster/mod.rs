@@ -424,11 +424,11 @@ impl ModuleRuntime {
         self.links[thread]
             .client
             .send(request)
-            .map_err(|_| Error::Closed(format!("task thread {thread} of module {}", self.def.name)))
+            .map_err(|_| Error::Closed(format!("task thread {thread} of module {} has stopped", self.def.name)))
     }
 
     fn closed(&self) -> Error {
-        Error::Closed(format!("module {}", self.def.name))
+        Error::Closed(format!("module {} has stopped on this worker", self.def.name))
     }
 
     fn microbatch(&self, topology: usize) -> &MicrobatchShared {

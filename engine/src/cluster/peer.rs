@@ -36,6 +36,7 @@ use super::messages::{AppendResult, Completion, Control, Flow, Reply, Request, S
 use super::thread::ThreadInbox;
 use super::{AckLevel, ModuleRuntime};
 use crate::error::{Error, Result};
+use crate::module::ModuleDef;
 use crate::pstate::path::{path_from_value, path_to_value};
 use crate::value::{archived, Value};
 
@@ -82,6 +83,17 @@ fn bad(why: impl std::fmt::Display) -> Error {
 fn int(v: Option<&Value>) -> Result<i64> {
     v.and_then(Value::as_int)
         .ok_or_else(|| bad("an integer field is missing"))
+}
+
+/// An index field that must name one of `len` objects (depots, PStates,
+/// topologies, queries): a negative or out-of-range number from the
+/// network is refused here, never used to index.
+fn index(v: Option<&Value>, len: usize, what: &str) -> Result<usize> {
+    let i = int(v)?;
+    usize::try_from(i)
+        .ok()
+        .filter(|&i| i < len)
+        .ok_or_else(|| bad(format!("{what} {i} does not exist")))
 }
 
 fn bytes(v: Option<&Value>) -> Result<Vec<u8>> {
@@ -162,16 +174,17 @@ fn flow_value(flow: Flow) -> [Value; 4] {
     [k, a, b, c].map(Value::Int)
 }
 
-fn flow_from(f: &[Value]) -> Result<Flow> {
+fn flow_from(f: &[Value], def: &ModuleDef) -> Result<Flow> {
     let n = |i: usize| int(f.get(i));
+    let topology = || index(f.get(1), def.topologies.len(), "topology");
     Ok(match n(0)? {
-        0 => Flow::Stream(n(1)? as usize),
+        0 => Flow::Stream(topology()?),
         1 => Flow::Microbatch {
-            topology: n(1)? as usize,
+            topology: topology()?,
             id: n(2)? as u64,
             attempt: n(3)? as u32,
         },
-        2 => Flow::Query(n(1)? as usize),
+        2 => Flow::Query(index(f.get(1), def.queries.len(), "query")?),
         k => return Err(bad(format!("flow kind {k}"))),
     })
 }
@@ -591,7 +604,7 @@ fn decode_serve(rt: &Arc<ModuleRuntime>, lane: u32, message: &[u8]) -> Result<An
     match (lane, kind.as_str()) {
         (LANE_CLIENT, "ping") => Ok(ready(Ok(Value::Nil))),
         (LANE_CLIENT | LANE_INTERNAL, "append") => {
-            let (depot, task) = (n(1)? as usize, n(2)?);
+            let (depot, task) = (index(p.get(1), rt.def.depots.len(), "depot")?, n(2)?);
             let thread = local_thread_of(task)?;
             let ack = ack_from(n(4)?)?;
             let wants = matches!(p.get(5), Some(Value::Bool(true)));
@@ -617,7 +630,7 @@ fn decode_serve(rt: &Arc<ModuleRuntime>, lane: u32, message: &[u8]) -> Result<An
             let thread = local_thread_of(task)?;
             let (tx, rx) = flume::bounded(1);
             let request = Request::Read {
-                depot: n(1)? as usize,
+                depot: index(p.get(1), rt.def.depots.len(), "depot")?,
                 task: task as u32,
                 start: n(3)? as u64,
                 end: n(4)? as u64,
@@ -643,7 +656,7 @@ fn decode_serve(rt: &Arc<ModuleRuntime>, lane: u32, message: &[u8]) -> Result<An
             let thread = local_thread_of(task)?;
             let (tx, rx) = flume::bounded(1);
             let request = Request::Select {
-                pstate: n(1)? as usize,
+                pstate: index(p.get(1), rt.def.pstates.len(), "PState")?,
                 task: task as u32,
                 path: path_from_value(p.get(3).ok_or_else(|| bad("path"))?)?,
                 reply: tx.into(),
@@ -660,7 +673,7 @@ fn decode_serve(rt: &Arc<ModuleRuntime>, lane: u32, message: &[u8]) -> Result<An
             let thread = local_thread_of(task)?;
             let (tx, rx) = flume::bounded(1);
             let request = Request::Invoke {
-                query: n(1)? as usize,
+                query: index(p.get(1), rt.def.queries.len(), "query")?,
                 task: task as u32,
                 args: bytes(p.get(3))?,
                 reply: tx.into(),
@@ -680,7 +693,11 @@ fn decode_serve(rt: &Arc<ModuleRuntime>, lane: u32, message: &[u8]) -> Result<An
                     rt.def.name
                 )));
             }
-            let (topology, a) = (n(2).unwrap_or(0) as usize, n(3).unwrap_or(0) as u64);
+            let topology = match kind.as_str() {
+                "gateClose" | "gateOpen" => 0,
+                _ => index(p.get(2), rt.def.topologies.len(), "topology")?,
+            };
+            let a = n(3).unwrap_or(0) as u64;
             macro_rules! unit_control {
                 ($make:expr) => {{
                     let (tx, rx) = flume::bounded::<Result<()>>(1);
@@ -723,7 +740,7 @@ fn decode_serve(rt: &Arc<ModuleRuntime>, lane: u32, message: &[u8]) -> Result<An
                         .chunks_exact(4)
                         .map(|c| {
                             Ok((
-                                int(c.first())? as usize,
+                                index(c.first(), rt.def.depots.len(), "depot")?,
                                 int(c.get(1))? as u32,
                                 int(c.get(2))? as u64,
                                 int(c.get(3))? as u64,
@@ -763,7 +780,7 @@ fn decode_serve(rt: &Arc<ModuleRuntime>, lane: u32, message: &[u8]) -> Result<An
             }
         }
         (lane, "stage") if lane >= LANE_STAGES => {
-            let flow = flow_from(&p[1..5])?;
+            let flow = flow_from(p.get(1..5).ok_or_else(|| bad("a stage message is too short"))?, &rt.def)?;
             let stage = n(5)? as usize;
             let task = n(6)?;
             let thread = local_thread_of(task)?;

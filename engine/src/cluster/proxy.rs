@@ -190,7 +190,7 @@ impl Proxy {
                     "proxy of {what}: expected the initial value, got {other:?}"
                 )))
             }
-            Err(_) => return Err(Error::Closed(format!("proxy of {what}"))),
+            Err(_) => return Err(Error::Closed(format!("the proxy of {what} is closed"))),
         }
         Ok(proxy)
     }
@@ -226,7 +226,9 @@ impl Proxy {
                 Ok(Some(e))
             }
             Err(flume::RecvTimeoutError::Timeout) => Ok(None),
-            Err(flume::RecvTimeoutError::Disconnected) => Err(Error::Closed("proxy (its module stopped)".into())),
+            Err(flume::RecvTimeoutError::Disconnected) => {
+                Err(Error::Closed("the proxy is closed: its module stopped".into()))
+            }
         }
     }
 }

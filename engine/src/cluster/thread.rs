@@ -270,6 +270,7 @@ pub(crate) async fn open(rt: Arc<ModuleRuntime>, thread: u32, dir: &Path) -> Res
         );
         logs.push(per_task);
     }
+    check_stream_offsets(&rt, &store, &tasks, &logs, dir)?;
     let mut pstates = Vec::new();
     for &t in &tasks {
         let per_task = def
@@ -305,6 +306,60 @@ pub(crate) async fn open(rt: Arc<ModuleRuntime>, thread: u32, dir: &Path) -> Res
         shuffle: Cell::new(0),
         workers: RefCell::new(Vec::new()),
     }))
+}
+
+/// Refuses to start a thread whose stream consumers committed offsets past
+/// the end of their depot partitions: the records they acknowledged are
+/// missing from the log, and new appends would get offsets the consumer
+/// never reads.
+fn check_stream_offsets(
+    rt: &ModuleRuntime,
+    store: &Store,
+    tasks: &[u32],
+    logs: &[Vec<Option<Log>>],
+    dir: &Path,
+) -> Result<()> {
+    for topology in rt.def.topologies.iter().filter(|t| t.kind == TopologyKind::Stream) {
+        for &d in &topology.sources {
+            for (i, &task) in tasks.iter().enumerate() {
+                let Some(log) = &logs[d][i] else { continue };
+                let Some(committed) = read_offset(store, &offset_key(task, &topology.name, d), &topology.name)? else {
+                    continue;
+                };
+                if committed > log.end_offset() {
+                    let depot = rt.def.depots[d].name.trim_start_matches('*');
+                    return Err(Error::Corrupt {
+                        path: dir.join(format!("task-{task}")).join(format!("depot-{depot}")),
+                        offset: log.end_offset(),
+                        position: 0,
+                        reason: format!(
+                            "stream topology {} processed this partition up to offset {committed}, past the \
+                             log's end {}: records are missing from the log; restore the depot's files from a \
+                             replica or a backup",
+                            topology.name,
+                            log.end_offset()
+                        ),
+                    });
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
+/// A stream consumer's committed offset, if it committed one.
+fn read_offset(store: &Store, key: &[u8], topology: &str) -> Result<Option<u64>> {
+    match store.get(key)? {
+        Some(b) => Ok(Some(u64::from_le_bytes(b.as_slice().try_into().map_err(|_| {
+            Error::Corrupt {
+                path: store.wal().dir().to_path_buf(),
+                offset: 0,
+                position: 0,
+                reason: format!("stream offset of {topology} is {} bytes, not 8", b.len()),
+            }
+        })?))),
+        None => Ok(None),
+    }
 }
 
 /// Runs a thread until `Shutdown`: serves its channels, runs its stream
@@ -987,15 +1042,7 @@ async fn consume_inner(th: &Rc<TaskThread>, topology: usize, depot: usize, task:
     let log = th.log(depot, task)?;
     let appended = th.appended(depot, task)?;
     let key = offset_key(task, name, depot);
-    let mut offset = match th.store.get(&key)? {
-        Some(b) => u64::from_le_bytes(b.as_slice().try_into().map_err(|_| Error::Corrupt {
-            path: th.store.wal().dir().to_path_buf(),
-            offset: 0,
-            position: 0,
-            reason: format!("stream offset of {name} is {} bytes, not 8", b.len()),
-        })?),
-        None => 0,
-    };
+    let mut offset = read_offset(&th.store, &key, name)?.unwrap_or(0);
     offset = offset.max(log.start_offset());
     let mut pauses = 0u32;
     loop {

@@ -314,6 +314,47 @@ pub fn scan(body: &[u8], base_offset: u64, limits: Limits, index_interval_bytes:
     }
 }
 
+/// Looks for an intact frame starting anywhere in `body[from..]` whose
+/// records come after `after_offset`, and returns its position and base
+/// offset.
+///
+/// Recovery asks this after a scan stopped at a bad frame: only the last
+/// group write can be torn (one write is in flight at a time, and nothing
+/// is acknowledged before its write completes), and nothing intact is ever
+/// written after it. An intact frame past a bad one therefore proves the
+/// bad bytes are damage to acknowledged records, not a torn tail. Cheap
+/// checks (length within the buffer, a plausible count and offset, zero
+/// reserved bytes) come before the checksum, so zero fill and garbage are
+/// passed over quickly.
+pub fn find_intact_frame(body: &[u8], from: usize, after_offset: u64, limits: Limits) -> Option<(usize, u64)> {
+    let last = body.len().checked_sub(FRAME_HEAD_BYTES)?;
+    for pos in from..=last {
+        let head = &body[pos..pos + FRAME_HEAD_BYTES];
+        let len = u32_at(head, 0);
+        if len == 0 || len > limits.body_bytes_max || u32_at(head, 20) != 0 {
+            continue;
+        }
+        let count = u32_at(head, 16);
+        if count == 0 || count > len {
+            continue;
+        }
+        let base = u64_at(head, 8);
+        // Every record takes at least one byte, so offsets cannot advance
+        // faster than positions.
+        if base < after_offset || base - after_offset > (pos - from + 1) as u64 {
+            continue;
+        }
+        let end = pos + FRAME_HEAD_BYTES + len as usize;
+        if end > body.len() {
+            continue;
+        }
+        if let Ok(Some(_)) = decode_frame(&body[pos..end], base, limits.body_bytes_max, limits.record_bytes_max) {
+            return Some((pos, base));
+        }
+    }
+    None
+}
+
 fn u32_at(b: &[u8], at: usize) -> u32 {
     u32::from_le_bytes(b[at..at + 4].try_into().expect("4-byte slice"))
 }

@@ -16,10 +16,13 @@
 //! changes no metadata and is markedly cheaper than a sync of a growing one.
 //! The zero fill also marks the end of the log (see [`mod@format`]).
 //!
-//! Recovery ([`Log::open`]) scans the last segment, keeps the good frames
-//! and zeroes a torn or corrupt tail. Closed segments are verified as they
-//! are read: a bad frame there is [`Error::Corrupt`] naming the segment and
-//! offset, never skipped.
+//! Recovery ([`Log::open`]) scans the last segment and keeps the good
+//! frames. A bad frame with nothing intact after it is a torn tail (only the
+//! last group write can be torn, and it was never acknowledged): it is
+//! zeroed. A bad frame followed by an intact one is damage to acknowledged
+//! records: the open fails with [`Error::Corrupt`] naming the segment and
+//! offset, and nothing is changed. Closed segments are verified as they
+//! are read: a bad frame there is [`Error::Corrupt`] too, never skipped.
 //!
 //! A failed write or sync poisons the log: every waiting and later append
 //! fails, because nothing written after the failure can be proven durable.
@@ -418,6 +421,29 @@ impl Log {
                 );
                 let data_end = (HEADER_BYTES + scan.end_position) as u64;
                 if let ScanStop::Bad(e) = scan.stop {
+                    // Only the last write can be torn: intact records after
+                    // the bad frame mean it is damage to acknowledged data.
+                    // Refuse to open and change nothing.
+                    let body = &bytes[HEADER_BYTES..];
+                    if let Some((pos, offset)) =
+                        format::find_intact_frame(body, scan.end_position, scan.end_offset, config.limits())
+                    {
+                        let why = match e {
+                            FrameError::Truncated { .. } => "frame runs past the end of the file",
+                            FrameError::Corrupt(why) => why,
+                        };
+                        return Err(Error::Corrupt {
+                            path,
+                            offset: scan.end_offset,
+                            position: data_end,
+                            reason: format!(
+                                "{why}, and intact records follow it (offset {offset} at byte {}), so this is \
+                                 damage, not a torn write; nothing was changed: restore the file from a replica \
+                                 or a backup",
+                                HEADER_BYTES + pos
+                            ),
+                        });
+                    }
                     // Zero everything after the last good frame, so stale
                     // bytes there can never be read as frames later.
                     let garbage = size - data_end;
@@ -564,7 +590,10 @@ impl Log {
                 } else if !s.flusher_running {
                     // The flusher drains everything queued before it stops,
                     // so this only happens for offsets never enqueued.
-                    Some(Err(Error::Closed(format!("log {}", self.shared.dir.display()))))
+                    Some(Err(Error::Closed(format!(
+                        "log {} is closed",
+                        self.shared.dir.display()
+                    ))))
                 } else {
                     None
                 }
@@ -590,7 +619,7 @@ impl Log {
             });
         }
         if s.closing || s.closed {
-            return Err(Error::Closed(format!("log {}", self.shared.dir.display())));
+            return Err(Error::Closed(format!("log {} is closed", self.shared.dir.display())));
         }
         Ok(())
     }

@@ -41,7 +41,7 @@ const ESCAPE: u8 = 0xff;
 
 /// Nesting deeper than this is refused when decoding, so a hostile key
 /// cannot overflow the stack.
-pub const DEPTH_MAX: usize = 128;
+pub use super::DEPTH_MAX;
 
 /// A key that does not decode: corrupt storage or a bug.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]

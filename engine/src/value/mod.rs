@@ -21,6 +21,12 @@ use std::fmt;
 
 pub use self::serde::{from_value, to_value};
 
+/// The deepest nesting of lists, maps and sets that any decoder accepts:
+/// stored keys, archives (storage and the network) and, through the same
+/// figure in `control`, JSON and YAML input. Checked before recursing, so
+/// hostile input cannot overflow a stack.
+pub const DEPTH_MAX: usize = 128;
+
 /// A dynamic value.
 ///
 /// Order: values of different kinds order by kind, in declaration order

@@ -1,0 +1,280 @@
+//! The cluster tried as an attacker and as a careless operator would
+//! (issue 11), on real processes on loopback: hostile frames, idle
+//! connections, clients without the cluster secret, absurd parallelism and
+//! a stale worker from an earlier cluster. Each part names the bug it
+//! guards against.
+
+use std::time::Duration;
+
+mod common;
+
+use common::{alive, eventually, examples_artifact, free_port, text, KillWorkers, Node};
+use control::config::Side;
+use engine::pstate::Nav;
+use engine::value::{archived, Value};
+use net::auth::Secret;
+use net::manager::ClusterManager;
+use net::{Connection, NetError, FRAME_BYTES_MAX, PROTOCOL_VERSION};
+
+fn threads_of(pid: u32) -> usize {
+    std::fs::read_dir(format!("/proc/{pid}/task")).map_or(0, |d| d.count())
+}
+
+fn artifacts(node: &Node) -> usize {
+    std::fs::read_dir(node.dir.join("data/conductor/artifacts")).map_or(0, |d| d.count())
+}
+
+fn deploy(node: &Node, shape: [&str; 3]) -> std::process::Output {
+    let jar = examples_artifact();
+    node.rama(&[
+        "deploy",
+        "--action",
+        "launch",
+        "--jar",
+        jar.to_str().unwrap(),
+        "--module",
+        "WordCountModule",
+        "--tasks",
+        shape[0],
+        "--threads",
+        shape[1],
+        "--workers",
+        shape[2],
+    ])
+}
+
+/// An answer that is an error map (the daemon refused the request and
+/// lives on).
+fn is_error_answer(bytes: &[u8]) -> bool {
+    matches!(archived::from_bytes(bytes), Ok(Value::Map(m)) if m.contains_key(&Value::from("error")))
+}
+
+#[test]
+fn hostile_input_is_refused_and_the_cluster_goes_on() {
+    let root = tempfile::tempdir().unwrap();
+    let _kill_workers = KillWorkers(root.path().to_path_buf());
+    let (zk, cport) = (free_port(), free_port());
+    let first = free_port().max(20000) / 2 + 20000;
+    let conductor = Node::new(root.path(), "conductor", zk, cport, "conductor.connections.max: 40\n");
+    let sup = Node::new(
+        root.path(),
+        "s1",
+        zk,
+        cport,
+        &format!("supervisor.port.range: [{first}, {}]\n", first + 20),
+    );
+    let _zk = conductor.daemon("devZookeeper", "ZooKeeper running");
+    let (conductor_daemon, _out) = conductor.daemon("conductor", "admin API on");
+    let _sup = sup.daemon("supervisor", "supervisor ");
+
+    // Regression: `--tasks 2147483648` was accepted (its worker grew to
+    // 20 GB), and every refused deploy uploaded the artifact first.
+    let out = deploy(&conductor, ["2147483648", "1", "1"]);
+    assert_eq!(out.status.code(), Some(1), "{}", text(&out));
+    assert!(text(&out).contains("module.tasks.max"), "{}", text(&out));
+    assert!(
+        !text(&out).contains("uploading"),
+        "checked before the upload: {}",
+        text(&out)
+    );
+    let out = deploy(&conductor, ["4", "1000", "1"]);
+    assert!(text(&out).contains("module.threads.max"), "{}", text(&out));
+    assert_eq!(artifacts(&conductor), 0, "a refused deploy stored an artifact");
+
+    let out = deploy(&conductor, ["4", "2", "1"]);
+    assert!(out.status.success(), "{}", text(&out));
+    let secret = Secret::load(&conductor.dir.join("cluster.secret")).unwrap();
+    let manager = ClusterManager::open_with(Some(&conductor.dir.join("rama.yaml")), &[], Side::External).unwrap();
+    let depot = manager.depot("WordCountModule", "*sentences").unwrap();
+    depot
+        .append(&Value::from("the cat"), engine::cluster::AckLevel::Ack)
+        .unwrap();
+    let worker = manager.workers("WordCountModule").unwrap().remove(0);
+    let worker_pid = sup.worker_pid().unwrap();
+
+    // Regression: one request of a list nested 200,000 deep aborted a
+    // worker (stack overflow), 50,000 deep the Conductor. Sent here by an
+    // authenticated client: the secret is no excuse for a crash.
+    let deep = archived::deep_list_archive(200_000);
+    let to_worker = Connection::connect(worker.address.as_str(), PROTOCOL_VERSION, FRAME_BYTES_MAX, &secret).unwrap();
+    assert!(
+        is_error_answer(&to_worker.call(&deep).unwrap()),
+        "the worker answers with an error"
+    );
+    let conductor_addr = format!("127.0.0.1:{cport}");
+    let admin = Connection::connect(conductor_addr.as_str(), PROTOCOL_VERSION, FRAME_BYTES_MAX, &secret).unwrap();
+    assert!(is_error_answer(
+        &admin.call(&archived::deep_list_archive(50_000)).unwrap()
+    ));
+    // Peer lanes: a deep message, and a stage message cut short (it once
+    // indexed `&p[1..5]` of network input).
+    for lane in [0u32, 3] {
+        let peer = Connection::connect_as(
+            worker.address.as_str(),
+            PROTOCOL_VERSION,
+            FRAME_BYTES_MAX,
+            net::peers::peer_role(lane),
+            &secret,
+        )
+        .unwrap();
+        let short = archived::to_bytes(&Value::list([Value::from("stage"), Value::Int(0)]));
+        let bad_index = archived::to_bytes(&Value::list([
+            Value::from("append"),
+            Value::Int(-5),
+            Value::Int(0),
+            Value::Bytes(vec![1]),
+            Value::Int(0),
+        ]));
+        for message in [&deep, &short, &bad_index] {
+            let answer = peer.call(message);
+            assert!(answer.is_ok(), "lane {lane}: the worker answers: {answer:?}");
+        }
+    }
+    drop((to_worker, admin));
+    assert!(alive(worker_pid), "the worker survived the hostile frames");
+    assert_eq!(
+        String::from_utf8_lossy(&conductor.rama(&["moduleStatus", "WordCountModule"]).stdout),
+        "[:running]\n",
+        "the Conductor survived the hostile frames"
+    );
+
+    // Regression: no connection cap and no handshake timeout (500 idle
+    // connections took the Conductor to 3,004 threads).
+    let pid = conductor_daemon.0.id();
+    let before = threads_of(pid);
+    let idle: Vec<std::net::TcpStream> = (0..300)
+        .filter_map(|_| std::net::TcpStream::connect(&conductor_addr).ok())
+        .collect();
+    std::thread::sleep(Duration::from_millis(500));
+    let during = threads_of(pid);
+    assert!(
+        during <= before + 2 * 40 + 8,
+        "{during} Conductor threads with 300 idle connections against a cap of 40 ({before} before)"
+    );
+    let out = conductor.rama(&["moduleStatus", "WordCountModule"]);
+    assert!(
+        out.status.success() || text(&out).contains("limit of open connections"),
+        "a refusal names the cap: {}",
+        text(&out)
+    );
+    drop(idle);
+    // Once they are gone (or timed out in the handshake) the CLI is served.
+    eventually("the Conductor to serve the CLI again", || {
+        conductor.rama(&["moduleStatus", "WordCountModule"]).status.success()
+    });
+
+    // Without the cluster secret (another one, or none) every listener
+    // refuses, and nothing is run or stored.
+    let intruder = root.path().join("intruder");
+    std::fs::create_dir_all(&intruder).unwrap();
+    std::fs::copy(conductor.dir.join("rama.yaml"), intruder.join("rama.yaml")).unwrap();
+    Secret::create(&intruder.join("cluster.secret"), false).unwrap();
+    let out = common::rama_in(
+        &intruder,
+        &[
+            "deploy",
+            "--action",
+            "launch",
+            "--jar",
+            examples_artifact().to_str().unwrap(),
+            "--module",
+            "Other",
+            "--tasks",
+            "2",
+            "--threads",
+            "1",
+            "--workers",
+            "1",
+        ],
+    );
+    assert_eq!(out.status.code(), Some(1), "{}", text(&out));
+    assert!(text(&out).contains("cluster secret"), "{}", text(&out));
+    assert_eq!(artifacts(&conductor), 1, "only the module's own artifact is stored");
+    // ZooKeeper refuses the wrong credentials, naming why.
+    let out = common::rama_in(&intruder, &["depotAppend", "WordCountModule", "*sentences", "\"x\""]);
+    assert_eq!(out.status.code(), Some(1), "{}", text(&out));
+    assert!(
+        text(&out).contains("refuses this cluster's credentials"),
+        "{}",
+        text(&out)
+    );
+    // The worker's client port and a peer lane refuse a wrong secret.
+    let wrong = Secret::generate();
+    for role in [0u8, net::peers::peer_role(0)] {
+        match Connection::connect_as(worker.address.as_str(), PROTOCOL_VERSION, FRAME_BYTES_MAX, role, &wrong) {
+            Err(NetError::Unauthenticated { .. }) => {}
+            other => panic!("role {role}: a wrong secret was not refused: {other:?}"),
+        }
+    }
+    let counts = manager.pstate("WordCountModule", "$$wordCounts").unwrap();
+    assert_eq!(counts.select_one(&[Nav::key("cat")]).unwrap(), Value::Int(1));
+    drop((depot, counts, manager));
+    let out = conductor.rama(&["destroy", "WordCountModule"]);
+    assert!(out.status.success(), "{}", text(&out));
+}
+
+/// Regression: a worker left running from an earlier cluster (its
+/// Supervisor stopped) re-registered under the same module name when a new
+/// ZooKeeper came up at the same address and root; the two registrations
+/// of one worker id deleted each other every 500 ms and clients reached
+/// the stale worker (word counts came out wrong). A worker now serves only
+/// while its assignment names its module instance.
+#[test]
+fn a_stale_worker_does_not_join_a_new_cluster() {
+    let root = tempfile::tempdir().unwrap();
+    let _kill_workers = KillWorkers(root.path().to_path_buf());
+    let (zk, cport) = (free_port(), free_port());
+    let first = free_port().max(20000) / 2 + 20000;
+    let ports = |at: u16| format!("supervisor.port.range: [{at}, {}]\n", at + 20);
+    let old = Node::new(root.path(), "old", zk, cport, &ports(first));
+    let zk_daemon = old.daemon("devZookeeper", "ZooKeeper running");
+    let conductor = old.daemon("conductor", "admin API on");
+    let (mut sup, _out) = old.daemon("supervisor", "supervisor ");
+    let out = deploy(&old, ["4", "2", "1"]);
+    assert!(out.status.success(), "{}", text(&out));
+    let stale = old.worker_pid().unwrap();
+    let manager = ClusterManager::open_with(Some(&old.dir.join("rama.yaml")), &[], Side::External).unwrap();
+    let depot = manager.depot("WordCountModule", "*sentences").unwrap();
+    for _ in 0..5 {
+        depot
+            .append(&Value::from("stale stale"), engine::cluster::AckLevel::Ack)
+            .unwrap();
+    }
+    drop((depot, manager));
+    // The Supervisor dies (its worker goes on, by design); the cluster's
+    // ZooKeeper and Conductor are replaced by fresh ones on the same
+    // address and root, with the same secret.
+    sup.0.kill().unwrap();
+    sup.0.wait().unwrap();
+    // Reaped: its Drop must not signal a pid that may be reused.
+    std::mem::forget(sup);
+    drop(conductor);
+    drop(zk_daemon);
+    assert!(alive(stale), "the worker outlives its Supervisor");
+    std::fs::remove_dir_all(old.dir.join("data/zookeeper")).unwrap();
+    let new = Node::new(root.path(), "new", zk, cport, &ports(first + 100));
+    let _zk = new.daemon("devZookeeper", "ZooKeeper running");
+    let _conductor = new.daemon("conductor", "admin API on");
+    let _sup = new.daemon("supervisor", "supervisor ");
+    let out = deploy(&new, ["4", "2", "1"]);
+    assert!(out.status.success(), "{}", text(&out));
+    // The stale worker finds its assignment gone and stops itself.
+    eventually("the stale worker to stop", || !alive(stale));
+    let manager = ClusterManager::open_with(Some(&new.dir.join("rama.yaml")), &[], Side::External).unwrap();
+    let depot = manager.depot("WordCountModule", "*sentences").unwrap();
+    let counts = manager.pstate("WordCountModule", "$$wordCounts").unwrap();
+    for _ in 0..50 {
+        depot
+            .append(&Value::from("fresh"), engine::cluster::AckLevel::Ack)
+            .unwrap();
+    }
+    assert_eq!(counts.select_one(&[Nav::key("fresh")]).unwrap(), Value::Int(50));
+    assert_eq!(counts.select_one(&[Nav::key("stale")]).unwrap(), Value::Nil);
+    // Every CLI call finds the module (no registration flapping).
+    for _ in 0..20 {
+        let out = new.rama(&["pstateSelect", "WordCountModule", "$$wordCounts", "[\"fresh\"]"]);
+        assert_eq!(String::from_utf8_lossy(&out.stdout), "[50]\n", "{}", text(&out));
+    }
+    drop((depot, counts, manager));
+    let _ = new.rama(&["destroy", "WordCountModule"]);
+}
