@@ -1,7 +1,11 @@
 #!/usr/bin/env bash
-# Short fuzzing smoke run of the log segment decoder.
+# Short fuzzing smoke runs of the decoders.
 #
-#   fuzz/smoke.sh [SECONDS]        (default 30)
+#   fuzz/smoke.sh [SECONDS] [TARGET...]   (default 30 s each, every target)
+#
+# Targets: segment_decoder (log segments), wire_request (client requests
+# to a worker), peer_message (messages between workers), admin_request
+# (the Conductor's admin API).
 #
 # cargo-fuzz normally needs a nightly toolchain (it passes -Z sanitizer
 # flags). Only the stable toolchain is available here, so the run uses
@@ -26,4 +30,10 @@ if ! cargo fuzz --version >/dev/null 2>&1; then
 fi
 
 export RUSTC_BOOTSTRAP=1
-cargo fuzz run segment_decoder -- -max_total_time="$seconds"
+shift || true
+targets=("$@")
+[[ ${#targets[@]} -gt 0 ]] || targets=(segment_decoder wire_request peer_message admin_request)
+for t in "${targets[@]}"; do
+    echo "smoke.sh: $t for $seconds s" >&2
+    cargo fuzz run "$t" -- -max_total_time="$seconds"
+done

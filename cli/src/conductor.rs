@@ -17,7 +17,7 @@
 //! the name is the content's hash, never a name from the client, and an
 //! upload above `conductor.artifact.max.bytes` (default 1 GiB) is refused.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::HashMap;
 use std::fs::{File, OpenOptions};
 use std::io::{Read, Seek, SeekFrom, Write};
 use std::path::{Path, PathBuf};
@@ -33,7 +33,7 @@ use net::manager::{connect_metastore, workers_path};
 use serde_json::{json, Value as Json};
 use sha2::{Digest, Sha256};
 
-use crate::admin::{self, bytes, int, text, CHUNK_BYTES};
+use crate::admin::{self, int, text, AdminRequest, DeployArgs, CHUNK_BYTES};
 
 const LAUNCH_TIMEOUT: Duration = Duration::from_secs(180);
 /// Uploads in progress at once; a further one is refused until one ends.
@@ -120,20 +120,15 @@ fn valid_module_name(name: &str) -> bool {
 
 impl Conductor {
     fn handle(&self, request: &[u8]) -> Vec<u8> {
-        let answer = archived::from_bytes(request)
-            .map_err(|e| format!("the request does not decode: {e}"))
-            .and_then(|r| match r {
-                Value::Map(m) => self.dispatch(&m),
-                _ => Err("a request is a map".into()),
-            })
+        let answer = AdminRequest::decode(request)
+            .and_then(|r| self.dispatch(r))
             .unwrap_or_else(|e| Value::map([("error", Value::from(e))]));
         archived::to_bytes(&answer)
     }
 
-    fn dispatch(&self, m: &BTreeMap<Value, Value>) -> Result<Value, String> {
-        match text(m, "op")? {
-            "uploadStart" => {
-                let size = u64::try_from(int(m, "size")?).map_err(|_| "size must not be negative")?;
+    fn dispatch(&self, request: AdminRequest) -> Result<Value, String> {
+        match request {
+            AdminRequest::UploadStart { size } => {
                 if size > self.max_bytes {
                     return Err(format!(
                         "the artifact is {size} bytes, above conductor.artifact.max.bytes = {}",
@@ -164,10 +159,11 @@ impl Conductor {
                 );
                 Ok(Value::map([("upload", Value::Int(id))]))
             }
-            "uploadChunk" => {
-                let id = int(m, "upload")?;
-                let data = bytes(m, "data")?;
-                let offset = u64::try_from(int(m, "offset")?).map_err(|_| "bad offset")?;
+            AdminRequest::UploadChunk {
+                upload: id,
+                offset,
+                data,
+            } => {
                 let mut uploads = self.uploads.lock().expect("uploads");
                 let u = uploads.get_mut(&id).ok_or_else(|| format!("no upload {id}"))?;
                 if offset != u.written || u.written + data.len() as u64 > u.size {
@@ -178,13 +174,14 @@ impl Conductor {
                         u.size
                     ));
                 }
-                u.file.write_all(data).map_err(|e| format!("writing the upload: {e}"))?;
+                u.file
+                    .write_all(&data)
+                    .map_err(|e| format!("writing the upload: {e}"))?;
                 u.written += data.len() as u64;
                 u.touched = Instant::now();
                 Ok(Value::map::<&str, Value>([]))
             }
-            "uploadFinish" => {
-                let id = int(m, "upload")?;
+            AdminRequest::UploadFinish { upload: id } => {
                 let u = self
                     .uploads
                     .lock()
@@ -212,9 +209,8 @@ impl Conductor {
                 set_executable(&dest)?;
                 Ok(Value::map([("artifact", Value::from(hash))]))
             }
-            "download" => {
-                let path = self.artifact_path(text(m, "artifact")?)?;
-                let offset = u64::try_from(int(m, "offset")?).map_err(|_| "bad offset")?;
+            AdminRequest::Download { artifact, offset } => {
+                let path = self.artifact_path(&artifact)?;
                 let mut f = File::open(&path).map_err(|e| format!("artifact: {e}"))?;
                 let size = f.metadata().map_err(|e| e.to_string())?.len();
                 f.seek(SeekFrom::Start(offset)).map_err(|e| e.to_string())?;
@@ -225,30 +221,37 @@ impl Conductor {
                     ("size", Value::Int(size as i64)),
                 ]))
             }
-            "deployCheck" => {
-                self.check_shape(m)?;
+            AdminRequest::DeployCheck(d) => {
+                self.check_shape(&d)?;
                 Ok(Value::map::<&str, Value>([]))
             }
-            "deploy" => {
-                let artifact = text(m, "artifact")?.to_string();
-                let deployed = self.deploy(m);
+            AdminRequest::Deploy(d) => {
+                let deployed = self.deploy(&d);
                 if deployed.is_err() {
                     // A refused deploy leaves no artifact behind unless
                     // another module runs it.
-                    self.remove_artifact_if_unused(&artifact);
+                    self.remove_artifact_if_unused(&d.artifact);
                 }
                 deployed
             }
-            "status" => {
-                let module = text(m, "module")?;
-                Ok(Value::map([(
-                    "state",
-                    state(&self.meta, module)?.map_or(Value::Nil, Value::from),
-                )]))
+            AdminRequest::Status { module } => {
+                let module = module.as_str();
+                let down = net::manager::failures(&self.meta, module).map_err(|e| e.to_string())?;
+                Ok(Value::map([
+                    ("state", state(&self.meta, module)?.map_or(Value::Nil, Value::from)),
+                    (
+                        "down",
+                        Value::List(
+                            down.into_iter()
+                                .map(|(w, why)| Value::map([("worker", Value::from(w)), ("error", Value::from(why))]))
+                                .collect(),
+                        ),
+                    ),
+                ]))
             }
-            "taskGroups" => self.task_groups(text(m, "module")?),
-            "workers" => {
-                let module = text(m, "module")?;
+            AdminRequest::TaskGroups { module } => self.task_groups(&module),
+            AdminRequest::Workers { module } => {
+                let module = module.as_str();
                 if !valid_module_name(module) {
                     return Err(format!("{module:?} is not a module name"));
                 }
@@ -258,8 +261,8 @@ impl Conductor {
                     Value::List(workers.iter().map(net::manager::WorkerInfo::to_value).collect()),
                 )]))
             }
-            "destroy" => {
-                let module = text(m, "module")?;
+            AdminRequest::Destroy { module } => {
+                let module = module.as_str();
                 if state(&self.meta, module)?.is_none() {
                     return Err(format!("no module named {module} is deployed"));
                 }
@@ -269,7 +272,6 @@ impl Conductor {
                 self.remove_assignments(module)?;
                 Ok(Value::map([("state", Value::from("destroying"))]))
             }
-            other => Err(format!("unknown admin op {other}")),
         }
     }
 
@@ -288,17 +290,9 @@ impl Conductor {
     /// Everything about a deploy that can be checked without its
     /// artifact: the CLI asks for this (`deployCheck`) before it uploads,
     /// and `deploy` checks it again.
-    fn check_shape(&self, m: &BTreeMap<Value, Value>) -> Result<Shape, String> {
-        let module = text(m, "module")?;
-        let num = |name: &str| -> Result<u32, String> {
-            u32::try_from(int(m, name)?).map_err(|_| format!("--{name} must be a positive number below 2^32"))
-        };
-        let (tasks, threads, workers, rf) = (
-            num("tasks")?,
-            num("threads")?,
-            num("workers")?,
-            num("replicationFactor")?,
-        );
+    fn check_shape(&self, d: &DeployArgs) -> Result<Shape, String> {
+        let module = d.module.as_str();
+        let (tasks, threads, workers, rf) = (d.tasks, d.threads, d.workers, d.replication_factor);
         if !valid_module_name(module) {
             return Err(format!("{module:?} is not a module name"));
         }
@@ -318,7 +312,7 @@ impl Conductor {
             ));
         }
         Parallelism::new(tasks, threads, workers).map_err(|e| e.to_string())?;
-        let overrides = match m.get(&Value::from("configOverrides")).and_then(Value::as_str) {
+        let overrides = match d.config_overrides.as_deref() {
             Some(text) => {
                 let j: Json = serde_json::from_str(text).map_err(|e| format!("configOverrides: {e}"))?;
                 control::worker_config::WorkerConfig::from_json(&j)?
@@ -369,9 +363,8 @@ impl Conductor {
         })
     }
 
-    fn deploy(&self, m: &BTreeMap<Value, Value>) -> Result<Value, String> {
-        let module = text(m, "module")?;
-        let artifact = text(m, "artifact")?;
+    fn deploy(&self, d: &DeployArgs) -> Result<Value, String> {
+        let (module, artifact) = (d.module.as_str(), d.artifact.as_str());
         let Shape {
             tasks,
             threads,
@@ -379,7 +372,7 @@ impl Conductor {
             rf,
             overrides,
             slots,
-        } = self.check_shape(m)?;
+        } = self.check_shape(d)?;
         let path = self.artifact_path(artifact)?;
         // The artifact must be a module artifact, contain the module, and
         // be built with this engine.
@@ -494,12 +487,17 @@ impl Conductor {
                 }
             }
         }
+        let down: HashMap<u32, String> = net::manager::failures(&self.meta, module)
+            .map_err(|e| e.to_string())?
+            .into_iter()
+            .collect();
         let mut groups = Vec::new();
         for thread in 0..placement.parallelism.threads {
             let worker = placement.worker_of_thread[thread as usize];
             let address = read_json(&self.meta, &format!("{}/{worker}", workers_path(module)))?
                 .and_then(|j| j["address"].as_str().map(str::to_string));
             groups.push(Value::map([
+                ("down", down.get(&worker).cloned().map_or(Value::Nil, Value::from)),
                 ("taskGroup", Value::from(thread)),
                 (
                     "tasks",

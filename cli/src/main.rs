@@ -684,14 +684,31 @@ fn main() -> ExitCode {
             }
             Cmd::Deploy { .. } => deploy(&cli, &config),
             Cmd::ModuleStatus { module } => {
-                let state = module_state(&admin(&cli, &config)?, module)?;
-                match state {
-                    Some(s) => {
-                        println!("{}", admin::shown(&s));
-                        Ok(())
+                use engine::value::Value;
+                let r = admin(&cli, &config)?
+                    .call(&admin::request("status", [("module", Value::from(module.as_str()))]))?;
+                let Some(state) = r.get(&Value::from("state")).and_then(Value::as_str) else {
+                    return Err(Failure::Failed(format!("no module named {module} is deployed")));
+                };
+                println!("{}", admin::shown(state));
+                // Workers whose storage did not open keep their task
+                // groups down; each says why.
+                if let Some(Value::List(down)) = r.get(&Value::from("down")) {
+                    for d in down {
+                        let f = |k: &str| {
+                            d.as_map()
+                                .and_then(|m| m.get(&Value::from(k)))
+                                .cloned()
+                                .unwrap_or(Value::Nil)
+                        };
+                        println!(
+                            "worker {} is down: {}",
+                            f("worker").as_int().unwrap_or(-1),
+                            f("error").as_str().unwrap_or("?")
+                        );
                     }
-                    None => Err(Failure::Failed(format!("no module named {module} is deployed"))),
                 }
+                Ok(())
             }
             Cmd::TaskGroupsStatus { module } => {
                 use engine::value::Value;
@@ -717,9 +734,10 @@ fn main() -> ExitCode {
                             .join(", "),
                         _ => String::new(),
                     };
-                    let at = match (f("address"), f("supervisor")) {
-                        (Value::Str(a), Value::Str(s)) => format!("at {a} (supervisor {s})"),
-                        (Value::Str(a), _) => format!("at {a}"),
+                    let at = match (f("address"), f("supervisor"), f("down")) {
+                        (_, _, Value::Str(why)) => format!("down: {why}"),
+                        (Value::Str(a), Value::Str(s), _) => format!("at {a} (supervisor {s})"),
+                        (Value::Str(a), _, _) => format!("at {a}"),
                         _ => "not running".into(),
                     };
                     println!(

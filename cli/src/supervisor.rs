@@ -47,6 +47,16 @@ impl Proc {
         }
     }
 
+    /// The exit code of a child that ended (an adopted worker's is not
+    /// known).
+    fn exit_code(&mut self) -> Option<i32> {
+        match self {
+            // Reaped by `alive` already: try_wait gives the kept status.
+            Proc::Child(c) => c.try_wait().ok().flatten().and_then(|s| s.code()),
+            Proc::Adopted(_) => None,
+        }
+    }
+
     fn alive(&mut self) -> bool {
         match self {
             Proc::Child(c) => matches!(c.try_wait(), Ok(None)),
@@ -118,7 +128,23 @@ struct Supervisor {
     ports: (u16, u16),
     workers: HashMap<String, Proc>,
     secret: net::auth::Secret,
+    /// Workers that exited or failed to start: the next start waits.
+    restarts: HashMap<String, Restart>,
+    /// When each running worker was started by this Supervisor.
+    started: HashMap<String, std::time::Instant>,
 }
+
+/// A worker that keeps exiting is started again less and less often (1 s
+/// doubling to a minute), so a worker that cannot open its data is not a
+/// crash loop; one that ran for a while starts again at once.
+struct Restart {
+    tries: u32,
+    not_before: std::time::Instant,
+}
+
+const RESTART_BACKOFF_MAX: Duration = Duration::from_secs(60);
+/// A worker that ran this long before exiting is restarted without delay.
+const RESTART_HEALTHY_RUN: Duration = Duration::from_secs(60);
 
 impl Supervisor {
     fn register(&self) {
@@ -252,6 +278,26 @@ impl Supervisor {
         Ok(())
     }
 
+    /// Schedules the next start of worker `a` after a failure and returns
+    /// the wait; a `healthy` run (long enough) starts over at no wait.
+    fn back_off(&mut self, a: &str, healthy: bool) -> Duration {
+        let r = self.restarts.entry(a.to_string()).or_insert(Restart {
+            tries: 0,
+            not_before: std::time::Instant::now(),
+        });
+        if healthy {
+            r.tries = 0;
+        }
+        let wait = if r.tries == 0 {
+            Duration::ZERO
+        } else {
+            (Duration::from_secs(1) * 2u32.saturating_pow(r.tries - 1)).min(RESTART_BACKOFF_MAX)
+        };
+        r.tries = r.tries.saturating_add(1);
+        r.not_before = std::time::Instant::now() + wait;
+        wait
+    }
+
     fn adopt(&mut self) {
         let Ok(entries) = std::fs::read_dir(self.dir.join("workers")) else {
             return;
@@ -283,17 +329,43 @@ impl Supervisor {
             if running {
                 continue;
             }
-            if self.workers.remove(a).is_some() {
-                self.log
-                    .line(&format!("supervisor {}: worker {a} exited; starting it again", self.id));
+            if let Some(mut p) = self.workers.remove(a) {
+                let healthy = self
+                    .started
+                    .remove(a)
+                    .is_some_and(|t| t.elapsed() >= RESTART_HEALTHY_RUN);
+                let wait = self.back_off(a, healthy);
+                self.log.line(&format!(
+                    "supervisor {}: worker {a} (pid {}) exited{}; starting it again in {:.0} s (see logs/worker-{a}.log)",
+                    self.id,
+                    p.pid(),
+                    p.exit_code().map_or(String::new(), |c| format!(" with code {c}")),
+                    wait.as_secs_f64()
+                ));
+            }
+            if self
+                .restarts
+                .get(a)
+                .is_some_and(|r| std::time::Instant::now() < r.not_before)
+            {
+                continue;
             }
             let Some((data, _)) = self.meta.get(&format!("{dir}/{a}")).map_err(|e| e.to_string())? else {
                 continue;
             };
             let spec: Json = serde_json::from_slice(&data).map_err(|e| format!("assignment {a}: {e}"))?;
-            if let Err(e) = self.start(a, &spec) {
-                self.log
-                    .line(&format!("supervisor {}: cannot start worker {a}: {e}", self.id));
+            match self.start(a, &spec) {
+                Ok(()) => {
+                    self.started.insert(a.clone(), std::time::Instant::now());
+                }
+                Err(e) => {
+                    let wait = self.back_off(a, false);
+                    self.log.line(&format!(
+                        "supervisor {}: cannot start worker {a}: {e}; trying again in {:.0} s",
+                        self.id,
+                        wait.as_secs_f64()
+                    ));
+                }
             }
         }
         let gone: Vec<String> = self.workers.keys().filter(|a| !assigned.contains(a)).cloned().collect();
@@ -344,6 +416,8 @@ pub fn run(config: &Config, stop: &AtomicBool) -> Result<(), String> {
         ports,
         workers: HashMap::new(),
         secret,
+        restarts: HashMap::new(),
+        started: HashMap::new(),
     };
     s.adopt();
     s.register();

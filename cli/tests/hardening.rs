@@ -278,3 +278,102 @@ fn a_stale_worker_does_not_join_a_new_cluster() {
     drop((depot, counts, manager));
     let _ = new.rama(&["destroy", "WordCountModule"]);
 }
+
+/// Regression: 16 bytes flipped in the middle of a depot's active segment
+/// were taken for a torn tail at restart: 19,135 acknowledged records
+/// were zeroed without a word, and the stream consumer's offset then
+/// pointed past the log's end. Now the worker refuses to open the damaged
+/// log, nothing is changed on disk, and the task group stays down with
+/// the reason in `moduleStatus` and `taskGroupsStatus`.
+#[test]
+fn damaged_data_keeps_its_task_group_down_and_says_why() {
+    let root = tempfile::tempdir().unwrap();
+    let _kill_workers = KillWorkers(root.path().to_path_buf());
+    let (zk, cport) = (free_port(), free_port());
+    let first = free_port().max(20000) / 2 + 20000;
+    let node = Node::new(
+        root.path(),
+        "n1",
+        zk,
+        cport,
+        &format!("supervisor.port.range: [{first}, {}]\n", first + 20),
+    );
+    let _zk = node.daemon("devZookeeper", "ZooKeeper running");
+    let _conductor = node.daemon("conductor", "admin API on");
+    let sup = node.daemon("supervisor", "supervisor ");
+    let out = deploy(&node, ["2", "1", "1"]);
+    assert!(out.status.success(), "{}", text(&out));
+    let manager = ClusterManager::open_with(Some(&node.dir.join("rama.yaml")), &[], Side::External).unwrap();
+    let depot = manager.depot("WordCountModule", "*sentences").unwrap();
+    for i in 0..400 {
+        depot
+            .append(&Value::from(format!("word{i} the")), engine::cluster::AckLevel::Ack)
+            .unwrap();
+    }
+    drop((depot, manager));
+    // Stop the Supervisor (the worker stays), then the worker, cleanly.
+    drop(sup);
+    let pid = node.worker_pid().unwrap();
+    // SAFETY: signals the worker this test's cluster started.
+    unsafe { libc::kill(pid as i32, libc::SIGTERM) };
+    eventually("the worker to stop", || !alive(pid));
+    // Damage the middle of the active segment of the partition with data.
+    let parts = node
+        .dir
+        .join("data/supervisor/workers/WordCountModule.0/WordCountModule");
+    let segment = (0..2)
+        .map(|t| parts.join(format!("task-{t}/depot-sentences/00000000000000000000.log")))
+        .max_by_key(|p| {
+            let b = std::fs::read(p).unwrap();
+            b.iter().rposition(|&x| x != 0).unwrap_or(0)
+        })
+        .unwrap();
+    let mut bytes = std::fs::read(&segment).unwrap();
+    let data_end = bytes.iter().rposition(|&x| x != 0).unwrap();
+    assert!(data_end > 4096, "the partition holds many frames ({data_end} bytes)");
+    for b in &mut bytes[data_end / 2..data_end / 2 + 16] {
+        *b ^= 0xff;
+    }
+    std::fs::write(&segment, &bytes).unwrap();
+    // The Supervisor starts the worker again; it refuses to open the log.
+    let _sup = node.daemon("supervisor", "supervisor ");
+    let started = std::time::Instant::now();
+    loop {
+        let out = text(&node.rama(&["moduleStatus", "WordCountModule"]));
+        if out.contains("worker 0 is down: corrupt data in") {
+            break;
+        }
+        if started.elapsed() > Duration::from_secs(90) {
+            let logs: String = std::fs::read_dir(node.dir.join("logs"))
+                .into_iter()
+                .flatten()
+                .flatten()
+                .map(|e| {
+                    format!(
+                        "== {}\n{}",
+                        e.path().display(),
+                        std::fs::read_to_string(e.path()).unwrap_or_default()
+                    )
+                })
+                .collect();
+            panic!("moduleStatus never named the damage: {out}\n{logs}");
+        }
+        std::thread::sleep(Duration::from_millis(300));
+    }
+    let status = text(&node.rama(&["moduleStatus", "WordCountModule"]));
+    assert!(
+        status.contains(segment.to_str().unwrap()),
+        "the file is named: {status}"
+    );
+    let groups = text(&node.rama(&["taskGroupsStatus", "WordCountModule"]));
+    assert!(groups.contains("down: corrupt data in"), "{groups}");
+    // Started again (with backoff), it refuses again; the file is as it was.
+    std::thread::sleep(Duration::from_secs(3));
+    assert_eq!(
+        std::fs::read(&segment).unwrap(),
+        bytes,
+        "the damaged segment was changed"
+    );
+    let out = node.rama(&["destroy", "WordCountModule"]);
+    assert!(out.status.success(), "{}", text(&out));
+}

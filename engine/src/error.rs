@@ -19,7 +19,10 @@ pub enum Error {
 
     /// A write or sync failed earlier; nothing written since can be proven
     /// durable, so nothing more is acknowledged.
-    #[error("{what} is poisoned by an earlier I/O failure ({cause}); reopen it to recover")]
+    #[error(
+        "{what} took no writes after an I/O failure ({cause}); nothing since was acknowledged; it tries again by \
+         itself (free disk space if the device is full)"
+    )]
     Poisoned { what: String, cause: String },
 
     /// Stored bytes failed verification where they must be intact.

@@ -5,66 +5,15 @@
 mod common;
 
 use std::collections::BTreeMap;
-use std::io::{BufRead, BufReader};
-use std::path::Path;
-use std::process::{Child, Command, Stdio};
+use std::process::Command;
 
-use common::{seed, sentence, Rng};
+use common::{secret_in, seed, sentence, start_worker, stop_worker, Rng};
 use engine::cluster::AckLevel;
 use engine::pstate::Nav;
 use engine::value::Value;
 use engine::Error;
-use net::auth::Secret;
 use net::remote::RemoteCluster;
 use rama_examples::words;
-
-/// A secret file for a worker started by a test, and the secret.
-fn secret_in(dir: &Path) -> (std::path::PathBuf, Secret) {
-    let path = dir.join("cluster.secret");
-    let secret = match Secret::load(&path) {
-        Ok(s) => s,
-        Err(_) => Secret::create(&path, false).unwrap(),
-    };
-    (path, secret)
-}
-
-fn start_worker(dir: &Path, module: &str) -> (Child, String) {
-    let (secret, _) = secret_in(dir);
-    let mut child = Command::new(env!("CARGO_BIN_EXE_rama-examples"))
-        .args([
-            "worker",
-            "--module",
-            module,
-            "--tasks",
-            "8",
-            "--threads",
-            "2",
-            "--secretFile",
-        ])
-        .arg(secret)
-        .arg("--dir")
-        .arg(dir)
-        .stdout(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let mut line = String::new();
-    BufReader::new(child.stdout.take().unwrap())
-        .read_line(&mut line)
-        .unwrap();
-    let addr = line
-        .strip_prefix("worker listening on ")
-        .and_then(|rest| rest.split_whitespace().next())
-        .unwrap_or_else(|| panic!("unexpected first line: {line:?}"))
-        .to_string();
-    (child, addr)
-}
-
-fn stop_worker(mut child: Child) {
-    // SAFETY: signals our own child.
-    unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
-    let status = child.wait().unwrap();
-    assert!(status.success(), "worker exited with {status}");
-}
 
 #[test]
 fn wordcount_through_a_worker_process() {

@@ -367,7 +367,7 @@ fn worker(def: ModuleDef, dir: &str, shape: Shape, (host, port): (&str, u16), me
         _ => None,
     };
     let me = register.map_or(0, |(_, id)| id);
-    match &peers {
+    let launched = match &peers {
         Some(p) => cluster.launch_worker(
             def,
             tasks,
@@ -377,13 +377,30 @@ fn worker(def: ModuleDef, dir: &str, shape: Shape, (host, port): (&str, u16), me
                 worker: me,
                 peers: p.clone(),
             },
-        )?,
-        None => cluster.launch(def, tasks, threads)?,
+        ),
+        None => cluster.launch(def, tasks, threads),
+    };
+    // Storage that does not open (damaged data, say) keeps this worker's
+    // task groups down: the reason goes to the metastore, where
+    // `moduleStatus` and `taskGroupsStatus` show it, and stays until a
+    // start succeeds.
+    let failures = config.as_ref().map(|c| (c, fence.as_ref().map(|f| f.instance.clone())));
+    if let Err(e) = launched {
+        if let Some((config, instance)) = &failures {
+            let reported = connect(config)
+                .and_then(|meta| crate::manager::report_failure(&meta, &name, me, instance.as_deref(), &e.to_string()));
+            if let Err(r) = reported {
+                eprintln!("worker {me} of module {name}: cannot record why it does not start: {r}");
+            }
+        }
+        return Err(e);
     }
     let cluster = std::sync::Arc::new(cluster);
     let server = serve_worker(cluster.clone(), &name, (host, port), &secret, limits)?;
     let registration = match (register, &config) {
         (Some((_, id)), Some(config)) => {
+            // Started: an earlier failure report no longer holds.
+            let _ = connect(config).and_then(|meta| crate::manager::clear_failure(&meta, &name, id));
             let info = crate::manager::WorkerInfo {
                 worker: id,
                 address: server.local_addr().to_string(),

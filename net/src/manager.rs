@@ -199,6 +199,10 @@ struct Inner {
     last: Mutex<HashMap<String, Vec<WorkerInfo>>>,
 }
 
+/// How long a client without an earlier view of a deployed module waits
+/// for its registrations to be complete.
+const REGISTRATION_WAIT: Duration = Duration::from_secs(5);
+
 /// Whether `workers` are workers 0..n of one module instance.
 fn complete(workers: &[WorkerInfo]) -> bool {
     workers.first().is_some_and(|first| {
@@ -337,7 +341,20 @@ impl Inner {
     /// Connects to every worker of `module` (reusing open connections):
     /// them, the placement, and the first worker's registration.
     fn resolve(&self, module: &str) -> Result<(Resolved, WorkerInfo)> {
-        let found = self.workers(module);
+        // A deployed module whose registrations are incomplete (a worker
+        // re-registering after a ZooKeeper restart or its own restart) is
+        // waited for a little before it is reported, so a running module
+        // does not look absent to a client without an earlier view of it.
+        let deadline = std::time::Instant::now() + REGISTRATION_WAIT;
+        let mut found = self.workers(module);
+        while !found.as_ref().is_ok_and(|w| complete(w))
+            && std::time::Instant::now() < deadline
+            && !self.last.lock().unwrap_or_else(|p| p.into_inner()).contains_key(module)
+            && self.deployed(module)
+        {
+            std::thread::sleep(Duration::from_millis(100));
+            found = self.workers(module);
+        }
         let workers = {
             let mut last = self.last.lock().unwrap_or_else(|p| p.into_inner());
             match (found, last.get(module)) {
@@ -413,6 +430,63 @@ impl Inner {
             first,
         ))
     }
+}
+
+/// Where a worker that cannot start says why (persistent: it outlives the
+/// worker, until a start of it succeeds).
+pub fn failures_path(module: &str) -> String {
+    format!("/modules/{module}/failures")
+}
+
+/// Records that worker `worker` of `module` (of `instance`) cannot start,
+/// and why.
+pub fn report_failure(meta: &ZkMetastore, module: &str, worker: u32, instance: Option<&str>, why: &str) -> Result<()> {
+    let dir = failures_path(module);
+    meta.create_all(&dir).map_err(meta_error)?;
+    let path = format!("{dir}/{worker}");
+    let data = json!({"worker": worker, "instance": instance, "error": why}).to_string();
+    match meta.create(&path, data.as_bytes(), NodeKind::Persistent) {
+        Err(MetaError::NodeExists(_)) => meta.set(&path, data.as_bytes(), None).map(|_| ()),
+        other => other,
+    }
+    .map_err(meta_error)
+}
+
+/// Clears worker `worker`'s failure report, once it started.
+pub fn clear_failure(meta: &ZkMetastore, module: &str, worker: u32) -> Result<()> {
+    match meta.delete(&format!("{}/{worker}", failures_path(module)), None) {
+        Ok(()) | Err(MetaError::NoNode(_)) => Ok(()),
+        Err(e) => Err(meta_error(e)),
+    }
+}
+
+/// The failure reports of `module`'s current instance: (worker, why).
+pub fn failures(meta: &ZkMetastore, module: &str) -> Result<Vec<(u32, String)>> {
+    let dir = failures_path(module);
+    let ids = match meta.children(&dir) {
+        Ok(ids) => ids,
+        Err(MetaError::NoNode(_)) => return Ok(Vec::new()),
+        Err(e) => return Err(meta_error(e)),
+    };
+    let current = module_instance(meta, module)?;
+    let mut out = Vec::new();
+    for id in ids {
+        let Some((data, _)) = meta.get(&format!("{dir}/{id}")).map_err(meta_error)? else {
+            continue;
+        };
+        let Ok(j) = serde_json::from_slice::<Json>(&data) else {
+            continue;
+        };
+        if current.is_some() && j["instance"].as_str() != current.as_deref() {
+            continue;
+        }
+        out.push((
+            j["worker"].as_u64().unwrap_or(u64::from(u32::MAX)) as u32,
+            j["error"].as_str().unwrap_or_default().to_string(),
+        ));
+    }
+    out.sort();
+    Ok(out)
 }
 
 /// What a worker started by a Supervisor belongs to: its assignment node

@@ -678,7 +678,9 @@ impl InProcessCluster {
                     let th = match thread::open(rt, thread, &dir).await {
                         Ok(th) => th,
                         Err(e) => {
-                            let _ = ready.send(Err(Error::Executor(format!("task thread {thread}: {e}"))));
+                            // The storage error as it is (it names the file):
+                            // the executor itself started.
+                            let _ = ready.send(Err(e));
                             return Ok(());
                         }
                     };

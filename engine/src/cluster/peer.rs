@@ -772,7 +772,12 @@ fn decode_serve(rt: &Arc<ModuleRuntime>, lane: u32, message: &[u8]) -> Result<An
                     reply
                 }),
                 "gateClose" => {
-                    let lease_ms = n(2)? as u64;
+                    // Bounded: a lease from the network holds reads back
+                    // for at most a minute (the coordinator asks for 10 s).
+                    let lease_ms = u64::try_from(n(2)?)
+                        .ok()
+                        .filter(|&ms| ms <= 60_000)
+                        .ok_or_else(|| bad("a read-gate lease is 0 to 60,000 ms"))?;
                     unit_control!(|reply| Control::GateClose { lease_ms, reply })
                 }
                 "gateOpen" => unit_control!(|reply| Control::GateOpen { reply }),

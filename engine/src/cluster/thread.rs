@@ -92,6 +92,9 @@ struct AckWaiter {
     error: Option<String>,
     task: u32,
     reply: Reply<AppendResult>,
+    /// The log's writer generation of the append: after a failed write
+    /// heals, a new record may take the offset of a lost one.
+    generation: u64,
 }
 
 /// Appends to one depot partition, for the stream consumers reading it.
@@ -629,11 +632,12 @@ async fn append(
         Ok(x) => x,
         Err(e) => return send(Err(e)),
     };
-    let range = match log.enqueue_batch(std::iter::once(record.as_slice())).await {
-        Ok(r) => r,
+    let queued = match log.enqueue_batch(std::iter::once(record.as_slice())).await {
+        Ok(q) => q,
         Err(e) => return send(Err(e)),
     };
-    let offset = range.start;
+    let offset = queued.range.start;
+    let generation = log.generation();
     let consumers = th.rt.stream_consumers[depot];
     let waits_for_processing = ack == AckLevel::Ack && consumers > 0 && reply.is_some();
     if waits_for_processing {
@@ -647,15 +651,22 @@ async fn append(
                 error: None,
                 task,
                 reply: reply.clone().expect("checked"),
+                generation,
             },
         );
     }
-    appended.enqueued_end.set(appended.enqueued_end.get().max(range.end));
+    appended
+        .enqueued_end
+        .set(appended.enqueued_end.get().max(queued.range.end));
     appended.waiters.wake_all();
-    if let Err(e) = log.wait_durable(range.end).await {
+    if let Err(e) = log.wait_enqueued(&queued).await {
         if waits_for_processing {
             if let Some(m) = th.acks.borrow_mut().get_mut(&(depot, task)) {
-                m.remove(&offset);
+                // Only this append's waiter: a later append may hold the
+                // offset by now.
+                if m.get(&offset).is_some_and(|w| w.generation == generation) {
+                    m.remove(&offset);
+                }
             }
         }
         return send(Err(e));
@@ -724,6 +735,10 @@ pub(crate) async fn run_batch(
         },
         None => None,
     };
+    // The store's writer generation the batch reads under: if a queued
+    // write it reads through fails meanwhile, its own writes must not be
+    // stored (they were computed from state that was lost).
+    let generation = th.store.generation();
     // Run the stage locally. A stream batch leaves out records that fail
     // (their writes are dropped by running the batch again without them).
     let (out, writes) = loop {
@@ -812,11 +827,19 @@ pub(crate) async fn run_batch(
             // may run on this same task and need it.
             if writes.is_empty() {
                 drop(applying);
-            } else if let Err(e) = commit_stream(th, task, writes, applying).await {
-                for (o, _) in &items {
-                    done.failed
-                        .entry(*o)
-                        .or_insert_with(|| format!("writing PState changes: {e}"));
+            } else if let Err(e) = commit_stream(th, task, writes, applying, generation).await {
+                if storage_unavailable(&e) {
+                    // Not the records' fault (a full disk, say): nothing was
+                    // applied; the batch runs again once storage heals,
+                    // never counted as a record failure.
+                    done.unavailable
+                        .get_or_insert_with(|| format!("writing PState changes: {e}"));
+                } else {
+                    for (o, _) in &items {
+                        done.failed
+                            .entry(*o)
+                            .or_insert_with(|| format!("writing PState changes: {e}"));
+                    }
                 }
                 return done;
             }
@@ -885,7 +908,7 @@ pub(crate) async fn run_batch(
     for (origin, pending) in appends {
         match pending.await {
             Ok(()) => {}
-            Err(e @ Error::Unavailable(_)) => {
+            Err(e) if matches!(e, Error::Unavailable(_)) || storage_unavailable(&e) => {
                 done.unavailable.get_or_insert_with(|| format!("depot append: {e}"));
             }
             Err(e) => fail_all(&mut done, &[origin], mode, &format!("depot append: {e}")),
@@ -912,6 +935,7 @@ async fn commit_stream(
     task: u32,
     writes: Overlay,
     applying: Option<glommio::sync::Permit<'_>>,
+    generation: u64,
 ) -> Result<()> {
     let mut batch = WriteBatch::new();
     for (k, v) in &writes {
@@ -921,7 +945,7 @@ async fn commit_stream(
         };
     }
     let touched = TaskThread::touched(&batch);
-    let queued = th.store.enqueue(batch).await?;
+    let queued = th.store.enqueue_under(batch, generation).await?;
     let i = th.index(task)?;
     let seq = th.queued_seq.get();
     th.queued_seq.set(seq + 1);
@@ -1021,17 +1045,36 @@ fn offset_key(task: u32, topology: &str, depot: usize) -> Vec<u8> {
     k
 }
 
+/// Whether `e` is storage that cannot take writes for now (a failed write
+/// poisoned a log that heals itself, an I/O error such as a full device):
+/// work that met it is run again later, never counted as failed.
+fn storage_unavailable(e: &Error) -> bool {
+    matches!(e, Error::Poisoned { .. } | Error::Io { .. })
+}
+
 /// A stream topology's consumer of one depot partition: processes records
 /// in batches from its committed offset, retries failed records one by
-/// one, answers `Ack` appends, then commits the offset.
+/// one, answers `Ack` appends, then commits the offset. Storage that
+/// cannot take writes for a while (a full disk) pauses it; it resumes from
+/// its committed offset (at least once) when storage heals. Damaged data
+/// stops it, with the reason in the log.
 async fn consume(th: Rc<TaskThread>, topology: usize, depot: usize, task: u32) {
     th.rt.wait_processing(|| th.stopping.get()).await;
-    if let Err(e) = consume_inner(&th, topology, depot, task).await {
-        if !th.stopping.get() {
-            eprintln!(
-                "stream topology {} of module {} stopped on task {task}: {e}",
-                th.rt.def.topologies[topology].name, th.rt.def.name
-            );
+    let mut pauses = 0u32;
+    loop {
+        match consume_inner(&th, topology, depot, task).await {
+            Ok(()) => return,
+            Err(_) if th.stopping.get() => return,
+            Err(e) if storage_unavailable(&e) => {
+                unavailable_pause(&th, topology, task, &e.to_string(), &mut pauses).await
+            }
+            Err(e) => {
+                eprintln!(
+                    "stream topology {} of module {} stopped on task {task}: {e}",
+                    th.rt.def.topologies[topology].name, th.rt.def.name
+                );
+                return;
+            }
         }
     }
 }
@@ -1145,11 +1188,12 @@ async fn consume_inner(th: &Rc<TaskThread>, topology: usize, depot: usize, task:
 }
 
 /// Waits before running a batch again that could not reach another
-/// worker: 50 ms doubling up to 2 s; says so in the log now and then.
+/// worker or its storage: 50 ms doubling up to 2 s; says so in the log now
+/// and then.
 async fn unavailable_pause(th: &TaskThread, topology: usize, task: u32, why: &str, pauses: &mut u32) {
     if pauses.is_power_of_two() && *pauses >= 8 {
         eprintln!(
-            "stream topology {} of module {} on task {task}: waiting for another worker ({} tries): {why}",
+            "stream topology {} of module {} on task {task}: waiting to run again ({} tries): {why}",
             th.rt.def.topologies[topology].name, th.rt.def.name, pauses
         );
     }

@@ -26,6 +26,12 @@
 //!
 //! A failed write or sync poisons the log: every waiting and later append
 //! fails, because nothing written after the failure can be proven durable.
+//! The log then heals itself (a full device that has room again): with
+//! backoff, the flusher cuts the tail segment back to its durable end,
+//! writes a fresh zero fill through a newly opened file, and takes
+//! appends again. Each poisoning starts a new writer *generation*: records
+//! queued under an earlier one never count as durable, even once later
+//! records take their offsets ([`Log::wait_enqueued`]).
 
 pub mod format;
 
@@ -201,6 +207,11 @@ struct State {
     /// Offset of the first record still kept.
     start_offset: u64,
     poisoned: Option<String>,
+    /// Bumped at each poisoning: queued records of an older generation
+    /// were lost with the failed write.
+    generation: u64,
+    /// Why the last poisoning happened (for records of old generations).
+    last_failure: Option<String>,
     /// `close` started: no new appends.
     closing: bool,
     closed: bool,
@@ -492,6 +503,8 @@ impl Log {
             durable_end: end,
             start_offset,
             poisoned: None,
+            generation: 0,
+            last_failure: None,
             closing: false,
             closed: false,
             flusher_running: true,
@@ -535,15 +548,15 @@ impl Log {
     /// are durable. Every record is checked against the limits before any is
     /// queued, so a refused batch appends nothing.
     pub async fn append_batch<'p>(&self, payloads: impl IntoIterator<Item = &'p [u8]> + Clone) -> Result<Range<u64>> {
-        let range = self.enqueue_batch(payloads).await?;
-        self.wait_durable(range.end).await?;
-        Ok(range)
+        let queued = self.enqueue_batch(payloads).await?;
+        self.wait_enqueued(&queued).await?;
+        Ok(queued.range)
     }
 
     /// Queues records and returns their offsets without waiting for
-    /// durability; [`Log::wait_durable`] waits for it. Waits only for room in
-    /// the pending buffer.
-    pub async fn enqueue_batch<'p>(&self, payloads: impl IntoIterator<Item = &'p [u8]> + Clone) -> Result<Range<u64>> {
+    /// durability; [`Log::wait_enqueued`] waits for it. Waits only for room
+    /// in the pending buffer.
+    pub async fn enqueue_batch<'p>(&self, payloads: impl IntoIterator<Item = &'p [u8]> + Clone) -> Result<Enqueued> {
         let config = &self.shared.config;
         let mut total = 0usize;
         for p in payloads.clone() {
@@ -569,12 +582,56 @@ impl Log {
             s.reserve(config, p);
         }
         let end = s.next_offset;
+        let generation = s.generation;
         drop(s);
         self.shared.work.wake_all();
-        Ok(start..end)
+        Ok(Enqueued {
+            range: start..end,
+            generation,
+        })
     }
 
-    /// Waits until every record below `end` is durable.
+    /// Waits until the records of `queued` are durable; fails if the write
+    /// that carried them failed (they are then not in the log, whatever
+    /// takes their offsets later).
+    pub async fn wait_enqueued(&self, queued: &Enqueued) -> Result<()> {
+        self.shared
+            .durable
+            .wait(|| {
+                let s = self.shared.state.borrow();
+                if s.generation != queued.generation {
+                    Some(Err(Error::Poisoned {
+                        what: format!("log {}", self.shared.dir.display()),
+                        cause: s.last_failure.clone().unwrap_or_default(),
+                    }))
+                } else if s.durable_end >= queued.range.end {
+                    Some(Ok(()))
+                } else if let Some(cause) = &s.poisoned {
+                    Some(Err(Error::Poisoned {
+                        what: format!("log {}", self.shared.dir.display()),
+                        cause: cause.clone(),
+                    }))
+                } else if !s.flusher_running {
+                    Some(Err(Error::Closed(format!(
+                        "log {} is closed",
+                        self.shared.dir.display()
+                    ))))
+                } else {
+                    None
+                }
+            })
+            .await
+    }
+
+    /// The writer generation: it changes each time a failed write poisons
+    /// the log (see [`Log::wait_enqueued`]).
+    pub fn generation(&self) -> u64 {
+        self.shared.state.borrow().generation
+    }
+
+    /// Waits until the log holds durable records below `end` (whichever
+    /// records those are: a reader's wait; an appender waits for its own
+    /// records with [`Log::wait_enqueued`]).
     pub async fn wait_durable(&self, end: u64) -> Result<()> {
         self.shared
             .durable
@@ -952,8 +1009,22 @@ impl State {
     }
 }
 
-/// The background task that writes queued frames and syncs them.
+/// Records queued by [`Log::enqueue_batch`]: their offsets, and the writer
+/// generation that is to write them.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Enqueued {
+    pub range: Range<u64>,
+    generation: u64,
+}
+
+/// Backoff between attempts to heal a poisoned log.
+const HEAL_BACKOFF_MIN: std::time::Duration = std::time::Duration::from_millis(100);
+const HEAL_BACKOFF_MAX: std::time::Duration = std::time::Duration::from_secs(5);
+
+/// The background task that writes queued frames and syncs them, and heals
+/// the log after a failed write.
 async fn flusher(shared: Rc<Shared>) {
+    let mut backoff = HEAL_BACKOFF_MIN;
     loop {
         let run = shared
             .work
@@ -969,15 +1040,100 @@ async fn flusher(shared: Rc<Shared>) {
         if !run {
             break;
         }
-        if let Err(e) = flush_once(&shared).await {
-            shared.state.borrow_mut().poisoned = Some(e.to_string());
-            shared.durable.wake_all();
-            shared.space.wake_all();
-            break;
+        match flush_once(&shared).await {
+            Ok(()) => backoff = HEAL_BACKOFF_MIN,
+            Err(e) => {
+                {
+                    let mut s = shared.state.borrow_mut();
+                    s.poisoned = Some(e.to_string());
+                    s.last_failure = Some(e.to_string());
+                    s.generation += 1;
+                }
+                shared.durable.wake_all();
+                shared.space.wake_all();
+                // Heal once the cause is gone, unless the log is closing.
+                loop {
+                    glommio::timer::sleep(backoff).await;
+                    backoff = (backoff * 2).min(HEAL_BACKOFF_MAX);
+                    let closing = {
+                        let s = shared.state.borrow();
+                        s.closing || s.closed
+                    };
+                    if closing {
+                        break;
+                    }
+                    if heal(&shared).await.is_ok() {
+                        shared.space.wake_all();
+                        break;
+                    }
+                }
+                if shared.state.borrow().poisoned.is_some() {
+                    break;
+                }
+            }
         }
     }
     shared.state.borrow_mut().flusher_running = false;
     shared.work.wake_all();
+    shared.durable.wake_all();
+}
+
+/// Makes a poisoned log usable again: removes a segment whose creation
+/// failed, cuts the tail segment back to its durable end (whatever the
+/// failed write left after it goes, and its blocks are freed), writes a
+/// fresh zero fill through a newly opened file (this fails while the
+/// device is still full), and resets the writer to the durable end.
+/// Everything queued was failed when the log was poisoned.
+async fn heal(shared: &Rc<Shared>) -> Result<()> {
+    let config = &shared.config;
+    let (base, data_end, durable_end) = {
+        let s = shared.state.borrow();
+        let base = s.reserve_base_of_tail();
+        let tail = &s.segments[&base];
+        (
+            base,
+            tail.data_end.expect("the tail's data end is known"),
+            s.durable_end,
+        )
+    };
+    let dir = &shared.dir;
+    for entry in std::fs::read_dir(dir).map_err(|e| Error::io("list log directory", dir, e))? {
+        let entry = entry.map_err(|e| Error::io("list log directory", dir, e))?;
+        if entry
+            .file_name()
+            .to_str()
+            .and_then(parse_segment_name)
+            .is_some_and(|b| b > base)
+        {
+            std::fs::remove_file(entry.path()).map_err(|e| Error::io("remove failed segment", entry.path(), e))?;
+        }
+    }
+    let path = segment_path(dir, base);
+    let file = open_rw(&path, false).await?;
+    file.truncate(data_end)
+        .await
+        .map_err(|e| Error::io("truncate segment", &path, gio(e)))?;
+    let fill_to = (data_end + config.prewrite_bytes).min(config.segment_bytes_max.max(data_end));
+    if fill_to > data_end {
+        write_all(&file, &path, vec![0u8; (fill_to - data_end) as usize], data_end).await?;
+    }
+    file.fdatasync()
+        .await
+        .map_err(|e| Error::io("sync segment", &path, gio(e)))?;
+    sync_dir(dir)?;
+    let mut s = shared.state.borrow_mut();
+    s.tail_file = Rc::new(file);
+    s.prewritten_to = fill_to;
+    s.pending.clear();
+    s.pending_bytes = 0;
+    s.next_offset = durable_end;
+    s.reserve_base = base;
+    s.reserve_position = data_end;
+    let last_indexed = s.segments[&base].index.as_ref().and_then(|i| i.last().map(|&(_, p)| p));
+    s.next_index_position = last_indexed.map_or(0, |p| p + config.index_interval_bytes as u64);
+    s.open_segments.retain(|(b, _)| *b != base);
+    s.poisoned = None;
+    Ok(())
 }
 
 /// Writes all queued chunks of the first pending segment and syncs once.

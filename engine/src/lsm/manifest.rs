@@ -80,6 +80,8 @@ impl Manifest {
 
     /// Atomically replaces the manifest in `dir`. Small and rare, so plain
     /// blocking I/O is used.
+    /// Writes the manifest beside the old one and renames it into place.
+    /// An error of [`failed_before_rename`] left the old one in force.
     pub fn store(&self, dir: &Path) -> Result<()> {
         use std::io::Write;
         let tmp = dir.join("MANIFEST.tmp");
@@ -93,4 +95,16 @@ impl Manifest {
             .and_then(|d| d.sync_all())
             .map_err(|e| Error::io("sync store directory", dir, e))
     }
+}
+
+/// Whether a [`Manifest::store`] error happened before the rename (the old
+/// manifest is then still the one on disk).
+pub fn failed_before_rename(e: &Error) -> bool {
+    matches!(
+        e,
+        Error::Io {
+            op: "create manifest" | "write manifest" | "sync manifest",
+            ..
+        }
+    )
 }

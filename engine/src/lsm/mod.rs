@@ -105,7 +105,7 @@ impl LsmConfig {
 #[derive(Debug)]
 #[must_use = "a queued write is acknowledged only after wait_written"]
 pub struct QueuedWrite {
-    end: Option<u64>,
+    queued: Option<crate::log::Enqueued>,
 }
 
 /// What [`Store::open`] found.
@@ -126,6 +126,9 @@ pub struct StoreStats {
     pub flushes: u64,
     pub compactions: u64,
     pub memtable_bytes: usize,
+    /// Flushes and compactions that failed, left nothing behind and were
+    /// tried again (a full device).
+    pub retries: u64,
 }
 
 /// A PState store on one task thread. Cheap to clone; not `Send`.
@@ -147,12 +150,60 @@ struct Inner {
     manifest: RefCell<Manifest>,
     /// Batches in the WAL, in offset order, not yet applied.
     unapplied: RefCell<VecDeque<(u64, WriteBatch)>>,
+    /// The WAL's writer generation `unapplied` was queued under.
+    wal_generation: Cell<u64>,
     compacting: Cell<bool>,
     /// Woken when a flush or compaction finishes.
     background: Waiters,
-    /// A failed flush or compaction poisons the store.
+    /// A failed flush or compaction that could not be retried poisons the
+    /// store.
     failed: RefCell<Option<String>>,
+    /// Why the last retried flush or compaction failed, and the pause
+    /// before the next try.
+    last_retry: RefCell<Option<String>>,
+    retry_backoff: Cell<std::time::Duration>,
+    /// `close` started: background work is not retried any more.
+    closing: Cell<bool>,
+    /// A retry was given up because the store is closing.
+    gave_up: Cell<bool>,
     stats: Cell<StoreStats>,
+}
+
+/// How a flush or compaction stopped short.
+enum Interrupted {
+    /// It left nothing behind (its new table was removed, the manifest is
+    /// as it was): run `Again` after a pause (a full device may have room
+    /// by then).
+    Retry(Error, Again),
+    /// The store's files may not match its memory any more: poison.
+    Fatal(Error),
+}
+
+/// What a retry runs.
+#[derive(Clone, Copy)]
+enum Again {
+    Flush,
+    Compact,
+}
+
+const RETRY_BACKOFF_MIN: std::time::Duration = std::time::Duration::from_millis(100);
+const RETRY_BACKOFF_MAX: std::time::Duration = std::time::Duration::from_secs(5);
+
+/// A new table that could not be written: removed, and the work retried.
+fn discard(path: &Path, e: Error, again: Again) -> Interrupted {
+    let _ = std::fs::remove_file(path);
+    Interrupted::Retry(e, again)
+}
+
+/// A manifest store that failed: before its rename nothing changed on
+/// disk (retry, the new table removed); after it, the manifest on disk may
+/// name the new table while memory does not (poison).
+fn stored_or_not(path: &Path, e: Error, again: Again) -> Interrupted {
+    if manifest::failed_before_rename(&e) {
+        discard(path, e, again)
+    } else {
+        Interrupted::Fatal(e)
+    }
 }
 
 /// Flushes and compactions offer to yield the task thread this often, so a
@@ -263,9 +314,14 @@ impl Store {
                 tables: RefCell::new(tables),
                 manifest: RefCell::new(manifest),
                 unapplied: RefCell::new(VecDeque::new()),
+                wal_generation: Cell::new(0),
                 compacting: Cell::new(false),
                 background: Waiters::default(),
                 failed: RefCell::new(None),
+                last_retry: RefCell::new(None),
+                retry_backoff: Cell::new(RETRY_BACKOFF_MIN),
+                closing: Cell::new(false),
+                gave_up: Cell::new(false),
                 stats: Cell::new(stats),
             }),
         };
@@ -314,22 +370,61 @@ impl Store {
     /// returns without waiting for durability. Callers that read their own
     /// queued writes before they are visible keep them themselves.
     pub async fn enqueue(&self, batch: WriteBatch) -> Result<QueuedWrite> {
+        self.enqueue_inner(batch, None).await
+    }
+
+    /// [`Store::enqueue`] for a batch computed from what the store showed
+    /// under writer generation `generation` ([`Store::generation`]),
+    /// including writes queued then: refused if the WAL lost a write since
+    /// (the batch may build on it).
+    pub async fn enqueue_under(&self, batch: WriteBatch, generation: u64) -> Result<QueuedWrite> {
+        self.enqueue_inner(batch, Some(generation)).await
+    }
+
+    /// The WAL's writer generation: it changes when a failed write loses
+    /// queued batches.
+    pub fn generation(&self) -> u64 {
+        self.inner.wal.generation()
+    }
+
+    async fn enqueue_inner(&self, batch: WriteBatch, generation: Option<u64>) -> Result<QueuedWrite> {
         self.check_batch(&batch)?;
         self.check_failed()?;
         if batch.is_empty() {
-            return Ok(QueuedWrite { end: None });
+            return Ok(QueuedWrite { queued: None });
         }
         self.make_room().await?;
-        let range = self.inner.wal.enqueue_batch(std::iter::once(batch.encoded())).await?;
-        self.inner.unapplied.borrow_mut().push_back((range.start, batch));
-        Ok(QueuedWrite { end: Some(range.end) })
+        if generation.is_some_and(|g| g != self.inner.wal.generation()) {
+            return Err(Error::Poisoned {
+                what: format!("store {}", self.inner.dir.display()),
+                cause: "a write this batch was computed on failed; it is computed again".into(),
+            });
+        }
+        self.drop_lost();
+        let queued = self.inner.wal.enqueue_batch(std::iter::once(batch.encoded())).await?;
+        self.inner.unapplied.borrow_mut().push_back((queued.range.start, batch));
+        Ok(QueuedWrite { queued: Some(queued) })
+    }
+
+    /// Forgets queued batches whose WAL write failed (the WAL was poisoned
+    /// and healed since: later batches take their offsets).
+    fn drop_lost(&self) {
+        let generation = self.inner.wal.generation();
+        if self.inner.wal_generation.get() != generation {
+            let durable = self.inner.wal.end_offset();
+            self.inner
+                .unapplied
+                .borrow_mut()
+                .retain(|(offset, _)| *offset < durable);
+            self.inner.wal_generation.set(generation);
+        }
     }
 
     /// The second half of [`Store::write`]: returns once the queued batch
     /// is durable and visible.
     pub async fn wait_written(&self, queued: QueuedWrite) -> Result<()> {
-        if let Some(end) = queued.end {
-            self.inner.wal.wait_durable(end).await?;
+        if let Some(queued) = queued.queued {
+            self.inner.wal.wait_enqueued(&queued).await?;
             self.apply_durable();
         }
         Ok(())
@@ -337,6 +432,7 @@ impl Store {
 
     /// Applies every durable batch, in WAL order.
     fn apply_durable(&self) {
+        self.drop_lost();
         let durable = self.inner.wal.end_offset();
         let mut unapplied = self.inner.unapplied.borrow_mut();
         let mut mem = self.inner.mem.borrow_mut();
@@ -382,7 +478,7 @@ impl Store {
         let frozen = std::mem::take(&mut *self.inner.mem.borrow_mut());
         self.inner.mem.borrow_mut().wal_end = frozen.wal_end;
         *self.inner.imm.borrow_mut() = Some(Rc::new(frozen));
-        self.spawn_background(|store| async move { store.flush_frozen().await });
+        self.spawn_background(Again::Flush);
     }
 
     /// Allocates the next table id and starts writing that table.
@@ -397,31 +493,63 @@ impl Store {
         Ok((id, path, writer))
     }
 
-    /// Runs a flush or compaction as a task of this thread; a failure
-    /// poisons the store (nothing more is acknowledged).
-    fn spawn_background<F: std::future::Future<Output = Result<()>> + 'static>(&self, work: impl FnOnce(Store) -> F) {
+    /// Runs a flush or compaction as a task of this thread. A failure that
+    /// left nothing behind (its new table removed, the manifest as it was:
+    /// a full device) is tried again with backoff, `again` deciding what
+    /// to run; any other failure poisons the store (nothing more is
+    /// acknowledged).
+    fn spawn_background(&self, work: Again) {
         let store = self.clone();
-        let fut = work(self.clone());
         glommio::spawn_local(async move {
-            if let Err(e) = fut.await {
-                *store.inner.failed.borrow_mut() = Some(e.to_string());
+            let result = match work {
+                Again::Flush => store.flush_frozen().await,
+                Again::Compact => store.compact_tables().await,
+            };
+            match result {
+                Ok(()) => store.inner.retry_backoff.set(RETRY_BACKOFF_MIN),
+                Err(Interrupted::Fatal(e)) => *store.inner.failed.borrow_mut() = Some(e.to_string()),
+                Err(Interrupted::Retry(e, again)) => {
+                    let backoff = store.inner.retry_backoff.get();
+                    store.inner.retry_backoff.set((backoff * 2).min(RETRY_BACKOFF_MAX));
+                    *store.inner.last_retry.borrow_mut() = Some(e.to_string());
+                    let mut stats = store.inner.stats.get();
+                    stats.retries += 1;
+                    store.inner.stats.set(stats);
+                    // Callers waiting for this flush learn it failed.
+                    store.inner.background.wake_all();
+                    glommio::timer::sleep(backoff).await;
+                    // A closing store stops trying: the frozen memtable's
+                    // batches are durable in the WAL and replayed at open.
+                    if store.inner.closing.get() {
+                        store.inner.gave_up.set(true);
+                    } else {
+                        store.spawn_background(again);
+                    }
+                }
             }
             store.inner.background.wake_all();
         })
         .detach();
     }
 
-    async fn flush_frozen(&self) -> Result<()> {
+    async fn flush_frozen(&self) -> Result<(), Interrupted> {
         let frozen = self.inner.imm.borrow().clone().expect("a frozen memtable exists");
-        let (id, path, mut writer) = self.new_table().await?;
-        for (i, (key, value)) in frozen.iter().enumerate() {
-            writer.add(key, value).await?;
-            if i % YIELD_EVERY_ENTRIES == 0 {
-                glommio::yield_if_needed().await;
+        let (id, path, mut writer) = self
+            .new_table()
+            .await
+            .map_err(|e| Interrupted::Retry(e, Again::Flush))?;
+        let written = async {
+            for (i, (key, value)) in frozen.iter().enumerate() {
+                writer.add(key, value).await?;
+                if i % YIELD_EVERY_ENTRIES == 0 {
+                    glommio::yield_if_needed().await;
+                }
             }
+            writer.finish().await?;
+            Table::open(id, &path)
         }
-        writer.finish().await?;
-        let table = Rc::new(Table::open(id, &path)?);
+        .await;
+        let table = Rc::new(written.map_err(|e| discard(&path, e, Again::Flush))?);
         let checkpoint = {
             // The new manifest is stored before memory changes, so a
             // failed store leaves nothing behind that a later store (of a
@@ -429,8 +557,9 @@ impl Store {
             let mut next = self.inner.manifest.borrow().clone();
             next.tables.insert(0, id);
             next.wal_checkpoint = frozen.wal_end;
-            self.check_failed()?;
-            next.store(&self.inner.dir)?;
+            self.check_failed().map_err(Interrupted::Fatal)?;
+            next.store(&self.inner.dir)
+                .map_err(|e| stored_or_not(&path, e, Again::Flush))?;
             let checkpoint = next.wal_checkpoint;
             *self.inner.manifest.borrow_mut() = next;
             checkpoint
@@ -440,29 +569,53 @@ impl Store {
         let mut stats = self.inner.stats.get();
         stats.flushes += 1;
         self.inner.stats.set(stats);
-        self.inner.wal.trim_before(checkpoint)?;
+        self.inner.wal.trim_before(checkpoint).map_err(Interrupted::Fatal)?;
         if self.inner.tables.borrow().len() >= self.inner.config.compaction_trigger && !self.inner.compacting.get() {
-            self.spawn_background(|store| async move { store.compact_tables().await });
+            self.spawn_background(Again::Compact);
         }
         Ok(())
     }
 
     /// Flushes the memtable to a table and waits for it (and for any flush
     /// already running).
+    ///
+    /// A flush that fails and is retried in the background (a full device)
+    /// fails this call with the reason; the retries go on.
     pub async fn flush(&self) -> Result<()> {
-        self.wait_flush_idle().await;
+        let retries = self.inner.stats.get().retries;
+        let retried = || self.inner.stats.get().retries != retries;
+        self.inner
+            .background
+            .wait(|| (self.flush_idle() || retried()).then_some(()))
+            .await;
+        self.check_retried(retried())?;
         self.check_failed()?;
         self.apply_durable();
         self.start_flush();
-        self.wait_flush_idle().await;
+        self.inner
+            .background
+            .wait(|| (self.flush_idle() || retried()).then_some(()))
+            .await;
+        self.check_retried(retried())?;
         self.check_failed()
     }
 
+    fn check_retried(&self, retried: bool) -> Result<()> {
+        if retried {
+            return Err(Error::Poisoned {
+                what: format!("store {}", self.inner.dir.display()),
+                cause: self.inner.last_retry.borrow().clone().unwrap_or_default(),
+            });
+        }
+        Ok(())
+    }
+
+    fn flush_idle(&self) -> bool {
+        self.inner.imm.borrow().is_none() || self.inner.failed.borrow().is_some() || self.inner.gave_up.get()
+    }
+
     async fn wait_flush_idle(&self) {
-        self.inner
-            .background
-            .wait(|| (self.inner.imm.borrow().is_none() || self.inner.failed.borrow().is_some()).then_some(()))
-            .await;
+        self.inner.background.wait(|| self.flush_idle().then_some(())).await;
     }
 
     /// Compacts until fewer than `compaction_trigger` tables remain, or
@@ -481,10 +634,19 @@ impl Store {
             self.compact_tables().await
         };
         self.inner.background.wake_all();
-        result
+        // Called directly: the caller sees the failure (nothing is retried
+        // behind its back, and only a failure that may have left the files
+        // and memory apart poisons the store).
+        result.map_err(|i| match i {
+            Interrupted::Retry(e, _) => e,
+            Interrupted::Fatal(e) => {
+                *self.inner.failed.borrow_mut() = Some(e.to_string());
+                e
+            }
+        })
     }
 
-    async fn compact_tables(&self) -> Result<()> {
+    async fn compact_tables(&self) -> Result<(), Interrupted> {
         if self.inner.compacting.replace(true) {
             return Ok(());
         }
@@ -512,7 +674,7 @@ impl Store {
     }
 
     /// Merges the newest `count` tables into one.
-    async fn compact_run(&self, count: usize) -> Result<()> {
+    async fn compact_run(&self, count: usize) -> Result<(), Interrupted> {
         let run: Vec<Rc<Table>> = {
             let tables = self.inner.tables.borrow();
             tables[..count.min(tables.len())].to_vec()
@@ -524,14 +686,18 @@ impl Store {
             let tables = self.inner.tables.borrow();
             run.last().map(|t| t.id) == tables.last().map(|t| t.id)
         };
-        let (id, path, mut writer) = self.new_table().await?;
-        {
+        let (id, path, mut writer) = self
+            .new_table()
+            .await
+            .map_err(|e| Interrupted::Retry(e, Again::Compact))?;
+        let written = async {
             let sources: Vec<Source<'_>> = run
                 .iter()
                 .map(|t| Box::new(t.range(Bound::Unbounded, Bound::Unbounded, false)) as Source<'_>)
                 .collect();
             for (i, entry) in Merge::new(sources, false).enumerate() {
-                let (key, value) = entry?;
+                // A table that does not read back is damage: no retry.
+                let (key, value) = entry.map_err(|e| (e, false))?;
                 if i % YIELD_EVERY_ENTRIES == 0 {
                     glommio::yield_if_needed().await;
                 }
@@ -539,11 +705,20 @@ impl Store {
                 if value.is_none() && includes_oldest {
                     continue;
                 }
-                writer.add(key, value).await?;
+                writer.add(key, value).await.map_err(|e| (e, true))?;
             }
+            writer.finish().await.map_err(|e| (e, true))?;
+            Table::open(id, &path).map_err(|e| (e, true))
         }
-        writer.finish().await?;
-        let table = Rc::new(Table::open(id, &path)?);
+        .await;
+        let table = Rc::new(written.map_err(|(e, retry)| {
+            let _ = std::fs::remove_file(&path);
+            if retry {
+                Interrupted::Retry(e, Again::Compact)
+            } else {
+                Interrupted::Fatal(e)
+            }
+        })?);
         let ids: Vec<u64> = run.iter().map(|t| t.id).collect();
         {
             // Flushes may have added newer tables meanwhile; the run is
@@ -558,13 +733,15 @@ impl Store {
             next.tables = tables.iter().map(|t| t.id).collect();
             // Stored before memory changes; nothing is persisted after a
             // failure elsewhere poisoned the store.
-            self.check_failed()?;
-            next.store(&self.inner.dir)?;
+            self.check_failed().map_err(Interrupted::Fatal)?;
+            next.store(&self.inner.dir)
+                .map_err(|e| stored_or_not(&path, e, Again::Compact))?;
             *self.inner.manifest.borrow_mut() = next;
             *self.inner.tables.borrow_mut() = tables;
         }
         for t in &run {
-            std::fs::remove_file(t.path()).map_err(|e| Error::io("remove compacted table", t.path(), e))?;
+            std::fs::remove_file(t.path())
+                .map_err(|e| Interrupted::Fatal(Error::io("remove compacted table", t.path(), e)))?;
         }
         let mut stats = self.inner.stats.get();
         stats.compactions += 1;
@@ -628,10 +805,11 @@ impl Store {
 
     /// Waits for background work and closes the WAL.
     pub async fn close(&self) -> Result<()> {
+        self.inner.closing.set(true);
         self.wait_flush_idle().await;
         self.inner
             .background
-            .wait(|| (!self.inner.compacting.get()).then_some(()))
+            .wait(|| (!self.inner.compacting.get() || self.inner.gave_up.get()).then_some(()))
             .await;
         self.check_failed()?;
         self.inner.wal.close().await

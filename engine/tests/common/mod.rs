@@ -49,3 +49,41 @@ pub fn seed_from_env(var: &str) -> u64 {
     eprintln!("{var}={seed}");
     seed
 }
+
+/// A small tmpfs mounted for one test (a full device on demand), unmounted
+/// when dropped. Needs root, as CI has.
+pub struct Tmpfs {
+    dir: tempfile::TempDir,
+}
+
+impl Tmpfs {
+    pub fn mount(size: &str) -> Tmpfs {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let ok = std::process::Command::new("mount")
+            .args(["-t", "tmpfs", "-o", &format!("size={size}"), "tmpfs"])
+            .arg(dir.path())
+            .status()
+            .is_ok_and(|s| s.success());
+        assert!(
+            ok,
+            "cannot mount a tmpfs at {} (this test needs root, as CI has)",
+            dir.path().display()
+        );
+        Tmpfs { dir }
+    }
+
+    pub fn path(&self) -> &std::path::Path {
+        self.dir.path()
+    }
+}
+
+impl Drop for Tmpfs {
+    fn drop(&mut self) {
+        // Lazily: the executor's io_uring may still hold the files for a
+        // moment; the mount goes once they are closed.
+        let _ = std::process::Command::new("umount")
+            .arg("-l")
+            .arg(self.dir.path())
+            .status();
+    }
+}

@@ -1,0 +1,159 @@
+//! A PState store on a device that fills up and then has room again.
+//!
+//! Regression: after ENOSPC the store's WAL stayed poisoned and a failed
+//! memtable flush poisoned the store for good, so the worker had to be
+//! restarted by hand even once space was free. Now nothing is acknowledged
+//! while the device is full, the store heals by itself once it has room,
+//! and every acknowledged batch survives a reopen.
+
+use engine::executor::ExecutorConfig;
+use engine::log::LogConfig;
+use engine::lsm::table::TableOptions;
+use engine::lsm::{LsmConfig, Store, WriteBatch};
+
+mod common;
+
+fn run<T>(fut: impl std::future::Future<Output = T>) -> T {
+    ExecutorConfig::default().block_on(fut).expect("executor starts")
+}
+
+fn config() -> LsmConfig {
+    LsmConfig {
+        // Small memtables: flushes (table writes) happen while the device
+        // is full too.
+        memtable_bytes_max: 16 << 10,
+        key_bytes_max: 256,
+        value_bytes_max: 4096,
+        batch_bytes_max: 48 << 10,
+        compaction_trigger: 3,
+        table: TableOptions {
+            block_bytes: 512,
+            bloom_bits_per_key: 10,
+            write_buffer_bytes: 8 << 10,
+        },
+        wal: LogConfig {
+            segment_bytes_max: 64 << 10,
+            record_bytes_max: 48 << 10,
+            pending_bytes_max: 256 << 10,
+            write_bytes_max: 32 << 10,
+            prewrite_bytes: 8 << 10,
+            prewrite_skip_bytes: 8 << 10,
+            index_interval_bytes: 4 << 10,
+            entries_max: None,
+        },
+    }
+}
+
+fn key(i: u32) -> Vec<u8> {
+    format!("key-{i:06}").into_bytes()
+}
+
+fn value(i: u32) -> Vec<u8> {
+    let mut v = vec![(i % 251) as u8; 1500];
+    v[..4].copy_from_slice(&i.to_le_bytes());
+    v
+}
+
+/// One write of key `i`, given `wait` to finish; `None` if it is still
+/// waiting then (the future is kept, to be awaited later).
+async fn write_within(
+    pending: &mut std::pin::Pin<Box<dyn std::future::Future<Output = engine::Result<()>> + '_>>,
+    wait: std::time::Duration,
+) -> Option<engine::Result<()>> {
+    futures_lite::future::or(async { Some(pending.as_mut().await) }, async {
+        glommio::timer::sleep(wait).await;
+        None
+    })
+    .await
+}
+
+fn batch(i: u32) -> WriteBatch {
+    let mut b = WriteBatch::new();
+    b.put(key(i), value(i));
+    b
+}
+
+/// Fills the device at `dir` to the last byte.
+fn fill(dir: &std::path::Path) -> std::path::PathBuf {
+    use std::io::Write;
+    let path = dir.join("ballast");
+    let mut f = std::fs::File::create(&path).unwrap();
+    while f.write_all(&[1u8; 4096]).is_ok() {}
+    let _ = f.sync_all();
+    path
+}
+
+#[test]
+fn a_full_device_stops_writes_until_space_returns_and_loses_nothing() {
+    let mount = common::Tmpfs::mount("1m");
+    let dir = mount.path().join("store");
+    let mut acked = Vec::new();
+    run(async {
+        let mut c = config();
+        // The WAL's zero fill runs far ahead, so WAL writes keep going into
+        // space it already holds while a table flush finds the device full.
+        c.wal.prewrite_bytes = 192 << 10;
+        c.wal.segment_bytes_max = 256 << 10;
+        let (store, _) = Store::open(&dir, c).await.unwrap();
+        let ballast = fill(mount.path());
+        let mut i = 0u32;
+        // Writes until one fails or waits (a memtable full behind a flush
+        // that cannot write its table): nothing after that is acknowledged.
+        let mut stuck = loop {
+            i += 1;
+            let mut pending: std::pin::Pin<Box<dyn std::future::Future<Output = engine::Result<()>>>> =
+                Box::pin(store.write(batch(i)));
+            match write_within(&mut pending, std::time::Duration::from_secs(3)).await {
+                Some(Ok(())) => acked.push(i),
+                Some(Err(_)) => break None,
+                None => break Some((i, pending)),
+            }
+            assert!(i < 10_000, "a 1 MiB device cannot hold this much");
+        };
+        assert!(!acked.is_empty());
+        std::fs::remove_file(&ballast).unwrap();
+        // The waiting write finishes once there is room, without a restart.
+        if let Some((k, pending)) = stuck.take() {
+            pending.await.expect("the write that waited for room is taken");
+            acked.push(k);
+        }
+        let started = std::time::Instant::now();
+        loop {
+            i += 1;
+            match store.write(batch(i)).await {
+                Ok(()) => {
+                    acked.push(i);
+                    break;
+                }
+                Err(e) => {
+                    assert!(
+                        started.elapsed() < std::time::Duration::from_secs(60),
+                        "never healed: {e}"
+                    );
+                    glommio::timer::sleep(std::time::Duration::from_millis(50)).await;
+                }
+            }
+        }
+        for _ in 0..100 {
+            i += 1;
+            store.write(batch(i)).await.expect("writes go on after healing");
+            acked.push(i);
+        }
+        for &k in &acked {
+            assert_eq!(store.get(&key(k)).unwrap(), Some(value(k)), "key {k} before reopen");
+        }
+        store.flush().await.expect("a flush works once there is room");
+        assert!(
+            store.stats().retries > 0,
+            "a flush failed on the full device and was tried again"
+        );
+        store.close().await.unwrap();
+    });
+    run(async {
+        let (store, _) = Store::open(&dir, config()).await.unwrap();
+        for &k in &acked {
+            assert_eq!(store.get(&key(k)).unwrap(), Some(value(k)), "key {k} after reopen");
+        }
+        store.close().await.unwrap();
+    });
+}
