@@ -12,6 +12,7 @@ use common::{alive, eventually, examples_artifact, free_port, text, KillWorkers,
 use control::config::Side;
 use engine::pstate::Nav;
 use engine::value::{archived, Value};
+use net::admin::AdminRequest;
 use net::auth::Secret;
 use net::manager::ClusterManager;
 use net::{Connection, NetError, FRAME_BYTES_MAX, PROTOCOL_VERSION};
@@ -81,9 +82,35 @@ fn hostile_input_is_refused_and_the_cluster_goes_on() {
     assert!(text(&out).contains("module.threads.max"), "{}", text(&out));
     assert_eq!(artifacts(&conductor), 0, "a refused deploy stored an artifact");
 
+    // Regression: unfinished uploads had no count cap and never expired.
+    let secret = Secret::load(&conductor.dir.join("cluster.secret")).unwrap();
+    let conductor_addr = format!("127.0.0.1:{cport}");
+    {
+        let admin = Connection::connect(conductor_addr.as_str(), PROTOCOL_VERSION, FRAME_BYTES_MAX, &secret).unwrap();
+        let start = || admin.call(&AdminRequest::UploadStart { size: 10 }.encode()).unwrap();
+        let answers: Vec<Vec<u8>> = (0..5).map(|_| start()).collect();
+        assert!(
+            answers[..4].iter().all(|a| !is_error_answer(a)),
+            "four uploads may run at once"
+        );
+        let refused = archived::from_bytes(&answers[4]).unwrap();
+        assert!(
+            format!("{refused:?}").contains("uploads are in progress already"),
+            "the fifth is refused: {refused:?}"
+        );
+    }
+    let out = deploy(&conductor, ["4", "2", "1"]);
+    assert!(
+        text(&out).contains("uploads are in progress already"),
+        "a deploy meanwhile is refused, saying why: {}",
+        text(&out)
+    );
+    // Unfinished uploads are dropped after two minutes without a chunk;
+    // restarting the Conductor drops them at once (it keeps none).
+    drop(conductor_daemon);
+    let (conductor_daemon, _out) = conductor.daemon("conductor", "admin API on");
     let out = deploy(&conductor, ["4", "2", "1"]);
     assert!(out.status.success(), "{}", text(&out));
-    let secret = Secret::load(&conductor.dir.join("cluster.secret")).unwrap();
     let manager = ClusterManager::open_with(Some(&conductor.dir.join("rama.yaml")), &[], Side::External).unwrap();
     let depot = manager.depot("WordCountModule", "*sentences").unwrap();
     depot
@@ -101,7 +128,6 @@ fn hostile_input_is_refused_and_the_cluster_goes_on() {
         is_error_answer(&to_worker.call(&deep).unwrap()),
         "the worker answers with an error"
     );
-    let conductor_addr = format!("127.0.0.1:{cport}");
     let admin = Connection::connect(conductor_addr.as_str(), PROTOCOL_VERSION, FRAME_BYTES_MAX, &secret).unwrap();
     assert!(is_error_answer(
         &admin.call(&archived::deep_list_archive(50_000)).unwrap()

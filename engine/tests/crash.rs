@@ -31,7 +31,6 @@ use std::time::{Duration, Instant};
 use engine::executor::ExecutorConfig;
 use engine::log::format::{self, HEADER_BYTES};
 use engine::log::{Log, LogConfig, Record};
-use engine::lsm::table::TableOptions;
 use engine::lsm::{LsmConfig, Store, WriteBatch};
 use engine::Error;
 
@@ -573,28 +572,7 @@ fn log_survives_sigkill() {
 const WRITERS: u32 = 6;
 
 fn crash_store_config() -> LsmConfig {
-    LsmConfig {
-        memtable_bytes_max: 16 << 10,
-        key_bytes_max: 256,
-        value_bytes_max: 4096,
-        batch_bytes_max: 48 << 10,
-        compaction_trigger: 3,
-        table: TableOptions {
-            block_bytes: 512,
-            bloom_bits_per_key: 10,
-            write_buffer_bytes: 8 << 10,
-        },
-        wal: LogConfig {
-            segment_bytes_max: 64 << 10,
-            record_bytes_max: 48 << 10,
-            pending_bytes_max: 256 << 10,
-            write_bytes_max: 32 << 10,
-            prewrite_bytes: 16 << 10,
-            prewrite_skip_bytes: 8 << 10,
-            index_interval_bytes: 4 << 10,
-            entries_max: None,
-        },
-    }
+    common::small_store_config()
 }
 
 fn batch_prefix(cycle: u32, writer: u32, batch: u64) -> String {

@@ -126,7 +126,9 @@ fn torn_tail_is_truncated_and_later_appends_survive() {
         }
         log.close().await.unwrap();
     });
-    // Simulate a torn write: half a frame of garbage right after the data.
+    // Simulate a crash during a write: no clean-close marker, and half a
+    // frame of garbage right after the data.
+    std::fs::remove_file(dir.path().join("CLOSED_CLEANLY")).expect("a clean close leaves its marker");
     let tail = segments(dir.path()).pop().unwrap();
     // Sequential appends: one frame per record.
     let data_end = 32
@@ -323,4 +325,37 @@ fn a_full_device_poisons_the_log_until_space_returns() {
         }
         log.close().await.unwrap();
     });
+}
+
+/// A log closed cleanly had no write in flight: a bad frame at its end is
+/// damage, not a torn write, and is refused (twice: the refusal leaves the
+/// evidence in place) instead of being cut away as a torn tail would be.
+#[test]
+fn damage_at_the_end_of_a_cleanly_closed_log_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    run(async {
+        let (log, _) = Log::open(dir.path(), small()).await.unwrap();
+        for i in 0..50u64 {
+            log.append(&payload(i)).await.unwrap();
+        }
+        log.close().await.unwrap();
+    });
+    let seg = segments(dir.path()).pop().unwrap();
+    let mut bytes = std::fs::read(&seg).unwrap();
+    let last = bytes.iter().rposition(|&b| b != 0).unwrap();
+    bytes[last - 3] ^= 0x10;
+    std::fs::write(&seg, &bytes).unwrap();
+    for _ in 0..2 {
+        run(async {
+            match Log::open(dir.path(), small()).await {
+                Err(Error::Corrupt { path, reason, .. }) => {
+                    assert_eq!(path, seg);
+                    assert!(reason.contains("closed cleanly"), "{reason}");
+                }
+                Err(e) => panic!("expected Corrupt, got {e}"),
+                Ok((log, r)) => panic!("opened a damaged log at end {}: {r:?}", log.end_offset()),
+            }
+        });
+        assert_eq!(std::fs::read(&seg).unwrap(), bytes, "nothing was changed");
+    }
 }

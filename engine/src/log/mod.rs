@@ -350,6 +350,14 @@ impl Log {
         }
         bases.sort_unstable();
         let mut recovery = Recovery::default();
+        // Closed cleanly last time: no write was in flight, so nothing can
+        // be torn. The marker goes before anything is written again.
+        let marker = dir.join(CLEAN_MARKER);
+        let closed_cleanly = marker.exists();
+        if closed_cleanly {
+            std::fs::remove_file(&marker).map_err(|e| Error::io("remove clean-close marker", &marker, e))?;
+            sync_dir(&dir)?;
+        }
 
         // The last segment's creation may have been cut short by a crash:
         // its header and zero fill are synced before any record targets it,
@@ -436,13 +444,29 @@ impl Log {
                     // the bad frame mean it is damage to acknowledged data.
                     // Refuse to open and change nothing.
                     let body = &bytes[HEADER_BYTES..];
+                    let why = match e {
+                        FrameError::Truncated { .. } => "frame runs past the end of the file",
+                        FrameError::Corrupt(why) => why,
+                    };
+                    if closed_cleanly {
+                        // The marker itself is gone already: put it back, so
+                        // a retried open refuses again rather than cutting.
+                        let _ = std::fs::File::create(&marker).and_then(|f| f.sync_all());
+                        let _ = sync_dir(&dir);
+                        return Err(Error::Corrupt {
+                            path,
+                            offset: scan.end_offset,
+                            position: data_end,
+                            reason: format!(
+                                "{why}, in a log that was closed cleanly (no write was in flight, so this is \
+                                 damage, not a torn write); nothing was changed: restore the file from a replica \
+                                 or a backup"
+                            ),
+                        });
+                    }
                     if let Some((pos, offset)) =
                         format::find_intact_frame(body, scan.end_position, scan.end_offset, config.limits())
                     {
-                        let why = match e {
-                            FrameError::Truncated { .. } => "frame runs past the end of the file",
-                            FrameError::Corrupt(why) => why,
-                        };
                         return Err(Error::Corrupt {
                             path,
                             offset: scan.end_offset,
@@ -597,30 +621,37 @@ impl Log {
     pub async fn wait_enqueued(&self, queued: &Enqueued) -> Result<()> {
         self.shared
             .durable
-            .wait(|| {
-                let s = self.shared.state.borrow();
-                if s.generation != queued.generation {
-                    Some(Err(Error::Poisoned {
-                        what: format!("log {}", self.shared.dir.display()),
-                        cause: s.last_failure.clone().unwrap_or_default(),
-                    }))
-                } else if s.durable_end >= queued.range.end {
-                    Some(Ok(()))
-                } else if let Some(cause) = &s.poisoned {
-                    Some(Err(Error::Poisoned {
-                        what: format!("log {}", self.shared.dir.display()),
-                        cause: cause.clone(),
-                    }))
-                } else if !s.flusher_running {
-                    Some(Err(Error::Closed(format!(
-                        "log {} is closed",
-                        self.shared.dir.display()
-                    ))))
-                } else {
-                    None
-                }
-            })
+            .wait(|| self.durable_or_failed(queued.range.end, Some(queued.generation)))
             .await
+    }
+
+    /// `Some` once records below `end` (of writer `generation`, if given)
+    /// are durable, or can never be.
+    fn durable_or_failed(&self, end: u64, generation: Option<u64>) -> Option<Result<()>> {
+        let s = self.shared.state.borrow();
+        if generation.is_some_and(|g| g != s.generation) {
+            Some(Err(self.poisoned(s.last_failure.clone().unwrap_or_default())))
+        } else if s.durable_end >= end {
+            Some(Ok(()))
+        } else if let Some(cause) = &s.poisoned {
+            Some(Err(self.poisoned(cause.clone())))
+        } else if !s.flusher_running {
+            // The flusher drains everything queued before it stops, so this
+            // only happens for offsets never enqueued.
+            Some(Err(Error::Closed(format!(
+                "log {} is closed",
+                self.shared.dir.display()
+            ))))
+        } else {
+            None
+        }
+    }
+
+    fn poisoned(&self, cause: String) -> Error {
+        Error::Poisoned {
+            what: format!("log {}", self.shared.dir.display()),
+            cause,
+        }
     }
 
     /// The writer generation: it changes each time a failed write poisons
@@ -633,29 +664,7 @@ impl Log {
     /// records those are: a reader's wait; an appender waits for its own
     /// records with [`Log::wait_enqueued`]).
     pub async fn wait_durable(&self, end: u64) -> Result<()> {
-        self.shared
-            .durable
-            .wait(|| {
-                let s = self.shared.state.borrow();
-                if s.durable_end >= end {
-                    Some(Ok(()))
-                } else if let Some(cause) = &s.poisoned {
-                    Some(Err(Error::Poisoned {
-                        what: format!("log {}", self.shared.dir.display()),
-                        cause: cause.clone(),
-                    }))
-                } else if !s.flusher_running {
-                    // The flusher drains everything queued before it stops,
-                    // so this only happens for offsets never enqueued.
-                    Some(Err(Error::Closed(format!(
-                        "log {} is closed",
-                        self.shared.dir.display()
-                    ))))
-                } else {
-                    None
-                }
-            })
-            .await
+        self.shared.durable.wait(|| self.durable_or_failed(end, None)).await
     }
 
     /// The error for a read of `offset` after trimming removed it.
@@ -670,10 +679,7 @@ impl Log {
 
     fn check_usable(&self, s: &State) -> Result<()> {
         if let Some(cause) = &s.poisoned {
-            return Err(Error::Poisoned {
-                what: format!("log {}", self.shared.dir.display()),
-                cause: cause.clone(),
-            });
+            return Err(self.poisoned(cause.clone()));
         }
         if s.closing || s.closed {
             return Err(Error::Closed(format!("log {} is closed", self.shared.dir.display())));
@@ -919,9 +925,23 @@ impl Log {
             .work
             .wait(|| (!self.shared.state.borrow().flusher_running).then_some(()))
             .await;
+        // Closed with everything durable and no write in flight: say so on
+        // disk, so the next open takes any bad frame for damage, even in
+        // the last frame (which after a crash could be a torn write).
+        if result.is_ok() && self.shared.state.borrow().poisoned.is_none() {
+            let marker = self.shared.dir.join(CLEAN_MARKER);
+            std::fs::File::create(&marker)
+                .and_then(|f| f.sync_all())
+                .map_err(|e| Error::io("mark clean close", &marker, e))?;
+            sync_dir(&self.shared.dir)?;
+        }
         result
     }
 }
+
+/// The file a log leaves in its directory when it was closed cleanly; the
+/// next open removes it before anything is written.
+const CLEAN_MARKER: &str = "CLOSED_CLEANLY";
 
 /// Takes the records of `frame` within `range` into `out`, counting their
 /// bytes; true once the read is complete (range or byte cap reached).

@@ -87,3 +87,30 @@ impl Drop for Tmpfs {
             .status();
     }
 }
+
+/// A store with small memtables, tables and WAL segments, so flushes,
+/// compactions and segment rolls happen within a few hundred writes.
+pub fn small_store_config() -> engine::lsm::LsmConfig {
+    engine::lsm::LsmConfig {
+        memtable_bytes_max: 16 << 10,
+        key_bytes_max: 256,
+        value_bytes_max: 4096,
+        batch_bytes_max: 48 << 10,
+        compaction_trigger: 3,
+        table: engine::lsm::table::TableOptions {
+            block_bytes: 512,
+            bloom_bits_per_key: 10,
+            write_buffer_bytes: 8 << 10,
+        },
+        wal: engine::log::LogConfig {
+            segment_bytes_max: 64 << 10,
+            record_bytes_max: 48 << 10,
+            pending_bytes_max: 256 << 10,
+            write_bytes_max: 32 << 10,
+            prewrite_bytes: 16 << 10,
+            prewrite_skip_bytes: 8 << 10,
+            index_interval_bytes: 4 << 10,
+            entries_max: None,
+        },
+    }
+}
