@@ -244,6 +244,26 @@ fn report(path: &Path) -> BenchResult<()> {
     let text = std::fs::read_to_string(path).map_err(|e| format!("reading {}: {e}", path.display()))?;
     let results: Results = serde_json::from_str(&text).map_err(|e| format!("parsing {}: {e}", path.display()))?;
     print!("{}", report::markdown(&results));
+    // Records that need more than one run of this harness (another
+    // revision's build, say), each made by the command it names: kept here
+    // so a new run of bench/run does not lose them.
+    let records = Path::new(env!("CARGO_MANIFEST_DIR")).join("records");
+    let mut files: Vec<_> = std::fs::read_dir(&records)
+        .into_iter()
+        .flatten()
+        .flatten()
+        .map(|e| e.path())
+        .filter(|p| p.extension().is_some_and(|x| x == "md"))
+        .collect();
+    files.sort();
+    for f in files {
+        let text = std::fs::read_to_string(&f).map_err(|e| format!("reading {}: {e}", f.display()))?;
+        println!("\n{}", text.trim_end());
+        println!(
+            "\n(Kept from `bench/{}`, not measured by this run.)",
+            f.strip_prefix(Path::new(env!("CARGO_MANIFEST_DIR"))).unwrap_or(&f).display()
+        );
+    }
     Ok(())
 }
 
