@@ -261,7 +261,9 @@ fn report(path: &Path) -> BenchResult<()> {
         println!("\n{}", text.trim_end());
         println!(
             "\n(Kept from `bench/{}`, not measured by this run.)",
-            f.strip_prefix(Path::new(env!("CARGO_MANIFEST_DIR"))).unwrap_or(&f).display()
+            f.strip_prefix(Path::new(env!("CARGO_MANIFEST_DIR")))
+                .unwrap_or(&f)
+                .display()
         );
     }
     Ok(())
