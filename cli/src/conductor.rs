@@ -80,6 +80,9 @@ struct Conductor {
     threads_max: u32,
     /// When each launching module started launching.
     launching: Mutex<HashMap<String, Instant>>,
+    /// Artifacts of deploys under way (before their spec names them), with
+    /// how many: never collected meanwhile.
+    deploying: Mutex<HashMap<String, usize>>,
 }
 
 fn meta_err(e: MetaError) -> String {
@@ -226,10 +229,25 @@ impl Conductor {
                 Ok(Value::map::<&str, Value>([]))
             }
             AdminRequest::Deploy(d) => {
+                *self
+                    .deploying
+                    .lock()
+                    .expect("deploying")
+                    .entry(d.artifact.clone())
+                    .or_insert(0) += 1;
                 let deployed = self.deploy(&d);
+                {
+                    let mut pins = self.deploying.lock().expect("deploying");
+                    if let Some(n) = pins.get_mut(&d.artifact) {
+                        *n -= 1;
+                        if *n == 0 {
+                            pins.remove(&d.artifact);
+                        }
+                    }
+                }
                 if deployed.is_err() {
                     // A refused deploy leaves no artifact behind unless
-                    // another module runs it.
+                    // another module runs it (or another deploy is about to).
                     self.remove_artifact_if_unused(&d.artifact);
                 }
                 deployed
@@ -535,7 +553,8 @@ impl Conductor {
             Err(MetaError::NoNode(_)) => Vec::new(),
             Err(e) => return Err(meta_err(e)),
         };
-        let mut used = std::collections::BTreeSet::new();
+        let mut used: std::collections::BTreeSet<String> =
+            self.deploying.lock().expect("deploying").keys().cloned().collect();
         for module in modules {
             if let Some(spec) = read_json(&self.meta, &format!("/modules/{module}/spec"))? {
                 if let Some(a) = spec["artifact"].as_str() {
@@ -735,6 +754,7 @@ pub fn run(config: &Config, stop: &AtomicBool) -> Result<(), String> {
         tasks_max: config.count("module.tasks.max").map_err(|e| e.to_string())? as u32,
         threads_max: config.count("module.threads.max").map_err(|e| e.to_string())? as u32,
         launching: Mutex::new(HashMap::new()),
+        deploying: Mutex::new(HashMap::new()),
     });
     let server = {
         let c = conductor.clone();

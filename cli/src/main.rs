@@ -293,6 +293,7 @@ fn private_files() {
     unsafe {
         libc::umask(0o077);
     }
+    net::transport::raise_open_file_limit();
 }
 
 fn admin(cli: &Cli, config: &Config) -> Result<admin::Admin, String> {

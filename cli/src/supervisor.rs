@@ -248,9 +248,16 @@ impl Supervisor {
             .args(["--id", &spec["worker"].to_string()])
             .args(["--workers", &spec["workers"].as_u64().unwrap_or(1).to_string()])
             // Its fence: it serves only while this assignment names this
-            // instance.
-            .args(["--instance", spec["instance"].as_str().unwrap_or_default()])
-            .args(["--assignment", &format!("/assignments/{}/{a}", self.id)])
+            // instance (assignments made before instances existed have none).
+            .args(match spec["instance"].as_str() {
+                Some(instance) if !instance.is_empty() => vec![
+                    "--instance".to_string(),
+                    instance.to_string(),
+                    "--assignment".to_string(),
+                    format!("/assignments/{}/{a}", self.id),
+                ],
+                _ => Vec::new(),
+            })
             .arg("--dir")
             .arg(&data)
             .arg("--log")
@@ -368,6 +375,9 @@ impl Supervisor {
                 }
             }
         }
+        // A later assignment of the same name starts with no backoff.
+        self.restarts.retain(|a, _| assigned.contains(a));
+        self.started.retain(|a, _| assigned.contains(a));
         let gone: Vec<String> = self.workers.keys().filter(|a| !assigned.contains(a)).cloned().collect();
         for a in gone {
             let mut p = self.workers.remove(&a).expect("listed");

@@ -328,6 +328,7 @@ fn worker(def: ModuleDef, dir: &str, shape: Shape, (host, port): (&str, u16), me
         libc::signal(libc::SIGTERM, on_signal as *const () as libc::sighandler_t);
     }
     let name = def.name.clone();
+    crate::transport::raise_open_file_limit();
     let mut cluster = InProcessCluster::new(dir);
     cluster.set_thread_options(threading);
     let config = register

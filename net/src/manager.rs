@@ -305,6 +305,14 @@ impl ClusterManager {
 }
 
 impl Inner {
+    /// The module's current instance, as far as the directory can tell.
+    fn current_instance(&self, module: &str) -> Option<String> {
+        match &self.directory {
+            Directory::Metastore(meta) => module_instance(meta, module).ok().flatten(),
+            Directory::Conductor(_) => None,
+        }
+    }
+
     /// Whether `module` is still deployed (its spec exists), as far as the
     /// directory can tell.
     fn deployed(&self, module: &str) -> bool {
@@ -364,8 +372,14 @@ impl Inner {
                 }
                 // Some registrations are missing: the last known ones of
                 // the same instance stand in for them until replaced.
+                // Only into registrations of the same instance as the
+                // module's current one (after a destroy and a redeploy the
+                // old workers' addresses and shape are no guide).
                 (Ok(w), Some(prev))
-                    if w.iter().all(|x| x.instance == prev[0].instance) && (!w.is_empty() || self.deployed(module)) =>
+                    if !w.is_empty()
+                        && w.iter().all(|x| x.instance == prev[0].instance)
+                        && prev[0].instance.is_some()
+                        && self.current_instance(module) == prev[0].instance =>
                 {
                     let mut merged = prev.clone();
                     for x in w {
@@ -374,6 +388,15 @@ impl Inner {
                         }
                     }
                     merged
+                }
+                // Nothing registered: a lapse (same instance, still
+                // deployed) or a new instance that has not registered yet.
+                (Ok(w), Some(prev))
+                    if w.is_empty()
+                        && prev[0].instance.is_some()
+                        && self.current_instance(module) == prev[0].instance =>
+                {
+                    prev.clone()
                 }
                 (Ok(w), _) => w,
                 // The directory is unreachable for a moment.

@@ -54,6 +54,24 @@ pub const BATCH_BYTES: usize = 1 << 20;
 /// writing; senders wait when they are used up.
 pub const IN_FLIGHT_MAX: usize = 4096;
 
+/// Raises this process's open-file limit to its hard limit: every
+/// connection a server takes costs a few descriptors, and a cap on
+/// connections is only real below the limit. Daemons and workers call it
+/// once at start.
+pub fn raise_open_file_limit() {
+    // SAFETY: reads and sets this process's own resource limit.
+    unsafe {
+        let mut l = libc::rlimit {
+            rlim_cur: 0,
+            rlim_max: 0,
+        };
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut l) == 0 && l.rlim_cur < l.rlim_max {
+            l.rlim_cur = l.rlim_max;
+            let _ = libc::setrlimit(libc::RLIMIT_NOFILE, &l);
+        }
+    }
+}
+
 /// The handshake role of clients.
 pub const ROLE_CLIENT: u8 = 0;
 
@@ -302,11 +320,36 @@ fn client_handshake(stream: &mut TcpStream, version: u16, role: u8, secret: &Sec
     }
 }
 
-/// The server's side of the handshake: returns the client's role once it
-/// proved it holds the secret, or `None` (the connection is then closed).
-fn server_handshake(stream: &mut TcpStream, version: u16, secret: &Secret) -> Option<u8> {
+/// Reads from a stream within one deadline for all reads together (a
+/// per-read timeout would let a peer sending a byte now and then hold a
+/// handshake open for ever).
+struct Deadline<'a> {
+    stream: &'a TcpStream,
+    at: Instant,
+}
+
+impl Read for Deadline<'_> {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        let left = self.at.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            return Err(std::io::ErrorKind::TimedOut.into());
+        }
+        self.stream.set_read_timeout(Some(left))?;
+        (&*self.stream).read(buf)
+    }
+}
+
+/// The server's side of the handshake, all of it within `timeout`:
+/// returns the client's role once it proved it holds the secret, or `None`
+/// (the connection is then closed).
+fn server_handshake(stream: &TcpStream, version: u16, secret: &Secret, timeout: Duration) -> Option<u8> {
+    let mut input = Deadline {
+        stream,
+        at: Instant::now() + timeout,
+    };
+    let mut stream = stream;
     let mut hello = [0u8; HELLO_BYTES];
-    if stream.read_exact(&mut hello).is_err() || &hello[..4] != MAGIC {
+    if input.read_exact(&mut hello).is_err() || &hello[..4] != MAGIC {
         return None;
     }
     let theirs = u16::from_le_bytes([hello[4], hello[5]]);
@@ -323,7 +366,7 @@ fn server_handshake(stream: &mut TcpStream, version: u16, secret: &Secret) -> Op
     reply[8 + NONCE_BYTES..].copy_from_slice(&secret.proof(AuthSide::Server, &client_nonce, &ours, role));
     stream.write_all(&reply).ok()?;
     let mut proof = [0u8; PROOF_BYTES];
-    stream.read_exact(&mut proof).ok()?;
+    input.read_exact(&mut proof).ok()?;
     if !secret.verify(AuthSide::Client, &ours, &client_nonce, role, &proof) {
         let _ = stream.write_all(&[STATUS_REFUSED]);
         return None;
@@ -585,6 +628,9 @@ pub struct ServerLimits {
     pub idle_timeout: Duration,
     /// The handshake must finish within this. Default [`HANDSHAKE_TIMEOUT`].
     pub handshake_timeout: Duration,
+    /// Handshakes in progress at most (connections not yet authenticated);
+    /// more are refused like connections over the cap. Default 64.
+    pub handshakes_max: usize,
 }
 
 impl Default for ServerLimits {
@@ -594,6 +640,7 @@ impl Default for ServerLimits {
             connections_max: 1024,
             idle_timeout: Duration::from_secs(600),
             handshake_timeout: HANDSHAKE_TIMEOUT,
+            handshakes_max: 64,
         }
     }
 }
@@ -696,18 +743,28 @@ impl Server {
             source,
         })?;
         let stop = Arc::new(AtomicBool::new(false));
+        let handshaking = Arc::new(std::sync::atomic::AtomicUsize::new(0));
         let open: Arc<Mutex<HashMap<u64, TcpStream>>> = Arc::default();
         let accept = {
-            let (stop, open) = (stop.clone(), open.clone());
+            let (stop, open, handshaking) = (stop.clone(), open.clone(), handshaking.clone());
             std::thread::spawn(move || {
                 for (n, stream) in listener.incoming().enumerate() {
                     if stop.load(Ordering::SeqCst) {
                         return;
                     }
-                    let Ok(stream) = stream else { continue };
+                    let Ok(stream) = stream else {
+                        // Out of file descriptors, say: wait rather than spin.
+                        std::thread::sleep(Duration::from_millis(50));
+                        continue;
+                    };
                     {
                         let mut open = open.lock().expect("open connections");
-                        if open.len() >= listening.limits.connections_max {
+                        // Unauthenticated handshakes have a small cap of
+                        // their own, so peers without the secret cannot take
+                        // the slots of those with it.
+                        if open.len() >= listening.limits.connections_max
+                            || handshaking.load(Ordering::SeqCst) >= listening.limits.handshakes_max
+                        {
                             drop(open);
                             refuse_busy(&stream, listening.version);
                             continue;
@@ -717,18 +774,25 @@ impl Server {
                             Err(_) => continue,
                         };
                     }
-                    let (handler, open, stop, listening) =
-                        (handler.clone(), open.clone(), stop.clone(), listening.clone());
+                    handshaking.fetch_add(1, Ordering::SeqCst);
+                    let (handler, open, stop, listening, hs) = (
+                        handler.clone(),
+                        open.clone(),
+                        stop.clone(),
+                        listening.clone(),
+                        handshaking.clone(),
+                    );
                     let spawned = std::thread::Builder::new().name("net-connection".into()).spawn({
                         let open = open.clone();
                         move || {
-                            serve_connection(stream, &listening, handler, &stop);
+                            serve_connection(stream, &listening, handler, &stop, &hs);
                             open.lock().expect("open connections").remove(&(n as u64));
                         }
                     });
                     // Out of threads: this connection is dropped, the
                     // server goes on.
                     if spawned.is_err() {
+                        handshaking.fetch_sub(1, Ordering::SeqCst);
                         if let Some(s) = open.lock().expect("open connections").remove(&(n as u64)) {
                             let _ = s.shutdown(Shutdown::Both);
                         }
@@ -770,13 +834,21 @@ impl Drop for Server {
     }
 }
 
-fn serve_connection(mut stream: TcpStream, listening: &Listening, handler: Serve, stop: &AtomicBool) {
+fn serve_connection(
+    stream: TcpStream,
+    listening: &Listening,
+    handler: Serve,
+    stop: &AtomicBool,
+    handshaking: &std::sync::atomic::AtomicUsize,
+) {
     let addr = stream.peer_addr().map_or_else(|_| "?".into(), |a| a.to_string());
     let limits = &listening.limits;
     let _ = stream.set_nodelay(true);
     let _ = stream.set_read_timeout(Some(limits.handshake_timeout));
     let _ = stream.set_write_timeout(Some(limits.handshake_timeout));
-    let Some(role) = server_handshake(&mut stream, listening.version, &listening.secret) else {
+    let shaken = server_handshake(&stream, listening.version, &listening.secret, limits.handshake_timeout);
+    handshaking.fetch_sub(1, Ordering::SeqCst);
+    let Some(role) = shaken else {
         let _ = stream.shutdown(Shutdown::Both);
         return;
     };
@@ -784,7 +856,9 @@ fn serve_connection(mut stream: TcpStream, listening: &Listening, handler: Serve
     // no timeout (the writer blocks only on a full socket, and the
     // connection's end unblocks it).
     let _ = stream.set_read_timeout(Some(limits.idle_timeout.min(Duration::from_secs(5))));
-    let _ = stream.set_write_timeout(None);
+    // A peer that takes no answers for the idle timeout ends its
+    // connection: the writer's write fails and it stops.
+    let _ = stream.set_write_timeout(Some(limits.idle_timeout));
     let Ok(out) = stream.try_clone() else { return };
     let (frames_tx, frames_rx) = flume::bounded(IN_FLIGHT_MAX);
     let stats = Arc::new(Stats::default());
@@ -839,6 +913,9 @@ fn serve_async(
             break;
         }
         let (frames, tokens) = (frames_tx.clone(), tokens_tx.clone());
+        let Ok(peer) = input.get_ref().try_clone() else {
+            break;
+        };
         // At most IN_FLIGHT_MAX answers are pending (tokens), and the frame
         // queue holds that many: this send never waits.
         let respond: Respond = Box::new(move |answer| {
@@ -846,7 +923,11 @@ fn serve_async(
                 Ok(answer) => frame(id, KIND_RESPONSE, &answer),
                 Err(why) => frame(id, KIND_ERROR, why.as_bytes()),
             };
-            let _ = frames.send(f);
+            // Never waits (it may run on a task thread): a peer that lets
+            // IN_FLIGHT_MAX answers pile up unread loses its connection.
+            if frames.try_send(f).is_err() {
+                let _ = peer.shutdown(Shutdown::Both);
+            }
             let _ = tokens.send(());
         });
         if let Some(later) = handler(role, payload, respond) {

@@ -301,3 +301,32 @@ fn idle_connections_are_closed_but_not_while_an_answer_is_owed() {
     let mut buf = Vec::new();
     assert_eq!(raw.read_to_end(&mut buf).unwrap_or(0), 0, "closed without a word");
 }
+
+#[test]
+fn a_handshake_sent_a_byte_at_a_time_is_cut_off_at_its_deadline() {
+    // Regression (review): the handshake timeout applied to each read, so
+    // a peer without the secret sending a byte every few seconds held a
+    // connection slot for minutes.
+    let server = echo_server_with(ServerLimits {
+        handshake_timeout: Duration::from_millis(600),
+        ..Default::default()
+    });
+    let mut raw = std::net::TcpStream::connect(server.local_addr()).unwrap();
+    raw.set_read_timeout(Some(Duration::from_millis(50))).unwrap();
+    let started = Instant::now();
+    let hello = hello();
+    let mut closed = false;
+    for b in &hello {
+        if raw.write_all(std::slice::from_ref(b)).is_err() {
+            closed = true;
+            break;
+        }
+        let mut buf = [0u8; 8];
+        if matches!(raw.read(&mut buf), Ok(0)) {
+            closed = true;
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    assert!(closed, "the server waited {:?} for a 24-byte hello", started.elapsed());
+}

@@ -352,12 +352,10 @@ impl Log {
         let mut recovery = Recovery::default();
         // Closed cleanly last time: no write was in flight, so nothing can
         // be torn. The marker goes before anything is written again.
+        // It is removed only once the tail was accepted (below), so an open
+        // that fails or is killed midway leaves it for the next one.
         let marker = dir.join(CLEAN_MARKER);
         let closed_cleanly = marker.exists();
-        if closed_cleanly {
-            std::fs::remove_file(&marker).map_err(|e| Error::io("remove clean-close marker", &marker, e))?;
-            sync_dir(&dir)?;
-        }
 
         // The last segment's creation may have been cut short by a crash:
         // its header and zero fill are synced before any record targets it,
@@ -449,10 +447,8 @@ impl Log {
                         FrameError::Corrupt(why) => why,
                     };
                     if closed_cleanly {
-                        // The marker itself is gone already: put it back, so
-                        // a retried open refuses again rather than cutting.
-                        let _ = std::fs::File::create(&marker).and_then(|f| f.sync_all());
-                        let _ = sync_dir(&dir);
+                        // The marker stays: a retried open refuses again
+                        // rather than cutting.
                         return Err(Error::Corrupt {
                             path,
                             offset: scan.end_offset,
@@ -509,6 +505,12 @@ impl Log {
             }
         };
 
+        // The tail is accepted: from here on writes may come, and a crash
+        // may tear one, so the log is no longer "closed cleanly".
+        if closed_cleanly {
+            std::fs::remove_file(&marker).map_err(|e| Error::io("remove clean-close marker", &marker, e))?;
+            sync_dir(&dir)?;
+        }
         let tail = &segments[&tail_base];
         let end = tail.end_offset;
         let reserve_position = tail.data_end.expect("tail data end is known");
