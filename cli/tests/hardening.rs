@@ -17,6 +17,31 @@ use net::auth::Secret;
 use net::manager::ClusterManager;
 use net::{Connection, NetError, FRAME_BYTES_MAX, PROTOCOL_VERSION};
 
+/// The tests here each run a whole cluster; one at a time keeps a 2-core
+/// machine from running three clusters, 300 idle connections and a
+/// ZooKeeper replacement at once.
+static ONE_CLUSTER_AT_A_TIME: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
+fn one_at_a_time() -> std::sync::MutexGuard<'static, ()> {
+    ONE_CLUSTER_AT_A_TIME.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// What the threads of process `pid` wait in (for a test that failed
+/// waiting for it).
+fn waits_of(pid: u32) -> String {
+    std::fs::read_dir(format!("/proc/{pid}/task"))
+        .into_iter()
+        .flatten()
+        .flatten()
+        .map(|t| {
+            let wchan = std::fs::read_to_string(t.path().join("wchan")).unwrap_or_default();
+            let comm = std::fs::read_to_string(t.path().join("comm")).unwrap_or_default();
+            format!("{} {} {wchan}", t.file_name().to_string_lossy(), comm.trim())
+        })
+        .collect::<Vec<_>>()
+        .join("; ")
+}
+
 fn threads_of(pid: u32) -> usize {
     std::fs::read_dir(format!("/proc/{pid}/task")).map_or(0, |d| d.count())
 }
@@ -52,6 +77,7 @@ fn is_error_answer(bytes: &[u8]) -> bool {
 
 #[test]
 fn hostile_input_is_refused_and_the_cluster_goes_on() {
+    let _one = one_at_a_time();
     let root = tempfile::tempdir().unwrap();
     let _kill_workers = KillWorkers(root.path().to_path_buf());
     let (zk, cport) = (free_port(), free_port());
@@ -247,6 +273,7 @@ fn hostile_input_is_refused_and_the_cluster_goes_on() {
 /// while its assignment names its module instance.
 #[test]
 fn a_stale_worker_does_not_join_a_new_cluster() {
+    let _one = one_at_a_time();
     let root = tempfile::tempdir().unwrap();
     let _kill_workers = KillWorkers(root.path().to_path_buf());
     let (zk, cport) = (free_port(), free_port());
@@ -313,6 +340,7 @@ fn a_stale_worker_does_not_join_a_new_cluster() {
 /// the reason in `moduleStatus` and `taskGroupsStatus`.
 #[test]
 fn damaged_data_keeps_its_task_group_down_and_says_why() {
+    let _one = one_at_a_time();
     let root = tempfile::tempdir().unwrap();
     let _kill_workers = KillWorkers(root.path().to_path_buf());
     let (zk, cport) = (free_port(), free_port());
@@ -382,7 +410,11 @@ fn damaged_data_keeps_its_task_group_down_and_says_why() {
                     )
                 })
                 .collect();
-            panic!("moduleStatus never named the damage: {out}\n{logs}");
+            let worker = node
+                .worker_pid()
+                .map(|p| format!("worker {p}: {}", waits_of(p)))
+                .unwrap_or_default();
+            panic!("moduleStatus never named the damage: {out}\n{worker}\n{logs}");
         }
         std::thread::sleep(Duration::from_millis(300));
     }
