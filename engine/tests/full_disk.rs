@@ -94,23 +94,12 @@ fn a_full_device_stops_writes_until_space_returns_and_loses_nothing() {
             pending.await.expect("the write that waited for room is taken");
             acked.push(k);
         }
-        let started = std::time::Instant::now();
-        loop {
+        common::until_healed(|| {
             i += 1;
-            match store.write(batch(i)).await {
-                Ok(()) => {
-                    acked.push(i);
-                    break;
-                }
-                Err(e) => {
-                    assert!(
-                        started.elapsed() < std::time::Duration::from_secs(60),
-                        "never healed: {e}"
-                    );
-                    glommio::timer::sleep(std::time::Duration::from_millis(50)).await;
-                }
-            }
-        }
+            store.write(batch(i))
+        })
+        .await;
+        acked.push(i);
         for _ in 0..100 {
             i += 1;
             store.write(batch(i)).await.expect("writes go on after healing");

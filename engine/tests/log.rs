@@ -289,24 +289,15 @@ fn a_full_device_poisons_the_log_until_space_returns() {
         // Regression: the log stayed poisoned until the process restarted,
         // even once space was free. It heals by itself now.
         std::fs::remove_file(&ballast).unwrap();
-        let started = std::time::Instant::now();
-        loop {
+        let offset = common::until_healed(|| {
             n += 1;
-            match log.append(&payload(n)).await {
-                Ok(offset) => {
-                    assert_eq!(offset, acked.len() as u64, "the failed records left no trace");
-                    acked.push(payload(n));
-                    break;
-                }
-                Err(e) => {
-                    assert!(
-                        started.elapsed() < std::time::Duration::from_secs(60),
-                        "never healed: {e}"
-                    );
-                    glommio::timer::sleep(std::time::Duration::from_millis(50)).await;
-                }
-            }
-        }
+            let p = payload(n);
+            let log = &log;
+            async move { log.append(&p).await }
+        })
+        .await;
+        assert_eq!(offset, acked.len() as u64, "the failed records left no trace");
+        acked.push(payload(n));
         for _ in 0..10 {
             n += 1;
             let offset = log.append(&payload(n)).await.expect("appends go on after healing");

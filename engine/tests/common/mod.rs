@@ -114,3 +114,23 @@ pub fn small_store_config() -> engine::lsm::LsmConfig {
         },
     }
 }
+
+/// Calls `attempt` every 50 ms until it succeeds (storage that heals by
+/// itself once a full device has room again), for at most a minute.
+pub async fn until_healed<T, E: std::fmt::Display, F: std::future::Future<Output = Result<T, E>>>(
+    mut attempt: impl FnMut() -> F,
+) -> T {
+    let started = std::time::Instant::now();
+    loop {
+        match attempt().await {
+            Ok(v) => return v,
+            Err(e) => {
+                assert!(
+                    started.elapsed() < std::time::Duration::from_secs(60),
+                    "never healed: {e}"
+                );
+                glommio::timer::sleep(std::time::Duration::from_millis(50)).await;
+            }
+        }
+    }
+}
