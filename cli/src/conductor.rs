@@ -31,7 +31,6 @@ use engine::runtime::placement::Parallelism;
 use engine::value::{archived, Value};
 use net::manager::{connect_metastore, workers_path};
 use serde_json::{json, Value as Json};
-use sha2::{Digest, Sha256};
 
 use crate::admin::{self, int, text, AdminRequest, DeployArgs, CHUNK_BYTES};
 
@@ -196,17 +195,7 @@ impl Conductor {
                     return Err(format!("upload {id} has {} of {} bytes", u.written, u.size));
                 }
                 u.file.sync_all().map_err(|e| e.to_string())?;
-                let mut hasher = Sha256::new();
-                let mut f = File::open(&u.path).map_err(|e| e.to_string())?;
-                let mut buf = vec![0u8; 1 << 20];
-                loop {
-                    let n = f.read(&mut buf).map_err(|e| e.to_string())?;
-                    if n == 0 {
-                        break;
-                    }
-                    hasher.update(&buf[..n]);
-                }
-                let hash: String = hasher.finalize().iter().map(|b| format!("{b:02x}")).collect();
+                let hash = crate::supervisor::sha256_file(&u.path)?;
                 let dest = self.artifacts.join(&hash);
                 std::fs::rename(&u.path, &dest).map_err(|e| format!("storing the artifact: {e}"))?;
                 set_executable(&dest)?;

@@ -446,8 +446,9 @@ pub fn run(config: &Config, stop: &AtomicBool) -> Result<(), String> {
     Ok(())
 }
 
-/// The sha256 of the file at `path`, in hexadecimal.
-fn sha256_file(path: &Path) -> Result<String, String> {
+/// The sha256 of the file at `path`, in hexadecimal: an artifact's name
+/// in the Conductor's store and what Supervisors check before running it.
+pub fn sha256_file(path: &Path) -> Result<String, String> {
     use sha2::{Digest, Sha256};
     use std::io::Read;
     let mut f = File::open(path).map_err(|e| format!("reading {}: {e}", path.display()))?;
