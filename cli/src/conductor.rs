@@ -1,18 +1,13 @@
 //! `rama conductor`: the admin API, the artifact store and the module
 //! lifecycle.
 //!
-//! Metadata (under `zookeeper.root`):
-//! ```text
-//! /conductor                      ephemeral: admin address
-//! /supervisors/<id>               ephemeral, by Supervisors: {host, portFirst, portLast}
-//! /modules/<m>/spec               {module, artifact, tasks, threads, workers, replicationFactor}
-//! /modules/<m>/state              launching | running | destroying
-//! /modules/<m>/workers/<i>        ephemeral, by workers (net::manager)
-//! /assignments/<supervisor>/<m>.<i>  {module, artifact, tasks, threads, worker}
-//! ```
-//! A launch writes spec, state and assignments; it becomes `running` when
-//! every worker registered, and is rolled back (assignments, metadata and
-//! state removed) if that does not happen within the launch timeout.
+//! Metadata: `control::layout` (module instances, their specs, states,
+//! targets, registrations and failures; assignments).
+//! A launch makes instance 0 of the module (a random incarnation, spec,
+//! state, read and append targets) and its assignments; the instance and
+//! the module become `running` when every worker of the instance
+//! registered, and the launch is rolled back (assignments and metadata
+//! removed) if that does not happen within the launch timeout.
 //! Artifacts are stored under `<local.dir>/conductor/artifacts/<sha256>`;
 //! the name is the content's hash, never a name from the client, and an
 //! upload above `conductor.artifact.max.bytes` (default 1 GiB) is refused.
@@ -26,11 +21,14 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use control::config::{Config, Side};
+use control::layout::{
+    self, valid_module_name, Assignment, InstanceSpec, InstanceState, Layout, LayoutError, ModuleState,
+};
 use control::metastore::{MetaError, Metastore, NodeKind, ZkMetastore};
 use engine::runtime::placement::Parallelism;
 use engine::value::{archived, Value};
-use net::manager::{connect_metastore, workers_path};
-use serde_json::{json, Value as Json};
+use net::manager::connect_metastore;
+use serde_json::Value as Json;
 
 use crate::admin::{self, int, text, AdminRequest, DeployArgs, CHUNK_BYTES};
 
@@ -68,6 +66,8 @@ struct Shape {
 
 struct Conductor {
     meta: ZkMetastore,
+    /// The Conductor's log: every operation and state change.
+    log: crate::log::Log,
     artifacts: PathBuf,
     uploads_dir: PathBuf,
     uploads: Mutex<HashMap<i64, Upload>>,
@@ -84,43 +84,28 @@ struct Conductor {
     deploying: Mutex<HashMap<String, usize>>,
 }
 
-fn meta_err(e: MetaError) -> String {
+fn layout_err(e: LayoutError) -> String {
     e.to_string()
 }
 
 /// Workers of `module` already assigned to Supervisor `s`.
-fn load_of(meta: &ZkMetastore, s: &str, module: &str) -> u64 {
-    meta.children(&format!("/assignments/{s}")).map_or(0, |c| {
+fn load_of(l: &Layout, s: &str, module: &str) -> u64 {
+    l.assignment_names(s).map_or(0, |c| {
         c.iter()
-            .filter(|a| a.rsplit_once('.').is_some_and(|(m, _)| m == module))
+            .filter(|a| layout::parse_assignment_name(a).is_some_and(|(m, _, _)| m == module))
             .count()
     }) as u64
 }
 
-fn read_json(meta: &ZkMetastore, path: &str) -> Result<Option<Json>, String> {
-    match meta.get(path).map_err(meta_err)? {
-        Some((d, _)) => serde_json::from_slice(&d)
-            .map(Some)
-            .map_err(|e| format!("{path} holds bad JSON: {e}")),
-        None => Ok(None),
-    }
-}
-
-fn state(meta: &ZkMetastore, module: &str) -> Result<Option<String>, String> {
-    Ok(meta
-        .get(&format!("/modules/{module}/state"))
-        .map_err(meta_err)?
-        .map(|(d, _)| String::from_utf8_lossy(&d).into_owned()))
-}
-
-fn valid_module_name(name: &str) -> bool {
-    !name.is_empty()
-        && name
-            .chars()
-            .all(|c| c.is_alphanumeric() || c == '_' || c == '-' || c == '.')
-}
-
 impl Conductor {
+    fn layout(&self) -> Layout<'_> {
+        Layout::new(&self.meta)
+    }
+
+    fn state(&self, module: &str) -> Result<Option<ModuleState>, String> {
+        self.layout().module_state(module).map_err(layout_err)
+    }
+
     fn handle(&self, request: &[u8]) -> Vec<u8> {
         let answer = AdminRequest::decode(request)
             .and_then(|r| self.dispatch(r))
@@ -241,28 +226,20 @@ impl Conductor {
                 }
                 deployed
             }
-            AdminRequest::Status { module } => {
-                let module = module.as_str();
-                let down = net::manager::failures(&self.meta, module).map_err(|e| e.to_string())?;
-                Ok(Value::map([
-                    ("state", state(&self.meta, module)?.map_or(Value::Nil, Value::from)),
-                    (
-                        "down",
-                        Value::List(
-                            down.into_iter()
-                                .map(|(w, why)| Value::map([("worker", Value::from(w)), ("error", Value::from(why))]))
-                                .collect(),
-                        ),
-                    ),
-                ]))
-            }
-            AdminRequest::TaskGroups { module } => self.task_groups(&module),
-            AdminRequest::Workers { module } => {
+            AdminRequest::Status { module } => self.status(&module),
+            AdminRequest::TaskGroups { module, instance } => self.task_groups(&module, instance),
+            AdminRequest::Workers { module, append } => {
                 let module = module.as_str();
                 if !valid_module_name(module) {
                     return Err(format!("{module:?} is not a module name"));
                 }
-                let workers = net::manager::registered_workers(&self.meta, module).map_err(|e| e.to_string())?;
+                let target = if append {
+                    net::manager::Target::Append
+                } else {
+                    net::manager::Target::Read
+                };
+                let workers =
+                    net::manager::registered_workers(&self.meta, module, target).map_err(|e| e.to_string())?;
                 Ok(Value::map([(
                     "workers",
                     Value::List(workers.iter().map(net::manager::WorkerInfo::to_value).collect()),
@@ -270,13 +247,11 @@ impl Conductor {
             }
             AdminRequest::Destroy { module } => {
                 let module = module.as_str();
-                if state(&self.meta, module)?.is_none() {
+                if self.state(module)?.is_none() {
                     return Err(format!("no module named {module} is deployed"));
                 }
-                self.meta
-                    .set(&format!("/modules/{module}/state"), b"destroying", None)
-                    .map_err(meta_err)?;
-                self.remove_assignments(module)?;
+                self.retire(module)?;
+                self.log.line(&format!("conductor: destroying module {module}"));
                 Ok(Value::map([("state", Value::from("destroying"))]))
             }
         }
@@ -331,13 +306,11 @@ impl Conductor {
                 "--replicationFactor {rf}: replication is not implemented yet; only 1 is accepted"
             ));
         }
-        if state(&self.meta, module)?.is_some() {
+        if self.state(module)?.is_some() {
             return Err(format!("module {module} is already deployed"));
         }
-        let supervisors = self.meta.children("/supervisors").or_else(|e| match e {
-            MetaError::NoNode(_) => Ok(Vec::new()),
-            e => Err(meta_err(e)),
-        })?;
+        let l = self.layout();
+        let supervisors = l.supervisors().map_err(layout_err)?;
         if supervisors.is_empty() {
             return Err("not enough Supervisors: none is running; start one with `rama supervisor`".into());
         }
@@ -345,11 +318,11 @@ impl Conductor {
         // the free ports are enough before claiming anything.
         let mut slots = Vec::new();
         for s in &supervisors {
-            let Some(info) = read_json(&self.meta, &format!("/supervisors/{s}"))? else {
+            let Ok(Some(info)) = l.supervisor(s) else {
                 continue;
             };
-            let range = info["portLast"].as_u64().unwrap_or(0) + 1 - info["portFirst"].as_u64().unwrap_or(0);
-            let used = self.meta.children(&format!("/assignments/{s}")).map_or(0, |c| c.len()) as u64;
+            let range = u64::from(info.port_last.saturating_sub(info.port_first)) + 1;
+            let used = l.assignment_names(s).map_or(0, |c| c.len()) as u64;
             slots.push((s.clone(), range.saturating_sub(used)));
         }
         let free: u64 = slots.iter().map(|(_, n)| n).sum();
@@ -405,68 +378,68 @@ impl Conductor {
                 engine::VERSION
             ));
         }
-        // Claim the module name; a second deploy of it fails here.
-        self.meta.create_all("/modules").map_err(meta_err)?;
-        match self
-            .meta
-            .create(&format!("/modules/{module}"), b"", NodeKind::Persistent)
-        {
+        // The module's first instance. Its incarnation fences: its workers
+        // serve only while their assignments name it, and clients take
+        // only its workers.
+        let incarnation: String = net::auth::nonce().iter().map(|b| format!("{b:02x}")).collect();
+        let spec = InstanceSpec {
+            module: module.to_string(),
+            instance: 0,
+            incarnation: incarnation.clone(),
+            artifact: artifact.to_string(),
+            tasks,
+            threads,
+            workers,
+            replication_factor: rf,
+            config: overrides.to_json(),
+        };
+        let l = self.layout();
+        // Claims the module name; a second deploy of it fails here.
+        match l.launch(&spec) {
             Ok(()) => {}
-            Err(MetaError::NodeExists(_)) => return Err(format!("module {module} is already deployed")),
-            Err(e) => return Err(meta_err(e)),
+            Err(LayoutError::Meta(MetaError::NodeExists(_))) => {
+                return Err(format!("module {module} is already deployed"))
+            }
+            Err(e) => return Err(layout_err(e)),
         }
-        // The module instance this deploy makes: its workers serve only
-        // while their assignments name it, and clients take only its
-        // workers.
-        let instance: String = net::auth::nonce().iter().map(|b| format!("{b:02x}")).collect();
-        let spec = json!({"module": module, "artifact": artifact, "tasks": tasks, "threads": threads,
-                          "workers": workers, "replicationFactor": rf, "instance": instance,
-                          "config": overrides.to_json()});
         let launched = (|| -> Result<(), String> {
-            self.meta
-                .create(
-                    &format!("/modules/{module}/spec"),
-                    spec.to_string().as_bytes(),
-                    NodeKind::Persistent,
-                )
-                .map_err(meta_err)?;
-            self.meta
-                .create(&format!("/modules/{module}/state"), b"launching", NodeKind::Persistent)
-                .map_err(meta_err)?;
             // The dev scheduler: each worker to the Supervisor with the
             // fewest assignments.
             for w in 0..workers {
                 let mut load = Vec::new();
                 for (s, free) in &slots {
-                    let n = self.meta.children(&format!("/assignments/{s}")).map_or(0, |c| c.len());
-                    let taken = load_of(&self.meta, s, module);
+                    let n = l.assignment_names(s).map_or(0, |c| c.len());
+                    let taken = load_of(&l, s, module);
                     if taken < *free {
                         load.push((n, s.clone()));
                     }
                 }
                 load.sort();
                 let target = &load.first().ok_or("not enough Supervisor ports")?.1;
-                self.meta
-                    .create_all(&format!("/assignments/{target}"))
-                    .map_err(meta_err)?;
-                let assignment = json!({"module": module, "artifact": artifact, "tasks": tasks,
-                                        "threads": threads, "workers": workers, "worker": w,
-                                        "instance": instance, "config": overrides.to_json()});
-                self.meta
-                    .create(
-                        &format!("/assignments/{target}/{module}.{w}"),
-                        assignment.to_string().as_bytes(),
-                        NodeKind::Persistent,
-                    )
-                    .map_err(meta_err)?;
+                let assignment = Assignment {
+                    module: module.to_string(),
+                    instance: 0,
+                    incarnation: incarnation.clone(),
+                    artifact: artifact.to_string(),
+                    tasks,
+                    threads,
+                    workers,
+                    worker: w,
+                    config: overrides.to_json(),
+                };
+                l.assign(target, &assignment).map_err(layout_err)?;
             }
             Ok(())
         })();
         if let Err(e) = launched {
-            let _ = self.remove_assignments(module);
-            let _ = self.meta.delete_all(&format!("/modules/{module}"));
+            let _ = l.unassign(module, None);
+            let _ = l.forget_module(module);
             return Err(e);
         }
+        self.log.line(&format!(
+            "conductor: launching module {module} instance 0 ({tasks} tasks, {threads} threads, {workers} workers, \
+             artifact {artifact})"
+        ));
         self.launching
             .lock()
             .expect("launching")
@@ -474,35 +447,108 @@ impl Conductor {
         Ok(Value::map([("state", Value::from("launching"))]))
     }
 
+    /// `moduleStatus`: the module's state, its instances (state, whether
+    /// each is the read or the append target, workers registered of how
+    /// many), and the workers that are down and why.
+    fn status(&self, module: &str) -> Result<Value, String> {
+        let l = self.layout();
+        let Some(state) = self.state(module)? else {
+            return Ok(Value::map([("state", Value::Nil)]));
+        };
+        let targets = l.targets(module).map_err(layout_err)?;
+        let mut instances = Vec::new();
+        let mut down = Vec::new();
+        for n in l.instances(module).map_err(layout_err)? {
+            let Some(spec) = l.instance_spec(module, n).map_err(layout_err)? else {
+                continue;
+            };
+            let st = l.instance_state(module, n).map_err(layout_err)?;
+            let registered = l
+                .registrations(module, n, Some(&spec.incarnation))
+                .map_err(layout_err)?
+                .len();
+            instances.push(Value::map([
+                ("instance", Value::from(n)),
+                ("state", st.map_or(Value::Nil, |s| Value::from(s.name()))),
+                ("read", Value::Bool(targets.is_some_and(|t| t.read == n))),
+                ("append", Value::Bool(targets.is_some_and(|t| t.append == n))),
+                ("registered", Value::from(registered as u32)),
+                ("workers", Value::from(spec.workers)),
+                ("tasks", Value::from(spec.tasks)),
+                ("threads", Value::from(spec.threads)),
+            ]));
+            for (w, why) in net::manager::failures(&self.meta, module, n).map_err(|e| e.to_string())? {
+                down.push(Value::map([
+                    ("instance", Value::from(n)),
+                    ("worker", Value::from(w)),
+                    ("error", Value::from(why)),
+                ]));
+            }
+        }
+        Ok(Value::map([
+            ("state", Value::from(state.name())),
+            ("instances", Value::List(instances)),
+            ("down", Value::List(down)),
+        ]))
+    }
+
+    /// Marks the module destroying and its instances retiring, and takes
+    /// their assignments away (the Supervisors stop the workers).
+    fn retire(&self, module: &str) -> Result<(), String> {
+        let l = self.layout();
+        l.set_module_state(module, ModuleState::Destroying)
+            .map_err(layout_err)?;
+        for n in l.instances(module).map_err(layout_err)? {
+            l.set_instance_state(module, n, InstanceState::Retiring)
+                .map_err(layout_err)?;
+        }
+        l.unassign(module, None).map_err(layout_err)
+    }
+
     /// Every task group (the tasks of one task thread) of `module`, with
     /// its worker, the worker's address and its Supervisor.
-    fn task_groups(&self, module: &str) -> Result<Value, String> {
-        let spec = read_json(&self.meta, &format!("/modules/{module}/spec"))?
+    fn task_groups(&self, module: &str, instance: Option<u32>) -> Result<Value, String> {
+        let l = self.layout();
+        let targets = l
+            .targets(module)
+            .map_err(layout_err)?
             .ok_or_else(|| format!("no module named {module} is deployed"))?;
-        let num = |k: &str| spec[k].as_u64().unwrap_or(0) as u32;
+        let n = instance.unwrap_or(targets.read);
+        let spec = l.instance_spec(module, n).map_err(layout_err)?.ok_or_else(|| {
+            format!(
+                "module {module} has no instance {n} (instances: {})",
+                l.instances(module)
+                    .unwrap_or_default()
+                    .iter()
+                    .map(u32::to_string)
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            )
+        })?;
         let placement = engine::runtime::placement::Placement::new(
-            Parallelism::new(num("tasks"), num("threads"), num("workers")).map_err(|e| e.to_string())?,
+            Parallelism::new(spec.tasks, spec.threads, spec.workers).map_err(|e| e.to_string())?,
         );
         // Which Supervisor holds each worker's assignment.
         let mut supervisor_of = HashMap::new();
-        for s in self.meta.children("/assignments").unwrap_or_default() {
-            for a in self.meta.children(&format!("/assignments/{s}")).unwrap_or_default() {
-                if let Some((m, w)) = a.rsplit_once('.') {
-                    if m == module {
-                        supervisor_of.insert(w.to_string(), s.clone());
-                    }
-                }
+        for (s, a) in l.assignments_of(module, Some(n)).map_err(layout_err)? {
+            if let Some((_, _, w)) = layout::parse_assignment_name(&a) {
+                supervisor_of.insert(w, s);
             }
         }
-        let down: HashMap<u32, String> = net::manager::failures(&self.meta, module)
+        let down: HashMap<u32, String> = net::manager::failures(&self.meta, module, n)
             .map_err(|e| e.to_string())?
             .into_iter()
+            .collect();
+        let address_of: HashMap<u32, String> = l
+            .registrations(module, n, Some(&spec.incarnation))
+            .map_err(layout_err)?
+            .into_iter()
+            .map(|r| (r.worker, r.address))
             .collect();
         let mut groups = Vec::new();
         for thread in 0..placement.parallelism.threads {
             let worker = placement.worker_of_thread[thread as usize];
-            let address = read_json(&self.meta, &format!("{}/{worker}", workers_path(module)))?
-                .and_then(|j| j["address"].as_str().map(str::to_string));
+            let address = address_of.get(&worker).cloned();
             groups.push(Value::map([
                 ("down", down.get(&worker).cloned().map_or(Value::Nil, Value::from)),
                 ("taskGroup", Value::from(thread)),
@@ -514,14 +560,14 @@ impl Conductor {
                 ("address", address.map_or(Value::Nil, Value::from)),
                 (
                     "supervisor",
-                    supervisor_of
-                        .get(&worker.to_string())
-                        .cloned()
-                        .map_or(Value::Nil, Value::from),
+                    supervisor_of.get(&worker).cloned().map_or(Value::Nil, Value::from),
                 ),
             ]));
         }
-        Ok(Value::map([("groups", Value::List(groups))]))
+        Ok(Value::map([
+            ("instance", Value::from(n)),
+            ("groups", Value::List(groups)),
+        ]))
     }
 
     /// Drops uploads that received nothing for [`UPLOAD_IDLE`].
@@ -537,17 +583,13 @@ impl Conductor {
 
     /// The artifacts the modules' specs name.
     fn artifacts_in_use(&self) -> Result<std::collections::BTreeSet<String>, String> {
-        let modules = match self.meta.children("/modules") {
-            Ok(m) => m,
-            Err(MetaError::NoNode(_)) => Vec::new(),
-            Err(e) => return Err(meta_err(e)),
-        };
+        let l = self.layout();
         let mut used: std::collections::BTreeSet<String> =
             self.deploying.lock().expect("deploying").keys().cloned().collect();
-        for module in modules {
-            if let Some(spec) = read_json(&self.meta, &format!("/modules/{module}/spec"))? {
-                if let Some(a) = spec["artifact"].as_str() {
-                    used.insert(a.to_string());
+        for module in l.modules().map_err(layout_err)? {
+            for n in l.instances(&module).map_err(layout_err)? {
+                if let Some(spec) = l.instance_spec(&module, n).map_err(layout_err)? {
+                    used.insert(spec.artifact);
                 }
             }
         }
@@ -582,70 +624,78 @@ impl Conductor {
         Ok(())
     }
 
-    fn remove_assignments(&self, module: &str) -> Result<(), String> {
-        let supervisors = match self.meta.children("/assignments") {
-            Ok(s) => s,
-            Err(MetaError::NoNode(_)) => return Ok(()),
-            Err(e) => return Err(meta_err(e)),
-        };
-        for s in supervisors {
-            for a in self.meta.children(&format!("/assignments/{s}")).map_err(meta_err)? {
-                if a.rsplit_once('.').is_some_and(|(m, _)| m == module) {
-                    match self.meta.delete(&format!("/assignments/{s}/{a}"), None) {
-                        Ok(()) | Err(MetaError::NoNode(_)) => {}
-                        Err(e) => return Err(meta_err(e)),
-                    }
-                }
-            }
-        }
-        Ok(())
-    }
-
-    /// Moves modules along: launching -> running once every worker
-    /// registered (or rolled back after the timeout); destroying -> gone
-    /// once no worker is registered.
+    /// Moves modules along: an instance becomes `running` once every
+    /// worker of its incarnation registered, and the module with its read
+    /// target (a launch that does not get there within the timeout is
+    /// rolled back); a destroyed module's metadata goes once no worker of
+    /// any of its instances is registered.
     fn progress(&self) -> Result<(), String> {
-        let modules = match self.meta.children("/modules") {
-            Ok(m) => m,
-            Err(MetaError::NoNode(_)) => return Ok(()),
-            Err(e) => return Err(meta_err(e)),
-        };
-        for module in modules {
-            let Some(st) = state(&self.meta, &module)? else {
+        let l = self.layout();
+        for module in l.modules().map_err(layout_err)? {
+            let Some(st) = self.state(&module)? else {
                 continue;
             };
-            let registered = self.meta.children(&workers_path(&module)).map_or(0, |w| w.len());
-            match st.as_str() {
-                "launching" => {
-                    let spec = read_json(&self.meta, &format!("/modules/{module}/spec"))?;
-                    let want = spec.as_ref().and_then(|s| s["workers"].as_u64()).unwrap_or(1) as usize;
-                    if registered >= want {
-                        self.meta
-                            .set(&format!("/modules/{module}/state"), b"running", None)
-                            .map_err(meta_err)?;
-                        self.launching.lock().expect("launching").remove(&module);
-                    } else {
-                        let started = *self
-                            .launching
-                            .lock()
-                            .expect("launching")
-                            .entry(module.clone())
-                            .or_insert_with(Instant::now);
-                        if started.elapsed() > LAUNCH_TIMEOUT {
-                            eprintln!("conductor: {module} did not start within {LAUNCH_TIMEOUT:?}; rolling back");
-                            self.meta
-                                .set(&format!("/modules/{module}/state"), b"destroying", None)
-                                .map_err(meta_err)?;
-                            self.remove_assignments(&module)?;
-                        }
+            let mut registered_total = 0;
+            let mut target_running = false;
+            let targets = l.targets(&module).map_err(layout_err)?;
+            for n in l.instances(&module).map_err(layout_err)? {
+                let Some(spec) = l.instance_spec(&module, n).map_err(layout_err)? else {
+                    continue;
+                };
+                // Every registration counts for destroy (a stale worker
+                // still holds files); only the incarnation's for running.
+                registered_total += l.registrations(&module, n, None).map_err(layout_err)?.len();
+                let registered = l
+                    .registrations(&module, n, Some(&spec.incarnation))
+                    .map_err(layout_err)?
+                    .len();
+                let ist = l.instance_state(&module, n).map_err(layout_err)?;
+                if ist == Some(InstanceState::Launching) && registered >= spec.workers as usize {
+                    l.set_instance_state(&module, n, InstanceState::Running)
+                        .map_err(layout_err)?;
+                    self.log.line(&format!(
+                        "conductor: module {module} instance {n} is running (every worker registered)"
+                    ));
+                }
+                let running = ist == Some(InstanceState::Running) || registered >= spec.workers as usize;
+                if targets.is_some_and(|t| t.read == n) && running {
+                    target_running = true;
+                }
+            }
+            match st {
+                ModuleState::Launching if target_running => {
+                    l.set_module_state(&module, ModuleState::Running).map_err(layout_err)?;
+                    self.log.line(&format!("conductor: module {module} is running"));
+                    self.launching.lock().expect("launching").remove(&module);
+                }
+                ModuleState::Launching => {
+                    let started = *self
+                        .launching
+                        .lock()
+                        .expect("launching")
+                        .entry(module.clone())
+                        .or_insert_with(Instant::now);
+                    if started.elapsed() > LAUNCH_TIMEOUT {
+                        self.log.line(&format!(
+                            "conductor: {module} did not start within {LAUNCH_TIMEOUT:?}; rolling back"
+                        ));
+                        self.retire(&module)?;
                     }
                 }
-                "destroying" if registered == 0 => {
-                    let artifact = read_json(&self.meta, &format!("/modules/{module}/spec"))?
-                        .and_then(|s| s["artifact"].as_str().map(str::to_string));
-                    self.meta.delete_all(&format!("/modules/{module}")).map_err(meta_err)?;
+                ModuleState::Destroying if registered_total == 0 => {
+                    let artifacts: Vec<String> = l
+                        .instances(&module)
+                        .map_err(layout_err)?
+                        .into_iter()
+                        .filter_map(|n| l.instance_spec(&module, n).ok().flatten())
+                        .map(|s| s.artifact)
+                        .collect();
+                    l.forget_module(&module).map_err(layout_err)?;
+                    self.log.line(&format!(
+                        "conductor: module {module} is destroyed (no worker of it remains)"
+                    ));
                     self.launching.lock().expect("launching").remove(&module);
-                    if let Some(a) = artifact {
+                    for a in artifacts {
                         self.remove_artifact_if_unused(&a);
                     }
                 }
@@ -661,7 +711,7 @@ impl Conductor {
 /// [`DESCRIBE_TIMEOUT`] and [`DESCRIBE_BYTES_MAX`] (an artifact that hangs
 /// or floods is killed and refused).
 fn describe(path: &Path) -> Result<Vec<u8>, String> {
-    let mut child = std::process::Command::new(path)
+    let mut child = control::process::command(path)
         .arg("describe")
         .stdin(std::process::Stdio::null())
         .stdout(std::process::Stdio::piped())
@@ -717,12 +767,9 @@ pub fn run(config: &Config, stop: &AtomicBool) -> Result<(), String> {
             let _ = std::fs::remove_file(e.path());
         }
     }
-    let max_bytes = match config.get("conductor.artifact.max.bytes") {
-        Some(v) => v
-            .as_u64()
-            .ok_or("conductor.artifact.max.bytes must be a number of bytes")?,
-        None => 1 << 30,
-    };
+    let max_bytes = config
+        .count("conductor.artifact.max.bytes")
+        .map_err(|e| e.to_string())?;
     let secret = net::manager::load_secret(config).map_err(|e| e.to_string())?;
     let meta = connect_metastore(config, Side::Internal).map_err(|e| e.to_string())?;
     let host = match config.get("conductor.host") {
@@ -733,8 +780,10 @@ pub fn run(config: &Config, stop: &AtomicBool) -> Result<(), String> {
         None => "127.0.0.1".into(),
     };
     let port = config.port("conductor.port").map_err(|e| e.to_string())?;
+    let logging = control::logging::Logging::beside(config).map_err(|e| e.to_string())?;
     let conductor = Arc::new(Conductor {
         meta,
+        log: crate::log::Log::open(&logging, "conductor")?,
         artifacts,
         uploads_dir,
         uploads: Mutex::new(HashMap::new()),
@@ -762,15 +811,14 @@ pub fn run(config: &Config, stop: &AtomicBool) -> Result<(), String> {
         .map_err(|e| format!("the admin API cannot listen on {host}:{port} (conductor.port): {e}"))?
     };
     let address = server.local_addr().to_string();
-    let logging = control::logging::Logging::beside(config).map_err(|e| e.to_string())?;
-    let log = crate::log::Log::open(&logging, "conductor")?;
+    let log = &conductor.log;
     log.line(&format!("conductor: admin API on {address}"));
     while !stop.load(Ordering::SeqCst) {
         // Liveness: the /conductor node, made again after a session loss.
-        if conductor.meta.get("/conductor").ok().flatten().is_none() {
+        if conductor.meta.get(layout::CONDUCTOR).ok().flatten().is_none() {
             let _ = conductor
                 .meta
-                .create("/conductor", address.as_bytes(), NodeKind::Ephemeral);
+                .create(layout::CONDUCTOR, address.as_bytes(), NodeKind::Ephemeral);
         }
         if let Err(e) = conductor.progress() {
             log.line(&format!("conductor: {e}"));

@@ -210,9 +210,14 @@ enum Cmd {
     #[command(name = "moduleStatus")]
     ModuleStatus { module: String },
     /// Lists every task group (the tasks of one task thread) of a module
-    /// with its worker, host and Supervisor.
+    /// instance with its worker, host and Supervisor.
     #[command(name = "taskGroupsStatus")]
-    TaskGroupsStatus { module: String },
+    TaskGroupsStatus {
+        module: String,
+        /// The module instance (see moduleStatus); default: the one that
+        /// serves reads.
+        instance: Option<u32>,
+    },
     /// Stops a module and removes its workers, assignments and data; shows
     /// progress until it is gone.
     Destroy { module: String },
@@ -222,8 +227,13 @@ enum Cmd {
     DepotAppend {
         module: String,
         depot: String,
-        /// The record, as JSON.
-        record: String,
+        /// The record, as JSON; `-` reads it from standard input (for
+        /// records too large for a command line), or give --file.
+        #[arg(required_unless_present = "file", conflicts_with = "file")]
+        record: Option<String>,
+        /// Reads the record (JSON) from this file.
+        #[arg(long)]
+        file: Option<PathBuf>,
         /// ack (processed by stream topologies), appendAck (durable) or none.
         #[arg(long = "ackLevel", default_value = "ack")]
         ack_level: String,
@@ -264,11 +274,7 @@ extern "C" fn on_signal(_: libc::c_int) {
 }
 
 fn config(cli: &Cli) -> Result<Config, String> {
-    let (path, required) = match (&cli.config, std::env::var_os("RAMA_CONFIG")) {
-        (Some(p), _) => (p.clone(), true),
-        (None, Some(p)) => (PathBuf::from(p), true),
-        (None, None) => (PathBuf::from("rama.yaml"), false),
-    };
+    let (path, required) = Config::locate(cli.config.as_deref());
     let path = if path.is_absolute() {
         path
     } else {
@@ -287,13 +293,19 @@ fn catch_signals() {
 }
 
 /// Daemons create their data, logs and artifacts for their own user
-/// only (directories 0700, files 0600); workers inherit it.
-fn private_files() {
+/// only (directories 0700, files 0600); workers inherit it. They apply
+/// their options (`conductor.child.opts`, `supervisor.child.opts`).
+fn start_daemon(config: &Config, options_key: &str) -> Result<(), String> {
     // SAFETY: umask only sets the process's file mode mask.
     unsafe {
         libc::umask(0o077);
     }
     net::transport::raise_open_file_limit();
+    let options = config.daemon_options(options_key).map_err(|e| e.to_string())?;
+    if let Some(mb) = options.memory_limit_mb {
+        control::process::limit_memory(mb).map_err(|e| format!("{options_key}: {e}"))?;
+    }
+    Ok(())
 }
 
 fn admin(cli: &Cli, config: &Config) -> Result<admin::Admin, String> {
@@ -565,8 +577,45 @@ impl From<String> for Failure {
     }
 }
 
+/// The largest record text `depotAppend` reads (the record itself is
+/// checked against the depot's record limit after parsing).
+const RECORD_TEXT_MAX: u64 = 64 << 20;
+
+/// The record text of `depotAppend`: the argument, standard input for
+/// `-`, or the file of `--file`.
+fn record_text(arg: Option<&str>, file: Option<&std::path::Path>) -> Result<String, Failure> {
+    use std::io::Read;
+    let (mut reader, what): (Box<dyn Read>, String) = match (arg, file) {
+        (Some("-"), _) => (Box::new(std::io::stdin()), "standard input".into()),
+        (Some(text), _) => return Ok(text.to_string()),
+        (None, Some(path)) => (
+            Box::new(std::fs::File::open(path).map_err(|e| Failure::Usage(format!("--file {}: {e}", path.display())))?),
+            path.display().to_string(),
+        ),
+        (None, None) => return Err(Failure::Usage("give the record, - (standard input) or --file".into())),
+    };
+    let mut text = String::new();
+    reader
+        .by_ref()
+        .take(RECORD_TEXT_MAX + 1)
+        .read_to_string(&mut text)
+        .map_err(|e| Failure::Usage(format!("reading the record from {what}: {e}")))?;
+    if text.len() as u64 > RECORD_TEXT_MAX {
+        return Err(Failure::Usage(format!(
+            "the record in {what} is longer than {} MiB of JSON",
+            RECORD_TEXT_MAX >> 20
+        )));
+    }
+    Ok(text)
+}
+
 fn json_arg(what: &str, text: &str) -> Result<serde_json::Value, Failure> {
-    serde_json::from_str(text).map_err(|e| Failure::Usage(format!("{what} is not valid JSON ({e}): {text}")))
+    serde_json::from_str(text).map_err(|e| {
+        // Long input is shown by its start only.
+        let shown: String = text.chars().take(200).collect();
+        let more = if shown.len() < text.len() { "..." } else { "" };
+        Failure::Usage(format!("{what} is not valid JSON ({e}): {shown}{more}"))
+    })
 }
 
 fn manager(cli: &Cli, config: &Config) -> Result<ClusterManager, Failure> {
@@ -586,9 +635,11 @@ fn data_command(cli: &Cli, config: &Config) -> Result<(), Failure> {
             module,
             depot,
             record,
+            file,
             ack_level,
         } => {
-            let record = value_from_json(&json_arg("the record", record)?).map_err(usage)?;
+            let text = record_text(record.as_deref(), file.as_deref())?;
+            let record = value_from_json(&json_arg("the record", &text)?).map_err(usage)?;
             let ack = ack_level_named(ack_level).map_err(usage)?;
             let r = manager(cli, config)?.depot(module, depot).map_err(failed)?;
             let r = r.append(&record, ack).map_err(failed)?;
@@ -608,8 +659,19 @@ fn data_command(cli: &Cli, config: &Config) -> Result<(), Failure> {
             let path = path_from_json(&json_arg("the path", path)?).map_err(usage)?;
             let key = match key {
                 Some(k) => Some(value_from_json(&json_arg("--key", k)?).map_err(usage)?),
+                None if !matches!(path.first(), Some(engine::pstate::path::Nav::Key(_))) => {
+                    return Err(Failure::Usage(
+                        "the path does not start with a key, so it names no task to read; \
+                         give --key KEY (JSON) to read the task that owns KEY"
+                            .into(),
+                    ))
+                }
                 None => None,
             };
+            let reversed = matches!(
+                path.last(),
+                Some(engine::pstate::path::Nav::Range { reverse: true, .. })
+            );
             let m = manager(cli, config)?;
             let client = m.pstate(module, pstate).map_err(failed)?;
             let values = match key {
@@ -620,7 +682,22 @@ fn data_command(cli: &Cli, config: &Config) -> Result<(), Failure> {
                 None => client.select(&path),
             }
             .map_err(failed)?;
-            serde_json::Value::Array(values.iter().map(value_to_json).collect())
+            // A reverse range's submap printed as a JSON object would come
+            // out in ascending key order: print its entries as [key, value]
+            // pairs (a set's elements as a list) in the order read.
+            let shown = |v: &engine::value::Value| match v {
+                engine::value::Value::Map(m) if reversed => serde_json::Value::Array(
+                    m.iter()
+                        .rev()
+                        .map(|(k, v)| serde_json::json!([value_to_json(k), value_to_json(v)]))
+                        .collect(),
+                ),
+                engine::value::Value::Set(s) if reversed => {
+                    serde_json::Value::Array(s.iter().rev().map(value_to_json).collect())
+                }
+                v => value_to_json(v),
+            };
+            serde_json::Value::Array(values.iter().map(shown).collect())
         }
         Cmd::QueryInvoke { module, query, args } => {
             let args = value_from_json(&json_arg("the arguments", args)?).map_err(usage)?;
@@ -639,7 +716,7 @@ fn main() -> ExitCode {
         .map_err(Failure::Failed)
         .and_then(|config| match &cli.command {
             Cmd::ConfValue { key } => Ok(config
-                .display(key)
+                .effective(key)
                 .map(|v| println!("{v}"))
                 .map_err(|e| e.to_string())?),
             Cmd::DevZookeeper => Ok(dev_zookeeper(&config)?),
@@ -674,12 +751,12 @@ fn main() -> ExitCode {
                 Ok(dev::run(&config, &options, &STOP)?)
             }
             Cmd::Conductor => {
-                private_files();
+                start_daemon(&config, "conductor.child.opts")?;
                 catch_signals();
                 Ok(conductor::run(&config, &STOP)?)
             }
             Cmd::Supervisor => {
-                private_files();
+                start_daemon(&config, "supervisor.child.opts")?;
                 catch_signals();
                 Ok(supervisor::run(&config, &STOP)?)
             }
@@ -692,34 +769,65 @@ fn main() -> ExitCode {
                     return Err(Failure::Failed(format!("no module named {module} is deployed")));
                 };
                 println!("{}", admin::shown(state));
+                let field = |v: &Value, k: &str| {
+                    v.as_map()
+                        .and_then(|m| m.get(&Value::from(k)))
+                        .cloned()
+                        .unwrap_or(Value::Nil)
+                };
+                // Its instances, with the targets reads and appends follow.
+                if let Some(Value::List(instances)) = r.get(&Value::from("instances")) {
+                    for i in instances {
+                        let mut roles = Vec::new();
+                        if field(i, "read") == Value::Bool(true) {
+                            roles.push("read target");
+                        }
+                        if field(i, "append") == Value::Bool(true) {
+                            roles.push("append target");
+                        }
+                        println!(
+                            "instance {}: {}, {} of {} workers registered, {} tasks on {} threads{}",
+                            field(i, "instance").as_int().unwrap_or(-1),
+                            field(i, "state").as_str().unwrap_or("?"),
+                            field(i, "registered").as_int().unwrap_or(0),
+                            field(i, "workers").as_int().unwrap_or(0),
+                            field(i, "tasks").as_int().unwrap_or(0),
+                            field(i, "threads").as_int().unwrap_or(0),
+                            if roles.is_empty() {
+                                String::new()
+                            } else {
+                                format!(" ({})", roles.join(", "))
+                            }
+                        );
+                    }
+                }
                 // Workers whose storage did not open keep their task
                 // groups down; each says why.
                 if let Some(Value::List(down)) = r.get(&Value::from("down")) {
                     for d in down {
-                        let f = |k: &str| {
-                            d.as_map()
-                                .and_then(|m| m.get(&Value::from(k)))
-                                .cloned()
-                                .unwrap_or(Value::Nil)
-                        };
                         println!(
-                            "worker {} is down: {}",
-                            f("worker").as_int().unwrap_or(-1),
-                            f("error").as_str().unwrap_or("?")
+                            "worker {} of instance {} is down: {}",
+                            field(d, "worker").as_int().unwrap_or(-1),
+                            field(d, "instance").as_int().unwrap_or(-1),
+                            field(d, "error").as_str().unwrap_or("?")
                         );
                     }
                 }
                 Ok(())
             }
-            Cmd::TaskGroupsStatus { module } => {
+            Cmd::TaskGroupsStatus { module, instance } => {
                 use engine::value::Value;
-                let r = admin(&cli, &config)?.call(&admin::request(
-                    "taskGroups",
-                    [("module", Value::from(module.as_str()))],
-                ))?;
+                let request = admin::AdminRequest::TaskGroups {
+                    module: module.clone(),
+                    instance: *instance,
+                };
+                let r = admin(&cli, &config)?.call_request(&request)?;
                 let Some(Value::List(groups)) = r.get(&Value::from("groups")) else {
                     return Err(Failure::Failed("the Conductor sent no task groups".into()));
                 };
+                if let Some(n) = r.get(&Value::from("instance")).and_then(Value::as_int) {
+                    println!("module {module} instance {n}:");
+                }
                 for g in groups {
                     let f = |k: &str| {
                         g.as_map()

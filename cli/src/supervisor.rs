@@ -7,10 +7,13 @@
 //! - It polls `/assignments/<id>`: each assignment not running gets a worker
 //!   process (the artifact fetched from the Conductor into
 //!   `<local.dir>/supervisor/artifacts/`, a free port from
-//!   `supervisor.port.range`, data in `<local.dir>/supervisor/workers/<a>`,
-//!   its log in `<log.dir>/worker-<a>.log`, which the worker rotates); a worker that exits is
-//!   started again; a worker whose assignment is gone is stopped (SIGTERM)
-//!   and its data removed.
+//!   `supervisor.port.range`, data in
+//!   `<local.dir>/supervisor/data/<module>/<instance>` (shared by the
+//!   instance's workers on this machine: each owns its task groups'
+//!   directories in it), its log in `<log.dir>/worker-<a>.log`, which the
+//!   worker rotates); a worker that exits is started again; a worker whose
+//!   assignment is gone is stopped (SIGTERM), and an instance's data is
+//!   removed once no assignment of it is left here.
 //! - Worker process ids are kept in `<local.dir>/supervisor/workers/<a>.pid`.
 //!   Stopping or killing the Supervisor leaves its workers running; a
 //!   restarted Supervisor adopts the ones still alive instead of starting
@@ -21,15 +24,15 @@ use std::fs::{File, OpenOptions};
 use std::io::Write;
 use std::net::TcpListener;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Child, Stdio};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use control::config::{Config, Side};
-use control::metastore::{MetaError, Metastore, NodeKind, ZkMetastore};
+use control::layout::{self, Assignment, Layout, SupervisorInfo};
+use control::metastore::{Metastore, NodeKind, ZkMetastore};
 use engine::value::Value;
 use net::manager::connect_metastore;
-use serde_json::{json, Value as Json};
 
 use crate::admin::{self, bytes, int, Admin};
 
@@ -104,15 +107,15 @@ fn supervisor_id(dir: &Path) -> Result<String, String> {
     Ok(id)
 }
 
-/// Whether process `pid` runs a worker of assignment `a`.
-fn is_worker(pid: u32, a: &str) -> bool {
+/// Whether process `pid` runs the worker of assignment node `path`.
+fn is_worker(pid: u32, path: &str) -> bool {
     std::fs::read(format!("/proc/{pid}/cmdline"))
         .map(|c| {
             let args: Vec<String> = c
                 .split(|b| *b == 0)
                 .map(|s| String::from_utf8_lossy(s).into_owned())
                 .collect();
-            args.iter().any(|s| s == "worker") && args.iter().any(|s| s.ends_with(&format!("/workers/{a}")))
+            args.iter().any(|s| s == "worker") && args.windows(2).any(|w| w[0] == "--assignment" && w[1] == path)
         })
         .unwrap_or(false)
 }
@@ -147,16 +150,27 @@ const RESTART_BACKOFF_MAX: Duration = Duration::from_secs(60);
 const RESTART_HEALTHY_RUN: Duration = Duration::from_secs(60);
 
 impl Supervisor {
+    fn layout(&self) -> Layout<'_> {
+        Layout::new(&self.meta)
+    }
+
     fn register(&self) {
-        let path = format!("/supervisors/{}", self.id);
+        let path = layout::supervisor(&self.id);
         if self.meta.get(&path).ok().flatten().is_some() {
             return;
         }
-        let data = json!({"host": self.host, "portFirst": self.ports.0, "portLast": self.ports.1});
-        let _ = self.meta.create_all("/supervisors");
-        let _ = self
-            .meta
-            .create(&path, data.to_string().as_bytes(), NodeKind::Ephemeral);
+        let info = SupervisorInfo {
+            host: self.host.clone(),
+            port_first: self.ports.0,
+            port_last: self.ports.1,
+        };
+        let _ = self.meta.create_all(layout::SUPERVISORS);
+        let _ = self.layout().create(&path, &info, NodeKind::Ephemeral);
+    }
+
+    /// Where the workers of instance `n` of module `m` keep their data.
+    fn data_dir(&self, m: &str, n: u32) -> PathBuf {
+        self.dir.join("data").join(m).join(n.to_string())
     }
 
     fn artifact(&self, hash: &str) -> Result<PathBuf, String> {
@@ -178,8 +192,8 @@ impl Supervisor {
                 path.display()
             ));
         }
-        let addr = match self.meta.get("/conductor").map_err(|e| e.to_string())? {
-            Some((d, _)) => String::from_utf8_lossy(&d).into_owned(),
+        let addr = match self.layout().conductor().map_err(|e| e.to_string())? {
+            Some(addr) => addr,
             None => crate::conductor::address(&self.config, Side::Internal)?,
         };
         let admin = Admin::connect(&addr, &self.secret)?;
@@ -225,39 +239,33 @@ impl Supervisor {
             })
     }
 
-    fn start(&mut self, a: &str, spec: &Json) -> Result<(), String> {
-        let artifact = self.artifact(spec["artifact"].as_str().unwrap_or_default())?;
+    fn start(&mut self, a: &str, spec: &Assignment) -> Result<(), String> {
+        let artifact = self.artifact(&spec.artifact)?;
         let port = self.free_port()?;
-        let data = self.dir.join("workers").join(a);
+        let data = self.data_dir(&spec.module, spec.instance);
         std::fs::create_dir_all(&data).map_err(|e| e.to_string())?;
         let log = OpenOptions::new()
             .create(true)
             .append(true)
             .open(self.logs.file(&format!("worker-{a}")))
             .map_err(|e| e.to_string())?;
-        let config = control::worker_config::WorkerConfig::from_json(&spec["config"])?;
-        let child = Command::new(&artifact)
+        let config = control::worker_config::WorkerConfig::from_json(&spec.config)?;
+        let child = control::process::command(&artifact)
             .arg("worker")
-            .args(["--module", spec["module"].as_str().unwrap_or_default()])
-            .args(["--tasks", &spec["tasks"].to_string()])
-            .args(["--threads", &spec["threads"].to_string()])
+            .args(["--module", &spec.module])
+            .args(["--tasks", &spec.tasks.to_string()])
+            .args(["--threads", &spec.threads.to_string()])
             .args(["--host", &self.host])
             .args(["--port", &port.to_string()])
             .arg("--register")
             .arg(self.config.path())
-            .args(["--id", &spec["worker"].to_string()])
-            .args(["--workers", &spec["workers"].as_u64().unwrap_or(1).to_string()])
+            .args(["--id", &spec.worker.to_string()])
+            .args(["--workers", &spec.workers.to_string()])
+            .args(["--instance", &spec.instance.to_string()])
             // Its fence: it serves only while this assignment names this
-            // instance (assignments made before instances existed have none).
-            .args(match spec["instance"].as_str() {
-                Some(instance) if !instance.is_empty() => vec![
-                    "--instance".to_string(),
-                    instance.to_string(),
-                    "--assignment".to_string(),
-                    format!("/assignments/{}/{a}", self.id),
-                ],
-                _ => Vec::new(),
-            })
+            // incarnation.
+            .args(["--incarnation", &spec.incarnation])
+            .args(["--assignment", &layout::assignment(&self.id, a)])
             .arg("--dir")
             .arg(&data)
             .arg("--log")
@@ -305,6 +313,45 @@ impl Supervisor {
         wait
     }
 
+    /// Removes the data of module instances no assignment here names any
+    /// more (and no worker of which still runs).
+    fn remove_unassigned_data(&self, assigned: &[String]) {
+        let keep: std::collections::HashSet<(String, u32)> = assigned
+            .iter()
+            .chain(self.workers.keys())
+            .filter_map(|a| layout::parse_assignment_name(a))
+            .map(|(m, n, _)| (m.to_string(), n))
+            .collect();
+        let Ok(modules) = std::fs::read_dir(self.dir.join("data")) else {
+            return;
+        };
+        for m in modules.flatten() {
+            let module = m.file_name().to_string_lossy().into_owned();
+            let Ok(instances) = std::fs::read_dir(m.path()) else {
+                continue;
+            };
+            for i in instances.flatten() {
+                let Ok(n) = i.file_name().to_string_lossy().parse::<u32>() else {
+                    continue;
+                };
+                if !keep.contains(&(module.clone(), n)) {
+                    match std::fs::remove_dir_all(i.path()) {
+                        Ok(()) => self.log.line(&format!(
+                            "supervisor {}: removed the data of module {module} instance {n} (no longer assigned here)",
+                            self.id
+                        )),
+                        Err(e) => self.log.line(&format!(
+                            "supervisor {}: cannot remove {}: {e}",
+                            self.id,
+                            i.path().display()
+                        )),
+                    }
+                }
+            }
+            let _ = std::fs::remove_dir(m.path());
+        }
+    }
+
     fn adopt(&mut self) {
         let Ok(entries) = std::fs::read_dir(self.dir.join("workers")) else {
             return;
@@ -315,7 +362,7 @@ impl Supervisor {
             let pid = std::fs::read_to_string(e.path())
                 .ok()
                 .and_then(|p| p.trim().parse::<u32>().ok());
-            if let Some(pid) = pid.filter(|p| is_worker(*p, a)) {
+            if let Some(pid) = pid.filter(|p| is_worker(*p, &layout::assignment(&self.id, a))) {
                 self.log
                     .line(&format!("supervisor {}: adopted worker {a} (pid {pid})", self.id));
                 self.workers.insert(a.to_string(), Proc::Adopted(pid));
@@ -325,12 +372,7 @@ impl Supervisor {
 
     fn round(&mut self) -> Result<(), String> {
         self.register();
-        let dir = format!("/assignments/{}", self.id);
-        let assigned = match self.meta.children(&dir) {
-            Ok(a) => a,
-            Err(MetaError::NoNode(_)) => Vec::new(),
-            Err(e) => return Err(e.to_string()),
-        };
+        let assigned = self.layout().assignment_names(&self.id).map_err(|e| e.to_string())?;
         for a in &assigned {
             let running = self.workers.get_mut(a).is_some_and(Proc::alive);
             if running {
@@ -357,10 +399,19 @@ impl Supervisor {
             {
                 continue;
             }
-            let Some((data, _)) = self.meta.get(&format!("{dir}/{a}")).map_err(|e| e.to_string())? else {
-                continue;
+            let spec = match self.layout().assignment(&self.id, a) {
+                Ok(Some(spec)) => spec,
+                Ok(None) => continue,
+                Err(e) => {
+                    let wait = self.back_off(a, false);
+                    self.log.line(&format!(
+                        "supervisor {}: cannot read assignment {a}: {e}; trying again in {:.0} s",
+                        self.id,
+                        wait.as_secs_f64()
+                    ));
+                    continue;
+                }
             };
-            let spec: Json = serde_json::from_slice(&data).map_err(|e| format!("assignment {a}: {e}"))?;
             match self.start(a, &spec) {
                 Ok(()) => {
                     self.started.insert(a.clone(), std::time::Instant::now());
@@ -382,14 +433,10 @@ impl Supervisor {
         for a in gone {
             let mut p = self.workers.remove(&a).expect("listed");
             p.stop();
-            let data = self.dir.join("workers").join(&a);
-            let _ = std::fs::remove_dir_all(&data);
             let _ = std::fs::remove_file(self.dir.join("workers").join(format!("{a}.pid")));
-            self.log.line(&format!(
-                "supervisor {}: stopped worker {a} and removed its data",
-                self.id
-            ));
+            self.log.line(&format!("supervisor {}: stopped worker {a}", self.id));
         }
+        self.remove_unassigned_data(&assigned);
         Ok(())
     }
 }
@@ -404,13 +451,7 @@ pub fn run(config: &Config, stop: &AtomicBool) -> Result<(), String> {
         std::fs::create_dir_all(&d).map_err(|e| format!("creating {}: {e}", d.display()))?;
     }
     let id = supervisor_id(&dir)?;
-    let host = match config.get("supervisor.host") {
-        Some(_) => config
-            .hosts("supervisor.host", Side::Internal)
-            .map_err(|e| e.to_string())?
-            .remove(0),
-        None => "127.0.0.1".into(),
-    };
+    let host = config.supervisor_host().map_err(|e| e.to_string())?;
     let ports = config.port_range().map_err(|e| e.to_string())?;
     let meta = connect_metastore(config, Side::Internal).map_err(|e| e.to_string())?;
     let log = crate::log::Log::open(&logging, &format!("supervisor-{id}"))?;

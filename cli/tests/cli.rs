@@ -30,7 +30,37 @@ fn conf_value_prints_set_and_default_values() {
     );
     let out = rama(dir.path(), &["confValue", "nope.key"]);
     assert_eq!(out.status.code(), Some(1));
-    assert!(String::from_utf8_lossy(&out.stderr).contains("nope.key is not set"));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("nope.key: unknown key"));
+    // What the daemons use: defaults that depend on the machine included.
+    let out = rama(dir.path(), &["confValue", "supervisor.host"]);
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout).trim(),
+        control::config::host_name().unwrap()
+    );
+    let out = rama(dir.path(), &["confValue", "cluster.ui.port"]);
+    assert_eq!(String::from_utf8_lossy(&out.stdout), "8888\n");
+    let out = rama(dir.path(), &["confValue", "local.dir"]);
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout).trim(),
+        dir.path().join("local-rama-data").display().to_string()
+    );
+    // A misspelt key is refused, naming the key it resembles.
+    std::fs::write(dir.path().join("rama.yaml"), "conductor.prot: 1\n").unwrap();
+    let out = rama(dir.path(), &["confValue", "conductor.port"]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("conductor.prot: unknown key; did you mean conductor.port?"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    // The seed's shape of zookeeper.servers.
+    std::fs::write(
+        dir.path().join("rama.yaml"),
+        "zookeeper.servers:\n  - internal: \"9.10.11.12\"\n    external: \"13.14.15.16\"\n",
+    )
+    .unwrap();
+    let out = rama(dir.path(), &["confValue", "zookeeper.servers"]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     // Usage errors exit 2; --help works everywhere.
     assert_eq!(rama(dir.path(), &["bogus"]).status.code(), Some(2));
     assert_eq!(rama(dir.path(), &["confValue"]).status.code(), Some(2));
@@ -205,6 +235,90 @@ fn data_commands_reach_a_registered_worker() {
         ],
     );
     assert!(out.status.success());
+
+    // A record from standard input or a file (large records do not fit
+    // on a command line).
+    let mut child = Command::new(env!("CARGO_BIN_EXE_rama"))
+        .current_dir(dir.path())
+        .env_remove("RAMA_CONFIG")
+        .args(["depotAppend", "WordCountModule", "*sentences", "-"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    std::io::Write::write_all(&mut child.stdin.take().unwrap(), b"\"zebra from stdin\"").unwrap();
+    let out = child.wait_with_output().unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let file = dir.path().join("record.json");
+    std::fs::write(&file, "\"zebra from a file\"").unwrap();
+    let out = rama(
+        dir.path(),
+        &[
+            "depotAppend",
+            "WordCountModule",
+            "*sentences",
+            "--file",
+            file.to_str().unwrap(),
+        ],
+    );
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let out = rama(
+        dir.path(),
+        &["pstateSelect", "WordCountModule", "$$wordCounts", "[\"zebra\"]"],
+    );
+    assert_eq!(String::from_utf8_lossy(&out.stdout), "[2]\n");
+    // A record above the depot's limit is refused by size, from a file.
+    std::fs::write(&file, format!("\"{}\"", "y".repeat(3 << 20))).unwrap();
+    let out = rama(
+        dir.path(),
+        &[
+            "depotAppend",
+            "WordCountModule",
+            "*sentences",
+            "--file",
+            file.to_str().unwrap(),
+        ],
+    );
+    assert_eq!(out.status.code(), Some(1));
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("above the limit record_bytes_max"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    // A reverse range with a limit prints its entries in the order read.
+    let key = "\"the\"";
+    let out = rama(
+        dir.path(),
+        &[
+            "pstateSelect",
+            "WordCountModule",
+            "$$wordCounts",
+            "[{\"range\":{\"reverse\":true,\"limit\":2}}]",
+            "--key",
+            key,
+        ],
+    );
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let shown: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let pairs = shown[0].as_array().expect("a list of [key, value] pairs");
+    assert_eq!(pairs.len(), 2, "{shown}");
+    assert!(pairs[0][0].as_str() > pairs[1][0].as_str(), "descending: {shown}");
+    // A path that names no task needs --key, and the CLI says so.
+    let out = rama(
+        dir.path(),
+        &["pstateSelect", "WordCountModule", "$$wordCounts", "[{\"all\":{}}]"],
+    );
+    assert_eq!(out.status.code(), Some(2));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("--key") && !err.contains("select_on"), "{err}");
+    // An object that is not a step is refused, not taken as a key.
+    let out = rama(
+        dir.path(),
+        &["pstateSelect", "WordCountModule", "$$wordCounts", "[{\"bogus\":1}]"],
+    );
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("unknown path step \"bogus\""));
 
     // Bad input: usage errors exit 2, refusals exit 1, each with its reason.
     let out = rama(

@@ -171,13 +171,25 @@ fn deploy_serve_survive_crashes_and_destroy() {
     assert!(text(&out).contains("WordCountModule: [:running]"), "{}", text(&out));
     assert_eq!(
         String::from_utf8_lossy(&conductor.rama(&["moduleStatus", "WordCountModule"]).stdout),
-        "[:running]\n"
+        "[:running]\ninstance 0: running, 2 of 2 workers registered, 8 tasks on 4 threads (read target, append \
+         target)\n"
     );
     let out = deploy(&shape("8", "4", "2"));
     assert!(text(&out).contains("already deployed"), "{}", text(&out));
     let placement = Placement::new(Parallelism::new(8, 4, 2).unwrap());
     let out = conductor.rama(&["taskGroupsStatus", "WordCountModule"]);
     let groups = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(groups.starts_with("module WordCountModule instance 0:\n"), "{groups}");
+    // The instance can be named, as the seed's command takes it.
+    let named = conductor.rama(&["taskGroupsStatus", "WordCountModule", "0"]);
+    assert_eq!(String::from_utf8_lossy(&named.stdout), groups);
+    let out = conductor.rama(&["taskGroupsStatus", "WordCountModule", "7"]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(
+        text(&out).contains("module WordCountModule has no instance 7 (instances: 0)"),
+        "{}",
+        text(&out)
+    );
     for thread in 0..4u32 {
         let tasks: Vec<String> = placement.tasks_of_thread(thread).iter().map(u32::to_string).collect();
         let line = format!(
@@ -364,7 +376,7 @@ fn deploy_serve_survive_crashes_and_destroy() {
     assert_eq!(out.status.code(), Some(1), "{}", text(&out));
     for n in &nodes {
         eventually("the workers' data to be removed", || {
-            std::fs::read_dir(n.dir.join("data/supervisor/workers"))
+            std::fs::read_dir(n.dir.join("data/supervisor/data"))
                 .map(|d| d.count() == 0)
                 .unwrap_or(true)
         });

@@ -5,6 +5,7 @@
 
 pub mod config;
 pub mod devzk;
+pub mod layout;
 pub mod logging;
 pub mod metastore;
 pub mod process;

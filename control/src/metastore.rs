@@ -44,7 +44,12 @@ pub enum NodeKind {
 }
 
 /// A one-shot notification that a watched node or its children changed.
-pub struct Watch(zk::OneshotWatcher);
+pub struct Watch(WatchKind);
+
+enum WatchKind {
+    Zk(zk::OneshotWatcher),
+    Memory(std::sync::mpsc::Receiver<()>),
+}
 
 impl std::fmt::Debug for Watch {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -56,16 +61,23 @@ impl Watch {
     /// Waits up to `timeout` for the change; true when it happened (a
     /// session event that ends the watch counts as a change: re-read).
     pub fn wait(self, timeout: Duration) -> bool {
-        smol::block_on(smol::future::or(
-            async {
-                self.0.changed().await;
-                true
-            },
-            async {
-                smol::Timer::after(timeout).await;
-                false
-            },
-        ))
+        match self.0 {
+            WatchKind::Zk(w) => smol::block_on(smol::future::or(
+                async {
+                    w.changed().await;
+                    true
+                },
+                async {
+                    smol::Timer::after(timeout).await;
+                    false
+                },
+            )),
+            // A dropped sender (the store went away) counts as a change.
+            WatchKind::Memory(rx) => !matches!(
+                rx.recv_timeout(timeout),
+                Err(std::sync::mpsc::RecvTimeoutError::Timeout)
+            ),
+        }
     }
 }
 
@@ -365,7 +377,7 @@ impl Metastore for ZkMetastore {
         self.run(path, |c| {
             smol::block_on(c.list_and_watch_children(path)).map(|(mut v, w)| {
                 v.sort();
-                (v, Watch(w))
+                (v, Watch(WatchKind::Zk(w)))
             })
         })
     }
@@ -383,5 +395,321 @@ impl Metastore for ZkMetastore {
 
     fn session_id(&self) -> i64 {
         self.client().session_id().0
+    }
+}
+
+/// An in-memory metastore with ZooKeeper's semantics (versions, ephemeral
+/// nodes owned by sessions, child watches), for unit tests and
+/// simulations of the control logic. [`MemMetastore::session`] gives
+/// another client of the same store with its own session;
+/// [`MemMetastore::expire_session`] ends a session as a ZooKeeper expiry
+/// would (its ephemeral nodes go).
+#[derive(Clone)]
+pub struct MemMetastore {
+    store: std::sync::Arc<Mutex<MemStore>>,
+    session: std::sync::Arc<AtomicU64>,
+    epoch: std::sync::Arc<AtomicU64>,
+}
+
+struct MemNode {
+    data: Vec<u8>,
+    version: i32,
+    /// 0: persistent; else the owning session.
+    owner: i64,
+}
+
+struct MemStore {
+    nodes: std::collections::BTreeMap<String, MemNode>,
+    next_session: u64,
+    watches: std::collections::HashMap<String, Vec<std::sync::mpsc::Sender<()>>>,
+}
+
+impl std::fmt::Debug for MemMetastore {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("MemMetastore")
+            .field("session", &self.session.load(Ordering::SeqCst))
+            .finish_non_exhaustive()
+    }
+}
+
+impl Default for MemMetastore {
+    fn default() -> Self {
+        MemMetastore::new()
+    }
+}
+
+fn parent_of(path: &str) -> Option<&str> {
+    match path.rfind('/') {
+        Some(0) if path.len() > 1 => Some("/"),
+        Some(0) | None => None,
+        Some(i) => Some(&path[..i]),
+    }
+}
+
+fn check_path(path: &str) -> Result<()> {
+    if !path.starts_with('/') || (path.len() > 1 && path.ends_with('/')) || path.contains("//") {
+        return Err(MetaError::Unavailable(format!("{path}: not an absolute node path")));
+    }
+    Ok(())
+}
+
+impl MemStore {
+    fn children(&self, path: &str) -> Vec<String> {
+        let prefix = if path == "/" {
+            "/".to_string()
+        } else {
+            format!("{path}/")
+        };
+        self.nodes
+            .range(prefix.clone()..)
+            .take_while(|(k, _)| k.starts_with(&prefix))
+            .filter(|(k, _)| k.len() > prefix.len() && !k[prefix.len()..].contains('/'))
+            .map(|(k, _)| k[prefix.len()..].to_string())
+            .collect()
+    }
+
+    /// Fires the child watches of `path`'s parent.
+    fn changed(&mut self, path: &str) {
+        if let Some(parent) = parent_of(path) {
+            for tx in self.watches.remove(parent).unwrap_or_default() {
+                let _ = tx.send(());
+            }
+        }
+    }
+}
+
+impl MemMetastore {
+    /// An empty store (only the root `/`) and a first session.
+    pub fn new() -> MemMetastore {
+        let mut nodes = std::collections::BTreeMap::new();
+        nodes.insert(
+            "/".to_string(),
+            MemNode {
+                data: Vec::new(),
+                version: 0,
+                owner: 0,
+            },
+        );
+        MemMetastore {
+            store: std::sync::Arc::new(Mutex::new(MemStore {
+                nodes,
+                next_session: 2,
+                watches: Default::default(),
+            })),
+            session: std::sync::Arc::new(AtomicU64::new(1)),
+            epoch: std::sync::Arc::new(AtomicU64::new(0)),
+        }
+    }
+
+    fn lock(&self) -> MutexGuard<'_, MemStore> {
+        self.store.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Another client of the same store, with a session of its own.
+    pub fn session(&self) -> MemMetastore {
+        let id = {
+            let mut s = self.lock();
+            s.next_session += 1;
+            s.next_session - 1
+        };
+        MemMetastore {
+            store: self.store.clone(),
+            session: std::sync::Arc::new(AtomicU64::new(id)),
+            epoch: std::sync::Arc::new(AtomicU64::new(0)),
+        }
+    }
+
+    /// Ends this client's session as an expiry would: its ephemeral nodes
+    /// are removed, and it goes on with a new session (the epoch changes).
+    pub fn expire_session(&self) {
+        let old = self.session.load(Ordering::SeqCst) as i64;
+        let mut s = self.lock();
+        let gone: Vec<String> = s
+            .nodes
+            .iter()
+            .filter(|(_, n)| n.owner == old)
+            .map(|(k, _)| k.clone())
+            .collect();
+        for p in gone {
+            s.nodes.remove(&p);
+            s.changed(&p);
+        }
+        s.next_session += 1;
+        self.session.store(s.next_session - 1, Ordering::SeqCst);
+        self.epoch.fetch_add(1, Ordering::SeqCst);
+    }
+}
+
+impl Metastore for MemMetastore {
+    fn create(&self, path: &str, data: &[u8], kind: NodeKind) -> Result<()> {
+        check_path(path)?;
+        let mut s = self.lock();
+        if s.nodes.contains_key(path) {
+            return Err(MetaError::NodeExists(path.to_string()));
+        }
+        let parent = parent_of(path).ok_or_else(|| MetaError::NodeExists(path.to_string()))?;
+        match s.nodes.get(parent) {
+            None => return Err(MetaError::NoNode(path.to_string())),
+            Some(p) if p.owner != 0 => {
+                return Err(MetaError::Unavailable(format!(
+                    "{path}: ephemeral nodes cannot have children"
+                )))
+            }
+            Some(_) => {}
+        }
+        let owner = match kind {
+            NodeKind::Persistent => 0,
+            NodeKind::Ephemeral => self.session_id(),
+        };
+        s.nodes.insert(
+            path.to_string(),
+            MemNode {
+                data: data.to_vec(),
+                version: 0,
+                owner,
+            },
+        );
+        s.changed(path);
+        Ok(())
+    }
+
+    fn create_all(&self, path: &str) -> Result<()> {
+        check_path(path)?;
+        let mut at = String::new();
+        for part in path.split('/').filter(|p| !p.is_empty()) {
+            at.push('/');
+            at.push_str(part);
+            match self.create(&at, b"", NodeKind::Persistent) {
+                Ok(()) | Err(MetaError::NodeExists(_)) => {}
+                Err(e) => return Err(e),
+            }
+        }
+        Ok(())
+    }
+
+    fn get(&self, path: &str) -> Result<Option<(Vec<u8>, i32)>> {
+        check_path(path)?;
+        Ok(self.lock().nodes.get(path).map(|n| (n.data.clone(), n.version)))
+    }
+
+    fn set(&self, path: &str, data: &[u8], version: Option<i32>) -> Result<i32> {
+        check_path(path)?;
+        let mut s = self.lock();
+        let n = s
+            .nodes
+            .get_mut(path)
+            .ok_or_else(|| MetaError::NoNode(path.to_string()))?;
+        if version.is_some_and(|v| v != n.version) {
+            return Err(MetaError::BadVersion(path.to_string()));
+        }
+        n.data = data.to_vec();
+        n.version += 1;
+        Ok(n.version)
+    }
+
+    fn delete(&self, path: &str, version: Option<i32>) -> Result<()> {
+        check_path(path)?;
+        let mut s = self.lock();
+        let n = s.nodes.get(path).ok_or_else(|| MetaError::NoNode(path.to_string()))?;
+        if version.is_some_and(|v| v != n.version) {
+            return Err(MetaError::BadVersion(path.to_string()));
+        }
+        if !s.children(path).is_empty() {
+            return Err(MetaError::NotEmpty(path.to_string()));
+        }
+        s.nodes.remove(path);
+        s.changed(path);
+        Ok(())
+    }
+
+    fn delete_all(&self, path: &str) -> Result<()> {
+        check_path(path)?;
+        let mut s = self.lock();
+        let prefix = format!("{path}/");
+        let gone: Vec<String> = s
+            .nodes
+            .keys()
+            .filter(|k| *k == path || k.starts_with(&prefix))
+            .cloned()
+            .collect();
+        for p in gone {
+            s.nodes.remove(&p);
+            s.changed(&p);
+        }
+        Ok(())
+    }
+
+    fn children(&self, path: &str) -> Result<Vec<String>> {
+        check_path(path)?;
+        let s = self.lock();
+        if !s.nodes.contains_key(path) {
+            return Err(MetaError::NoNode(path.to_string()));
+        }
+        Ok(s.children(path))
+    }
+
+    fn watch_children(&self, path: &str) -> Result<(Vec<String>, Watch)> {
+        let children = self.children(path)?;
+        let (tx, rx) = std::sync::mpsc::channel();
+        self.lock().watches.entry(path.to_string()).or_default().push(tx);
+        Ok((children, Watch(WatchKind::Memory(rx))))
+    }
+
+    fn session_epoch(&self) -> u64 {
+        self.epoch.load(Ordering::SeqCst)
+    }
+
+    fn owner(&self, path: &str) -> Result<Option<i64>> {
+        check_path(path)?;
+        Ok(self.lock().nodes.get(path).map(|n| n.owner))
+    }
+
+    fn session_id(&self) -> i64 {
+        self.session.load(Ordering::SeqCst) as i64
+    }
+}
+
+#[cfg(test)]
+mod memory_tests {
+    use super::*;
+
+    #[test]
+    fn behaves_like_zookeeper() {
+        let m = MemMetastore::new();
+        assert!(matches!(
+            m.create("/a/b", b"", NodeKind::Persistent),
+            Err(MetaError::NoNode(_))
+        ));
+        m.create_all("/a/b").unwrap();
+        m.create_all("/a/b").unwrap();
+        m.create("/a/b/c", b"1", NodeKind::Persistent).unwrap();
+        assert!(matches!(
+            m.create("/a/b/c", b"", NodeKind::Persistent),
+            Err(MetaError::NodeExists(_))
+        ));
+        assert_eq!(m.get("/a/b/c").unwrap(), Some((b"1".to_vec(), 0)));
+        assert_eq!(m.set("/a/b/c", b"2", Some(0)).unwrap(), 1);
+        assert!(matches!(m.set("/a/b/c", b"3", Some(0)), Err(MetaError::BadVersion(_))));
+        assert!(matches!(m.delete("/a/b", None), Err(MetaError::NotEmpty(_))));
+        assert_eq!(m.children("/a").unwrap(), ["b"]);
+        assert_eq!(m.children("/").unwrap(), ["a"]);
+        assert!(matches!(m.children("/x"), Err(MetaError::NoNode(_))));
+        // Watches fire on a child change; ephemeral nodes have owners.
+        let (kids, watch) = m.watch_children("/a/b").unwrap();
+        assert_eq!(kids, ["c"]);
+        let other = m.session();
+        other.create("/a/b/e", b"", NodeKind::Ephemeral).unwrap();
+        assert!(watch.wait(Duration::from_secs(5)));
+        assert_eq!(m.owner("/a/b/e").unwrap(), Some(other.session_id()));
+        assert_eq!(m.owner("/a/b/c").unwrap(), Some(0));
+        assert_ne!(other.session_id(), m.session_id());
+        let epoch = other.session_epoch();
+        other.expire_session();
+        assert_ne!(other.session_epoch(), epoch);
+        assert_eq!(m.children("/a/b").unwrap(), ["c"]);
+        let (_, quiet) = m.watch_children("/a/b").unwrap();
+        assert!(!quiet.wait(Duration::from_millis(20)));
+        m.delete_all("/a").unwrap();
+        assert_eq!(m.children("/").unwrap(), Vec::<String>::new());
     }
 }

@@ -77,6 +77,85 @@ pub enum Error {
     /// The glommio executor could not be started.
     #[error("cannot start the task thread executor: {0}")]
     Executor(String),
+
+    /// An error another process reported, with its stable code (kinds
+    /// that carry more than a message locally, like `LimitExceeded`,
+    /// arrive as this).
+    #[error("{message}")]
+    Remote { code: ErrorCode, message: String },
+}
+
+/// Stable codes of the error kinds, as they cross the network: the
+/// numbers never change meaning (new kinds take new numbers), so clients of
+/// other releases can tell a refused request from a lost connection.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[repr(u16)]
+pub enum ErrorCode {
+    /// A kind this release does not know.
+    Other = 0,
+    Io = 1,
+    Poisoned = 2,
+    Corrupt = 3,
+    /// A size or count limit was exceeded; nothing was applied.
+    Limit = 4,
+    OffsetOutOfRange = 5,
+    Config = 6,
+    Closed = 7,
+    Schema = 8,
+    Topology = 9,
+    Unavailable = 10,
+    Executor = 11,
+}
+
+impl ErrorCode {
+    const ALL: [ErrorCode; 12] = [
+        ErrorCode::Other,
+        ErrorCode::Io,
+        ErrorCode::Poisoned,
+        ErrorCode::Corrupt,
+        ErrorCode::Limit,
+        ErrorCode::OffsetOutOfRange,
+        ErrorCode::Config,
+        ErrorCode::Closed,
+        ErrorCode::Schema,
+        ErrorCode::Topology,
+        ErrorCode::Unavailable,
+        ErrorCode::Executor,
+    ];
+
+    /// The code numbered `n` (unknown numbers are `Other`).
+    pub fn from_u16(n: u16) -> ErrorCode {
+        ErrorCode::ALL
+            .into_iter()
+            .find(|c| *c as u16 == n)
+            .unwrap_or(ErrorCode::Other)
+    }
+
+    /// The lowercase name shown to users (`"limit"`, `"schema"`, ...).
+    pub fn name(self) -> &'static str {
+        match self {
+            ErrorCode::Other => "other",
+            ErrorCode::Io => "io",
+            ErrorCode::Poisoned => "poisoned",
+            ErrorCode::Corrupt => "corrupt",
+            ErrorCode::Limit => "limit",
+            ErrorCode::OffsetOutOfRange => "offset",
+            ErrorCode::Config => "config",
+            ErrorCode::Closed => "closed",
+            ErrorCode::Schema => "schema",
+            ErrorCode::Topology => "topology",
+            ErrorCode::Unavailable => "unavailable",
+            ErrorCode::Executor => "executor",
+        }
+    }
+
+    /// The code named `name` (see [`ErrorCode::name`]).
+    pub fn from_name(name: &str) -> ErrorCode {
+        ErrorCode::ALL
+            .into_iter()
+            .find(|c| c.name() == name)
+            .unwrap_or(ErrorCode::Other)
+    }
 }
 
 impl Error {
@@ -85,6 +164,37 @@ impl Error {
             op,
             path: path.into(),
             source: source.into(),
+        }
+    }
+
+    /// The stable code of this error's kind.
+    pub fn code(&self) -> ErrorCode {
+        match self {
+            Error::Io { .. } => ErrorCode::Io,
+            Error::Poisoned { .. } => ErrorCode::Poisoned,
+            Error::Corrupt { .. } => ErrorCode::Corrupt,
+            Error::LimitExceeded { .. } => ErrorCode::Limit,
+            Error::OffsetOutOfRange { .. } => ErrorCode::OffsetOutOfRange,
+            Error::Config { .. } => ErrorCode::Config,
+            Error::Closed(_) => ErrorCode::Closed,
+            Error::Schema(_) => ErrorCode::Schema,
+            Error::Topology(_) => ErrorCode::Topology,
+            Error::Unavailable(_) => ErrorCode::Unavailable,
+            Error::Executor(_) => ErrorCode::Executor,
+            Error::Remote { code, .. } => *code,
+        }
+    }
+
+    /// The error another process reported with `code` and `message`: the
+    /// kinds that are only a message come back as themselves, the others
+    /// as [`Error::Remote`] with their code.
+    pub fn from_code(code: ErrorCode, message: String) -> Error {
+        match code {
+            ErrorCode::Closed => Error::Closed(message),
+            ErrorCode::Schema => Error::Schema(message),
+            ErrorCode::Topology => Error::Topology(message),
+            ErrorCode::Unavailable => Error::Unavailable(message),
+            code => Error::Remote { code, message },
         }
     }
 
@@ -106,4 +216,30 @@ impl Error {
 /// operation in its message).
 pub(crate) fn gio<T>(e: glommio::GlommioError<T>) -> io::Error {
     io::Error::from(e)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn codes_are_stable_and_round_trip() {
+        // The numbers are part of the wire format: they must never move.
+        assert_eq!(ErrorCode::Limit as u16, 4);
+        assert_eq!(ErrorCode::Schema as u16, 8);
+        assert_eq!(ErrorCode::Executor as u16, 11);
+        for c in ErrorCode::ALL {
+            assert_eq!(ErrorCode::from_u16(c as u16), c);
+            assert_eq!(ErrorCode::from_name(c.name()), c);
+        }
+        assert_eq!(ErrorCode::from_u16(999), ErrorCode::Other);
+        let limit = Error::check_limit("record", "record_bytes_max", 10, 5).unwrap_err();
+        let back = Error::from_code(limit.code(), limit.to_string());
+        assert_eq!(back.code(), ErrorCode::Limit);
+        assert_eq!(back.to_string(), limit.to_string());
+        assert!(matches!(
+            Error::from_code(ErrorCode::Closed, "x".into()),
+            Error::Closed(_)
+        ));
+    }
 }

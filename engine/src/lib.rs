@@ -23,7 +23,7 @@ pub mod sync;
 pub mod value;
 mod varint;
 
-pub use error::{Error, Result};
+pub use error::{Error, ErrorCode, Result};
 
 /// The engine version; module artifacts record the one they were built with.
 pub const VERSION: &str = env!("CARGO_PKG_VERSION");

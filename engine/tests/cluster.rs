@@ -197,3 +197,94 @@ fn bad_input_is_a_clear_error() {
 fn read_all_tasks_empty(cluster: &InProcessCluster, tasks: u32) -> bool {
     (0..tasks).all(|t| read_all(cluster, "*events", t).is_empty())
 }
+
+/// Version `v` of a module whose later versions add a depot and a PState
+/// *before* the first ones: stored data must stay with its objects
+/// (catalog ids, never positions).
+fn evolving(v: u32) -> ModuleDef {
+    use engine::module::stage;
+    use engine::pstate::Op;
+    let schema = || PStateSchema::new(ValueSchema::Scalar(Kind::Str), ValueSchema::Scalar(Kind::Int));
+    let mut b = ModuleBuilder::new("Evolving");
+    if v >= 2 {
+        b = b.depot("*added", Partitioner::Random).pstate("$$added", schema());
+    }
+    b = b
+        .depot("*words", Partitioner::hash_by(|r| r.clone()))
+        .pstate("$$counts", schema());
+    b.stream(
+        "count",
+        ["*words"],
+        vec![stage(|ctx, word| {
+            ctx.transform(
+                "$$counts",
+                &[Nav::Key(word)],
+                Op::update(|n| Value::Int(n.as_int().unwrap_or(0) + 1)),
+            )
+        })],
+    )
+    .build()
+    .unwrap()
+}
+
+#[test]
+fn stored_data_follows_catalog_ids_across_definitions() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut cluster = InProcessCluster::new(dir.path());
+    cluster.launch(evolving(1), 4, 2).unwrap();
+    let words = cluster.depot("Evolving", "*words").unwrap();
+    for w in ["a", "b", "a"] {
+        words.append(&Value::from(w), AckLevel::Ack).unwrap();
+    }
+    cluster.shutdown().unwrap();
+    // Each task group's directory has its catalog.
+    for tg in 0..2 {
+        let catalog = std::fs::read_to_string(dir.path().join(format!("Evolving/tg-{tg}/CATALOG"))).unwrap();
+        assert!(
+            catalog.contains("depot 0 *words\n") && catalog.contains("pstate 0 $$counts\n"),
+            "{catalog}"
+        );
+    }
+
+    // The next definition puts a new depot and PState first.
+    let mut cluster = InProcessCluster::new(dir.path());
+    cluster.launch(evolving(2), 4, 2).unwrap();
+    let counts = cluster.pstate("Evolving", "$$counts").unwrap();
+    assert_eq!(counts.select_one(&[Nav::key("a")]).unwrap(), Value::Int(2));
+    assert_eq!(counts.select_one(&[Nav::key("b")]).unwrap(), Value::Int(1));
+    let added = cluster.pstate("Evolving", "$$added").unwrap();
+    assert_eq!(
+        added.select_one(&[Nav::key("a")]).unwrap(),
+        Value::Nil,
+        "a new PState starts empty"
+    );
+    // The stream consumer resumed from its offsets (nothing counted twice),
+    // and the old partitions are read by the depot's own id.
+    let words = cluster.depot("Evolving", "*words").unwrap();
+    words.append(&Value::from("b"), AckLevel::Ack).unwrap();
+    assert_eq!(counts.select_one(&[Nav::key("b")]).unwrap(), Value::Int(2));
+    assert_eq!(counts.select_one(&[Nav::key("a")]).unwrap(), Value::Int(2));
+    let total: usize = (0..4).map(|t| words.read(t, 0, u64::MAX, 1 << 20).unwrap().len()).sum();
+    assert_eq!(total, 4);
+    cluster.shutdown().unwrap();
+    let catalog = std::fs::read_to_string(dir.path().join("Evolving/tg-0/CATALOG")).unwrap();
+    assert!(
+        catalog.contains("depot 1 *added\n") && catalog.contains("pstate 1 $$added\n"),
+        "{catalog}"
+    );
+
+    // A damaged catalog refuses the start and names the file.
+    let path = dir.path().join("Evolving/tg-1/CATALOG");
+    let text = std::fs::read_to_string(&path).unwrap();
+    std::fs::write(&path, text.replace("depot 1", "depot 9")).unwrap();
+    let mut cluster = InProcessCluster::new(dir.path());
+    let err = cluster.launch(evolving(2), 4, 2).unwrap_err().to_string();
+    assert!(err.contains("tg-1/CATALOG") && err.contains("checksum"), "{err}");
+
+    // Data in the layout of an earlier release is refused, not ignored.
+    let old = tempfile::tempdir().unwrap();
+    std::fs::create_dir_all(old.path().join("Evolving/thread-0")).unwrap();
+    let mut cluster = InProcessCluster::new(old.path());
+    let err = cluster.launch(evolving(1), 4, 2).unwrap_err().to_string();
+    assert!(err.contains("thread-0") && err.contains("earlier release"), "{err}");
+}

@@ -42,10 +42,16 @@ impl Admin {
 
     /// Sends `request`; the response map, or its error message.
     pub fn call(&self, request: &Value) -> Result<BTreeMap<Value, Value>, String> {
-        let bytes = self
-            .conn
-            .call(&archived::to_bytes(request))
-            .map_err(|e| e.to_string())?;
+        self.call_bytes(&archived::to_bytes(request))
+    }
+
+    /// Sends a typed request (encoded as the Conductor decodes it).
+    pub fn call_request(&self, request: &AdminRequest) -> Result<BTreeMap<Value, Value>, String> {
+        self.call_bytes(&request.encode())
+    }
+
+    fn call_bytes(&self, request: &[u8]) -> Result<BTreeMap<Value, Value>, String> {
+        let bytes = self.conn.call(request).map_err(|e| e.to_string())?;
         let Value::Map(m) = archived::from_bytes(&bytes).map_err(|e| e.to_string())? else {
             return Err("the Conductor sent a response that is not a map".into());
         };
@@ -103,16 +109,39 @@ pub struct DeployArgs {
 /// type and range, nothing else trusted. The Conductor acts only on these.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum AdminRequest {
-    UploadStart { size: u64 },
-    UploadChunk { upload: i64, offset: u64, data: Vec<u8> },
-    UploadFinish { upload: i64 },
-    Download { artifact: String, offset: u64 },
+    UploadStart {
+        size: u64,
+    },
+    UploadChunk {
+        upload: i64,
+        offset: u64,
+        data: Vec<u8>,
+    },
+    UploadFinish {
+        upload: i64,
+    },
+    Download {
+        artifact: String,
+        offset: u64,
+    },
     DeployCheck(DeployArgs),
     Deploy(DeployArgs),
-    Status { module: String },
-    TaskGroups { module: String },
-    Workers { module: String },
-    Destroy { module: String },
+    Status {
+        module: String,
+    },
+    /// The task groups of `instance` (the read target when `None`).
+    TaskGroups {
+        module: String,
+        instance: Option<u32>,
+    },
+    /// The workers serving reads, or appends with `append`.
+    Workers {
+        module: String,
+        append: bool,
+    },
+    Destroy {
+        module: String,
+    },
 }
 
 /// The longest string field accepted (module names, artifact ids,
@@ -177,9 +206,18 @@ impl AdminRequest {
             },
             "taskGroups" => AdminRequest::TaskGroups {
                 module: string("module")?,
+                instance: match m.get(&Value::from("instance")) {
+                    None | Some(Value::Nil) => None,
+                    Some(_) => Some(count("instance")?),
+                },
             },
             "workers" => AdminRequest::Workers {
                 module: string("module")?,
+                append: match m.get(&Value::from("target")).map(Value::as_str) {
+                    None | Some(Some("read")) => false,
+                    Some(Some("append")) => true,
+                    Some(other) => return Err(format!("field target must be read or append, got {other:?}")),
+                },
             },
             "destroy" => AdminRequest::Destroy {
                 module: string("module")?,
@@ -228,8 +266,20 @@ impl AdminRequest {
             AdminRequest::DeployCheck(d) => deploy("deployCheck", d),
             AdminRequest::Deploy(d) => deploy("deploy", d),
             AdminRequest::Status { module: m } => module("status", m),
-            AdminRequest::TaskGroups { module: m } => module("taskGroups", m),
-            AdminRequest::Workers { module: m } => module("workers", m),
+            AdminRequest::TaskGroups { module: m, instance } => match instance {
+                Some(n) => request(
+                    "taskGroups",
+                    [("module", Value::from(m.as_str())), ("instance", Value::from(*n))],
+                ),
+                None => module("taskGroups", m),
+            },
+            AdminRequest::Workers { module: m, append } => request(
+                "workers",
+                [
+                    ("module", Value::from(m.as_str())),
+                    ("target", Value::from(if *append { "append" } else { "read" })),
+                ],
+            ),
             AdminRequest::Destroy { module: m } => module("destroy", m),
         };
         archived::to_bytes(&v)
@@ -264,6 +314,18 @@ mod tests {
                 ..d
             }),
             AdminRequest::Destroy { module: "M".into() },
+            AdminRequest::TaskGroups {
+                module: "M".into(),
+                instance: Some(3),
+            },
+            AdminRequest::TaskGroups {
+                module: "M".into(),
+                instance: None,
+            },
+            AdminRequest::Workers {
+                module: "M".into(),
+                append: true,
+            },
         ] {
             assert_eq!(AdminRequest::decode(&r.encode()).unwrap(), r);
         }

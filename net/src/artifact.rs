@@ -66,7 +66,8 @@ macro_rules! module_main {
 
 const USAGE: &str = "usage: ARTIFACT describe | version | run --module NAME --dir DIR [--tasks N] [--threads N] \
                      | worker --module NAME --dir DIR [--tasks N] [--threads N] [--host H] [--port P] \
-                     [--register RAMA_YAML --id I --workers W] [--secretFile F]\n\
+                     [--register RAMA_YAML --id I --workers W] [--secretFile F] \
+                     [--instance N] [--incarnation T --assignment PATH]\n\
                      A worker serves only clients that prove they hold the cluster secret: the file \
                      --secretFile names, else cluster.secret.file of the --register configuration.";
 
@@ -123,7 +124,8 @@ fn run_command(modules: &[fn() -> Result<ModuleDef>], args: &[String]) -> std::r
             let mut workers = 1u32;
             let mut log = None;
             let mut secret_file = None;
-            let mut instance = None;
+            let mut instance = 0;
+            let mut incarnation = None;
             let mut assignment = None;
             let (mut log_bytes, mut log_keep) = (10u64 << 20, 3u32);
             let mut threading = engine::cluster::ThreadOptions::default();
@@ -148,7 +150,8 @@ fn run_command(modules: &[fn() -> Result<ModuleDef>], args: &[String]) -> std::r
                     "--workers" if cmd == "worker" => workers = number()?,
                     "--log" if cmd == "worker" => log = Some(std::path::PathBuf::from(value)),
                     "--secretFile" if cmd == "worker" => secret_file = Some(std::path::PathBuf::from(value)),
-                    "--instance" if cmd == "worker" => instance = Some(value.clone()),
+                    "--instance" if cmd == "worker" => instance = number()?,
+                    "--incarnation" if cmd == "worker" => incarnation = Some(value.clone()),
                     "--assignment" if cmd == "worker" => assignment = Some(value.clone()),
                     "--logRotateBytes" if cmd == "worker" => {
                         log_bytes = value
@@ -187,8 +190,8 @@ fn run_command(modules: &[fn() -> Result<ModuleDef>], args: &[String]) -> std::r
                 if let Some(path) = log {
                     rotate_own_log(path, log_bytes, log_keep.max(1));
                 }
-                if instance.is_some() != assignment.is_some() {
-                    return Err(Failure::Usage("--instance and --assignment go together".into()));
+                if incarnation.is_some() != assignment.is_some() {
+                    return Err(Failure::Usage("--incarnation and --assignment go together".into()));
                 }
                 if workers > 1 && register.is_none() {
                     return Err(Failure::Usage(
@@ -208,9 +211,13 @@ fn run_command(modules: &[fn() -> Result<ModuleDef>], args: &[String]) -> std::r
                     Membership {
                         register: register.as_deref().map(|c| (c, id)),
                         secret_file: secret_file.as_deref(),
-                        fence: instance
+                        instance,
+                        fence: incarnation
                             .zip(assignment)
-                            .map(|(instance, assignment)| crate::manager::Fence { assignment, instance }),
+                            .map(|(incarnation, assignment)| crate::manager::Fence {
+                                assignment,
+                                incarnation,
+                            }),
                     },
                 )?;
             } else {
@@ -303,7 +310,9 @@ struct Membership<'a> {
     register: Option<(&'a std::path::Path, u32)>,
     /// The cluster secret's file (else the configuration's).
     secret_file: Option<&'a std::path::Path>,
-    /// The assignment and instance it serves (from its Supervisor).
+    /// The module instance it serves (0 unless a Supervisor says).
+    instance: u32,
+    /// The assignment and incarnation it serves (from its Supervisor).
     fence: Option<crate::manager::Fence>,
 }
 
@@ -313,8 +322,10 @@ fn worker(def: ModuleDef, dir: &str, shape: Shape, (host, port): (&str, u16), me
     let Membership {
         register,
         secret_file,
+        instance,
         fence,
     } = membership;
+    let incarnation = fence.as_ref().map(|f| f.incarnation.clone());
     let Shape {
         tasks,
         threads,
@@ -363,7 +374,8 @@ fn worker(def: ModuleDef, dir: &str, shape: Shape, (host, port): (&str, u16), me
             &name,
             connect(config)?,
             secret.clone(),
-            fence.as_ref().map(|f| f.instance.clone()),
+            instance,
+            incarnation.clone(),
         ))),
         _ => None,
     };
@@ -385,11 +397,11 @@ fn worker(def: ModuleDef, dir: &str, shape: Shape, (host, port): (&str, u16), me
     // task groups down: the reason goes to the metastore, where
     // `moduleStatus` and `taskGroupsStatus` show it, and stays until a
     // start succeeds.
-    let failures = config.as_ref().map(|c| (c, fence.as_ref().map(|f| f.instance.clone())));
     if let Err(e) = launched {
-        if let Some((config, instance)) = &failures {
-            let reported = connect(config)
-                .and_then(|meta| crate::manager::report_failure(&meta, &name, me, instance.as_deref(), &e.to_string()));
+        if let Some(config) = &config {
+            let reported = connect(config).and_then(|meta| {
+                crate::manager::report_failure(&meta, &name, (instance, incarnation.as_deref()), me, &e.to_string())
+            });
             if let Err(r) = reported {
                 eprintln!("worker {me} of module {name}: cannot record why it does not start: {r}");
             }
@@ -401,14 +413,15 @@ fn worker(def: ModuleDef, dir: &str, shape: Shape, (host, port): (&str, u16), me
     let registration = match (register, &config) {
         (Some((_, id)), Some(config)) => {
             // Started: an earlier failure report no longer holds.
-            let _ = connect(config).and_then(|meta| crate::manager::clear_failure(&meta, &name, id));
+            let _ = connect(config).and_then(|meta| crate::manager::clear_failure(&meta, &name, instance, id));
             let info = crate::manager::WorkerInfo {
                 worker: id,
                 address: server.local_addr().to_string(),
                 tasks,
                 threads,
                 workers,
-                instance: fence.as_ref().map(|f| f.instance.clone()),
+                instance,
+                incarnation: incarnation.clone(),
             };
             Some(crate::manager::Registration::start(
                 connect(config)?,
@@ -539,18 +552,71 @@ pub fn path_from_json(j: &Json) -> Result<Vec<Nav>> {
     steps.iter().map(nav_from_json).collect()
 }
 
+/// The steps a path may hold besides plain keys.
+const PATH_STEPS: &str = "key, all, mapVals, size, nilToValue, range";
+
 fn nav_from_json(step: &Json) -> Result<Nav> {
-    let Some(obj) = step.as_object().filter(|o| o.len() == 1) else {
+    let Some(obj) = step.as_object() else {
         return Ok(Nav::Key(value_from_json(step)?));
     };
-    let (kind, arg) = obj.iter().next().expect("one entry");
+    // An object is a step; a map used as a key is written {"key": {...}}.
+    let mut entries = obj.iter();
+    let (Some((kind, arg)), None) = (entries.next(), entries.next()) else {
+        return Err(bad(format!(
+            "path step {step} is not a step: a step is an object with one entry ({PATH_STEPS}); \
+             write a map key as {{\"key\": {step}}}"
+        )));
+    };
+    let no_argument = |name: &str| -> Result<()> {
+        match arg {
+            Json::Object(o) if o.is_empty() => Ok(()),
+            Json::Null => Ok(()),
+            other => Err(bad(format!(
+                "path step {name} takes no argument (write {{\"{name}\":{{}}}}), got {other}"
+            ))),
+        }
+    };
     Ok(match kind.as_str() {
         "key" => Nav::Key(value_from_json(arg)?),
-        "all" => Nav::All,
-        "mapVals" => Nav::MapVals,
-        "size" => Nav::Size,
+        "all" => {
+            no_argument("all")?;
+            Nav::All
+        }
+        "mapVals" => {
+            no_argument("mapVals")?;
+            Nav::MapVals
+        }
+        "size" => {
+            no_argument("size")?;
+            Nav::Size
+        }
         "nilToValue" => Nav::NilToValue(value_from_json(arg)?),
         "range" => {
+            let fields = arg.as_object().ok_or_else(|| {
+                bad(format!(
+                    "path step range takes an object of from, to, toInclusive, reverse, limit; got {arg}"
+                ))
+            })?;
+            for (name, v) in fields {
+                let fits = match name.as_str() {
+                    "from" | "to" => true,
+                    "toInclusive" | "reverse" => v.is_boolean(),
+                    "limit" => v.as_u64().is_some(),
+                    _ => {
+                        return Err(bad(format!(
+                            "path step range: unknown field {name:?} (known: from, to, toInclusive, reverse, limit)"
+                        )))
+                    }
+                };
+                if !fits {
+                    let what = if name == "limit" {
+                        "a whole number"
+                    } else {
+                        "true or false"
+                    };
+                    return Err(bad(format!("path step range: {name} must be {what}, got {v}")));
+                }
+            }
             let lower = match arg.get("from") {
                 Some(v) => Bound::Included(value_from_json(v)?),
                 None => Bound::Unbounded,
@@ -568,8 +634,11 @@ fn nav_from_json(step: &Json) -> Result<Nav> {
                 limit: arg.get("limit").and_then(Json::as_u64).map(|n| n as usize),
             }
         }
-        // A one-entry object that is not a step is a map key.
-        _ => Nav::Key(value_from_json(step)?),
+        other => {
+            return Err(bad(format!(
+                "unknown path step {other:?} (steps: {PATH_STEPS}); write a map key as {{\"key\": {step}}}"
+            )))
+        }
     })
 }
 

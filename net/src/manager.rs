@@ -3,36 +3,49 @@
 //! only the Conductor.
 //!
 //! A worker serving a module registers itself as an ephemeral node
-//! `/modules/<module>/workers/<id>` whose data is JSON:
-//! `{"address": "host:port", "tasks": 8, "threads": 2, "workers": 2,
-//! "engineVersion": "..."}` (`<id>` is the worker's index).
+//! `/modules/<module>/instances/<n>/workers/<id>`
+//! (`control::layout::WorkerRegistration`; `<id>` is the worker's index).
+//! Clients take the workers of the module's read target instance for
+//! selects and queries and of its append target for appends
+//! (`/modules/<m>/targets`); a module registered without a Conductor (no
+//! targets) is instance 0.
 //! The manager reads `rama.yaml` (a given path, else the working
 //! directory), applies overrides, connects to ZooKeeper (external host
 //! names by default, internal ones with `open_internal`), and hands out the
 //! remote clients of a module's worker.
 
 use std::collections::HashMap;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use control::config::{Config, Side};
+use control::layout::{self, Layout, LayoutError, WorkerFailure, WorkerRegistration};
 use control::metastore::{MetaError, Metastore, NodeKind, ZkMetastore};
 use engine::value::Value;
 use engine::{Error, Result};
-use serde_json::{json, Value as Json};
 
 use crate::auth::Secret;
 use crate::remote::{RemoteCluster, RemoteDepot, RemotePState, RemoteQuery, Resolved, Targets};
 use engine::runtime::placement::{Parallelism, Placement};
 
-/// Where a module's workers register.
-pub fn workers_path(module: &str) -> String {
-    format!("/modules/{module}/workers")
-}
-
 fn meta_error(e: MetaError) -> Error {
     Error::Unavailable(e.to_string())
+}
+
+fn layout_error(e: LayoutError) -> Error {
+    match e {
+        LayoutError::Meta(e) => meta_error(e),
+        bad @ LayoutError::Bad { .. } => Error::Closed(bad.to_string()),
+    }
+}
+
+/// Which instance of a module a client needs: reads (selects, queries)
+/// go to the read target, appends to the append target.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Target {
+    Read,
+    Append,
 }
 
 /// Connects to the metastore `config` names.
@@ -69,13 +82,7 @@ pub fn load_secret(config: &Config) -> Result<Secret> {
 /// Loads `rama.yaml` from `path` (else `$RAMA_CONFIG`, else the working
 /// directory, as the CLI does) with `overrides` applied.
 pub fn load_config(path: Option<&Path>, overrides: &[(&str, &str)]) -> Result<Config> {
-    let from_env = std::env::var_os("RAMA_CONFIG")
-        .filter(|v| !v.is_empty())
-        .map(PathBuf::from);
-    let (path, required) = match path.map(Path::to_path_buf).or(from_env) {
-        Some(p) => (p, true),
-        None => (PathBuf::from("rama.yaml"), false),
-    };
+    let (path, required) = Config::locate(path);
     let mut config = Config::load(&path, required).map_err(|e| Error::Schema(e.to_string()))?;
     for (k, v) in overrides {
         config.set(k, v).map_err(|e| Error::Schema(e.to_string()))?;
@@ -92,9 +99,25 @@ pub struct WorkerInfo {
     pub tasks: u32,
     pub threads: u32,
     pub workers: u32,
-    /// The module instance the worker belongs to (its deploy), when it was
-    /// started by a Supervisor.
-    pub instance: Option<String>,
+    /// The module instance it serves.
+    pub instance: u32,
+    /// The incarnation of that instance (its deploy) it was started for,
+    /// when a Supervisor started it.
+    pub incarnation: Option<String>,
+}
+
+impl From<WorkerRegistration> for WorkerInfo {
+    fn from(r: WorkerRegistration) -> WorkerInfo {
+        WorkerInfo {
+            worker: r.worker,
+            address: r.address,
+            tasks: r.tasks,
+            threads: r.threads,
+            workers: r.workers,
+            instance: r.instance,
+            incarnation: r.incarnation,
+        }
+    }
 }
 
 impl WorkerInfo {
@@ -102,7 +125,11 @@ impl WorkerInfo {
     pub fn to_value(&self) -> Value {
         Value::map([
             ("worker", Value::Int(i64::from(self.worker))),
-            ("instance", self.instance.as_deref().map_or(Value::Nil, Value::from)),
+            ("instance", Value::Int(i64::from(self.instance))),
+            (
+                "incarnation",
+                self.incarnation.as_deref().map_or(Value::Nil, Value::from),
+            ),
             ("address", Value::from(self.address.as_str())),
             ("tasks", Value::Int(i64::from(self.tasks))),
             ("threads", Value::Int(i64::from(self.threads))),
@@ -123,56 +150,49 @@ impl WorkerInfo {
             tasks: int("tasks")?,
             threads: int("threads")?,
             workers: int("workers")?,
-            instance: m
-                .get(&Value::from("instance"))
+            instance: int("instance").unwrap_or(0),
+            incarnation: m
+                .get(&Value::from("incarnation"))
                 .and_then(Value::as_str)
                 .map(str::to_string),
         })
     }
+
+    fn registration(&self) -> WorkerRegistration {
+        WorkerRegistration {
+            worker: self.worker,
+            address: self.address.clone(),
+            tasks: self.tasks,
+            threads: self.threads,
+            workers: self.workers,
+            instance: self.instance,
+            incarnation: self.incarnation.clone(),
+            engine_version: engine::VERSION.to_string(),
+        }
+    }
 }
 
-/// The instance of `module` its Conductor deployed (`None`: no spec, as
-/// for a worker registered without a Conductor).
-pub fn module_instance(meta: &ZkMetastore, module: &str) -> Result<Option<String>> {
-    let Some((data, _)) = meta.get(&format!("/modules/{module}/spec")).map_err(meta_error)? else {
-        return Ok(None);
-    };
-    let spec: Json = serde_json::from_slice(&data)
-        .map_err(|e| Error::Closed(format!("the spec of module {module} does not parse: {e}")))?;
-    Ok(spec["instance"].as_str().map(str::to_string))
+/// The instance of `module` that serves `target` and its incarnation
+/// (`(0, None)`: no Conductor deployed it, as for a worker registered by
+/// hand: instance 0, any incarnation).
+pub fn target_instance(meta: &dyn Metastore, module: &str, target: Target) -> Result<(u32, Option<String>)> {
+    let spec = Layout::new(meta)
+        .target_spec(module, target == Target::Append)
+        .map_err(layout_error)?;
+    Ok(spec.map_or((0, None), |s| (s.instance, Some(s.incarnation))))
 }
 
-/// The workers of `module` registered in the metastore, by index.
-pub fn registered_workers(meta: &ZkMetastore, module: &str) -> Result<Vec<WorkerInfo>> {
-    let path = workers_path(module);
-    let ids = match meta.children(&path) {
-        Ok(ids) => ids,
-        Err(MetaError::NoNode(_)) => Vec::new(),
-        Err(e) => return Err(meta_error(e)),
-    };
-    let mut out = Vec::new();
-    for id in ids {
-        let Some((data, _)) = meta.get(&format!("{path}/{id}")).map_err(meta_error)? else {
-            continue;
-        };
-        let j: Json = serde_json::from_slice(&data)
-            .map_err(|e| Error::Closed(format!("worker {id} of {module} registered bad data: {e}")))?;
-        out.push(WorkerInfo {
-            worker: id.parse().unwrap_or(u32::MAX),
-            address: j["address"].as_str().unwrap_or_default().to_string(),
-            tasks: j["tasks"].as_u64().unwrap_or(0) as u32,
-            threads: j["threads"].as_u64().unwrap_or(0) as u32,
-            workers: j["workers"].as_u64().unwrap_or(1) as u32,
-            instance: j["instance"].as_str().map(str::to_string),
-        });
-    }
-    // Fencing: a worker of another instance of the module (left over from
-    // an earlier deploy or another cluster) is never a target.
-    if let Some(current) = module_instance(meta, module)? {
-        out.retain(|w| w.instance.as_deref() == Some(current.as_str()));
-    }
-    out.sort_by_key(|w| w.worker);
-    Ok(out)
+/// The workers of `module` that serve `target`, registered in the
+/// metastore, by index. Fencing: a worker of another incarnation (left
+/// over from an earlier deploy or another cluster) is never a target.
+pub fn registered_workers(meta: &dyn Metastore, module: &str, target: Target) -> Result<Vec<WorkerInfo>> {
+    let (n, incarnation) = target_instance(meta, module, target)?;
+    Ok(Layout::new(meta)
+        .registrations(module, n, incarnation.as_deref())
+        .map_err(layout_error)?
+        .into_iter()
+        .map(WorkerInfo::from)
+        .collect())
 }
 
 /// Where a manager finds the workers.
@@ -192,11 +212,11 @@ struct Inner {
     directory: Directory,
     connections: Mutex<HashMap<String, RemoteCluster>>,
     secret: Secret,
-    /// The last complete set of workers seen per module: a registration
-    /// that lapses for a moment (a ZooKeeper restart, a session expiry, a
-    /// worker re-registering) is filled in from it, so a running module
-    /// never looks absent.
-    last: Mutex<HashMap<String, Vec<WorkerInfo>>>,
+    /// The last complete set of workers seen per module and target: a
+    /// registration that lapses for a moment (a ZooKeeper restart, a
+    /// session expiry, a worker re-registering) is filled in from it, so a
+    /// running module never looks absent.
+    last: Mutex<HashMap<(String, Target), Vec<WorkerInfo>>>,
 }
 
 /// How long a client without an earlier view of a deployed module waits
@@ -210,7 +230,7 @@ fn complete(workers: &[WorkerInfo]) -> bool {
             && workers
                 .iter()
                 .enumerate()
-                .all(|(i, w)| w.worker == i as u32 && w.instance == first.instance)
+                .all(|(i, w)| w.worker == i as u32 && w.incarnation == first.incarnation)
     })
 }
 
@@ -269,66 +289,78 @@ impl ClusterManager {
         }
     }
 
-    /// The workers of `module`.
+    /// The workers of `module` that serve reads.
     pub fn workers(&self, module: &str) -> Result<Vec<WorkerInfo>> {
-        self.inner.workers(module)
+        self.inner.workers(module, Target::Read)
     }
 
-    /// The number of tasks of `module`.
+    /// The number of tasks of `module` (of its read target instance).
     pub fn tasks(&self, module: &str) -> Result<u32> {
-        Ok(self.inner.resolve(module)?.1.tasks)
+        Ok(self.inner.resolve(module, Target::Read)?.1.tasks)
     }
 
-    /// Connections to every worker of `module`, its placement, and how its
-    /// clients find them again after a connection ends.
-    fn targets(&self, module: &str) -> Result<Targets> {
-        let (resolved, _) = self.inner.resolve(module)?;
+    /// Connections to every worker of `module` that serves `target`, its
+    /// placement, and how its clients find them again after a connection
+    /// ends (perhaps in another instance, once the target moved).
+    fn targets(&self, module: &str, target: Target) -> Result<Targets> {
+        let (resolved, _) = self.inner.resolve(module, target)?;
         let (inner, module) = (self.inner.clone(), module.to_string());
-        let again: crate::remote::Resolve = Arc::new(move || inner.resolve(&module).map(|(r, _)| r));
+        let again: crate::remote::Resolve = Arc::new(move || inner.resolve(&module, target).map(|(r, _)| r));
         Ok(Targets::new(resolved.workers, resolved.placement, Some(again)))
     }
 
-    /// A client of depot `depot` of `module`. It follows the module's
+    /// A client of depot `depot` of `module`: appends go to the append
+    /// target instance, reads of the depot too. It follows the module's
     /// workers: when a worker's connection ends (it restarted), the next
     /// request finds the workers again.
     pub fn depot(&self, module: &str, depot: &str) -> Result<RemoteDepot> {
-        Ok(RemoteDepot::new(self.targets(module)?, module, depot))
+        Ok(RemoteDepot::new(self.targets(module, Target::Append)?, module, depot))
     }
 
+    /// A client of PState `pstate` of `module`, served by the read target
+    /// instance.
     pub fn pstate(&self, module: &str, pstate: &str) -> Result<RemotePState> {
-        Ok(RemotePState::new(self.targets(module)?, module, pstate))
+        Ok(RemotePState::new(self.targets(module, Target::Read)?, module, pstate))
     }
 
     pub fn query(&self, module: &str, query: &str) -> Result<RemoteQuery> {
-        Ok(RemoteQuery::new(self.targets(module)?, module, query))
+        Ok(RemoteQuery::new(self.targets(module, Target::Read)?, module, query))
     }
 }
 
 impl Inner {
-    /// The module's current instance, as far as the directory can tell.
-    fn current_instance(&self, module: &str) -> Option<String> {
+    /// The incarnation serving `target` of the module, as far as the
+    /// directory can tell.
+    fn current_incarnation(&self, module: &str, target: Target) -> Option<String> {
         match &self.directory {
-            Directory::Metastore(meta) => module_instance(meta, module).ok().flatten(),
+            Directory::Metastore(meta) => target_instance(meta.as_ref(), module, target).ok().and_then(|(_, i)| i),
             Directory::Conductor(_) => None,
         }
     }
 
-    /// Whether `module` is still deployed (its spec exists), as far as the
+    /// Whether `module` is still deployed (it has targets), as far as the
     /// directory can tell.
     fn deployed(&self, module: &str) -> bool {
         match &self.directory {
-            Directory::Metastore(meta) => meta.get(&format!("/modules/{module}/spec")).is_ok_and(|s| s.is_some()),
+            Directory::Metastore(meta) => Layout::new(meta.as_ref()).targets(module).is_ok_and(|t| t.is_some()),
             Directory::Conductor(_) => false,
         }
     }
 
-    fn workers(&self, module: &str) -> Result<Vec<WorkerInfo>> {
+    fn workers(&self, module: &str, target: Target) -> Result<Vec<WorkerInfo>> {
         match &self.directory {
-            Directory::Metastore(meta) => registered_workers(meta, module),
+            Directory::Metastore(meta) => registered_workers(meta.as_ref(), module, target),
             Directory::Conductor(addr) => {
                 let admin = crate::admin::Admin::connect(addr, &self.secret).map_err(Error::Unavailable)?;
+                let target_name = match target {
+                    Target::Read => "read",
+                    Target::Append => "append",
+                };
                 let answer = admin
-                    .call(&crate::admin::request("workers", [("module", Value::from(module))]))
+                    .call(&crate::admin::request(
+                        "workers",
+                        [("module", Value::from(module)), ("target", Value::from(target_name))],
+                    ))
                     .map_err(|e| Error::Closed(format!("the Conductor at {addr}: {e}")))?;
                 let Some(Value::List(list)) = answer.get(&Value::from("workers")) else {
                     return Err(Error::Closed(format!(
@@ -348,26 +380,27 @@ impl Inner {
 
     /// Connects to every worker of `module` (reusing open connections):
     /// them, the placement, and the first worker's registration.
-    fn resolve(&self, module: &str) -> Result<(Resolved, WorkerInfo)> {
+    fn resolve(&self, module: &str, target: Target) -> Result<(Resolved, WorkerInfo)> {
+        let key = (module.to_string(), target);
         // A deployed module whose registrations are incomplete (a worker
         // re-registering after a ZooKeeper restart or its own restart) is
         // waited for a little before it is reported, so a running module
         // does not look absent to a client without an earlier view of it.
         let deadline = std::time::Instant::now() + REGISTRATION_WAIT;
-        let mut found = self.workers(module);
+        let mut found = self.workers(module, target);
         while !found.as_ref().is_ok_and(|w| complete(w))
             && std::time::Instant::now() < deadline
-            && !self.last.lock().unwrap_or_else(|p| p.into_inner()).contains_key(module)
+            && !self.last.lock().unwrap_or_else(|p| p.into_inner()).contains_key(&key)
             && self.deployed(module)
         {
             std::thread::sleep(Duration::from_millis(100));
-            found = self.workers(module);
+            found = self.workers(module, target);
         }
         let workers = {
             let mut last = self.last.lock().unwrap_or_else(|p| p.into_inner());
-            match (found, last.get(module)) {
+            match (found, last.get(&key)) {
                 (Ok(w), _) if complete(&w) => {
-                    last.insert(module.to_string(), w.clone());
+                    last.insert(key.clone(), w.clone());
                     w
                 }
                 // Some registrations are missing: the last known ones of
@@ -377,9 +410,9 @@ impl Inner {
                 // old workers' addresses and shape are no guide).
                 (Ok(w), Some(prev))
                     if !w.is_empty()
-                        && w.iter().all(|x| x.instance == prev[0].instance)
-                        && prev[0].instance.is_some()
-                        && self.current_instance(module) == prev[0].instance =>
+                        && w.iter().all(|x| x.incarnation == prev[0].incarnation)
+                        && prev[0].incarnation.is_some()
+                        && self.current_incarnation(module, target) == prev[0].incarnation =>
                 {
                     let mut merged = prev.clone();
                     for x in w {
@@ -393,8 +426,8 @@ impl Inner {
                 // deployed) or a new instance that has not registered yet.
                 (Ok(w), Some(prev))
                     if w.is_empty()
-                        && prev[0].instance.is_some()
-                        && self.current_instance(module) == prev[0].instance =>
+                        && prev[0].incarnation.is_some()
+                        && self.current_incarnation(module, target) == prev[0].incarnation =>
                 {
                     prev.clone()
                 }
@@ -455,61 +488,45 @@ impl Inner {
     }
 }
 
-/// Where a worker that cannot start says why (persistent: it outlives the
-/// worker, until a start of it succeeds).
-pub fn failures_path(module: &str) -> String {
-    format!("/modules/{module}/failures")
-}
-
-/// Records that worker `worker` of `module` (of `instance`) cannot start,
-/// and why.
-pub fn report_failure(meta: &ZkMetastore, module: &str, worker: u32, instance: Option<&str>, why: &str) -> Result<()> {
-    let dir = failures_path(module);
-    meta.create_all(&dir).map_err(meta_error)?;
-    let path = format!("{dir}/{worker}");
-    let data = json!({"worker": worker, "instance": instance, "error": why}).to_string();
-    match meta.create(&path, data.as_bytes(), NodeKind::Persistent) {
-        Err(MetaError::NodeExists(_)) => meta.set(&path, data.as_bytes(), None).map(|_| ()),
-        other => other,
-    }
-    .map_err(meta_error)
+/// Records that worker `worker` of instance `instance` of `module` (of
+/// `incarnation`) cannot start, and why.
+pub fn report_failure(
+    meta: &dyn Metastore,
+    module: &str,
+    (instance, incarnation): (u32, Option<&str>),
+    worker: u32,
+    why: &str,
+) -> Result<()> {
+    let failure = WorkerFailure {
+        worker,
+        incarnation: incarnation.map(str::to_string),
+        error: why.to_string(),
+    };
+    Layout::new(meta)
+        .report_failure(module, instance, &failure)
+        .map_err(layout_error)
 }
 
 /// Clears worker `worker`'s failure report, once it started.
-pub fn clear_failure(meta: &ZkMetastore, module: &str, worker: u32) -> Result<()> {
-    match meta.delete(&format!("{}/{worker}", failures_path(module)), None) {
-        Ok(()) | Err(MetaError::NoNode(_)) => Ok(()),
-        Err(e) => Err(meta_error(e)),
-    }
+pub fn clear_failure(meta: &dyn Metastore, module: &str, instance: u32, worker: u32) -> Result<()> {
+    Layout::new(meta)
+        .clear_failure(module, instance, worker)
+        .map_err(layout_error)
 }
 
-/// The failure reports of `module`'s current instance: (worker, why).
-pub fn failures(meta: &ZkMetastore, module: &str) -> Result<Vec<(u32, String)>> {
-    let dir = failures_path(module);
-    let ids = match meta.children(&dir) {
-        Ok(ids) => ids,
-        Err(MetaError::NoNode(_)) => return Ok(Vec::new()),
-        Err(e) => return Err(meta_error(e)),
-    };
-    let current = module_instance(meta, module)?;
-    let mut out = Vec::new();
-    for id in ids {
-        let Some((data, _)) = meta.get(&format!("{dir}/{id}")).map_err(meta_error)? else {
-            continue;
-        };
-        let Ok(j) = serde_json::from_slice::<Json>(&data) else {
-            continue;
-        };
-        if current.is_some() && j["instance"].as_str() != current.as_deref() {
-            continue;
-        }
-        out.push((
-            j["worker"].as_u64().unwrap_or(u64::from(u32::MAX)) as u32,
-            j["error"].as_str().unwrap_or_default().to_string(),
-        ));
-    }
-    out.sort();
-    Ok(out)
+/// The failure reports of instance `instance` of `module` (of its
+/// current incarnation): (worker, why).
+pub fn failures(meta: &dyn Metastore, module: &str, instance: u32) -> Result<Vec<(u32, String)>> {
+    let l = Layout::new(meta);
+    let incarnation = l
+        .instance_spec(module, instance)
+        .map_err(layout_error)?
+        .map(|s| s.incarnation);
+    Ok(l.failures(module, instance, incarnation.as_deref())
+        .map_err(layout_error)?
+        .into_iter()
+        .map(|f| (f.worker, f.error))
+        .collect())
 }
 
 /// What a worker started by a Supervisor belongs to: its assignment node
@@ -517,27 +534,30 @@ pub fn failures(meta: &ZkMetastore, module: &str) -> Result<Vec<(u32, String)>> 
 /// and names that instance.
 #[derive(Debug, Clone)]
 pub struct Fence {
+    /// The assignment's node (`/assignments/<supervisor>/<m>.<n>.<w>`).
     pub assignment: String,
-    pub instance: String,
+    /// The incarnation it was started for.
+    pub incarnation: String,
 }
 
 impl Fence {
     /// `Ok(None)` while the assignment holds, `Ok(Some(why))` once it is
-    /// gone or names another instance; `Err` when the metastore cannot
+    /// gone or names another incarnation; `Err` when the metastore cannot
     /// tell (then nothing is decided).
-    fn check(&self, meta: &ZkMetastore) -> std::result::Result<Option<String>, MetaError> {
-        let Some((data, _)) = meta.get(&self.assignment)? else {
-            return Ok(Some(format!("its assignment {} is gone", self.assignment)));
+    fn check(&self, meta: &dyn Metastore) -> std::result::Result<Option<String>, MetaError> {
+        let theirs = match Layout::new(meta).read::<layout::Assignment>(&self.assignment) {
+            Ok(None) => return Ok(Some(format!("its assignment {} is gone", self.assignment))),
+            Ok(Some((a, _))) => Some(a.incarnation),
+            Err(LayoutError::Meta(e)) => return Err(e),
+            // Contents this release cannot read are not its assignment.
+            Err(LayoutError::Bad { .. }) => None,
         };
-        let theirs = serde_json::from_slice::<Json>(&data)
-            .ok()
-            .and_then(|j| j["instance"].as_str().map(str::to_string));
-        Ok((theirs.as_deref() != Some(self.instance.as_str())).then(|| {
+        Ok((theirs.as_deref() != Some(self.incarnation.as_str())).then(|| {
             format!(
-                "its assignment {} now belongs to instance {} (this worker is of instance {})",
+                "its assignment {} now belongs to incarnation {} (this worker is of incarnation {})",
                 self.assignment,
                 theirs.as_deref().unwrap_or("?"),
-                self.instance
+                self.incarnation
             )
         }))
     }
@@ -579,20 +599,15 @@ impl Registration {
                 )));
             }
         }
-        let dir = workers_path(module);
-        meta.create_all(&dir).map_err(meta_error)?;
-        let path = format!("{dir}/{id}");
+        meta.create_all(&layout::workers(module, info.instance))
+            .map_err(meta_error)?;
+        let path = layout::worker(module, info.instance, id);
         let own = path.clone();
-        let data = json!({
-            "address": info.address,
-            "tasks": info.tasks,
-            "threads": info.threads,
-            "workers": info.workers,
-            "instance": info.instance,
-            "engineVersion": engine::VERSION,
+        let data = serde_json::to_vec(&WorkerRegistration {
+            worker: id,
+            ..info.registration()
         })
-        .to_string()
-        .into_bytes();
+        .expect("a registration serializes");
         let ensure = move |meta: &ZkMetastore| -> std::result::Result<(), MetaError> {
             match meta.get(&path)? {
                 Some((d, _)) if d == data => Ok(()),
@@ -662,5 +677,112 @@ impl Drop for Registration {
         if let Some(t) = self.thread.take() {
             let _ = t.join();
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use control::layout::{Assignment, InstanceSpec, Targets};
+    use control::metastore::MemMetastore;
+
+    fn spec(n: u32, incarnation: &str) -> InstanceSpec {
+        InstanceSpec {
+            module: "M".into(),
+            instance: n,
+            incarnation: incarnation.into(),
+            artifact: "a".repeat(64),
+            tasks: 4,
+            threads: 2,
+            workers: 2,
+            replication_factor: 1,
+            config: serde_json::Value::Null,
+        }
+    }
+
+    fn register(meta: &MemMetastore, n: u32, w: u32, incarnation: &str) {
+        let r = WorkerRegistration {
+            worker: w,
+            address: format!("127.0.0.1:{}", 3000 + n * 10 + w),
+            tasks: 4,
+            threads: 2,
+            workers: 2,
+            instance: n,
+            incarnation: Some(incarnation.into()),
+            engine_version: engine::VERSION.into(),
+        };
+        meta.create_all(&layout::workers("M", n)).unwrap();
+        Layout::new(meta)
+            .create(&layout::worker("M", n, w), &r, NodeKind::Ephemeral)
+            .unwrap();
+    }
+
+    fn addresses(meta: &MemMetastore, target: Target) -> Vec<String> {
+        registered_workers(meta, "M", target)
+            .unwrap()
+            .into_iter()
+            .map(|w| w.address)
+            .collect()
+    }
+
+    #[test]
+    fn clients_follow_the_targets_across_an_instance_change() {
+        let meta = MemMetastore::new();
+        let l = Layout::new(&meta);
+        l.launch(&spec(0, "a")).unwrap();
+        register(&meta, 0, 0, "a");
+        register(&meta, 0, 1, "a");
+        assert_eq!(addresses(&meta, Target::Read), ["127.0.0.1:3000", "127.0.0.1:3001"]);
+        // Instance 1 comes up beside it; appends move to it first.
+        l.add_instance(&spec(1, "b")).unwrap();
+        register(&meta, 1, 0, "b");
+        register(&meta, 1, 1, "b");
+        let (_, v) = l.targets_versioned("M").unwrap().unwrap();
+        let v = l.set_targets("M", Targets { read: 0, append: 1 }, v).unwrap();
+        assert_eq!(addresses(&meta, Target::Append), ["127.0.0.1:3010", "127.0.0.1:3011"]);
+        assert_eq!(addresses(&meta, Target::Read), ["127.0.0.1:3000", "127.0.0.1:3001"]);
+        l.set_targets("M", Targets { read: 1, append: 1 }, v).unwrap();
+        assert_eq!(addresses(&meta, Target::Read), ["127.0.0.1:3010", "127.0.0.1:3011"]);
+        // A worker of another incarnation registered under instance 1 (a
+        // stale deploy with the same numbers) is never a target.
+        meta.delete(&layout::worker("M", 1, 1), None).unwrap();
+        register(&meta, 1, 1, "stale");
+        assert_eq!(addresses(&meta, Target::Read), ["127.0.0.1:3010"]);
+        // Nothing deployed: instance 0 of anything registered.
+        let bare = MemMetastore::new();
+        register(&bare, 0, 0, "whatever");
+        assert_eq!(addresses(&bare, Target::Read), ["127.0.0.1:3000"]);
+    }
+
+    #[test]
+    fn a_fence_holds_while_its_assignment_names_its_incarnation() {
+        let meta = MemMetastore::new();
+        let l = Layout::new(&meta);
+        let mut a = Assignment {
+            module: "M".into(),
+            instance: 0,
+            incarnation: "a".into(),
+            artifact: "x".into(),
+            tasks: 1,
+            threads: 1,
+            workers: 1,
+            worker: 0,
+            config: serde_json::Value::Null,
+        };
+        l.assign("s1", &a).unwrap();
+        let fence = Fence {
+            assignment: layout::assignment("s1", "M.0.0"),
+            incarnation: "a".into(),
+        };
+        assert_eq!(fence.check(&meta).unwrap(), None);
+        a.incarnation = "b".into();
+        l.set(&fence.assignment, &a, None).unwrap();
+        let why = fence.check(&meta).unwrap().unwrap();
+        assert!(why.contains("incarnation b") && why.contains("incarnation a"), "{why}");
+        meta.delete(&fence.assignment, None).unwrap();
+        assert!(fence.check(&meta).unwrap().unwrap().contains("is gone"));
+        // Contents this release cannot read are not its assignment either.
+        meta.create(&fence.assignment, b"{", NodeKind::Persistent).unwrap();
+        assert!(fence.check(&meta).unwrap().is_some());
     }
 }

@@ -9,12 +9,12 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use control::layout::{self, Layout, WorkerRegistration};
 use control::metastore::{Metastore, ZkMetastore};
 use engine::cluster::peer::{Done, Peers};
 use engine::{Error, Result};
 
 use crate::auth::Secret;
-use crate::manager::workers_path;
 use crate::transport::{Connection, FRAME_BYTES_MAX, PROTOCOL_VERSION};
 
 /// The handshake role of a peer connection carrying `lane`.
@@ -27,29 +27,30 @@ pub fn lane_of_role(role: u8) -> Option<u32> {
     role.checked_sub(1).map(u32::from)
 }
 
-/// The address worker `worker` of `module` registered; with `instance`,
-/// only a registration of that module instance counts (a stale worker of
-/// another deploy is never a peer).
-pub fn worker_address(meta: &ZkMetastore, module: &str, worker: u32, instance: Option<&str>) -> Result<String> {
-    let path = format!("{}/{worker}", workers_path(module));
-    let (data, _) = meta
-        .get(&path)
+/// The address worker `worker` of instance `instance` of `module`
+/// registered; with `incarnation`, only a registration of that
+/// incarnation counts (a stale worker of another deploy is never a peer).
+pub fn worker_address(
+    meta: &dyn Metastore,
+    module: &str,
+    (instance, incarnation): (u32, Option<&str>),
+    worker: u32,
+) -> Result<String> {
+    let path = layout::worker(module, instance, worker);
+    let r = Layout::new(meta)
+        .read::<WorkerRegistration>(&path)
         .map_err(|e| Error::Unavailable(format!("looking up worker {worker} of {module}: {e}")))?
+        .map(|(r, _)| r)
         .ok_or_else(|| Error::Unavailable(format!("worker {worker} of module {module} is not registered")))?;
-    let j: serde_json::Value = serde_json::from_slice(&data)
-        .map_err(|e| Error::Unavailable(format!("worker {worker} of {module} registered bad data: {e}")))?;
-    if let Some(ours) = instance {
-        if j["instance"].as_str() != Some(ours) {
+    if let Some(ours) = incarnation {
+        if r.incarnation.as_deref() != Some(ours) {
             return Err(Error::Unavailable(format!(
-                "worker {worker} of module {module} is registered by another instance ({}) than this one ({ours})",
-                j["instance"].as_str().unwrap_or("none")
+                "worker {worker} of module {module} is registered by another incarnation ({}) than this one ({ours})",
+                r.incarnation.as_deref().unwrap_or("none")
             )));
         }
     }
-    j["address"]
-        .as_str()
-        .map(str::to_string)
-        .ok_or_else(|| Error::Unavailable(format!("worker {worker} of {module} registered no address")))
+    Ok(r.address)
 }
 
 /// Finds the address of a worker by its index.
@@ -72,13 +73,21 @@ impl std::fmt::Debug for NetPeers {
 }
 
 impl NetPeers {
-    /// Peers found through their registrations in `meta`.
-    pub fn new(module: &str, meta: ZkMetastore, secret: Secret, instance: Option<String>) -> NetPeers {
+    /// Peers found through their registrations in `meta` (of instance
+    /// `instance`, and of `incarnation` when given).
+    pub fn new(
+        module: &str,
+        meta: ZkMetastore,
+        secret: Secret,
+        instance: u32,
+        incarnation: Option<String>,
+    ) -> NetPeers {
         let (meta, name) = (Mutex::new(meta), module.to_string());
         Self::with_resolver(
             module,
             Box::new(move |worker| {
-                worker_address(&meta.lock().expect("metastore"), &name, worker, instance.as_deref())
+                let meta = meta.lock().expect("metastore");
+                worker_address(&*meta, &name, (instance, incarnation.as_deref()), worker)
             }),
             secret,
         )

@@ -150,13 +150,24 @@ enum To {
     Task(u32),
 }
 
+/// Where a new client starts its round-robin: differs between processes
+/// and clients (from the clock and the process id), so many short-lived
+/// CLI processes do not all send to worker 0.
+fn round_robin_start() -> usize {
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.subsec_nanos() as u64 ^ d.as_secs());
+    let mixed = engine::hash::hash64(&[nanos.to_le_bytes(), u64::from(std::process::id()).to_le_bytes()].concat());
+    mixed as usize
+}
+
 impl Targets {
     pub(crate) fn new(workers: Vec<RemoteCluster>, placement: Option<Placement>, resolve: Option<Resolve>) -> Targets {
         Targets {
             current: Arc::new(RwLock::new(Arc::new(Resolved { workers, placement }))),
             resolve,
             renewing: Arc::new(Mutex::new(None)),
-            next: Arc::new(AtomicUsize::new(0)),
+            next: Arc::new(AtomicUsize::new(round_robin_start())),
         }
     }
 

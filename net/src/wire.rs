@@ -7,7 +7,7 @@
 //! {op: "read", module, depot, task, start, end, bytesMax} -> {records: [[offset, record], ...]}
 //! {op: "select", module, pstate, path, task (optional)}   -> {values: [...]}
 //! {op: "invoke", module, query, args}                     -> {result: value}
-//! errors: {error: message, kind: "schema"|"topology"|"closed"|"limit"|"other"}
+//! errors: {error: message, kind: name, code: the stable `ErrorCode` number}
 //! ```
 //! A path is a list of steps: `[key, v]`, `[range, lower, upper, reverse,
 //! limit]` (a bound is `[in|ex, v]` or `[un]`; limit -1 for none), `[all]`,
@@ -20,7 +20,7 @@ use std::pin::Pin;
 use engine::cluster::{AckLevel, AppendResult, InProcessCluster};
 pub use engine::pstate::path::{path_from_value, path_to_value};
 use engine::value::{archived, Value};
-use engine::{Error, Result};
+use engine::{Error, ErrorCode, Result};
 
 fn bad(why: impl std::fmt::Display) -> Error {
     Error::Schema(why.to_string())
@@ -67,14 +67,17 @@ pub fn append_request(module: &str, depot: &str, record: &Value, ack: AckLevel) 
 }
 
 fn error_answer(e: &Error) -> Value {
-    let kind = match e {
-        Error::Schema(_) => "schema",
-        Error::Topology(_) => "topology",
-        Error::Closed(_) | Error::Unavailable(_) => "closed",
-        Error::LimitExceeded { .. } => "limit",
-        _ => "other",
+    // A worker that could not reach another is, to the client, a closed
+    // path: it finds the workers again and resends reads.
+    let code = match e.code() {
+        ErrorCode::Unavailable => ErrorCode::Closed,
+        code => code,
     };
-    Value::map([("error", Value::from(e.to_string())), ("kind", Value::from(kind))])
+    Value::map([
+        ("error", Value::from(e.to_string())),
+        ("kind", Value::from(code.name())),
+        ("code", Value::Int(i64::from(code as u16))),
+    ])
 }
 
 /// Serves one request against the modules of `cluster` (blocking).
@@ -269,11 +272,15 @@ pub fn response(bytes: &[u8]) -> Result<BTreeMap<Value, Value>> {
     };
     if let Some(msg) = m.get(&Value::from("error")) {
         let msg = msg.as_str().unwrap_or("unknown error").to_string();
-        return Err(match m.get(&Value::from("kind")).and_then(Value::as_str) {
-            Some("schema") => Error::Schema(msg),
-            Some("closed") => Error::Closed(msg),
-            _ => Error::Topology(msg),
-        });
+        let code = match (
+            m.get(&Value::from("code")),
+            m.get(&Value::from("kind")).and_then(Value::as_str),
+        ) {
+            (Some(Value::Int(n)), _) => ErrorCode::from_u16(u16::try_from(*n).unwrap_or(0)),
+            (_, Some(kind)) => ErrorCode::from_name(kind),
+            _ => ErrorCode::Other,
+        };
+        return Err(Error::from_code(code, msg));
     }
     Ok(m)
 }

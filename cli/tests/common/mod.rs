@@ -121,11 +121,18 @@ impl Node {
             net::auth::Secret::create(&secret, false).unwrap();
         }
         std::fs::copy(&secret, dir.join("cluster.secret")).unwrap();
+        // Tests stay on loopback: supervisor.host defaults to the
+        // machine's host name, which may name another address.
+        let host = if extra.contains("supervisor.host") {
+            ""
+        } else {
+            "supervisor.host: \"127.0.0.1\"\n"
+        };
         std::fs::write(
             dir.join("rama.yaml"),
             format!(
                 "zookeeper.servers: [\"127.0.0.1\"]\nzookeeper.port: {zk}\nconductor.host: \"127.0.0.1\"\n\
-                 conductor.port: {conductor}\nlocal.dir: data\n{extra}"
+                 conductor.port: {conductor}\nlocal.dir: data\n{host}{extra}"
             ),
         )
         .unwrap();

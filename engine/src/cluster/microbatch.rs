@@ -112,10 +112,11 @@ fn corrupt(th: &TaskThread, what: &str) -> Error {
     }
 }
 
-fn ranges_value(id: u64, ranges: &[(usize, u32, u64, u64)]) -> Value {
+/// Stored ranges name depots by their stable ids (never by position).
+fn ranges_value(rt: &ModuleRuntime, id: u64, ranges: &[(usize, u32, u64, u64)]) -> Value {
     let mut flat = vec![Value::Int(id as i64)];
     for &(d, t, s, e) in ranges {
-        flat.extend([d as i64, t as i64, s as i64, e as i64].map(Value::Int));
+        flat.extend([i64::from(rt.depot_ids[d]), t as i64, s as i64, e as i64].map(Value::Int));
     }
     Value::List(flat)
 }
@@ -135,8 +136,14 @@ fn load_ranges(th: &TaskThread, key: &[u8]) -> Result<Option<(u64, Ranges)>> {
     let (id, rest) = ints.split_first().ok_or_else(|| corrupt(th, "empty"))?;
     let ranges = rest
         .chunks_exact(4)
-        .map(|c| (c[0] as usize, c[1] as u32, c[2] as u64, c[3] as u64))
-        .collect();
+        .map(|c| {
+            let depot = u16::try_from(c[0])
+                .ok()
+                .and_then(|d| th.rt.depot_of_id(d))
+                .ok_or_else(|| corrupt(th, &format!("names depot id {}, which the module does not have", c[0])))?;
+            Ok((depot, c[1] as u32, c[2] as u64, c[3] as u64))
+        })
+        .collect::<Result<_>>()?;
     Ok(Some((*id as u64, ranges)))
 }
 
@@ -192,7 +199,7 @@ async fn coordinate_inner(th: &Rc<TaskThread>, topology: usize) -> Result<()> {
                     continue;
                 }
                 let mut batch = WriteBatch::new();
-                batch.put(&plan_key, archived::to_bytes(&ranges_value(id, &ranges)));
+                batch.put(&plan_key, archived::to_bytes(&ranges_value(&rt, id, &ranges)));
                 th.store.write(batch).await?;
                 ranges
             }
@@ -211,7 +218,7 @@ async fn coordinate_inner(th: &Rc<TaskThread>, topology: usize) -> Result<()> {
                     .map(|&(d, t, s, e)| (d, t, s, s + (e - s).div_ceil(2)))
                     .collect();
                 let mut batch = WriteBatch::new();
-                batch.put(&plan_key, archived::to_bytes(&ranges_value(id, &smaller)));
+                batch.put(&plan_key, archived::to_bytes(&ranges_value(&rt, id, &smaller)));
                 th.store.write(batch).await?;
                 plan = Some(smaller);
                 continue;
@@ -228,7 +235,7 @@ async fn coordinate_inner(th: &Rc<TaskThread>, topology: usize) -> Result<()> {
         }
         let all: Ranges = next_ends.iter().map(|(&(d, t), &e)| (d, t, e, e)).collect();
         let mut batch = WriteBatch::new();
-        batch.put(&decided_key, archived::to_bytes(&ranges_value(id, &all)));
+        batch.put(&decided_key, archived::to_bytes(&ranges_value(&rt, id, &all)));
         batch.delete(&plan_key);
         th.store.write(batch).await?;
         // Apply everywhere while no client read runs.

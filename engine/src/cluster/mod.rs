@@ -23,6 +23,7 @@
 //! placement gives it, and reaches the others through bridges (see
 //! [`peer`]).
 
+pub mod catalog;
 mod messages;
 mod microbatch;
 pub mod peer;
@@ -244,6 +245,42 @@ pub struct FaultPoint<'a> {
 pub type FaultHook = Arc<dyn Fn(&FaultPoint<'_>) -> bool + Send + Sync>;
 
 /// One launched module, shared by its clients and task threads.
+/// The directory of task group (task thread) `thread` of a module: its
+/// catalog, its PState store (`pstates/`) and its depot partitions
+/// (`depot-<id>/task-<t>/`) live there together, so the task group's
+/// files can be moved or taken over as one.
+pub(crate) fn task_group_dir(module_dir: &Path, thread: u32) -> PathBuf {
+    module_dir.join(format!("tg-{thread}"))
+}
+
+/// Opens (or starts) the catalog of `def` in the directories of the task
+/// groups this process runs: the stable ids of its depots and PStates, by
+/// position. Data in the layout of an earlier release (per-thread stores
+/// `thread-N`, partitions by depot name) is refused rather than ignored.
+fn open_catalog(def: &ModuleDef, module_dir: &Path, local_threads: &[u32]) -> Result<(Vec<u16>, Vec<u16>)> {
+    for &t in local_threads {
+        let old = module_dir.join(format!("thread-{t}"));
+        if old.exists() {
+            return Err(Error::Corrupt {
+                path: old,
+                offset: 0,
+                position: 0,
+                reason: "data in the layout of an earlier release (before task-group directories and the \
+                         catalog); this release does not read it: move it away to start empty"
+                    .into(),
+            });
+        }
+    }
+    let dirs: Vec<PathBuf> = local_threads.iter().map(|&t| task_group_dir(module_dir, t)).collect();
+    let depots: Vec<&str> = def.depots.iter().map(|d| d.name.as_str()).collect();
+    let pstates: Vec<&str> = def.pstates.iter().map(|p| p.name.as_str()).collect();
+    let c = catalog::open(&def.name, &dirs, &depots, &pstates)?;
+    Ok((
+        depots.iter().map(|d| c.depots[*d]).collect(),
+        pstates.iter().map(|p| c.pstates[*p]).collect(),
+    ))
+}
+
 pub(crate) struct ModuleRuntime {
     def: ModuleDef,
     placement: Placement,
@@ -275,6 +312,10 @@ pub(crate) struct ModuleRuntime {
     /// lease that ends after the matching open does nothing.
     peer_gate: Mutex<Option<u64>>,
     peer_gate_seq: AtomicU64,
+    /// Stable ids of the depots and PStates, by their position in `def`
+    /// (from the catalog): what stored data names them by.
+    depot_ids: Vec<u16>,
+    pstate_ids: Vec<u16>,
 }
 
 impl std::fmt::Debug for ModuleRuntime {
@@ -287,6 +328,12 @@ impl std::fmt::Debug for ModuleRuntime {
 }
 
 impl ModuleRuntime {
+    /// The position in the definition of the depot with stable id `id`
+    /// (`None`: the module no longer has it).
+    fn depot_of_id(&self, id: u16) -> Option<usize> {
+        self.depot_ids.iter().position(|&d| d == id)
+    }
+
     fn is_local(&self, thread: usize) -> bool {
         self.placement.worker_of_thread[thread] == self.worker
     }
@@ -600,6 +647,7 @@ impl InProcessCluster {
             .filter(|&t| placement.worker_of_thread[placement.thread_of_task[t as usize] as usize] == worker)
             .collect();
         let module_dir = self.dir.join(&def.name);
+        let (depot_ids, pstate_ids) = open_catalog(&def, &module_dir, &local_threads)?;
         let levels = def
             .topologies
             .iter()
@@ -643,6 +691,8 @@ impl InProcessCluster {
             bridges_stop: Arc::new(AtomicBool::new(false)),
             peer_gate: Mutex::new(None),
             peer_gate_seq: AtomicU64::new(0),
+            depot_ids,
+            pstate_ids,
         });
         let mut handles = Vec::new();
         let local_count = local_threads.len();

@@ -239,26 +239,29 @@ impl TaskThread {
     }
 }
 
-/// Opens the thread's storage under `dir`.
+/// The directory of depot partition `task` of the depot with stable id
+/// `depot` inside a task group's directory.
+fn partition_dir(tg: &Path, depot: u16, task: u32) -> std::path::PathBuf {
+    tg.join(format!("depot-{depot}")).join(format!("task-{task}"))
+}
+
+/// Opens the thread's storage in its task group's directory under the
+/// module's directory `dir`.
 pub(crate) async fn open(rt: Arc<ModuleRuntime>, thread: u32, dir: &Path) -> Result<Rc<TaskThread>> {
     let tasks = rt.placement.tasks_of_thread(thread);
     let def = &rt.def;
-    let (store, _) = Store::open(dir.join(format!("thread-{thread}")), LsmConfig::default()).await?;
+    let tg = super::task_group_dir(dir, thread);
+    let (store, _) = Store::open(tg.join("pstates"), LsmConfig::default()).await?;
     let mut logs = Vec::new();
     let mut appended = Vec::new();
-    for depot in &def.depots {
+    for (d, depot) in def.depots.iter().enumerate() {
         let mut per_task = Vec::new();
         for &task in &tasks {
             if depot.global && task != 0 {
                 per_task.push(None);
                 continue;
             }
-            let name = depot.name.trim_start_matches('*');
-            let (log, _) = Log::open(
-                dir.join(format!("task-{task}")).join(format!("depot-{name}")),
-                LogConfig::default(),
-            )
-            .await?;
+            let (log, _) = Log::open(partition_dir(&tg, rt.depot_ids[d], task), LogConfig::default()).await?;
             per_task.push(Some(log));
         }
         appended.push(
@@ -273,14 +276,14 @@ pub(crate) async fn open(rt: Arc<ModuleRuntime>, thread: u32, dir: &Path) -> Res
         );
         logs.push(per_task);
     }
-    check_stream_offsets(&rt, &store, &tasks, &logs, dir)?;
+    check_stream_offsets(&rt, &store, &tasks, &logs, &tg)?;
     let mut pstates = Vec::new();
     for &t in &tasks {
         let per_task = def
             .pstates
             .iter()
             .enumerate()
-            .map(|(id, p)| PState::new(p.name.clone(), t, id as u16, p.schema.clone()))
+            .map(|(i, p)| PState::new(p.name.clone(), t, rt.pstate_ids[i], p.schema.clone()))
             .collect::<Result<Vec<_>>>()?;
         pstates.push(per_task);
     }
@@ -326,20 +329,21 @@ fn check_stream_offsets(
         for &d in &topology.sources {
             for (i, &task) in tasks.iter().enumerate() {
                 let Some(log) = &logs[d][i] else { continue };
-                let Some(committed) = read_offset(store, &offset_key(task, &topology.name, d), &topology.name)? else {
+                let key = offset_key(task, &topology.name, rt.depot_ids[d]);
+                let Some(committed) = read_offset(store, &key, &topology.name)? else {
                     continue;
                 };
                 if committed > log.end_offset() {
-                    let depot = rt.def.depots[d].name.trim_start_matches('*');
                     return Err(Error::Corrupt {
-                        path: dir.join(format!("task-{task}")).join(format!("depot-{depot}")),
+                        path: partition_dir(dir, rt.depot_ids[d], task),
                         offset: log.end_offset(),
                         position: 0,
                         reason: format!(
-                            "stream topology {} processed this partition up to offset {committed}, past the \
-                             log's end {}: records are missing from the log; restore the depot's files from a \
-                             replica or a backup",
+                            "stream topology {} processed partition {task} of depot {} up to offset {committed}, \
+                             past the log's end {}: records are missing from the log; restore the depot's files \
+                             from a replica or a backup",
                             topology.name,
+                            rt.def.depots[d].name,
                             log.end_offset()
                         ),
                     });
@@ -1038,10 +1042,11 @@ fn topology_append(
     }
 }
 
-/// The key under which a stream consumer keeps its committed offset.
-fn offset_key(task: u32, topology: &str, depot: usize) -> Vec<u8> {
+/// The key under which a stream consumer keeps its committed offset
+/// (`depot`: the depot's stable id).
+fn offset_key(task: u32, topology: &str, depot: u16) -> Vec<u8> {
     let mut k = super::meta_key(task, b'o', topology);
-    k.extend_from_slice(&(depot as u16).to_be_bytes());
+    k.extend_from_slice(&depot.to_be_bytes());
     k
 }
 
@@ -1084,7 +1089,7 @@ async fn consume_inner(th: &Rc<TaskThread>, topology: usize, depot: usize, task:
     let name = &rt.def.topologies[topology].name;
     let log = th.log(depot, task)?;
     let appended = th.appended(depot, task)?;
-    let key = offset_key(task, name, depot);
+    let key = offset_key(task, name, rt.depot_ids[depot]);
     let mut offset = read_offset(&th.store, &key, name)?.unwrap_or(0);
     offset = offset.max(log.start_offset());
     let mut pauses = 0u32;
