@@ -66,8 +66,6 @@ struct Shape {
 
 struct Conductor {
     meta: ZkMetastore,
-    /// The Conductor's log: every operation and state change.
-    log: crate::log::Log,
     artifacts: PathBuf,
     uploads_dir: PathBuf,
     uploads: Mutex<HashMap<i64, Upload>>,
@@ -86,6 +84,35 @@ struct Conductor {
 
 fn layout_err(e: LayoutError) -> String {
     e.to_string()
+}
+
+/// Whether `r` changes anything, and what it is, for the log.
+fn summary(r: &AdminRequest) -> (bool, String) {
+    let shape = |d: &DeployArgs| {
+        let artifact = if d.artifact.is_empty() {
+            String::new()
+        } else {
+            format!(", artifact {}", d.artifact)
+        };
+        format!(
+            "module {} ({} tasks, {} threads, {} workers, replication {}{artifact})",
+            d.module, d.tasks, d.threads, d.workers, d.replication_factor
+        )
+    };
+    match r {
+        AdminRequest::UploadStart { size } => (true, format!("upload of {size} bytes")),
+        AdminRequest::UploadChunk { upload, offset, data } => {
+            (false, format!("upload {upload}: {} bytes at {offset}", data.len()))
+        }
+        AdminRequest::UploadFinish { upload } => (true, format!("upload {upload} finished")),
+        AdminRequest::Download { artifact, offset } => (false, format!("download of {artifact} at {offset}")),
+        AdminRequest::DeployCheck(d) => (true, format!("deploy check of {}", shape(d))),
+        AdminRequest::Deploy(d) => (true, format!("deploy of {}", shape(d))),
+        AdminRequest::Status { module } => (false, format!("status of {module}")),
+        AdminRequest::TaskGroups { module, instance } => (false, format!("task groups of {module} {instance:?}")),
+        AdminRequest::Workers { module, append } => (false, format!("workers of {module} (append: {append})")),
+        AdminRequest::Destroy { module } => (true, format!("destroy of {module}")),
+    }
 }
 
 /// Workers of `module` already assigned to Supervisor `s`.
@@ -107,9 +134,26 @@ impl Conductor {
     }
 
     fn handle(&self, request: &[u8]) -> Vec<u8> {
-        let answer = AdminRequest::decode(request)
-            .and_then(|r| self.dispatch(r))
-            .unwrap_or_else(|e| Value::map([("error", Value::from(e))]));
+        let answer = match AdminRequest::decode(request) {
+            Ok(r) => {
+                // Every operation is logged: those that change something
+                // at info, reads at debug; a refusal says why.
+                let (changes, what) = summary(&r);
+                let result = self.dispatch(r);
+                match (&result, changes) {
+                    (Ok(_), true) => tracing::info!("{what}: done"),
+                    (Err(e), true) => tracing::warn!("{what}: refused: {e}"),
+                    (Ok(_), false) => tracing::debug!("{what}"),
+                    (Err(e), false) => tracing::debug!("{what}: {e}"),
+                }
+                result
+            }
+            Err(e) => {
+                tracing::warn!("a request that does not decode: {e}");
+                Err(e)
+            }
+        }
+        .unwrap_or_else(|e| Value::map([("error", Value::from(e))]));
         archived::to_bytes(&answer)
     }
 
@@ -251,7 +295,7 @@ impl Conductor {
                     return Err(format!("no module named {module} is deployed"));
                 }
                 self.retire(module)?;
-                self.log.line(&format!("conductor: destroying module {module}"));
+                tracing::info!("destroying module {module}");
                 Ok(Value::map([("state", Value::from("destroying"))]))
             }
         }
@@ -301,6 +345,21 @@ impl Conductor {
             }
             None => control::worker_config::WorkerConfig::default(),
         };
+        // The engine's limits among the worker options, checked by the
+        // engine's own rules now rather than at the worker's start.
+        let mut engine_config = engine::cluster::ModuleConfig::default();
+        for pair in overrides.opts.chunks(2) {
+            if let [flag, value] = pair {
+                if engine::cluster::config::OPTIONS.iter().any(|(o, _)| o == flag) {
+                    engine_config
+                        .set_option(flag, value)
+                        .map_err(|e| format!("worker.child.opts: {e}"))?;
+                }
+            }
+        }
+        engine_config
+            .validate()
+            .map_err(|e| format!("worker.child.opts: {e}"))?;
         if rf != 1 {
             return Err(format!(
                 "--replicationFactor {rf}: replication is not implemented yet; only 1 is accepted"
@@ -436,10 +495,10 @@ impl Conductor {
             let _ = l.forget_module(module);
             return Err(e);
         }
-        self.log.line(&format!(
-            "conductor: launching module {module} instance 0 ({tasks} tasks, {threads} threads, {workers} workers, \
+        tracing::info!(
+            "launching module {module} instance 0 ({tasks} tasks, {threads} threads, {workers} workers, \
              artifact {artifact})"
-        ));
+        );
         self.launching
             .lock()
             .expect("launching")
@@ -653,9 +712,7 @@ impl Conductor {
                 if ist == Some(InstanceState::Launching) && registered >= spec.workers as usize {
                     l.set_instance_state(&module, n, InstanceState::Running)
                         .map_err(layout_err)?;
-                    self.log.line(&format!(
-                        "conductor: module {module} instance {n} is running (every worker registered)"
-                    ));
+                    tracing::info!("module {module} instance {n} is running (every worker registered)");
                 }
                 let running = ist == Some(InstanceState::Running) || registered >= spec.workers as usize;
                 if targets.is_some_and(|t| t.read == n) && running {
@@ -665,7 +722,7 @@ impl Conductor {
             match st {
                 ModuleState::Launching if target_running => {
                     l.set_module_state(&module, ModuleState::Running).map_err(layout_err)?;
-                    self.log.line(&format!("conductor: module {module} is running"));
+                    tracing::info!("module {module} is running");
                     self.launching.lock().expect("launching").remove(&module);
                 }
                 ModuleState::Launching => {
@@ -676,9 +733,7 @@ impl Conductor {
                         .entry(module.clone())
                         .or_insert_with(Instant::now);
                     if started.elapsed() > LAUNCH_TIMEOUT {
-                        self.log.line(&format!(
-                            "conductor: {module} did not start within {LAUNCH_TIMEOUT:?}; rolling back"
-                        ));
+                        tracing::warn!("{module} did not start within {LAUNCH_TIMEOUT:?}; rolling back");
                         self.retire(&module)?;
                     }
                 }
@@ -691,9 +746,7 @@ impl Conductor {
                         .map(|s| s.artifact)
                         .collect();
                     l.forget_module(&module).map_err(layout_err)?;
-                    self.log.line(&format!(
-                        "conductor: module {module} is destroyed (no worker of it remains)"
-                    ));
+                    tracing::info!("module {module} is destroyed (no worker of it remains)");
                     self.launching.lock().expect("launching").remove(&module);
                     for a in artifacts {
                         self.remove_artifact_if_unused(&a);
@@ -771,6 +824,8 @@ pub fn run(config: &Config, stop: &AtomicBool) -> Result<(), String> {
         .count("conductor.artifact.max.bytes")
         .map_err(|e| e.to_string())?;
     let secret = net::manager::load_secret(config).map_err(|e| e.to_string())?;
+    let logging = control::logging::Logging::beside(config).map_err(|e| e.to_string())?;
+    control::logging::install(&logging, "conductor", "conductor")?;
     let meta = connect_metastore(config, Side::Internal).map_err(|e| e.to_string())?;
     let host = match config.get("conductor.host") {
         Some(_) => config
@@ -780,10 +835,8 @@ pub fn run(config: &Config, stop: &AtomicBool) -> Result<(), String> {
         None => "127.0.0.1".into(),
     };
     let port = config.port("conductor.port").map_err(|e| e.to_string())?;
-    let logging = control::logging::Logging::beside(config).map_err(|e| e.to_string())?;
     let conductor = Arc::new(Conductor {
         meta,
-        log: crate::log::Log::open(&logging, "conductor")?,
         artifacts,
         uploads_dir,
         uploads: Mutex::new(HashMap::new()),
@@ -811,8 +864,7 @@ pub fn run(config: &Config, stop: &AtomicBool) -> Result<(), String> {
         .map_err(|e| format!("the admin API cannot listen on {host}:{port} (conductor.port): {e}"))?
     };
     let address = server.local_addr().to_string();
-    let log = &conductor.log;
-    log.line(&format!("conductor: admin API on {address}"));
+    tracing::info!("admin API on {address}");
     while !stop.load(Ordering::SeqCst) {
         // Liveness: the /conductor node, made again after a session loss.
         if conductor.meta.get(layout::CONDUCTOR).ok().flatten().is_none() {
@@ -821,12 +873,12 @@ pub fn run(config: &Config, stop: &AtomicBool) -> Result<(), String> {
                 .create(layout::CONDUCTOR, address.as_bytes(), NodeKind::Ephemeral);
         }
         if let Err(e) = conductor.progress() {
-            log.line(&format!("conductor: {e}"));
+            tracing::warn!("{e}");
         }
         std::thread::sleep(Duration::from_millis(300));
     }
     drop(server);
-    log.line("conductor: stopped");
+    tracing::info!("stopped");
     Ok(())
 }
 
@@ -872,4 +924,20 @@ pub fn upload(admin: &admin::Admin, jar: &Path) -> Result<String, String> {
     }
     let done = admin.call(&admin::request("uploadFinish", [("upload", Value::Int(id))]))?;
     Ok(text(&done, "artifact")?.to_string())
+}
+
+#[cfg(test)]
+mod tests {
+    /// The worker options control accepts for the engine are exactly the
+    /// engine's (control cannot depend on the engine, so this ties them).
+    #[test]
+    fn worker_options_agree_with_the_engine() {
+        let engine: Vec<&str> = engine::cluster::config::OPTIONS.iter().map(|(f, _)| *f).collect();
+        let control: Vec<&str> = control::worker_config::WORKER_OPTIONS
+            .iter()
+            .map(|(f, _)| *f)
+            .filter(|f| !matches!(*f, "--pin" | "--spinBeforeParkMicros"))
+            .collect();
+        assert_eq!(engine, control);
+    }
 }

@@ -13,7 +13,6 @@ use std::time::Duration;
 mod admin;
 mod conductor;
 mod dev;
-mod log;
 mod supervisor;
 
 use clap::{Parser, Subcommand};

@@ -121,7 +121,6 @@ fn is_worker(pid: u32, path: &str) -> bool {
 }
 
 struct Supervisor {
-    log: crate::log::Log,
     config: Config,
     meta: ZkMetastore,
     id: String,
@@ -284,11 +283,7 @@ impl Supervisor {
             child.id().to_string(),
         )
         .map_err(|e| e.to_string())?;
-        self.log.line(&format!(
-            "supervisor {}: started worker {a} (pid {}) on port {port}",
-            self.id,
-            child.id()
-        ));
+        tracing::info!("started worker {a} (pid {}) on port {port}", child.id());
         self.workers.insert(a.to_string(), Proc::Child(child));
         Ok(())
     }
@@ -336,15 +331,10 @@ impl Supervisor {
                 };
                 if !keep.contains(&(module.clone(), n)) {
                     match std::fs::remove_dir_all(i.path()) {
-                        Ok(()) => self.log.line(&format!(
-                            "supervisor {}: removed the data of module {module} instance {n} (no longer assigned here)",
-                            self.id
-                        )),
-                        Err(e) => self.log.line(&format!(
-                            "supervisor {}: cannot remove {}: {e}",
-                            self.id,
-                            i.path().display()
-                        )),
+                        Ok(()) => {
+                            tracing::info!("removed the data of module {module} instance {n} (no longer assigned here)")
+                        }
+                        Err(e) => tracing::warn!("cannot remove {}: {e}", i.path().display()),
                     }
                 }
             }
@@ -363,8 +353,7 @@ impl Supervisor {
                 .ok()
                 .and_then(|p| p.trim().parse::<u32>().ok());
             if let Some(pid) = pid.filter(|p| is_worker(*p, &layout::assignment(&self.id, a))) {
-                self.log
-                    .line(&format!("supervisor {}: adopted worker {a} (pid {pid})", self.id));
+                tracing::info!("adopted worker {a} (pid {pid})");
                 self.workers.insert(a.to_string(), Proc::Adopted(pid));
             }
         }
@@ -384,13 +373,12 @@ impl Supervisor {
                     .remove(a)
                     .is_some_and(|t| t.elapsed() >= RESTART_HEALTHY_RUN);
                 let wait = self.back_off(a, healthy);
-                self.log.line(&format!(
-                    "supervisor {}: worker {a} (pid {}) exited{}; starting it again in {:.0} s (see logs/worker-{a}.log)",
-                    self.id,
+                tracing::warn!(
+                    "worker {a} (pid {}) exited{}; starting it again in {:.0} s (see logs/worker-{a}.log)",
                     p.pid(),
                     p.exit_code().map_or(String::new(), |c| format!(" with code {c}")),
                     wait.as_secs_f64()
-                ));
+                );
             }
             if self
                 .restarts
@@ -404,11 +392,10 @@ impl Supervisor {
                 Ok(None) => continue,
                 Err(e) => {
                     let wait = self.back_off(a, false);
-                    self.log.line(&format!(
-                        "supervisor {}: cannot read assignment {a}: {e}; trying again in {:.0} s",
-                        self.id,
+                    tracing::warn!(
+                        "cannot read assignment {a}: {e}; trying again in {:.0} s",
                         wait.as_secs_f64()
-                    ));
+                    );
                     continue;
                 }
             };
@@ -418,11 +405,10 @@ impl Supervisor {
                 }
                 Err(e) => {
                     let wait = self.back_off(a, false);
-                    self.log.line(&format!(
-                        "supervisor {}: cannot start worker {a}: {e}; trying again in {:.0} s",
-                        self.id,
+                    tracing::warn!(
+                        "cannot start worker {a}: {e}; trying again in {:.0} s",
                         wait.as_secs_f64()
-                    ));
+                    );
                 }
             }
         }
@@ -434,7 +420,7 @@ impl Supervisor {
             let mut p = self.workers.remove(&a).expect("listed");
             p.stop();
             let _ = std::fs::remove_file(self.dir.join("workers").join(format!("{a}.pid")));
-            self.log.line(&format!("supervisor {}: stopped worker {a}", self.id));
+            tracing::info!("stopped worker {a}");
         }
         self.remove_unassigned_data(&assigned);
         Ok(())
@@ -453,11 +439,10 @@ pub fn run(config: &Config, stop: &AtomicBool) -> Result<(), String> {
     let id = supervisor_id(&dir)?;
     let host = config.supervisor_host().map_err(|e| e.to_string())?;
     let ports = config.port_range().map_err(|e| e.to_string())?;
+    control::logging::install(&logging, &format!("supervisor-{id}"), &format!("supervisor {id}"))?;
     let meta = connect_metastore(config, Side::Internal).map_err(|e| e.to_string())?;
-    let log = crate::log::Log::open(&logging, &format!("supervisor-{id}"))?;
     let secret = net::manager::load_secret(config).map_err(|e| e.to_string())?;
     let mut s = Supervisor {
-        log,
         config: config.clone(),
         meta,
         id,
@@ -472,18 +457,14 @@ pub fn run(config: &Config, stop: &AtomicBool) -> Result<(), String> {
     };
     s.adopt();
     s.register();
-    s.log.line(&format!(
-        "supervisor {} on {} (ports {}-{})",
-        s.id, s.host, s.ports.0, s.ports.1
-    ));
+    tracing::info!("on {} (ports {}-{})", s.host, s.ports.0, s.ports.1);
     while !stop.load(Ordering::SeqCst) {
         if let Err(e) = s.round() {
-            s.log.line(&format!("supervisor {}: {e}", s.id));
+            tracing::warn!("{e}");
         }
         std::thread::sleep(Duration::from_millis(300));
     }
-    s.log
-        .line(&format!("supervisor {}: stopped (its workers keep running)", s.id));
+    tracing::info!("stopped (its workers keep running)");
     Ok(())
 }
 

@@ -98,18 +98,27 @@ fn deploy_serve_survive_crashes_and_destroy() {
     let overrides = root.path().join("overrides.yaml");
     std::fs::write(
         &overrides,
-        "worker.child.opts: \"--spinBeforeParkMicros 20\"\nworker.child.env:\n  RAMA_TEST_MARK: cluster-test\n",
+        "worker.child.opts: \"--spinBeforeParkMicros 20 --recordBytesMax 65536\"\nworker.child.env:\n  \
+         RAMA_TEST_MARK: cluster-test\n",
     )
     .unwrap();
     let bad_overrides = root.path().join("bad-overrides.yaml");
     std::fs::write(&bad_overrides, "worker.child.opts: \"-Xmx8192m\"\n").unwrap();
+    let small_records = root.path().join("small-records.yaml");
+    std::fs::write(&small_records, "worker.child.opts: \"--recordBytesMax 10\"\n").unwrap();
     let (overrides, bad_overrides) = (overrides.to_str().unwrap(), bad_overrides.to_str().unwrap());
+    let small_records = small_records.to_str().unwrap();
 
     // Bad deploys: each refused with its reason, nothing left behind.
     for (args, why) in [
         (
             [shape("8", "2", "1"), vec!["--configOverrides", bad_overrides]].concat(),
             "unknown worker option -Xmx8192m",
+        ),
+        (
+            // An engine limit out of its range is refused at deploy.
+            [shape("8", "2", "1"), vec!["--configOverrides", small_records]].concat(),
+            "--recordBytesMax 10: takes a whole number from 1024",
         ),
         (shape("6", "2", "1"), "power of two"),
         (shape("8", "16", "1"), "at most tasks (8), got 16"),
@@ -249,6 +258,16 @@ fn deploy_serve_survive_crashes_and_destroy() {
         ]);
         assert!(out.status.success(), "{}", text(&out));
     }
+    // The worker configuration's engine limit reached the workers: a
+    // record above --recordBytesMax 65536 is refused by size, as a limit.
+    let big = Value::from("x".repeat(100 << 10));
+    let refused = manager
+        .depot("WordCountModule", "*sentences")
+        .unwrap()
+        .append(&big, AckLevel::Ack)
+        .unwrap_err();
+    assert_eq!(refused.code(), engine::ErrorCode::Limit, "{refused}");
+    assert!(refused.to_string().contains("record_bytes_max = 65536"), "{refused}");
     let mut expected = BTreeMap::new();
     for i in 0..total {
         for w in sentence(i).split(' ') {

@@ -18,12 +18,34 @@ use serde_json::{json, Value as Json};
 use serde_yaml::Value as Yaml;
 
 /// The worker options `worker.child.opts` may set, with what they take.
+/// The engine's limits (from `--channelCapacity` on) are the options of
+/// `engine::cluster::ModuleConfig`; their ranges are checked there, by the
+/// Conductor at deploy and by the worker at start.
 pub const WORKER_OPTIONS: &[(&str, &str)] = &[
     ("--pin", "auto, on or off: pin task threads to CPUs"),
     (
         "--spinBeforeParkMicros",
         "a number of microseconds an idle task thread spins before it sleeps",
     ),
+    ("--channelCapacity", "a number of messages per task-thread channel"),
+    (
+        "--clientInflight",
+        "a number of client requests a task thread works on at once",
+    ),
+    (
+        "--stageInflight",
+        "a number of stage batches per level a task thread works on at once",
+    ),
+    (
+        "--streamBatchBytes",
+        "a number of bytes a stream consumer reads per batch",
+    ),
+    ("--streamRetries", "a number of retries of a failed stream record"),
+    (
+        "--microbatchMaxRecords",
+        "a number of records per depot partition per microbatch",
+    ),
+    ("--recordBytesMax", "a number of bytes: the largest depot record"),
 ];
 
 /// A module's worker configurations.
@@ -51,6 +73,13 @@ fn check_opts(text: &str) -> Result<Vec<String>, String> {
         match flag {
             "--pin" if ["auto", "on", "off"].contains(&value.as_str()) => {}
             "--spinBeforeParkMicros" if value.parse::<u32>().is_ok_and(|n| n <= 1_000_000) => {}
+            "--pin" | "--spinBeforeParkMicros" => {
+                let what = WORKER_OPTIONS.iter().find(|(f, _)| *f == flag).map_or("", |(_, w)| w);
+                return Err(format!("worker.child.opts: {flag} {value}: takes {what}"));
+            }
+            // The engine's options: a whole number here, its range at the
+            // engine.
+            _ if value.parse::<u64>().is_ok() => {}
             _ => {
                 let what = WORKER_OPTIONS.iter().find(|(f, _)| *f == flag).map_or("", |(_, w)| w);
                 return Err(format!("worker.child.opts: {flag} {value}: takes {what}"));

@@ -67,7 +67,10 @@ macro_rules! module_main {
 const USAGE: &str = "usage: ARTIFACT describe | version | run --module NAME --dir DIR [--tasks N] [--threads N] \
                      | worker --module NAME --dir DIR [--tasks N] [--threads N] [--host H] [--port P] \
                      [--register RAMA_YAML --id I --workers W] [--secretFile F] \
-                     [--instance N] [--incarnation T --assignment PATH]\n\
+                     [--instance N] [--incarnation T --assignment PATH] \
+                     [--pin auto|on|off] [--spinBeforeParkMicros N] [engine limits: --channelCapacity N \
+                     --clientInflight N --stageInflight N --streamBatchBytes N --streamRetries N \
+                     --microbatchMaxRecords N --recordBytesMax N]\n\
                      A worker serves only clients that prove they hold the cluster secret: the file \
                      --secretFile names, else cluster.secret.file of the --register configuration.";
 
@@ -129,6 +132,7 @@ fn run_command(modules: &[fn() -> Result<ModuleDef>], args: &[String]) -> std::r
             let mut assignment = None;
             let (mut log_bytes, mut log_keep) = (10u64 << 20, 3u32);
             let mut threading = engine::cluster::ThreadOptions::default();
+            let mut engine_config = engine::cluster::ModuleConfig::default();
             let mut it = args[1..].iter();
             while let Some(flag) = it.next() {
                 let value = it
@@ -174,6 +178,9 @@ fn run_command(modules: &[fn() -> Result<ModuleDef>], args: &[String]) -> std::r
                         port = u16::try_from(number()?)
                             .map_err(|_| Failure::Usage(format!("--port takes a port number, got {value}")))?
                     }
+                    f if engine::cluster::config::OPTIONS.iter().any(|(o, _)| *o == f) => engine_config
+                        .set_option(f, value)
+                        .map_err(|e| Failure::Usage(e.to_string()))?,
                     _ => return Err(Failure::Usage(format!("unknown flag {flag} for {cmd}"))),
                 }
             }
@@ -206,6 +213,7 @@ fn run_command(modules: &[fn() -> Result<ModuleDef>], args: &[String]) -> std::r
                         threads,
                         workers,
                         threading,
+                        engine_config,
                     },
                     (&host, port),
                     Membership {
@@ -221,7 +229,7 @@ fn run_command(modules: &[fn() -> Result<ModuleDef>], args: &[String]) -> std::r
                     },
                 )?;
             } else {
-                serve(def, &dir, tasks, threads, threading)?;
+                serve(def, &dir, (tasks, threads), threading, engine_config)?;
             }
             Ok(())
         }
@@ -298,6 +306,7 @@ struct Shape {
     threads: u32,
     workers: u32,
     threading: engine::cluster::ThreadOptions,
+    engine_config: engine::cluster::ModuleConfig,
 }
 
 fn stopping() -> bool {
@@ -331,6 +340,7 @@ fn worker(def: ModuleDef, dir: &str, shape: Shape, (host, port): (&str, u16), me
         threads,
         workers,
         threading,
+        engine_config,
     } = shape;
     // SAFETY: installs an async-signal-safe handler (it only stores to an
     // atomic).
@@ -342,9 +352,17 @@ fn worker(def: ModuleDef, dir: &str, shape: Shape, (host, port): (&str, u16), me
     crate::transport::raise_open_file_limit();
     let mut cluster = InProcessCluster::new(dir);
     cluster.set_thread_options(threading);
+    cluster.set_module_config(engine_config);
     let config = register
         .map(|(path, _)| crate::manager::load_config(Some(path), &[]))
         .transpose()?;
+    // Log lines (with times and levels) go to stdout, which the Supervisor
+    // points at the worker's log file.
+    let level = config
+        .as_ref()
+        .and_then(|c| control::logging::Logging::beside(c).ok())
+        .map_or(tracing::Level::INFO, |l| l.level);
+    control::logging::install_stdout(&format!("worker {} of {name}", register.map_or(0, |(_, id)| id)), level);
     // Fail closed: no secret, no worker.
     let secret = match (secret_file, &config) {
         (Some(path), _) => Secret::load(path).map_err(|e| Error::Schema(e.to_string()))?,
@@ -403,7 +421,7 @@ fn worker(def: ModuleDef, dir: &str, shape: Shape, (host, port): (&str, u16), me
                 crate::manager::report_failure(&meta, &name, (instance, incarnation.as_deref()), me, &e.to_string())
             });
             if let Err(r) = reported {
-                eprintln!("worker {me} of module {name}: cannot record why it does not start: {r}");
+                tracing::error!("worker {me} of module {name}: cannot record why it does not start: {r}");
             }
         }
         return Err(e);
@@ -489,10 +507,17 @@ fn worker(def: ModuleDef, dir: &str, shape: Shape, (host, port): (&str, u16), me
     }
 }
 
-fn serve(def: ModuleDef, dir: &str, tasks: u32, threads: u32, threading: engine::cluster::ThreadOptions) -> Result<()> {
+fn serve(
+    def: ModuleDef,
+    dir: &str,
+    (tasks, threads): (u32, u32),
+    threading: engine::cluster::ThreadOptions,
+    engine_config: engine::cluster::ModuleConfig,
+) -> Result<()> {
     let name = def.name.clone();
     let mut cluster = InProcessCluster::new(dir);
     cluster.set_thread_options(threading);
+    cluster.set_module_config(engine_config);
     cluster.launch(def, tasks, threads)?;
     eprintln!("module {name} running with {tasks} tasks on {threads} threads; data in {dir}");
     let stdin = std::io::stdin();

@@ -154,7 +154,7 @@ impl NetPeers {
                     let waited = started.elapsed().as_secs();
                     if waited >= said + 5 {
                         said = waited;
-                        eprintln!(
+                        tracing::info!(
                             "waiting for worker {worker} of module {} ({waited} s): {e}",
                             self.module
                         );

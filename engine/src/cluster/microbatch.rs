@@ -5,7 +5,7 @@
 //!
 //! 1. **Plan.** It asks every thread for the durable ends of the source
 //!    partitions, takes from each partition the records since the last
-//!    decided microbatch (at most [`MB_RECORDS_MAX`]), and stores the plan
+//!    decided microbatch (at most `microbatch_records_max` of the module's configuration), and stores the plan
 //!    (`n`, ranges). A retry, even after a restart, uses the same ranges.
 //! 2. **Process.** Every thread runs stage 0 over its ranges; stages write
 //!    into per-(topology, task) overlays kept in memory, never the store.
@@ -37,8 +37,6 @@ use crate::lsm::WriteBatch;
 use crate::module::TopologyKind;
 use crate::value::{archived, Value};
 
-/// Records taken from one partition per microbatch.
-pub(crate) const MB_RECORDS_MAX: u64 = 1000;
 /// Payload bytes read per log read while processing.
 const READ_BYTES: usize = 1 << 20;
 /// How long another worker holds its reads off for a commit at most (if
@@ -66,7 +64,7 @@ pub(crate) async fn coordinate(th: Rc<TaskThread>, topology: usize) {
         }
         let rt = &th.rt;
         if restarts.is_power_of_two() {
-            eprintln!(
+            tracing::warn!(
                 "microbatch topology {} of module {}: starting over from the last decided microbatch \
                  ({} times so far): {e}",
                 rt.def.topologies[topology].name,
@@ -191,7 +189,12 @@ async fn coordinate_inner(th: &Rc<TaskThread>, topology: usize) -> Result<()> {
                     .flatten()
                     .map(|(d, t, end)| {
                         let start = ends.get(&(d, t)).copied().unwrap_or(0);
-                        (d, t, start, end.min(start + MB_RECORDS_MAX).max(start))
+                        (
+                            d,
+                            t,
+                            start,
+                            end.min(start + rt.config.microbatch_records_max).max(start),
+                        )
                     })
                     .collect();
                 if ranges.iter().all(|r| r.2 == r.3) {

@@ -11,7 +11,7 @@
 //! - Stream topologies: per task and source depot partition, a consumer
 //!   processes records in batches from its committed offset; each stage
 //!   batch's PState writes commit as one atomic batch; failed records are
-//!   retried one by one ([`thread::STREAM_RETRIES`] times), then reported
+//!   retried one by one (`stream_retries` of [`ModuleConfig`], 3 by default), then reported
 //!   to `Ack` appenders as errors. At-least-once.
 //! - Microbatch topologies: see [`microbatch`]. Exactly-once, atomic across
 //!   tasks.
@@ -24,6 +24,8 @@
 //! [`peer`]).
 
 pub mod catalog;
+pub mod config;
+pub use config::ModuleConfig;
 mod messages;
 mod microbatch;
 pub mod peer;
@@ -50,7 +52,6 @@ pub fn live_task_threads() -> usize {
 use self::thread::ThreadLinks;
 use crate::error::{Error, Result};
 use crate::executor::ExecutorConfig;
-use crate::log::LogConfig;
 use crate::module::{Module, ModuleDef, Partitioner, TopologyKind};
 use crate::pstate::Nav;
 use crate::runtime::partition::task_for_key;
@@ -69,9 +70,6 @@ pub enum AckLevel {
     /// Queued; nothing is waited for.
     None,
 }
-
-/// Capacity of every channel into a task thread.
-const CHANNEL_CAPACITY: usize = 1024;
 
 /// The key of a runtime record (offsets, microbatch state) of `task`. PState
 /// id `0xFFFF` is reserved for them, so they never collide with PState data.
@@ -316,6 +314,8 @@ pub(crate) struct ModuleRuntime {
     /// (from the catalog): what stored data names them by.
     depot_ids: Vec<u16>,
     pstate_ids: Vec<u16>,
+    /// Limits and queue sizes of the module's task threads.
+    config: ModuleConfig,
 }
 
 impl std::fmt::Debug for ModuleRuntime {
@@ -541,6 +541,7 @@ pub struct ThreadOptions {
 pub struct InProcessCluster {
     dir: PathBuf,
     threads: ThreadOptions,
+    config: ModuleConfig,
     modules: Vec<(Arc<ModuleRuntime>, Vec<TaskThreadHandle>)>,
     fault: Option<FaultHook>,
 }
@@ -564,6 +565,7 @@ impl InProcessCluster {
         InProcessCluster {
             dir: dir.as_ref().to_path_buf(),
             threads: ThreadOptions::default(),
+            config: ModuleConfig::default(),
             modules: Vec::new(),
             fault: None,
         }
@@ -572,6 +574,12 @@ impl InProcessCluster {
     /// How task threads of modules launched from now on run.
     pub fn set_thread_options(&mut self, options: ThreadOptions) {
         self.threads = options;
+    }
+
+    /// Modules launched from now on run with `config` (checked at
+    /// launch).
+    pub fn set_module_config(&mut self, config: ModuleConfig) {
+        self.config = config;
     }
 
     /// Tests: modules launched from now on consult `hook` before each stage
@@ -656,7 +664,11 @@ impl InProcessCluster {
             .max()
             .unwrap_or(1)
             .saturating_sub(1);
-        let (links, inboxes): (Vec<_>, Vec<_>) = (0..threads).map(|_| thread::links(CHANNEL_CAPACITY, levels)).unzip();
+        let config = self.config.clone();
+        config.validate()?;
+        let (links, inboxes): (Vec<_>, Vec<_>) = (0..threads)
+            .map(|_| thread::links(config.channel_capacity, levels))
+            .unzip();
         let stream_consumers = (0..def.depots.len())
             .map(|d| {
                 def.topologies
@@ -693,6 +705,7 @@ impl InProcessCluster {
             peer_gate_seq: AtomicU64::new(0),
             depot_ids,
             pstate_ids,
+            config,
         });
         let mut handles = Vec::new();
         let local_count = local_threads.len();
@@ -1002,7 +1015,7 @@ impl DepotClient {
             "record",
             "record_bytes_max",
             bytes.len(),
-            LogConfig::default().record_bytes_max as usize,
+            self.rt.config.log.record_bytes_max as usize,
         )?;
         Ok((task, bytes))
     }
@@ -1278,7 +1291,7 @@ impl PStateClient {
     /// value now, then every change.
     pub fn proxy(&self, path: &[Nav]) -> Result<Proxy> {
         let task = self.route(path)?;
-        let (events_tx, events_rx) = flume::bounded(proxy::PROXY_EVENTS_MAX);
+        let (events_tx, events_rx) = flume::bounded(self.rt.config.proxy_events_max);
         self.rt.call(task, |reply| Request::Subscribe {
             pstate: self.pstate,
             task,

@@ -19,9 +19,6 @@ use crate::error::{Error, Result};
 use crate::pstate::Nav;
 use crate::value::Value;
 
-/// Events a proxy receives before its owner reads them.
-pub(crate) const PROXY_EVENTS_MAX: usize = 1024;
-
 /// A change to a proxied value.
 #[derive(Debug, Clone, PartialEq)]
 pub enum Diff {
@@ -132,7 +129,11 @@ impl Subscription {
         if self.events.is_disconnected() {
             return false;
         }
-        let free = PROXY_EVENTS_MAX.saturating_sub(self.events.len());
+        let free = self
+            .events
+            .capacity()
+            .unwrap_or(usize::MAX)
+            .saturating_sub(self.events.len());
         if self.stale {
             if free >= 2 && self.events.try_send(ProxyEvent::Resync(now.clone())).is_ok() {
                 self.stale = false;

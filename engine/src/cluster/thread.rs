@@ -21,27 +21,14 @@ use super::messages::{decode_items, encode_items, AppendResult, Completion, Cont
 use super::proxy::{as_one, ProxyEvent, Subscription};
 use super::{microbatch, AckLevel, FaultPoint, ModuleRuntime};
 use crate::error::{Error, Result};
-use crate::log::{Log, LogConfig};
-use crate::lsm::{LsmConfig, Store, WriteBatch};
+use crate::log::Log;
+use crate::lsm::{Store, WriteBatch};
 use crate::module::topology::{Mode, Outputs, StageCtx, To};
 use crate::module::{Partitioner, TopologyKind};
 use crate::pstate::{Overlay, PState, Queued, Tx};
 use crate::runtime::partition::task_for_key;
 use crate::sync::Waiters;
 use crate::value::{archived, Value};
-
-/// Client requests in flight per thread.
-const CLIENT_INFLIGHT: u64 = 1024;
-/// Stage batches in flight per level per thread.
-const STAGE_INFLIGHT: u64 = 256;
-/// Topology appends in flight per thread.
-const INTERNAL_INFLIGHT: u64 = 256;
-/// Microbatch control messages in flight per thread.
-const CONTROL_INFLIGHT: u64 = 64;
-/// Payload bytes a stream consumer reads per processing batch.
-const STREAM_BATCH_BYTES: usize = 256 << 10;
-/// Individual retries of a failed stream record.
-pub(crate) const STREAM_RETRIES: u32 = 3;
 
 /// Channels into one task thread.
 #[derive(Debug)]
@@ -251,7 +238,7 @@ pub(crate) async fn open(rt: Arc<ModuleRuntime>, thread: u32, dir: &Path) -> Res
     let tasks = rt.placement.tasks_of_thread(thread);
     let def = &rt.def;
     let tg = super::task_group_dir(dir, thread);
-    let (store, _) = Store::open(tg.join("pstates"), LsmConfig::default()).await?;
+    let (store, _) = Store::open(tg.join("pstates"), rt.config.lsm.clone()).await?;
     let mut logs = Vec::new();
     let mut appended = Vec::new();
     for (d, depot) in def.depots.iter().enumerate() {
@@ -261,7 +248,7 @@ pub(crate) async fn open(rt: Arc<ModuleRuntime>, thread: u32, dir: &Path) -> Res
                 per_task.push(None);
                 continue;
             }
-            let (log, _) = Log::open(partition_dir(&tg, rt.depot_ids[d], task), LogConfig::default()).await?;
+            let (log, _) = Log::open(partition_dir(&tg, rt.depot_ids[d], task), rt.config.log.clone()).await?;
             per_task.push(Some(log));
         }
         appended.push(
@@ -382,21 +369,21 @@ pub(crate) async fn run(th: Rc<TaskThread>, inbox: ThreadInbox) -> Result<()> {
     let mut loops = Vec::new();
     {
         let th = th.clone();
-        loops.push(serve_loop(internal, INTERNAL_INFLIGHT, move |r| {
+        loops.push(serve_loop(internal, th.rt.config.internal_inflight, move |r| {
             let th = th.clone();
             async move { handle_request(&th, r).await }
         }));
     }
     {
         let th = th.clone();
-        loops.push(serve_loop(control, CONTROL_INFLIGHT, move |c| {
+        loops.push(serve_loop(control, th.rt.config.control_inflight, move |c| {
             let th = th.clone();
             async move { microbatch::handle_control(&th, c).await }
         }));
     }
     for rx in stages {
         let th = th.clone();
-        loops.push(serve_loop(rx, STAGE_INFLIGHT, move |m: StageMsg| {
+        loops.push(serve_loop(rx, th.rt.config.stage_inflight, move |m: StageMsg| {
             let th = th.clone();
             async move {
                 let completion = match decode_items(&m.items) {
@@ -435,7 +422,7 @@ pub(crate) async fn run(th: Rc<TaskThread>, inbox: ThreadInbox) -> Result<()> {
     }
     th.workers.borrow_mut().extend(workers);
     // Client requests until shutdown.
-    let permits = Rc::new(Semaphore::new(CLIENT_INFLIGHT));
+    let permits = Rc::new(Semaphore::new(th.rt.config.client_inflight));
     while let Ok(request) = client.recv_async().await {
         if matches!(request, Request::Shutdown) {
             break;
@@ -1074,9 +1061,10 @@ async fn consume(th: Rc<TaskThread>, topology: usize, depot: usize, task: u32) {
                 unavailable_pause(&th, topology, task, &e.to_string(), &mut pauses).await
             }
             Err(e) => {
-                eprintln!(
+                tracing::error!(
                     "stream topology {} of module {} stopped on task {task}: {e}",
-                    th.rt.def.topologies[topology].name, th.rt.def.name
+                    th.rt.def.topologies[topology].name,
+                    th.rt.def.name
                 );
                 return;
             }
@@ -1108,7 +1096,7 @@ async fn consume_inner(th: &Rc<TaskThread>, topology: usize, depot: usize, task:
         if log.end_offset() <= offset {
             log.wait_durable(offset + 1).await?;
         }
-        let records = log.read(offset, u64::MAX, STREAM_BATCH_BYTES).await?;
+        let records = log.read(offset, u64::MAX, rt.config.stream_batch_bytes).await?;
         let Some(end) = records.last().map(|r| r.offset + 1) else {
             continue;
         };
@@ -1146,7 +1134,7 @@ async fn consume_inner(th: &Rc<TaskThread>, topology: usize, depot: usize, task:
             };
             let mut ok = false;
             let mut tries = 0;
-            while tries < STREAM_RETRIES {
+            while tries < rt.config.stream_retries {
                 let r = run_batch(th, Flow::Stream(topology), 0, task, Some(depot), vec![(*o, v.clone())]).await;
                 if let Some(why) = r.unavailable {
                     // Not the record's fault: wait, and do not count it.
@@ -1197,9 +1185,11 @@ async fn consume_inner(th: &Rc<TaskThread>, topology: usize, depot: usize, task:
 /// and then.
 async fn unavailable_pause(th: &TaskThread, topology: usize, task: u32, why: &str, pauses: &mut u32) {
     if pauses.is_power_of_two() && *pauses >= 8 {
-        eprintln!(
+        tracing::warn!(
             "stream topology {} of module {} on task {task}: waiting to run again ({} tries): {why}",
-            th.rt.def.topologies[topology].name, th.rt.def.name, pauses
+            th.rt.def.topologies[topology].name,
+            th.rt.def.name,
+            pauses
         );
     }
     *pauses = pauses.saturating_add(1);
@@ -1227,8 +1217,8 @@ fn resolve_acks(
             Some(Err(why)) => {
                 w.error.get_or_insert_with(|| {
                     format!(
-                        "record {o} of depot {} failed in stream topology {name} after {STREAM_RETRIES} retries: {why}",
-                        th.rt.def.depots[depot].name
+                        "record {o} of depot {} failed in stream topology {name} after {} retries: {why}",
+                        th.rt.def.depots[depot].name, th.rt.config.stream_retries
                     )
                 });
             }
