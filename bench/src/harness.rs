@@ -25,7 +25,7 @@ use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 use control::config::Side;
-use engine::cluster::{AckLevel, InProcessCluster};
+use engine::cluster::{AckLevel, ClusterClient, Depot, InProcessCluster, PStateRead, Query};
 use engine::module::Module;
 use engine::pstate::Nav;
 use engine::value::Value;
@@ -466,16 +466,9 @@ trait Target: Sync {
     fn start(&self, op: &Value) -> engine::Result<Pending>;
 }
 
-struct Appends<D>(D, AckLevel);
+struct Appends(Box<dyn Depot>, AckLevel);
 
-impl Target for Appends<engine::cluster::DepotClient> {
-    fn start(&self, record: &Value) -> engine::Result<Pending> {
-        let f = self.0.append_async(record, self.1)?;
-        Ok(Box::pin(async move { f.await.map(|_| Value::Nil) }))
-    }
-}
-
-impl Target for Appends<net::remote::RemoteDepot> {
+impl Target for Appends {
     fn start(&self, record: &Value) -> engine::Result<Pending> {
         let f = self.0.append_future(record, self.1)?;
         Ok(Box::pin(async move { f.await.map(|_| Value::Nil) }))
@@ -483,44 +476,23 @@ impl Target for Appends<net::remote::RemoteDepot> {
 }
 
 /// Selects of `[key(k)] + path` (the path after the key).
-struct Selects<P>(P, Vec<Nav>);
+struct Selects(Box<dyn PStateRead>, Vec<Nav>);
 
-impl<P> Selects<P> {
-    fn path(&self, key: &Value) -> Vec<Nav> {
+impl Target for Selects {
+    fn start(&self, key: &Value) -> engine::Result<Pending> {
         let mut path = Vec::with_capacity(1 + self.1.len());
         path.push(Nav::Key(key.clone()));
         path.extend(self.1.iter().cloned());
-        path
-    }
-}
-
-impl Target for Selects<engine::cluster::PStateClient> {
-    fn start(&self, key: &Value) -> engine::Result<Pending> {
-        let f = self.0.select_future(None, self.path(key));
+        let f = self.0.select_future(&path)?;
         Ok(Box::pin(async move { f.await.map(Value::List) }))
     }
 }
 
-impl Target for Selects<net::remote::RemotePState> {
-    fn start(&self, key: &Value) -> engine::Result<Pending> {
-        let f = self.0.select_future(&self.path(key))?;
-        Ok(Box::pin(async move { f.await.map(Value::List) }))
-    }
-}
+struct Invokes(Box<dyn Query>);
 
-struct Invokes<Q>(Q);
-
-impl Target for Invokes<engine::cluster::QueryClient> {
+impl Target for Invokes {
     fn start(&self, args: &Value) -> engine::Result<Pending> {
-        let f = self.0.invoke_future(args);
-        Ok(Box::pin(f))
-    }
-}
-
-impl Target for Invokes<net::remote::RemoteQuery> {
-    fn start(&self, args: &Value) -> engine::Result<Pending> {
-        let f = self.0.invoke_future(args)?;
-        Ok(Box::pin(f))
+        self.0.invoke_future(args)
     }
 }
 
@@ -890,45 +862,35 @@ struct Setup {
     nodes: usize,
 }
 
-/// A cluster's clients, in-process or remote.
-trait Clients {
-    fn appends(&self, module: &str, depot: &str, ack: AckLevel) -> BenchResult<Box<dyn Target + '_>>;
-    /// Selects of `[key(k)] + then`.
-    fn selects(&self, module: &str, pstate: &str, then: Vec<Nav>) -> BenchResult<Box<dyn Target + '_>>;
-    fn invokes(&self, module: &str, query: &str) -> BenchResult<Box<dyn Target + '_>>;
+/// Makes the targets of a workload from a cluster's clients, in-process
+/// or remote (one trait family: `engine::cluster::ClusterClient`).
+fn appends(c: &dyn ClusterClient, module: &str, depot: &str, ack: AckLevel) -> BenchResult<Box<dyn Target>> {
+    Ok(Box::new(Appends(c.depot(module, depot)?, ack)))
 }
 
-/// The same three methods for both kinds of cluster handle (their client
-/// types differ, their method names do not).
-macro_rules! clients_of {
-    ($cluster:ty) => {
-        impl Clients for $cluster {
-            fn appends(&self, module: &str, depot: &str, ack: AckLevel) -> BenchResult<Box<dyn Target + '_>> {
-                Ok(Box::new(Appends(self.depot(module, depot)?, ack)))
-            }
-            fn selects(&self, module: &str, pstate: &str, then: Vec<Nav>) -> BenchResult<Box<dyn Target + '_>> {
-                Ok(Box::new(Selects(self.pstate(module, pstate)?, then)))
-            }
-            fn invokes(&self, module: &str, query: &str) -> BenchResult<Box<dyn Target + '_>> {
-                Ok(Box::new(Invokes(self.query(module, query)?)))
-            }
-        }
-    };
+fn selects(c: &dyn ClusterClient, module: &str, pstate: &str, then: Vec<Nav>) -> BenchResult<Box<dyn Target>> {
+    Ok(Box::new(Selects(c.pstate(module, pstate)?, then)))
 }
 
-clients_of!(InProcessCluster);
-clients_of!(ClusterManager);
+fn invokes(c: &dyn ClusterClient, module: &str, query: &str) -> BenchResult<Box<dyn Target>> {
+    Ok(Box::new(Invokes(c.query(module, query)?)))
+}
 
 /// Loads what the mix's operations need (each load once) and makes their
 /// targets.
-fn prepare<'c>(o: &Options, clients: &'c dyn Clients) -> BenchResult<Mix<'c>> {
+fn prepare<'c>(o: &Options, clients: &'c dyn ClusterClient) -> BenchResult<Mix<'c>> {
     let module = o.workload.module();
     let ops = o.ops();
     let mut loaded: Vec<&str> = Vec::new();
     for (op, _) in &ops {
         for (name, depot, count, make) in op.setup(o.keys, o.fanout, o.record_bytes) {
             if !loaded.contains(&name) {
-                load(o, clients.appends(module, depot, AckLevel::Ack)?.as_ref(), count, &make)?;
+                load(
+                    o,
+                    appends(clients, module, depot, AckLevel::Ack)?.as_ref(),
+                    count,
+                    &make,
+                )?;
                 ensure(!o.interrupted(), || INTERRUPTED.to_string())?;
                 loaded.push(name);
             }
@@ -937,13 +899,13 @@ fn prepare<'c>(o: &Options, clients: &'c dyn Clients) -> BenchResult<Mix<'c>> {
     let targets = ops
         .iter()
         .map(|(op, _)| match op {
-            Op::Sentence => clients.appends(module, "*sentences", o.ack),
-            Op::Put => clients.appends(module, "*records", o.ack),
-            Op::Transfer => clients.appends(module, "*transfers", o.ack),
-            Op::Post => clients.appends(module, "*posts", o.ack),
-            Op::Get => clients.selects(module, "$$kv", Vec::new()),
-            Op::Range => clients.selects(module, "$$timelines", vec![Nav::last(o.range_limit)]),
-            Op::TopWords => clients.invokes(module, "topWords"),
+            Op::Sentence => appends(clients, module, "*sentences", o.ack),
+            Op::Put => appends(clients, module, "*records", o.ack),
+            Op::Transfer => appends(clients, module, "*transfers", o.ack),
+            Op::Post => appends(clients, module, "*posts", o.ack),
+            Op::Get => selects(clients, module, "$$kv", Vec::new()),
+            Op::Range => selects(clients, module, "$$timelines", vec![Nav::last(o.range_limit)]),
+            Op::TopWords => invokes(clients, module, "topWords"),
         })
         .collect::<BenchResult<Vec<_>>>()?;
     // The loaded data must be visible before reads of it are measured.

@@ -14,15 +14,14 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use control::config::Side;
-use engine::cluster::AckLevel;
 use engine::pstate::Nav;
 use engine::value::Value;
 use net::manager::ClusterManager;
-use net::remote::{RemoteCluster, RemoteDepot, RemotePState};
+use net::remote::RemoteCluster;
 use serde::{Deserialize, Serialize};
 
 use crate::results::{ensure, BenchResult, Throughput};
-use crate::wordcount::{self, PendingAppend, WordCount};
+use crate::wordcount::{self, WordCount};
 
 /// Selects in flight per connection, as `redis-benchmark -P 16`.
 pub const PIPELINE: usize = 16;
@@ -130,21 +129,6 @@ fn start_cluster(dir: &Path, plan: &wordcount::Plan) -> BenchResult<(Stopped, Pa
     // Keep draining its output so it never blocks on a full pipe.
     std::thread::spawn(move || for _ in lines {});
     Ok((guard, dir.join("cluster").join("rama.yaml")))
-}
-
-struct Remotely {
-    depot: RemoteDepot,
-    counts: RemotePState,
-}
-
-impl wordcount::Target for Remotely {
-    fn append(&self, sentence: &Value) -> engine::Result<PendingAppend> {
-        Ok(Box::pin(self.depot.append_future(sentence, AckLevel::Ack)?))
-    }
-
-    fn count(&self, word: &str) -> engine::Result<Value> {
-        self.counts.select_one(&[Nav::key(word)])
-    }
 }
 
 type SelectFuture = std::pin::Pin<Box<dyn std::future::Future<Output = engine::Result<Vec<Value>>> + Send>>;
@@ -257,10 +241,7 @@ pub fn run(plan: &wordcount::Plan, data: &Path, quick: bool) -> BenchResult<Remo
     let outcome = (|| -> BenchResult<Remote> {
         let (cluster, config) = start_cluster(&dir, plan)?;
         let manager = ClusterManager::open_with(Some(&config), &[], Side::External)?;
-        let target = Remotely {
-            depot: manager.depot("WordCountModule", "*sentences")?,
-            counts: manager.pstate("WordCountModule", "$$wordCounts")?,
-        };
+        let target = wordcount::Target::of(&manager)?;
         eprintln!("  WordCount through the remote client");
         let wordcount = wordcount::measure(plan, &target)?;
         let worker = manager

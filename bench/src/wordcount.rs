@@ -13,7 +13,7 @@ use std::collections::{BTreeMap, VecDeque};
 use std::path::Path;
 use std::time::{Duration, Instant};
 
-use engine::cluster::{AckLevel, AppendResult, InProcessCluster};
+use engine::cluster::{AckLevel, AppendResult, ClusterClient, Depot, InProcessCluster, PStateRead};
 use engine::module::Module;
 use engine::pstate::Nav;
 use engine::value::Value;
@@ -86,25 +86,34 @@ impl Sentences {
     }
 }
 
-/// Where the sentences go and the counts come from: an in-process
-/// cluster, or a remote one.
-pub trait Target: Sync {
-    /// Sends one `Ack` append; the future resolves when it is acknowledged.
-    fn append(&self, sentence: &Value) -> engine::Result<PendingAppend>;
-    /// The count of `word`.
-    fn count(&self, word: &str) -> engine::Result<Value>;
+/// Where the sentences go and the counts come from: any cluster's
+/// clients, in-process or remote (the engine's client trait family).
+pub struct Target {
+    pub depot: Box<dyn Depot>,
+    pub counts: Box<dyn PStateRead>,
 }
 
-struct InProcess {
-    depot: engine::cluster::DepotClient,
-    counts: engine::cluster::PStateClient,
+impl std::fmt::Debug for Target {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("wordcount::Target")
+    }
 }
 
-impl Target for InProcess {
-    fn append(&self, sentence: &Value) -> engine::Result<PendingAppend> {
-        Ok(Box::pin(self.depot.append_async(sentence, AckLevel::Ack)?))
+impl Target {
+    /// The clients of WordCountModule on `cluster`.
+    pub fn of(cluster: &dyn ClusterClient) -> engine::Result<Target> {
+        Ok(Target {
+            depot: cluster.depot("WordCountModule", "*sentences")?,
+            counts: cluster.pstate("WordCountModule", "$$wordCounts")?,
+        })
     }
 
+    /// Sends one `Ack` append; the future resolves when it is acknowledged.
+    fn append(&self, sentence: &Value) -> engine::Result<PendingAppend> {
+        self.depot.append_future(sentence, AckLevel::Ack)
+    }
+
+    /// The count of `word`.
     fn count(&self, word: &str) -> engine::Result<Value> {
         self.counts.select_one(&[Nav::key(word)])
     }
@@ -122,10 +131,7 @@ pub fn run(plan: &Plan, data: &Path) -> BenchResult<WordCount> {
     let mut cluster = InProcessCluster::new(&dir);
     cluster.launch(WordCountModule::define()?, plan.tasks, plan.threads)?;
     let outcome = (|| {
-        let target = InProcess {
-            depot: cluster.depot("WordCountModule", "*sentences")?,
-            counts: cluster.pstate("WordCountModule", "$$wordCounts")?,
-        };
+        let target = Target::of(&cluster)?;
         measure(plan, &target)
     })();
     let stopped = cluster.shutdown();
@@ -136,7 +142,7 @@ pub fn run(plan: &Plan, data: &Path) -> BenchResult<WordCount> {
 }
 
 /// Runs the closed and open loops against `target` and checks the counts.
-pub fn measure(plan: &Plan, target: &dyn Target) -> BenchResult<WordCount> {
+pub fn measure(plan: &Plan, target: &Target) -> BenchResult<WordCount> {
     let mut gen = Sentences::new(plan.vocabulary, plan.words_per_sentence);
     let sentences: Vec<Value> = (0..plan.sentences).map(|_| Value::from(gen.next())).collect();
     let mut reference: BTreeMap<String, i64> = BTreeMap::new();
@@ -269,4 +275,4 @@ pub fn measure(plan: &Plan, target: &dyn Target) -> BenchResult<WordCount> {
     })
 }
 
-pub type PendingAppend = std::pin::Pin<Box<dyn std::future::Future<Output = engine::Result<AppendResult>> + Send>>;
+pub type PendingAppend = engine::cluster::Answer<AppendResult>;

@@ -328,6 +328,22 @@ impl ClusterManager {
     }
 }
 
+/// The remote clients through the trait family the in-process cluster
+/// implements too (`engine::cluster::ClusterClient`).
+impl engine::cluster::ClusterClient for ClusterManager {
+    fn depot(&self, module: &str, depot: &str) -> Result<Box<dyn engine::cluster::Depot>> {
+        Ok(Box::new(ClusterManager::depot(self, module, depot)?))
+    }
+
+    fn pstate(&self, module: &str, pstate: &str) -> Result<Box<dyn engine::cluster::PStateRead>> {
+        Ok(Box::new(ClusterManager::pstate(self, module, pstate)?))
+    }
+
+    fn query(&self, module: &str, query: &str) -> Result<Box<dyn engine::cluster::Query>> {
+        Ok(Box::new(ClusterManager::query(self, module, query)?))
+    }
+}
+
 impl Inner {
     /// The incarnation serving `target` of the module, as far as the
     /// directory can tell.

@@ -485,3 +485,45 @@ impl RemoteQuery {
         }))
     }
 }
+
+impl engine::cluster::Depot for RemoteDepot {
+    fn append(&self, record: &Value, ack: AckLevel) -> Result<AppendResult> {
+        RemoteDepot::append(self, record, ack)
+    }
+
+    fn append_future(&self, record: &Value, ack: AckLevel) -> Result<engine::cluster::Answer<AppendResult>> {
+        Ok(Box::pin(RemoteDepot::append_future(self, record, ack)?))
+    }
+
+    fn read(&self, task: u32, start: u64, end: u64, bytes_max: usize) -> Result<Vec<(u64, Value)>> {
+        RemoteDepot::read(self, task, start, end, bytes_max)
+    }
+}
+
+impl engine::cluster::PStateRead for RemotePState {
+    fn select(&self, path: &[Nav]) -> Result<Vec<Value>> {
+        RemotePState::select(self, path)
+    }
+
+    fn select_one(&self, path: &[Nav]) -> Result<Value> {
+        RemotePState::select_one(self, path)
+    }
+
+    fn select_on(&self, task: u32, path: &[Nav]) -> Result<Vec<Value>> {
+        RemotePState::select_on(self, task, path)
+    }
+
+    fn select_future(&self, path: &[Nav]) -> Result<engine::cluster::Answer<Vec<Value>>> {
+        Ok(Box::pin(RemotePState::select_future(self, path)?))
+    }
+}
+
+impl engine::cluster::Query for RemoteQuery {
+    fn invoke(&self, args: &Value) -> Result<Value> {
+        RemoteQuery::invoke(self, args)
+    }
+
+    fn invoke_future(&self, args: &Value) -> Result<engine::cluster::Answer<Value>> {
+        Ok(Box::pin(RemoteQuery::invoke_future(self, args)?))
+    }
+}

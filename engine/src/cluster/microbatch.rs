@@ -29,8 +29,9 @@ use std::rc::Rc;
 use std::sync::atomic::Ordering;
 use std::time::Duration;
 
+use super::dataflow::run_batch;
 use super::messages::{Control, Flow, Reply};
-use super::thread::{run_batch, TaskThread};
+use super::thread::TaskThread;
 use super::{meta_key, ModuleRuntime};
 use crate::error::{Error, Result};
 use crate::lsm::WriteBatch;
