@@ -638,18 +638,8 @@ fn lsm_section(out: &mut String, r: &Results) {
 
 /// Unix time as `2025-01-31 12:00 UTC` (proleptic Gregorian calendar).
 fn utc(unix: u64) -> String {
-    let days = (unix / 86_400) as i64;
     let (hour, minute) = (unix % 86_400 / 3600, unix % 3600 / 60);
-    // Days to civil date, after Howard Hinnant's `civil_from_days`.
-    let z = days + 719_468;
-    let era = z.div_euclid(146_097);
-    let doe = z - era * 146_097;
-    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
-    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-    let mp = (5 * doy + 2) / 153;
-    let day = doy - (153 * mp + 2) / 5 + 1;
-    let month = if mp < 10 { mp + 3 } else { mp - 9 };
-    let year = yoe + era * 400 + i64::from(month <= 2);
+    let (year, month, day) = control::logging::civil_date((unix / 86_400) as i64);
     format!("{year:04}-{month:02}-{day:02} {hour:02}:{minute:02} UTC")
 }
 

@@ -11,14 +11,14 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 mod admin;
-mod conductor;
 mod dev;
-mod supervisor;
+
+use daemons::{conductor, supervisor};
 
 use clap::{Parser, Subcommand};
 use control::config::{Config, Side};
 use control::devzk::DevZookeeper;
-use net::artifact::{ack_level as ack_level_named, path_from_json, value_from_json, value_to_json};
+use net::json::{ack_level as ack_level_named, path_from_json, value_from_json, value_to_json};
 use net::manager::ClusterManager;
 
 #[derive(Debug, Parser)]

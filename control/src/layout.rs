@@ -167,6 +167,21 @@ pub struct Assignment {
 }
 
 impl Assignment {
+    /// Worker `worker` of the instance `spec` describes.
+    pub fn of(spec: &InstanceSpec, worker: u32) -> Assignment {
+        Assignment {
+            module: spec.module.clone(),
+            instance: spec.instance,
+            incarnation: spec.incarnation.clone(),
+            artifact: spec.artifact.clone(),
+            tasks: spec.tasks,
+            threads: spec.threads,
+            workers: spec.workers,
+            worker,
+            config: spec.config.clone(),
+        }
+    }
+
     /// Its node's name under the Supervisor's assignments.
     pub fn name(&self) -> String {
         assignment_name(&self.module, self.instance, self.worker)

@@ -173,12 +173,9 @@ impl LogFile {
     }
 }
 
-/// `t` as RFC 3339 UTC with milliseconds: `2026-12-02T01:48:20.123Z`.
-pub fn utc_timestamp(t: SystemTime) -> String {
-    let d = t.duration_since(UNIX_EPOCH).unwrap_or_default();
-    let secs = d.as_secs();
-    let (days, rest) = ((secs / 86_400) as i64, secs % 86_400);
-    // Civil date from days since 1970-01-01 (Howard Hinnant's algorithm).
+/// The calendar date (year, month, day) of `days` since 1970-01-01, UTC,
+/// proleptic Gregorian (Howard Hinnant's `civil_from_days`).
+pub fn civil_date(days: i64) -> (i64, i64, i64) {
     let z = days + 719_468;
     let era = z.div_euclid(146_097);
     let doe = z.rem_euclid(146_097);
@@ -187,7 +184,15 @@ pub fn utc_timestamp(t: SystemTime) -> String {
     let mp = (5 * doy + 2) / 153;
     let day = doy - (153 * mp + 2) / 5 + 1;
     let month = if mp < 10 { mp + 3 } else { mp - 9 };
-    let year = yoe + era * 400 + i64::from(month <= 2);
+    (yoe + era * 400 + i64::from(month <= 2), month, day)
+}
+
+/// `t` as RFC 3339 UTC with milliseconds: `2026-12-02T01:48:20.123Z`.
+pub fn utc_timestamp(t: SystemTime) -> String {
+    let d = t.duration_since(UNIX_EPOCH).unwrap_or_default();
+    let secs = d.as_secs();
+    let (year, month, day) = civil_date((secs / 86_400) as i64);
+    let rest = secs % 86_400;
     format!(
         "{year:04}-{month:02}-{day:02}T{:02}:{:02}:{:02}.{:03}Z",
         rest / 3600,
@@ -212,7 +217,7 @@ fn ours(target: &str) -> bool {
     let root = target.split("::").next().unwrap_or(target);
     matches!(
         root,
-        "rama" | "control" | "net" | "engine" | "rama_bench" | "rama_examples"
+        "rama" | "daemons" | "control" | "net" | "engine" | "rama_bench" | "rama_examples"
     )
 }
 
@@ -361,6 +366,12 @@ mod tests {
         assert_eq!(at(951_782_400, 7), "2000-02-29T00:00:00.007Z");
         assert_eq!(at(1_796_174_900, 123), "2026-12-02T01:28:20.123Z");
         assert_eq!(at(4_107_542_399, 999), "2100-02-28T23:59:59.999Z");
+        // Every crate of the project counts as ours (a module moved to
+        // another crate once went silent).
+        for crate_root in ["rama", "daemons", "control", "net", "engine", "rama_bench"] {
+            assert!(ours(&format!("{crate_root}::x")), "{crate_root}");
+        }
+        assert!(!ours("zookeeper_client::session"));
         let dir = tempfile::tempdir().unwrap();
         std::fs::write(dir.path().join(FILE), "log.level: warn\n").unwrap();
         assert_eq!(

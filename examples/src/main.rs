@@ -1,5 +1,5 @@
 //! The module artifact of the example modules.
-net::module_main!(
+daemons::module_main!(
     rama_examples::WordCountModule,
     rama_examples::BankTransferModule,
     rama_examples::TimelineModule,

@@ -64,7 +64,7 @@ impl Workers {
                 .unwrap();
             let cluster = Arc::new(cluster);
             let server =
-                net::artifact::serve_worker(cluster.clone(), &name, "127.0.0.1:0", &secret, Default::default())
+                daemons::worker::serve_worker(cluster.clone(), &name, "127.0.0.1:0", &secret, Default::default())
                     .unwrap();
             addrs.lock().unwrap()[w as usize] = Some(server.local_addr().to_string());
             clusters.push(cluster);

@@ -1,14 +1,14 @@
 //! Everything that crosses the network: the framed transport
-//! ([`transport`]), the messages of the module API ([`wire`]), remote
-//! clients ([`remote`], found through the metastore by [`manager`]), and
-//! the module artifact's `main` ([`artifact`],
-//! [`module_main!`]), which runs a module as a worker serving the wire
-//! protocol and, for a module spread over workers, the messages between
-//! them ([`peers`]).
+//! ([`transport`]) and its authentication ([`auth`]), the messages of the
+//! module API ([`wire`]) and their JSON forms ([`json`]), remote clients
+//! ([`remote`], found through the metastore by [`manager`]), the
+//! Conductor's admin client ([`admin`]), and the messages between the
+//! workers of a module ([`peers`]). The processes that serve them (the
+//! Conductor, Supervisors, the worker host) are in the `daemons` crate.
 
 pub mod admin;
-pub mod artifact;
 pub mod auth;
+pub mod json;
 pub mod manager;
 pub mod peers;
 pub mod remote;

@@ -158,10 +158,12 @@ impl Node {
             .spawn()
             .unwrap();
         let mut out = BufReader::new(child.stdout.take().unwrap());
+        // Owned before anything can fail, so a failed start stops it too.
+        let daemon = Daemon(child);
         let mut line = String::new();
         out.read_line(&mut line).unwrap();
         assert!(line.contains(expect), "{cmd}: {line:?}");
-        (Daemon(child), out)
+        (daemon, out)
     }
 
     pub fn worker_pid(&self) -> Option<u32> {

@@ -1,5 +1,5 @@
-//! The `main` of a module artifact: an executable built from a module
-//! crate with [`crate::module_main!`].
+//! The `main` of a module artifact, and the worker process host: an
+//! executable built from a module crate with [`crate::module_main!`].
 //!
 //! ```text
 //! ARTIFACT describe                 JSON descriptions of the modules
@@ -9,12 +9,12 @@
 //!                [--log FILE [--logRotateBytes N] [--logKeep K]] [--secretFile F]
 //!                [--pin auto|on|off] [--spinBeforeParkMicros N]
 //!     runs the module on this process's task threads and serves the wire
-//!     protocol (see [`crate::wire`]) on H:P (default 127.0.0.1, any free
+//!     protocol (see `net::wire`) on H:P (default 127.0.0.1, any free
 //!     port); prints `worker listening on H:P`; with --register, keeps an
 //!     ephemeral registration in the metastore that rama.yaml names (see
-//!     [`crate::manager`]); with --workers W > 1 it is worker N of W: it
+//!     `net::manager`); with --workers W > 1 it is worker N of W: it
 //!     runs the task threads the placement gives it, reaches the others
-//!     through their registrations (see [`crate::peers`]), and starts its
+//!     through their registrations (see `net::peers`), and starts its
 //!     topologies once every other worker answers; with --log (the file its
 //!     stdout and stderr go to) it rotates that file past N bytes keeping K
 //!     old ones; SIGINT/SIGTERM stop it gracefully. It serves only clients
@@ -30,25 +30,20 @@
 //!     {"op":"waitMicrobatch","topology":"t","timeoutSecs":N}
 //!     answers are {"ok": ...} or {"error": "..."}; end of input stops it.
 //! ```
-//! Paths in JSON: a step is a key (any JSON value), or one of
-//! `{"key": v}`, `{"all": {}}`, `{"mapVals": {}}`, `{"size": {}}`,
-//! `{"nilToValue": v}`, `{"range": {"from": v, "to": v, "toInclusive":
-//! bool, "reverse": bool, "limit": n}}` (bounds optional; `from` inclusive).
+//! Paths, values and ack levels in JSON are as `net::json` reads them.
 
 use std::io::{BufRead, Write};
-use std::ops::Bound;
 use std::process::ExitCode;
 use std::time::Duration;
 
 use serde_json::{json, Value as Json};
 
-use engine::cluster::{AckLevel, InProcessCluster};
+use engine::cluster::InProcessCluster;
 use engine::module::ModuleDef;
-use engine::pstate::Nav;
-use engine::value::Value;
 use engine::{Error, Result};
 
-use crate::auth::Secret;
+use net::auth::Secret;
+use net::json::{ack_level, bad, path_from_json, value_from_json, value_to_json};
 
 /// Turns a crate's `main` into a module artifact for the listed module
 /// types (each implementing [`engine::module::Module`]).
@@ -56,7 +51,7 @@ use crate::auth::Secret;
 macro_rules! module_main {
     ($($module:ty),+ $(,)?) => {
         fn main() -> ::std::process::ExitCode {
-            $crate::artifact::main(&[$(
+            $crate::worker::main(&[$(
                 <$module as $crate::engine::module::Module>::define
                     as fn() -> $crate::engine::Result<$crate::engine::module::ModuleDef>
             ),+])
@@ -222,7 +217,7 @@ fn run_command(modules: &[fn() -> Result<ModuleDef>], args: &[String]) -> std::r
                         instance,
                         fence: incarnation
                             .zip(assignment)
-                            .map(|(incarnation, assignment)| crate::manager::Fence {
+                            .map(|(incarnation, assignment)| net::manager::Fence {
                                 assignment,
                                 incarnation,
                             }),
@@ -255,18 +250,18 @@ pub fn serve_worker(
     module: &str,
     addr: impl std::net::ToSocketAddrs,
     secret: &Secret,
-    limits: crate::transport::ServerLimits,
-) -> Result<crate::Server> {
+    limits: net::transport::ServerLimits,
+) -> Result<net::Server> {
     let module = module.to_string();
-    crate::Server::bind_async(
+    net::Server::bind_async(
         addr,
-        crate::PROTOCOL_VERSION,
+        net::PROTOCOL_VERSION,
         secret,
         limits,
         2,
-        std::sync::Arc::new(move |role: u8, request: Vec<u8>, respond: crate::transport::Respond| {
-            match crate::peers::lane_of_role(role) {
-                None => crate::wire::handle_then(&cluster, &request, respond),
+        std::sync::Arc::new(move |role: u8, request: Vec<u8>, respond: net::transport::Respond| {
+            match net::peers::lane_of_role(role) {
+                None => net::wire::handle_then(&cluster, &request, respond),
                 Some(lane) => {
                     let answer = cluster.serve_peer(&module, lane, &request);
                     Some(Box::pin(async move { respond(Ok(answer.await)) }))
@@ -322,7 +317,7 @@ struct Membership<'a> {
     /// The module instance it serves (0 unless a Supervisor says).
     instance: u32,
     /// The assignment and incarnation it serves (from its Supervisor).
-    fence: Option<crate::manager::Fence>,
+    fence: Option<net::manager::Fence>,
 }
 
 /// Runs `def` (this process's part of it) and serves the wire protocol,
@@ -349,12 +344,12 @@ fn worker(def: ModuleDef, dir: &str, shape: Shape, (host, port): (&str, u16), me
         libc::signal(libc::SIGTERM, on_signal as *const () as libc::sighandler_t);
     }
     let name = def.name.clone();
-    crate::transport::raise_open_file_limit();
+    net::transport::raise_open_file_limit();
     let mut cluster = InProcessCluster::new(dir);
     cluster.set_thread_options(threading);
     cluster.set_module_config(engine_config);
     let config = register
-        .map(|(path, _)| crate::manager::load_config(Some(path), &[]))
+        .map(|(path, _)| net::manager::load_config(Some(path), &[]))
         .transpose()?;
     // Log lines (with times and levels) go to stdout, which the Supervisor
     // points at the worker's log file.
@@ -366,7 +361,7 @@ fn worker(def: ModuleDef, dir: &str, shape: Shape, (host, port): (&str, u16), me
     // Fail closed: no secret, no worker.
     let secret = match (secret_file, &config) {
         (Some(path), _) => Secret::load(path).map_err(|e| Error::Schema(e.to_string()))?,
-        (None, Some(config)) => crate::manager::load_secret(config)?,
+        (None, Some(config)) => net::manager::load_secret(config)?,
         (None, None) => {
             return Err(Error::Schema(
                 "a worker needs the cluster secret: pass --secretFile, or --register with a rama.yaml whose \
@@ -376,19 +371,19 @@ fn worker(def: ModuleDef, dir: &str, shape: Shape, (host, port): (&str, u16), me
         }
     };
     let limits = match &config {
-        Some(config) => crate::transport::ServerLimits {
+        Some(config) => net::transport::ServerLimits {
             connections_max: config
                 .count("worker.connections.max")
                 .map_err(|e| Error::Schema(e.to_string()))? as usize,
             idle_timeout: config.idle_timeout().map_err(|e| Error::Schema(e.to_string()))?,
             ..Default::default()
         },
-        None => crate::transport::ServerLimits::default(),
+        None => net::transport::ServerLimits::default(),
     };
     let connect =
-        |config: &control::config::Config| crate::manager::connect_metastore(config, control::config::Side::Internal);
+        |config: &control::config::Config| net::manager::connect_metastore(config, control::config::Side::Internal);
     let peers = match (&config, workers) {
-        (Some(config), w) if w > 1 => Some(std::sync::Arc::new(crate::peers::NetPeers::new(
+        (Some(config), w) if w > 1 => Some(std::sync::Arc::new(net::peers::NetPeers::new(
             &name,
             connect(config)?,
             secret.clone(),
@@ -418,7 +413,7 @@ fn worker(def: ModuleDef, dir: &str, shape: Shape, (host, port): (&str, u16), me
     if let Err(e) = launched {
         if let Some(config) = &config {
             let reported = connect(config).and_then(|meta| {
-                crate::manager::report_failure(&meta, &name, (instance, incarnation.as_deref()), me, &e.to_string())
+                net::manager::report_failure(&meta, &name, (instance, incarnation.as_deref()), me, &e.to_string())
             });
             if let Err(r) = reported {
                 tracing::error!("worker {me} of module {name}: cannot record why it does not start: {r}");
@@ -431,8 +426,8 @@ fn worker(def: ModuleDef, dir: &str, shape: Shape, (host, port): (&str, u16), me
     let registration = match (register, &config) {
         (Some((_, id)), Some(config)) => {
             // Started: an earlier failure report no longer holds.
-            let _ = connect(config).and_then(|meta| crate::manager::clear_failure(&meta, &name, instance, id));
-            let info = crate::manager::WorkerInfo {
+            let _ = connect(config).and_then(|meta| net::manager::clear_failure(&meta, &name, instance, id));
+            let info = net::manager::WorkerInfo {
                 worker: id,
                 address: server.local_addr().to_string(),
                 tasks,
@@ -441,7 +436,7 @@ fn worker(def: ModuleDef, dir: &str, shape: Shape, (host, port): (&str, u16), me
                 instance,
                 incarnation: incarnation.clone(),
             };
-            Some(crate::manager::Registration::start(
+            Some(net::manager::Registration::start(
                 connect(config)?,
                 &name,
                 id,
@@ -477,7 +472,7 @@ fn worker(def: ModuleDef, dir: &str, shape: Shape, (host, port): (&str, u16), me
         }
     }
     while !stopping() {
-        if let Some(why) = registration.as_ref().and_then(crate::manager::Registration::fenced) {
+        if let Some(why) = registration.as_ref().and_then(net::manager::Registration::fenced) {
             let _ = writeln!(
                 stdout,
                 "worker {me} of module {name}: {why}; stopping (a worker serves only its current assignment)"
@@ -539,132 +534,10 @@ fn serve(
     cluster.shutdown()
 }
 
-fn bad(why: impl std::fmt::Display) -> Error {
-    Error::Schema(why.to_string())
-}
-
 fn string<'j>(req: &'j Json, name: &str) -> Result<&'j str> {
     req.get(name)
         .and_then(Json::as_str)
         .ok_or_else(|| bad(format!("the request needs a string field {name:?}")))
-}
-
-/// A value from JSON (objects become maps with string keys).
-pub fn value_from_json(j: &Json) -> Result<Value> {
-    serde_json::from_value(j.clone()).map_err(|e| bad(format!("not a value: {e}")))
-}
-
-/// A value as JSON (maps with non-string keys become lists of pairs).
-pub fn value_to_json(v: &Value) -> Json {
-    serde_json::to_value(v).unwrap_or_else(|_| Json::String(format!("{v:?}")))
-}
-
-/// An ack level by its CLI name.
-pub fn ack_level(name: &str) -> Result<AckLevel> {
-    match name {
-        "ack" => Ok(AckLevel::Ack),
-        "appendAck" => Ok(AckLevel::AppendAck),
-        "none" => Ok(AckLevel::None),
-        other => Err(bad(format!("ack level {other:?} is not one of ack, appendAck, none"))),
-    }
-}
-
-/// A path from its JSON form (see the module docs).
-pub fn path_from_json(j: &Json) -> Result<Vec<Nav>> {
-    let steps = j
-        .as_array()
-        .ok_or_else(|| bad(format!("a path is a JSON array of steps, got {j}")))?;
-    steps.iter().map(nav_from_json).collect()
-}
-
-/// The steps a path may hold besides plain keys.
-const PATH_STEPS: &str = "key, all, mapVals, size, nilToValue, range";
-
-fn nav_from_json(step: &Json) -> Result<Nav> {
-    let Some(obj) = step.as_object() else {
-        return Ok(Nav::Key(value_from_json(step)?));
-    };
-    // An object is a step; a map used as a key is written {"key": {...}}.
-    let mut entries = obj.iter();
-    let (Some((kind, arg)), None) = (entries.next(), entries.next()) else {
-        return Err(bad(format!(
-            "path step {step} is not a step: a step is an object with one entry ({PATH_STEPS}); \
-             write a map key as {{\"key\": {step}}}"
-        )));
-    };
-    let no_argument = |name: &str| -> Result<()> {
-        match arg {
-            Json::Object(o) if o.is_empty() => Ok(()),
-            Json::Null => Ok(()),
-            other => Err(bad(format!(
-                "path step {name} takes no argument (write {{\"{name}\":{{}}}}), got {other}"
-            ))),
-        }
-    };
-    Ok(match kind.as_str() {
-        "key" => Nav::Key(value_from_json(arg)?),
-        "all" => {
-            no_argument("all")?;
-            Nav::All
-        }
-        "mapVals" => {
-            no_argument("mapVals")?;
-            Nav::MapVals
-        }
-        "size" => {
-            no_argument("size")?;
-            Nav::Size
-        }
-        "nilToValue" => Nav::NilToValue(value_from_json(arg)?),
-        "range" => {
-            let fields = arg.as_object().ok_or_else(|| {
-                bad(format!(
-                    "path step range takes an object of from, to, toInclusive, reverse, limit; got {arg}"
-                ))
-            })?;
-            for (name, v) in fields {
-                let fits = match name.as_str() {
-                    "from" | "to" => true,
-                    "toInclusive" | "reverse" => v.is_boolean(),
-                    "limit" => v.as_u64().is_some(),
-                    _ => {
-                        return Err(bad(format!(
-                            "path step range: unknown field {name:?} (known: from, to, toInclusive, reverse, limit)"
-                        )))
-                    }
-                };
-                if !fits {
-                    let what = if name == "limit" {
-                        "a whole number"
-                    } else {
-                        "true or false"
-                    };
-                    return Err(bad(format!("path step range: {name} must be {what}, got {v}")));
-                }
-            }
-            let lower = match arg.get("from") {
-                Some(v) => Bound::Included(value_from_json(v)?),
-                None => Bound::Unbounded,
-            };
-            let inclusive = arg.get("toInclusive").and_then(Json::as_bool).unwrap_or(false);
-            let upper = match arg.get("to") {
-                Some(v) if inclusive => Bound::Included(value_from_json(v)?),
-                Some(v) => Bound::Excluded(value_from_json(v)?),
-                None => Bound::Unbounded,
-            };
-            Nav::Range {
-                lower,
-                upper,
-                reverse: arg.get("reverse").and_then(Json::as_bool).unwrap_or(false),
-                limit: arg.get("limit").and_then(Json::as_u64).map(|n| n as usize),
-            }
-        }
-        other => {
-            return Err(bad(format!(
-                "unknown path step {other:?} (steps: {PATH_STEPS}); write a map key as {{\"key\": {step}}}"
-            )))
-        }
-    })
 }
 
 fn request(

@@ -30,7 +30,7 @@ use engine::value::{archived, Value};
 use net::manager::connect_metastore;
 use serde_json::Value as Json;
 
-use crate::admin::{self, int, text, AdminRequest, DeployArgs, CHUNK_BYTES};
+use net::admin::{self, int, text, AdminRequest, DeployArgs, CHUNK_BYTES};
 
 const LAUNCH_TIMEOUT: Duration = Duration::from_secs(180);
 /// Uploads in progress at once; a further one is refused until one ends.
@@ -444,7 +444,7 @@ impl Conductor {
         let spec = InstanceSpec {
             module: module.to_string(),
             instance: 0,
-            incarnation: incarnation.clone(),
+            incarnation,
             artifact: artifact.to_string(),
             tasks,
             threads,
@@ -475,18 +475,7 @@ impl Conductor {
                 }
                 load.sort();
                 let target = &load.first().ok_or("not enough Supervisor ports")?.1;
-                let assignment = Assignment {
-                    module: module.to_string(),
-                    instance: 0,
-                    incarnation: incarnation.clone(),
-                    artifact: artifact.to_string(),
-                    tasks,
-                    threads,
-                    workers,
-                    worker: w,
-                    config: overrides.to_json(),
-                };
-                l.assign(target, &assignment).map_err(layout_err)?;
+                l.assign(target, &Assignment::of(&spec, w)).map_err(layout_err)?;
             }
             Ok(())
         })();

@@ -34,7 +34,7 @@ use control::metastore::{Metastore, NodeKind, ZkMetastore};
 use engine::value::Value;
 use net::manager::connect_metastore;
 
-use crate::admin::{self, bytes, int, Admin};
+use net::admin::{self, bytes, int, Admin};
 
 /// A worker process: our child, or one adopted from an earlier run.
 enum Proc {
