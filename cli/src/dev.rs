@@ -74,6 +74,10 @@ fn free_port(host: &str, wanted: u16) -> Result<u16, String> {
         .map_err(|e| format!("finding a free port on {host}: {e}"))
 }
 
+/// How long a daemon may take to say it is ready (ZooKeeper's JVM start
+/// and a Conductor's connect with retries fit easily).
+const READY_WAIT: Duration = Duration::from_secs(90);
+
 /// Starts `rama <args>` with `config` and waits for its first line, which
 /// must contain `ready`; later output is passed through, prefixed.
 fn start(name: &'static str, config: &Path, args: &[&str], ready: &str) -> Result<Daemon, String> {
@@ -100,18 +104,36 @@ fn start(name: &'static str, config: &Path, args: &[&str], ready: &str) -> Resul
     let mut child = command.spawn().map_err(|e| format!("starting {name}: {e}"))?;
     let out = child.stdout.take().expect("piped");
     let mut daemon = Daemon { name, child };
-    let mut lines = BufReader::new(out);
-    let mut first = String::new();
-    if lines.read_line(&mut first).map_err(|e| e.to_string())? == 0 || !first.contains(ready) {
-        daemon.stop();
-        return Err(format!("{name} did not start (said {:?}); see its log", first.trim()));
-    }
-    say!("[{name}] {}", first.trim_end());
+    // Its first line says it is ready; it gets a deadline (a daemon that
+    // hangs before saying anything must not hang `rama dev`). Later lines
+    // are passed through, prefixed.
+    let (first_tx, first_rx) = std::sync::mpsc::channel();
     std::thread::spawn(move || {
-        for line in lines.lines().map_while(Result::ok) {
+        let mut lines = BufReader::new(out).lines().map_while(Result::ok);
+        let _ = first_tx.send(lines.next());
+        for line in lines {
             say!("[{name}] {line}");
         }
     });
+    let first = match first_rx.recv_timeout(READY_WAIT) {
+        Ok(Some(line)) if line.contains(ready) => line,
+        Ok(Some(line)) => {
+            daemon.stop();
+            return Err(format!("{name} did not start (said {:?}); see its log", line.trim()));
+        }
+        Ok(None) | Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => {
+            daemon.stop();
+            return Err(format!("{name} did not start (it ended without a word); see its log"));
+        }
+        Err(std::sync::mpsc::RecvTimeoutError::Timeout) => {
+            daemon.stop();
+            return Err(format!(
+                "{name} did not say it is ready within {} s; stopped it; see its log",
+                READY_WAIT.as_secs()
+            ));
+        }
+    };
+    say!("[{name}] {}", first.trim_end());
     Ok(daemon)
 }
 

@@ -286,7 +286,7 @@ impl Conductor {
                     net::manager::registered_workers(&self.meta, module, target).map_err(|e| e.to_string())?;
                 Ok(Value::map([(
                     "workers",
-                    Value::List(workers.iter().map(net::manager::WorkerInfo::to_value).collect()),
+                    Value::List(workers.iter().map(net::manager::worker_to_value).collect()),
                 )]))
             }
             AdminRequest::Destroy { module } => {

@@ -435,6 +435,7 @@ fn worker(def: ModuleDef, dir: &str, shape: Shape, (host, port): (&str, u16), me
                 workers,
                 instance,
                 incarnation: incarnation.clone(),
+                engine_version: engine::VERSION.to_string(),
             };
             Some(net::manager::Registration::start(
                 connect(config)?,

@@ -90,86 +90,43 @@ pub fn load_config(path: Option<&Path>, overrides: &[(&str, &str)]) -> Result<Co
     Ok(config)
 }
 
-/// A registered worker of a module.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct WorkerInfo {
-    /// The worker's index among the module's workers.
-    pub worker: u32,
-    pub address: String,
-    pub tasks: u32,
-    pub threads: u32,
-    pub workers: u32,
-    /// The module instance it serves.
-    pub instance: u32,
-    /// The incarnation of that instance (its deploy) it was started for,
-    /// when a Supervisor started it.
-    pub incarnation: Option<String>,
+/// A registered worker of a module: its registration as it is stored
+/// (`control::layout::WorkerRegistration`).
+pub type WorkerInfo = WorkerRegistration;
+
+/// A worker as the Conductor's `workers` op sends it.
+pub fn worker_to_value(w: &WorkerInfo) -> Value {
+    Value::map([
+        ("worker", Value::Int(i64::from(w.worker))),
+        ("instance", Value::Int(i64::from(w.instance))),
+        ("incarnation", w.incarnation.as_deref().map_or(Value::Nil, Value::from)),
+        ("address", Value::from(w.address.as_str())),
+        ("tasks", Value::Int(i64::from(w.tasks))),
+        ("threads", Value::Int(i64::from(w.threads))),
+        ("workers", Value::Int(i64::from(w.workers))),
+    ])
 }
 
-impl From<WorkerRegistration> for WorkerInfo {
-    fn from(r: WorkerRegistration) -> WorkerInfo {
-        WorkerInfo {
-            worker: r.worker,
-            address: r.address,
-            tasks: r.tasks,
-            threads: r.threads,
-            workers: r.workers,
-            instance: r.instance,
-            incarnation: r.incarnation,
-        }
-    }
-}
-
-impl WorkerInfo {
-    /// As the Conductor's `workers` op sends it.
-    pub fn to_value(&self) -> Value {
-        Value::map([
-            ("worker", Value::Int(i64::from(self.worker))),
-            ("instance", Value::Int(i64::from(self.instance))),
-            (
-                "incarnation",
-                self.incarnation.as_deref().map_or(Value::Nil, Value::from),
-            ),
-            ("address", Value::from(self.address.as_str())),
-            ("tasks", Value::Int(i64::from(self.tasks))),
-            ("threads", Value::Int(i64::from(self.threads))),
-            ("workers", Value::Int(i64::from(self.workers))),
-        ])
-    }
-
-    fn from_value(v: &Value) -> Option<WorkerInfo> {
-        let Value::Map(m) = v else { return None };
-        let int = |k: &str| {
-            m.get(&Value::from(k))
-                .and_then(Value::as_int)
-                .and_then(|i| u32::try_from(i).ok())
-        };
-        Some(WorkerInfo {
-            worker: int("worker")?,
-            address: m.get(&Value::from("address"))?.as_str()?.to_string(),
-            tasks: int("tasks")?,
-            threads: int("threads")?,
-            workers: int("workers")?,
-            instance: int("instance").unwrap_or(0),
-            incarnation: m
-                .get(&Value::from("incarnation"))
-                .and_then(Value::as_str)
-                .map(str::to_string),
-        })
-    }
-
-    fn registration(&self) -> WorkerRegistration {
-        WorkerRegistration {
-            worker: self.worker,
-            address: self.address.clone(),
-            tasks: self.tasks,
-            threads: self.threads,
-            workers: self.workers,
-            instance: self.instance,
-            incarnation: self.incarnation.clone(),
-            engine_version: engine::VERSION.to_string(),
-        }
-    }
+fn worker_from_value(v: &Value) -> Option<WorkerInfo> {
+    let Value::Map(m) = v else { return None };
+    let int = |k: &str| {
+        m.get(&Value::from(k))
+            .and_then(Value::as_int)
+            .and_then(|i| u32::try_from(i).ok())
+    };
+    Some(WorkerInfo {
+        worker: int("worker")?,
+        address: m.get(&Value::from("address"))?.as_str()?.to_string(),
+        tasks: int("tasks")?,
+        threads: int("threads")?,
+        workers: int("workers")?,
+        instance: int("instance").unwrap_or(0),
+        incarnation: m
+            .get(&Value::from("incarnation"))
+            .and_then(Value::as_str)
+            .map(str::to_string),
+        engine_version: engine::VERSION.to_string(),
+    })
 }
 
 /// The instance of `module` that serves `target` and its incarnation
@@ -187,12 +144,9 @@ pub fn target_instance(meta: &dyn Metastore, module: &str, target: Target) -> Re
 /// over from an earlier deploy or another cluster) is never a target.
 pub fn registered_workers(meta: &dyn Metastore, module: &str, target: Target) -> Result<Vec<WorkerInfo>> {
     let (n, incarnation) = target_instance(meta, module, target)?;
-    Ok(Layout::new(meta)
+    Layout::new(meta)
         .registrations(module, n, incarnation.as_deref())
-        .map_err(layout_error)?
-        .into_iter()
-        .map(WorkerInfo::from)
-        .collect())
+        .map_err(layout_error)
 }
 
 /// Where a manager finds the workers.
@@ -385,7 +339,7 @@ impl Inner {
                 };
                 list.iter()
                     .map(|w| {
-                        WorkerInfo::from_value(w).ok_or_else(|| {
+                        worker_from_value(w).ok_or_else(|| {
                             Error::Closed(format!("the Conductor at {addr} sent a bad worker entry {w}"))
                         })
                     })
@@ -621,7 +575,8 @@ impl Registration {
         let own = path.clone();
         let data = serde_json::to_vec(&WorkerRegistration {
             worker: id,
-            ..info.registration()
+            engine_version: engine::VERSION.to_string(),
+            ..info.clone()
         })
         .expect("a registration serializes");
         let ensure = move |meta: &ZkMetastore| -> std::result::Result<(), MetaError> {
