@@ -372,7 +372,15 @@ fn damaged_data_keeps_its_task_group_down_and_says_why() {
     unsafe { libc::kill(pid as i32, libc::SIGTERM) };
     eventually("the worker to stop", || !alive(pid));
     // Damage the middle of the active segment of the partition with data.
-    let parts = node.dir.join("data/supervisor/data/WordCountModule/0/WordCountModule");
+    // data/<module>/<instance>-<incarnation>: the only instance there.
+    let instances = node.dir.join("data/supervisor/data/WordCountModule");
+    let instance = std::fs::read_dir(&instances)
+        .unwrap()
+        .flatten()
+        .map(|e| e.path())
+        .find(|p| p.file_name().unwrap().to_string_lossy().starts_with("0-"))
+        .expect("instance 0's data directory");
+    let parts = instance.join("WordCountModule");
     let segment = (0..2)
         // One task thread: task group 0 holds both partitions of the
         // depot (stable id 0).

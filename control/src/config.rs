@@ -672,6 +672,27 @@ mod tests {
     }
 
     #[test]
+    fn the_cli_and_clients_find_the_same_file() {
+        // No other test of this crate reads RAMA_CONFIG.
+        std::env::remove_var("RAMA_CONFIG");
+        assert_eq!(Config::locate(None), (PathBuf::from("rama.yaml"), false));
+        std::env::set_var("RAMA_CONFIG", "/etc/rama/cluster.yaml");
+        assert_eq!(Config::locate(None), (PathBuf::from("/etc/rama/cluster.yaml"), true));
+        assert_eq!(
+            Config::locate(Some(Path::new("given.yaml"))),
+            (PathBuf::from("given.yaml"), true),
+            "an explicit path wins"
+        );
+        std::env::set_var("RAMA_CONFIG", "");
+        assert_eq!(
+            Config::locate(None),
+            (PathBuf::from("rama.yaml"), false),
+            "empty is unset"
+        );
+        std::env::remove_var("RAMA_CONFIG");
+    }
+
+    #[test]
     fn overrides_take_precedence_and_are_checked() {
         let mut c = parse("zookeeper.port: 2000").unwrap();
         c.set("zookeeper.port", "2181").unwrap();

@@ -466,7 +466,15 @@ impl<'a> Layout<'a> {
 
     /// Records why worker `w` of instance `n` of `m` cannot start.
     pub fn report_failure(&self, m: &str, n: u32, failure: &WorkerFailure) -> Result<()> {
-        self.meta.create_all(&failures(m, n))?;
+        // Under an instance that exists only: a report of a module already
+        // forgotten must not bring its name back as an empty claim.
+        if self.meta.get(&instance(m, n))?.is_none() {
+            return Err(MetaError::NoNode(instance(m, n)).into());
+        }
+        match self.meta.create(&failures(m, n), b"", NodeKind::Persistent) {
+            Ok(()) | Err(MetaError::NodeExists(_)) => {}
+            Err(e) => return Err(e.into()),
+        }
         let path = self::failure(m, n, failure.worker);
         match self.create(&path, failure, NodeKind::Persistent) {
             Err(LayoutError::Meta(MetaError::NodeExists(_))) => self.set(&path, failure, None).map(|_| ()),
@@ -751,8 +759,12 @@ mod tests {
         };
         l.report_failure("M", 0, &f).unwrap();
         l.report_failure("M", 0, &f).unwrap();
-        assert_eq!(l.failures("M", 0, Some("inc0")).unwrap(), [f]);
+        assert_eq!(l.failures("M", 0, Some("inc0")).unwrap(), std::slice::from_ref(&f));
         assert!(l.failures("M", 0, Some("other")).unwrap().is_empty());
+        // A report for a module already forgotten brings nothing back.
+        let late = Layout::new(&meta);
+        assert!(late.report_failure("Gone", 0, &f).is_err());
+        assert!(late.modules().unwrap().iter().all(|m| m != "Gone"));
         l.clear_failure("M", 0, 1).unwrap();
         l.clear_failure("M", 0, 1).unwrap();
         assert!(l.failures("M", 0, None).unwrap().is_empty());

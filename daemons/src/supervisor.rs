@@ -8,7 +8,7 @@
 //!   process (the artifact fetched from the Conductor into
 //!   `<local.dir>/supervisor/artifacts/`, a free port from
 //!   `supervisor.port.range`, data in
-//!   `<local.dir>/supervisor/data/<module>/<instance>` (shared by the
+//!   `<local.dir>/supervisor/data/<module>/<instance>-<incarnation>` (shared by the
 //!   instance's workers on this machine: each owns its task groups'
 //!   directories in it), its log in `<log.dir>/worker-<a>.log`, which the
 //!   worker rotates); a worker that exits is started again; a worker whose
@@ -134,6 +134,8 @@ struct Supervisor {
     restarts: HashMap<String, Restart>,
     /// When each running worker was started by this Supervisor.
     started: HashMap<String, std::time::Instant>,
+    /// The incarnation each assignment names, once read.
+    incarnations: HashMap<String, String>,
 }
 
 /// A worker that keeps exiting is started again less and less often (1 s
@@ -167,9 +169,12 @@ impl Supervisor {
         let _ = self.layout().create(&path, &info, NodeKind::Ephemeral);
     }
 
-    /// Where the workers of instance `n` of module `m` keep their data.
-    fn data_dir(&self, m: &str, n: u32) -> PathBuf {
-        self.dir.join("data").join(m).join(n.to_string())
+    /// Where the workers of instance `n` (of `incarnation`) of module `m`
+    /// keep their data: `data/<m>/<n>-<incarnation>`. The incarnation is
+    /// in the name so a later deploy of the same name (again instance 0)
+    /// never opens a destroyed module's files.
+    fn data_dir(&self, m: &str, n: u32, incarnation: &str) -> PathBuf {
+        self.dir.join("data").join(m).join(format!("{n}-{incarnation}"))
     }
 
     fn artifact(&self, hash: &str) -> Result<PathBuf, String> {
@@ -241,7 +246,7 @@ impl Supervisor {
     fn start(&mut self, a: &str, spec: &Assignment) -> Result<(), String> {
         let artifact = self.artifact(&spec.artifact)?;
         let port = self.free_port()?;
-        let data = self.data_dir(&spec.module, spec.instance);
+        let data = self.data_dir(&spec.module, spec.instance, &spec.incarnation);
         std::fs::create_dir_all(&data).map_err(|e| e.to_string())?;
         let log = OpenOptions::new()
             .create(true)
@@ -308,15 +313,29 @@ impl Supervisor {
         wait
     }
 
-    /// Removes the data of module instances no assignment here names any
-    /// more (and no worker of which still runs).
-    fn remove_unassigned_data(&self, assigned: &[String]) {
-        let keep: std::collections::HashSet<(String, u32)> = assigned
-            .iter()
-            .chain(self.workers.keys())
-            .filter_map(|a| layout::parse_assignment_name(a))
-            .map(|(m, n, _)| (m.to_string(), n))
-            .collect();
+    /// Removes the data of module instances (incarnations) no assignment
+    /// here names any more. When an assignment cannot be read, nothing is
+    /// removed this round.
+    fn remove_unassigned_data(&mut self, assigned: &[String]) {
+        let mut keep = std::collections::HashSet::new();
+        for a in assigned {
+            let incarnation = match self.incarnations.get(a) {
+                Some(i) => i.clone(),
+                None => match self.layout().assignment(&self.id, a) {
+                    Ok(Some(spec)) => {
+                        self.incarnations.insert(a.clone(), spec.incarnation.clone());
+                        spec.incarnation
+                    }
+                    // Gone since the listing: it keeps nothing.
+                    Ok(None) => continue,
+                    Err(_) => return,
+                },
+            };
+            if let Some((m, n, _)) = layout::parse_assignment_name(a) {
+                keep.insert((m.to_string(), format!("{n}-{incarnation}")));
+            }
+        }
+        self.incarnations.retain(|a, _| assigned.contains(a));
         let Ok(modules) = std::fs::read_dir(self.dir.join("data")) else {
             return;
         };
@@ -326,13 +345,13 @@ impl Supervisor {
                 continue;
             };
             for i in instances.flatten() {
-                let Ok(n) = i.file_name().to_string_lossy().parse::<u32>() else {
-                    continue;
-                };
-                if !keep.contains(&(module.clone(), n)) {
+                let name = i.file_name().to_string_lossy().into_owned();
+                if !keep.contains(&(module.clone(), name.clone())) {
                     match std::fs::remove_dir_all(i.path()) {
                         Ok(()) => {
-                            tracing::info!("removed the data of module {module} instance {n} (no longer assigned here)")
+                            tracing::info!(
+                                "removed the data of module {module} instance {name} (no longer assigned here)"
+                            )
                         }
                         Err(e) => tracing::warn!("cannot remove {}: {e}", i.path().display()),
                     }
@@ -454,6 +473,7 @@ pub fn run(config: &Config, stop: &AtomicBool) -> Result<(), String> {
         secret,
         restarts: HashMap::new(),
         started: HashMap::new(),
+        incarnations: HashMap::new(),
     };
     s.adopt();
     s.register();

@@ -569,8 +569,19 @@ impl Registration {
                 )));
             }
         }
-        meta.create_all(&layout::workers(module, info.instance))
-            .map_err(meta_error)?;
+        // A fenced worker registers only under its instance as the
+        // Conductor made it (creating the parents would bring a forgotten
+        // module's name back as an empty claim); one started by hand makes
+        // the path itself.
+        if fence.is_some() {
+            match meta.create(&layout::workers(module, info.instance), b"", NodeKind::Persistent) {
+                Ok(()) | Err(MetaError::NodeExists(_)) => {}
+                Err(e) => return Err(meta_error(e)),
+            }
+        } else {
+            meta.create_all(&layout::workers(module, info.instance))
+                .map_err(meta_error)?;
+        }
         let path = layout::worker(module, info.instance, id);
         let own = path.clone();
         let data = serde_json::to_vec(&WorkerRegistration {

@@ -106,7 +106,9 @@ impl Catalog {
             };
             let id: u16 = id
                 .parse()
-                .map_err(|_| corrupt(path, format!("catalog: bad id in {line:?}")))?;
+                .ok()
+                .filter(|&id| id < u16::MAX)
+                .ok_or_else(|| corrupt(path, format!("catalog: bad id in {line:?} (0..=65534)")))?;
             let map = match kind {
                 "depot" => &mut catalog.depots,
                 "pstate" => &mut catalog.pstates,
@@ -160,10 +162,12 @@ impl Catalog {
         ] {
             for name in names {
                 if !map.contains_key(*name) {
+                    // 0xFFFF is reserved: runtime records (offsets,
+                    // microbatch state) use it in the PState id's place.
                     let id = match map.values().max() {
                         None => 0,
-                        Some(&max) => max.checked_add(1).ok_or_else(|| {
-                            Error::Schema(format!("module {} has used up the 65536 ids of {kind}", self.module))
+                        Some(&max) => max.checked_add(1).filter(|&id| id < u16::MAX).ok_or_else(|| {
+                            Error::Schema(format!("module {} has used up the 65535 ids of {kind}", self.module))
                         })?,
                     };
                     map.insert((*name).to_string(), id);
@@ -275,6 +279,20 @@ mod tests {
         other.store(&tgs[1].join(FILE)).unwrap();
         let e = open("M", &tgs, &["*a"], &[]).unwrap_err().to_string();
         assert!(e.contains("disagrees"), "{e}");
+        // 0xFFFF is reserved for runtime records: never given, never read.
+        let full = Catalog {
+            module: "M".into(),
+            depots: BTreeMap::new(),
+            pstates: [("$$last".to_string(), u16::MAX - 1)].into(),
+        };
+        let e = full.extended(&[], &["$$one.more"]).unwrap_err().to_string();
+        assert!(e.contains("used up"), "{e}");
+        let reserved = "rama catalog 1\nmodule M\npstate 65535 $$p\n";
+        let text = format!("{reserved}crc32 {:08x}\n", crc32fast::hash(reserved.as_bytes()));
+        assert!(Catalog::decode(Path::new("x"), &text)
+            .unwrap_err()
+            .to_string()
+            .contains("bad id"));
         // Duplicated ids are refused even with a good checksum.
         let dup = "rama catalog 1\nmodule M\ndepot 0 *a\ndepot 0 *b\n";
         let text = format!("{dup}crc32 {:08x}\n", crc32fast::hash(dup.as_bytes()));

@@ -133,16 +133,15 @@ fn load_ranges(th: &TaskThread, key: &[u8]) -> Result<Option<(u64, Ranges)>> {
         .map(|v| v.as_int().ok_or_else(|| corrupt(th, "not an int")))
         .collect::<Result<_>>()?;
     let (id, rest) = ints.split_first().ok_or_else(|| corrupt(th, "empty"))?;
-    let ranges = rest
-        .chunks_exact(4)
-        .map(|c| {
-            let depot = u16::try_from(c[0])
-                .ok()
-                .and_then(|d| th.rt.depot_of_id(d))
-                .ok_or_else(|| corrupt(th, &format!("names depot id {}, which the module does not have", c[0])))?;
-            Ok((depot, c[1] as u32, c[2] as u64, c[3] as u64))
-        })
-        .collect::<Result<_>>()?;
+    let mut ranges = Vec::new();
+    for c in rest.chunks_exact(4) {
+        let id = u16::try_from(c[0]).map_err(|_| corrupt(th, &format!("depot id {} out of range", c[0])))?;
+        // A depot the definition no longer has (removed by an update)
+        // keeps its id; its ranges are simply not read any more.
+        if let Some(depot) = th.rt.depot_of_id(id) {
+            ranges.push((depot, c[1] as u32, c[2] as u64, c[3] as u64));
+        }
+    }
     Ok(Some((*id as u64, ranges)))
 }
 
