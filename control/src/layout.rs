@@ -391,15 +391,19 @@ impl<'a> Layout<'a> {
         self.read(&module(m))
     }
 
-    pub fn module_state(&self, m: &str) -> Result<Option<ModuleState>> {
-        let path = module_state(m);
+    /// A state node (text) at `path`, parsed by `parse`.
+    fn state<T>(&self, path: String, parse: fn(&str) -> Option<T>, what: &str) -> Result<Option<T>> {
         match self.text(&path)? {
-            Some(t) => ModuleState::parse(&t).map(Some).ok_or(LayoutError::Bad {
+            Some(t) => parse(&t).map(Some).ok_or(LayoutError::Bad {
                 path,
-                reason: format!("unknown module state {t:?}"),
+                reason: format!("unknown {what} state {t:?}"),
             }),
             None => Ok(None),
         }
+    }
+
+    pub fn module_state(&self, m: &str) -> Result<Option<ModuleState>> {
+        self.state(module_state(m), ModuleState::parse, "module")
     }
 
     pub fn set_module_state(&self, m: &str, state: ModuleState) -> Result<()> {
@@ -426,14 +430,7 @@ impl<'a> Layout<'a> {
     }
 
     pub fn instance_state(&self, m: &str, n: u32) -> Result<Option<InstanceState>> {
-        let path = instance_state(m, n);
-        match self.text(&path)? {
-            Some(t) => InstanceState::parse(&t).map(Some).ok_or(LayoutError::Bad {
-                path,
-                reason: format!("unknown instance state {t:?}"),
-            }),
-            None => Ok(None),
-        }
+        self.state(instance_state(m, n), InstanceState::parse, "instance")
     }
 
     pub fn set_instance_state(&self, m: &str, n: u32, state: InstanceState) -> Result<()> {
@@ -573,15 +570,7 @@ impl<'a> Layout<'a> {
                 ModuleState::Launching.name().as_bytes(),
                 NodeKind::Persistent,
             )?;
-            self.meta.create_all(&instances(m))?;
-            self.meta
-                .create(&instance(m, spec.instance), b"", NodeKind::Persistent)?;
-            self.create(&instance_spec(m, spec.instance), spec, NodeKind::Persistent)?;
-            self.meta.create(
-                &instance_state(m, spec.instance),
-                InstanceState::Launching.name().as_bytes(),
-                NodeKind::Persistent,
-            )?;
+            self.write_instance(spec)?;
             let t = Targets {
                 read: spec.instance,
                 append: spec.instance,
@@ -616,12 +605,18 @@ impl<'a> Layout<'a> {
             next_instance: spec.instance + 1,
         };
         self.set(&module(m), &next, Some(version))?;
+        self.write_instance(spec)
+    }
+
+    /// The nodes of a new instance: its own, its spec, its state
+    /// `launching` (the module's nodes exist already).
+    fn write_instance(&self, spec: &InstanceSpec) -> Result<()> {
+        let (m, n) = (spec.module.as_str(), spec.instance);
         self.meta.create_all(&instances(m))?;
-        self.meta
-            .create(&instance(m, spec.instance), b"", NodeKind::Persistent)?;
-        self.create(&instance_spec(m, spec.instance), spec, NodeKind::Persistent)?;
+        self.meta.create(&instance(m, n), b"", NodeKind::Persistent)?;
+        self.create(&instance_spec(m, n), spec, NodeKind::Persistent)?;
         self.meta.create(
-            &instance_state(m, spec.instance),
+            &instance_state(m, n),
             InstanceState::Launching.name().as_bytes(),
             NodeKind::Persistent,
         )?;

@@ -692,11 +692,12 @@ impl Conductor {
                 };
                 // Every registration counts for destroy (a stale worker
                 // still holds files); only the incarnation's for running.
-                registered_total += l.registrations(&module, n, None).map_err(layout_err)?.len();
-                let registered = l
-                    .registrations(&module, n, Some(&spec.incarnation))
-                    .map_err(layout_err)?
-                    .len();
+                let all = l.registrations(&module, n, None).map_err(layout_err)?;
+                registered_total += all.len();
+                let registered = all
+                    .iter()
+                    .filter(|r| r.incarnation.as_deref() == Some(spec.incarnation.as_str()))
+                    .count();
                 let ist = l.instance_state(&module, n).map_err(layout_err)?;
                 if ist == Some(InstanceState::Launching) && registered >= spec.workers as usize {
                     l.set_instance_state(&module, n, InstanceState::Running)

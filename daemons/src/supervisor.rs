@@ -407,7 +407,10 @@ impl Supervisor {
                 continue;
             }
             let spec = match self.layout().assignment(&self.id, a) {
-                Ok(Some(spec)) => spec,
+                Ok(Some(spec)) => {
+                    self.incarnations.insert(a.clone(), spec.incarnation.clone());
+                    spec
+                }
                 Ok(None) => continue,
                 Err(e) => {
                     let wait = self.back_off(a, false);
