@@ -274,6 +274,7 @@ fn crash_log_config() -> LogConfig {
         prewrite_skip_bytes: 8 << 10,
         index_interval_bytes: 1 << 10,
         entries_max: None,
+        sync: true,
     }
 }
 
@@ -902,6 +903,7 @@ fn damage_config() -> LogConfig {
         prewrite_skip_bytes: u64::MAX,
         index_interval_bytes: 512,
         entries_max: None,
+        sync: true,
     }
 }
 

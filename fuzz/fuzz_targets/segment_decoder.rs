@@ -1,4 +1,4 @@
-//! Fuzzes the log segment decoder (`engine::log::format`, format version 2:
+//! Fuzzes the log segment decoder (`engine::log::format`, format version 3:
 //! one frame per group of records): `decode_header`, `decode_frame` and
 //! `scan` on arbitrary bytes, and on well-formed segments damaged in ways a
 //! CRC32 always detects.

@@ -236,9 +236,19 @@ impl DepotClient {
         let (tx, rx) = flume::bounded(1);
         let request = self.request(task, bytes, ack, Some(tx.into()));
         let rt = self.rt.clone();
+        let thread = rt.placement.thread_of_task[task as usize] as usize;
+        // Sent now when the task thread's channel has room, so a caller
+        // keeps many appends in flight before it polls any (a future that
+        // sent only when polled kept one in flight per client thread);
+        // otherwise sent when first polled.
+        let unsent = match rt.links[thread].client.try_send(request) {
+            Ok(()) => None,
+            Err(flume::TrySendError::Full(r) | flume::TrySendError::Disconnected(r)) => Some(r),
+        };
         Ok(async move {
-            let thread = rt.placement.thread_of_task[task as usize] as usize;
-            rt.send_to_async(thread, LANE_CLIENT, request).await?;
+            if let Some(request) = unsent {
+                rt.send_to_async(thread, LANE_CLIENT, request).await?;
+            }
             if ack == AckLevel::None {
                 return Ok(Self::unacknowledged(task));
             }

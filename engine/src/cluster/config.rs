@@ -30,7 +30,16 @@ pub struct ModuleConfig {
     pub microbatch_records_max: u64,
     /// Events a proxy's channel holds before it is told to re-select.
     pub proxy_events_max: usize,
+    /// How often a task thread syncs its depot partitions and lets its
+    /// task group log be trimmed below them (see `replog.rs`).
+    pub checkpoint_interval: std::time::Duration,
+    /// Bytes of depot appends the task group log may hold past the PState
+    /// tables before a checkpoint flushes the memtable (bounds the log and
+    /// the replay when a task thread opens).
+    pub replog_entry_bytes_max: u64,
     /// Depot partitions' logs (record size limit, pending bytes, segments).
+    /// They are materializations of the task group log, never synced per
+    /// append (`sync` is turned off when they are opened).
     pub log: LogConfig,
     /// PState stores (key, value and batch limits, memtable size, WAL).
     pub lsm: LsmConfig,
@@ -48,6 +57,8 @@ impl Default for ModuleConfig {
             stream_retries: 3,
             microbatch_records_max: 1000,
             proxy_events_max: 1024,
+            checkpoint_interval: std::time::Duration::from_secs(1),
+            replog_entry_bytes_max: 256 << 20,
             log: LogConfig::default(),
             lsm: LsmConfig::default(),
         }

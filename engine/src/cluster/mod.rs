@@ -34,6 +34,7 @@ mod messages;
 mod microbatch;
 pub mod peer;
 mod proxy;
+mod replog;
 mod serve;
 mod stream;
 mod thread;

@@ -11,6 +11,7 @@ use glommio::sync::Semaphore;
 use super::dataflow::run_batch;
 use super::messages::{decode_items, AppendResult, Completion, Flow, Reply, Request, StageMsg};
 use super::proxy::{as_one, ProxyEvent, Subscription};
+use super::replog::{AppendEntry, APPEND_HEAD_BYTES, KIND_APPEND};
 use super::stream::consume;
 use super::thread::{AckWaiter, TaskThread, ThreadInbox};
 use super::{microbatch, AckLevel};
@@ -83,6 +84,7 @@ pub(crate) async fn run(th: Rc<TaskThread>, inbox: ThreadInbox) -> Result<()> {
         }
     }
     th.workers.borrow_mut().extend(workers);
+    let checkpoints = glommio::spawn_local(super::replog::checkpoints(th.clone())).detach();
     // Client requests until shutdown.
     let permits = Rc::new(Semaphore::new(th.rt.config.client_inflight));
     while let Ok(request) = client.recv_async().await {
@@ -123,6 +125,8 @@ pub(crate) async fn run(th: Rc<TaskThread>, inbox: ThreadInbox) -> Result<()> {
             ))));
         }
     }
+    checkpoints.cancel();
+    let _ = checkpoints.await;
     let closed = async {
         for depot in &th.logs {
             for log in depot.iter().flatten() {
@@ -289,12 +293,65 @@ pub(super) async fn append(
         Ok(x) => x,
         Err(e) => return send(Err(e)),
     };
-    let queued = match log.enqueue_batch(std::iter::once(record.as_slice())).await {
+    let broken = || {
+        appended.broken.borrow().as_ref().map(|why| Error::Poisoned {
+            what: format!(
+                "partition {task} of depot {} (it is written again from the task group log when its worker \
+                 restarts)",
+                th.rt.def.depots[depot].name
+            ),
+            cause: why.clone(),
+        })
+    };
+    if let Some(e) = broken() {
+        return send(Err(e));
+    }
+    // The record must fit the partition as well as the task group log, and
+    // the partition's queue bounds what waits to be written to it.
+    let limit = th.rt.config.log.record_bytes_max as usize;
+    if let Err(e) = Error::check_limit("record", "record_bytes_max", record.len(), limit) {
+        return send(Err(e));
+    }
+    if let Err(e) = log.wait_room(record.len()).await {
+        return send(Err(e));
+    }
+    // The entry gets its partition offset when it takes its place in the
+    // task group log, and is written to the partition once durable, in log
+    // order.
+    let record = Rc::new(record);
+    let placed = Rc::new(std::cell::Cell::new((0u64, 0u64, 0u64)));
+    let depot_id = th.rt.depot_ids[depot];
+    let on_applied: Box<dyn FnOnce()> = {
+        let th = Rc::downgrade(th);
+        let (record, placed) = (record.clone(), placed.clone());
+        Box::new(move || {
+            let Some(th) = th.upgrade() else { return };
+            if let (Ok(log), Ok(appended)) = (th.log(depot, task), th.appended(depot, task)) {
+                let (at, offset, _) = placed.get();
+                appended.apply(log, at, offset, &record);
+            }
+        })
+    };
+    let fill = |b: &mut [u8], at: crate::log::Placed| {
+        let offset = appended.assign(log, at);
+        placed.set((at.offset, offset, at.generation));
+        AppendEntry {
+            depot: depot_id,
+            task,
+            offset,
+            record: &record,
+        }
+        .encode(b);
+    };
+    let queued = match th
+        .store
+        .enqueue_entry(KIND_APPEND, APPEND_HEAD_BYTES + record.len(), fill, on_applied)
+        .await
+    {
         Ok(q) => q,
         Err(e) => return send(Err(e)),
     };
-    let offset = queued.range.start;
-    let generation = log.generation();
+    let (_, offset, generation) = placed.get();
     let consumers = th.rt.stream_consumers[depot];
     let waits_for_processing = ack == AckLevel::Ack && consumers > 0 && reply.is_some();
     if waits_for_processing {
@@ -312,11 +369,17 @@ pub(super) async fn append(
             },
         );
     }
-    appended
-        .enqueued_end
-        .set(appended.enqueued_end.get().max(queued.range.end));
-    appended.waiters.wake_all();
-    if let Err(e) = log.wait_enqueued(&queued).await {
+    let written = async {
+        th.store.wait_written(queued).await?;
+        if let Some(e) = broken() {
+            return Err(e);
+        }
+        // Durable in the task group log; readable in the partition once
+        // this write completes.
+        log.wait_durable(offset + 1).await
+    }
+    .await;
+    if let Err(e) = written {
         if waits_for_processing {
             if let Some(m) = th.acks.borrow_mut().get_mut(&(depot, task)) {
                 // Only this append's waiter: a later append may hold the

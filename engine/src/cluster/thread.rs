@@ -14,7 +14,7 @@
 //! drains.
 
 use std::cell::{Cell, RefCell};
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::path::Path;
 use std::rc::Rc;
 use std::sync::Arc;
@@ -25,7 +25,7 @@ use super::messages::{AppendResult, Control, Reply, Request, StageMsg};
 use super::proxy::{as_one, Subscription};
 use super::ModuleRuntime;
 use crate::error::{Error, Result};
-use crate::log::Log;
+use crate::log::{Log, Placed};
 use crate::lsm::{Store, WriteBatch};
 use crate::module::TopologyKind;
 use crate::pstate::{Overlay, PState, Queued};
@@ -86,12 +86,65 @@ pub(super) struct AckWaiter {
     pub(super) generation: u64,
 }
 
-/// Appends to one depot partition, for the stream consumers reading it.
+/// Appends to one depot partition: those in the task group log on their
+/// way to the partition, and what stream consumers wait for.
 #[derive(Default)]
 pub(super) struct Appended {
-    /// Offset after the last record queued.
+    /// Offset after the last record written to the partition's log
+    /// (readable once that write completes).
     pub(super) enqueued_end: Cell<u64>,
     pub(super) waiters: Waiters,
+    /// Appends placed in the task group log and not yet in the partition:
+    /// (log offset, partition offset), in log order.
+    inflight: RefCell<VecDeque<(u64, u64)>>,
+    /// The task group log's writer generation `inflight` was placed under.
+    generation: Cell<u64>,
+    /// Why the partition takes no appends until its thread restarts (its
+    /// log failed a write, so it no longer follows the task group log; a
+    /// restart writes the missing records into it again).
+    pub(super) broken: RefCell<Option<String>>,
+}
+
+impl Appended {
+    /// The partition offset of an append placed in the task group log at
+    /// `placed`: after the appends before it, those lost with a failed
+    /// write of the log forgotten.
+    pub(super) fn assign(&self, log: &Log, placed: Placed) -> u64 {
+        let mut inflight = self.inflight.borrow_mut();
+        if self.generation.get() != placed.generation {
+            inflight.retain(|&(at, _)| at < placed.durable_end);
+            self.generation.set(placed.generation);
+        }
+        let offset = inflight.back().map_or_else(|| log.next_offset(), |&(_, o)| o + 1);
+        inflight.push_back((placed.offset, offset));
+        offset
+    }
+
+    /// Writes an append that is durable in the task group log into the
+    /// partition (in log order: entries are applied in order).
+    pub(super) fn apply(&self, log: &Log, at: u64, offset: u64, record: &[u8]) {
+        {
+            let mut inflight = self.inflight.borrow_mut();
+            if inflight.front().is_some_and(|&(a, _)| a == at) {
+                inflight.pop_front();
+            }
+        }
+        if self.broken.borrow().is_some() {
+            return;
+        }
+        match log.push_now(record) {
+            Ok(o) if o == offset => {
+                self.enqueued_end.set(o + 1);
+                self.waiters.wake_all();
+            }
+            Ok(o) => {
+                *self.broken.borrow_mut() = Some(format!(
+                    "its log placed record {offset} of the task group log at offset {o}"
+                ))
+            }
+            Err(e) => *self.broken.borrow_mut() = Some(e.to_string()),
+        }
+    }
 }
 
 /// A task thread's state. Lives on the thread; reached through `Rc`.
@@ -100,6 +153,9 @@ pub(crate) struct TaskThread {
     pub thread: u32,
     pub store: Store,
     pub tasks: Vec<u32>,
+    /// The replog (the store's WAL) may be trimmed below this: every
+    /// append below it is synced in its partition.
+    pub(super) trim_floor: Cell<u64>,
     /// `logs[depot][i]`: the partition of `tasks[i]` (`None`: a global
     /// depot's partition lives on task 0 only).
     pub(super) logs: Vec<Vec<Option<Log>>>,
@@ -240,7 +296,19 @@ pub(crate) async fn open(rt: Arc<ModuleRuntime>, thread: u32, dir: &Path) -> Res
     let tasks = rt.placement.tasks_of_thread(thread);
     let def = &rt.def;
     let tg = super::launched::task_group_dir(dir, thread);
-    let (store, _) = Store::open(tg.join("pstates"), rt.config.lsm.clone()).await?;
+    // The store's WAL is the task group log: it takes every depot record
+    // too, whatever the store's own limits.
+    let mut lsm = rt.config.lsm.clone();
+    let entry_max = rt.config.log.record_bytes_max as usize + 1 + super::replog::APPEND_HEAD_BYTES;
+    lsm.wal.record_bytes_max = lsm.wal.record_bytes_max.max(entry_max as u32);
+    lsm.wal.pending_bytes_max = lsm.wal.pending_bytes_max.max(2 * entry_max + 64);
+    lsm.wal.segment_bytes_max = lsm.wal.segment_bytes_max.max(2 * entry_max as u64 + 64);
+    let (store, _) = Store::open(tg.join("pstates"), lsm).await?;
+    let partition_config = crate::log::LogConfig {
+        sync: false,
+        prewrite_bytes: 0,
+        ..rt.config.log.clone()
+    };
     let mut logs = Vec::new();
     let mut appended = Vec::new();
     for (d, depot) in def.depots.iter().enumerate() {
@@ -250,21 +318,26 @@ pub(crate) async fn open(rt: Arc<ModuleRuntime>, thread: u32, dir: &Path) -> Res
                 per_task.push(None);
                 continue;
             }
-            let (log, _) = Log::open(partition_dir(&tg, rt.depot_ids[d], task), rt.config.log.clone()).await?;
+            let (log, _) = Log::open(partition_dir(&tg, rt.depot_ids[d], task), partition_config.clone()).await?;
             per_task.push(Some(log));
         }
+        logs.push(per_task);
+    }
+    super::replog::replay(&rt, &store, &tasks, &logs, &tg).await?;
+    for per_task in &logs {
         appended.push(
             per_task
                 .iter()
                 .map(|l| {
                     let a = Appended::default();
                     a.enqueued_end.set(l.as_ref().map_or(0, Log::end_offset));
+                    a.generation.set(store.generation());
                     a
                 })
                 .collect(),
         );
-        logs.push(per_task);
     }
+    let trim_floor = store.wal().end_offset();
     check_stream_offsets(&rt, &store, &tasks, &logs, &tg)?;
     let mut pstates = Vec::new();
     for &t in &tasks {
@@ -286,6 +359,7 @@ pub(crate) async fn open(rt: Arc<ModuleRuntime>, thread: u32, dir: &Path) -> Res
         thread,
         store,
         tasks,
+        trim_floor: Cell::new(trim_floor),
         logs,
         appended,
         pstates,

@@ -6,7 +6,7 @@
 //!
 //! header (32 bytes)
 //!   0..8   magic  "RAMALOG1"
-//!   8..12  format version (u32 LE) = 2
+//!   8..12  format version (u32 LE) = 3
 //!  12..16  reserved, must be zero
 //!  16..24  base offset (u64 LE): offset of the first record
 //!  24..28  CRC32 of bytes 0..24 (u32 LE)
@@ -17,7 +17,8 @@
 //!   4..8   CRC32 of bytes 8..24 and the body (u32 LE)
 //!   8..16  base offset (u64 LE): offset of the frame's first record
 //!  16..20  record count (u32 LE), at least 1
-//!  20..24  reserved, zero
+//!  20..24  epoch (u32 LE): the leader epoch the records were written in
+//!          (replication, issue 13: every record of a frame has one epoch)
 //!  24..    body: per record, its length (LEB128 varint) then its bytes
 //! ```
 //!
@@ -39,7 +40,9 @@
 use crate::varint;
 
 pub const MAGIC: &[u8; 8] = b"RAMALOG1";
-pub const VERSION: u32 = 2;
+/// Version 3 gave the frame head's last four bytes to the epoch (version
+/// 2 kept them zero); version 2 segments are refused, not misread.
+pub const VERSION: u32 = 3;
 pub const HEADER_BYTES: usize = 32;
 pub const FRAME_HEAD_BYTES: usize = 24;
 
@@ -73,7 +76,10 @@ pub fn decode_header(bytes: &[u8]) -> Result<u64, FrameError> {
         return Err(FrameError::Corrupt("bad segment magic"));
     }
     if u32_at(h, 8) != VERSION {
-        return Err(FrameError::Corrupt("unsupported segment format version"));
+        return Err(FrameError::Corrupt(
+            "unsupported segment format version (this release reads version 3; version 2 is from before the \
+             task group log)",
+        ));
     }
     if u32_at(h, 24) != crc32fast::hash(&h[0..24]) {
         return Err(FrameError::Corrupt("segment header checksum mismatch"));
@@ -101,24 +107,37 @@ pub struct FrameBuilder {
     bytes: Vec<u8>,
     base_offset: u64,
     count: u32,
+    epoch: u32,
 }
 
 impl FrameBuilder {
-    /// A frame whose first record will get `base_offset`; `capacity` is a
-    /// hint for the body.
-    pub fn new(base_offset: u64, capacity: usize) -> FrameBuilder {
+    /// A frame whose first record will get `base_offset`, written in
+    /// `epoch`; `capacity` is a hint for the body.
+    pub fn new(base_offset: u64, capacity: usize, epoch: u32) -> FrameBuilder {
         let mut bytes = Vec::with_capacity(FRAME_HEAD_BYTES + capacity);
         bytes.resize(FRAME_HEAD_BYTES, 0);
         FrameBuilder {
             bytes,
             base_offset,
             count: 0,
+            epoch,
         }
     }
 
+    pub fn epoch(&self) -> u32 {
+        self.epoch
+    }
+
     pub fn push(&mut self, payload: &[u8]) {
-        varint::put(&mut self.bytes, payload.len() as u64);
-        self.bytes.extend_from_slice(payload);
+        self.push_with(payload.len(), |b| b.copy_from_slice(payload));
+    }
+
+    /// Adds a record of `len` bytes that `fill` writes in place.
+    pub fn push_with(&mut self, len: usize, fill: impl FnOnce(&mut [u8])) {
+        varint::put(&mut self.bytes, len as u64);
+        let start = self.bytes.len();
+        self.bytes.resize(start + len, 0);
+        fill(&mut self.bytes[start..]);
         self.count += 1;
     }
 
@@ -147,6 +166,7 @@ impl FrameBuilder {
         self.bytes[0..4].copy_from_slice(&body.to_le_bytes());
         self.bytes[8..16].copy_from_slice(&self.base_offset.to_le_bytes());
         self.bytes[16..20].copy_from_slice(&self.count.to_le_bytes());
+        self.bytes[20..24].copy_from_slice(&self.epoch.to_le_bytes());
         let crc = crc32fast::hash(&self.bytes[8..]);
         self.bytes[4..8].copy_from_slice(&crc.to_le_bytes());
         self.bytes
@@ -158,6 +178,7 @@ impl FrameBuilder {
 pub struct Frame<'a> {
     pub base_offset: u64,
     pub count: u32,
+    pub epoch: u32,
     pub body: &'a [u8],
 }
 
@@ -227,9 +248,7 @@ pub fn decode_frame(
     if count == 0 {
         return Err(FrameError::Corrupt("frame holds no record"));
     }
-    if u32_at(head, 20) != 0 {
-        return Err(FrameError::Corrupt("reserved frame head bytes are not zero"));
-    }
+    let epoch = u32_at(head, 20);
     if base_offset.checked_add(u64::from(count)).is_none() {
         return Err(FrameError::Corrupt("frame offsets overflow u64"));
     }
@@ -247,6 +266,7 @@ pub fn decode_frame(
     Ok(Some(Frame {
         base_offset,
         count,
+        epoch,
         body,
     }))
 }
@@ -377,7 +397,7 @@ mod tests {
         let mut out = Vec::new();
         let mut offset = base;
         for group in groups {
-            let mut f = FrameBuilder::new(offset, 64);
+            let mut f = FrameBuilder::new(offset, 64, 0);
             for p in *group {
                 f.push(p);
             }

@@ -71,6 +71,14 @@ pub struct LogConfig {
     /// Keep at most this many records; older whole segments are deleted.
     /// Default: keep everything.
     pub entries_max: Option<u64>,
+    /// Whether a record is durable before it is acknowledged (default).
+    /// Without it the log is a materialization of another, durable log
+    /// (a depot partition rebuilt from its task group's log): writes go to
+    /// the page cache, [`Log::sync`] makes them durable on demand, a
+    /// segment is synced when it is closed, and recovery cuts the tail
+    /// segment at its first bad frame (unsynced pages reach the disk in any
+    /// order), leaving the owner to write the rest again.
+    pub sync: bool,
 }
 
 impl Default for LogConfig {
@@ -84,6 +92,7 @@ impl Default for LogConfig {
             prewrite_skip_bytes: 64 << 10,
             index_interval_bytes: 16 << 10,
             entries_max: None,
+            sync: true,
         }
     }
 }
@@ -147,6 +156,8 @@ impl LogConfig {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Record {
     pub offset: u64,
+    /// The epoch the record was written in (see [`Log::set_epoch`]).
+    pub epoch: u32,
     pub payload: Vec<u8>,
 }
 
@@ -216,6 +227,11 @@ struct State {
     closing: bool,
     closed: bool,
     flusher_running: bool,
+    /// The epoch new records are written in.
+    epoch: u32,
+    /// Unsynced logs: every offset below this is durable on disk (below
+    /// `durable_end`, which counts written records).
+    synced_end: u64,
 }
 
 /// One frame being filled, bound for a position in a segment.
@@ -257,12 +273,21 @@ fn parse_segment_name(name: &str) -> Option<u64> {
     digits.parse().ok()
 }
 
-async fn open_rw(path: &Path, create: bool) -> Result<BufferedFile> {
+/// The open flags of a segment: `O_DSYNC` for a synced log.
+fn sync_flags(sync: bool) -> libc::c_int {
+    if sync {
+        libc::O_DSYNC
+    } else {
+        0
+    }
+}
+
+async fn open_rw(path: &Path, create: bool, sync: bool) -> Result<BufferedFile> {
     OpenOptions::new()
         .read(true)
         .write(true)
         .create(create)
-        .custom_flags(libc::O_DSYNC)
+        .custom_flags(sync_flags(sync))
         .buffered_open(path)
         .await
         .map_err(|e| Error::io("open segment", path, gio(e)))
@@ -305,6 +330,40 @@ async fn read_exact(file: &BufferedFile, path: &Path, position: u64, len: usize)
     Ok(out)
 }
 
+/// Makes `[from, to)` of a segment read as zeros ahead of the writer,
+/// without putting zeros in the page cache: the range is allocated
+/// (`fallocate`), or, where the file system cannot, written with zeros a
+/// page at a time. Zeros written in one large write sit in large page-cache
+/// folios, and every small synced record written into such a folio later
+/// writes the whole folio back (2 MiB per 100-byte append, measured on
+/// ext4 here).
+async fn zero_fill(file: &BufferedFile, path: &Path, from: u64, to: u64) -> Result<()> {
+    if to <= from {
+        return Ok(());
+    }
+    if file.pre_allocate(to, false).await.is_ok() {
+        return Ok(());
+    }
+    let mut at = from;
+    while at < to {
+        let page_end = ((at / 4096) + 1) * 4096;
+        let end = page_end.min(to);
+        write_all(file, path, vec![0u8; (end - at) as usize], at).await?;
+        at = end;
+    }
+    Ok(())
+}
+
+/// Drops a file's clean pages from the page cache (after recovery read it
+/// whole, so the writer's pages start small again; see [`zero_fill`]).
+fn drop_cached(file: &BufferedFile) {
+    use std::os::fd::AsRawFd;
+    // Advice only: failure changes nothing but speed.
+    unsafe {
+        libc::posix_fadvise(file.as_raw_fd(), 0, 0, libc::POSIX_FADV_DONTNEED);
+    }
+}
+
 fn sync_dir(dir: &Path) -> Result<()> {
     std::fs::File::open(dir)
         .and_then(|d| d.sync_all())
@@ -313,21 +372,20 @@ fn sync_dir(dir: &Path) -> Result<()> {
 
 /// Creates a segment: header plus pre-written zeros, synced, and the
 /// directory synced, before any record may target it.
-async fn create_segment(dir: &Path, base: u64, prewrite: u64) -> Result<(BufferedFile, u64)> {
+async fn create_segment(dir: &Path, base: u64, prewrite: u64, sync: bool) -> Result<(BufferedFile, u64)> {
     let path = segment_path(dir, base);
     let file = OpenOptions::new()
         .read(true)
         .write(true)
         .create(true)
         .truncate(true)
-        .custom_flags(libc::O_DSYNC)
+        .custom_flags(sync_flags(sync))
         .buffered_open(&path)
         .await
         .map_err(|e| Error::io("create segment", &path, gio(e)))?;
     let size = HEADER_BYTES as u64 + prewrite;
-    let mut buf = vec![0u8; size as usize];
-    buf[..HEADER_BYTES].copy_from_slice(&format::encode_header(base));
-    write_all(&file, &path, buf, 0).await?;
+    write_all(&file, &path, format::encode_header(base).to_vec(), 0).await?;
+    zero_fill(&file, &path, HEADER_BYTES as u64, size).await?;
     file.fdatasync()
         .await
         .map_err(|e| Error::io("sync segment", &path, gio(e)))?;
@@ -409,7 +467,7 @@ impl Log {
         let mut next_index_position = 0;
         let (tail_file, prewritten_to, tail_base) = match bases.last() {
             None => {
-                let (file, size) = create_segment(&dir, 0, config.prewrite_bytes).await?;
+                let (file, size) = create_segment(&dir, 0, config.prewrite_bytes, config.sync).await?;
                 segments.insert(
                     0,
                     Segment {
@@ -424,7 +482,7 @@ impl Log {
             }
             Some(&base) => {
                 let path = segment_path(&dir, base);
-                let file = open_rw(&path, false).await?;
+                let file = open_rw(&path, false, config.sync).await?;
                 let size = file
                     .file_size()
                     .await
@@ -460,9 +518,15 @@ impl Log {
                             ),
                         });
                     }
-                    if let Some((pos, offset)) =
+                    // An unsynced log's pages reach the disk in any order: a
+                    // hole with intact frames after it is a crash, and its
+                    // owner writes the cut records again.
+                    let intact = if config.sync {
                         format::find_intact_frame(body, scan.end_position, scan.end_offset, config.limits())
-                    {
+                    } else {
+                        None
+                    };
+                    if let Some((pos, offset)) = intact {
                         return Err(Error::Corrupt {
                             path,
                             offset: scan.end_offset,
@@ -478,7 +542,10 @@ impl Log {
                     // Zero everything after the last good frame, so stale
                     // bytes there can never be read as frames later.
                     let garbage = size - data_end;
-                    write_all(&file, &path, vec![0u8; garbage as usize], data_end).await?;
+                    file.truncate(data_end)
+                        .await
+                        .map_err(|e| Error::io("truncate segment", &path, gio(e)))?;
+                    zero_fill(&file, &path, data_end, size).await?;
                     file.fdatasync()
                         .await
                         .map_err(|e| Error::io("sync segment", &path, gio(e)))?;
@@ -501,6 +568,7 @@ impl Log {
                         .map(|(o, p)| (o, (HEADER_BYTES + p) as u64))
                         .collect(),
                 );
+                drop_cached(&file);
                 (file, size, base)
             }
         };
@@ -534,6 +602,8 @@ impl Log {
             closing: false,
             closed: false,
             flusher_running: true,
+            epoch: 0,
+            synced_end: end,
         };
         let log = Log {
             shared: Rc::new(Shared {
@@ -589,9 +659,77 @@ impl Log {
             Error::check_limit("record", "record_bytes_max", p.len(), config.record_bytes_max as usize)?;
             total += format::record_bytes(p.len());
         }
+        self.wait_space(total).await?;
+        let mut s = self.shared.state.borrow_mut();
+        self.check_usable(&s)?;
+        let start = s.next_offset;
+        for p in payloads {
+            s.reserve(config, p);
+        }
+        Ok(self.enqueued(s, start))
+    }
+
+    /// Queues one record of `len` bytes that `fill` writes in place once
+    /// the record has its offset, so a record can name its own place in
+    /// the log's order: nothing else is queued between the offset and the
+    /// bytes. `fill` gets the buffer and a [`Placed`]; it must not use
+    /// this log.
+    pub async fn enqueue_with(&self, len: usize, fill: impl FnOnce(&mut [u8], Placed)) -> Result<Enqueued> {
+        let config = &self.shared.config;
+        Error::check_limit("record", "record_bytes_max", len, config.record_bytes_max as usize)?;
+        self.wait_space(format::record_bytes(len)).await?;
+        let mut s = self.shared.state.borrow_mut();
+        self.check_usable(&s)?;
+        let start = s.next_offset;
+        let placed = Placed {
+            offset: start,
+            generation: s.generation,
+            durable_end: s.durable_end,
+        };
+        s.reserve_with(config, len, |b| fill(b, placed));
+        Ok(self.enqueued(s, start))
+    }
+
+    /// Queues one record at once, without waiting for room in the pending
+    /// buffer: for a log whose writer bounds what it queues itself (a
+    /// materialization fed from another log; see [`Log::wait_room`]).
+    /// Returns its offset; [`Log::wait_durable`] waits for it.
+    pub fn push_now(&self, payload: &[u8]) -> Result<u64> {
+        let config = &self.shared.config;
+        Error::check_limit(
+            "record",
+            "record_bytes_max",
+            payload.len(),
+            config.record_bytes_max as usize,
+        )?;
+        let mut s = self.shared.state.borrow_mut();
+        self.check_usable(&s)?;
+        let offset = s.next_offset;
+        s.reserve(config, payload);
+        drop(s);
+        self.shared.work.wake_all();
+        Ok(offset)
+    }
+
+    /// Waits until a record of `len` bytes fits in the pending buffer
+    /// (the bound [`Log::push_now`] leaves to its caller).
+    pub async fn wait_room(&self, len: usize) -> Result<()> {
+        self.wait_space(format::record_bytes(len)).await?;
+        self.check_usable(&self.shared.state.borrow())
+    }
+
+    /// Offset the next queued record gets.
+    pub fn next_offset(&self) -> u64 {
+        self.shared.state.borrow().next_offset
+    }
+
+    /// Waits for room for `records` bytes of records (plus one frame head)
+    /// in the pending buffer.
+    async fn wait_space(&self, records: usize) -> Result<()> {
+        let config = &self.shared.config;
         // One head for the batch's frame (a segment roll may add one more;
         // the pending bound then overshoots by at most a head).
-        total += FRAME_HEAD_BYTES;
+        let total = records + FRAME_HEAD_BYTES;
         Error::check_limit("batch", "pending_bytes_max", total, config.pending_bytes_max)?;
         self.shared
             .space
@@ -601,20 +739,57 @@ impl Log {
                     .then_some(())
             })
             .await;
-        let mut s = self.shared.state.borrow_mut();
-        self.check_usable(&s)?;
-        let start = s.next_offset;
-        for p in payloads {
-            s.reserve(config, p);
-        }
+        Ok(())
+    }
+
+    /// The records reserved from `start` on, and the flusher woken.
+    fn enqueued(&self, s: std::cell::RefMut<'_, State>, start: u64) -> Enqueued {
         let end = s.next_offset;
         let generation = s.generation;
         drop(s);
         self.shared.work.wake_all();
-        Ok(Enqueued {
+        Enqueued {
             range: start..end,
             generation,
-        })
+        }
+    }
+
+    /// The epoch records queued from now on are written in.
+    pub fn set_epoch(&self, epoch: u32) {
+        self.shared.state.borrow_mut().epoch = epoch;
+    }
+
+    pub fn epoch(&self) -> u32 {
+        self.shared.state.borrow().epoch
+    }
+
+    /// Makes every record queued so far durable and returns the offset
+    /// below which all records are: for a synced log that is waiting for
+    /// them; an unsynced one is synced to disk as well.
+    pub async fn sync(&self) -> Result<u64> {
+        let end = self.shared.state.borrow().next_offset;
+        self.wait_durable(end).await?;
+        if self.shared.config.sync {
+            return Ok(end);
+        }
+        let file = self.shared.state.borrow().tail_file.clone();
+        file.fdatasync()
+            .await
+            .map_err(|e| Error::io("sync segment", &self.shared.dir, gio(e)))?;
+        let mut s = self.shared.state.borrow_mut();
+        s.synced_end = s.synced_end.max(end);
+        Ok(end)
+    }
+
+    /// Offset below which every record is on disk (for a synced log, the
+    /// durable end).
+    pub fn synced_end(&self) -> u64 {
+        let s = self.shared.state.borrow();
+        if self.shared.config.sync {
+            s.durable_end
+        } else {
+            s.synced_end
+        }
     }
 
     /// Waits until the records of `queued` are durable; fails if the write
@@ -920,7 +1095,10 @@ impl Log {
             s.next_offset
         };
         self.shared.space.wake_all();
-        let result = self.wait_durable(end).await;
+        let mut result = self.wait_durable(end).await;
+        if result.is_ok() && !self.shared.config.sync {
+            result = self.sync().await.map(|_| ());
+        }
         self.shared.state.borrow_mut().closed = true;
         self.shared.work.wake_all();
         self.shared
@@ -964,6 +1142,7 @@ fn take_records(
         *bytes += payload.len();
         out.push(Record {
             offset: o,
+            epoch: frame.epoch,
             payload: payload.to_vec(),
         });
     }
@@ -992,10 +1171,16 @@ impl State {
     /// Assigns the next offset to `payload` and adds it to the frame being
     /// filled, or to a new frame (in a new segment when this one is full).
     fn reserve(&mut self, config: &LogConfig, payload: &[u8]) {
-        let record = format::record_bytes(payload.len()) as u64;
+        self.reserve_with(config, payload.len(), |b| b.copy_from_slice(payload));
+    }
+
+    /// [`State::reserve`] of a record of `len` bytes that `fill` writes.
+    fn reserve_with(&mut self, config: &LogConfig, len: usize, fill: impl FnOnce(&mut [u8])) {
+        let record = format::record_bytes(len) as u64;
         let offset = self.next_offset;
         let fits_last = self.pending.back().is_some_and(|c| {
             c.segment_base == self.reserve_base
+                && c.frame.epoch() == self.epoch
                 && (c.frame.len() as u64 + record - FRAME_HEAD_BYTES as u64) <= config.write_bytes_max as u64
                 && self.reserve_position + record <= config.segment_bytes_max
         });
@@ -1018,17 +1203,32 @@ impl State {
                 segment_base: self.reserve_base,
                 new_segment: roll,
                 position: self.reserve_position,
-                frame: FrameBuilder::new(offset, (record as usize).max(config.write_bytes_max.min(128 << 10))),
+                frame: FrameBuilder::new(
+                    offset,
+                    (record as usize).max(config.write_bytes_max.min(128 << 10)),
+                    self.epoch,
+                ),
                 indexed,
             });
             self.reserve_position += FRAME_HEAD_BYTES as u64;
             self.pending_bytes += frame as usize;
         }
         let chunk = self.pending.back_mut().expect("a chunk was just ensured");
-        chunk.frame.push(payload);
+        chunk.frame.push_with(len, fill);
         self.reserve_position += record;
         self.next_offset += 1;
     }
+}
+
+/// Where [`Log::enqueue_with`] placed a record: its offset, the writer
+/// generation that is to write it, and the durable end at that moment
+/// (records of an older generation below it were written; the others were
+/// lost with the failed write).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Placed {
+    pub offset: u64,
+    pub generation: u64,
+    pub durable_end: u64,
 }
 
 /// Records queued by [`Log::enqueue_batch`]: their offsets, and the writer
@@ -1131,13 +1331,13 @@ async fn heal(shared: &Rc<Shared>) -> Result<()> {
         }
     }
     let path = segment_path(dir, base);
-    let file = open_rw(&path, false).await?;
+    let file = open_rw(&path, false, config.sync).await?;
     file.truncate(data_end)
         .await
         .map_err(|e| Error::io("truncate segment", &path, gio(e)))?;
     let fill_to = (data_end + config.prewrite_bytes).min(config.segment_bytes_max.max(data_end));
     if fill_to > data_end {
-        write_all(&file, &path, vec![0u8; (fill_to - data_end) as usize], data_end).await?;
+        zero_fill(&file, &path, data_end, fill_to).await?;
     }
     file.fdatasync()
         .await
@@ -1176,7 +1376,20 @@ async fn flush_once(shared: &Rc<Shared>) -> Result<()> {
     };
     let base = chunks[0].segment_base;
     if chunks[0].new_segment {
-        let (file, size) = create_segment(&shared.dir, base, config.prewrite_bytes).await?;
+        if !config.sync {
+            // An unsynced log's closed segments are durable: only its tail
+            // can lose pages in a crash (recovery scans the tail alone).
+            let (old, written) = {
+                let s = shared.state.borrow();
+                (s.tail_file.clone(), s.durable_end)
+            };
+            old.fdatasync()
+                .await
+                .map_err(|e| Error::io("sync segment", &shared.dir, gio(e)))?;
+            let mut s = shared.state.borrow_mut();
+            s.synced_end = s.synced_end.max(written);
+        }
+        let (file, size) = create_segment(&shared.dir, base, config.prewrite_bytes, config.sync).await?;
         let mut s = shared.state.borrow_mut();
         let old_tail = s.reserve_base_of_tail();
         let old = s.segments.get_mut(&old_tail).expect("tail segment exists");
@@ -1207,7 +1420,7 @@ async fn flush_once(shared: &Rc<Shared>) -> Result<()> {
             // A small write: extend the zero fill well past it. This sync
             // pays for the size change once; the following small ones
             // overwrite written blocks and change no metadata.
-            write_all(&file, &path, vec![0u8; (fill_to - write_end) as usize], write_end).await?;
+            zero_fill(&file, &path, write_end, fill_to).await?;
             shared.state.borrow_mut().prewritten_to = fill_to;
         } else {
             // A large write grows the file itself: the metadata cost is
@@ -1228,7 +1441,8 @@ async fn flush_once(shared: &Rc<Shared>) -> Result<()> {
             ));
         }
         end_offset = chunk.frame.end_offset();
-        // O_DSYNC: when this returns, the frame is durable.
+        // O_DSYNC: when this returns, the frame is durable (an unsynced
+        // log: written, and durable at the next `sync` or segment roll).
         write_all(&file, &path, chunk.frame.finish(), chunk.position).await?;
     }
     {

@@ -1,11 +1,19 @@
 //! The PState store of a task thread: a log-structured merge tree.
 //!
 //! Writes go as [`WriteBatch`]es: each batch is one record of the
-//! write-ahead log (a [`Log`], the same durable log as depots, so it can
-//! later be shipped to replicas as the replication log). A batch is applied
-//! to the memtable only once durable, in WAL order, in one synchronous step:
-//! readers on the thread see all of a batch or none of it, and after a
-//! crash recovery replays whole batches only.
+//! write-ahead log (a [`Log`]). A batch is applied to the memtable only
+//! once durable, in WAL order, in one synchronous step: readers on the
+//! thread see all of a batch or none of it, and after a crash recovery
+//! replays whole batches only.
+//!
+//! The WAL can carry other entries too ([`Store::enqueue_entry`]): on a
+//! task thread it is the task group's one log (the replog), holding the
+//! depot appends of all its partitions between the PState batches, so
+//! the whole thread makes one group commit per flush. Every WAL record
+//! starts with a kind byte ([`KIND_BATCH`] for a batch); the store replays
+//! batches and leaves other kinds to their owner, runs each entry's
+//! `on_applied` in WAL order once it is durable, and never trims the WAL
+//! past the owner's floor ([`Store::set_trim_floor`]).
 //!
 //! A full memtable is frozen and written to an immutable sorted table in
 //! the background; the manifest then records the table and the WAL offset
@@ -36,6 +44,26 @@ use self::table::{Table, TableOptions, TableWriter};
 use crate::error::{Error, Result};
 use crate::log::{Log, LogConfig};
 use crate::sync::Waiters;
+
+/// The kind byte of a WAL record holding a [`WriteBatch`]; other kinds
+/// belong to the WAL's owner.
+pub const KIND_BATCH: u8 = 0;
+
+/// An entry queued in the WAL and not yet applied.
+enum Unapplied {
+    Batch(WriteBatch),
+    /// Another kind's entry: runs once durable, in WAL order.
+    Entry(Box<dyn FnOnce()>),
+}
+
+impl std::fmt::Debug for Unapplied {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Unapplied::Batch(b) => write!(f, "Batch({} bytes)", b.encoded_bytes()),
+            Unapplied::Entry(_) => f.write_str("Entry"),
+        }
+    }
+}
 
 /// Configuration of a store. Every size has a bound.
 #[derive(Debug, Clone)]
@@ -148,8 +176,15 @@ struct Inner {
     /// Live tables, newest first.
     tables: RefCell<Vec<Rc<Table>>>,
     manifest: RefCell<Manifest>,
-    /// Batches in the WAL, in offset order, not yet applied.
-    unapplied: RefCell<VecDeque<(u64, WriteBatch)>>,
+    /// Entries in the WAL, in offset order, not yet applied.
+    unapplied: RefCell<VecDeque<(u64, Unapplied)>>,
+    /// The WAL is never trimmed at or past this offset (its owner's
+    /// entries below it are kept elsewhere); `u64::MAX` for a store that
+    /// owns its WAL alone.
+    trim_floor: Cell<u64>,
+    /// Bytes of other kinds' entries queued since the memtable was last
+    /// frozen: what the WAL holds beyond the tables besides batches.
+    entry_bytes: Cell<u64>,
     /// The WAL's writer generation `unapplied` was queued under.
     wal_generation: Cell<u64>,
     compacting: Cell<bool>,
@@ -213,6 +248,20 @@ const YIELD_EVERY_ENTRIES: usize = 256;
 fn apply(mem: &mut Memtable, batch: &WriteBatch) {
     for (key, value) in batch.ops() {
         mem.insert(key, value);
+    }
+}
+
+/// The batch of a WAL record, or `None` for another kind's entry.
+fn wal_batch<'a>(record: &'a [u8], dir: &Path, offset: u64) -> Result<Option<&'a [u8]>> {
+    match record.split_first() {
+        Some((&KIND_BATCH, batch)) => Ok(Some(batch)),
+        Some(_) => Ok(None),
+        None => Err(Error::Corrupt {
+            path: dir.to_path_buf(),
+            offset,
+            position: 0,
+            reason: "an empty WAL record (every record starts with its kind)".into(),
+        }),
     }
 }
 
@@ -294,8 +343,10 @@ impl Store {
         let end = wal.end_offset();
         while next < end {
             for record in wal.read(next, end, 4 << 20).await? {
-                apply(&mut mem, &WriteBatch::decode(&record.payload)?);
-                recovery.replayed_batches += 1;
+                if let Some(batch) = wal_batch(&record.payload, wal.dir(), record.offset)? {
+                    apply(&mut mem, &WriteBatch::decode(batch)?);
+                    recovery.replayed_batches += 1;
+                }
                 next = record.offset + 1;
             }
         }
@@ -314,6 +365,8 @@ impl Store {
                 tables: RefCell::new(tables),
                 manifest: RefCell::new(manifest),
                 unapplied: RefCell::new(VecDeque::new()),
+                trim_floor: Cell::new(u64::MAX),
+                entry_bytes: Cell::new(0),
                 wal_generation: Cell::new(0),
                 compacting: Cell::new(false),
                 background: Waiters::default(),
@@ -401,9 +454,102 @@ impl Store {
             });
         }
         self.drop_lost();
-        let queued = self.inner.wal.enqueue_batch(std::iter::once(batch.encoded())).await?;
-        self.inner.unapplied.borrow_mut().push_back((queued.range.start, batch));
+        let encoded = batch.encoded();
+        let queued = self
+            .inner
+            .wal
+            .enqueue_with(1 + encoded.len(), |b, _| {
+                b[0] = KIND_BATCH;
+                b[1..].copy_from_slice(encoded);
+            })
+            .await?;
+        self.inner
+            .unapplied
+            .borrow_mut()
+            .push_back((queued.range.start, Unapplied::Batch(batch)));
         Ok(QueuedWrite { queued: Some(queued) })
+    }
+
+    /// Queues an entry of another kind (`kind` is not [`KIND_BATCH`]) of
+    /// `len` bytes, which `fill` writes in place once the entry has its
+    /// place in the WAL (`fill` must not use the store). `on_applied` runs
+    /// once the entry is durable,
+    /// after every entry before it and before any after it (it must not
+    /// use the store either); it never runs if the write fails.
+    /// [`Store::wait_written`] waits for both.
+    pub async fn enqueue_entry(
+        &self,
+        kind: u8,
+        len: usize,
+        fill: impl FnOnce(&mut [u8], crate::log::Placed),
+        on_applied: Box<dyn FnOnce()>,
+    ) -> Result<QueuedWrite> {
+        assert_ne!(kind, KIND_BATCH, "batches are queued with Store::enqueue");
+        self.check_failed()?;
+        // Everything durable is applied first, and lost entries forgotten,
+        // so `fill` sees the owner's state as of every entry before it.
+        self.apply_durable();
+        let queued = self
+            .inner
+            .wal
+            .enqueue_with(1 + len, |b, placed| {
+                b[0] = kind;
+                fill(&mut b[1..], placed);
+            })
+            .await?;
+        self.inner
+            .entry_bytes
+            .set(self.inner.entry_bytes.get() + 1 + len as u64);
+        self.inner
+            .unapplied
+            .borrow_mut()
+            .push_back((queued.range.start, Unapplied::Entry(on_applied)));
+        Ok(QueuedWrite { queued: Some(queued) })
+    }
+
+    /// Offset after the last applied WAL entry: every entry below it is
+    /// durable and applied.
+    pub fn applied_end(&self) -> u64 {
+        self.inner.mem.borrow().wal_end
+    }
+
+    /// Bytes of other kinds' entries the WAL took since the memtable was
+    /// last frozen (an owner bounds the WAL by flushing past a limit).
+    pub fn entry_bytes(&self) -> u64 {
+        self.inner.entry_bytes.get()
+    }
+
+    /// Lets the WAL be trimmed below `floor` (its owner keeps its entries
+    /// below it elsewhere, durably) and trims what the tables cover too.
+    pub fn set_trim_floor(&self, floor: u64) -> Result<u64> {
+        self.inner.trim_floor.set(floor);
+        self.trim_wal()
+    }
+
+    fn trim_wal(&self) -> Result<u64> {
+        let checkpoint = self.inner.manifest.borrow().wal_checkpoint;
+        self.inner.wal.trim_before(checkpoint.min(self.inner.trim_floor.get()))
+    }
+
+    /// With nothing in memory (no batch since the last flush), moves the
+    /// checkpoint up to the applied end, so a WAL of other entries only can
+    /// be trimmed without writing a table.
+    pub fn checkpoint_if_idle(&self) -> Result<()> {
+        self.check_failed()?;
+        let end = self.applied_end();
+        let idle = self.inner.mem.borrow().is_empty()
+            && self.inner.imm.borrow().is_none()
+            && !self.inner.compacting.get()
+            && self.inner.unapplied.borrow().is_empty();
+        if !idle || end <= self.inner.manifest.borrow().wal_checkpoint {
+            return Ok(());
+        }
+        let mut next = self.inner.manifest.borrow().clone();
+        next.wal_checkpoint = end;
+        next.store(&self.inner.dir)?;
+        *self.inner.manifest.borrow_mut() = next;
+        self.trim_wal()?;
+        Ok(())
     }
 
     /// Forgets queued batches whose WAL write failed (the WAL was poisoned
@@ -437,8 +583,11 @@ impl Store {
         let mut unapplied = self.inner.unapplied.borrow_mut();
         let mut mem = self.inner.mem.borrow_mut();
         while unapplied.front().is_some_and(|(offset, _)| *offset < durable) {
-            let (offset, batch) = unapplied.pop_front().expect("front exists");
-            apply(&mut mem, &batch);
+            let (offset, entry) = unapplied.pop_front().expect("front exists");
+            match entry {
+                Unapplied::Batch(batch) => apply(&mut mem, &batch),
+                Unapplied::Entry(on_applied) => on_applied(),
+            }
             mem.wal_end = offset + 1;
         }
         let full = mem.bytes >= self.inner.config.memtable_bytes_max;
@@ -477,6 +626,7 @@ impl Store {
         }
         let frozen = std::mem::take(&mut *self.inner.mem.borrow_mut());
         self.inner.mem.borrow_mut().wal_end = frozen.wal_end;
+        self.inner.entry_bytes.set(0);
         *self.inner.imm.borrow_mut() = Some(Rc::new(frozen));
         self.spawn_background(Again::Flush);
     }
@@ -550,7 +700,7 @@ impl Store {
         }
         .await;
         let table = Rc::new(written.map_err(|e| discard(&path, e, Again::Flush))?);
-        let checkpoint = {
+        {
             // The new manifest is stored before memory changes, so a
             // failed store leaves nothing behind that a later store (of a
             // compaction) could persist.
@@ -560,16 +710,14 @@ impl Store {
             self.check_failed().map_err(Interrupted::Fatal)?;
             next.store(&self.inner.dir)
                 .map_err(|e| stored_or_not(&path, e, Again::Flush))?;
-            let checkpoint = next.wal_checkpoint;
             *self.inner.manifest.borrow_mut() = next;
-            checkpoint
-        };
+        }
         self.inner.tables.borrow_mut().insert(0, table);
         *self.inner.imm.borrow_mut() = None;
         let mut stats = self.inner.stats.get();
         stats.flushes += 1;
         self.inner.stats.set(stats);
-        self.inner.wal.trim_before(checkpoint).map_err(Interrupted::Fatal)?;
+        self.trim_wal().map_err(Interrupted::Fatal)?;
         if self.inner.tables.borrow().len() >= self.inner.config.compaction_trigger && !self.inner.compacting.get() {
             self.spawn_background(Again::Compact);
         }

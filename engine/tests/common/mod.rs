@@ -111,6 +111,7 @@ pub fn small_store_config() -> engine::lsm::LsmConfig {
             prewrite_skip_bytes: 8 << 10,
             index_interval_bytes: 4 << 10,
             entries_max: None,
+            sync: true,
         },
     }
 }
