@@ -34,6 +34,10 @@ use serde_json::Value as Json;
 use crate::metastore::{MetaError, Metastore, NodeKind};
 
 pub const CONDUCTOR: &str = "/conductor";
+/// The cluster's identity ([`ClusterIdentity`]), made by the first
+/// Conductor; a Supervisor keeps a copy beside its data and acts on that
+/// data only in the cluster it belongs to.
+pub const CLUSTER: &str = "/cluster";
 pub const SUPERVISORS: &str = "/supervisors";
 pub const MODULES: &str = "/modules";
 pub const ASSIGNMENTS: &str = "/assignments";
@@ -299,6 +303,15 @@ pub fn valid_module_name(name: &str) -> bool {
             .all(|c| c.is_alphanumeric() || c == '_' || c == '-' || c == '.')
 }
 
+/// `/cluster`: who this metastore's cluster is. A Supervisor whose data
+/// belongs to another cluster (or that meets a metastore without one: a
+/// fresh or wiped ZooKeeper) must not take the absence of its module
+/// instances there as their end.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ClusterIdentity {
+    pub id: String,
+}
+
 /// Typed reads and writes of the metadata over any [`Metastore`].
 pub struct Layout<'a> {
     meta: &'a dyn Metastore,
@@ -366,6 +379,30 @@ impl<'a> Layout<'a> {
             .meta
             .get(path)?
             .map(|(d, _)| String::from_utf8_lossy(&d).into_owned()))
+    }
+
+    /// The cluster's identity, if a Conductor made one.
+    pub fn cluster_identity(&self) -> Result<Option<ClusterIdentity>> {
+        self.value(CLUSTER)
+    }
+
+    /// The cluster's identity, made from `fresh` if there is none yet
+    /// (only the first of racing creators wins; all return the winner's).
+    pub fn cluster_identity_or_create(&self, fresh: &str) -> Result<ClusterIdentity> {
+        if let Some(id) = self.cluster_identity()? {
+            return Ok(id);
+        }
+        let made = ClusterIdentity { id: fresh.to_string() };
+        match self.create(CLUSTER, &made, NodeKind::Persistent) {
+            Ok(()) => Ok(made),
+            Err(LayoutError::Meta(MetaError::NodeExists(_))) => {
+                self.cluster_identity()?.ok_or_else(|| LayoutError::Bad {
+                    path: CLUSTER.into(),
+                    reason: "created by another and then removed".into(),
+                })
+            }
+            Err(e) => Err(e),
+        }
     }
 
     /// The Conductor's admin address, when one runs.
@@ -723,6 +760,18 @@ mod tests {
         assert!(missing.to_string().contains("no instance 5"), "{missing}");
         l.set_targets("M", Targets { read: 1, append: 1 }, v).unwrap();
         assert_eq!(l.target_spec("M", false).unwrap().unwrap().incarnation, "inc1");
+    }
+
+    #[test]
+    fn the_first_cluster_identity_wins() {
+        let meta = MemMetastore::new();
+        let l = Layout::new(&meta);
+        assert_eq!(l.cluster_identity().unwrap(), None);
+        let first = l.cluster_identity_or_create("aa").unwrap();
+        assert_eq!(first.id, "aa");
+        // A later Conductor (a restart, a second one racing) keeps it.
+        assert_eq!(l.cluster_identity_or_create("bb").unwrap().id, "aa");
+        assert_eq!(l.cluster_identity().unwrap(), Some(first));
     }
 
     #[test]

@@ -817,6 +817,12 @@ pub fn run(config: &Config, stop: &AtomicBool) -> Result<(), String> {
     let logging = control::logging::Logging::beside(config).map_err(|e| e.to_string())?;
     control::logging::install(&logging, "conductor", "conductor")?;
     let meta = connect_metastore(config, Side::Internal).map_err(|e| e.to_string())?;
+    // The cluster's identity: made by the first Conductor on this
+    // metastore, so Supervisors can tell a fresh or wiped one from theirs.
+    let fresh: String = net::auth::nonce().iter().map(|b| format!("{b:02x}")).collect();
+    let identity = Layout::new(&meta)
+        .cluster_identity_or_create(&fresh)
+        .map_err(|e| format!("reading or making the cluster identity ({}): {e}", layout::CLUSTER))?;
     let host = match config.get("conductor.host") {
         Some(_) => config
             .hosts("conductor.host", Side::Internal)
@@ -854,7 +860,7 @@ pub fn run(config: &Config, stop: &AtomicBool) -> Result<(), String> {
         .map_err(|e| format!("the admin API cannot listen on {host}:{port} (conductor.port): {e}"))?
     };
     let address = server.local_addr().to_string();
-    tracing::info!("admin API on {address}");
+    tracing::info!("admin API on {address} (cluster {})", identity.id);
     while !stop.load(Ordering::SeqCst) {
         // Liveness: the /conductor node, made again after a session loss.
         if conductor.meta.get(layout::CONDUCTOR).ok().flatten().is_none() {

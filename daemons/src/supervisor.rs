@@ -107,6 +107,73 @@ fn supervisor_id(dir: &Path) -> Result<String, String> {
     Ok(id)
 }
 
+/// The file beside a Supervisor's data naming the cluster it belongs to.
+const CLUSTER_FILE: &str = "cluster";
+
+/// Makes sure this Supervisor's data belongs to the cluster of the
+/// metastore it reached before it acts on any of it: a Supervisor pointed
+/// at a fresh, wiped or other cluster's ZooKeeper would otherwise find no
+/// assignments there, stop its workers and delete their data. The first
+/// start records the cluster (waiting for a Conductor to make its
+/// identity); later starts refuse a metastore with another identity or
+/// with none, naming both and what to do.
+fn check_cluster(dir: &Path, layout: &Layout<'_>, config: &Config, stop: &AtomicBool) -> Result<(), String> {
+    let path = dir.join(CLUSTER_FILE);
+    let servers = config
+        .hosts("zookeeper.servers", Side::Internal)
+        .map(|h| h.join(","))
+        .unwrap_or_default();
+    let mine = match std::fs::read_to_string(&path) {
+        Ok(s) => Some(s.trim().to_string()),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => None,
+        Err(e) => return Err(format!("reading {}: {e}", path.display())),
+    };
+    let mut waited = false;
+    loop {
+        let theirs = layout
+            .cluster_identity()
+            .map_err(|e| format!("reading {}: {e}", layout::CLUSTER))?;
+        match (mine.as_deref(), theirs) {
+            (Some(mine), Some(theirs)) if theirs.id == mine => return Ok(()),
+            (Some(mine), Some(theirs)) => {
+                return Err(format!(
+                    "this Supervisor's data ({}) belongs to cluster {mine}, but the ZooKeeper it reached                      (zookeeper.servers {servers}) holds cluster {}: it was started against another                      cluster's ZooKeeper; point zookeeper.servers at its own cluster, or move {} away to                      join this one with no data",
+                    dir.display(),
+                    theirs.id,
+                    dir.display()
+                ))
+            }
+            (Some(mine), None) => {
+                return Err(format!(
+                    "this Supervisor's data ({}) belongs to cluster {mine}, but the ZooKeeper it reached                      (zookeeper.servers {servers}) holds no cluster: it is a fresh or wiped ZooKeeper,                      where none of the modules this data belongs to exist; nothing was stopped or                      removed. Point zookeeper.servers at the cluster's ZooKeeper, or move {} away to                      start over",
+                    dir.display(),
+                    dir.display()
+                ))
+            }
+            (None, Some(theirs)) => {
+                let tmp = dir.join(format!("{CLUSTER_FILE}.tmp"));
+                std::fs::write(&tmp, format!("{}
+", theirs.id))
+                    .and_then(|()| File::open(&tmp)?.sync_all())
+                    .and_then(|()| std::fs::rename(&tmp, &path))
+                    .and_then(|()| File::open(dir)?.sync_all())
+                    .map_err(|e| format!("writing {}: {e}", path.display()))?;
+                return Ok(());
+            }
+            (None, None) => {
+                if stop.load(Ordering::SeqCst) {
+                    return Err("stopped before a Conductor made the cluster identity".into());
+                }
+                if !waited {
+                    tracing::info!("waiting for a Conductor to make the cluster identity ({})", layout::CLUSTER);
+                    waited = true;
+                }
+                std::thread::sleep(Duration::from_millis(200));
+            }
+        }
+    }
+}
+
 /// Whether process `pid` runs the worker of assignment node `path`.
 fn is_worker(pid: u32, path: &str) -> bool {
     std::fs::read(format!("/proc/{pid}/cmdline"))
@@ -463,6 +530,10 @@ pub fn run(config: &Config, stop: &AtomicBool) -> Result<(), String> {
     let ports = config.port_range().map_err(|e| e.to_string())?;
     control::logging::install(&logging, &format!("supervisor-{id}"), &format!("supervisor {id}"))?;
     let meta = connect_metastore(config, Side::Internal).map_err(|e| e.to_string())?;
+    if let Err(e) = check_cluster(&dir, &Layout::new(&meta), config, stop) {
+        tracing::error!("{e}");
+        return Err(e);
+    }
     let secret = net::manager::load_secret(config).map_err(|e| e.to_string())?;
     let mut s = Supervisor {
         config: config.clone(),
@@ -480,7 +551,14 @@ pub fn run(config: &Config, stop: &AtomicBool) -> Result<(), String> {
     };
     s.adopt();
     s.register();
-    tracing::info!("on {} (ports {}-{})", s.host, s.ports.0, s.ports.1);
+    let cluster = std::fs::read_to_string(s.dir.join(CLUSTER_FILE)).unwrap_or_default();
+    tracing::info!(
+        "on {} (ports {}-{}), cluster {}",
+        s.host,
+        s.ports.0,
+        s.ports.1,
+        cluster.trim()
+    );
     while !stop.load(Ordering::SeqCst) {
         if let Err(e) = s.round() {
             tracing::warn!("{e}");

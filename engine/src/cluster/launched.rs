@@ -32,14 +32,34 @@ pub struct MicrobatchProgress {
     pub last_error: Option<String>,
 }
 
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub(super) struct MicrobatchShared {
     pub(super) paused: AtomicBool,
     pub(super) progress: Mutex<MicrobatchProgress>,
     pub(super) changed: Condvar,
+    /// Told (at most one signal queued) when a task thread of this process
+    /// writes a record to a depot partition the topology reads, so an idle
+    /// coordinator wakes at once instead of polling.
+    pub(super) appended: (flume::Sender<()>, flume::Receiver<()>),
+}
+
+impl Default for MicrobatchShared {
+    fn default() -> Self {
+        MicrobatchShared {
+            paused: AtomicBool::default(),
+            progress: Mutex::default(),
+            changed: Condvar::default(),
+            appended: flume::bounded(1),
+        }
+    }
 }
 
 impl MicrobatchShared {
+    /// Wakes the coordinator if it waits for records.
+    pub(super) fn signal_appended(&self) {
+        let _ = self.appended.0.try_send(());
+    }
+
     pub(super) fn publish(&self, id: u64, ends: &BTreeMap<(usize, u32), u64>) {
         let mut p = self.progress.lock().expect("progress");
         p.id = id;
@@ -122,6 +142,8 @@ pub(crate) struct ModuleRuntime {
     pub(super) microbatches: Vec<Option<MicrobatchShared>>,
     /// Per depot: how many stream topologies read it.
     pub(super) stream_consumers: Vec<usize>,
+    /// Per depot: the microbatch topologies reading it.
+    pub(super) microbatch_readers: Vec<Vec<usize>>,
     /// Round-robin origin of queries.
     pub(super) next_origin: AtomicU32,
     pub(super) fault: Option<FaultHook>,

@@ -145,6 +145,16 @@ fn load_ranges(th: &TaskThread, key: &[u8]) -> Result<Option<(u64, Ranges)>> {
     Ok(Some((*id as u64, ranges)))
 }
 
+/// The longest pause between two asks of an idle microbatch coordinator
+/// whose depots have partitions on other workers (and of a paused one):
+/// the most a first record there waits after a quiet spell before its
+/// microbatch is planned.
+const IDLE_POLL_MAX: Duration = Duration::from_millis(100);
+
+/// The same when every partition is on this process: its records wake the
+/// coordinator themselves, so the poll is only a safety net.
+const IDLE_POLL_ALL_LOCAL: Duration = Duration::from_secs(1);
+
 async fn coordinate_inner(th: &Rc<TaskThread>, topology: usize) -> Result<()> {
     let rt = th.rt.clone();
     let name = &rt.def.topologies[topology].name;
@@ -171,12 +181,23 @@ async fn coordinate_inner(th: &Rc<TaskThread>, topology: usize) -> Result<()> {
         .filter(|(id, _)| *id == decided + 1)
         .map(|(_, r)| r);
     let mut attempt = 0u32;
+    // While no depot has new records, the coordinator asks less and less
+    // often (1 ms doubling to the idle poll): each ask is a message to every
+    // task thread, and asking every millisecond kept an idle worker busy.
+    // A record written on this process wakes it at once; records on other
+    // workers' partitions are found by the poll.
+    let idle_max = if (0..rt.placement.parallelism.threads as usize).all(|t| rt.is_local(t)) {
+        IDLE_POLL_ALL_LOCAL
+    } else {
+        IDLE_POLL_MAX
+    };
+    let mut idle = Duration::from_millis(1);
     loop {
         if th.stopping.get() {
             return Ok(());
         }
         if plan.is_none() && shared.paused.load(Ordering::Acquire) {
-            glommio::timer::sleep(Duration::from_millis(2)).await;
+            glommio::timer::sleep(IDLE_POLL_MAX).await;
             continue;
         }
         let id = decided + 1;
@@ -198,9 +219,21 @@ async fn coordinate_inner(th: &Rc<TaskThread>, topology: usize) -> Result<()> {
                     })
                     .collect();
                 if ranges.iter().all(|r| r.2 == r.3) {
-                    glommio::timer::sleep(Duration::from_millis(1)).await;
+                    // A signal left from records this ask already saw.
+                    let _ = shared.appended.1.try_recv();
+                    let signal = async {
+                        let _ = shared.appended.1.recv_async().await;
+                    };
+                    let stop = th.stop_waiters.wait(|| th.stopping.get().then_some(()));
+                    let pause = glommio::timer::sleep(idle);
+                    futures_lite::future::or(futures_lite::future::or(signal, stop), async {
+                        pause.await;
+                    })
+                    .await;
+                    idle = (idle * 2).min(idle_max);
                     continue;
                 }
+                idle = Duration::from_millis(1);
                 let mut batch = WriteBatch::new();
                 batch.put(&plan_key, archived::to_bytes(&ranges_value(&rt, id, &ranges)));
                 th.store.write(batch).await?;

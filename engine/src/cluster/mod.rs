@@ -243,6 +243,15 @@ impl InProcessCluster {
                     .count()
             })
             .collect();
+        let microbatch_readers = (0..def.depots.len())
+            .map(|d| {
+                (0..def.topologies.len())
+                    .filter(|&t| {
+                        def.topologies[t].kind == TopologyKind::Microbatch && def.topologies[t].sources.contains(&d)
+                    })
+                    .collect()
+            })
+            .collect();
         let microbatches = def
             .topologies
             .iter()
@@ -256,6 +265,7 @@ impl InProcessCluster {
             gate: Arc::default(),
             microbatches,
             stream_consumers,
+            microbatch_readers,
             next_origin: AtomicU32::new(0),
             fault: self.fault.clone(),
             stopped: {
@@ -307,6 +317,12 @@ impl InProcessCluster {
                     let th = match thread::open(rt, thread, &dir).await {
                         Ok(th) => th,
                         Err(e) => {
+                            // The channels close before the error is told:
+                            // stopping the launch then finds this thread
+                            // gone, rather than queueing a request no one
+                            // will answer (its senders live on in `rt`, so
+                            // the request would wait there for ever).
+                            drop(inbox);
                             // The storage error as it is (it names the file):
                             // the executor itself started.
                             let _ = ready.send(Err(e));

@@ -330,6 +330,9 @@ pub(super) async fn append(
                 let (at, offset, _) = placed.get();
                 appended.apply(log, at, offset, &record);
             }
+            for &t in &th.rt.microbatch_readers[depot] {
+                th.rt.microbatch(t).signal_appended();
+            }
         })
     };
     let fill = |b: &mut [u8], at: crate::log::Placed| {

@@ -4,6 +4,7 @@
 //! a stale worker from an earlier cluster. Each part names the bug it
 //! guards against.
 
+use std::process::{Command, Stdio};
 use std::time::Duration;
 
 mod common;
@@ -330,6 +331,65 @@ fn a_stale_worker_does_not_join_a_new_cluster() {
     }
     drop((depot, counts, manager));
     let _ = new.rama(&["destroy", "WordCountModule"]);
+}
+
+/// Regression: a Supervisor restarted against a fresh ZooKeeper (wiped, or
+/// another cluster's) found no assignments there, stopped its workers and
+/// deleted their data. Now it refuses to start, naming both clusters, and
+/// nothing of its data or workers is touched.
+#[test]
+fn a_supervisor_keeps_its_data_when_it_meets_another_clusters_zookeeper() {
+    let _one = one_at_a_time();
+    let root = tempfile::tempdir().unwrap();
+    let _kill_workers = KillWorkers(root.path().to_path_buf());
+    let (zk, cport) = (free_port(), free_port());
+    let first = free_port().max(20000) / 2 + 20000;
+    let node = Node::new(
+        root.path(),
+        "node",
+        zk,
+        cport,
+        &format!("supervisor.port.range: [{first}, {}]\n", first + 20),
+    );
+    let zk_daemon = node.daemon("devZookeeper", "ZooKeeper running");
+    let conductor = node.daemon("conductor", "admin API on");
+    let (mut sup, _out) = node.daemon("supervisor", "supervisor ");
+    let out = deploy(&node, ["4", "2", "1"]);
+    assert!(out.status.success(), "{}", text(&out));
+    let worker = node.worker_pid().unwrap();
+    let data = node.dir.join("data/supervisor/data/WordCountModule");
+    assert!(data.is_dir());
+    sup.0.kill().unwrap();
+    sup.0.wait().unwrap();
+    std::mem::forget(sup);
+    drop(conductor);
+    drop(zk_daemon);
+    // A fresh ZooKeeper and Conductor at the same address: a new cluster.
+    std::fs::remove_dir_all(node.dir.join("data/zookeeper")).unwrap();
+    let _zk = node.daemon("devZookeeper", "ZooKeeper running");
+    let _conductor = node.daemon("conductor", "admin API on");
+    let mut child = Command::new(env!("CARGO_BIN_EXE_rama"))
+        .current_dir(&node.dir)
+        .env_remove("RAMA_CONFIG")
+        .arg("supervisor")
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut status = None;
+    eventually("the Supervisor to refuse the other cluster", || {
+        status = child.try_wait().unwrap();
+        status.is_some()
+    });
+    let mut err = String::new();
+    std::io::Read::read_to_string(&mut child.stderr.take().unwrap(), &mut err).unwrap();
+    assert!(!status.unwrap().success(), "{err}");
+    assert!(
+        err.contains("belongs to cluster") && err.contains("holds cluster"),
+        "{err}"
+    );
+    assert!(data.is_dir(), "the data is kept");
+    assert!(alive(worker), "its worker is left alone");
 }
 
 /// Regression: 16 bytes flipped in the middle of a depot's active segment
