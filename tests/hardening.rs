@@ -9,7 +9,7 @@ use std::time::Duration;
 
 mod common;
 
-use common::{alive, eventually, examples_artifact, free_port, text, KillWorkers, Node};
+use common::{alive, eventually, examples_artifact, free_port, text, Daemon, KillWorkers, Node};
 use control::config::Side;
 use engine::pstate::Nav;
 use engine::value::{archived, Value};
@@ -272,6 +272,35 @@ fn hostile_input_is_refused_and_the_cluster_goes_on() {
 /// of one worker id deleted each other every 500 ms and clients reached
 /// the stale worker (word counts came out wrong). A worker now serves only
 /// while its assignment names its module instance.
+/// The daemons of a one-node cluster: ZooKeeper, the Conductor, the
+/// Supervisor (with its stdout, kept open).
+struct OneNode([(Daemon, std::io::BufReader<std::process::ChildStdout>); 3]);
+
+/// ZooKeeper, a Conductor and a Supervisor on node `name`, WordCountModule
+/// deployed (tasks 4, threads 2, one worker).
+fn one_node_with_wordcount(root: &std::path::Path, name: &str, zk: u16, cport: u16, extra: &str) -> (Node, OneNode) {
+    let node = Node::new(root, name, zk, cport, extra);
+    let zk_daemon = node.daemon("devZookeeper", "ZooKeeper running");
+    let conductor = node.daemon("conductor", "admin API on");
+    let sup = node.daemon("supervisor", "supervisor ");
+    let out = deploy(&node, ["4", "2", "1"]);
+    assert!(out.status.success(), "{}", text(&out));
+    (node, OneNode([zk_daemon, conductor, sup]))
+}
+
+/// The Supervisor dies (its worker goes on, by design), the Conductor and
+/// ZooKeeper stop, and ZooKeeper's data is wiped.
+fn lose_the_cluster(node: &Node, cluster: OneNode) {
+    let OneNode([zk_daemon, conductor, (mut sup, _out)]) = cluster;
+    sup.0.kill().unwrap();
+    sup.0.wait().unwrap();
+    // Reaped: its Drop must not signal a pid that may be reused.
+    std::mem::forget(sup);
+    drop(conductor);
+    drop(zk_daemon);
+    std::fs::remove_dir_all(node.dir.join("data/zookeeper")).unwrap();
+}
+
 #[test]
 fn a_stale_worker_does_not_join_a_new_cluster() {
     let _one = one_at_a_time();
@@ -280,12 +309,7 @@ fn a_stale_worker_does_not_join_a_new_cluster() {
     let (zk, cport) = (free_port(), free_port());
     let first = free_port().max(20000) / 2 + 20000;
     let ports = |at: u16| format!("supervisor.port.range: [{at}, {}]\n", at + 20);
-    let old = Node::new(root.path(), "old", zk, cport, &ports(first));
-    let zk_daemon = old.daemon("devZookeeper", "ZooKeeper running");
-    let conductor = old.daemon("conductor", "admin API on");
-    let (mut sup, _out) = old.daemon("supervisor", "supervisor ");
-    let out = deploy(&old, ["4", "2", "1"]);
-    assert!(out.status.success(), "{}", text(&out));
+    let (old, cluster) = one_node_with_wordcount(root.path(), "old", zk, cport, &ports(first));
     let stale = old.worker_pid().unwrap();
     let manager = ClusterManager::open_with(Some(&old.dir.join("rama.yaml")), &[], Side::External).unwrap();
     let depot = manager.depot("WordCountModule", "*sentences").unwrap();
@@ -298,14 +322,8 @@ fn a_stale_worker_does_not_join_a_new_cluster() {
     // The Supervisor dies (its worker goes on, by design); the cluster's
     // ZooKeeper and Conductor are replaced by fresh ones on the same
     // address and root, with the same secret.
-    sup.0.kill().unwrap();
-    sup.0.wait().unwrap();
-    // Reaped: its Drop must not signal a pid that may be reused.
-    std::mem::forget(sup);
-    drop(conductor);
-    drop(zk_daemon);
+    lose_the_cluster(&old, cluster);
     assert!(alive(stale), "the worker outlives its Supervisor");
-    std::fs::remove_dir_all(old.dir.join("data/zookeeper")).unwrap();
     let new = Node::new(root.path(), "new", zk, cport, &ports(first + 100));
     let _zk = new.daemon("devZookeeper", "ZooKeeper running");
     let _conductor = new.daemon("conductor", "admin API on");
@@ -344,28 +362,13 @@ fn a_supervisor_keeps_its_data_when_it_meets_another_clusters_zookeeper() {
     let _kill_workers = KillWorkers(root.path().to_path_buf());
     let (zk, cport) = (free_port(), free_port());
     let first = free_port().max(20000) / 2 + 20000;
-    let node = Node::new(
-        root.path(),
-        "node",
-        zk,
-        cport,
-        &format!("supervisor.port.range: [{first}, {}]\n", first + 20),
-    );
-    let zk_daemon = node.daemon("devZookeeper", "ZooKeeper running");
-    let conductor = node.daemon("conductor", "admin API on");
-    let (mut sup, _out) = node.daemon("supervisor", "supervisor ");
-    let out = deploy(&node, ["4", "2", "1"]);
-    assert!(out.status.success(), "{}", text(&out));
+    let ports = format!("supervisor.port.range: [{first}, {}]\n", first + 20);
+    let (node, cluster) = one_node_with_wordcount(root.path(), "node", zk, cport, &ports);
     let worker = node.worker_pid().unwrap();
     let data = node.dir.join("data/supervisor/data/WordCountModule");
     assert!(data.is_dir());
-    sup.0.kill().unwrap();
-    sup.0.wait().unwrap();
-    std::mem::forget(sup);
-    drop(conductor);
-    drop(zk_daemon);
+    lose_the_cluster(&node, cluster);
     // A fresh ZooKeeper and Conductor at the same address: a new cluster.
-    std::fs::remove_dir_all(node.dir.join("data/zookeeper")).unwrap();
     let _zk = node.daemon("devZookeeper", "ZooKeeper running");
     let _conductor = node.daemon("conductor", "admin API on");
     let mut child = Command::new(env!("CARGO_BIN_EXE_rama"))

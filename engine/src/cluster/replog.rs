@@ -108,7 +108,7 @@ pub(super) async fn replay(
             };
             // A depot this module no longer has (a later instance dropped
             // it): its entries have nowhere to go.
-            let Some(d) = rt.depot_ids.iter().position(|&id| id == entry.depot) else {
+            let Some(d) = rt.depot_of_id(entry.depot) else {
                 continue;
             };
             let log = tasks
