@@ -318,10 +318,7 @@ fn admin(cli: &Cli, config: &Config) -> Result<admin::Admin, String> {
 }
 
 fn module_state(admin: &admin::Admin, module: &str) -> Result<Option<String>, String> {
-    let r = admin.call(&admin::request(
-        "status",
-        [("module", engine::value::Value::from(module))],
-    ))?;
+    let r = admin.call_request(&admin::AdminRequest::Status { module: module.into() })?;
     Ok(r.get(&engine::value::Value::from("state"))
         .and_then(engine::value::Value::as_str)
         .map(str::to_string))
@@ -357,23 +354,20 @@ fn deploy(cli: &Cli, config: &Config) -> Result<(), Failure> {
         return Err(Failure::Failed(format!("--jar {}: no such file", jar.display())));
     }
     let admin = admin(cli, config)?;
-    use engine::value::Value;
-    let fields = |artifact: &str| {
-        [
-            ("module", Value::from(module.as_str())),
-            ("artifact", Value::from(artifact)),
-            ("tasks", Value::from(*tasks)),
-            ("threads", Value::from(*threads)),
-            ("workers", Value::from(*workers)),
-            ("replicationFactor", Value::from(*replication_factor)),
-            ("configOverrides", Value::from(overrides.to_json().to_string())),
-        ]
+    let args = |artifact: String| admin::DeployArgs {
+        module: module.clone(),
+        artifact,
+        tasks: *tasks,
+        threads: *threads,
+        workers: *workers,
+        replication_factor: *replication_factor,
+        config_overrides: Some(overrides.to_json().to_string()),
     };
     // Everything but the artifact is checked before the upload.
-    admin.call(&admin::request("deployCheck", fields("")))?;
+    admin.call_request(&admin::AdminRequest::DeployCheck(args(String::new())))?;
     println!("uploading {}", jar.display());
     let artifact = conductor::upload(&admin, jar)?;
-    admin.call(&admin::request("deploy", fields(&artifact)))?;
+    admin.call_request(&admin::AdminRequest::Deploy(args(artifact)))?;
     let deadline = std::time::Instant::now() + Duration::from_secs(240);
     let mut last = String::new();
     loop {
@@ -762,8 +756,7 @@ fn main() -> ExitCode {
             Cmd::Deploy { .. } => deploy(&cli, &config),
             Cmd::ModuleStatus { module } => {
                 use engine::value::Value;
-                let r = admin(&cli, &config)?
-                    .call(&admin::request("status", [("module", Value::from(module.as_str()))]))?;
+                let r = admin(&cli, &config)?.call_request(&admin::AdminRequest::Status { module: module.clone() })?;
                 let Some(state) = r.get(&Value::from("state")).and_then(Value::as_str) else {
                     return Err(Failure::Failed(format!("no module named {module} is deployed")));
                 };
@@ -858,10 +851,7 @@ fn main() -> ExitCode {
             }
             Cmd::Destroy { module } => {
                 let admin = admin(&cli, &config)?;
-                admin.call(&admin::request(
-                    "destroy",
-                    [("module", engine::value::Value::from(module.as_str()))],
-                ))?;
+                admin.call_request(&admin::AdminRequest::Destroy { module: module.clone() })?;
                 println!("{module}: {}", admin::shown("destroying"));
                 let deadline = std::time::Instant::now() + Duration::from_secs(120);
                 while module_state(&admin, module)?.is_some() {

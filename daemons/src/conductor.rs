@@ -899,7 +899,7 @@ pub fn upload(admin: &admin::Admin, jar: &Path) -> Result<String, String> {
     if !f.metadata().map_err(|e| e.to_string())?.is_file() {
         return Err(format!("--jar {} is not a file", jar.display()));
     }
-    let up = admin.call(&admin::request("uploadStart", [("size", Value::Int(size as i64))]))?;
+    let up = admin.call_request(&admin::AdminRequest::UploadStart { size })?;
     let id = int(&up, "upload")?;
     let mut offset = 0u64;
     let mut buf = vec![0u8; CHUNK_BYTES];
@@ -908,17 +908,14 @@ pub fn upload(admin: &admin::Admin, jar: &Path) -> Result<String, String> {
         if n == 0 {
             break;
         }
-        admin.call(&admin::request(
-            "uploadChunk",
-            [
-                ("upload", Value::Int(id)),
-                ("offset", Value::Int(offset as i64)),
-                ("data", Value::Bytes(buf[..n].to_vec())),
-            ],
-        ))?;
+        admin.call_request(&admin::AdminRequest::UploadChunk {
+            upload: id,
+            offset,
+            data: buf[..n].to_vec(),
+        })?;
         offset += n as u64;
     }
-    let done = admin.call(&admin::request("uploadFinish", [("upload", Value::Int(id))]))?;
+    let done = admin.call_request(&admin::AdminRequest::UploadFinish { upload: id })?;
     Ok(text(&done, "artifact")?.to_string())
 }
 

@@ -31,7 +31,6 @@ use std::time::Duration;
 use control::config::{Config, Side};
 use control::layout::{self, Assignment, Layout, SupervisorInfo};
 use control::metastore::{Metastore, NodeKind, ZkMetastore};
-use engine::value::Value;
 use net::manager::connect_metastore;
 
 use net::admin::{self, bytes, int, Admin};
@@ -272,10 +271,10 @@ impl Supervisor {
         let mut f = File::create(&part).map_err(|e| format!("creating {}: {e}", part.display()))?;
         let mut offset = 0i64;
         loop {
-            let r = admin.call(&admin::request(
-                "download",
-                [("artifact", Value::from(hash)), ("offset", Value::Int(offset))],
-            ))?;
+            let r = admin.call_request(&admin::AdminRequest::Download {
+                artifact: hash.to_string(),
+                offset: offset as u64,
+            })?;
             let data = bytes(&r, "data")?;
             f.write_all(data).map_err(|e| e.to_string())?;
             offset += data.len() as i64;

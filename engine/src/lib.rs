@@ -22,6 +22,7 @@ pub mod runtime;
 pub mod sync;
 pub mod value;
 mod varint;
+pub mod wire;
 
 pub use error::{Error, ErrorCode, Result};
 

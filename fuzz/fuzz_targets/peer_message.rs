@@ -14,17 +14,21 @@
 mod common;
 
 use libfuzzer_sys::fuzz_target;
-use engine::value::{archived, Value};
+use engine::value::archived;
+use engine::wire::{ArchivedControlOp, ArchivedPeerMessage};
 
 fuzz_target!(|data: &[u8]| {
     let Some((&lane, message)) = data.split_first() else {
         return;
     };
-    if let Ok(Value::List(p)) = archived::from_bytes(message) {
-        if p.first().and_then(Value::as_str) == Some("gateClose") {
-            return;
-        }
+    if let Ok(ArchivedPeerMessage::Control {
+        op: ArchivedControlOp::GateClose { .. },
+        ..
+    }) = archived::access_as::<ArchivedPeerMessage>(message)
+    {
+        return;
     }
     let answer = common::CLUSTER.serve_peer("BankTransferModule", u32::from(lane % 8), message);
-    let _ = futures_lite::future::block_on(answer);
+    let answer = futures_lite::future::block_on(answer);
+    engine::wire::decode_answer(&answer).expect("every answer decodes");
 });

@@ -1,23 +1,21 @@
-//! The Conductor's admin API: requests and responses are `Value` maps sent
-//! as rkyv archives over the framed transport (like the wire protocol of
-//! workers).
+//! The Conductor's admin API: requests are [`AdminRequest`]s, rkyv types
+//! of the message vocabulary (like `engine::wire`'s), read in place and
+//! checked (string lengths, ranges) before the Conductor acts on any;
+//! answers are `Value` maps (documents the CLI prints):
 //!
 //! ```text
-//! {op: uploadStart, size}                 -> {upload}
-//! {op: uploadChunk, upload, offset, data} -> {}
-//! {op: uploadFinish, upload}              -> {artifact: sha256 hex}
-//! {op: download, artifact, offset}        -> {data, size}      (4 MiB per call)
-//! {op: deployCheck, module, artifact: "", tasks, threads, workers, replicationFactor, configOverrides}
-//!                                         -> {}  (every check that needs no artifact; before the upload)
-//! {op: deploy, module, artifact, tasks, threads, workers, replicationFactor, configOverrides} -> {state}
-//! {op: status, module}                    -> {state, down: [{worker, error}]}  (state nil: no such module)
-//! {op: taskGroups, module}                -> {groups: [{taskGroup, tasks, worker, address, supervisor, down}]}
-//! {op: workers, module}                   -> {workers: [{worker, address, tasks, threads, workers}]}
-//! {op: destroy, module}                   -> {state}
+//! UploadStart {size}                 -> {upload}
+//! UploadChunk {upload, offset, data} -> {}
+//! UploadFinish {upload}              -> {artifact: sha256 hex}
+//! Download {artifact, offset}        -> {data, size}      (4 MiB per call)
+//! DeployCheck (artifact "")          -> {}  (every check that needs no artifact; before the upload)
+//! Deploy {module, artifact, tasks, threads, workers, replicationFactor, configOverrides} -> {state}
+//! Status {module}                    -> {state, down: [{worker, error}]}  (state nil: no such module)
+//! TaskGroups {module, instance?}     -> {groups: [{taskGroup, tasks, worker, address, supervisor, down}]}
+//! Workers {module, append}           -> {workers: [{worker, address, tasks, threads, workers}]}
+//! Destroy {module}                   -> {state}
 //! errors: {error: message}
 //! ```
-//! The Conductor decodes every request into an [`AdminRequest`] (fields
-//! checked for presence, type and range) before it acts on any.
 
 use std::collections::BTreeMap;
 
@@ -41,17 +39,8 @@ impl Admin {
     }
 
     /// Sends `request`; the response map, or its error message.
-    pub fn call(&self, request: &Value) -> Result<BTreeMap<Value, Value>, String> {
-        self.call_bytes(&archived::to_bytes(request))
-    }
-
-    /// Sends a typed request (encoded as the Conductor decodes it).
     pub fn call_request(&self, request: &AdminRequest) -> Result<BTreeMap<Value, Value>, String> {
-        self.call_bytes(&request.encode())
-    }
-
-    fn call_bytes(&self, request: &[u8]) -> Result<BTreeMap<Value, Value>, String> {
-        let bytes = self.conn.call(request).map_err(|e| e.to_string())?;
+        let bytes = self.conn.call(&request.encode()).map_err(|e| e.to_string())?;
         let Value::Map(m) = archived::from_bytes(&bytes).map_err(|e| e.to_string())? else {
             return Err("the Conductor sent a response that is not a map".into());
         };
@@ -60,13 +49,6 @@ impl Admin {
         }
         Ok(m)
     }
-}
-
-/// Builds a request map.
-pub fn request<const N: usize>(op: &str, fields: [(&str, Value); N]) -> Value {
-    let mut m: BTreeMap<Value, Value> = fields.into_iter().map(|(k, v)| (Value::from(k), v)).collect();
-    m.insert(Value::from("op"), Value::from(op));
-    Value::Map(m)
 }
 
 /// A string field of a map.
@@ -92,7 +74,7 @@ pub fn bytes<'m>(m: &'m BTreeMap<Value, Value>, name: &str) -> Result<&'m [u8], 
 }
 
 /// A deploy's arguments (`deploy` and `deployCheck`).
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, rkyv::Archive, rkyv::Serialize, rkyv::Deserialize)]
 pub struct DeployArgs {
     pub module: String,
     /// The artifact's sha256 (empty for `deployCheck`).
@@ -107,7 +89,7 @@ pub struct DeployArgs {
 
 /// One admin request, decoded and checked: every field present with its
 /// type and range, nothing else trusted. The Conductor acts only on these.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, rkyv::Archive, rkyv::Serialize, rkyv::Deserialize)]
 pub enum AdminRequest {
     UploadStart {
         size: u64,
@@ -149,140 +131,37 @@ pub enum AdminRequest {
 const TEXT_BYTES_MAX: usize = 64 << 10;
 
 impl AdminRequest {
-    /// Decodes an admin request from the bytes of a frame (an archived
-    /// `Value` map; nesting and sizes bounded by the archive's checks).
+    /// Decodes an admin request from the bytes of a frame and checks it
+    /// (nesting and sizes bounded by the archive's checks, strings by
+    /// [`TEXT_BYTES_MAX`]).
     pub fn decode(frame: &[u8]) -> Result<AdminRequest, String> {
-        let v = archived::from_bytes(frame).map_err(|e| format!("the request does not decode: {e}"))?;
-        let Value::Map(m) = v else {
-            return Err("a request is a map".into());
-        };
-        let string = |name: &str| -> Result<String, String> {
-            let s = text(&m, name)?;
+        let r = archived::decode_as::<AdminRequest>(frame).map_err(|e| format!("the request does not decode: {e}"))?;
+        let text = |name: &str, s: &str| -> Result<(), String> {
             if s.len() > TEXT_BYTES_MAX {
                 return Err(format!("field {name} is {} bytes, above {TEXT_BYTES_MAX}", s.len()));
             }
-            Ok(s.to_string())
+            Ok(())
         };
-        let unsigned = |name: &str| -> Result<u64, String> {
-            u64::try_from(int(&m, name)?).map_err(|_| format!("field {name} must not be negative"))
-        };
-        let count = |name: &str| -> Result<u32, String> {
-            u32::try_from(int(&m, name)?).map_err(|_| format!("--{name} must be a positive number below 2^32"))
-        };
-        let deploy = || -> Result<DeployArgs, String> {
-            Ok(DeployArgs {
-                module: string("module")?,
-                artifact: string("artifact")?,
-                tasks: count("tasks")?,
-                threads: count("threads")?,
-                workers: count("workers")?,
-                replication_factor: count("replicationFactor")?,
-                config_overrides: match m.get(&Value::from("configOverrides")) {
-                    None | Some(Value::Nil) => None,
-                    Some(_) => Some(string("configOverrides")?),
-                },
-            })
-        };
-        Ok(match text(&m, "op")? {
-            "uploadStart" => AdminRequest::UploadStart {
-                size: unsigned("size")?,
-            },
-            "uploadChunk" => AdminRequest::UploadChunk {
-                upload: int(&m, "upload")?,
-                offset: unsigned("offset")?,
-                data: bytes(&m, "data")?.to_vec(),
-            },
-            "uploadFinish" => AdminRequest::UploadFinish {
-                upload: int(&m, "upload")?,
-            },
-            "download" => AdminRequest::Download {
-                artifact: string("artifact")?,
-                offset: unsigned("offset")?,
-            },
-            "deployCheck" => AdminRequest::DeployCheck(deploy()?),
-            "deploy" => AdminRequest::Deploy(deploy()?),
-            "status" => AdminRequest::Status {
-                module: string("module")?,
-            },
-            "taskGroups" => AdminRequest::TaskGroups {
-                module: string("module")?,
-                instance: match m.get(&Value::from("instance")) {
-                    None | Some(Value::Nil) => None,
-                    Some(_) => Some(count("instance")?),
-                },
-            },
-            "workers" => AdminRequest::Workers {
-                module: string("module")?,
-                append: match m.get(&Value::from("target")).map(Value::as_str) {
-                    None | Some(Some("read")) => false,
-                    Some(Some("append")) => true,
-                    Some(other) => return Err(format!("field target must be read or append, got {other:?}")),
-                },
-            },
-            "destroy" => AdminRequest::Destroy {
-                module: string("module")?,
-            },
-            other => return Err(format!("unknown admin op {other:?}")),
-        })
+        match &r {
+            AdminRequest::Download { artifact, .. } => text("artifact", artifact)?,
+            AdminRequest::DeployCheck(d) | AdminRequest::Deploy(d) => {
+                text("module", &d.module)?;
+                text("artifact", &d.artifact)?;
+                text("configOverrides", d.config_overrides.as_deref().unwrap_or_default())?;
+            }
+            AdminRequest::Status { module }
+            | AdminRequest::TaskGroups { module, .. }
+            | AdminRequest::Workers { module, .. }
+            | AdminRequest::Destroy { module } => text("module", module)?,
+            AdminRequest::UploadStart { .. } | AdminRequest::UploadChunk { .. } | AdminRequest::UploadFinish { .. } => {
+            }
+        }
+        Ok(r)
     }
 
     /// The request as the client sends it.
     pub fn encode(&self) -> Vec<u8> {
-        let module = |op: &str, module: &str| request(op, [("module", Value::from(module))]);
-        let deploy = |op: &str, d: &DeployArgs| {
-            let mut fields = vec![
-                ("module", Value::from(d.module.as_str())),
-                ("artifact", Value::from(d.artifact.as_str())),
-                ("tasks", Value::from(d.tasks)),
-                ("threads", Value::from(d.threads)),
-                ("workers", Value::from(d.workers)),
-                ("replicationFactor", Value::from(d.replication_factor)),
-            ];
-            if let Some(c) = &d.config_overrides {
-                fields.push(("configOverrides", Value::from(c.as_str())));
-            }
-            let mut m: BTreeMap<Value, Value> = fields.into_iter().map(|(k, v)| (Value::from(k), v)).collect();
-            m.insert(Value::from("op"), Value::from(op));
-            Value::Map(m)
-        };
-        let v = match self {
-            AdminRequest::UploadStart { size } => request("uploadStart", [("size", Value::Int(*size as i64))]),
-            AdminRequest::UploadChunk { upload, offset, data } => request(
-                "uploadChunk",
-                [
-                    ("upload", Value::Int(*upload)),
-                    ("offset", Value::Int(*offset as i64)),
-                    ("data", Value::Bytes(data.clone())),
-                ],
-            ),
-            AdminRequest::UploadFinish { upload } => request("uploadFinish", [("upload", Value::Int(*upload))]),
-            AdminRequest::Download { artifact, offset } => request(
-                "download",
-                [
-                    ("artifact", Value::from(artifact.as_str())),
-                    ("offset", Value::Int(*offset as i64)),
-                ],
-            ),
-            AdminRequest::DeployCheck(d) => deploy("deployCheck", d),
-            AdminRequest::Deploy(d) => deploy("deploy", d),
-            AdminRequest::Status { module: m } => module("status", m),
-            AdminRequest::TaskGroups { module: m, instance } => match instance {
-                Some(n) => request(
-                    "taskGroups",
-                    [("module", Value::from(m.as_str())), ("instance", Value::from(*n))],
-                ),
-                None => module("taskGroups", m),
-            },
-            AdminRequest::Workers { module: m, append } => request(
-                "workers",
-                [
-                    ("module", Value::from(m.as_str())),
-                    ("target", Value::from(if *append { "append" } else { "read" })),
-                ],
-            ),
-            AdminRequest::Destroy { module: m } => module("destroy", m),
-        };
-        archived::to_bytes(&v)
+        archived::encode(self)
     }
 }
 
@@ -329,15 +208,18 @@ mod tests {
         ] {
             assert_eq!(AdminRequest::decode(&r.encode()).unwrap(), r);
         }
-        let e = AdminRequest::decode(&archived::to_bytes(&request(
-            "deploy",
-            [("module", Value::from("M")), ("tasks", Value::Int(-1))],
-        )))
+        let e = AdminRequest::decode(
+            &AdminRequest::Status {
+                module: "m".repeat(TEXT_BYTES_MAX + 1),
+            }
+            .encode(),
+        )
         .unwrap_err();
-        assert!(e.contains("artifact") || e.contains("tasks"), "{e}");
-        let e =
-            AdminRequest::decode(&archived::to_bytes(&request("uploadStart", [("size", Value::Int(-5))]))).unwrap_err();
-        assert!(e.contains("size must not be negative"), "{e}");
+        assert!(e.contains("field module is"), "{e}");
+        // A request of the old form (a Value map) is refused, named.
+        let old_form = Value::map([("op", Value::from("uploadStart")), ("size", Value::Int(5))]);
+        let e = AdminRequest::decode(&archived::to_bytes(&old_form)).unwrap_err();
+        assert!(e.contains("does not decode"), "{e}");
         assert!(AdminRequest::decode(&archived::deep_list_archive(100_000)).is_err());
         assert!(AdminRequest::decode(b"\x00\x01garbage").is_err());
     }

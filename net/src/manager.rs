@@ -322,15 +322,11 @@ impl Inner {
             Directory::Metastore(meta) => registered_workers(meta.as_ref(), module, target),
             Directory::Conductor(addr) => {
                 let admin = crate::admin::Admin::connect(addr, &self.secret).map_err(Error::Unavailable)?;
-                let target_name = match target {
-                    Target::Read => "read",
-                    Target::Append => "append",
-                };
                 let answer = admin
-                    .call(&crate::admin::request(
-                        "workers",
-                        [("module", Value::from(module)), ("target", Value::from(target_name))],
-                    ))
+                    .call_request(&crate::admin::AdminRequest::Workers {
+                        module: module.to_string(),
+                        append: matches!(target, Target::Append),
+                    })
                     .map_err(|e| Error::Closed(format!("the Conductor at {addr}: {e}")))?;
                 let Some(Value::List(list)) = answer.get(&Value::from("workers")) else {
                     return Err(Error::Closed(format!(

@@ -30,7 +30,8 @@ use engine::value::{archived, Value};
 use engine::{Error, Result};
 
 use crate::transport::{Connection, FRAME_BYTES_MAX, PROTOCOL_VERSION};
-use crate::wire;
+use crate::wire::{self, ClientRequest};
+use engine::wire::Payload;
 
 /// A connection to a worker.
 #[derive(Debug, Clone)]
@@ -50,8 +51,8 @@ impl RemoteCluster {
         Ok(RemoteCluster { conn: Arc::new(conn) })
     }
 
-    fn call(&self, request: &Value) -> Result<std::collections::BTreeMap<Value, Value>> {
-        let bytes = self.conn.call(&archived::to_bytes(request)).map_err(net_error)?;
+    fn call(&self, request: &[u8]) -> Result<Payload> {
+        let bytes = self.conn.call(request).map_err(net_error)?;
         wire::response(&bytes)
     }
 
@@ -59,13 +60,12 @@ impl RemoteCluster {
     /// bound of requests in flight); the future resolves to the response.
     fn call_future(
         &self,
-        request: &Value,
-    ) -> Result<impl std::future::Future<Output = Result<std::collections::BTreeMap<Value, Value>>> + Send + 'static>
-    {
+        request: &[u8],
+    ) -> Result<impl std::future::Future<Output = Result<Payload>> + Send + 'static> {
         let (tx, rx) = flume::bounded(1);
         self.conn
             .send_with(
-                &archived::to_bytes(request),
+                request,
                 Box::new(move |answer| {
                     let _ = tx.send(answer);
                 }),
@@ -246,7 +246,7 @@ impl Targets {
 
     /// Sends `request` to `to`, and once more after a reconnect when
     /// `idempotent` and its connection ended.
-    fn call(&self, to: To, request: &Value, idempotent: bool) -> Result<std::collections::BTreeMap<Value, Value>> {
+    fn call(&self, to: To, request: &[u8], idempotent: bool) -> Result<Payload> {
         let used = self.pick(to)?;
         match used.call(request) {
             Err(e) if idempotent && self.may_resend(&e, &used) => self.pick(to)?.call(request),
@@ -273,10 +273,10 @@ impl Targets {
     fn send(
         &self,
         to: To,
-        request: &Value,
+        request: &[u8],
     ) -> Result<(
         RemoteCluster,
-        impl std::future::Future<Output = Result<std::collections::BTreeMap<Value, Value>>> + Send + 'static,
+        impl std::future::Future<Output = Result<Payload>> + Send + 'static,
     )> {
         let used = self.pick(to)?;
         match used.call_future(request) {
@@ -308,13 +308,19 @@ impl RemoteDepot {
         }
     }
 
+    /// The request appending `record`: the record is archived here, once;
+    /// the worker stores these bytes.
+    fn append_request(&self, record: &Value, ack: AckLevel) -> Vec<u8> {
+        archived::encode(&ClientRequest::Append {
+            module: self.module.clone(),
+            depot: self.depot.clone(),
+            record: archived::to_bytes(record),
+            ack,
+        })
+    }
+
     pub fn append(&self, record: &Value, ack: AckLevel) -> Result<AppendResult> {
-        let m = self.cluster.call(
-            To::Any,
-            &wire::append_request(&self.module, &self.depot, record, ack),
-            false,
-        )?;
-        wire::append_result(&m)
+        wire::append_result(self.cluster.call(To::Any, &self.append_request(record, ack), false)?)
     }
 
     /// Sends the append now; the future resolves when `ack` is met. Many
@@ -324,35 +330,20 @@ impl RemoteDepot {
         record: &Value,
         ack: AckLevel,
     ) -> Result<impl std::future::Future<Output = Result<AppendResult>> + Send + 'static> {
-        let (_, pending) = self
-            .cluster
-            .send(To::Any, &wire::append_request(&self.module, &self.depot, record, ack))?;
-        Ok(async move { wire::append_result(&pending.await?) })
+        let (_, pending) = self.cluster.send(To::Any, &self.append_request(record, ack))?;
+        Ok(async move { wire::append_result(pending.await?) })
     }
 
     pub fn read(&self, task: u32, start: u64, end: u64, bytes_max: usize) -> Result<Vec<(u64, Value)>> {
-        let request = Value::map([
-            ("op", Value::from("read")),
-            ("module", Value::from(self.module.as_str())),
-            ("depot", Value::from(self.depot.as_str())),
-            ("task", Value::from(task)),
-            ("start", Value::Int(i64::try_from(start).unwrap_or(i64::MAX))),
-            ("end", Value::Int(i64::try_from(end).unwrap_or(i64::MAX))),
-            ("bytesMax", Value::Int(i64::try_from(bytes_max).unwrap_or(i64::MAX))),
-        ]);
-        let m = self.cluster.call(To::Task(task), &request, true)?;
-        let Some(Value::List(records)) = m.get(&Value::from("records")) else {
-            return Err(Error::Closed("a read response has no records".into()));
-        };
-        records
-            .iter()
-            .map(|r| match r {
-                Value::List(p) if p.len() == 2 => Ok((p[0].as_int().unwrap_or(0) as u64, p[1].clone())),
-                _ => Err(Error::Closed(
-                    "a record in a read response is not [offset, record]".into(),
-                )),
-            })
-            .collect()
+        let request = archived::encode(&ClientRequest::Read {
+            module: self.module.clone(),
+            depot: self.depot.clone(),
+            task,
+            start,
+            end,
+            bytes_max: bytes_max as u64,
+        });
+        wire::records(self.cluster.call(To::Task(task), &request, true)?)
     }
 }
 
@@ -385,27 +376,19 @@ impl RemotePState {
         RemoteCluster,
         impl std::future::Future<Output = Result<Vec<Value>>> + Send + 'static,
     )> {
-        let mut req = vec![
-            ("op", Value::from("select")),
-            ("module", Value::from(self.module.as_str())),
-            ("pstate", Value::from(self.pstate.as_str())),
-            ("path", wire::path_to_value(path)),
-        ];
-        if let Some(t) = task {
-            req.push(("task", Value::from(t)));
-        }
+        let request = archived::encode(&ClientRequest::Select {
+            module: self.module.clone(),
+            pstate: self.pstate.clone(),
+            path: path.to_vec(),
+            task,
+        });
         let owner = match (task, path.first(), self.cluster.tasks()) {
             (Some(t), _, _) => Some(t),
             (None, Some(Nav::Key(k)), Some(tasks)) => Some(task_for_key(k, tasks)),
             _ => None,
         };
-        let (used, pending) = self.cluster.send(owner.map_or(To::Any, To::Task), &Value::map(req))?;
-        Ok((used, async move {
-            match pending.await?.remove(&Value::from("values")) {
-                Some(Value::List(v)) => Ok(v),
-                _ => Err(Error::Closed("a select response has no values".into())),
-            }
-        }))
+        let (used, pending) = self.cluster.send(owner.map_or(To::Any, To::Task), &request)?;
+        Ok((used, async move { wire::selected(pending.await?) }))
     }
 
     /// `select` sent now; the future resolves to the values. Many may be
@@ -468,21 +451,13 @@ impl RemoteQuery {
         RemoteCluster,
         impl std::future::Future<Output = Result<Value>> + Send + 'static,
     )> {
-        let (used, pending) = self.cluster.send(
-            To::Any,
-            &Value::map([
-                ("op", Value::from("invoke")),
-                ("module", Value::from(self.module.as_str())),
-                ("query", Value::from(self.query.as_str())),
-                ("args", args.clone()),
-            ]),
-        )?;
-        Ok((used, async move {
-            pending
-                .await?
-                .remove(&Value::from("result"))
-                .ok_or_else(|| Error::Closed("an invoke response has no result".into()))
-        }))
+        let request = archived::encode(&ClientRequest::Invoke {
+            module: self.module.clone(),
+            query: self.query.clone(),
+            args: archived::to_bytes(args),
+        });
+        let (used, pending) = self.cluster.send(To::Any, &request)?;
+        Ok((used, async move { wire::value(pending.await?) }))
     }
 }
 

@@ -44,7 +44,7 @@ use std::time::{Duration, Instant};
 use crate::auth::{Secret, Side as AuthSide, NONCE_BYTES, PROOF_BYTES};
 
 /// The protocol version this build speaks.
-pub const PROTOCOL_VERSION: u16 = 2;
+pub const PROTOCOL_VERSION: u16 = 3;
 const MAGIC: &[u8; 4] = b"RAMA";
 /// Default cap on a frame's length.
 pub const FRAME_BYTES_MAX: usize = 16 << 20;

@@ -157,6 +157,27 @@ impl DepotClient {
         Ok((task, bytes))
     }
 
+    /// The task that takes the archived record `bytes`, checked: a valid
+    /// archive within the record size limit (what a remote client sent;
+    /// the bytes go on to the log as they are).
+    pub(super) fn task_for_archived(&self, bytes: &[u8]) -> Result<u32> {
+        Error::check_limit(
+            "record",
+            "record_bytes_max",
+            bytes.len(),
+            self.rt.config.log.record_bytes_max as usize,
+        )?;
+        let bad = |e: archived::ArchiveError| Error::Schema(format!("the record is not a valid archived value: {e}"));
+        let def = &self.rt.def.depots[self.depot];
+        if !def.global && matches!(def.partitioner, Partitioner::HashBy(_)) {
+            // The partitioner is module code over values.
+            self.task_for(&archived::from_bytes(bytes).map_err(bad)?)
+        } else {
+            archived::access(bytes).map_err(bad)?;
+            self.task_for(&Value::Nil)
+        }
+    }
+
     pub(super) fn request(
         &self,
         task: u32,
@@ -214,6 +235,28 @@ impl DepotClient {
         done: impl FnOnce(Result<AppendResult>) + Send + 'static,
     ) -> Result<()> {
         let (task, bytes) = self.encode(record)?;
+        self.send_then(task, bytes, ack, done)
+    }
+
+    /// [`append_then`](Self::append_then) of a record already archived
+    /// (checked here; stored as it is).
+    pub fn append_archived_then(
+        &self,
+        record: Vec<u8>,
+        ack: AckLevel,
+        done: impl FnOnce(Result<AppendResult>) + Send + 'static,
+    ) -> Result<()> {
+        let task = self.task_for_archived(&record)?;
+        self.send_then(task, record, ack, done)
+    }
+
+    fn send_then(
+        &self,
+        task: u32,
+        bytes: Vec<u8>,
+        ack: AckLevel,
+        done: impl FnOnce(Result<AppendResult>) + Send + 'static,
+    ) -> Result<()> {
         if ack == AckLevel::None {
             self.rt.send(task, self.request(task, bytes, ack, None))?;
             done(Ok(Self::unacknowledged(task)));
@@ -233,6 +276,26 @@ impl DepotClient {
         ack: AckLevel,
     ) -> Result<impl Future<Output = Result<AppendResult>> + Send + 'static> {
         let (task, bytes) = self.encode(record)?;
+        Ok(self.send_future(task, bytes, ack))
+    }
+
+    /// [`append_future`](Self::append_future) of a record already
+    /// archived (checked here; stored as it is).
+    pub fn append_archived_future(
+        &self,
+        record: Vec<u8>,
+        ack: AckLevel,
+    ) -> Result<impl Future<Output = Result<AppendResult>> + Send + 'static> {
+        let task = self.task_for_archived(&record)?;
+        Ok(self.send_future(task, record, ack))
+    }
+
+    fn send_future(
+        &self,
+        task: u32,
+        bytes: Vec<u8>,
+        ack: AckLevel,
+    ) -> impl Future<Output = Result<AppendResult>> + Send + 'static {
         let (tx, rx) = flume::bounded(1);
         let request = self.request(task, bytes, ack, Some(tx.into()));
         let rt = self.rt.clone();
@@ -245,7 +308,7 @@ impl DepotClient {
             Ok(()) => None,
             Err(flume::TrySendError::Full(r) | flume::TrySendError::Disconnected(r)) => Some(r),
         };
-        Ok(async move {
+        async move {
             if let Some(request) = unsent {
                 rt.send_to_async(thread, LANE_CLIENT, request).await?;
             }
@@ -253,7 +316,7 @@ impl DepotClient {
                 return Ok(Self::unacknowledged(task));
             }
             rt.answer(rx).await
-        })
+        }
     }
 
     pub(super) fn check_partition(&self, task: u32) -> Result<()> {
@@ -303,21 +366,33 @@ impl DepotClient {
         end: u64,
         bytes_max: usize,
     ) -> impl Future<Output = Result<Vec<(u64, Value)>>> + Send + 'static {
+        let pending = self.read_archived_future(task, start, end, bytes_max);
+        async move { Self::decode_records(pending.await?) }
+    }
+
+    /// [`read_future`](Self::read_future) giving each record as the
+    /// partition stores it (an archived value, checked by its frame's
+    /// checksum): a server sends them on without decoding them.
+    pub fn read_archived_future(
+        &self,
+        task: u32,
+        start: u64,
+        end: u64,
+        bytes_max: usize,
+    ) -> impl Future<Output = Result<Vec<(u64, Vec<u8>)>>> + Send + 'static {
         let checked = self.check_partition(task);
         let (rt, depot) = (self.rt.clone(), self.depot);
         async move {
             checked?;
-            let records = rt
-                .call_async(task, |reply| Request::Read {
-                    depot,
-                    task,
-                    start,
-                    end,
-                    bytes_max,
-                    reply,
-                })
-                .await?;
-            Self::decode_records(records)
+            rt.call_async(task, |reply| Request::Read {
+                depot,
+                task,
+                start,
+                end,
+                bytes_max,
+                reply,
+            })
+            .await
         }
     }
 }
@@ -381,23 +456,26 @@ impl PStateClient {
     pub fn select_on(&self, task: u32, path: &[Nav]) -> Result<Vec<Value>> {
         self.check_task(task)?;
         let _read = self.rt.read_guard();
-        self.rt.call(task, |reply| Request::Select {
-            pstate: self.pstate,
-            task,
-            path: path.to_vec(),
-            reply,
-        })
+        self.rt
+            .call(task, |reply| Request::Select {
+                pstate: self.pstate,
+                task,
+                path: path.to_vec(),
+                reply,
+            })?
+            .into_values()
     }
 
-    /// `select` (with `task`: `select_on`) whose values go to `done` where
-    /// they are read (on a task thread: `done` must be quick and must not
-    /// block). Waits while the task thread's channel is full, or while a
-    /// microbatch commits.
+    /// `select` (with `task`: `select_on`) whose result goes to `done`
+    /// where it is read (on a task thread: `done` must be quick and must
+    /// not block); one stored value comes as its stored archive, for a
+    /// server to send on. Waits while the task thread's channel is full, or
+    /// while a microbatch commits.
     pub fn select_then(
         &self,
         task: Option<u32>,
         path: Vec<Nav>,
-        done: impl FnOnce(Result<Vec<Value>>) + Send + 'static,
+        done: impl FnOnce(Result<crate::wire::Selected>) + Send + 'static,
     ) -> Result<()> {
         let task = self.target(task, &path)?;
         let ticket = GateTicket::enter(&self.rt);
@@ -431,7 +509,7 @@ impl PStateClient {
                 reply,
             })
         });
-        async move { pending?.await }
+        async move { pending?.await?.into_values() }
     }
 
     /// A live view of what `path` reaches (routed by its first key): the
@@ -468,7 +546,13 @@ impl QueryClient {
 
     /// `invoke` that never blocks the calling thread.
     pub fn invoke_future(&self, args: &Value) -> impl Future<Output = Result<Value>> + Send + 'static {
-        let (query, task, args) = (self.query, self.origin(), archived::to_bytes(args));
+        self.invoke_archived_future(archived::to_bytes(args))
+    }
+
+    /// `invoke_future` with arguments already archived (checked on the
+    /// task thread, where they are read).
+    pub fn invoke_archived_future(&self, args: Vec<u8>) -> impl Future<Output = Result<Value>> + Send + 'static {
+        let (query, task) = (self.query, self.origin());
         self.rt.read_soon(task, move |reply| Request::Invoke {
             query,
             task,

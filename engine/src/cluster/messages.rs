@@ -12,6 +12,7 @@ use crate::error::{Error, Result};
 use crate::pstate::Nav;
 use crate::sync::CallOnce;
 use crate::value::{archived, Value};
+use crate::wire::Selected;
 
 /// Where the answer to a request goes: a channel the requester waits on,
 /// or a callback run where the answer is made (on the task thread; a server
@@ -52,7 +53,7 @@ impl<T> From<flume::Sender<Result<T>>> for Reply<T> {
 }
 
 /// What an acknowledged append returns.
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone, PartialEq, rkyv::Archive, rkyv::Serialize, rkyv::Deserialize)]
 pub struct AppendResult {
     /// The task (depot partition) that took the record.
     pub task: u32,
@@ -60,6 +61,7 @@ pub struct AppendResult {
     pub offset: Option<u64>,
     /// With [`AckLevel::Ack`]: the values the module's stream topologies
     /// returned for this record with `ack_return`, by topology name.
+    #[rkyv(with = rkyv::with::AsVec)]
     pub ack_returns: BTreeMap<String, Value>,
 }
 
@@ -85,7 +87,7 @@ pub(crate) enum Request {
         pstate: usize,
         task: u32,
         path: Vec<Nav>,
-        reply: Reply<Vec<Value>>,
+        reply: Reply<Selected>,
     },
     Invoke {
         query: usize,
@@ -108,9 +110,10 @@ pub(crate) enum Request {
     Shutdown,
 }
 
-/// Which computation a stage batch belongs to.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(crate) enum Flow {
+/// Which computation a stage batch belongs to (topology and query
+/// numbers are positions in the module, checked on arrival).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, rkyv::Archive, rkyv::Serialize, rkyv::Deserialize)]
+pub enum Flow {
     Stream(usize),
     Microbatch { topology: usize, id: u64, attempt: u32 },
     Query(usize),
@@ -127,8 +130,8 @@ pub(crate) struct StageMsg {
 }
 
 /// How a stage batch and everything downstream of it ended.
-#[derive(Debug, Default)]
-pub(crate) struct Completion {
+#[derive(Debug, Default, Clone, PartialEq, rkyv::Archive, rkyv::Serialize, rkyv::Deserialize)]
+pub struct Completion {
     /// Stream: origins that failed, with why.
     pub failed: BTreeMap<u64, String>,
     /// Stream: (origin, value) from `ack_return`.
@@ -144,7 +147,7 @@ pub(crate) struct Completion {
 }
 
 impl Completion {
-    pub fn merge(&mut self, other: Completion) {
+    pub(crate) fn merge(&mut self, other: Completion) {
         for (o, why) in other.failed {
             self.failed.entry(o).or_insert(why);
         }
@@ -159,7 +162,7 @@ impl Completion {
     }
 
     /// The first problem that ends a microbatch or query attempt.
-    pub fn attempt_failure(&mut self) -> Option<String> {
+    pub(crate) fn attempt_failure(&mut self) -> Option<String> {
         self.fatal.take().or_else(|| self.unavailable.take())
     }
 }
@@ -207,30 +210,17 @@ pub(crate) enum Control {
     },
 }
 
-pub(crate) fn encode_items(items: &[(u64, Value)]) -> Vec<u8> {
-    let mut flat = Vec::with_capacity(items.len() * 2);
-    for (o, v) in items {
-        flat.push(Value::Int(*o as i64));
-        flat.push(v.clone());
-    }
-    archived::to_bytes(&Value::List(flat))
+/// A stage batch's items as they travel: an archived list of
+/// `(origin, value)`, the same bytes in process and between workers.
+pub(crate) fn encode_items(items: &Vec<(u64, Value)>) -> Vec<u8> {
+    archived::encode(items)
 }
 
 pub(crate) fn decode_items(bytes: &[u8]) -> Result<Vec<(u64, Value)>> {
-    let bad = |why: String| Error::Corrupt {
+    archived::decode_as::<Vec<(u64, Value)>>(bytes).map_err(|e| Error::Corrupt {
         path: "<stage message>".into(),
         offset: 0,
         position: 0,
-        reason: why,
-    };
-    let Value::List(flat) = archived::from_bytes(bytes).map_err(|e| bad(e.to_string()))? else {
-        return Err(bad("not a list".into()));
-    };
-    let mut items = Vec::with_capacity(flat.len() / 2);
-    let mut it = flat.into_iter();
-    while let (Some(o), Some(v)) = (it.next(), it.next()) {
-        let o = o.as_int().ok_or_else(|| bad("origin is not an int".into()))?;
-        items.push((o as u64, v));
-    }
-    Ok(items)
+        reason: e.to_string(),
+    })
 }

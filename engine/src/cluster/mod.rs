@@ -48,7 +48,7 @@ pub use self::clients::{Answer, ClusterClient, Depot, DepotClient, PStateClient,
 pub(crate) use self::launched::ModuleRuntime;
 use self::launched::{open_catalog, MicrobatchShared};
 pub use self::launched::{FaultHook, FaultPoint, MicrobatchProgress};
-pub use self::messages::AppendResult;
+pub use self::messages::{AppendResult, Completion, Flow};
 use self::messages::{Control, Request};
 use self::peer::WorkerPart;
 pub use self::proxy::{apply_diff, Diff, Proxy, ProxyEvent};
@@ -65,7 +65,7 @@ use crate::module::{Module, ModuleDef, TopologyKind};
 use crate::runtime::placement::{Parallelism, Placement};
 
 /// How long an append waits before it returns.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, rkyv::Archive, rkyv::Serialize, rkyv::Deserialize)]
 pub enum AckLevel {
     /// Durable and processed by the module's stream topologies that read the
     /// depot (default); returns their ack-return values.

@@ -235,7 +235,9 @@ pub(super) async fn handle_request(th: &Rc<TaskThread>, request: Request) {
             path,
             reply,
         } => {
-            let result = th.pstates_of(task).and_then(|p| p[pstate].select(&th.store, &path));
+            let result = th
+                .pstates_of(task)
+                .and_then(|p| p[pstate].select_stored(&th.store, &path));
             let _ = reply.send(result);
         }
         Request::Invoke {

@@ -420,6 +420,34 @@ impl PState {
         Ok(out)
     }
 
+    /// Like [`select`](Self::select), but a path reaching one stored value
+    /// (a key, or a key and an element key of a subindexed map) answers
+    /// with its stored archive as it is, checked but never decoded: a
+    /// server sends those bytes on.
+    pub fn select_stored(&self, r: &dyn KvRead, path: &[Nav]) -> Result<crate::wire::Selected> {
+        use crate::wire::Selected;
+        let stored = match path {
+            [Nav::Key(k)] if !self.subindexed() => {
+                path::check_path(&self.top, path, 0, path)?;
+                r.get(&self.top_key(k))?
+            }
+            [Nav::Key(k), Nav::Key(e)] if self.subindexed() && !self.is_set() => {
+                path::check_path(&self.top, path, 0, path)?;
+                let mut ek = self.element_prefix(k);
+                key::encode_into(e, &mut ek);
+                r.get(&ek)?
+            }
+            _ => return self.select(r, path).map(Selected::Values),
+        };
+        match stored {
+            None => Ok(Selected::Values(vec![Value::Nil])),
+            Some(bytes) => {
+                archived::access(&bytes).map_err(|e| corrupt(&self.name, e))?;
+                Ok(Selected::Stored(bytes))
+            }
+        }
+    }
+
     /// The single value `path` reaches; an error if it reaches several.
     pub fn select_one(&self, r: &dyn KvRead, path: &[Nav]) -> Result<Value> {
         one_value(self.select(r, path)?, &self.name, path)

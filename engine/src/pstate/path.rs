@@ -23,7 +23,7 @@ use crate::error::{Error, Result};
 use crate::value::Value;
 
 /// One step of a path.
-#[derive(Clone, PartialEq)]
+#[derive(Clone, PartialEq, rkyv::Archive, rkyv::Serialize, rkyv::Deserialize)]
 pub enum Nav {
     Key(Value),
     Range {

@@ -56,6 +56,75 @@ pub fn from_bytes(bytes: &[u8]) -> Result<Value, ArchiveError> {
     rkyv::deserialize::<Value, rancor::Error>(archived).map_err(|e| ArchiveError(e.to_string()))
 }
 
+/// Levels a message may add around the values it carries (an enum, a
+/// struct, a vector of pairs, a path step, a bound).
+const MESSAGE_DEPTH_MAX: usize = 8;
+
+/// The validator of messages: values inside nest at most
+/// [`super::DEPTH_MAX`] levels, as in [`access`].
+pub type Validator<'a> = rkyv::validation::Validator<
+    rkyv::validation::archive::ArchiveValidator<'a>,
+    rkyv::validation::shared::SharedValidator,
+>;
+
+/// The serializer [`encode`] uses.
+pub type Serializer<'a> =
+    rkyv::api::high::HighSerializer<rkyv::util::AlignedVec, rkyv::ser::allocator::ArenaHandle<'a>, rancor::Error>;
+
+/// The archived bytes of any message type of the vocabulary
+/// (`engine::wire`): written once by the sender, read in place by the
+/// receiver with [`access_as`].
+pub fn encode<T: for<'a> rkyv::Serialize<Serializer<'a>>>(message: &T) -> Vec<u8> {
+    rkyv::to_bytes::<rancor::Error>(message)
+        .expect("serializing a message to memory cannot fail")
+        .into_vec()
+}
+
+/// Validates `bytes` as an archived `T` and returns it in place. Values
+/// inside are held to the nesting limit of [`access`]; anything corrupt,
+/// truncated or hostile is an error before a byte of it is used.
+pub fn access_as<T>(bytes: &[u8]) -> Result<&T, ArchiveError>
+where
+    T: rkyv::Portable + for<'a> rkyv::bytecheck::CheckBytes<rancor::Strategy<Validator<'a>, rancor::Error>>,
+{
+    let mut validator = rkyv::validation::Validator::new(
+        rkyv::validation::archive::ArchiveValidator::with_max_depth(
+            bytes,
+            std::num::NonZeroUsize::new(SUBTREE_DEPTH_MAX + MESSAGE_DEPTH_MAX),
+        ),
+        rkyv::validation::shared::SharedValidator::new(),
+    );
+    rkyv::api::access_with_context::<T, _, rancor::Error>(bytes, &mut validator).map_err(|e| {
+        ArchiveError(format!(
+            "a {} that is corrupt, or whose values nest deeper than {} levels ({e})",
+            std::any::type_name::<T>().rsplit("::").next().unwrap_or("message"),
+            super::DEPTH_MAX
+        ))
+    })
+}
+
+/// An owned `T` made from its archived form (read in place from a
+/// validated message).
+pub fn to_owned<T>(archived: &T::Archived) -> Result<T, ArchiveError>
+where
+    T: rkyv::Archive,
+    T::Archived: rkyv::Deserialize<T, rancor::Strategy<rkyv::de::Pool, rancor::Error>>,
+{
+    rkyv::deserialize::<T, rancor::Error>(archived).map_err(|e| ArchiveError(e.to_string()))
+}
+
+/// Validates `bytes` as an archived `T` and deserializes it.
+pub fn decode_as<T>(bytes: &[u8]) -> Result<T, ArchiveError>
+where
+    T: rkyv::Archive,
+    T::Archived: rkyv::Portable
+        + for<'a> rkyv::bytecheck::CheckBytes<rancor::Strategy<Validator<'a>, rancor::Error>>
+        + rkyv::Deserialize<T, rancor::Strategy<rkyv::de::Pool, rancor::Error>>,
+{
+    let archived = access_as::<T::Archived>(bytes)?;
+    rkyv::deserialize::<T, rancor::Error>(archived).map_err(|e| ArchiveError(e.to_string()))
+}
+
 /// The archive of `depth` nested one-element lists around nil, built
 /// without recursion (serializing a value that deep would itself recurse
 /// too far): the hostile input of the depth tests and fuzz seeds. rkyv
