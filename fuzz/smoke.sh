@@ -33,7 +33,13 @@ export RUSTC_BOOTSTRAP=1
 shift || true
 targets=("$@")
 [[ ${#targets[@]} -gt 0 ]] || targets=(segment_decoder wire_request peer_message admin_request)
+# Seeds: one valid message of every kind (net/examples/fuzz_seeds.rs), a
+# second corpus directory libFuzzer reads but never writes.
+(cd .. && cargo run --quiet -p rama-net --example fuzz_seeds -- fuzz/seeds)
 for t in "${targets[@]}"; do
     echo "smoke.sh: $t for $seconds s" >&2
-    cargo fuzz run "$t" -- -max_total_time="$seconds"
+    seeds=()
+    [[ -d "seeds/$t" ]] && seeds=("seeds/$t")
+    mkdir -p "corpus/$t"
+    cargo fuzz run "$t" "corpus/$t" "${seeds[@]}" -- -max_total_time="$seconds"
 done

@@ -63,6 +63,28 @@ pub enum ClientRequest {
     Tasks { module: String },
 }
 
+/// `path` as it may travel: archives hold `usize` in 32 bits, so a range
+/// limit above `u32::MAX` (more elements than any scan returns) is sent as
+/// `u32::MAX` instead of being cut to its low bits.
+pub fn wire_path(path: &[Nav]) -> Vec<Nav> {
+    path.iter()
+        .map(|n| match n {
+            Nav::Range {
+                lower,
+                upper,
+                reverse,
+                limit,
+            } => Nav::Range {
+                lower: lower.clone(),
+                upper: upper.clone(),
+                reverse: *reverse,
+                limit: limit.map(|l| l.min(u32::MAX as usize)),
+            },
+            other => other.clone(),
+        })
+        .collect()
+}
+
 /// A message between the workers of one module, naming objects by id.
 #[derive(Debug, Clone, PartialEq, rkyv::Archive, rkyv::Serialize, rkyv::Deserialize)]
 pub enum PeerMessage {

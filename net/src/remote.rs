@@ -379,7 +379,7 @@ impl RemotePState {
         let request = archived::encode(&ClientRequest::Select {
             module: self.module.clone(),
             pstate: self.pstate.clone(),
-            path: path.to_vec(),
+            path: engine::wire::wire_path(path),
             task,
         });
         let owner = match (task, path.first(), self.cluster.tasks()) {

@@ -886,6 +886,11 @@ fn serve_async(
     for _ in 0..IN_FLIGHT_MAX {
         tokens_tx.send(()).expect("room for every token");
     }
+    // One handle to shut the connection with, shared by every answer (a
+    // clone per request cost a dup and a close each).
+    let Ok(shut) = stream.try_clone().map(Arc::new) else {
+        return;
+    };
     let mut input = BufReader::new(stream);
     // Every token back in the pool: no answer is owed.
     let busy = || tokens_rx.len() < IN_FLIGHT_MAX;
@@ -912,10 +917,7 @@ fn serve_async(
         if !slot {
             break;
         }
-        let (frames, tokens) = (frames_tx.clone(), tokens_tx.clone());
-        let Ok(peer) = input.get_ref().try_clone() else {
-            break;
-        };
+        let (frames, tokens, peer) = (frames_tx.clone(), tokens_tx.clone(), shut.clone());
         // At most IN_FLIGHT_MAX answers are pending (tokens), and the frame
         // queue holds that many: this send never waits.
         let respond: Respond = Box::new(move |answer| {

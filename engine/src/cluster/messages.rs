@@ -216,11 +216,51 @@ pub(crate) fn encode_items(items: &Vec<(u64, Value)>) -> Vec<u8> {
     archived::encode(items)
 }
 
+/// The items of a stage batch; each value nests at most
+/// [`crate::value::DEPTH_MAX`] levels, as every value a PState stores
+/// (a message's archive check alone leaves a few levels more).
 pub(crate) fn decode_items(bytes: &[u8]) -> Result<Vec<(u64, Value)>> {
-    archived::decode_as::<Vec<(u64, Value)>>(bytes).map_err(|e| Error::Corrupt {
+    let bad = |reason: String| Error::Corrupt {
         path: "<stage message>".into(),
         offset: 0,
         position: 0,
-        reason: e.to_string(),
-    })
+        reason,
+    };
+    let items = archived::decode_as::<Vec<(u64, Value)>>(bytes).map_err(|e| bad(e.to_string()))?;
+    if let Some((origin, _)) = items.iter().find(|(_, v)| depth(v) > crate::value::DEPTH_MAX) {
+        return Err(bad(format!(
+            "the value of origin {origin} nests deeper than {} levels",
+            crate::value::DEPTH_MAX
+        )));
+    }
+    Ok(items)
+}
+
+/// Levels of lists, maps and sets in `v` (bounded by the archive check
+/// that made it, so this recursion is too).
+fn depth(v: &Value) -> usize {
+    match v {
+        Value::List(l) => 1 + l.iter().map(depth).max().unwrap_or(0),
+        Value::Map(m) => 1 + m.iter().map(|(k, v)| depth(k).max(depth(v))).max().unwrap_or(0),
+        Value::Set(s) => 1 + s.iter().map(depth).max().unwrap_or(0),
+        _ => 0,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn stage_items_round_trip_and_deep_values_are_refused() {
+        let nested = |d: usize| (0..d).fold(Value::Int(1), |v, _| Value::List(vec![v]));
+        let items = vec![(3, Value::from("a")), (4, nested(crate::value::DEPTH_MAX))];
+        assert_eq!(decode_items(&encode_items(&items)).unwrap(), items);
+        // Deeper than a stored value may be, yet within a message's
+        // archive bound: refused by the items' own check.
+        let deep = vec![(7, nested(crate::value::DEPTH_MAX + 2))];
+        let e = decode_items(&encode_items(&deep)).unwrap_err().to_string();
+        assert!(e.contains("origin 7 nests deeper"), "{e}");
+        assert!(decode_items(b"garbage").is_err());
+    }
 }

@@ -293,7 +293,18 @@ impl InProcessCluster {
             if !local_threads.contains(&thread) {
                 let part = part.as_ref().expect("remote threads only with a worker part");
                 let w = rt.placement.worker_of_thread[thread as usize];
-                match peer::bridge(inbox, &rt.def.name, thread, w, &part.peers, &rt.bridges_stop) {
+                match peer::bridge(
+                    inbox,
+                    &rt.def.name,
+                    peer::Bounds {
+                        depots: rt.def.depots.len(),
+                        tasks: rt.placement.parallelism.tasks,
+                    },
+                    thread,
+                    w,
+                    &part.peers,
+                    &rt.bridges_stop,
+                ) {
                     Ok(h) => rt.bridges.lock().expect("bridges").extend(h),
                     Err(e) => {
                         bridge_error.get_or_insert(e);

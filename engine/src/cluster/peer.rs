@@ -172,7 +172,7 @@ fn encode_request(request: Request) -> Option<(Vec<u8>, Done)> {
             archived::encode(&PeerMessage::Select {
                 pstate: id32(pstate),
                 task,
-                path,
+                path: wire::wire_path(&path),
             }),
             reply_with(reply, |p| match p {
                 Payload::Selected(s) => Ok(s),
@@ -210,14 +210,35 @@ fn encode_request(request: Request) -> Option<(Vec<u8>, Done)> {
     })
 }
 
-fn encode_control(control: Control, thread: u32) -> (Vec<u8>, Done) {
+/// How many depots and tasks the module has: the bounds of ids in
+/// another worker's answers.
+#[derive(Clone, Copy)]
+pub(crate) struct Bounds {
+    pub depots: usize,
+    pub tasks: u32,
+}
+
+fn encode_control(control: Control, thread: u32, bounds: Bounds) -> (Vec<u8>, Done) {
     let (op, done) = match control {
         Control::Ends { topology, reply } => (
             ControlOp::Ends {
                 topology: id32(topology),
             },
-            reply_with(reply, |p| match p {
-                Payload::Ends(ends) => Ok(ends.into_iter().map(|(d, t, e)| (d as usize, t, e)).collect()),
+            reply_with(reply, move |p| match p {
+                // Ids from the network index the coordinator's tables:
+                // checked here.
+                Payload::Ends(ends) => ends
+                    .into_iter()
+                    .map(|(d, t, e)| {
+                        if (d as usize) < bounds.depots && t < bounds.tasks {
+                            Ok((d as usize, t, e))
+                        } else {
+                            Err(bad(format!(
+                                "the end offsets name depot {d}, task {t}, which do not exist"
+                            )))
+                        }
+                    })
+                    .collect(),
                 p => unexpected(&p),
             }),
         ),
@@ -329,6 +350,7 @@ fn bridge_lane<M: Send + 'static>(
 pub(crate) fn bridge(
     inbox: ThreadInbox,
     module: &str,
+    bounds: Bounds,
     thread: u32,
     worker: u32,
     peers: &Arc<dyn Peers>,
@@ -352,7 +374,7 @@ pub(crate) fn bridge(
         let peers = peers.clone();
         handles.push(
             bridge_lane(inbox.control, name(LANE_CONTROL), stop.clone(), move |c| {
-                let (bytes, done) = encode_control(c, thread);
+                let (bytes, done) = encode_control(c, thread, bounds);
                 peers.send(worker, LANE_CONTROL, bytes, done);
             })
             .map_err(spawn_err)?,

@@ -58,10 +58,9 @@ pub fn from_bytes(bytes: &[u8]) -> Result<Value, ArchiveError> {
 
 /// Levels a message may add around the values it carries (an enum, a
 /// struct, a vector of pairs, a path step, a bound).
-const MESSAGE_DEPTH_MAX: usize = 8;
+pub const MESSAGE_DEPTH_MAX: usize = 8;
 
-/// The validator of messages: values inside nest at most
-/// [`super::DEPTH_MAX`] levels, as in [`access`].
+/// The validator of messages (see [`access_as`] for its depth bound).
 pub type Validator<'a> = rkyv::validation::Validator<
     rkyv::validation::archive::ArchiveValidator<'a>,
     rkyv::validation::shared::SharedValidator,
@@ -81,8 +80,10 @@ pub fn encode<T: for<'a> rkyv::Serialize<Serializer<'a>>>(message: &T) -> Vec<u8
 }
 
 /// Validates `bytes` as an archived `T` and returns it in place. Values
-/// inside are held to the nesting limit of [`access`]; anything corrupt,
-/// truncated or hostile is an error before a byte of it is used.
+/// inside nest at most [`super::DEPTH_MAX`] + [`MESSAGE_DEPTH_MAX`] levels
+/// (the message's own structure is counted with them), so no decoder
+/// recurses deeper; anything corrupt, truncated or hostile is an error
+/// before a byte of it is used.
 pub fn access_as<T>(bytes: &[u8]) -> Result<&T, ArchiveError>
 where
     T: rkyv::Portable + for<'a> rkyv::bytecheck::CheckBytes<rancor::Strategy<Validator<'a>, rancor::Error>>,
