@@ -74,15 +74,8 @@ pub fn handle_then(
 ) -> Option<crate::transport::Later> {
     let direct = access(request).and_then(|req| -> Result<Option<Start>> {
         Ok(match req {
-            ArchivedClientRequest::Append {
-                module,
-                depot,
-                record,
-                ack,
-            } => {
-                let ack = archived::to_owned::<engine::cluster::AckLevel>(ack).map_err(bad)?;
-                let depot = cluster.depot(module, depot)?;
-                let record = record.as_slice().to_vec();
+            ArchivedClientRequest::Append { .. } => {
+                let (depot, record, ack) = append_parts(cluster, req)?;
                 Some(Box::new(move |respond: crate::transport::Respond| {
                     depot.append_archived_then(record, ack, move |r| respond(Ok(encoded(r.map(Payload::Appended)))))
                 }))
@@ -127,18 +120,29 @@ pub fn handle_then(
     }
 }
 
+/// The depot, record bytes and ack level of an append request.
+fn append_parts(
+    cluster: &InProcessCluster,
+    req: &ArchivedClientRequest,
+) -> Result<(engine::cluster::DepotClient, Vec<u8>, engine::cluster::AckLevel)> {
+    let ArchivedClientRequest::Append {
+        module,
+        depot,
+        record,
+        ack,
+    } = req
+    else {
+        return Err(bad("not an append"));
+    };
+    let ack = archived::to_owned::<engine::cluster::AckLevel>(ack).map_err(bad)?;
+    Ok((cluster.depot(module, depot)?, record.as_slice().to_vec(), ack))
+}
+
 fn dispatch(cluster: &InProcessCluster, req: &ArchivedClientRequest) -> Result<Pending> {
     Ok(match req {
-        ArchivedClientRequest::Append {
-            module,
-            depot,
-            record,
-            ack,
-        } => {
-            let ack = archived::to_owned::<engine::cluster::AckLevel>(ack).map_err(bad)?;
-            let pending = cluster
-                .depot(module, depot)?
-                .append_archived_future(record.as_slice().to_vec(), ack)?;
+        ArchivedClientRequest::Append { .. } => {
+            let (depot, record, ack) = append_parts(cluster, req)?;
+            let pending = depot.append_archived_future(record, ack)?;
             Box::pin(async move { pending.await.map(Payload::Appended) })
         }
         ArchivedClientRequest::Read {

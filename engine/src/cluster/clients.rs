@@ -148,25 +148,24 @@ impl DepotClient {
     pub(super) fn encode(&self, record: &Value) -> Result<(u32, Vec<u8>)> {
         let task = self.task_for(record)?;
         let bytes = archived::to_bytes(record);
+        self.check_record_size(bytes.len())?;
+        Ok((task, bytes))
+    }
+
+    fn check_record_size(&self, bytes: usize) -> Result<()> {
         Error::check_limit(
             "record",
             "record_bytes_max",
-            bytes.len(),
+            bytes,
             self.rt.config.log.record_bytes_max as usize,
-        )?;
-        Ok((task, bytes))
+        )
     }
 
     /// The task that takes the archived record `bytes`, checked: a valid
     /// archive within the record size limit (what a remote client sent;
     /// the bytes go on to the log as they are).
     pub(super) fn task_for_archived(&self, bytes: &[u8]) -> Result<u32> {
-        Error::check_limit(
-            "record",
-            "record_bytes_max",
-            bytes.len(),
-            self.rt.config.log.record_bytes_max as usize,
-        )?;
+        self.check_record_size(bytes.len())?;
         let bad = |e: archived::ArchiveError| Error::Schema(format!("the record is not a valid archived value: {e}"));
         let def = &self.rt.def.depots[self.depot];
         if !def.global && matches!(def.partitioner, Partitioner::HashBy(_)) {
