@@ -19,8 +19,6 @@
 //! Errors carry the stable [`ErrorCode`] number, so a client of another
 //! release still tells the kinds apart.
 
-use std::collections::BTreeMap;
-
 use crate::cluster::AckLevel;
 use crate::error::{Error, ErrorCode};
 use crate::pstate::Nav;
@@ -263,9 +261,6 @@ impl WireError {
 /// An answer: what the request produced, or why not.
 pub type Answer = Result<Payload, WireError>;
 
-/// The archived form of an [`Answer`].
-pub type ArchivedAnswer = rkyv::Archived<Answer>;
-
 /// The bytes of an answer.
 pub fn encode_answer(answer: crate::Result<Payload>) -> Vec<u8> {
     archived::encode(&answer.map_err(|e| WireError::new(&e)))
@@ -276,17 +271,10 @@ pub fn decode_answer(bytes: &[u8]) -> Result<Answer, archived::ArchiveError> {
     archived::decode_as::<Answer>(bytes)
 }
 
-/// A request's bytes.
-pub fn encode_request(request: &ClientRequest) -> Vec<u8> {
-    archived::encode(request)
-}
-
-/// The ack returns of an append result, by topology name.
-pub type AckReturns = BTreeMap<String, Value>;
-
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::collections::BTreeMap;
     use std::ops::Bound;
 
     fn round_trip<T>(m: &T)

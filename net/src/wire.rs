@@ -18,7 +18,6 @@ use std::future::Future;
 use std::pin::Pin;
 
 use engine::cluster::{AppendResult, InProcessCluster};
-pub use engine::pstate::path::{path_from_value, path_to_value};
 use engine::value::archived;
 use engine::wire::{self as vocab, ArchivedClientRequest, Payload, Selected};
 pub use engine::wire::{ClientRequest, WireError};
@@ -80,15 +79,8 @@ pub fn handle_then(
                     depot.append_archived_then(record, ack, move |r| respond(Ok(encoded(r.map(Payload::Appended)))))
                 }))
             }
-            ArchivedClientRequest::Select {
-                module,
-                pstate,
-                path,
-                task,
-            } => {
-                let client = cluster.pstate(module, pstate)?;
-                let path = archived::to_owned::<Vec<engine::pstate::Nav>>(path).map_err(bad)?;
-                let task = task.as_ref().map(|t| t.to_native());
+            ArchivedClientRequest::Select { .. } => {
+                let (client, task, path) = select_parts(cluster, req)?;
                 Some(Box::new(move |respond: crate::transport::Respond| {
                     client.select_then(task, path, move |r| respond(Ok(encoded(r.map(Payload::Selected)))))
                 }))
@@ -138,6 +130,28 @@ fn append_parts(
     Ok((cluster.depot(module, depot)?, record.as_slice().to_vec(), ack))
 }
 
+/// The PState, task (if given) and path of a select request.
+fn select_parts(
+    cluster: &InProcessCluster,
+    req: &ArchivedClientRequest,
+) -> Result<(engine::cluster::PStateClient, Option<u32>, Vec<engine::pstate::Nav>)> {
+    let ArchivedClientRequest::Select {
+        module,
+        pstate,
+        path,
+        task,
+    } = req
+    else {
+        return Err(bad("not a select"));
+    };
+    let path = archived::to_owned::<Vec<engine::pstate::Nav>>(path).map_err(bad)?;
+    Ok((
+        cluster.pstate(module, pstate)?,
+        task.as_ref().map(|t| t.to_native()),
+        path,
+    ))
+}
+
 fn dispatch(cluster: &InProcessCluster, req: &ArchivedClientRequest) -> Result<Pending> {
     Ok(match req {
         ArchivedClientRequest::Append { .. } => {
@@ -161,15 +175,9 @@ fn dispatch(cluster: &InProcessCluster, req: &ArchivedClientRequest) -> Result<P
             );
             Box::pin(async move { pending.await.map(Payload::Records) })
         }
-        ArchivedClientRequest::Select {
-            module,
-            pstate,
-            path,
-            task,
-        } => {
-            let client = cluster.pstate(module, pstate)?;
-            let path = archived::to_owned::<Vec<engine::pstate::Nav>>(path).map_err(bad)?;
-            let pending = client.select_future(task.as_ref().map(|t| t.to_native()), path);
+        ArchivedClientRequest::Select { .. } => {
+            let (client, task, path) = select_parts(cluster, req)?;
+            let pending = client.select_future(task, path);
             Box::pin(async move { Ok(Payload::Selected(Selected::Values(pending.await?))) })
         }
         ArchivedClientRequest::Invoke { module, query, args } => {
