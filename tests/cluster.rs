@@ -286,12 +286,61 @@ fn deploy_serve_survive_crashes_and_destroy() {
     let which = with_worker[0];
     let node = &nodes[which];
     let pid = node.worker_pid().expect("a worker pid file");
-    // SAFETY: kills a process this test's cluster started.
-    unsafe { libc::kill(pid as i32, libc::SIGKILL) };
-    eventually("the worker to be restarted", || {
-        node.worker_pid().is_some_and(|p| p != pid && alive(p))
-            && String::from_utf8_lossy(&select().stdout) == format!("[{the}]\n")
+    // Under load: a client keeps appending (Ack) one new word at a time and
+    // selecting through its task threads' connections while the worker
+    // dies and comes back. An append may fail meanwhile (the caller is
+    // told), a select may fail, but a select never answers wrong, and every
+    // acknowledged append is counted once.
+    let stop = std::sync::atomic::AtomicBool::new(false);
+    let acked_count = std::sync::atomic::AtomicUsize::new(0);
+    let (acked, failed) = std::thread::scope(|s| {
+        let load = s.spawn(|| {
+            let depot = manager.depot("WordCountModule", "*sentences").unwrap();
+            let counts = manager.pstate("WordCountModule", "$$wordCounts").unwrap();
+            let (mut acked, mut failed) = (Vec::new(), 0u64);
+            let mut i = 0u64;
+            while !stop.load(std::sync::atomic::Ordering::SeqCst) {
+                let word = format!("survivor{i}");
+                i += 1;
+                match depot.append(&Value::from(word.as_str()), AckLevel::Ack) {
+                    Ok(_) => {
+                        acked.push(word);
+                        acked_count.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                    }
+                    Err(_) => failed += 1,
+                }
+                if let Ok(v) = counts.select_one(&[Nav::key("the")]) {
+                    assert_eq!(v, Value::Int(the), "a select during the restart answered wrong");
+                }
+            }
+            (acked, failed)
+        });
+        eventually("appends under load before the kill", || {
+            acked_count.load(std::sync::atomic::Ordering::SeqCst) >= 20
+        });
+        // SAFETY: kills a process this test's cluster started.
+        unsafe { libc::kill(pid as i32, libc::SIGKILL) };
+        eventually("the worker to be restarted", || {
+            node.worker_pid().is_some_and(|p| p != pid && alive(p))
+                && String::from_utf8_lossy(&select().stdout) == format!("[{the}]\n")
+        });
+        // The load's appends succeed again after the restart.
+        let before = acked_count.load(std::sync::atomic::Ordering::SeqCst);
+        eventually("appends under load after the restart", || {
+            acked_count.load(std::sync::atomic::Ordering::SeqCst) >= before + 50
+        });
+        stop.store(true, std::sync::atomic::Ordering::SeqCst);
+        load.join().unwrap()
     });
+    eprintln!("under the kill: {} appends acknowledged, {failed} failed", acked.len());
+    let counts = manager.pstate("WordCountModule", "$$wordCounts").unwrap();
+    for word in &acked {
+        assert_eq!(
+            counts.select_one(&[Nav::key(word.as_str())]).unwrap(),
+            Value::Int(1),
+            "acknowledged {word}"
+        );
+    }
     // Every word's count through the client made before the kill (its
     // connection to the killed worker ended; it reconnects).
     for (w, c) in &expected {

@@ -17,7 +17,6 @@ use control::config::Side;
 use engine::pstate::Nav;
 use engine::value::Value;
 use net::manager::ClusterManager;
-use net::remote::RemoteCluster;
 use serde::{Deserialize, Serialize};
 
 use crate::results::{ensure, BenchResult, Throughput};
@@ -138,24 +137,23 @@ fn key(i: u64, keys: usize) -> u64 {
     i.wrapping_mul(0x9E37_79B9_7F4A_7C15) % keys as u64
 }
 
-/// `ops` point selects of words over `connections` connections to `addr`,
-/// in pipelines of [`PIPELINE`] (sent together, then their answers taken,
-/// as `redis-benchmark -P` does).
-fn point_selects(
-    addr: &str,
-    secret: &net::auth::Secret,
-    connections: usize,
-    ops: u64,
-    keys: usize,
-) -> BenchResult<Throughput> {
+/// `ops` point selects of words from `connections` clients, each a
+/// `ClusterManager` of its own (one connection per task thread, a select
+/// sent on the connection of its key's task), in pipelines of
+/// [`PIPELINE`] (sent together, then their answers taken, as
+/// `redis-benchmark -P` does).
+fn point_selects(config: &Path, connections: usize, ops: u64, keys: usize) -> BenchResult<Throughput> {
     let per = ops / connections as u64;
     let started = Instant::now();
     std::thread::scope(|s| -> BenchResult<()> {
         let handles: Vec<_> = (0..connections)
             .map(|c| {
                 s.spawn(move || -> Result<(), String> {
-                    let cluster = RemoteCluster::connect(addr, secret).map_err(|e| e.to_string())?;
-                    let counts = cluster.pstate("WordCountModule", "$$wordCounts");
+                    let manager =
+                        ClusterManager::open_with(Some(config), &[], Side::External).map_err(|e| e.to_string())?;
+                    let counts = manager
+                        .pstate("WordCountModule", "$$wordCounts")
+                        .map_err(|e| e.to_string())?;
                     // As redis-benchmark -P 16: send 16, take their 16 answers,
                     // send the next 16.
                     let mut batch: Vec<SelectFuture> = Vec::with_capacity(PIPELINE);
@@ -244,16 +242,10 @@ pub fn run(plan: &wordcount::Plan, data: &Path, quick: bool) -> BenchResult<Remo
         let target = wordcount::Target::of(&manager)?;
         eprintln!("  WordCount through the remote client");
         let wordcount = wordcount::measure(plan, &target)?;
-        let worker = manager
-            .workers("WordCountModule")?
-            .into_iter()
-            .next()
-            .ok_or("the module has no registered worker")?;
         let connections = 4;
         let ops = if quick { 8_000 } else { 2_000_000 };
         eprintln!("  point selects, {connections} connections x {PIPELINE} in flight");
-        let secret = net::manager::load_secret(&net::manager::load_config(Some(&config), &[])?)?;
-        let ours = point_selects(&worker.address, &secret, connections, ops, plan.vocabulary)?;
+        let ours = point_selects(&config, connections, ops, plan.vocabulary)?;
         drop(manager);
         drop(cluster);
         eprintln!("  redis-benchmark -t get -P {PIPELINE} -c {connections}");

@@ -467,9 +467,10 @@ fn remote_section(out: &mut String, r: &Results) {
         let _ = writeln!(
             out,
             "Overhead of the network path: in-process over remote = {} (target at most 1.25x). Per append \
-             the remote path adds encoding the request map, a write and a read on each side of the socket, \
-             and four thread hand-offs (client writer, server reader, task thread, server writer); the worker \
-             shares the 2 cores with the client, ZooKeeper and the daemons.\n",
+             the remote path adds archiving the request, a write and a read on each side of the socket, and \
+             on the client its writer and reader threads; the worker serves each connection on a task thread \
+             (one connection per task thread, an append sent on any and forwarded to its task's thread); the \
+             worker shares the 2 cores with the client, ZooKeeper and the daemons.\n",
             ratio(p.max.ops_per_sec / w.max.ops_per_sec)
         );
     }
@@ -477,9 +478,10 @@ fn remote_section(out: &mut String, r: &Results) {
     let _ = writeln!(
         out,
         "## 7. PState point selects vs Redis GET\n\n\
-         {} connections to the worker, each sending {} `select`s of one word's count at a time and taking \
-         their answers before the next {} (as `redis-benchmark -P` pipelines; keys spread over {} words, \
-         routed to their task). Beside it, in the same run: `redis-benchmark -t get -P {} -c {} -r {}` \
+         {} clients (each a `ClusterManager` with one connection per task thread of the worker, served by \
+         that thread), each sending {} `select`s of one word's count at a time and taking their answers \
+         before the next {} (as `redis-benchmark -P` pipelines; keys spread over {} words, each select sent \
+         on the connection of its key's task). Beside it, in the same run: `redis-benchmark -t get -P {} -c {} -r {}` \
          against {} ({}).\n\n\
          | engine | point reads/s | ratio |\n|---|---:|---:|\n\
          | ours (remote `select`) | {} | {} |\n\

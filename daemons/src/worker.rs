@@ -244,7 +244,9 @@ extern "C" fn on_signal(_: libc::c_int) {
 }
 
 /// Serves the wire protocol for `cluster` and the messages of the other
-/// workers of `module` on `addr`.
+/// workers of `module` on `addr`. Client connections are served by the
+/// module's task threads (the one each client asks for, when it is here);
+/// peer lanes by the server's threads.
 pub fn serve_worker(
     cluster: std::sync::Arc<InProcessCluster>,
     module: &str,
@@ -253,21 +255,62 @@ pub fn serve_worker(
     limits: net::transport::ServerLimits,
 ) -> Result<net::Server> {
     let module = module.to_string();
-    net::Server::bind_async(
+    let adopter: net::transport::Adopter = {
+        let (weak, module) = (std::sync::Arc::downgrade(&cluster), module.clone());
+        std::sync::Arc::new(move |offered: net::transport::Handoff| {
+            let Some(cluster) = weak.upgrade() else {
+                return Some(offered);
+            };
+            let net::transport::Handoff {
+                stream,
+                thread,
+                limits,
+                guard,
+            } = offered;
+            let conn = engine::cluster::connection::Adopted {
+                stream,
+                handler: net::wire::task_thread_handler(std::sync::Arc::downgrade(&cluster)),
+                limits: engine::cluster::connection::ConnectionLimits {
+                    frame_bytes_max: limits.frame_bytes_max,
+                    in_flight_max: net::transport::IN_FLIGHT_MAX,
+                    idle_timeout: limits.idle_timeout,
+                },
+                guard: Box::new(guard),
+            };
+            match cluster.adopt(&module, thread, conn) {
+                Ok(()) => None,
+                // Not running here: the server answers (with the error).
+                Err(back) => {
+                    let guard = *back.guard.downcast::<net::transport::OpenGuard>().ok()?;
+                    Some(net::transport::Handoff {
+                        stream: back.stream,
+                        thread,
+                        limits,
+                        guard,
+                    })
+                }
+            }
+        })
+    };
+    net::Server::bind_adopting(
         addr,
-        net::PROTOCOL_VERSION,
-        secret,
+        (net::PROTOCOL_VERSION, secret),
         limits,
         2,
         std::sync::Arc::new(move |role: u8, request: Vec<u8>, respond: net::transport::Respond| {
-            match net::peers::lane_of_role(role) {
-                None => net::wire::handle_then(&cluster, &request, respond),
+            let answer: net::transport::Later = match net::peers::lane_of_role(role) {
+                None => {
+                    let answer = net::wire::handle_future(&cluster, &request);
+                    Box::pin(async move { respond(Ok(answer.await)) })
+                }
                 Some(lane) => {
                     let answer = cluster.serve_peer(&module, lane, &request);
-                    Some(Box::pin(async move { respond(Ok(answer.await)) }))
+                    Box::pin(async move { respond(Ok(answer.await)) })
                 }
-            }
+            };
+            Some(answer)
         }),
+        Some(adopter),
     )
     .map_err(|e| Error::Closed(e.to_string()))
 }

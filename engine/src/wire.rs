@@ -266,6 +266,16 @@ pub fn encode_answer(answer: crate::Result<Payload>) -> Vec<u8> {
     archived::encode(&answer.map_err(|e| WireError::new(&e)))
 }
 
+/// The bytes of an answer to a client. A worker that could not reach
+/// another is, to the client, a closed path: it finds the workers again
+/// and resends reads.
+pub fn encode_client_answer(answer: crate::Result<Payload>) -> Vec<u8> {
+    encode_answer(answer.map_err(|e| match e {
+        Error::Unavailable(why) => Error::Closed(why),
+        e => e,
+    }))
+}
+
 /// Decodes an answer's bytes (an error when they are not a valid answer).
 pub fn decode_answer(bytes: &[u8]) -> Result<Answer, archived::ArchiveError> {
     archived::decode_as::<Answer>(bytes)
@@ -441,5 +451,50 @@ mod tests {
             .map(|_| ())
             .unwrap_err();
         assert!(e.to_string().contains("nest deeper"), "{e}");
+    }
+}
+
+/// Transport frames: `[len: u32 LE][id: u64 LE][kind: u8][payload]`, where
+/// `len` counts the id, kind and payload. Requests and their answers share
+/// an id; answers may come in any order.
+pub mod frame {
+    /// Bytes before the payload.
+    pub const HEAD_BYTES: usize = 4 + 8 + 1;
+    /// A request.
+    pub const KIND_REQUEST: u8 = 0;
+    /// An answer.
+    pub const KIND_RESPONSE: u8 = 1;
+    /// The server could not answer (the payload says why, as UTF-8).
+    pub const KIND_ERROR: u8 = 2;
+
+    /// Appends the frame of `payload` to `out`.
+    pub fn put(out: &mut Vec<u8>, id: u64, kind: u8, payload: &[u8]) {
+        out.reserve(HEAD_BYTES + payload.len());
+        out.extend_from_slice(&((9 + payload.len()) as u32).to_le_bytes());
+        out.extend_from_slice(&id.to_le_bytes());
+        out.push(kind);
+        out.extend_from_slice(payload);
+    }
+
+    /// One frame of `payload`.
+    pub fn make(id: u64, kind: u8, payload: &[u8]) -> Vec<u8> {
+        let mut f = Vec::with_capacity(HEAD_BYTES + payload.len());
+        put(&mut f, id, kind, payload);
+        f
+    }
+
+    /// The length field of a frame: the bytes after it (id, kind, payload),
+    /// or `None` when it is outside `9..=max`.
+    pub fn body_len(head: [u8; 4], max: usize) -> Option<usize> {
+        let len = u32::from_le_bytes(head) as usize;
+        (9..=max).contains(&len).then_some(len)
+    }
+
+    /// The id and kind at the start of a frame's body.
+    pub fn id_kind(body: &[u8]) -> (u64, u8) {
+        (
+            u64::from_le_bytes(body[..8].try_into().expect("a body of at least 9 bytes")),
+            body[8],
+        )
     }
 }

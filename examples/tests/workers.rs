@@ -258,3 +258,79 @@ fn microbatches_over_three_workers_are_exactly_once_and_atomic() {
     assert_eq!(sum, total);
     ws.stop();
 }
+
+/// A worker serves each client connection on one of its task threads: the
+/// one the client names, or any when it names none (or one it does not
+/// run). Every connection answers for every task (a request for another
+/// thread's task is passed on), and an idle one is closed by the thread
+/// that serves it.
+#[test]
+fn client_connections_are_served_by_task_threads() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut cluster = InProcessCluster::new(dir.path());
+    cluster.launch_module::<WordCountModule>(4, 2).unwrap();
+    let cluster = Arc::new(cluster);
+    let secret = net::auth::Secret::generate();
+    let limits = net::transport::ServerLimits {
+        idle_timeout: Duration::from_millis(600),
+        ..Default::default()
+    };
+    let server =
+        daemons::worker::serve_worker(cluster.clone(), "WordCountModule", "127.0.0.1:0", &secret, limits).unwrap();
+    let addr = server.local_addr().to_string();
+    let remotes = vec![
+        RemoteCluster::connect_to_thread(&addr, 0, &secret).unwrap(),
+        RemoteCluster::connect_to_thread(&addr, 1, &secret).unwrap(),
+        // Not a thread of this worker: served by one of its own.
+        RemoteCluster::connect_to_thread(&addr, 77, &secret).unwrap(),
+        RemoteCluster::connect(&addr, &secret).unwrap(),
+    ];
+    let mut sentences = Vec::new();
+    let mut rng = Rng::new(seed());
+    for r in &remotes {
+        let depot = r.depot("WordCountModule", "*sentences");
+        for _ in 0..25 {
+            let s = sentence(&mut rng);
+            depot.append(&Value::from(s.as_str()), AckLevel::Ack).unwrap();
+            sentences.push(s);
+        }
+    }
+    let expected = word_counts(&sentences);
+    for r in &remotes {
+        let counts = r.pstate("WordCountModule", "$$wordCounts");
+        for (w, c) in &expected {
+            assert_eq!(
+                counts.select_one(&[Nav::key(w.as_str())]).unwrap(),
+                Value::Int(*c),
+                "{w}"
+            );
+        }
+        // A bad request is answered with an error; the connection goes on.
+        assert!(r.query("WordCountModule", "noSuchQuery").invoke(&Value::Nil).is_err());
+        assert!(!r.is_closed());
+    }
+    // Idle past the timeout: every connection is closed by its thread.
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    while remotes.iter().any(|r| !r.is_closed()) {
+        assert!(std::time::Instant::now() < deadline, "idle connections stay open");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    drop(remotes);
+    drop(server);
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    let mut c = cluster;
+    let cluster = loop {
+        match Arc::try_unwrap(c) {
+            Ok(cluster) => break cluster,
+            Err(again) => {
+                assert!(
+                    std::time::Instant::now() < deadline,
+                    "the server still holds the cluster"
+                );
+                c = again;
+                std::thread::sleep(Duration::from_millis(10));
+            }
+        }
+    };
+    cluster.shutdown().unwrap();
+}

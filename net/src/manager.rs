@@ -164,7 +164,8 @@ pub struct ClusterManager {
 /// What a manager's clients share (they find workers again through it).
 struct Inner {
     directory: Directory,
-    connections: Mutex<HashMap<String, RemoteCluster>>,
+    /// By (worker address, task thread).
+    connections: Mutex<HashMap<(String, u32), RemoteCluster>>,
     secret: Secret,
     /// The last complete set of workers seen per module and target: a
     /// registration that lapses for a moment (a ZooKeeper restart, a
@@ -260,7 +261,12 @@ impl ClusterManager {
         let (resolved, _) = self.inner.resolve(module, target)?;
         let (inner, module) = (self.inner.clone(), module.to_string());
         let again: crate::remote::Resolve = Arc::new(move || inner.resolve(&module, target).map(|(r, _)| r));
-        Ok(Targets::new(resolved.workers, resolved.placement, Some(again)))
+        Ok(Targets::new(
+            resolved.workers,
+            resolved.threads,
+            resolved.placement,
+            Some(again),
+        ))
     }
 
     /// A client of depot `depot` of `module`: appends go to the append
@@ -346,6 +352,31 @@ impl Inner {
 
     /// Connects to every worker of `module` (reusing open connections):
     /// them, the placement, and the first worker's registration.
+    /// The open connection to `address` served by its task thread
+    /// `thread` (shared by the manager's clients), made when there is none.
+    fn connection(&self, address: &str, thread: u32) -> Result<RemoteCluster> {
+        let key = (address.to_string(), thread);
+        let open = {
+            let conns = self.connections.lock().unwrap_or_else(|p| p.into_inner());
+            conns.get(&key).filter(|c| !c.is_closed()).cloned()
+        };
+        if let Some(c) = open {
+            return Ok(c);
+        }
+        // Connected without the lock: an unreachable worker does not hold
+        // up the manager's other clients.
+        let c = RemoteCluster::connect_to_thread(address, thread, &self.secret)?;
+        let mut conns = self.connections.lock().unwrap_or_else(|p| p.into_inner());
+        Ok(match conns.get(&key) {
+            // Another caller connected meanwhile: share theirs.
+            Some(theirs) if !theirs.is_closed() => theirs.clone(),
+            _ => {
+                conns.insert(key, c.clone());
+                c
+            }
+        })
+    }
+
     fn resolve(&self, module: &str, target: Target) -> Result<(Resolved, WorkerInfo)> {
         let key = (module.to_string(), target);
         // A deployed module whose registrations are incomplete (a worker
@@ -419,34 +450,27 @@ impl Inner {
         let placement = Parallelism::new(first.tasks, first.threads, want)
             .map(Placement::new)
             .map_err(|e| Error::Closed(format!("module {module} registered a bad shape: {e}")))?;
+        // One connection per task thread, served by that thread.
+        let mut threads: Vec<Option<RemoteCluster>> = vec![None; placement.parallelism.threads as usize];
         let mut clusters = Vec::new();
         for w in &workers {
-            let open = {
-                let conns = self.connections.lock().unwrap_or_else(|p| p.into_inner());
-                conns.get(&w.address).filter(|c| !c.is_closed()).cloned()
-            };
-            let c = match open {
-                Some(c) => c,
-                None => {
-                    // Connected without the lock: an unreachable worker
-                    // does not hold up the manager's other clients.
-                    let c = RemoteCluster::connect(&w.address, &self.secret)?;
-                    let mut conns = self.connections.lock().unwrap_or_else(|p| p.into_inner());
-                    match conns.get(&w.address) {
-                        // Another caller connected meanwhile: share theirs.
-                        Some(theirs) if !theirs.is_closed() => theirs.clone(),
-                        _ => {
-                            conns.insert(w.address.clone(), c.clone());
-                            c
-                        }
-                    }
-                }
-            };
-            clusters.push(c);
+            let mine = placement.threads_of_worker(w.worker);
+            for &t in &mine {
+                threads[t as usize] = Some(self.connection(&w.address, t)?);
+            }
+            match mine.first() {
+                Some(&t) => clusters.push(threads[t as usize].clone().expect("connected above")),
+                None => clusters.push(self.connection(&w.address, 0)?),
+            }
         }
+        let threads = threads
+            .into_iter()
+            .collect::<Option<Vec<_>>>()
+            .ok_or_else(|| Error::Closed(format!("module {module}: a task thread has no worker")))?;
         Ok((
             Resolved {
                 workers: clusters,
+                threads,
                 placement: Some(placement),
             },
             first,

@@ -51,6 +51,14 @@ impl RemoteCluster {
         Ok(RemoteCluster { conn: Arc::new(conn) })
     }
 
+    /// `connect`, served by the worker's task thread `thread` (global
+    /// thread number; see `Connection::connect_to_thread`).
+    pub fn connect_to_thread(addr: &str, thread: u32, secret: &crate::auth::Secret) -> Result<RemoteCluster> {
+        let conn = Connection::connect_to_thread(addr, PROTOCOL_VERSION, FRAME_BYTES_MAX, thread, secret)
+            .map_err(net_error)?;
+        Ok(RemoteCluster { conn: Arc::new(conn) })
+    }
+
     fn call(&self, request: &[u8]) -> Result<Payload> {
         let bytes = self.conn.call(request).map_err(net_error)?;
         wire::response(&bytes)
@@ -82,7 +90,7 @@ impl RemoteCluster {
     }
 
     fn single(&self) -> Targets {
-        Targets::new(vec![self.clone()], None, None)
+        Targets::new(vec![self.clone()], Vec::new(), None, None)
     }
 
     /// Whether the connection has ended.
@@ -109,6 +117,9 @@ impl RemoteCluster {
 pub(crate) struct Resolved {
     /// By worker index.
     pub(crate) workers: Vec<RemoteCluster>,
+    /// By global task thread: the connection that thread serves (empty
+    /// for a client of one connection).
+    pub(crate) threads: Vec<RemoteCluster>,
     pub(crate) placement: Option<Placement>,
 }
 
@@ -162,9 +173,18 @@ fn round_robin_start() -> usize {
 }
 
 impl Targets {
-    pub(crate) fn new(workers: Vec<RemoteCluster>, placement: Option<Placement>, resolve: Option<Resolve>) -> Targets {
+    pub(crate) fn new(
+        workers: Vec<RemoteCluster>,
+        threads: Vec<RemoteCluster>,
+        placement: Option<Placement>,
+        resolve: Option<Resolve>,
+    ) -> Targets {
         Targets {
-            current: Arc::new(RwLock::new(Arc::new(Resolved { workers, placement }))),
+            current: Arc::new(RwLock::new(Arc::new(Resolved {
+                workers,
+                threads,
+                placement,
+            }))),
             resolve,
             renewing: Arc::new(Mutex::new(None)),
             next: Arc::new(AtomicUsize::new(round_robin_start())),
@@ -177,13 +197,24 @@ impl Targets {
 
     fn choose(&self, r: &Resolved, to: To) -> RemoteCluster {
         match (to, &r.placement) {
+            // Straight to the thread serving the task, where the worker
+            // knows it.
             (To::Task(task), Some(p)) if (task as usize) < p.thread_of_task.len() => {
-                let worker = p.worker_of_thread[p.thread_of_task[task as usize] as usize] as usize;
+                let thread = p.thread_of_task[task as usize] as usize;
+                if let Some(c) = r.threads.get(thread) {
+                    return c.clone();
+                }
+                let worker = p.worker_of_thread[thread] as usize;
                 r.workers.get(worker).unwrap_or(&r.workers[0]).clone()
             }
             // Unknown placement or no such task: the worker answers with
             // the error.
             (To::Task(_), _) => r.workers[0].clone(),
+            // Spread over every task thread's connection (the thread taking
+            // an append sends it on to its task's).
+            (To::Any, _) if !r.threads.is_empty() => {
+                r.threads[self.next.fetch_add(1, Ordering::Relaxed) % r.threads.len()].clone()
+            }
             (To::Any, _) => r.workers[self.next.fetch_add(1, Ordering::Relaxed) % r.workers.len()].clone(),
         }
     }

@@ -1,8 +1,10 @@
 //! Framed TCP between clients and workers (and between workers).
 //!
 //! ```text
-//! handshake, client -> server:  "RAMA" version:u16 LE role:u8 0
+//! handshake, client -> server:  "RAMA" version:u16 LE role:u8 thread:u8
 //!                               client_nonce:16
+//!                               (thread: 0, or 1 + the task thread a
+//!                               client connection asks to be served by)
 //! handshake, server -> client:  "RAMA" version:u16 LE status:u8 0
 //!                               status 0 go on, 1 version mismatch,
 //!                               3 connection limit reached (then closed)
@@ -28,7 +30,10 @@
 //! must finish within `handshake_timeout`, and a connection with no request
 //! in flight that sends nothing for `idle_timeout` is closed.
 //! Requests are pipelined: many may be in flight on one connection (up to
-//! a bound), answered in any order, matched by id. Each side writes from
+//! a bound), answered in any order, matched by id. A server may hand a
+//! client connection, once it is authenticated, to someone else to serve
+//! ([`Adopter`]: a worker gives it to a task thread, which speaks the same
+//! frames). Otherwise each side writes from
 //! one writer thread that takes every frame already queued (up to
 //! [`BATCH_BYTES`]) into one `write`, so small messages share syscalls and
 //! packets. Payloads are opaque bytes; callers put rkyv archives in them.
@@ -75,9 +80,7 @@ pub fn raise_open_file_limit() {
 /// The handshake role of clients.
 pub const ROLE_CLIENT: u8 = 0;
 
-const KIND_REQUEST: u8 = 0;
-const KIND_RESPONSE: u8 = 1;
-const KIND_ERROR: u8 = 2;
+use engine::wire::frame::{self as framing, KIND_ERROR, KIND_REQUEST, KIND_RESPONSE};
 
 #[derive(Debug, thiserror::Error)]
 pub enum NetError {
@@ -156,13 +159,7 @@ fn writer(stream: TcpStream, rx: flume::Receiver<Vec<u8>>, stats: Arc<Stats>) {
 }
 
 fn frame(id: u64, kind: u8, payload: &[u8]) -> Vec<u8> {
-    let len = 9 + payload.len();
-    let mut f = Vec::with_capacity(4 + len);
-    f.extend_from_slice(&(len as u32).to_le_bytes());
-    f.extend_from_slice(&id.to_le_bytes());
-    f.push(kind);
-    f.extend_from_slice(payload);
-    f
+    framing::make(id, kind, payload)
 }
 
 /// Waits for the next frame's first byte on a server connection whose read
@@ -226,22 +223,20 @@ fn read_frame(input: &mut impl Read, max: usize, addr: &str) -> Result<Option<(u
             })
         }
     }
-    let len = u32::from_le_bytes(len) as usize;
-    if len > max || len < 9 {
+    let Some(len) = framing::body_len(len, max) else {
         return Err(NetError::FrameTooLarge {
             addr: addr.into(),
-            len,
+            len: u32::from_le_bytes(len) as usize,
             max,
         });
-    }
+    };
     let mut body = vec![0u8; len];
     input.read_exact(&mut body).map_err(|source| NetError::Io {
         what: "reading from",
         addr: addr.into(),
         source,
     })?;
-    let id = u64::from_le_bytes(body[..8].try_into().expect("8 bytes"));
-    let kind = body[8];
+    let (id, kind) = framing::id_kind(&body);
     body.drain(..9);
     Ok(Some((id, kind, body)))
 }
@@ -265,7 +260,12 @@ const STATUS_BUSY: u8 = 3;
 pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// The client's side of the handshake (see the module doc).
-fn client_handshake(stream: &mut TcpStream, version: u16, role: u8, secret: &Secret, addr: &str) -> Result<()> {
+fn client_handshake(
+    stream: &mut TcpStream,
+    (version, role, thread): (u16, u8, u8),
+    secret: &Secret,
+    addr: &str,
+) -> Result<()> {
     let io = |what: &'static str| {
         let addr = addr.to_string();
         move |source| NetError::Io { what, addr, source }
@@ -273,6 +273,7 @@ fn client_handshake(stream: &mut TcpStream, version: u16, role: u8, secret: &Sec
     let ours = crate::auth::nonce();
     let mut hello = [0u8; HELLO_BYTES];
     hello[..8].copy_from_slice(&handshake_bytes(version, role));
+    hello[7] = thread;
     hello[8..].copy_from_slice(&ours);
     stream.write_all(&hello).map_err(io("writing to"))?;
     let mut reply = [0u8; 8];
@@ -340,9 +341,9 @@ impl Read for Deadline<'_> {
 }
 
 /// The server's side of the handshake, all of it within `timeout`:
-/// returns the client's role once it proved it holds the secret, or `None`
-/// (the connection is then closed).
-fn server_handshake(stream: &TcpStream, version: u16, secret: &Secret, timeout: Duration) -> Option<u8> {
+/// returns the client's role and thread byte once it proved it holds the
+/// secret, or `None` (the connection is then closed).
+fn server_handshake(stream: &TcpStream, version: u16, secret: &Secret, timeout: Duration) -> Option<(u8, u8)> {
     let mut input = Deadline {
         stream,
         at: Instant::now() + timeout,
@@ -353,7 +354,7 @@ fn server_handshake(stream: &TcpStream, version: u16, secret: &Secret, timeout: 
         return None;
     }
     let theirs = u16::from_le_bytes([hello[4], hello[5]]);
-    let role = hello[6];
+    let (role, thread) = (hello[6], hello[7]);
     if theirs != version {
         let _ = stream.write_all(&handshake_bytes(version, STATUS_VERSION));
         return None;
@@ -372,7 +373,7 @@ fn server_handshake(stream: &TcpStream, version: u16, secret: &Secret, timeout: 
         return None;
     }
     stream.write_all(&[STATUS_GO_ON]).ok()?;
-    Some(role)
+    Some((role, thread))
 }
 
 /// Refuses a connection over the server's limit, with a status the client
@@ -420,6 +421,22 @@ impl Connection {
         Self::connect_as(addr, version, frame_max, ROLE_CLIENT, secret)
     }
 
+    /// `connect` asking to be served by task thread `thread` (a worker
+    /// serves a client connection on one of its task threads: a request
+    /// for a task of that thread is answered without crossing another;
+    /// a thread the worker does not run is ignored).
+    pub fn connect_to_thread(
+        addr: impl ToSocketAddrs,
+        version: u16,
+        frame_max: usize,
+        thread: u32,
+        secret: &Secret,
+    ) -> Result<Connection> {
+        // Threads past the byte's range are not named (any thread serves).
+        let byte = u8::try_from(thread + 1).unwrap_or(0);
+        Self::open(addr, (version, ROLE_CLIENT, byte), frame_max, secret)
+    }
+
     /// `connect` announcing `role` in the handshake (the server hands it
     /// to its handler: clients are 0, other roles are the server's to
     /// define).
@@ -428,6 +445,15 @@ impl Connection {
         version: u16,
         frame_max: usize,
         role: u8,
+        secret: &Secret,
+    ) -> Result<Connection> {
+        Self::open(addr, (version, role, 0), frame_max, secret)
+    }
+
+    fn open(
+        addr: impl ToSocketAddrs,
+        (version, role, thread): (u16, u8, u8),
+        frame_max: usize,
         secret: &Secret,
     ) -> Result<Connection> {
         let addrs: Vec<SocketAddr> = addr
@@ -452,7 +478,7 @@ impl Connection {
         stream
             .set_read_timeout(Some(HANDSHAKE_TIMEOUT))
             .map_err(io("configuring"))?;
-        client_handshake(&mut stream, version, role, secret, &shown)?;
+        client_handshake(&mut stream, (version, role, thread), secret, &shown)?;
         stream.set_read_timeout(None).map_err(io("configuring"))?;
         let (frames_tx, frames_rx) = flume::bounded(IN_FLIGHT_MAX);
         let stats = Arc::new(Stats::default());
@@ -594,11 +620,39 @@ impl PendingReply<'_> {
 /// Answers one request: `Ok(payload)` or `Err(message)`.
 pub type Handler = Arc<dyn Fn(Vec<u8>) -> std::result::Result<Vec<u8>, String> + Send + Sync>;
 
-/// Sends the answer to one request (from any thread; it never blocks).
-pub type Respond = Box<dyn FnOnce(std::result::Result<Vec<u8>, String>) + Send>;
+/// Sends the answer to one request (from any thread; it never blocks);
+/// work a handler leaves to the server's executor.
+pub use engine::cluster::connection::{Later, Respond};
 
-/// Work a handler leaves to the server's executor.
-pub type Later = std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send>>;
+/// A client connection after its handshake, offered to an [`Adopter`].
+#[derive(Debug)]
+pub struct Handoff {
+    pub stream: TcpStream,
+    /// The task thread the client asked for, if any.
+    pub thread: Option<u32>,
+    pub limits: ServerLimits,
+    /// Held until the connection ends: it counts against the server's
+    /// `connections_max`, and the server shuts it when dropped.
+    pub guard: OpenGuard,
+}
+
+/// Takes a client connection to serve it elsewhere, or gives it back
+/// (the server then serves it with its handler).
+pub type Adopter = Arc<dyn Fn(Handoff) -> Option<Handoff> + Send + Sync>;
+
+/// A connection's place among a server's open connections, given up when
+/// dropped.
+#[derive(Debug)]
+pub struct OpenGuard {
+    open: Arc<Mutex<HashMap<u64, TcpStream>>>,
+    n: u64,
+}
+
+impl Drop for OpenGuard {
+    fn drop(&mut self) {
+        self.open.lock().expect("open connections").remove(&self.n);
+    }
+}
 
 /// Answers requests without a thread per request in flight: called on the
 /// connection's reader thread with the handshake's role byte, the payload
@@ -609,9 +663,10 @@ pub type Later = std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send>>
 /// connection is not read.
 pub type AsyncHandler = Arc<dyn Fn(u8, Vec<u8>, Respond) -> Option<Later> + Send + Sync>;
 
-/// The handler and the executor its futures run on.
+/// The handler and the executor its futures run on, and who may take
+/// client connections.
 #[derive(Clone)]
-struct Serve(AsyncHandler, Arc<smol::Executor<'static>>);
+struct Serve(AsyncHandler, Arc<smol::Executor<'static>>, Option<Adopter>);
 
 /// The bounds of one server. Every field has a default sized for a worker.
 #[derive(Debug, Clone)]
@@ -703,6 +758,19 @@ impl Server {
         threads: usize,
         handler: AsyncHandler,
     ) -> Result<Server> {
+        Self::bind_adopting(addr, (version, secret), limits, threads, handler, None)
+    }
+
+    /// Like `bind_async`; every authenticated client connection (role
+    /// [`ROLE_CLIENT`]) is offered to `adopter` first.
+    pub fn bind_adopting(
+        addr: impl ToSocketAddrs,
+        (version, secret): (u16, &Secret),
+        limits: ServerLimits,
+        threads: usize,
+        handler: AsyncHandler,
+        adopter: Option<Adopter>,
+    ) -> Result<Server> {
         let listening = Listening {
             version,
             secret: secret.clone(),
@@ -723,7 +791,12 @@ impl Server {
                     })
             })
             .collect::<Result<Vec<_>>>()?;
-        Self::listen(addr, listening, Serve(handler, executor), Some((stop_tx, runners)))
+        Self::listen(
+            addr,
+            listening,
+            Serve(handler, executor, adopter),
+            Some((stop_tx, runners)),
+        )
     }
 
     fn listen(
@@ -782,13 +855,13 @@ impl Server {
                         listening.clone(),
                         handshaking.clone(),
                     );
-                    let spawned = std::thread::Builder::new().name("net-connection".into()).spawn({
-                        let open = open.clone();
-                        move || {
-                            serve_connection(stream, &listening, handler, &stop, &hs);
-                            open.lock().expect("open connections").remove(&(n as u64));
-                        }
-                    });
+                    let guard = OpenGuard {
+                        open: open.clone(),
+                        n: n as u64,
+                    };
+                    let spawned = std::thread::Builder::new()
+                        .name("net-connection".into())
+                        .spawn(move || serve_connection(stream, &listening, handler, (&stop, &hs), guard));
                     // Out of threads: this connection is dropped, the
                     // server goes on.
                     if spawned.is_err() {
@@ -838,8 +911,8 @@ fn serve_connection(
     stream: TcpStream,
     listening: &Listening,
     handler: Serve,
-    stop: &AtomicBool,
-    handshaking: &std::sync::atomic::AtomicUsize,
+    (stop, handshaking): (&AtomicBool, &std::sync::atomic::AtomicUsize),
+    guard: OpenGuard,
 ) {
     let addr = stream.peer_addr().map_or_else(|_| "?".into(), |a| a.to_string());
     let limits = &listening.limits;
@@ -848,9 +921,25 @@ fn serve_connection(
     let _ = stream.set_write_timeout(Some(limits.handshake_timeout));
     let shaken = server_handshake(&stream, listening.version, &listening.secret, limits.handshake_timeout);
     handshaking.fetch_sub(1, Ordering::SeqCst);
-    let Some(role) = shaken else {
+    let Some((role, thread)) = shaken else {
         let _ = stream.shutdown(Shutdown::Both);
         return;
+    };
+    let Serve(h, executor, adopter) = handler;
+    let (stream, guard) = match adopter {
+        Some(adopt) if role == ROLE_CLIENT => {
+            let offered = Handoff {
+                stream,
+                thread: thread.checked_sub(1).map(u32::from),
+                limits: limits.clone(),
+                guard,
+            };
+            match adopt(offered) {
+                None => return,
+                Some(back) => (back.stream, back.guard),
+            }
+        }
+        _ => (stream, guard),
     };
     // From here on the read timeout is the idle check's tick; writes have
     // no timeout (the writer blocks only on a full socket, and the
@@ -863,8 +952,8 @@ fn serve_connection(
     let (frames_tx, frames_rx) = flume::bounded(IN_FLIGHT_MAX);
     let stats = Arc::new(Stats::default());
     let writer_thread = std::thread::spawn(move || writer(out, frames_rx, stats));
-    let Serve(h, executor) = handler;
     serve_async(stream, role, limits, &addr, (&h, &executor), frames_tx, stop);
+    drop(guard);
     // Not joined: the writer ends when the answers still pending are given
     // or dropped, and some of them may wait in the executor, which this
     // thread holds; waiting here would keep both (and the handler's state)

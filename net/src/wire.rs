@@ -27,14 +27,9 @@ fn bad(why: impl std::fmt::Display) -> Error {
     Error::Schema(why.to_string())
 }
 
-/// The bytes of an answer to a client. A worker that could not reach
-/// another is, to the client, a closed path: it finds the workers again
-/// and resends reads.
+/// The bytes of an answer to a client.
 fn encoded(answer: Result<Payload>) -> Vec<u8> {
-    vocab::encode_answer(answer.map_err(|e| match e {
-        Error::Unavailable(why) => Error::Closed(why),
-        e => e,
-    }))
+    vocab::encode_client_answer(answer)
 }
 
 /// Serves one request against the modules of `cluster` (blocking).
@@ -60,56 +55,19 @@ pub fn handle_future(cluster: &InProcessCluster, request: &[u8]) -> impl Future<
     }
 }
 
-/// Starts a request whose answer a task thread gives to the `Respond`.
-type Start = Box<dyn FnOnce(crate::transport::Respond) -> Result<()>>;
-
-/// Serves one request, answering through `respond`: appends and selects
-/// answer from the task thread that serves them (no other thread in
-/// between); the rest returns a future for the server's executor.
-pub fn handle_then(
-    cluster: &InProcessCluster,
-    request: &[u8],
-    respond: crate::transport::Respond,
-) -> Option<crate::transport::Later> {
-    let direct = access(request).and_then(|req| -> Result<Option<Start>> {
-        Ok(match req {
-            ArchivedClientRequest::Append { .. } => {
-                let (depot, record, ack) = append_parts(cluster, req)?;
-                Some(Box::new(move |respond: crate::transport::Respond| {
-                    depot.append_archived_then(record, ack, move |r| respond(Ok(encoded(r.map(Payload::Appended)))))
-                }))
-            }
-            ArchivedClientRequest::Select { .. } => {
-                let (client, task, path) = select_parts(cluster, req)?;
-                Some(Box::new(move |respond: crate::transport::Respond| {
-                    client.select_then(task, path, move |r| respond(Ok(encoded(r.map(Payload::Selected)))))
-                }))
-            }
-            _ => None,
-        })
-    });
-    match direct {
-        Ok(Some(start)) => {
-            // The callback answers; an error before anything was sent
-            // answers here (the callback was dropped unused).
-            let once = engine::sync::CallOnce::new(respond);
-            let relay = once.clone();
-            if let Err(e) = start(Box::new(move |answer| {
-                relay.call(answer);
-            })) {
-                once.call(Ok(encoded(Err(e))));
-            }
-            None
-        }
-        Ok(None) => {
-            let answer = handle_future(cluster, request);
-            Some(Box::pin(async move { respond(Ok(answer.await)) }))
-        }
-        Err(e) => {
-            respond(Ok(encoded(Err(e))));
-            None
-        }
-    }
+/// The handler of a client connection served by a task thread: every
+/// request is started at once (sent to its task's thread, which may be
+/// this one) and answered by the future it leaves, which never blocks the
+/// thread. Requests that arrive after `cluster` is gone are refused.
+pub fn task_thread_handler(cluster: std::sync::Weak<InProcessCluster>) -> engine::cluster::connection::Handler {
+    std::sync::Arc::new(move |request: Vec<u8>, respond: crate::transport::Respond| {
+        let Some(cluster) = cluster.upgrade() else {
+            respond(Ok(encoded(Err(Error::Closed("the worker is stopping".into())))));
+            return None;
+        };
+        let answer = handle_future(&cluster, &request);
+        Some(Box::pin(async move { respond(Ok(answer.await)) }) as crate::transport::Later)
+    })
 }
 
 /// The depot, record bytes and ack level of an append request.

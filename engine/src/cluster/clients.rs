@@ -7,7 +7,6 @@ use std::future::Future;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
-use super::gate::GateTicket;
 use super::launched::ModuleRuntime;
 use super::messages::{self, AppendResult, Request};
 use super::peer::LANE_CLIENT;
@@ -223,48 +222,6 @@ impl DepotClient {
         })
     }
 
-    /// Sends the append now; `done` gets the answer where it is made (on a
-    /// task thread, so `done` must be quick and must not block). Waits
-    /// while the task thread's request channel is full. For servers that
-    /// queue their response frame from the callback.
-    pub fn append_then(
-        &self,
-        record: &Value,
-        ack: AckLevel,
-        done: impl FnOnce(Result<AppendResult>) + Send + 'static,
-    ) -> Result<()> {
-        let (task, bytes) = self.encode(record)?;
-        self.send_then(task, bytes, ack, done)
-    }
-
-    /// [`append_then`](Self::append_then) of a record already archived
-    /// (checked here; stored as it is).
-    pub fn append_archived_then(
-        &self,
-        record: Vec<u8>,
-        ack: AckLevel,
-        done: impl FnOnce(Result<AppendResult>) + Send + 'static,
-    ) -> Result<()> {
-        let task = self.task_for_archived(&record)?;
-        self.send_then(task, record, ack, done)
-    }
-
-    fn send_then(
-        &self,
-        task: u32,
-        bytes: Vec<u8>,
-        ack: AckLevel,
-        done: impl FnOnce(Result<AppendResult>) + Send + 'static,
-    ) -> Result<()> {
-        if ack == AckLevel::None {
-            self.rt.send(task, self.request(task, bytes, ack, None))?;
-            done(Ok(Self::unacknowledged(task)));
-            return Ok(());
-        }
-        let reply = messages::Reply::callback(done);
-        self.rt.send(task, self.request(task, bytes, ack, Some(reply)))
-    }
-
     /// Like [`append_async`](Self::append_async), but all the waiting
     /// (for room in a full channel too) happens in the returned future: it
     /// never blocks the calling thread. For servers running many requests
@@ -463,33 +420,6 @@ impl PStateClient {
                 reply,
             })?
             .into_values()
-    }
-
-    /// `select` (with `task`: `select_on`) whose result goes to `done`
-    /// where it is read (on a task thread: `done` must be quick and must
-    /// not block); one stored value comes as its stored archive, for a
-    /// server to send on. Waits while the task thread's channel is full, or
-    /// while a microbatch commits.
-    pub fn select_then(
-        &self,
-        task: Option<u32>,
-        path: Vec<Nav>,
-        done: impl FnOnce(Result<crate::wire::Selected>) + Send + 'static,
-    ) -> Result<()> {
-        let task = self.target(task, &path)?;
-        let ticket = GateTicket::enter(&self.rt);
-        self.rt.send(
-            task,
-            Request::Select {
-                pstate: self.pstate,
-                task,
-                path,
-                reply: messages::Reply::callback(move |values| {
-                    drop(ticket);
-                    done(values)
-                }),
-            },
-        )
     }
 
     /// `select` (with `task`: `select_on`) that never blocks the calling

@@ -28,17 +28,6 @@ pub(super) struct GateGuard<'a>(pub(super) Option<&'a Gate>);
 pub(super) struct GateTicket(pub(super) Arc<Gate>);
 
 impl GateTicket {
-    /// Blocks the calling thread while a commit is applied; `None` when
-    /// the module's reads are not gated.
-    pub(super) fn enter(rt: &Arc<ModuleRuntime>) -> Option<GateTicket> {
-        rt.gated.then(|| {
-            std::mem::forget(rt.gate.enter());
-            GateTicket(rt.gate.clone())
-        })
-    }
-}
-
-impl GateTicket {
     /// Enters without waiting: `Ok(None)` when reads are not gated, `Err`
     /// while a commit holds the gate closed.
     pub(super) fn try_enter(rt: &Arc<ModuleRuntime>) -> std::result::Result<Option<GateTicket>, ()> {

@@ -146,6 +146,8 @@ pub(crate) struct ModuleRuntime {
     pub(super) microbatch_readers: Vec<Vec<usize>>,
     /// Round-robin origin of queries.
     pub(super) next_origin: AtomicU32,
+    /// Round-robin thread of client connections that name none.
+    pub(super) next_connection: AtomicU32,
     pub(super) fault: Option<FaultHook>,
     /// The stop signal: the sender is dropped once every task thread of
     /// the module has stopped.

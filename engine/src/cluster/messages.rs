@@ -105,6 +105,8 @@ pub(crate) enum Request {
     /// Stop starting stream batches and microbatches; answers once the
     /// running ones finished (other threads still serve stage batches).
     Quiesce { reply: Reply<()> },
+    /// Serve this client connection on the thread (see `connection.rs`).
+    Adopt(Box<super::connection::Adopted>),
     /// Stop serving (clients may still hold handles; their later requests
     /// fail with `Error::Closed`).
     Shutdown,

@@ -26,6 +26,7 @@
 pub mod catalog;
 mod clients;
 pub mod config;
+pub mod connection;
 mod dataflow;
 mod gate;
 mod launched;
@@ -267,6 +268,7 @@ impl InProcessCluster {
             stream_consumers,
             microbatch_readers,
             next_origin: AtomicU32::new(0),
+            next_connection: AtomicU32::new(0),
             fault: self.fault.clone(),
             stopped: {
                 let (tx, rx) = flume::bounded(1);
@@ -374,6 +376,35 @@ impl InProcessCluster {
             .map(|(m, _)| m)
             .find(|m| m.def.name == name)
             .ok_or_else(|| Error::Schema(format!("no module named {name} is running")))
+    }
+
+    /// Hands a client connection of `module` to one of its task threads
+    /// in this process: global thread `thread` when it is one of them (the
+    /// client chose the thread of the tasks it sends for), otherwise the
+    /// next one round-robin. Gives the connection back when the module is
+    /// not running here.
+    pub fn adopt(
+        &self,
+        module: &str,
+        thread: Option<u32>,
+        conn: connection::Adopted,
+    ) -> std::result::Result<(), Box<connection::Adopted>> {
+        let Ok(rt) = self.module(module) else {
+            return Err(Box::new(conn));
+        };
+        let local = rt.placement.threads_of_worker(rt.worker);
+        if local.is_empty() {
+            return Err(Box::new(conn));
+        }
+        let chosen = match thread {
+            Some(t) if local.contains(&t) => t,
+            _ => local[rt.next_connection.fetch_add(1, Ordering::Relaxed) as usize % local.len()],
+        };
+        match rt.links[chosen as usize].client.send(Request::Adopt(Box::new(conn))) {
+            Ok(()) => Ok(()),
+            Err(flume::SendError(Request::Adopt(conn))) => Err(conn),
+            Err(_) => unreachable!("the request sent was an Adopt"),
+        }
     }
 
     /// A client of depot `depot` of module `module`.

@@ -206,7 +206,8 @@ fn encode_request(request: Request) -> Option<(Vec<u8>, Done)> {
             let _ = reply.send(Ok(()));
             return None;
         }
-        Request::Shutdown => return None,
+        // Only local threads adopt connections (`InProcessCluster::adopt`).
+        Request::Adopt(_) | Request::Shutdown => return None,
     })
 }
 

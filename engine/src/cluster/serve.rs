@@ -274,6 +274,9 @@ pub(super) async fn handle_request(th: &Rc<TaskThread>, request: Request) {
             quiesce(th).await;
             let _ = reply.send(Ok(()));
         }
+        Request::Adopt(conn) => {
+            glommio::spawn_local(super::connection::serve(th.clone(), *conn)).detach();
+        }
         Request::Shutdown => {}
     }
 }
