@@ -306,6 +306,11 @@ impl SleepNotifier {
     }
 
     pub(crate) fn notify(&self, force: bool) {
+        // rama: pairs with the sleeper's fence between setting
+        // `should_notify` and its last look at the queues (it replaced a
+        // membarrier there): whatever the caller queued before this call
+        // is seen by the sleeper, or the sleeper's flag is seen here.
+        std::sync::atomic::fence(Ordering::SeqCst);
         if self
             .should_notify
             .compare_exchange(true, false, Ordering::Relaxed, Ordering::Relaxed)
