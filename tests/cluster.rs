@@ -290,7 +290,9 @@ fn deploy_serve_survive_crashes_and_destroy() {
     // selecting through its task threads' connections while the worker
     // dies and comes back. An append may fail meanwhile (the caller is
     // told), a select may fail, but a select never answers wrong, and every
-    // acknowledged append is counted once.
+    // acknowledged append is counted (at least once: a stream topology
+    // processes again what it had processed past its last durable
+    // progress when its worker died).
     let stop = std::sync::atomic::AtomicBool::new(false);
     let acked_count = std::sync::atomic::AtomicUsize::new(0);
     let (acked, failed) = std::thread::scope(|s| {
@@ -335,11 +337,10 @@ fn deploy_serve_survive_crashes_and_destroy() {
     eprintln!("under the kill: {} appends acknowledged, {failed} failed", acked.len());
     let counts = manager.pstate("WordCountModule", "$$wordCounts").unwrap();
     for word in &acked {
-        assert_eq!(
-            counts.select_one(&[Nav::key(word.as_str())]).unwrap(),
-            Value::Int(1),
-            "acknowledged {word}"
-        );
+        match counts.select_one(&[Nav::key(word.as_str())]).unwrap() {
+            Value::Int(n) if n >= 1 => {}
+            other => panic!("acknowledged {word} is counted {other:?}"),
+        }
     }
     // Every word's count through the client made before the kill (its
     // connection to the killed worker ended; it reconnects).

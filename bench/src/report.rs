@@ -431,7 +431,7 @@ fn remote_section(out: &mut String, r: &Results) {
         out,
         "## 6. WordCount through the remote client\n\n\
          {}. The same plan as section 5: {} words per sentence, vocabulary {}, `Ack` appends, {} client \
-         threads with {} appends in flight each through one `ClusterManager` (one connection to the worker), \
+         threads with {} appends in flight each through one `ClusterManager` (one connection per task thread of the worker), \
          then an open loop at half the maximum. Every count ({} words) equals the reference afterwards.\n",
         remote.setup,
         w.words_per_sentence,
@@ -513,14 +513,17 @@ fn remote_section(out: &mut String, r: &Results) {
     let _ = writeln!(out);
     let _ = writeln!(
         out,
-        "Why the gap: a select crosses five threads (client writer, server reader, task thread, server \
-         writer, client reader) and each hand-off of a small pipeline wakes a sleeping thread (futex and \
-         scheduler time were the top of the profile, then `send`/`recv`), while Redis answers a pipeline \
-         on one event-loop thread with one read and one write. Measured steps so far: answering from the \
-         task thread instead of an executor (one hop less) and letting the writer gather frames made \
-         together; spinning task threads before they park made it worse on 2 cores. The planned step is \
-         to serve client connections on the task threads themselves (glommio's io_uring sockets), so a \
-         select for a local task crosses no thread.\n"
+        "Why the gap: each connection is served by the task thread owning its keys (a select of a local \
+         task is read inline, no other thread or task in between), but a pipeline still costs a wake-up \
+         on each side: the worker's thread parks between pipelines (glommio arms its io_uring poll, \
+         submits, sleeps and is woken by the completion) and the client's caller, writer and reader \
+         threads hand each pipeline over with futexes, while Redis answers on one event-loop thread with \
+         one read and one write and its client is one thread too. Steps measured in the session that \
+         moved serving onto the task threads: from five threads to one on the server (about the same: the executor \
+         loop's timer re-arming and a membarrier per park dominated), glommio keeping pending preemption \
+         timers (io_uring_enter calls per select from 0.8 to 0.3), a fence pair instead of \
+         `sys_membarrier` at park (the IPIs cost about half of a parking worker's CPU under this \
+         hypervisor), and inline selects (+48%). Spinning before park made it worse on 2 cores.\n"
     );
 }
 
@@ -854,6 +857,20 @@ fn harness_section(out: &mut String, r: &Results) {
         s.nodes,
         h.estimate_rate,
         h.estimate.replace('\n', "\n> ")
+    );
+    let raw = &r.depot_single.raw_prewritten.latency;
+    let _ = writeln!(
+        out,
+        "Why the sweep misses: an `Ack` append is two group commits in series (its own in the task group \
+         log, then the stream topology's PState batch) plus a buffered partition write, each an io_uring \
+         write taken by a kernel worker; at low rates this is about 1-2 ms at p50. The p99 of an open loop \
+         counts every request caught behind a stall of the disk: the raw `pwrite` + `fdatasync` loop of \
+         section 2 in this run reached {} at its maximum (p99.9 {}), and one such stall during a 3-second \
+         step delays rate x stall requests, more than 1% of the step even at the lowest rate. The \
+         closed-loop latencies in the table above do not show it because a stalled client sends \
+         nothing meanwhile.\n",
+        micros(raw.max_us),
+        micros(raw.p999_us)
     );
 }
 

@@ -270,10 +270,7 @@ impl InProcessCluster {
             next_origin: AtomicU32::new(0),
             next_connection: AtomicU32::new(0),
             fault: self.fault.clone(),
-            stopped: {
-                let (tx, rx) = flume::bounded(1);
-                (Mutex::new(Some(tx)), rx)
-            },
+            stopped: Arc::default(),
             worker,
             local_tasks,
             processing: AtomicBool::new(false),
@@ -568,7 +565,7 @@ fn stop(rt: Arc<ModuleRuntime>, handles: Vec<TaskThreadHandle>) -> Result<()> {
         let _ = link.client.send(Request::Shutdown);
     }
     drop(local);
-    let stop_signal = rt.stopped.0.lock().expect("stop signal").take();
+    let stop_signal = rt.stopped.clone();
     rt.bridges_stop.store(true, Ordering::Release);
     let bridges = std::mem::take(&mut *rt.bridges.lock().expect("bridges"));
     drop(rt);
@@ -585,7 +582,7 @@ fn stop(rt: Arc<ModuleRuntime>, handles: Vec<TaskThreadHandle>) -> Result<()> {
         }
     }
     // Every thread is gone: requests still waiting for an answer get Closed.
-    drop(stop_signal);
+    stop_signal.fire();
     for b in bridges {
         let _ = b.join();
     }

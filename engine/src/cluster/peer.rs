@@ -720,9 +720,9 @@ fn decode_serve(rt: &Arc<ModuleRuntime>, lane: u32, message: &[u8]) -> Result<An
                 if rt.links[thread].stages[stage - 1].send_async(msg).await.is_err() {
                     return wire::encode_answer(Err(rt.closed()));
                 }
-                let stopped = rt.stopped.1.clone();
+                let stopped = rt.stopped.wait();
                 let completion = futures_lite::future::or(async move { rx.recv_async().await.ok() }, async move {
-                    let _ = stopped.recv_async().await;
+                    stopped.await;
                     None
                 })
                 .await;
