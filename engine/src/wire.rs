@@ -266,6 +266,32 @@ pub fn encode_answer(answer: crate::Result<Payload>) -> Vec<u8> {
     archived::encode(&answer.map_err(|e| WireError::new(&e)))
 }
 
+/// A select's module, PState, task (if given) and path.
+pub type SelectParts<'a> = (&'a str, &'a str, Option<u32>, Vec<Nav>);
+
+/// What a select request names: module, PState, the task if given, and
+/// the path (owned). `None` for another request; `Err` when the path does
+/// not read back.
+pub fn select_parts(req: &ArchivedClientRequest) -> Option<Result<SelectParts<'_>, archived::ArchiveError>> {
+    let ArchivedClientRequest::Select {
+        module,
+        pstate,
+        path,
+        task,
+    } = req
+    else {
+        return None;
+    };
+    Some(archived::to_owned::<Vec<Nav>>(path).map(|path| {
+        (
+            module.as_str(),
+            pstate.as_str(),
+            task.as_ref().map(|t| t.to_native()),
+            path,
+        )
+    }))
+}
+
 /// The bytes of an answer to a client. A worker that could not reach
 /// another is, to the client, a closed path: it finds the workers again
 /// and resends reads.

@@ -94,25 +94,30 @@ impl Workers {
         drop(self.remotes);
         drop(self.servers);
         for c in self.clusters {
-            // Server threads still holding the cluster let go shortly.
-            let deadline = std::time::Instant::now() + Duration::from_secs(60);
-            let mut c = c;
-            let cluster = loop {
-                match Arc::try_unwrap(c) {
-                    Ok(cluster) => break cluster,
-                    Err(again) => {
-                        assert!(
-                            std::time::Instant::now() < deadline,
-                            "the server still holds the cluster 60 s after it was dropped"
-                        );
-                        c = again;
-                        std::thread::sleep(Duration::from_millis(10));
-                    }
-                }
-            };
-            cluster.shutdown().unwrap();
+            shut_down(c);
         }
     }
+}
+
+/// Shuts `cluster` down once the servers that held it have let it go
+/// (their threads do shortly after they are dropped).
+fn shut_down(cluster: Arc<InProcessCluster>) {
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    let mut c = cluster;
+    let cluster = loop {
+        match Arc::try_unwrap(c) {
+            Ok(cluster) => break cluster,
+            Err(again) => {
+                assert!(
+                    std::time::Instant::now() < deadline,
+                    "the server still holds the cluster 60 s after it was dropped"
+                );
+                c = again;
+                std::thread::sleep(Duration::from_millis(10));
+            }
+        }
+    };
+    cluster.shutdown().unwrap();
 }
 
 fn word_counts(sentences: &[String]) -> BTreeMap<String, i64> {
@@ -317,20 +322,5 @@ fn client_connections_are_served_by_task_threads() {
     }
     drop(remotes);
     drop(server);
-    let deadline = std::time::Instant::now() + Duration::from_secs(60);
-    let mut c = cluster;
-    let cluster = loop {
-        match Arc::try_unwrap(c) {
-            Ok(cluster) => break cluster,
-            Err(again) => {
-                assert!(
-                    std::time::Instant::now() < deadline,
-                    "the server still holds the cluster"
-                );
-                c = again;
-                std::thread::sleep(Duration::from_millis(10));
-            }
-        }
-    };
-    cluster.shutdown().unwrap();
+    shut_down(cluster);
 }

@@ -93,21 +93,10 @@ fn select_parts(
     cluster: &InProcessCluster,
     req: &ArchivedClientRequest,
 ) -> Result<(engine::cluster::PStateClient, Option<u32>, Vec<engine::pstate::Nav>)> {
-    let ArchivedClientRequest::Select {
-        module,
-        pstate,
-        path,
-        task,
-    } = req
-    else {
-        return Err(bad("not a select"));
-    };
-    let path = archived::to_owned::<Vec<engine::pstate::Nav>>(path).map_err(bad)?;
-    Ok((
-        cluster.pstate(module, pstate)?,
-        task.as_ref().map(|t| t.to_native()),
-        path,
-    ))
+    let (module, pstate, task, path) = vocab::select_parts(req)
+        .ok_or_else(|| bad("not a select"))?
+        .map_err(bad)?;
+    Ok((cluster.pstate(module, pstate)?, task, path))
 }
 
 fn dispatch(cluster: &InProcessCluster, req: &ArchivedClientRequest) -> Result<Pending> {

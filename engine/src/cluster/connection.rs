@@ -34,7 +34,6 @@ use glommio::sync::Semaphore;
 use super::clients::PStateClient;
 use super::gate::GateTicket;
 use super::thread::TaskThread;
-use crate::pstate::Nav;
 use crate::value::archived;
 use crate::wire::frame::{self, KIND_ERROR, KIND_REQUEST, KIND_RESPONSE};
 use crate::wire::{ArchivedClientRequest, Payload};
@@ -317,25 +316,16 @@ async fn write_answers(socket: Socket, answers: flume::Receiver<Vec<u8>>, room: 
 /// other task or channel in between. `None`: the handler serves it.
 fn select_here(th: &TaskThread, request: &[u8]) -> Option<Vec<u8>> {
     let req = archived::access_as::<ArchivedClientRequest>(request).ok()?;
-    let ArchivedClientRequest::Select {
-        module,
-        pstate,
-        path,
-        task,
-    } = req
-    else {
-        return None;
-    };
-    if module.as_str() != th.rt.def.name {
+    let (module, pstate, task, path) = crate::wire::select_parts(req)?.ok()?;
+    if module != th.rt.def.name {
         return None;
     }
     let (index, _) = th.rt.def.pstate(pstate).ok()?;
-    let path = archived::to_owned::<Vec<Nav>>(path).ok()?;
     let client = PStateClient {
         rt: th.rt.clone(),
         pstate: index,
     };
-    let task = client.target(task.as_ref().map(|t| t.to_native()), &path).ok()?;
+    let task = client.target(task, &path).ok()?;
     if th.rt.placement.thread_of_task[task as usize] != th.thread {
         return None;
     }
