@@ -298,17 +298,11 @@ pub fn serve_worker(
         limits,
         2,
         std::sync::Arc::new(move |role: u8, request: Vec<u8>, respond: net::transport::Respond| {
-            let answer: net::transport::Later = match net::peers::lane_of_role(role) {
-                None => {
-                    let answer = net::wire::handle_future(&cluster, &request);
-                    Box::pin(async move { respond(Ok(answer.await)) })
-                }
-                Some(lane) => {
-                    let answer = cluster.serve_peer(&module, lane, &request);
-                    Box::pin(async move { respond(Ok(answer.await)) })
-                }
+            let answer: engine::cluster::peer::Answer = match net::peers::lane_of_role(role) {
+                None => Box::pin(net::wire::handle_future(&cluster, &request)),
+                Some(lane) => cluster.serve_peer(&module, lane, &request),
             };
-            Some(answer)
+            Some(Box::pin(async move { respond(Ok(answer.await)) }) as net::transport::Later)
         }),
         Some(adopter),
     )

@@ -493,19 +493,13 @@ pub mod frame {
     /// The server could not answer (the payload says why, as UTF-8).
     pub const KIND_ERROR: u8 = 2;
 
-    /// Appends the frame of `payload` to `out`.
-    pub fn put(out: &mut Vec<u8>, id: u64, kind: u8, payload: &[u8]) {
-        out.reserve(HEAD_BYTES + payload.len());
-        out.extend_from_slice(&((9 + payload.len()) as u32).to_le_bytes());
-        out.extend_from_slice(&id.to_le_bytes());
-        out.push(kind);
-        out.extend_from_slice(payload);
-    }
-
     /// One frame of `payload`.
     pub fn make(id: u64, kind: u8, payload: &[u8]) -> Vec<u8> {
         let mut f = Vec::with_capacity(HEAD_BYTES + payload.len());
-        put(&mut f, id, kind, payload);
+        f.extend_from_slice(&((9 + payload.len()) as u32).to_le_bytes());
+        f.extend_from_slice(&id.to_le_bytes());
+        f.push(kind);
+        f.extend_from_slice(payload);
         f
     }
 

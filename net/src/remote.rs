@@ -1,15 +1,16 @@
 //! Remote clients: the depot, PState and query clients of a module served
-//! by a worker, over one pipelined connection. Their methods match the
+//! by a worker, over pipelined connections. Their methods match the
 //! in-process clients' (`append`, `read`, `select`, `select_one`,
 //! `select_on`, `invoke`).
 //!
 //! A client made from one [`RemoteCluster`] sends everything to that
 //! worker (which forwards what belongs to another worker). Clients from
 //! [`crate::manager::ClusterManager`] know every worker of the module and
-//! the placement: a select goes straight to the worker owning its task;
-//! appends and queries are spread over the workers round-robin (the worker
-//! taking an append routes it by the depot's partitioner, which is module
-//! code the client does not have). When a worker's connection has
+//! the placement, and keep one connection per task thread (served by that
+//! thread): a select goes straight to the connection of its task's thread;
+//! appends and queries are spread over the connections round-robin (the
+//! thread taking an append routes it by the depot's partitioner, which is
+//! module code the client does not have). When a worker's connection has
 //! ended (the worker restarted, perhaps at another address), a
 //! manager-made client finds the module's workers again and reconnects
 //! before it sends (and sends again when the send itself finds the

@@ -158,10 +158,6 @@ fn writer(stream: TcpStream, rx: flume::Receiver<Vec<u8>>, stats: Arc<Stats>) {
     let _ = out.get_ref().shutdown(Shutdown::Write);
 }
 
-fn frame(id: u64, kind: u8, payload: &[u8]) -> Vec<u8> {
-    framing::make(id, kind, payload)
-}
-
 /// Waits for the next frame's first byte on a server connection whose read
 /// timeout is the idle timeout: `false` once the peer sent nothing for
 /// that long while `busy()` said no request of it was in flight (the
@@ -564,7 +560,7 @@ impl Connection {
         self.slots.1.recv().map_err(|_| closed())?;
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
         self.pending.lock().expect("pending").insert(id, on_answer);
-        if self.frames.send(frame(id, KIND_REQUEST, payload)).is_err() {
+        if self.frames.send(framing::make(id, KIND_REQUEST, payload)).is_err() {
             self.pending.lock().expect("pending").remove(&id);
             let _ = self.slots.0.send(());
             return Err(closed());
@@ -1011,8 +1007,8 @@ fn serve_async(
         // queue holds that many: this send never waits.
         let respond: Respond = Box::new(move |answer| {
             let f = match answer {
-                Ok(answer) => frame(id, KIND_RESPONSE, &answer),
-                Err(why) => frame(id, KIND_ERROR, why.as_bytes()),
+                Ok(answer) => framing::make(id, KIND_RESPONSE, &answer),
+                Err(why) => framing::make(id, KIND_ERROR, why.as_bytes()),
             };
             // Never waits (it may run on a task thread): a peer that lets
             // IN_FLIGHT_MAX answers pile up unread loses its connection.

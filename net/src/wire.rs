@@ -27,11 +27,6 @@ fn bad(why: impl std::fmt::Display) -> Error {
     Error::Schema(why.to_string())
 }
 
-/// The bytes of an answer to a client.
-fn encoded(answer: Result<Payload>) -> Vec<u8> {
-    vocab::encode_client_answer(answer)
-}
-
 /// Serves one request against the modules of `cluster` (blocking).
 pub fn handle(cluster: &InProcessCluster, request: &[u8]) -> Vec<u8> {
     smol::block_on(handle_future(cluster, request))
@@ -48,7 +43,7 @@ fn access(request: &[u8]) -> Result<&ArchivedClientRequest> {
 pub fn handle_future(cluster: &InProcessCluster, request: &[u8]) -> impl Future<Output = Vec<u8>> + Send + 'static {
     let started = access(request).and_then(|req| dispatch(cluster, req));
     async move {
-        encoded(match started {
+        vocab::encode_client_answer(match started {
             Ok(f) => f.await,
             Err(e) => Err(e),
         })
@@ -62,7 +57,9 @@ pub fn handle_future(cluster: &InProcessCluster, request: &[u8]) -> impl Future<
 pub fn task_thread_handler(cluster: std::sync::Weak<InProcessCluster>) -> engine::cluster::connection::Handler {
     std::sync::Arc::new(move |request: Vec<u8>, respond: crate::transport::Respond| {
         let Some(cluster) = cluster.upgrade() else {
-            respond(Ok(encoded(Err(Error::Closed("the worker is stopping".into())))));
+            respond(Ok(vocab::encode_client_answer(Err(Error::Closed(
+                "the worker is stopping".into(),
+            )))));
             return None;
         };
         let answer = handle_future(&cluster, &request);

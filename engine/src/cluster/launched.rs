@@ -149,8 +149,7 @@ pub(crate) struct ModuleRuntime {
     /// Round-robin thread of client connections that name none.
     pub(super) next_connection: AtomicU32,
     pub(super) fault: Option<FaultHook>,
-    /// The stop signal: the sender is dropped once every task thread of
-    /// the module has stopped.
+    /// Fired once every task thread of the module has stopped.
     pub(super) stopped: Arc<StopSignal>,
     /// This process's worker index (0 when the module is all here).
     pub(super) worker: u32,
