@@ -209,6 +209,23 @@ pub struct WorkerRegistration {
     pub incarnation: Option<String>,
     #[serde(default)]
     pub engine_version: String,
+    /// How clients route appends to the module's depots.
+    #[serde(default)]
+    pub depots: Vec<DepotRoute>,
+}
+
+/// How a client picks the task of an append to one depot without running
+/// the module's code: a global depot's is task 0; a depot hashing a field
+/// of map records has `key_field`; any other depot's appends go to any
+/// task thread, which routes them.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct DepotRoute {
+    pub name: String,
+    #[serde(default)]
+    pub global: bool,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub key_field: Option<String>,
 }
 
 /// `/modules/<m>/instances/<n>/failures/<w>`: why a worker cannot start.
@@ -790,6 +807,7 @@ mod tests {
                 instance: 0,
                 incarnation: Some(inc.into()),
                 engine_version: "x".into(),
+                depots: Vec::new(),
             };
             l.create(&worker("M", 0, w), &r, NodeKind::Ephemeral).unwrap();
         }

@@ -59,6 +59,20 @@ macro_rules! module_main {
     };
 }
 
+/// How clients route appends to the depots of `def` (published in the
+/// worker's registration).
+fn depot_routes(def: &ModuleDef) -> Vec<control::layout::DepotRoute> {
+    def.describe()
+        .depots
+        .into_iter()
+        .map(|d| control::layout::DepotRoute {
+            name: d.name,
+            global: d.global,
+            key_field: d.key_field,
+        })
+        .collect()
+}
+
 const USAGE: &str = "usage: ARTIFACT describe | version | run --module NAME --dir DIR [--tasks N] [--threads N] \
                      | worker --module NAME --dir DIR [--tasks N] [--threads N] [--host H] [--port P] \
                      [--register RAMA_YAML --id I --workers W] [--secretFile F] \
@@ -430,6 +444,7 @@ fn worker(def: ModuleDef, dir: &str, shape: Shape, (host, port): (&str, u16), me
         _ => None,
     };
     let me = register.map_or(0, |(_, id)| id);
+    let routes = depot_routes(&def);
     let launched = match &peers {
         Some(p) => cluster.launch_worker(
             def,
@@ -473,6 +488,7 @@ fn worker(def: ModuleDef, dir: &str, shape: Shape, (host, port): (&str, u16), me
                 instance,
                 incarnation: incarnation.clone(),
                 engine_version: engine::VERSION.to_string(),
+                depots: routes,
             };
             Some(net::manager::Registration::start(
                 connect(config)?,

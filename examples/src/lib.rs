@@ -39,11 +39,7 @@ pub(crate) fn int_field(record: &Value, name: &str) -> Result<i64> {
 }
 
 /// Partitions a depot of map records by the value of field `name`.
+/// (Declarative: remote clients route each append to its task's thread.)
 pub(crate) fn by_field(name: &'static str) -> Partitioner {
-    Partitioner::hash_by(move |r| {
-        r.as_map()
-            .and_then(|m| m.get(&Value::from(name)))
-            .cloned()
-            .unwrap_or(Value::Nil)
-    })
+    Partitioner::hash_by_field(name)
 }

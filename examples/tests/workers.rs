@@ -292,11 +292,18 @@ fn client_connections_are_served_by_task_threads() {
     ];
     let mut sentences = Vec::new();
     let mut rng = Rng::new(seed());
-    for r in &remotes {
+    let placement =
+        engine::runtime::placement::Placement::new(engine::runtime::placement::Parallelism::new(4, 2, 1).unwrap());
+    for (i, r) in remotes.iter().enumerate() {
         let depot = r.depot("WordCountModule", "*sentences");
         for _ in 0..25 {
             let s = sentence(&mut rng);
-            depot.append(&Value::from(s.as_str()), AckLevel::Ack).unwrap();
+            let result = depot.append(&Value::from(s.as_str()), AckLevel::Ack).unwrap();
+            // A connection to a named thread: its appends (of a random
+            // depot) go to that thread's own tasks.
+            if i < 2 {
+                assert_eq!(placement.thread_of_task[result.task as usize], i as u32, "{result:?}");
+            }
             sentences.push(s);
         }
     }

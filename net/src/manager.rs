@@ -104,7 +104,32 @@ pub fn worker_to_value(w: &WorkerInfo) -> Value {
         ("tasks", Value::Int(i64::from(w.tasks))),
         ("threads", Value::Int(i64::from(w.threads))),
         ("workers", Value::Int(i64::from(w.workers))),
+        (
+            "depots",
+            Value::List(
+                w.depots
+                    .iter()
+                    .map(|d| {
+                        Value::map([
+                            ("name", Value::from(d.name.as_str())),
+                            ("global", Value::Bool(d.global)),
+                            ("keyField", d.key_field.as_deref().map_or(Value::Nil, Value::from)),
+                        ])
+                    })
+                    .collect(),
+            ),
+        ),
     ])
+}
+
+fn route_from_value(v: &Value) -> Option<control::layout::DepotRoute> {
+    let m = v.as_map()?;
+    let get = |k: &str| m.get(&Value::from(k));
+    Some(control::layout::DepotRoute {
+        name: get("name")?.as_str()?.to_string(),
+        global: matches!(get("global"), Some(Value::Bool(true))),
+        key_field: get("keyField").and_then(Value::as_str).map(str::to_string),
+    })
 }
 
 fn worker_from_value(v: &Value) -> Option<WorkerInfo> {
@@ -126,6 +151,10 @@ fn worker_from_value(v: &Value) -> Option<WorkerInfo> {
             .and_then(Value::as_str)
             .map(str::to_string),
         engine_version: engine::VERSION.to_string(),
+        depots: match m.get(&Value::from("depots")) {
+            Some(Value::List(l)) => l.iter().filter_map(route_from_value).collect(),
+            _ => Vec::new(),
+        },
     })
 }
 
@@ -261,12 +290,7 @@ impl ClusterManager {
         let (resolved, _) = self.inner.resolve(module, target)?;
         let (inner, module) = (self.inner.clone(), module.to_string());
         let again: crate::remote::Resolve = Arc::new(move || inner.resolve(&module, target).map(|(r, _)| r));
-        Ok(Targets::new(
-            resolved.workers,
-            resolved.threads,
-            resolved.placement,
-            Some(again),
-        ))
+        Ok(Targets::new(resolved, Some(again)))
     }
 
     /// A client of depot `depot` of `module`: appends go to the append
@@ -472,6 +496,7 @@ impl Inner {
                 workers: clusters,
                 threads,
                 placement: Some(placement),
+                depots: first.depots.clone(),
             },
             first,
         ))
@@ -712,6 +737,7 @@ mod tests {
             instance: n,
             incarnation: Some(incarnation.into()),
             engine_version: engine::VERSION.into(),
+            depots: Vec::new(),
         };
         meta.create_all(&layout::workers("M", n)).unwrap();
         Layout::new(meta)

@@ -8,9 +8,12 @@
 //! [`crate::manager::ClusterManager`] know every worker of the module and
 //! the placement, and keep one connection per task thread (served by that
 //! thread): a select goes straight to the connection of its task's thread;
-//! appends and queries are spread over the connections round-robin (the
-//! thread taking an append routes it by the depot's partitioner, which is
-//! module code the client does not have). When a worker's connection has
+//! an append goes to its task's thread too when the depot's partitioner
+//! can run here (a global depot, or one hashing a field of its records:
+//! the workers' registrations say which); other appends and queries are
+//! spread over the connections round-robin (the thread taking an append
+//! routes it by the depot's partitioner, module code the client does not
+//! have). When a worker's connection has
 //! ended (the worker restarted, perhaps at another address), a
 //! manager-made client finds the module's workers again and reconnects
 //! before it sends (and sends again when the send itself finds the
@@ -91,7 +94,15 @@ impl RemoteCluster {
     }
 
     fn single(&self) -> Targets {
-        Targets::new(vec![self.clone()], Vec::new(), None, None)
+        Targets::new(
+            Resolved {
+                workers: vec![self.clone()],
+                threads: Vec::new(),
+                placement: None,
+                depots: Vec::new(),
+            },
+            None,
+        )
     }
 
     /// Whether the connection has ended.
@@ -122,6 +133,9 @@ pub(crate) struct Resolved {
     /// for a client of one connection).
     pub(crate) threads: Vec<RemoteCluster>,
     pub(crate) placement: Option<Placement>,
+    /// How appends to each depot are routed (empty: every append goes to
+    /// any worker, which routes it).
+    pub(crate) depots: Vec<control::layout::DepotRoute>,
 }
 
 /// Finds a module's workers again (and connects to them).
@@ -174,18 +188,9 @@ fn round_robin_start() -> usize {
 }
 
 impl Targets {
-    pub(crate) fn new(
-        workers: Vec<RemoteCluster>,
-        threads: Vec<RemoteCluster>,
-        placement: Option<Placement>,
-        resolve: Option<Resolve>,
-    ) -> Targets {
+    pub(crate) fn new(resolved: Resolved, resolve: Option<Resolve>) -> Targets {
         Targets {
-            current: Arc::new(RwLock::new(Arc::new(Resolved {
-                workers,
-                threads,
-                placement,
-            }))),
+            current: Arc::new(RwLock::new(Arc::new(resolved))),
             resolve,
             renewing: Arc::new(Mutex::new(None)),
             next: Arc::new(AtomicUsize::new(round_robin_start())),
@@ -276,6 +281,24 @@ impl Targets {
         self.snapshot().placement.as_ref().map(|p| p.parallelism.tasks)
     }
 
+    /// Where an append of `record` to `depot` goes: straight to its task's
+    /// thread when the depot's partitioner runs here (a global depot, or
+    /// one hashing a field), else to any task thread (which routes it).
+    fn append_to(&self, depot: &str, record: &Value) -> To {
+        let r = self.snapshot();
+        let (Some(p), Some(route)) = (&r.placement, r.depots.iter().find(|d| d.name == depot)) else {
+            return To::Any;
+        };
+        match (&route.key_field, route.global) {
+            (_, true) => To::Task(0),
+            (Some(field), false) => To::Task(task_for_key(
+                &engine::module::field_key(record, field),
+                p.parallelism.tasks,
+            )),
+            (None, false) => To::Any,
+        }
+    }
+
     /// Sends `request` to `to`, and once more after a reconnect when
     /// `idempotent` and its connection ended.
     fn call(&self, to: To, request: &[u8], idempotent: bool) -> Result<Payload> {
@@ -352,7 +375,8 @@ impl RemoteDepot {
     }
 
     pub fn append(&self, record: &Value, ack: AckLevel) -> Result<AppendResult> {
-        wire::append_result(self.cluster.call(To::Any, &self.append_request(record, ack), false)?)
+        let to = self.cluster.append_to(&self.depot, record);
+        wire::append_result(self.cluster.call(to, &self.append_request(record, ack), false)?)
     }
 
     /// Sends the append now; the future resolves when `ack` is met. Many
@@ -362,7 +386,8 @@ impl RemoteDepot {
         record: &Value,
         ack: AckLevel,
     ) -> Result<impl std::future::Future<Output = Result<AppendResult>> + Send + 'static> {
-        let (_, pending) = self.cluster.send(To::Any, &self.append_request(record, ack))?;
+        let to = self.cluster.append_to(&self.depot, record);
+        let (_, pending) = self.cluster.send(to, &self.append_request(record, ack))?;
         Ok(async move { wire::append_result(pending.await?) })
     }
 
@@ -532,5 +557,57 @@ impl engine::cluster::Query for RemoteQuery {
 
     fn invoke_future(&self, args: &Value) -> Result<engine::cluster::Answer<Value>> {
         Ok(Box::pin(RemoteQuery::invoke_future(self, args)?))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use control::layout::DepotRoute;
+    use engine::runtime::placement::Parallelism;
+
+    fn targets(depots: Vec<DepotRoute>) -> Targets {
+        Targets::new(
+            Resolved {
+                workers: Vec::new(),
+                threads: Vec::new(),
+                placement: Some(Placement::new(Parallelism::new(8, 4, 2).unwrap())),
+                depots,
+            },
+            None,
+        )
+    }
+
+    fn route(name: &str, global: bool, key_field: Option<&str>) -> DepotRoute {
+        DepotRoute {
+            name: name.into(),
+            global,
+            key_field: key_field.map(str::to_string),
+        }
+    }
+
+    #[test]
+    fn appends_go_to_their_task_when_the_partitioner_runs_client_side() {
+        let t = targets(vec![
+            route("*byKey", false, Some("key")),
+            route("*global", true, None),
+            route("*random", false, None),
+        ]);
+        for i in 0..50 {
+            let key = Value::from(format!("k{i}").as_str());
+            let record = Value::map([("key", key.clone()), ("other", Value::Int(i))]);
+            // The task the worker's partitioner picks.
+            let want = task_for_key(&engine::module::field_key(&record, "key"), 8);
+            assert_eq!(want, task_for_key(&key, 8));
+            assert!(matches!(t.append_to("*byKey", &record), To::Task(task) if task == want));
+            assert!(matches!(t.append_to("*global", &record), To::Task(0)));
+            assert!(matches!(t.append_to("*random", &record), To::Any));
+        }
+        // A record without the field hashes nil, as the worker does.
+        let nil = task_for_key(&Value::Nil, 8);
+        assert!(matches!(t.append_to("*byKey", &Value::from("plain")), To::Task(task) if task == nil));
+        // Unknown depot or routes: any thread (the worker answers).
+        assert!(matches!(t.append_to("*other", &Value::Nil), To::Any));
+        assert!(matches!(targets(Vec::new()).append_to("*byKey", &Value::Nil), To::Any));
     }
 }

@@ -122,7 +122,9 @@ impl DepotClient {
             return Ok(0);
         }
         match &def.partitioner {
-            Partitioner::HashBy(key) => Ok(task_for_key(&key(record), tasks)),
+            Partitioner::HashBy(_) | Partitioner::HashByField(_) => {
+                Ok(task_for_key(&def.partitioner.key(record).unwrap_or(Value::Nil), tasks))
+            }
             // Round-robin over this process's tasks (all of them unless the
             // module is spread over workers), shared by every client.
             Partitioner::Random => {
@@ -167,12 +169,17 @@ impl DepotClient {
         self.check_record_size(bytes.len())?;
         let bad = |e: archived::ArchiveError| Error::Schema(format!("the record is not a valid archived value: {e}"));
         let def = &self.rt.def.depots[self.depot];
-        if !def.global && matches!(def.partitioner, Partitioner::HashBy(_)) {
+        match (&def.partitioner, def.global) {
             // The partitioner is module code over values.
-            self.task_for(&archived::from_bytes(bytes).map_err(bad)?)
-        } else {
-            archived::access(bytes).map_err(bad)?;
-            self.task_for(&Value::Nil)
+            (Partitioner::HashBy(_), false) => self.task_for(&archived::from_bytes(bytes).map_err(bad)?),
+            (Partitioner::HashByField(field), false) => {
+                let key = crate::module::archived_field_key(archived::access(bytes).map_err(bad)?, field);
+                Ok(task_for_key(&key, self.rt.placement.parallelism.tasks))
+            }
+            _ => {
+                archived::access(bytes).map_err(bad)?;
+                self.task_for(&Value::Nil)
+            }
         }
     }
 

@@ -8,6 +8,9 @@
 //! its own is served right there, another thread's through the thread
 //! links) and writes the answers, several per write: a request whose task
 //! lives on the connection's thread crosses no other thread in the worker.
+//! A select of its own task is read inline; an acknowledged append of its
+//! own task (a random depot's appends take one of the thread's tasks)
+//! goes to the log without the client channel.
 //!
 //! Bounds: a frame above [`ConnectionLimits::frame_bytes_max`] ends the
 //! connection; at most [`ConnectionLimits::in_flight_max`] requests are
@@ -31,9 +34,16 @@ use futures_lite::{AsyncRead, AsyncWrite};
 use glommio::net::TcpStream;
 use glommio::sync::Semaphore;
 
+use std::sync::atomic::Ordering;
+
 use super::clients::PStateClient;
 use super::gate::GateTicket;
+use super::messages::{AppendResult, Reply, Request};
+use super::serve::handle_request;
 use super::thread::TaskThread;
+use super::AckLevel;
+use crate::module::{archived_field_key, Partitioner};
+use crate::runtime::partition::task_for_key;
 use crate::value::archived;
 use crate::wire::frame::{self, KIND_ERROR, KIND_REQUEST, KIND_RESPONSE};
 use crate::wire::{ArchivedClientRequest, Payload};
@@ -192,7 +202,7 @@ async fn idle_check(
 }
 
 async fn read_requests(
-    th: &TaskThread,
+    th: &Rc<TaskThread>,
     socket: &Socket,
     (handler, limits): (&Handler, &ConnectionLimits),
     answers: flume::Sender<Vec<u8>>,
@@ -232,10 +242,43 @@ async fn read_requests(
             if room.acquire(1).await.is_err() {
                 return;
             }
-            if let Some(answer) = select_here(th, &body[9..]) {
-                start += 4 + len;
-                let _ = answers.try_send(frame::make(id, KIND_RESPONSE, &answer));
-                continue;
+            // Requests of this thread's own tasks are served right here.
+            match archived::access_as::<ArchivedClientRequest>(&body[9..]) {
+                Ok(req @ ArchivedClientRequest::Select { .. }) => {
+                    if let Some(answer) = select_here(th, req) {
+                        start += 4 + len;
+                        let _ = answers.try_send(frame::make(id, KIND_RESPONSE, &answer));
+                        continue;
+                    }
+                }
+                Ok(req @ ArchivedClientRequest::Append { .. }) => {
+                    if let Some(append) = append_here(th, req) {
+                        start += 4 + len;
+                        let answers = answers.clone();
+                        let reply = Reply::callback(move |r: crate::Result<AppendResult>| {
+                            let answer = crate::wire::encode_client_answer(r.map(Payload::Appended));
+                            let _ = answers.try_send(frame::make(id, KIND_RESPONSE, &answer));
+                        });
+                        let (th, (depot, task, record, ack)) = (th.clone(), append);
+                        glommio::spawn_local(async move {
+                            let reply = Some(reply);
+                            handle_request(
+                                &th,
+                                Request::Append {
+                                    depot,
+                                    task,
+                                    record,
+                                    ack,
+                                    reply,
+                                },
+                            )
+                            .await;
+                        })
+                        .detach();
+                        continue;
+                    }
+                }
+                _ => {}
             }
             let payload = body[9..].to_vec();
             start += 4 + len;
@@ -314,8 +357,7 @@ async fn write_answers(socket: Socket, answers: flume::Receiver<Vec<u8>>, room: 
 /// The answer to `request` when it is a select of a task of this thread
 /// that can be read now (the read gate open): read right here, with no
 /// other task or channel in between. `None`: the handler serves it.
-fn select_here(th: &TaskThread, request: &[u8]) -> Option<Vec<u8>> {
-    let req = archived::access_as::<ArchivedClientRequest>(request).ok()?;
+fn select_here(th: &TaskThread, req: &ArchivedClientRequest) -> Option<Vec<u8>> {
     let (module, pstate, task, path) = crate::wire::select_parts(req)?.ok()?;
     if module != th.rt.def.name {
         return None;
@@ -335,4 +377,42 @@ fn select_here(th: &TaskThread, request: &[u8]) -> Option<Vec<u8>> {
         .pstates_of(task)
         .and_then(|p| p[index].select_stored(&th.store, &path));
     Some(crate::wire::encode_client_answer(selected.map(Payload::Selected)))
+}
+
+/// The depot, task, record and ack level of `req` when it is an append
+/// that a task of this thread takes and that is to be acknowledged (the
+/// connection's bound on requests in flight then bounds it): taken right
+/// here, without the client channel. `None`: the handler serves it (an
+/// append of another thread's task, one without acknowledgement, or one
+/// with bad input, whose error the handler reports).
+fn append_here(th: &TaskThread, req: &ArchivedClientRequest) -> Option<(usize, u32, Vec<u8>, AckLevel)> {
+    let ArchivedClientRequest::Append {
+        module,
+        depot,
+        record,
+        ack,
+    } = req
+    else {
+        return None;
+    };
+    let rt = &th.rt;
+    if module.as_str() != rt.def.name || th.stopping.get() || th.tasks.is_empty() {
+        return None;
+    }
+    let ack = archived::to_owned::<AckLevel>(ack).ok()?;
+    if ack == AckLevel::None || record.len() > rt.config.log.record_bytes_max as usize {
+        return None;
+    }
+    let (index, def) = rt.def.depot(depot.as_str()).ok()?;
+    let value = archived::access(record.as_slice()).ok()?;
+    let tasks = rt.placement.parallelism.tasks;
+    let task = match &def.partitioner {
+        _ if def.global => 0,
+        Partitioner::HashByField(field) => task_for_key(&archived_field_key(value, field), tasks),
+        p @ Partitioner::HashBy(_) => task_for_key(&p.key(&archived::from_bytes(record.as_slice()).ok()?)?, tasks),
+        // Any task: one of this thread's.
+        Partitioner::Random => th.tasks[rt.next_origin.fetch_add(1, Ordering::Relaxed) as usize % th.tasks.len()],
+        Partitioner::Disallow => return None,
+    };
+    (rt.placement.thread_of_task[task as usize] == th.thread).then(|| (index, task, record.as_slice().to_vec(), ack))
 }

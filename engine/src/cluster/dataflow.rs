@@ -342,7 +342,9 @@ pub(super) fn topology_append(
         0
     } else {
         match &d.partitioner {
-            Partitioner::HashBy(key) => task_for_key(&key(record), tasks),
+            Partitioner::HashBy(_) | Partitioner::HashByField(_) => {
+                task_for_key(&d.partitioner.key(record).unwrap_or(Value::Nil), tasks)
+            }
             Partitioner::Random | Partitioner::Disallow => task,
         }
     };

@@ -28,8 +28,13 @@ pub type KeyFn = Arc<dyn Fn(&Value) -> Value + Send + Sync>;
 /// How a depot picks the partition (task) of a record a client appends.
 #[derive(Clone)]
 pub enum Partitioner {
-    /// The task of the key `key_fn` takes from the record.
+    /// The task of the key `key_fn` takes from the record (module code:
+    /// only the module's workers can run it).
     HashBy(KeyFn),
+    /// The task of the value of this field of a map record (`nil` when the
+    /// record is not a map or lacks the field). Declarative: remote clients
+    /// run it too, and send each append straight to its task's thread.
+    HashByField(String),
     /// Any task: clients spread their appends round-robin.
     Random,
     /// Clients may not append; only the module's topologies do.
@@ -41,12 +46,51 @@ impl Partitioner {
     pub fn hash_by(f: impl Fn(&Value) -> Value + Send + Sync + 'static) -> Partitioner {
         Partitioner::HashBy(Arc::new(f))
     }
+
+    /// Hash by the value of field `name` of each (map) record.
+    pub fn hash_by_field(name: impl Into<String>) -> Partitioner {
+        Partitioner::HashByField(name.into())
+    }
+
+    /// The partitioning key of `record`, for the hashing partitioners.
+    pub fn key(&self, record: &Value) -> Option<Value> {
+        match self {
+            Partitioner::HashBy(key) => Some(key(record)),
+            Partitioner::HashByField(name) => Some(field_key(record, name)),
+            Partitioner::Random | Partitioner::Disallow => None,
+        }
+    }
+}
+
+/// The value of field `name` of a map record; `nil` for any other record
+/// (what [`Partitioner::HashByField`] hashes).
+pub fn field_key(record: &Value, name: &str) -> Value {
+    record
+        .as_map()
+        .and_then(|m| m.get(&Value::from(name)))
+        .cloned()
+        .unwrap_or(Value::Nil)
+}
+
+/// [`field_key`] read from an archived record in place (only the key is
+/// decoded).
+pub fn archived_field_key(record: &crate::value::ArchivedValue, name: &str) -> Value {
+    use crate::value::ArchivedValue;
+    let ArchivedValue::Map(entries) = record else {
+        return Value::Nil;
+    };
+    entries
+        .iter()
+        .find(|e| matches!(&e.key, ArchivedValue::Str(s) if s.as_str() == name))
+        .and_then(|e| rkyv::deserialize::<Value, rkyv::rancor::Error>(&e.value).ok())
+        .unwrap_or(Value::Nil)
 }
 
 impl fmt::Debug for Partitioner {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str(match self {
             Partitioner::HashBy(_) => "hash-by-key",
+            Partitioner::HashByField(_) => "hash-by-field",
             Partitioner::Random => "random",
             Partitioner::Disallow => "disallow",
         })
@@ -306,9 +350,12 @@ pub struct QueryDescription {
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct DepotDescription {
     pub name: String,
-    /// `hash-by-key`, `random` or `disallow`.
+    /// `hash-by-key`, `hash-by-field`, `random` or `disallow`.
     pub partitioner: String,
     pub global: bool,
+    /// The field a `hash-by-field` depot hashes.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub key_field: Option<String>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
@@ -330,6 +377,10 @@ impl ModuleDef {
                     name: d.name.clone(),
                     partitioner: format!("{:?}", d.partitioner),
                     global: d.global,
+                    key_field: match &d.partitioner {
+                        Partitioner::HashByField(f) => Some(f.clone()),
+                        _ => None,
+                    },
                 })
                 .collect(),
             pstates: self
