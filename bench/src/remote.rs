@@ -37,12 +37,115 @@ pub struct PointSelects {
     pub redis_setup: String,
 }
 
+/// The CPU an idle worker process uses.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct IdleWorker {
+    pub module: String,
+    /// How it ran (shape, and what it did before).
+    pub setup: String,
+    /// Over how long its CPU time was measured.
+    pub seconds: f64,
+    /// Its CPU time (user and system) over that time: a share of one core.
+    pub core_share: f64,
+}
+
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Remote {
     /// How the cluster ran.
     pub setup: String,
     pub wordcount: WordCount,
     pub selects: PointSelects,
+    #[serde(default)]
+    pub idle: Vec<IdleWorker>,
+}
+
+/// The process id of the (first) worker of `module`, from the pid files
+/// the Supervisor keeps under the cluster's `local.dir`, `cluster_dir`.
+fn worker_pid(cluster_dir: &Path, module: &str) -> Option<u32> {
+    let workers = cluster_dir.join("supervisor").join("workers");
+    std::fs::read_dir(workers).ok()?.flatten().find_map(|e| {
+        let name = e.file_name().into_string().ok()?;
+        let assignment = name.strip_suffix(".pid")?;
+        if !assignment.starts_with(&format!("{module}.")) {
+            return None;
+        }
+        std::fs::read_to_string(e.path()).ok()?.trim().parse().ok()
+    })
+}
+
+/// User plus system CPU seconds process `pid` has used.
+fn cpu_seconds(pid: u32) -> BenchResult<f64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))?;
+    // Fields after the command (which may hold spaces) in parentheses:
+    // utime and stime are the 12th and 13th of them.
+    let rest = stat
+        .rsplit_once(')')
+        .map(|(_, r)| r)
+        .ok_or("an unreadable /proc stat")?;
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    let ticks = |i: usize| -> BenchResult<f64> { Ok(fields.get(i).ok_or("a short /proc stat")?.parse::<f64>()?) };
+    // SAFETY: sysconf only reads a system constant.
+    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64;
+    Ok((ticks(11)? + ticks(12)?) / hz)
+}
+
+/// The worker of `module` left alone for `settle`, then its CPU use over
+/// `window`.
+fn idle_worker(
+    cluster_dir: &Path,
+    module: &str,
+    setup: String,
+    (settle, window): (Duration, Duration),
+) -> BenchResult<IdleWorker> {
+    let pid = worker_pid(cluster_dir, module).ok_or_else(|| format!("no worker pid file of {module}"))?;
+    std::thread::sleep(settle);
+    let before = cpu_seconds(pid)?;
+    let started = Instant::now();
+    std::thread::sleep(window);
+    let used = cpu_seconds(pid)? - before;
+    let seconds = started.elapsed().as_secs_f64();
+    Ok(IdleWorker {
+        module: module.into(),
+        setup,
+        seconds,
+        core_share: used / seconds,
+    })
+}
+
+/// Launches BankTransferModule on the dev cluster through `rama deploy`
+/// and waits until its worker serves.
+fn launch_bank(config: &Path) -> BenchResult<()> {
+    let out = Command::new(beside_me("rama")?)
+        .env("RAMA_CONFIG", config)
+        .args(["deploy", "--action", "launch", "--jar"])
+        .arg(beside_me("rama-examples")?)
+        .args([
+            "--module",
+            "BankTransferModule",
+            "--tasks",
+            "4",
+            "--threads",
+            "2",
+            "--workers",
+            "1",
+        ])
+        .output()?;
+    ensure(out.status.success(), || {
+        format!(
+            "rama deploy of BankTransferModule failed: {}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        )
+    })?;
+    let manager = ClusterManager::open_with(Some(config), &[], Side::External)?;
+    let deadline = Instant::now() + Duration::from_secs(120);
+    loop {
+        match manager.tasks("BankTransferModule") {
+            Ok(_) => return Ok(()),
+            Err(e) if Instant::now() > deadline => return Err(format!("BankTransferModule did not start: {e}").into()),
+            Err(_) => std::thread::sleep(Duration::from_millis(200)),
+        }
+    }
 }
 
 /// A child process stopped by its process id when dropped: `signal`, then
@@ -247,6 +350,38 @@ pub fn run(plan: &wordcount::Plan, data: &Path, quick: bool) -> BenchResult<Remo
         eprintln!("  point selects, {connections} connections x {PIPELINE} in flight");
         let ours = point_selects(&config, connections, ops, plan.vocabulary)?;
         drop(manager);
+        let timing = if quick {
+            (Duration::from_secs(1), Duration::from_secs(2))
+        } else {
+            (Duration::from_secs(5), Duration::from_secs(20))
+        };
+        let cluster_dir = &config.parent().ok_or("rama.yaml has no directory")?.join("data");
+        eprintln!("  idle workers: WordCountModule after the load, then BankTransferModule launched");
+        let mut idle = vec![idle_worker(
+            cluster_dir,
+            "WordCountModule",
+            format!(
+                "{} tasks on {} threads, after the loads above ({} s left alone first)",
+                plan.tasks,
+                plan.threads,
+                timing.0.as_secs()
+            ),
+            timing,
+        )?];
+        launch_bank(&config)?;
+        idle.push(idle_worker(
+            cluster_dir,
+            "BankTransferModule",
+            format!(
+                "4 tasks on 2 threads, launched with `rama deploy` and given no records (its microbatch \
+                 coordinator runs; {} s left alone first)",
+                timing.0.as_secs()
+            ),
+            timing,
+        )?);
+        for i in &idle {
+            eprintln!("  idle {}: {:.2}% of a core", i.module, i.core_share * 100.0);
+        }
         drop(cluster);
         eprintln!("  redis-benchmark -t get -P {PIPELINE} -c {connections}");
         let (redis, redis_version, redis_setup) = redis_gets(&dir, connections, ops, plan.vocabulary)?;
@@ -270,6 +405,7 @@ pub fn run(plan: &wordcount::Plan, data: &Path, quick: bool) -> BenchResult<Remo
                 redis_version,
                 redis_setup: format!("redis-server on loopback, {redis_setup}: a GET never touches the disk"),
             },
+            idle,
         })
     })();
     let _ = std::fs::remove_dir_all(&dir);
