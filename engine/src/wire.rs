@@ -266,6 +266,24 @@ pub fn encode_answer(answer: crate::Result<Payload>) -> Vec<u8> {
     archived::encode(&answer.map_err(|e| WireError::new(&e)))
 }
 
+/// An append's module, depot, archived record and ack level.
+pub type AppendParts<'a> = (&'a str, &'a str, &'a [u8], AckLevel);
+
+/// What an append request names. `None` for another request; `Err` when
+/// the ack level does not read back.
+pub fn append_parts(req: &ArchivedClientRequest) -> Option<Result<AppendParts<'_>, archived::ArchiveError>> {
+    let ArchivedClientRequest::Append {
+        module,
+        depot,
+        record,
+        ack,
+    } = req
+    else {
+        return None;
+    };
+    Some(archived::to_owned::<AckLevel>(ack).map(|ack| (module.as_str(), depot.as_str(), record.as_slice(), ack)))
+}
+
 /// A select's module, PState, task (if given) and path.
 pub type SelectParts<'a> = (&'a str, &'a str, Option<u32>, Vec<Nav>);
 

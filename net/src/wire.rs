@@ -72,17 +72,10 @@ fn append_parts(
     cluster: &InProcessCluster,
     req: &ArchivedClientRequest,
 ) -> Result<(engine::cluster::DepotClient, Vec<u8>, engine::cluster::AckLevel)> {
-    let ArchivedClientRequest::Append {
-        module,
-        depot,
-        record,
-        ack,
-    } = req
-    else {
-        return Err(bad("not an append"));
-    };
-    let ack = archived::to_owned::<engine::cluster::AckLevel>(ack).map_err(bad)?;
-    Ok((cluster.depot(module, depot)?, record.as_slice().to_vec(), ack))
+    let (module, depot, record, ack) = vocab::append_parts(req)
+        .ok_or_else(|| bad("not an append"))?
+        .map_err(bad)?;
+    Ok((cluster.depot(module, depot)?, record.to_vec(), ack))
 }
 
 /// The PState, task (if given) and path of a select request.

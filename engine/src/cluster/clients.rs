@@ -117,25 +117,19 @@ impl DepotClient {
     /// The task that takes `record`.
     pub(super) fn task_for(&self, record: &Value) -> Result<u32> {
         let def = &self.rt.def.depots[self.depot];
-        let tasks = self.rt.placement.parallelism.tasks;
-        if def.global {
-            return Ok(0);
-        }
-        match &def.partitioner {
-            Partitioner::HashBy(_) | Partitioner::HashByField(_) => {
-                Ok(task_for_key(&def.partitioner.key(record).unwrap_or(Value::Nil), tasks))
-            }
-            // Round-robin over this process's tasks (all of them unless the
-            // module is spread over workers), shared by every client.
-            Partitioner::Random => {
-                let local = &self.rt.local_tasks;
-                Ok(local[self.rt.next_origin.fetch_add(1, Ordering::Relaxed) as usize % local.len()])
-            }
-            Partitioner::Disallow => Err(Error::Schema(format!(
+        match def.fixed_task(record, self.rt.placement.parallelism.tasks) {
+            Some(task) => Ok(task),
+            None if matches!(def.partitioner, Partitioner::Disallow) => Err(Error::Schema(format!(
                 "depot {} of module {} does not take client appends (its partitioner is disallow); \
                  only the module's topologies append to it",
                 def.name, self.rt.def.name
             ))),
+            // Round-robin over this process's tasks (all of them unless the
+            // module is spread over workers), shared by every client.
+            None => {
+                let local = &self.rt.local_tasks;
+                Ok(local[self.rt.next_origin.fetch_add(1, Ordering::Relaxed) as usize % local.len()])
+            }
         }
     }
 
@@ -169,17 +163,12 @@ impl DepotClient {
         self.check_record_size(bytes.len())?;
         let bad = |e: archived::ArchiveError| Error::Schema(format!("the record is not a valid archived value: {e}"));
         let def = &self.rt.def.depots[self.depot];
-        match (&def.partitioner, def.global) {
-            // The partitioner is module code over values.
-            (Partitioner::HashBy(_), false) => self.task_for(&archived::from_bytes(bytes).map_err(bad)?),
-            (Partitioner::HashByField(field), false) => {
-                let key = crate::module::archived_field_key(archived::access(bytes).map_err(bad)?, field);
-                Ok(task_for_key(&key, self.rt.placement.parallelism.tasks))
-            }
-            _ => {
-                archived::access(bytes).map_err(bad)?;
-                self.task_for(&Value::Nil)
-            }
+        match def
+            .fixed_task_archived(bytes, self.rt.placement.parallelism.tasks)
+            .map_err(bad)?
+        {
+            Some(task) => Ok(task),
+            None => self.task_for(&Value::Nil),
         }
     }
 

@@ -42,8 +42,7 @@ use super::messages::{AppendResult, Reply, Request};
 use super::serve::handle_request;
 use super::thread::TaskThread;
 use super::AckLevel;
-use crate::module::{archived_field_key, Partitioner};
-use crate::runtime::partition::task_for_key;
+use crate::module::Partitioner;
 use crate::value::archived;
 use crate::wire::frame::{self, KIND_ERROR, KIND_REQUEST, KIND_RESPONSE};
 use crate::wire::{ArchivedClientRequest, Payload};
@@ -252,29 +251,22 @@ async fn read_requests(
                     }
                 }
                 Ok(req @ ArchivedClientRequest::Append { .. }) => {
-                    if let Some(append) = append_here(th, req) {
+                    if let Some((depot, task, record, ack)) = append_here(th, req) {
                         start += 4 + len;
                         let answers = answers.clone();
-                        let reply = Reply::callback(move |r: crate::Result<AppendResult>| {
+                        let reply = Some(Reply::callback(move |r: crate::Result<AppendResult>| {
                             let answer = crate::wire::encode_client_answer(r.map(Payload::Appended));
                             let _ = answers.try_send(frame::make(id, KIND_RESPONSE, &answer));
-                        });
-                        let (th, (depot, task, record, ack)) = (th.clone(), append);
-                        glommio::spawn_local(async move {
-                            let reply = Some(reply);
-                            handle_request(
-                                &th,
-                                Request::Append {
-                                    depot,
-                                    task,
-                                    record,
-                                    ack,
-                                    reply,
-                                },
-                            )
-                            .await;
-                        })
-                        .detach();
+                        }));
+                        let request = Request::Append {
+                            depot,
+                            task,
+                            record,
+                            ack,
+                            reply,
+                        };
+                        let th = th.clone();
+                        glommio::spawn_local(async move { handle_request(&th, request).await }).detach();
                         continue;
                     }
                 }
@@ -386,33 +378,22 @@ fn select_here(th: &TaskThread, req: &ArchivedClientRequest) -> Option<Vec<u8>> 
 /// append of another thread's task, one without acknowledgement, or one
 /// with bad input, whose error the handler reports).
 fn append_here(th: &TaskThread, req: &ArchivedClientRequest) -> Option<(usize, u32, Vec<u8>, AckLevel)> {
-    let ArchivedClientRequest::Append {
-        module,
-        depot,
-        record,
-        ack,
-    } = req
-    else {
-        return None;
-    };
+    let (module, depot, record, ack) = crate::wire::append_parts(req)?.ok()?;
     let rt = &th.rt;
-    if module.as_str() != rt.def.name || th.stopping.get() || th.tasks.is_empty() {
+    if module != rt.def.name || th.stopping.get() || th.tasks.is_empty() {
         return None;
     }
-    let ack = archived::to_owned::<AckLevel>(ack).ok()?;
     if ack == AckLevel::None || record.len() > rt.config.log.record_bytes_max as usize {
         return None;
     }
-    let (index, def) = rt.def.depot(depot.as_str()).ok()?;
-    let value = archived::access(record.as_slice()).ok()?;
-    let tasks = rt.placement.parallelism.tasks;
-    let task = match &def.partitioner {
-        _ if def.global => 0,
-        Partitioner::HashByField(field) => task_for_key(&archived_field_key(value, field), tasks),
-        p @ Partitioner::HashBy(_) => task_for_key(&p.key(&archived::from_bytes(record.as_slice()).ok()?)?, tasks),
+    let (index, def) = rt.def.depot(depot).ok()?;
+    let task = match def.fixed_task_archived(record, rt.placement.parallelism.tasks).ok()? {
+        Some(task) => task,
         // Any task: one of this thread's.
-        Partitioner::Random => th.tasks[rt.next_origin.fetch_add(1, Ordering::Relaxed) as usize % th.tasks.len()],
-        Partitioner::Disallow => return None,
+        None if matches!(def.partitioner, Partitioner::Random) => {
+            th.tasks[rt.next_origin.fetch_add(1, Ordering::Relaxed) as usize % th.tasks.len()]
+        }
+        None => return None,
     };
-    (rt.placement.thread_of_task[task as usize] == th.thread).then(|| (index, task, record.as_slice().to_vec(), ack))
+    (rt.placement.thread_of_task[task as usize] == th.thread).then(|| (index, task, record.to_vec(), ack))
 }

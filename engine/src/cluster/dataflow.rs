@@ -13,7 +13,6 @@ use super::{AckLevel, FaultPoint};
 use crate::error::{Error, Result};
 use crate::lsm::WriteBatch;
 use crate::module::topology::{Mode, Outputs, StageCtx, To};
-use crate::module::Partitioner;
 use crate::pstate::{Overlay, Tx};
 use crate::runtime::partition::task_for_key;
 use crate::value::{archived, Value};
@@ -338,16 +337,7 @@ pub(super) fn topology_append(
     let rt = th.rt.clone();
     let d = &rt.def.depots[depot];
     let tasks = rt.placement.parallelism.tasks;
-    let target = if d.global {
-        0
-    } else {
-        match &d.partitioner {
-            Partitioner::HashBy(_) | Partitioner::HashByField(_) => {
-                task_for_key(&d.partitioner.key(record).unwrap_or(Value::Nil), tasks)
-            }
-            Partitioner::Random | Partitioner::Disallow => task,
-        }
-    };
+    let target = d.fixed_task(record, tasks).unwrap_or(task);
     let bytes = archived::to_bytes(record);
     async move {
         let (tx, rx) = flume::bounded(1);

@@ -13,7 +13,8 @@ use std::sync::Arc;
 pub use self::topology::{fail, stage, AggregateFn, QueryDef, StageCtx, StageFn, To, TopologyDef, TopologyKind};
 use crate::error::{Error, Result};
 use crate::pstate::PStateSchema;
-use crate::value::Value;
+use crate::runtime::partition::task_for_key;
+use crate::value::{archived, Value};
 
 /// A module as a Rust type: what `InProcessCluster::launch_module` and the
 /// module artifact's `main` (see [`crate::module_main`]) take.
@@ -104,6 +105,34 @@ pub struct DepotDef {
     pub partitioner: Partitioner,
     /// A global depot has one partition, on task 0.
     pub global: bool,
+}
+
+impl DepotDef {
+    /// The task the depot puts `record` on when it decides: task 0 of a
+    /// global depot, the key's task of a hashing one; `None` for a random
+    /// or disallow depot (the appender picks, or may not append).
+    pub fn fixed_task(&self, record: &Value, tasks: u32) -> Option<u32> {
+        if self.global {
+            return Some(0);
+        }
+        self.partitioner.key(record).map(|k| task_for_key(&k, tasks))
+    }
+
+    /// [`Self::fixed_task`] of the archived record `bytes`, validated here:
+    /// a field's key is read in place, module code gets the decoded record.
+    pub fn fixed_task_archived(
+        &self,
+        bytes: &[u8],
+        tasks: u32,
+    ) -> std::result::Result<Option<u32>, archived::ArchiveError> {
+        let value = archived::access(bytes)?;
+        Ok(match &self.partitioner {
+            _ if self.global => Some(0),
+            Partitioner::HashByField(field) => Some(task_for_key(&archived_field_key(value, field), tasks)),
+            Partitioner::HashBy(_) => self.fixed_task(&archived::from_bytes(bytes)?, tasks),
+            Partitioner::Random | Partitioner::Disallow => None,
+        })
+    }
 }
 
 /// A PState of a module.
