@@ -18,6 +18,7 @@ pub mod log;
 pub mod lsm;
 pub mod module;
 pub mod pstate;
+pub mod replication;
 pub mod runtime;
 pub mod sync;
 pub mod value;
