@@ -13,6 +13,8 @@
 //! /modules/<m>/instances/<n>/state             InstanceState (text)
 //! /modules/<m>/instances/<n>/workers/<w>       ephemeral, by workers: WorkerRegistration
 //! /modules/<m>/instances/<n>/failures/<w>      by a worker that could not start: WorkerFailure
+//! /modules/<m>/instances/<n>/groups/<tg>       GroupNode: task group tg's replicas and leadership,
+//!                                              changed only by compare-and-set (replication)
 //! /assignments/<supervisor>/<m>.<n>.<w>        Assignment
 //! ```
 //!
@@ -236,6 +238,57 @@ pub struct WorkerFailure {
     #[serde(default)]
     pub incarnation: Option<String>,
     pub error: String,
+}
+
+/// `/modules/<m>/instances/<n>/groups/<tg>`: where the replicas of one task
+/// group are and who leads it. The leadership part is
+/// `engine::replication::GroupState` (the node's version is its
+/// compare-and-set token); the engine's decision core says how it may
+/// change, [`Layout::set_group`] changes it only from the version read.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct GroupNode {
+    /// Replica `r` of the task group is `replicas[r]`.
+    pub replicas: Vec<ReplicaPlace>,
+    pub epoch: u32,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub leader: Option<GroupLeader>,
+    pub isr: Vec<u32>,
+    #[serde(default)]
+    pub osr: Vec<u32>,
+}
+
+/// The replica that leads, in one incarnation of its worker (a metastore
+/// session): another incarnation of the same replica does not lead.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct GroupLeader {
+    pub replica: u32,
+    pub incarnation: u64,
+}
+
+/// Where one replica of a task group runs.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct ReplicaPlace {
+    pub supervisor: String,
+    pub worker: u32,
+}
+
+impl GroupNode {
+    /// A new task group: no leader yet, every replica in sync (all empty).
+    pub fn new(replicas: Vec<ReplicaPlace>) -> GroupNode {
+        let isr = (0..replicas.len() as u32).collect();
+        GroupNode { replicas, epoch: 0, leader: None, isr, osr: Vec::new() }
+    }
+}
+
+pub fn groups(m: &str, n: u32) -> String {
+    format!("{}/groups", instance(m, n))
+}
+
+pub fn group(m: &str, n: u32, tg: u32) -> String {
+    format!("{}/groups/{tg}", instance(m, n))
 }
 
 pub fn supervisor(id: &str) -> String {
@@ -499,6 +552,34 @@ impl<'a> Layout<'a> {
         self.instance_spec(m, if append { t.append } else { t.read })
     }
 
+    /// The task groups of instance `n` of `m` that have a group node.
+    pub fn groups(&self, m: &str, n: u32) -> Result<Vec<u32>> {
+        let mut ids: Vec<u32> = or_empty(self.meta.children(&groups(m, n)))?
+            .iter()
+            .filter_map(|c| c.parse().ok())
+            .collect();
+        ids.sort_unstable();
+        Ok(ids)
+    }
+
+    /// Task group `tg`'s node and its version (the compare-and-set token).
+    pub fn group(&self, m: &str, n: u32, tg: u32) -> Result<Option<(GroupNode, i32)>> {
+        self.read(&group(m, n, tg))
+    }
+
+    /// Creates task group `tg`'s node (fails if it exists).
+    pub fn create_group(&self, m: &str, n: u32, tg: u32, node: &GroupNode) -> Result<()> {
+        self.meta.create_all(&groups(m, n))?;
+        self.create(&group(m, n, tg), node, NodeKind::Persistent)
+    }
+
+    /// Replaces task group `tg`'s node if it is still at `version`; a node
+    /// changed since it was read is left as it is
+    /// (`MetaError::BadVersion`). Returns the new version.
+    pub fn set_group(&self, m: &str, n: u32, tg: u32, node: &GroupNode, version: i32) -> Result<i32> {
+        self.set(&group(m, n, tg), node, Some(version))
+    }
+
     /// Every worker registered for instance `n` of `m`, by index; only
     /// those of `incarnation` when given (fencing).
     pub fn registrations(&self, m: &str, n: u32, incarnation: Option<&str>) -> Result<Vec<WorkerRegistration>> {
@@ -720,6 +801,34 @@ mod tests {
             replication_factor: 1,
             config: Json::Null,
         }
+    }
+
+    #[test]
+    fn a_group_node_changes_only_from_the_version_read() {
+        let meta = MemMetastore::new();
+        let layout = Layout::new(&meta);
+        let place = |s: &str, w| ReplicaPlace { supervisor: s.into(), worker: w };
+        let node = GroupNode::new(vec![place("s1", 0), place("s2", 1), place("s3", 2)]);
+        assert_eq!(node.isr, vec![0, 1, 2]);
+        layout.create_group("M", 0, 3, &node).unwrap();
+        assert!(layout.create_group("M", 0, 3, &node).is_err(), "a second create fails");
+        assert_eq!(layout.groups("M", 0).unwrap(), vec![3]);
+        let (read, version) = layout.group("M", 0, 3).unwrap().unwrap();
+        assert_eq!(read, node);
+        let mut led = read.clone();
+        led.epoch = 1;
+        led.leader = Some(GroupLeader { replica: 1, incarnation: 9 });
+        let next = layout.set_group("M", 0, 3, &led, version).unwrap();
+        // A writer that read before that change is refused and changes nothing.
+        let mut stale = read;
+        stale.isr = vec![0];
+        stale.osr = vec![1, 2];
+        assert_eq!(
+            layout.set_group("M", 0, 3, &stale, version),
+            Err(LayoutError::Meta(MetaError::BadVersion(group("M", 0, 3))))
+        );
+        assert_eq!(layout.group("M", 0, 3).unwrap(), Some((led, next)));
+        assert_eq!(layout.groups("M", 1).unwrap(), Vec::<u32>::new());
     }
 
     #[test]
