@@ -279,7 +279,13 @@ impl GroupNode {
     /// A new task group: no leader yet, every replica in sync (all empty).
     pub fn new(replicas: Vec<ReplicaPlace>) -> GroupNode {
         let isr = (0..replicas.len() as u32).collect();
-        GroupNode { replicas, epoch: 0, leader: None, isr, osr: Vec::new() }
+        GroupNode {
+            replicas,
+            epoch: 0,
+            leader: None,
+            isr,
+            osr: Vec::new(),
+        }
     }
 }
 
@@ -807,7 +813,10 @@ mod tests {
     fn a_group_node_changes_only_from_the_version_read() {
         let meta = MemMetastore::new();
         let layout = Layout::new(&meta);
-        let place = |s: &str, w| ReplicaPlace { supervisor: s.into(), worker: w };
+        let place = |s: &str, w| ReplicaPlace {
+            supervisor: s.into(),
+            worker: w,
+        };
         let node = GroupNode::new(vec![place("s1", 0), place("s2", 1), place("s3", 2)]);
         assert_eq!(node.isr, vec![0, 1, 2]);
         layout.create_group("M", 0, 3, &node).unwrap();
@@ -817,7 +826,10 @@ mod tests {
         assert_eq!(read, node);
         let mut led = read.clone();
         led.epoch = 1;
-        led.leader = Some(GroupLeader { replica: 1, incarnation: 9 });
+        led.leader = Some(GroupLeader {
+            replica: 1,
+            incarnation: 9,
+        });
         let next = layout.set_group("M", 0, 3, &led, version).unwrap();
         // A writer that read before that change is refused and changes nothing.
         let mut stale = read;

@@ -171,3 +171,48 @@ fn lsm_matches_a_btreemap_model() {
         }
     }
 }
+
+/// Replication's hook: a batch past the apply limit is durable but neither
+/// visible nor acknowledged until the limit moves past it.
+#[test]
+fn a_batch_past_the_apply_limit_waits_for_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().to_path_buf();
+    ExecutorConfig::default()
+        .block_on(async move {
+            let (store, _) = Store::open(&path, config()).await.unwrap();
+            let mut first = WriteBatch::new();
+            first.put("a", "1");
+            store.write(first).await.unwrap();
+            let limit = store.applied_end();
+            store.set_apply_limit(limit);
+            let mut second = WriteBatch::new();
+            second.put("b", "2");
+            let queued = store.enqueue(second).await.unwrap();
+            let done = std::rc::Rc::new(std::cell::Cell::new(false));
+            let waiter = glommio::spawn_local({
+                let (store, done) = (store.clone(), done.clone());
+                async move {
+                    store.wait_written(queued).await.unwrap();
+                    done.set(true);
+                }
+            });
+            for _ in 0..500 {
+                if store.wal().end_offset() > limit {
+                    break;
+                }
+                glommio::timer::sleep(std::time::Duration::from_millis(2)).await;
+            }
+            assert!(store.wal().end_offset() > limit, "the batch became durable");
+            glommio::timer::sleep(std::time::Duration::from_millis(20)).await;
+            assert_eq!(store.get(b"b").unwrap(), None, "durable, not applied: not visible");
+            assert!(!done.get(), "not acknowledged before it is applied");
+            assert_eq!(store.applied_end(), limit);
+            store.set_apply_limit(u64::MAX);
+            assert_eq!(store.get(b"b").unwrap(), Some(b"2".to_vec()));
+            waiter.await;
+            assert!(done.get());
+            assert_eq!(store.get(b"a").unwrap(), Some(b"1".to_vec()));
+        })
+        .unwrap();
+}

@@ -28,20 +28,18 @@ use engine::replication::{
     elect, Action, Candidate, Entry, EpochHistory, GroupState, Input, Member, Message, Recovered, Replica, Settings,
 };
 
-struct Rng(u64);
+mod common;
+use common::Rng;
 
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-        z ^ (z >> 31)
-    }
-    fn below(&mut self, n: u64) -> u64 {
-        self.next() % n.max(1)
-    }
-    fn range(&mut self, lo: u64, hi: u64) -> u64 {
+/// The simulation's draws on the shared generator: inclusive ranges and
+/// chances in thousandths.
+trait Draw {
+    fn within(&mut self, lo: u64, hi: u64) -> u64;
+    fn chance(&mut self, per_mille: u64) -> bool;
+}
+
+impl Draw for Rng {
+    fn within(&mut self, lo: u64, hi: u64) -> u64 {
         lo + self.below(hi - lo + 1)
     }
     fn chance(&mut self, per_mille: u64) -> bool {
@@ -166,18 +164,18 @@ impl std::ops::AddAssign for Stats {
 
 impl Sim {
     fn new(seed: u64, verbose: bool) -> Sim {
-        let mut rng = Rng(seed);
+        let mut rng = Rng::new(seed);
         let rf = [1u32, 2, 3, 3, 3][rng.below(5) as usize];
         let min_isr = if rf == 1 {
             1
         } else {
-            rng.range(1, (rf - 1) as u64) as usize
+            rng.within(1, (rf - 1) as u64) as usize
         };
         let settings = Settings {
             min_isr,
-            max_lag_ms: rng.range(150, 600),
+            max_lag_ms: rng.within(150, 600),
             fetch_timeout_ms: 100,
-            max_fetch_entries: rng.range(1, 64),
+            max_fetch_entries: rng.within(1, 64),
         };
         let mut sim = Sim {
             seed,
@@ -314,7 +312,7 @@ impl Sim {
             return;
         }
         if self.rng.chance(10) {
-            let delay = self.rng.range(1, 15);
+            let delay = self.rng.within(1, 15);
             self.schedule(
                 delay,
                 Event::Deliver {
@@ -324,7 +322,7 @@ impl Sim {
                 },
             );
         }
-        let delay = self.rng.range(1, 15);
+        let delay = self.rng.within(1, 15);
         self.schedule(delay, Event::Deliver { to, from, message });
     }
 
@@ -394,7 +392,7 @@ impl Sim {
                 }
                 node.log.extend(entries);
                 let (gen, end) = (node.gen, node.log.len() as u64);
-                let delay = self.rng.range(1, 8);
+                let delay = self.rng.within(1, 8);
                 self.schedule(delay, Event::Durable { node: id, gen, end });
             }
             Action::Truncate { to } => {
@@ -423,7 +421,7 @@ impl Sim {
                 node.gen += 1;
                 let gen = node.gen;
                 self.verify_applied(id, 0, upto)?;
-                let delay = self.rng.range(1, 20);
+                let delay = self.rng.within(1, 20);
                 self.schedule(delay, Event::Installed { node: id, gen, upto });
             }
             Action::Apply { upto } => {
@@ -458,7 +456,7 @@ impl Sim {
                 if self.nodes[i].cut_until > self.now {
                     self.input(id, Input::CasFailed)?;
                 } else {
-                    let delay = self.rng.range(1, 10);
+                    let delay = self.rng.within(1, 10);
                     self.schedule(
                         delay,
                         Event::Cas {
@@ -590,7 +588,7 @@ impl Sim {
     fn set_meta(&mut self, state: GroupState) {
         self.meta = state;
         for id in 0..self.nodes.len() as u32 {
-            let delay = self.rng.range(1, 10);
+            let delay = self.rng.within(1, 10);
             self.schedule(delay, Event::Watch { node: id });
         }
     }
@@ -679,7 +677,7 @@ impl Sim {
         node.pending.insert(offset, data);
         let (gen, end) = (node.gen, node.log.len() as u64);
         let actions = node.core.as_mut().expect("running").take_actions();
-        let delay = self.rng.range(1, 8);
+        let delay = self.rng.within(1, 8);
         self.schedule(delay, Event::Durable { node: id, gen, end });
         self.actions(id, actions)
     }
@@ -693,19 +691,19 @@ impl Sim {
             0 | 1 => {
                 if self.nodes[id].core.is_some() {
                     self.crash(id, false);
-                    let after = self.rng.range(20, 1_500);
+                    let after = self.rng.within(20, 1_500);
                     self.restart_later(id, after);
                 }
             }
             2 => {
                 if self.nodes[id].running(self.now) {
-                    let pause = self.rng.range(20, 3 * SESSION_TIMEOUT);
+                    let pause = self.rng.within(20, 3 * SESSION_TIMEOUT);
                     self.nodes[id].paused_until = self.now + pause;
                     self.note(format!("{id} paused for {pause} ms"));
                 }
             }
             3 => {
-                let cut = self.rng.range(20, 1_500);
+                let cut = self.rng.within(20, 1_500);
                 self.nodes[id].cut_until = self.now + cut;
                 self.note(format!("{id} cut off for {cut} ms"));
             }
@@ -720,7 +718,7 @@ impl Sim {
                     .count();
                 if self.nodes[id].core.is_some() && others >= self.settings.min_isr && self.nodes.len() > 1 {
                     self.crash(id, true);
-                    let after = self.rng.range(20, 1_500);
+                    let after = self.rng.within(20, 1_500);
                     self.restart_later(id, after);
                 }
             }
@@ -728,7 +726,7 @@ impl Sim {
                 let node = &self.nodes[id];
                 let bounds = node.core.as_ref().map(|core| (core.log_start(), core.applied()));
                 if let Some((start, applied)) = bounds.filter(|(s, a)| node.running(self.now) && a > s) {
-                    let start = self.rng.range(start, applied);
+                    let start = self.rng.within(start, applied);
                     self.input(id as u32, Input::Trimmed { start })?;
                 }
             }

@@ -178,6 +178,12 @@ struct Inner {
     manifest: RefCell<Manifest>,
     /// Entries in the WAL, in offset order, not yet applied.
     unapplied: RefCell<VecDeque<(u64, Unapplied)>>,
+    /// Entries at or past this offset are not applied even once durable
+    /// (replication: an entry is applied once the task group's in-sync
+    /// replicas hold it); `u64::MAX` applies everything durable.
+    apply_limit: Cell<u64>,
+    /// Woken when entries are applied.
+    applied: Waiters,
     /// The WAL is never trimmed at or past this offset (its owner's
     /// entries below it are kept elsewhere); `u64::MAX` for a store that
     /// owns its WAL alone.
@@ -365,6 +371,8 @@ impl Store {
                 tables: RefCell::new(tables),
                 manifest: RefCell::new(manifest),
                 unapplied: RefCell::new(VecDeque::new()),
+                apply_limit: Cell::new(u64::MAX),
+                applied: Waiters::default(),
                 trim_floor: Cell::new(u64::MAX),
                 entry_bytes: Cell::new(0),
                 wal_generation: Cell::new(0),
@@ -391,6 +399,12 @@ impl Store {
         s.tables = self.inner.tables.borrow().len();
         s.memtable_bytes = self.inner.mem.borrow().bytes;
         s
+    }
+
+    /// The store takes no more writes; writers waiting to be applied learn it.
+    fn poison(&self, cause: String) {
+        *self.inner.failed.borrow_mut() = Some(cause);
+        self.inner.applied.wake_all();
     }
 
     fn check_failed(&self) -> Result<()> {
@@ -567,21 +581,44 @@ impl Store {
     }
 
     /// The second half of [`Store::write`]: returns once the queued batch
-    /// is durable and visible.
+    /// is durable and visible (applied: below the apply limit too).
     pub async fn wait_written(&self, queued: QueuedWrite) -> Result<()> {
         if let Some(queued) = queued.queued {
             self.inner.wal.wait_enqueued(&queued).await?;
             self.apply_durable();
+            let offset = queued.range.start;
+            if self.applied_end() <= offset {
+                self.inner
+                    .applied
+                    .wait(|| (self.applied_end() > offset || self.inner.failed.borrow().is_some()).then_some(()))
+                    .await;
+                self.check_failed()?;
+            }
         }
         Ok(())
     }
 
-    /// Applies every durable batch, in WAL order.
+    /// Entries at or past `limit` stay unapplied once durable (not
+    /// visible, their `on_applied` not run) until the limit moves past
+    /// them; `u64::MAX` (the default) applies everything durable.
+    /// Replication sets it to the offset the task group's in-sync replicas
+    /// hold. Entries already applied stay applied.
+    pub fn set_apply_limit(&self, limit: u64) {
+        self.inner.apply_limit.set(limit);
+        self.apply_durable();
+    }
+
+    pub fn apply_limit(&self) -> u64 {
+        self.inner.apply_limit.get()
+    }
+
+    /// Applies every durable batch below the apply limit, in WAL order.
     fn apply_durable(&self) {
         self.drop_lost();
-        let durable = self.inner.wal.end_offset();
+        let durable = self.inner.wal.end_offset().min(self.inner.apply_limit.get());
         let mut unapplied = self.inner.unapplied.borrow_mut();
         let mut mem = self.inner.mem.borrow_mut();
+        let before = mem.wal_end;
         while unapplied.front().is_some_and(|(offset, _)| *offset < durable) {
             let (offset, entry) = unapplied.pop_front().expect("front exists");
             match entry {
@@ -591,8 +628,12 @@ impl Store {
             mem.wal_end = offset + 1;
         }
         let full = mem.bytes >= self.inner.config.memtable_bytes_max;
+        let moved = mem.wal_end != before;
         drop(mem);
         drop(unapplied);
+        if moved {
+            self.inner.applied.wake_all();
+        }
         if full && self.inner.imm.borrow().is_none() {
             self.start_flush();
         }
@@ -657,7 +698,7 @@ impl Store {
             };
             match result {
                 Ok(()) => store.inner.retry_backoff.set(RETRY_BACKOFF_MIN),
-                Err(Interrupted::Fatal(e)) => *store.inner.failed.borrow_mut() = Some(e.to_string()),
+                Err(Interrupted::Fatal(e)) => store.poison(e.to_string()),
                 Err(Interrupted::Retry(e, again)) => {
                     let backoff = store.inner.retry_backoff.get();
                     store.inner.retry_backoff.set((backoff * 2).min(RETRY_BACKOFF_MAX));
@@ -788,7 +829,7 @@ impl Store {
         result.map_err(|i| match i {
             Interrupted::Retry(e, _) => e,
             Interrupted::Fatal(e) => {
-                *self.inner.failed.borrow_mut() = Some(e.to_string());
+                self.poison(e.to_string());
                 e
             }
         })
