@@ -637,18 +637,10 @@ impl Replica {
         }
         progress.prev_fetch_end = self.log_end;
         progress.prev_fetch_at = self.now;
+        let epoch_start = leading.epoch_start;
         if offset < self.log_end {
-            let upto = self.log_end.min(offset + self.settings.max_fetch_entries);
-            let whole = self.applied.max(leading.epoch_start);
-            self.out.push(Action::SendEntries {
-                to: from,
-                epoch,
-                fetch_id,
-                from: offset,
-                upto,
-                applied: self.applied,
-                whole,
-            });
+            let answer = self.entries_from(epoch_start, from, fetch_id, offset);
+            self.out.push(answer);
         } else {
             progress.parked = Some((fetch_id, offset));
         }
@@ -660,20 +652,30 @@ impl Replica {
     /// applied offset).
     fn answer_parked(&mut self) {
         let Role::Leader(leading) = &mut self.role else { return };
-        let whole = self.applied.max(leading.epoch_start);
-        for (id, progress) in leading.followers.iter_mut() {
-            if let Some((fetch_id, from)) = progress.parked.take() {
-                let upto = self.log_end.min(from + self.settings.max_fetch_entries);
-                self.out.push(Action::SendEntries {
-                    to: *id,
-                    epoch: self.epoch,
-                    fetch_id,
-                    from,
-                    upto,
-                    applied: self.applied,
-                    whole,
-                });
-            }
+        let epoch_start = leading.epoch_start;
+        let parked: Vec<_> = leading
+            .followers
+            .iter_mut()
+            .filter_map(|(id, progress)| progress.parked.take().map(|(fetch_id, from)| (*id, fetch_id, from)))
+            .collect();
+        for (to, fetch_id, from) in parked {
+            let answer = self.entries_from(epoch_start, to, fetch_id, from);
+            self.out.push(answer);
+        }
+    }
+
+    /// A leader's answer to a fetch from `from`: the entries after it (at
+    /// most `max_fetch_entries`, possibly none), its applied offset and
+    /// `whole`.
+    fn entries_from(&self, epoch_start: Offset, to: ReplicaId, fetch_id: u64, from: Offset) -> Action {
+        Action::SendEntries {
+            to,
+            epoch: self.epoch,
+            fetch_id,
+            from,
+            upto: self.log_end.min(from + self.settings.max_fetch_entries),
+            applied: self.applied,
+            whole: self.applied.max(epoch_start),
         }
     }
 
