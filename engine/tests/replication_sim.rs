@@ -5,8 +5,10 @@
 //! duplicates, delays and reorders messages and can cut a node off; disks
 //! whose writes become durable later and lose an unsynced tail (a random
 //! part of it: torn) in a crash; a metastore with versioned
-//! compare-and-set, watches and sessions that expire; the Conductor's
-//! elections; processes that crash, restart, pause (SIGSTOP) and lose their
+//! compare-and-set (answers lost after the write, so drivers retry),
+//! watches, sessions that expire and cuts from the metastore alone (the
+//! driver gives up its lease); the Conductor's elections and graceful
+//! hand-offs; processes that crash, restart, pause (SIGSTOP) and lose their
 //! data directory; clients appending throughout. Invariants are checked as
 //! the run goes:
 //!
@@ -19,13 +21,15 @@
 //! - after the faults heal, appends are acknowledged again in bounded time.
 //!
 //! `RAMA_SIM_SEEDS=N` runs N seeds (default 150), `RAMA_SIM_SEED=S` replays
-//! one seed and prints its trace.
+//! one seed and prints its trace (with `RAMA_SIM_DEBUG=1`, also every
+//! input and action of every replica).
 
 use std::cmp::Reverse;
 use std::collections::{BTreeMap, BinaryHeap, VecDeque};
 
 use engine::replication::{
-    elect, Action, Candidate, Entry, EpochHistory, GroupState, Input, Member, Message, Recovered, Replica, Settings,
+    elect, hand_off, Action, Candidate, Entry, EpochHistory, GroupState, Input, Member, Message, Recovered, Replica,
+    Settings,
 };
 
 mod common;
@@ -86,8 +90,16 @@ struct Node {
     incarnation: u64,
     gen: u64,
     paused_until: u64,
+    /// Cut off from everyone (peers and metastore) until then.
     cut_until: u64,
+    /// Cut off from the metastore only (peers still reach it) until then.
+    meta_cut_until: u64,
     last_heartbeat: u64,
+    /// Its driver gave up the lease (no metastore contact for two thirds
+    /// of the session timeout): it closes the session when it can.
+    lease_lost: bool,
+    /// In the ISR with nothing lost at some time after the faults healed.
+    back_in_sync: bool,
     /// Client appends waiting to be applied (leader): offset -> data.
     pending: BTreeMap<u64, Vec<u8>>,
     /// The data directory was wiped (and not yet caught up: see `lost`).
@@ -106,9 +118,16 @@ impl Node {
     fn running(&self, now: u64) -> bool {
         self.core.is_some() && self.paused_until <= now
     }
+
+    fn reaches_metastore(&self, now: u64) -> bool {
+        self.cut_until <= now && self.meta_cut_until <= now
+    }
 }
 
 const SESSION_TIMEOUT: u64 = 200;
+/// A driver stops leading after this long without metastore contact,
+/// before the metastore can expire its session.
+const LEASE: u64 = SESSION_TIMEOUT * 2 / 3;
 const FAULTS_UNTIL: u64 = 8_000;
 const HEAL_GRACE: u64 = 4_000;
 const END: u64 = FAULTS_UNTIL + HEAL_GRACE + 3_000;
@@ -148,6 +167,9 @@ struct Stats {
     isr_changes: usize,
     wipes: usize,
     refused: usize,
+    hand_offs: usize,
+    lost_cas_replies: usize,
+    leases_lost: usize,
 }
 
 impl std::ops::AddAssign for Stats {
@@ -159,6 +181,9 @@ impl std::ops::AddAssign for Stats {
         self.isr_changes += o.isr_changes;
         self.wipes += o.wipes;
         self.refused += o.refused;
+        self.hand_offs += o.hand_offs;
+        self.lost_cas_replies += o.lost_cas_replies;
+        self.leases_lost += o.leases_lost;
     }
 }
 
@@ -175,7 +200,9 @@ impl Sim {
             min_isr,
             max_lag_ms: rng.within(150, 600),
             fetch_timeout_ms: 100,
-            max_fetch_entries: rng.within(1, 64),
+            // At least as many as the clients append in a round trip, or a
+            // follower behind never catches up.
+            max_fetch_entries: rng.within(16, 64),
         };
         let mut sim = Sim {
             seed,
@@ -209,7 +236,10 @@ impl Sim {
                 gen: 0,
                 paused_until: 0,
                 cut_until: 0,
+                meta_cut_until: 0,
                 last_heartbeat: 0,
+                lease_lost: false,
+                back_in_sync: false,
                 pending: BTreeMap::new(),
                 lost_data: false,
             });
@@ -284,15 +314,61 @@ impl Sim {
                     .join("\n")
             ));
         }
+        self.check_end()
+    }
+
+    /// After the faults healed, every replica came back: in the ISR with its
+    /// loss (if any) settled at some point (the network still drops
+    /// messages, so a follower may be out again at the very end), and
+    /// holding about all of the applied prefix at the end.
+    fn check_end(&self) -> Check {
+        for node in &self.nodes {
+            let core = node
+                .core
+                .as_ref()
+                .ok_or(format!("replica {} is down at the end", node.id))?;
+            if !node.back_in_sync {
+                return Err(format!(
+                    "replica {} is not back in sync {} ms after the faults healed: group {:?}, {core:?}",
+                    node.id,
+                    END - FAULTS_UNTIL,
+                    self.meta
+                ));
+            }
+            if core.applied() + 64 < self.committed.len() as u64 {
+                return Err(format!(
+                    "replica {} applied {} of the {} applied entries at the end",
+                    node.id,
+                    core.applied(),
+                    self.committed.len()
+                ));
+            }
+        }
         Ok(())
     }
 
-    /// Runs one replica input and carries out its actions.
+    /// Runs one replica input and carries out its actions. Its driver first
+    /// checks the lease: without metastore contact for `LEASE` it tells the
+    /// replica its session is as good as gone.
     fn input(&mut self, id: u32, input: Input) -> Check {
-        let Some(core) = self.nodes[id as usize].core.as_mut() else {
+        let now = self.now;
+        let node = &mut self.nodes[id as usize];
+        let Some(core) = node.core.as_mut() else {
             return Ok(());
         };
-        let actions = core.step(input);
+        let mut actions = Vec::new();
+        if !node.lease_lost && now.saturating_sub(node.last_heartbeat) > LEASE {
+            node.lease_lost = true;
+            self.stats.leases_lost += 1;
+            actions.extend(core.step(Input::SessionLost));
+        }
+        if self.verbose && std::env::var("RAMA_SIM_DEBUG").is_ok() && !matches!(input, Input::Tick { .. }) {
+            println!("{now:>6} DEBUG {id} <- {input:?}");
+        }
+        actions.extend(core.step(input));
+        if self.verbose && std::env::var("RAMA_SIM_DEBUG").is_ok() && !actions.is_empty() {
+            println!("{now:>6} DEBUG {id} -> {actions:?}");
+        }
         self.actions(id, actions)
     }
 
@@ -337,7 +413,6 @@ impl Sim {
                 from,
                 upto,
                 applied,
-                whole,
             } => {
                 let node = &self.nodes[i];
                 let start = node.core.as_ref().map_or(0, |c| c.log_start());
@@ -357,7 +432,6 @@ impl Sim {
                         from,
                         entries,
                         applied,
-                        whole,
                     },
                 );
             }
@@ -453,20 +527,16 @@ impl Sim {
                 state,
             } => {
                 let session = self.nodes[i].incarnation;
-                if self.nodes[i].cut_until > self.now {
-                    self.input(id, Input::CasFailed)?;
-                } else {
-                    let delay = self.rng.within(1, 10);
-                    self.schedule(
-                        delay,
-                        Event::Cas {
-                            node: id,
-                            session,
-                            expected: expected_version,
-                            state,
-                        },
-                    );
-                }
+                let delay = self.rng.within(1, 10);
+                self.schedule(
+                    delay,
+                    Event::Cas {
+                        node: id,
+                        session,
+                        expected: expected_version,
+                        state,
+                    },
+                );
             }
             Action::BecameLeader { epoch } => {
                 let member = self.nodes[i].core.as_ref().expect("running").member();
@@ -555,7 +625,7 @@ impl Sim {
                 self.input(node, Input::Installed { upto })
             }
             Event::Watch { node } => {
-                if self.nodes[node as usize].cut_until > self.now {
+                if !self.nodes[node as usize].reaches_metastore(self.now) {
                     return Ok(());
                 }
                 let state = self.meta.clone();
@@ -567,17 +637,42 @@ impl Sim {
                 expected,
                 mut state,
             } => {
-                if self.nodes[node as usize].incarnation != session {
+                if self.nodes[node as usize].incarnation != session || self.sessions[node as usize] != Some(session) {
                     return Ok(());
                 }
-                if self.meta.version == expected && self.nodes[node as usize].cut_until <= self.now {
+                let retry = |sim: &mut Sim, state: GroupState| {
+                    // Unknown outcome: the driver sends it again, unchanged.
+                    let after = sim.rng.within(5, 40);
+                    sim.schedule(
+                        after,
+                        Event::Cas {
+                            node,
+                            session,
+                            expected,
+                            state,
+                        },
+                    );
+                };
+                if !self.nodes[node as usize].reaches_metastore(self.now) {
+                    // The request may not even have been sent.
+                    retry(self, state);
+                    return Ok(());
+                }
+                if self.meta.version == expected {
                     state.version = expected + 1;
                     self.note(format!("{node} changed the group to {state:?}"));
                     self.stats.isr_changes += 1;
-                    self.set_meta(state);
-                    Ok(())
+                    self.set_meta(state.clone());
+                    if self.rng.chance(150) {
+                        // Written, but the answer was lost with the connection.
+                        self.stats.lost_cas_replies += 1;
+                        state.version = expected;
+                        retry(self, state);
+                        return Ok(());
+                    }
+                    self.input(node, Input::CasWritten(state))
                 } else {
-                    self.input(node, Input::CasFailed)?;
+                    // Failed for certain: the node has a newer version.
                     self.schedule(1, Event::Watch { node });
                     Ok(())
                 }
@@ -597,8 +692,13 @@ impl Sim {
     fn sessions_and_elections(&mut self) -> Check {
         for id in 0..self.nodes.len() {
             let node = &mut self.nodes[id];
-            if node.running(self.now) && node.cut_until <= self.now {
+            if node.running(self.now) && node.reaches_metastore(self.now) {
                 node.last_heartbeat = self.now;
+                if node.lease_lost {
+                    // It gave up the lease: it closes the session.
+                    node.lease_lost = false;
+                    self.sessions[id] = None;
+                }
                 if self.sessions[id].is_none() {
                     // The session had expired: this process learns it now
                     // and opens a new one (a new incarnation).
@@ -637,6 +737,15 @@ impl Sim {
             next.version = self.meta.version + 1;
             self.note(format!("conductor: {next:?}"));
             self.set_meta(next);
+        } else if !self.healed() && !live.is_empty() && self.rng.chance(10) {
+            // Leadership balancing: a graceful move to another replica.
+            let to = live[self.rng.below(live.len() as u64) as usize];
+            if let Some(mut next) = hand_off(&self.meta, &to) {
+                next.version = self.meta.version + 1;
+                self.note(format!("conductor hands off: {next:?}"));
+                self.stats.hand_offs += 1;
+                self.set_meta(next);
+            }
         }
         if self.now % 100 == 0 {
             // Watches can be lost with a connection: everyone reads again.
@@ -704,8 +813,13 @@ impl Sim {
             }
             3 => {
                 let cut = self.rng.within(20, 1_500);
-                self.nodes[id].cut_until = self.now + cut;
-                self.note(format!("{id} cut off for {cut} ms"));
+                if self.rng.chance(500) {
+                    self.nodes[id].meta_cut_until = self.now + cut;
+                    self.note(format!("{id} cut off from the metastore for {cut} ms"));
+                } else {
+                    self.nodes[id].cut_until = self.now + cut;
+                    self.note(format!("{id} cut off for {cut} ms"));
+                }
             }
             4 => {
                 // Wipe only while enough intact ISR members remain without it.
@@ -779,6 +893,7 @@ impl Sim {
         node.incarnation = incarnation;
         node.paused_until = 0;
         node.last_heartbeat = self.now;
+        node.lease_lost = false;
         self.sessions[id] = Some(incarnation);
         self.note(format!("{id} restarted as {incarnation}"));
         self.schedule(1, Event::Watch { node: id as u32 });
@@ -788,6 +903,7 @@ impl Sim {
         self.note("heal".to_string());
         for id in 0..self.nodes.len() {
             self.nodes[id].cut_until = 0;
+            self.nodes[id].meta_cut_until = 0;
             if self.nodes[id].core.is_some() {
                 self.nodes[id].paused_until = 0;
             }
@@ -802,10 +918,12 @@ impl Sim {
             }
         }
         for &m in &self.meta.isr {
-            let node = &self.nodes[m as usize];
+            let now = self.now;
+            let node = &mut self.nodes[m as usize];
             if node.lost() {
                 continue;
             }
+            node.back_in_sync |= now >= FAULTS_UNTIL && node.core.is_some();
             let n = self.committed.len();
             if node.durable < n || node.log[..n] != self.committed[..] {
                 return Err(format!(
@@ -899,6 +1017,9 @@ fn replication_keeps_its_invariants_under_faults() {
         ("ISR changes", total.isr_changes),
         ("wipes", total.wipes),
         ("refused appends", total.refused),
+        ("hand-offs", total.hand_offs),
+        ("lost compare-and-set answers", total.lost_cas_replies),
+        ("leases given up", total.leases_lost),
     ] {
         assert!(
             seeds < 20 || count > n / 10,

@@ -40,11 +40,19 @@
 //!   the old and new ISR (an added member must hold what is applied from
 //!   then on; a removed one still counts until the metastore says so).
 //! - A replica whose data was lost (wiped directory) says so in its
-//!   fetches and registration until its log holds everything any leader
-//!   applied (the leader tells it how far that is); until then it is
-//!   never elected, and the leader moves it to the OSR even below
-//!   `min_isr`. A follower's progress counts only from fetches of its
-//!   current incarnation.
+//!   registration (never elected meanwhile) and moves itself to the OSR
+//!   by its own compare-and-set, even below `min_isr`; the fact then lives
+//!   in the metastore (it survives another crash of the replica), and only
+//!   a leader's move back into the ISR, after the replica caught up in
+//!   that leader's epoch, ends it. A follower's progress counts only from
+//!   fetches of its current incarnation.
+//! - A compare-and-set whose outcome is unknown (the connection dropped)
+//!   is retried by the driver until it succeeds or fails for certain; a
+//!   leader keeps counting the union of the old and proposed ISR until it
+//!   sees a newer state, whatever the answer was.
+//! - Incarnations strictly increase per replica across restarts (in a
+//!   worker: the creation zxid of its registration node), so no fetch or
+//!   leadership of an earlier process can pass for a later one.
 
 mod controller;
 mod replica;
@@ -145,9 +153,12 @@ pub enum Message {
         fetch_id: u64,
         from: Offset,
         last_epoch: Epoch,
-        /// The follower's data was lost since it last held entries
-        /// (a wiped directory): it must leave the ISR.
-        lost_data: bool,
+        /// The version of the group's metastore node the follower last
+        /// read. A leader moves it into the ISR only on a fetch that saw
+        /// the version its compare-and-set expects: a replica that lost
+        /// its data since has written a newer version itself, so nothing
+        /// its earlier process held can vouch for it.
+        seen_version: u64,
     },
     /// Leader to follower: entries from `from` (possibly none), and the
     /// leader's applied offset.
@@ -157,11 +168,6 @@ pub enum Message {
         from: Offset,
         entries: Vec<Entry>,
         applied: Offset,
-        /// Every entry any leader applied is below this offset (the larger
-        /// of the leader's applied offset and its log end when it took
-        /// over): a follower that lost data is whole again once it holds
-        /// this much.
-        whole: Offset,
     },
     /// Leader to follower: your last entry's epoch ends at `end` in my log
     /// (`at_epoch` is the largest epoch I have at or below it).
@@ -205,11 +211,17 @@ pub enum Input {
     },
     /// The metastore node of the task group, as read or watched.
     Group(GroupState),
-    /// A compare-and-set the replica asked for failed (the current state
-    /// arrives as [`Input::Group`]).
-    CasFailed,
-    /// The metastore session ended: stop acting as leader. A new session
-    /// is a new incarnation.
+    /// A compare-and-set this replica asked for was written: the state as
+    /// written, with its new version. (One that failed needs no input: it
+    /// failed because the node has a newer version, which arrives as
+    /// [`Input::Group`]; one with an unknown outcome the driver retries
+    /// until it knows.)
+    CasWritten(GroupState),
+    /// The metastore session ended, or the driver lost touch with the
+    /// metastore for two thirds of the session timeout (its lease: the
+    /// session may expire and another leader be elected by the time it
+    /// knows): stop acting as leader. A driver that gave up its lease
+    /// closes the session; a new session is a new incarnation.
     SessionLost,
     /// A new metastore session.
     NewSession {
@@ -250,7 +262,6 @@ pub enum Action {
         from: Offset,
         upto: Offset,
         applied: Offset,
-        whole: Offset,
     },
     /// Send the task group's files as of the local applied offset as
     /// [`Message::Snapshot`] (with the epochs of the log below it).
@@ -280,7 +291,10 @@ pub enum Action {
     Apply {
         upto: Offset,
     },
-    /// Try to change the metastore node from `expected_version` to `state`.
+    /// Try to change the metastore node from `expected_version` to `state`;
+    /// on success answer with [`Input::CasWritten`]. An unknown outcome
+    /// (connection loss) is retried with the same expected version until
+    /// it succeeds or fails.
     Cas {
         expected_version: u64,
         state: GroupState,
@@ -295,7 +309,9 @@ pub enum Action {
         epoch: Epoch,
     },
     /// A rule would be broken (a truncation below the applied offset): the
-    /// replica stops; its data needs an operator.
+    /// replica stops; its data needs an operator. The driver ends the
+    /// replica's metastore session (so another replica is elected) and
+    /// does not start it again by itself.
     Fatal {
         reason: String,
     },

@@ -94,14 +94,8 @@ struct Following {
     leader: Member,
     /// The fetch in flight: its id and when it was sent.
     fetch: Option<(u64, u64)>,
-    /// A snapshot is being installed (with the epochs below it): no fetch
-    /// until it is.
-    installing: Option<Vec<(Epoch, Offset)>>,
     /// The leader's applied offset, as last heard.
     leader_applied: Offset,
-    /// Every applied entry is below this offset, as this leader said
-    /// (0 until it said).
-    whole: Offset,
 }
 
 #[derive(Debug)]
@@ -127,10 +121,11 @@ struct Progress {
     prev_fetch_at: u64,
     /// A fetch from the log end waiting for new entries: (id, from).
     parked: Option<(u64, Offset)>,
-    lost_data: bool,
     /// The incarnation and fetch id of the newest fetch taken.
     incarnation: Incarnation,
     fetch_id: u64,
+    /// The metastore version that fetch saw.
+    seen_version: u64,
 }
 
 /// The replication state machine of one replica. Feed it [`Input`]s with
@@ -152,7 +147,16 @@ pub struct Replica {
     log_end: Offset,
     durable_end: Offset,
     applied: Offset,
+    /// The local data was lost and this replica has not yet written itself
+    /// into the OSR (see [`Replica::lost_data`]).
     lost_data: bool,
+    /// The version its compare-and-set into the OSR expects, while one is
+    /// out.
+    lost_cas: Option<u64>,
+    /// A snapshot being installed, as of an offset with the epochs below
+    /// it: no fetch, no leadership until it is in place (whatever the role
+    /// meanwhile: the driver is replacing the files).
+    installing: Option<(Offset, Vec<(Epoch, Offset)>)>,
     session: bool,
     next_fetch_id: u64,
     fatal: bool,
@@ -176,6 +180,8 @@ impl Replica {
             durable_end: recovered.log_end,
             applied: recovered.applied,
             lost_data: recovered.lost_data,
+            lost_cas: None,
+            installing: None,
             session: true,
             next_fetch_id: 0,
             fatal: false,
@@ -210,6 +216,10 @@ impl Replica {
     pub fn history(&self) -> &EpochHistory {
         &self.history
     }
+    /// The local data was lost (a wiped directory) and the metastore does
+    /// not yet say so: the replica's registration must say it (it is never
+    /// elected meanwhile) until its own compare-and-set has written it
+    /// into the OSR.
     pub fn lost_data(&self) -> bool {
         self.lost_data
     }
@@ -272,10 +282,13 @@ impl Replica {
             match input {
                 Input::Tick { now } => self.tick(now),
                 Input::Group(state) => self.on_group(state),
-                Input::CasFailed => {
-                    if let Role::Leader(leading) = &mut self.role {
-                        leading.proposed = None;
+                Input::CasWritten(state) => {
+                    if self.lost_data && state.osr.contains(&self.id) {
+                        // The metastore now keeps it out of the ISR.
+                        self.lost_data = false;
+                        self.lost_cas = None;
                     }
+                    self.on_group(state);
                 }
                 Input::SessionLost => {
                     self.session = false;
@@ -321,6 +334,19 @@ impl Replica {
             return;
         }
         self.epoch = state.epoch;
+        if self.lost_data
+            && self.session
+            && self.lost_cas != Some(state.version)
+            && state.replicas().any(|r| r == self.id)
+        {
+            // Out of the ISR by its own hand, even below min-ISR, and with
+            // a write that proves the state it read was the newest.
+            self.lost_cas = Some(state.version);
+            self.out.push(Action::Cas {
+                expected_version: state.version,
+                state: state.moved(self.id, false),
+            });
+        }
         let me = self.member();
         let leading_now = matches!(&self.role, Role::Leader(l) if l.epoch == state.epoch) && state.leader == Some(me);
         self.group = Some(state.clone());
@@ -333,7 +359,9 @@ impl Replica {
             return;
         }
         match state.leader {
-            Some(leader) if leader == me && self.session && !self.lost_data => self.become_leader(),
+            Some(leader) if leader == me && self.session && !self.lost_data && self.installing.is_none() => {
+                self.become_leader()
+            }
             Some(leader) if leader.id != self.id => {
                 let same = matches!(&self.role, Role::Follower(f) if f.leader == leader);
                 if !same {
@@ -341,9 +369,7 @@ impl Replica {
                     self.role = Role::Follower(Following {
                         leader,
                         fetch: None,
-                        installing: None,
                         leader_applied: self.applied,
-                        whole: 0,
                     });
                     self.fetch();
                 }
@@ -421,21 +447,17 @@ impl Replica {
                 fetch_id,
                 from: offset,
                 last_epoch,
-                lost_data,
+                seen_version,
                 ..
-            } => self.on_fetch(from, (incarnation, fetch_id), offset, last_epoch, lost_data),
+            } => self.on_fetch(from, (incarnation, fetch_id, seen_version), offset, last_epoch),
             Message::Entries {
                 fetch_id,
                 from: offset,
                 entries,
                 applied,
-                whole,
                 ..
             } => {
                 if self.answer_to(from, fetch_id) {
-                    if let Role::Follower(following) = &mut self.role {
-                        following.whole = following.whole.max(whole).max(1);
-                    }
                     self.on_entries(offset, entries, applied);
                 }
             }
@@ -457,9 +479,7 @@ impl Replica {
                 ..
             } => {
                 if self.answer_to(from, fetch_id) {
-                    if let Role::Follower(following) = &mut self.role {
-                        following.installing = Some(history.clone());
-                    }
+                    self.installing = Some((upto, history.clone()));
                     self.out.push(Action::Install { upto, history, data });
                 }
             }
@@ -485,13 +505,14 @@ impl Replica {
         let Role::Follower(following) = &mut self.role else {
             return;
         };
-        if following.installing.is_some() || self.durable_end < self.log_end || !self.session {
+        if self.installing.is_some() || self.durable_end < self.log_end || !self.session {
             return;
         }
         self.next_fetch_id += 1;
         following.fetch = Some((self.next_fetch_id, self.now));
         let from = self.log_end;
         let last_epoch = if from == 0 { 0 } else { self.history.epoch_of(from - 1) };
+        let seen_version = self.group.as_ref().map_or(0, |g| g.version);
         self.out.push(Action::Send {
             to: following.leader.id,
             message: Message::Fetch {
@@ -500,7 +521,7 @@ impl Replica {
                 fetch_id: self.next_fetch_id,
                 from,
                 last_epoch,
-                lost_data: self.lost_data,
+                seen_version,
             },
         });
     }
@@ -556,20 +577,21 @@ impl Replica {
         self.fetch();
     }
 
+    /// The files are replaced, whatever the role is now: the log is the
+    /// snapshot's.
     fn on_installed(&mut self, upto: Offset) {
-        let Role::Follower(following) = &mut self.role else {
+        let Some((want, mut history)) = self.installing.take_if(|(want, _)| *want == upto) else {
             return;
         };
-        let Some(mut history) = following.installing.take() else {
-            return;
-        };
-        history.retain(|(_, start)| *start < upto);
+        history.retain(|(_, start)| *start < want);
         self.history = EpochHistory::from_starts(history);
-        following.leader_applied = following.leader_applied.max(upto);
-        self.log_start = upto;
-        self.log_end = upto;
-        self.durable_end = upto;
-        self.applied = upto;
+        self.log_start = want;
+        self.log_end = want;
+        self.durable_end = want;
+        self.applied = self.applied.max(want);
+        if let Role::Follower(following) = &mut self.role {
+            following.leader_applied = following.leader_applied.max(want);
+        }
         self.fetch();
     }
 
@@ -584,10 +606,9 @@ impl Replica {
     fn on_fetch(
         &mut self,
         from: ReplicaId,
-        (incarnation, fetch_id): (Incarnation, u64),
+        (incarnation, fetch_id, seen_version): (Incarnation, u64, u64),
         offset: Offset,
         last_epoch: Epoch,
-        lost_data: bool,
     ) {
         let Role::Leader(leading) = &mut self.role else { return };
         let Some(progress) = leading.followers.get_mut(&from) else {
@@ -602,7 +623,7 @@ impl Replica {
             progress.incarnation = incarnation;
         }
         progress.fetch_id = fetch_id;
-        progress.lost_data = lost_data;
+        progress.seen_version = seen_version;
         progress.parked = None;
         let epoch = self.epoch;
         if offset > 0 {
@@ -637,9 +658,8 @@ impl Replica {
         }
         progress.prev_fetch_end = self.log_end;
         progress.prev_fetch_at = self.now;
-        let epoch_start = leading.epoch_start;
         if offset < self.log_end {
-            let answer = self.entries_from(epoch_start, from, fetch_id, offset);
+            let answer = self.entries_from(from, fetch_id, offset);
             self.out.push(answer);
         } else {
             progress.parked = Some((fetch_id, offset));
@@ -652,22 +672,20 @@ impl Replica {
     /// applied offset).
     fn answer_parked(&mut self) {
         let Role::Leader(leading) = &mut self.role else { return };
-        let epoch_start = leading.epoch_start;
         let parked: Vec<_> = leading
             .followers
             .iter_mut()
             .filter_map(|(id, progress)| progress.parked.take().map(|(fetch_id, from)| (*id, fetch_id, from)))
             .collect();
         for (to, fetch_id, from) in parked {
-            let answer = self.entries_from(epoch_start, to, fetch_id, from);
+            let answer = self.entries_from(to, fetch_id, from);
             self.out.push(answer);
         }
     }
 
     /// A leader's answer to a fetch from `from`: the entries after it (at
-    /// most `max_fetch_entries`, possibly none), its applied offset and
-    /// `whole`.
-    fn entries_from(&self, epoch_start: Offset, to: ReplicaId, fetch_id: u64, from: Offset) -> Action {
+    /// most `max_fetch_entries`, possibly none) and its applied offset.
+    fn entries_from(&self, to: ReplicaId, fetch_id: u64, from: Offset) -> Action {
         Action::SendEntries {
             to,
             epoch: self.epoch,
@@ -675,7 +693,6 @@ impl Replica {
             from,
             upto: self.log_end.min(from + self.settings.max_fetch_entries),
             applied: self.applied,
-            whole: self.applied.max(epoch_start),
         }
     }
 
@@ -686,14 +703,26 @@ impl Replica {
         let target = match &self.role {
             Role::Leader(leading) => {
                 let Some(group) = &self.group else { return };
-                let members: Vec<ReplicaId> = match &leading.proposed {
-                    Some(p) => {
-                        let mut all = group.isr.clone();
-                        all.extend(p.isr.iter().filter(|id| !group.isr.contains(id)));
-                        all
-                    }
-                    None => group.isr.clone(),
-                };
+                let mut members = group.isr.clone();
+                if let Some(p) = &leading.proposed {
+                    members.extend(p.isr.iter().filter(|id| !group.isr.contains(id)));
+                }
+                // A joining OSR member holds back what is applied until it
+                // holds all of it (one round trip), or it would never
+                // catch up with a leader that applies as it appends.
+                let joining: Vec<ReplicaId> = group
+                    .osr
+                    .iter()
+                    .filter(|id| {
+                        !members.contains(id)
+                            && leading
+                                .followers
+                                .get(id)
+                                .is_some_and(|p| self.joining(group, leading, p))
+                    })
+                    .copied()
+                    .collect();
+                members.extend(joining);
                 if group.isr.len() < self.settings.min_isr || !members.contains(&self.id) {
                     return;
                 }
@@ -706,14 +735,7 @@ impl Replica {
                 }
                 target
             }
-            Role::Follower(following) => {
-                // Data once lost is whole again when this log holds all any
-                // leader applied (as this leader said).
-                if self.lost_data && following.whole > 0 && self.durable_end >= following.whole {
-                    self.lost_data = false;
-                }
-                following.leader_applied.min(self.durable_end)
-            }
+            Role::Follower(following) => following.leader_applied.min(self.durable_end),
             Role::Idle => return,
         };
         if target > self.applied {
@@ -726,14 +748,23 @@ impl Replica {
     }
 
     fn lagging(&self, progress: &Progress) -> bool {
-        progress.lost_data
-            || (progress.held.is_none_or(|h| h < self.log_end)
-                && self.now.saturating_sub(progress.caught_up_at) > self.settings.max_lag_ms)
+        progress.held.is_none_or(|h| h < self.log_end)
+            && self.now.saturating_sub(progress.caught_up_at) > self.settings.max_lag_ms
     }
 
-    /// Proposes one ISR change when one is due: a lagging or data-losing
-    /// member out (a lagging one only while the ISR stays at `min_isr` or
-    /// above), a caught-up OSR member in.
+    /// An OSR member that keeps up, fetching now, with what it holds
+    /// vouched for in the current metastore version: it joins the ISR once
+    /// it holds everything applied.
+    fn joining(&self, group: &GroupState, leading: &Leading, progress: &Progress) -> bool {
+        progress.held.is_some_and(|h| h >= leading.epoch_start)
+            && progress.seen_version >= group.version
+            && !self.lagging(progress)
+            && self.now.saturating_sub(progress.prev_fetch_at) <= self.settings.fetch_timeout_ms
+    }
+
+    /// Proposes one ISR change when one is due: a lagging member out (only
+    /// while the ISR stays at `min_isr` or above), a joining OSR member in
+    /// once it holds everything applied.
     fn check_isr(&mut self) {
         let Role::Leader(leading) = &self.role else { return };
         let Some(group) = &self.group else { return };
@@ -745,7 +776,7 @@ impl Replica {
             let Some(progress) = leading.followers.get(id) else {
                 continue;
             };
-            if self.lagging(progress) && (progress.lost_data || group.isr.len() > self.settings.min_isr) {
+            if self.lagging(progress) && group.isr.len() > self.settings.min_isr {
                 change = Some(group.moved(*id, false));
                 break;
             }
@@ -755,10 +786,7 @@ impl Replica {
                 let Some(progress) = leading.followers.get(id) else {
                     continue;
                 };
-                let caught_up = progress
-                    .held
-                    .is_some_and(|h| h >= self.applied.max(leading.epoch_start));
-                if caught_up && !progress.lost_data && !self.lagging(progress) {
+                if self.joining(group, leading, progress) && progress.held.is_some_and(|h| h >= self.applied) {
                     change = Some(group.moved(*id, true));
                     break;
                 }
