@@ -350,3 +350,112 @@ fn damage_at_the_end_of_a_cleanly_closed_log_is_refused() {
         assert_eq!(std::fs::read(&seg).unwrap(), bytes, "nothing was changed");
     }
 }
+
+/// Fills a log with records in multi-record frames of several epochs and
+/// returns (epoch, payload) per offset.
+async fn filled(log: &Log, rng: &mut common::Rng, n: u64) -> Vec<(u32, Vec<u8>)> {
+    let mut model = Vec::new();
+    let mut epoch = 1;
+    log.set_epoch(epoch);
+    while (model.len() as u64) < n {
+        if rng.below(4) == 0 {
+            epoch += 1;
+            log.set_epoch(epoch);
+        }
+        let batch: Vec<Vec<u8>> = (0..rng.range(1, 12)).map(|_| payload(rng.below(1000))).collect();
+        log.append_batch(batch.iter().map(|p| p.as_slice())).await.unwrap();
+        model.extend(batch.into_iter().map(|p| (epoch, p)));
+    }
+    model
+}
+
+async fn assert_holds(log: &Log, model: &[(u32, Vec<u8>)]) {
+    let start = log.start_offset();
+    let got = log.read(start, u64::MAX, usize::MAX).await.unwrap();
+    assert_eq!(log.end_offset(), model.len() as u64);
+    assert_eq!(got.len() as u64, model.len() as u64 - start);
+    for r in got {
+        let (epoch, payload) = &model[r.offset as usize];
+        assert_eq!((r.epoch, &r.payload), (*epoch, payload), "record {}", r.offset);
+    }
+}
+
+#[test]
+fn a_tail_cut_anywhere_holds_across_crashes_at_every_step() {
+    use engine::log::CutStop;
+    let seed = common::seed_from_env("RAMA_TRUNCATE_SEED");
+    let mut rng = common::Rng::new(seed);
+    for round in 0..24 {
+        let dir = tempfile::tempdir().unwrap();
+        let stop = [CutStop::Never, CutStop::AfterRedo, CutStop::AfterFrame][round % 3];
+        let (mut model, to, epoch) = run(async {
+            let (log, _) = Log::open(dir.path(), small()).await.unwrap();
+            let n = rng.range(1, 120);
+            let model = filled(&log, &mut rng, n).await;
+            // Sometimes exactly at a segment's start or at the very start.
+            let to = match rng.below(5) {
+                0 => 0,
+                1 => *segments(dir.path())
+                    .iter()
+                    .filter_map(|p| p.file_stem()?.to_str()?.parse::<u64>().ok())
+                    .collect::<Vec<_>>()
+                    .last()
+                    .unwrap(),
+                _ => rng.below(model.len() as u64 + 1),
+            };
+            log.truncate_stopping(to, stop).await.unwrap();
+            if stop == CutStop::Never {
+                let mut cut = model.clone();
+                cut.truncate(to as usize);
+                assert_holds(&log, &cut).await;
+                assert_eq!(log.append(b"after").await.unwrap(), to, "seed {seed}");
+                log.close().await.unwrap();
+            }
+            // Otherwise the process "dies" here: no close.
+            (model, to, log.epoch())
+        });
+        let cut_something = to < model.len() as u64;
+        model.truncate(to as usize);
+        if stop == CutStop::Never {
+            model.push((epoch, b"after".to_vec()));
+        }
+        run(async {
+            let (log, recovery) = Log::open(dir.path(), small()).await.unwrap();
+            let redone = (stop != CutStop::Never && cut_something).then_some(to);
+            assert_eq!(recovery.completed_truncation, redone, "seed {seed}, round {round}");
+            assert!(!dir.path().join("TRUNCATE").exists());
+            assert_holds(&log, &model).await;
+            let next = log.append(b"next").await.unwrap();
+            assert_eq!(next, model.len() as u64, "seed {seed}");
+            model.push((log.epoch(), b"next".to_vec()));
+            log.close().await.unwrap();
+        });
+        run(async {
+            let (log, _) = Log::open(dir.path(), small()).await.unwrap();
+            assert_holds(&log, &model).await;
+        });
+    }
+}
+
+#[test]
+fn a_cut_below_the_trimmed_start_is_refused_and_appends_wait_for_none() {
+    let dir = tempfile::tempdir().unwrap();
+    run(async {
+        let (log, _) = Log::open(dir.path(), small()).await.unwrap();
+        for i in 0..200u64 {
+            log.append(&payload(i)).await.unwrap();
+        }
+        let start = log.trim_before(100).unwrap();
+        assert!(start > 0);
+        match log.truncate(start - 1).await {
+            Err(Error::OffsetOutOfRange { requested, .. }) => assert_eq!(requested, start - 1),
+            other => panic!("expected a refusal, got {other:?}"),
+        }
+        log.truncate(500).await.unwrap();
+        assert_eq!(log.end_offset(), 200, "a cut past the end changes nothing");
+        log.truncate(start).await.unwrap();
+        assert_eq!((log.start_offset(), log.end_offset()), (start, start));
+        assert_eq!(log.append(b"x").await.unwrap(), start);
+        log.close().await.unwrap();
+    });
+}

@@ -216,3 +216,104 @@ fn a_batch_past_the_apply_limit_waits_for_it() {
         })
         .unwrap();
 }
+
+/// A follower's store: the leader's WAL entries written at the leader's
+/// offsets and epochs, applied only up to the limit (batches into the
+/// tables, other kinds through the entry hook), cut above the applied
+/// end, and reopened applying only what was applied.
+#[test]
+fn a_follower_store_takes_the_leaders_entries_applies_to_the_limit_and_cuts_its_tail() {
+    use std::cell::RefCell;
+    use std::rc::Rc;
+    let dir = tempfile::tempdir().unwrap();
+    let (leader_dir, follower_dir) = (dir.path().join("leader"), dir.path().join("follower"));
+    ExecutorConfig::default()
+        .block_on(async move {
+            // The leader: batches and depot-like entries (kind 1) in three epochs.
+            let (leader, _) = Store::open(&leader_dir, config()).await.unwrap();
+            for i in 0..60u32 {
+                leader.wal().set_epoch(1 + i / 20);
+                if i % 3 == 0 {
+                    let queued = leader
+                        .enqueue_entry(1, 4, |b, _| b.copy_from_slice(&i.to_le_bytes()), Box::new(|| {}))
+                        .await
+                        .unwrap();
+                    leader.wait_written(queued).await.unwrap();
+                } else {
+                    let mut batch = WriteBatch::new();
+                    batch.put(format!("k{i:03}"), format!("v{i}"));
+                    leader.write(batch).await.unwrap();
+                }
+            }
+            let records = leader.wal().read(0, u64::MAX, usize::MAX).await.unwrap();
+            assert_eq!(records.len(), 60);
+
+            let (follower, _) = Store::open_limited(&follower_dir, config(), 0).await.unwrap();
+            let hooked = Rc::new(RefCell::new(Vec::new()));
+            let sink = hooked.clone();
+            follower.set_entry_hook(Box::new(move |offset, bytes| {
+                sink.borrow_mut().push((offset, bytes.to_vec()))
+            }));
+            let wrong = follower.enqueue_replicated(1, 5, &[b"\x00"]).await;
+            assert!(
+                matches!(wrong, Err(engine::Error::OffsetOutOfRange { requested: 5, .. })),
+                "{wrong:?}"
+            );
+            let mut bad = vec![0u8];
+            bad.extend_from_slice(b"not a batch");
+            assert!(follower.enqueue_replicated(1, 0, &[&bad]).await.is_err());
+            assert_eq!(follower.wal().next_offset(), 0, "a refused entry writes nothing");
+            for chunk in records.chunk_by(|a, b| a.epoch == b.epoch && b.offset - a.offset == 1 && b.offset % 7 != 0) {
+                let payloads: Vec<&[u8]> = chunk.iter().map(|r| r.payload.as_slice()).collect();
+                let _queued = follower
+                    .enqueue_replicated(chunk[0].epoch, chunk[0].offset, &payloads)
+                    .await
+                    .unwrap();
+            }
+            follower.wal().wait_durable(60).await.unwrap();
+            assert_eq!(follower.get(b"k001").unwrap(), None, "durable but not applied");
+            follower.set_apply_limit(30);
+            assert_eq!(follower.applied_end(), 30);
+            assert_eq!(follower.get(b"k029").unwrap(), Some(b"v29".to_vec()));
+            assert_eq!(follower.get(b"k031").unwrap(), None);
+            let hooked_offsets: Vec<u64> = hooked.borrow().iter().map(|(o, _)| *o).collect();
+            assert_eq!(hooked_offsets, (0..30).step_by(3).collect::<Vec<u64>>());
+            assert_eq!(
+                hooked.borrow()[1].1,
+                records[3].payload,
+                "the hook gets the entry's bytes"
+            );
+
+            assert!(
+                matches!(follower.truncate(29).await, Err(engine::Error::OffsetOutOfRange { .. })),
+                "never below the applied end"
+            );
+            follower.truncate(45).await.unwrap();
+            assert_eq!(follower.wal().end_offset(), 45);
+            let mine = follower.wal().read(0, u64::MAX, usize::MAX).await.unwrap();
+            assert_eq!(
+                mine,
+                records[..45].to_vec(),
+                "same offsets, epochs and bytes as the leader's"
+            );
+            follower.close().await.unwrap();
+
+            // Reopened with what it had applied: the rest waits for the limit.
+            let (follower, _) = Store::open_limited(&follower_dir, config(), 30).await.unwrap();
+            let again = Rc::new(RefCell::new(Vec::new()));
+            let sink = again.clone();
+            follower.set_entry_hook(Box::new(move |offset, _| sink.borrow_mut().push(offset)));
+            assert_eq!(follower.get(b"k029").unwrap(), Some(b"v29".to_vec()));
+            assert_eq!(follower.get(b"k031").unwrap(), None, "past the recorded applied offset");
+            follower.set_apply_limit(u64::MAX);
+            assert_eq!(follower.get(b"k044").unwrap(), Some(b"v44".to_vec()));
+            assert_eq!(follower.get(b"k046").unwrap(), None, "cut");
+            assert_eq!(*again.borrow(), vec![30, 33, 36, 39, 42]);
+            // Then it takes the leader's next entries after the cut.
+            let tail: Vec<&[u8]> = records[45..].iter().map(|r| r.payload.as_slice()).collect();
+            let queued = follower.enqueue_replicated(3, 45, &tail).await.unwrap();
+            follower.wait_written(queued).await.unwrap();
+            assert_eq!(follower.get(b"k059").unwrap(), Some(b"v59".to_vec()));
+        })
+        .unwrap();
+}

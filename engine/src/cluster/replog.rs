@@ -79,8 +79,10 @@ impl AppendEntry<'_> {
 }
 
 /// Writes the depot appends the replog holds past what the partitions
-/// hold into them, syncs the partitions, and lets the store trim the
-/// replog below its end. Returns the records written.
+/// hold into them, up to the store's applied end (a replica opened with
+/// an apply limit leaves what lies past it to the entry hook, once
+/// applied), syncs the partitions, and lets the store trim the replog
+/// below that end. Returns the records written.
 pub(super) async fn replay(
     rt: &ModuleRuntime,
     store: &Store,
@@ -89,7 +91,7 @@ pub(super) async fn replay(
     tg: &Path,
 ) -> Result<u64> {
     let wal = store.wal();
-    let (mut next, end) = (wal.start_offset(), wal.end_offset());
+    let (mut next, end) = (wal.start_offset(), store.applied_end().min(wal.end_offset()));
     let mut written = 0;
     while next < end {
         for r in wal.read(next, end, 4 << 20).await? {

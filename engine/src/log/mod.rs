@@ -34,6 +34,9 @@
 //! records take their offsets ([`Log::wait_enqueued`]).
 
 pub mod format;
+mod truncate;
+
+pub use self::truncate::CutStop;
 
 use std::cell::RefCell;
 use std::collections::{BTreeMap, VecDeque};
@@ -170,6 +173,9 @@ pub struct Recovery {
     pub reason: Option<String>,
     /// A segment file whose creation never completed and was removed.
     pub removed_incomplete_segment: Option<PathBuf>,
+    /// A cut of the tail ([`Log::truncate`]) a crash interrupted was
+    /// completed: the log ends at this offset.
+    pub completed_truncation: Option<u64>,
 }
 
 /// An append-only log on one task thread. Cheap to clone; all clones share
@@ -225,6 +231,8 @@ struct State {
     last_failure: Option<String>,
     /// `close` started: no new appends.
     closing: bool,
+    /// [`Log::truncate`] is cutting the tail: no new appends.
+    truncating: bool,
     closed: bool,
     flusher_running: bool,
     /// The epoch new records are written in.
@@ -399,6 +407,10 @@ impl Log {
         config.validate()?;
         let dir = dir.as_ref().to_path_buf();
         std::fs::create_dir_all(&dir).map_err(|e| Error::io("create log directory", &dir, e))?;
+        let mut recovery = Recovery {
+            completed_truncation: truncate::redo_at_open(&dir, &config).await?,
+            ..Recovery::default()
+        };
         let mut bases = Vec::new();
         for entry in std::fs::read_dir(&dir).map_err(|e| Error::io("list log directory", &dir, e))? {
             let entry = entry.map_err(|e| Error::io("list log directory", &dir, e))?;
@@ -407,7 +419,6 @@ impl Log {
             }
         }
         bases.sort_unstable();
-        let mut recovery = Recovery::default();
         // Closed cleanly last time: no write was in flight, so nothing can
         // be torn. The marker goes before anything is written again.
         // It is removed only once the tail was accepted (below), so an open
@@ -600,6 +611,7 @@ impl Log {
             generation: 0,
             last_failure: None,
             closing: false,
+            truncating: false,
             closed: false,
             flusher_running: true,
             epoch: 0,
@@ -860,6 +872,12 @@ impl Log {
         }
         if s.closing || s.closed {
             return Err(Error::Closed(format!("log {} is closed", self.shared.dir.display())));
+        }
+        if s.truncating {
+            return Err(Error::Closed(format!(
+                "log {} is cutting its tail; append once it is done",
+                self.shared.dir.display()
+            )));
         }
         Ok(())
     }

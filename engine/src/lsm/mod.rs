@@ -50,10 +50,26 @@ use crate::sync::Waiters;
 pub const KIND_BATCH: u8 = 0;
 
 /// An entry queued in the WAL and not yet applied.
+/// What the owner does with an applied entry of another kind that came
+/// without an action: its WAL offset and bytes (kind byte first).
+pub type EntryHook = Box<dyn Fn(u64, &[u8])>;
+
+struct HookSlot(EntryHook);
+
+impl std::fmt::Debug for HookSlot {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("EntryHook")
+    }
+}
+
 enum Unapplied {
     Batch(WriteBatch),
     /// Another kind's entry: runs once durable, in WAL order.
     Entry(Box<dyn FnOnce()>),
+    /// Another kind's entry that came without its own action (written by
+    /// replication, or found past the apply limit at open): the store's
+    /// entry hook gets it once it is applied.
+    Raw(Vec<u8>),
 }
 
 impl std::fmt::Debug for Unapplied {
@@ -61,6 +77,7 @@ impl std::fmt::Debug for Unapplied {
         match self {
             Unapplied::Batch(b) => write!(f, "Batch({} bytes)", b.encoded_bytes()),
             Unapplied::Entry(_) => f.write_str("Entry"),
+            Unapplied::Raw(bytes) => write!(f, "Raw({} bytes)", bytes.len()),
         }
     }
 }
@@ -182,6 +199,9 @@ struct Inner {
     /// (replication: an entry is applied once the task group's in-sync
     /// replicas hold it); `u64::MAX` applies everything durable.
     apply_limit: Cell<u64>,
+    /// Gets other kinds' entries that came without an action of their own
+    /// ([`Store::set_entry_hook`]).
+    entry_hook: RefCell<Option<HookSlot>>,
     /// Woken when entries are applied.
     applied: Waiters,
     /// The WAL is never trimmed at or past this offset (its owner's
@@ -290,6 +310,22 @@ pub(crate) fn bounds_empty(lower: Bound<&[u8]>, upper: Bound<&[u8]>) -> bool {
 impl Store {
     /// Opens (or creates) the store in `dir`, replaying its WAL.
     pub async fn open(dir: impl AsRef<Path>, config: LsmConfig) -> Result<(Store, StoreRecovery)> {
+        Store::open_limited(dir, config, u64::MAX).await
+    }
+
+    /// Opens the store applying only the WAL's batches below `apply_limit`
+    /// (a replica's last recorded applied offset: what lies past it may
+    /// yet be cut by truncation, so it is not visible). Entries past it are
+    /// queued unapplied as though just written, other kinds' for the entry
+    /// hook ([`Store::set_entry_hook`]); the limit stays set
+    /// ([`Store::set_apply_limit`] moves it). A limit below what the
+    /// tables hold is raised to their checkpoint: they hold only applied
+    /// batches.
+    pub async fn open_limited(
+        dir: impl AsRef<Path>,
+        config: LsmConfig,
+        apply_limit: u64,
+    ) -> Result<(Store, StoreRecovery)> {
         config.validate()?;
         let dir = dir.as_ref().to_path_buf();
         std::fs::create_dir_all(&dir).map_err(|e| Error::io("create store directory", &dir, e))?;
@@ -347,16 +383,27 @@ impl Store {
         let mut mem = Memtable::default();
         let mut next = manifest.wal_checkpoint;
         let end = wal.end_offset();
+        let apply_limit = apply_limit.max(manifest.wal_checkpoint);
+        let mut unapplied = VecDeque::new();
         while next < end {
             for record in wal.read(next, end, 4 << 20).await? {
-                if let Some(batch) = wal_batch(&record.payload, wal.dir(), record.offset)? {
+                let batch = wal_batch(&record.payload, wal.dir(), record.offset)?;
+                if record.offset >= apply_limit {
+                    unapplied.push_back((
+                        record.offset,
+                        match batch {
+                            Some(batch) => Unapplied::Batch(WriteBatch::decode(batch)?),
+                            None => Unapplied::Raw(record.payload),
+                        },
+                    ));
+                } else if let Some(batch) = batch {
                     apply(&mut mem, &WriteBatch::decode(batch)?);
                     recovery.replayed_batches += 1;
                 }
                 next = record.offset + 1;
             }
         }
-        mem.wal_end = end;
+        mem.wal_end = end.min(apply_limit);
         let stats = StoreStats {
             tables: tables.len(),
             ..StoreStats::default()
@@ -370,8 +417,9 @@ impl Store {
                 imm: RefCell::new(None),
                 tables: RefCell::new(tables),
                 manifest: RefCell::new(manifest),
-                unapplied: RefCell::new(VecDeque::new()),
-                apply_limit: Cell::new(u64::MAX),
+                unapplied: RefCell::new(unapplied),
+                apply_limit: Cell::new(apply_limit),
+                entry_hook: RefCell::new(None),
                 applied: Waiters::default(),
                 trim_floor: Cell::new(u64::MAX),
                 entry_bytes: Cell::new(0),
@@ -612,6 +660,88 @@ impl Store {
         self.inner.apply_limit.get()
     }
 
+    /// Sets what becomes of applied entries of other kinds that came
+    /// without an action ([`Store::enqueue_replicated`], or past the apply
+    /// limit at open); like an entry's own action it must not use the
+    /// store. Without a hook they are only kept in the WAL.
+    pub fn set_entry_hook(&self, hook: EntryHook) {
+        *self.inner.entry_hook.borrow_mut() = Some(HookSlot(hook));
+    }
+
+    /// Writes entries a leader sent (replication) at the offsets and in the
+    /// epoch it gave them: `record` is the entry's bytes as the leader's
+    /// WAL holds them (its kind byte first). The first entry must go at
+    /// the WAL's next offset and the rest follow it; a batch that does not
+    /// decode or an empty entry is refused before anything is written.
+    /// They are applied, like any entry, once durable and below the apply
+    /// limit: batches into the memtable, other kinds through the entry
+    /// hook.
+    pub async fn enqueue_replicated(&self, epoch: u32, first: u64, records: &[&[u8]]) -> Result<QueuedWrite> {
+        self.check_failed()?;
+        let next = self.inner.wal.next_offset();
+        if first != next {
+            return Err(Error::OffsetOutOfRange {
+                requested: first,
+                start: next,
+                end: next,
+            });
+        }
+        let mut decoded = Vec::with_capacity(records.len());
+        for (i, record) in records.iter().enumerate() {
+            let offset = first + i as u64;
+            decoded.push(match wal_batch(record, self.inner.wal.dir(), offset)? {
+                Some(batch) => {
+                    let batch = WriteBatch::decode(batch)?;
+                    self.check_batch(&batch)?;
+                    Unapplied::Batch(batch)
+                }
+                None => Unapplied::Raw(record.to_vec()),
+            });
+        }
+        if decoded.iter().any(|u| matches!(u, Unapplied::Batch(_))) {
+            self.make_room().await?;
+        }
+        self.drop_lost();
+        if self.inner.wal.next_offset() != first {
+            return Err(Error::Closed(format!(
+                "store {}: another write took offset {first} while replicated entries waited for room",
+                self.inner.dir.display()
+            )));
+        }
+        self.inner.wal.set_epoch(epoch);
+        let queued = self.inner.wal.enqueue_batch(records.iter().copied()).await?;
+        let mut unapplied = self.inner.unapplied.borrow_mut();
+        for (i, entry) in decoded.into_iter().enumerate() {
+            if let Unapplied::Raw(bytes) = &entry {
+                self.inner
+                    .entry_bytes
+                    .set(self.inner.entry_bytes.get() + bytes.len() as u64);
+            }
+            unapplied.push_back((queued.range.start + i as u64, entry));
+        }
+        Ok(QueuedWrite { queued: Some(queued) })
+    }
+
+    /// Cuts the WAL at `to` (a follower's tail that diverges from its
+    /// leader's): entries at and past it are removed durably and
+    /// forgotten unapplied. Refused below the applied end: an applied
+    /// entry is never taken back.
+    pub async fn truncate(&self, to: u64) -> Result<()> {
+        self.check_failed()?;
+        self.apply_durable();
+        let applied = self.applied_end();
+        if to < applied {
+            return Err(Error::OffsetOutOfRange {
+                requested: to,
+                start: applied,
+                end: self.inner.wal.end_offset(),
+            });
+        }
+        self.inner.wal.truncate(to).await?;
+        self.inner.unapplied.borrow_mut().retain(|(offset, _)| *offset < to);
+        Ok(())
+    }
+
     /// Applies every durable batch below the apply limit, in WAL order.
     fn apply_durable(&self) {
         self.drop_lost();
@@ -624,6 +754,11 @@ impl Store {
             match entry {
                 Unapplied::Batch(batch) => apply(&mut mem, &batch),
                 Unapplied::Entry(on_applied) => on_applied(),
+                Unapplied::Raw(bytes) => {
+                    if let Some(HookSlot(hook)) = self.inner.entry_hook.borrow().as_ref() {
+                        hook(offset, &bytes);
+                    }
+                }
             }
             mem.wal_end = offset + 1;
         }
