@@ -687,11 +687,27 @@ impl Log {
     /// bytes. `fill` gets the buffer and a [`Placed`]; it must not use
     /// this log.
     pub async fn enqueue_with(&self, len: usize, fill: impl FnOnce(&mut [u8], Placed)) -> Result<Enqueued> {
+        self.enqueue_gated(len, None, fill).await
+    }
+
+    /// [`Log::enqueue_with`] that asks `gate` first, at the moment the
+    /// record would take its offset (nothing else runs in between): the
+    /// gate gets the offset and answers the epoch to write the record in,
+    /// or refuses it (nothing is queued). Replication's leader check.
+    pub async fn enqueue_gated(
+        &self,
+        len: usize,
+        gate: Option<&dyn Fn(u64) -> Result<u32>>,
+        fill: impl FnOnce(&mut [u8], Placed),
+    ) -> Result<Enqueued> {
         let config = &self.shared.config;
         Error::check_limit("record", "record_bytes_max", len, config.record_bytes_max as usize)?;
         self.wait_space(format::record_bytes(len)).await?;
         let mut s = self.shared.state.borrow_mut();
         self.check_usable(&s)?;
+        if let Some(gate) = gate {
+            s.epoch = gate(s.next_offset)?;
+        }
         let start = s.next_offset;
         let placed = Placed {
             offset: start,

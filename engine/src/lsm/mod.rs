@@ -54,7 +54,20 @@ pub const KIND_BATCH: u8 = 0;
 /// without an action: its WAL offset and bytes (kind byte first).
 pub type EntryHook = Box<dyn Fn(u64, &[u8])>;
 
+/// Asked before a write of the store's own takes its WAL offset: gets
+/// the offset, answers the epoch to write it in or refuses it.
+pub type AppendGate = Rc<dyn Fn(u64) -> Result<u32>>;
+
 struct HookSlot(EntryHook);
+
+#[derive(Clone)]
+struct GateSlot(AppendGate);
+
+impl std::fmt::Debug for GateSlot {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("AppendGate")
+    }
+}
 
 impl std::fmt::Debug for HookSlot {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -151,6 +164,8 @@ impl LsmConfig {
 #[must_use = "a queued write is acknowledged only after wait_written"]
 pub struct QueuedWrite {
     queued: Option<crate::log::Enqueued>,
+    /// The store's abandon count when it was queued.
+    abandoned: u64,
 }
 
 /// What [`Store::open`] found.
@@ -202,6 +217,12 @@ struct Inner {
     /// Gets other kinds' entries that came without an action of their own
     /// ([`Store::set_entry_hook`]).
     entry_hook: RefCell<Option<HookSlot>>,
+    /// Asked before every batch or entry of this store's own takes its WAL
+    /// offset ([`Store::set_append_gate`]).
+    append_gate: RefCell<Option<GateSlot>>,
+    /// Bumped by [`Store::abandon_unapplied`]: writes queued before it
+    /// have an unknown outcome.
+    abandoned: Cell<u64>,
     /// Woken when entries are applied.
     applied: Waiters,
     /// The WAL is never trimmed at or past this offset (its owner's
@@ -420,6 +441,8 @@ impl Store {
                 unapplied: RefCell::new(unapplied),
                 apply_limit: Cell::new(apply_limit),
                 entry_hook: RefCell::new(None),
+                append_gate: RefCell::new(None),
+                abandoned: Cell::new(0),
                 applied: Waiters::default(),
                 trim_floor: Cell::new(u64::MAX),
                 entry_bytes: Cell::new(0),
@@ -506,7 +529,10 @@ impl Store {
         self.check_batch(&batch)?;
         self.check_failed()?;
         if batch.is_empty() {
-            return Ok(QueuedWrite { queued: None });
+            return Ok(QueuedWrite {
+                queued: None,
+                abandoned: 0,
+            });
         }
         self.make_room().await?;
         if generation.is_some_and(|g| g != self.inner.wal.generation()) {
@@ -517,10 +543,11 @@ impl Store {
         }
         self.drop_lost();
         let encoded = batch.encoded();
+        let gate = self.inner.append_gate.borrow().clone();
         let queued = self
             .inner
             .wal
-            .enqueue_with(1 + encoded.len(), |b, _| {
+            .enqueue_gated(1 + encoded.len(), gate.as_ref().map(|g| &*g.0 as _), |b, _| {
                 b[0] = KIND_BATCH;
                 b[1..].copy_from_slice(encoded);
             })
@@ -529,7 +556,10 @@ impl Store {
             .unapplied
             .borrow_mut()
             .push_back((queued.range.start, Unapplied::Batch(batch)));
-        Ok(QueuedWrite { queued: Some(queued) })
+        Ok(QueuedWrite {
+            queued: Some(queued),
+            abandoned: self.inner.abandoned.get(),
+        })
     }
 
     /// Queues an entry of another kind (`kind` is not [`KIND_BATCH`]) of
@@ -551,10 +581,11 @@ impl Store {
         // Everything durable is applied first, and lost entries forgotten,
         // so `fill` sees the owner's state as of every entry before it.
         self.apply_durable();
+        let gate = self.inner.append_gate.borrow().clone();
         let queued = self
             .inner
             .wal
-            .enqueue_with(1 + len, |b, placed| {
+            .enqueue_gated(1 + len, gate.as_ref().map(|g| &*g.0 as _), |b, placed| {
                 b[0] = kind;
                 fill(&mut b[1..], placed);
             })
@@ -566,7 +597,10 @@ impl Store {
             .unapplied
             .borrow_mut()
             .push_back((queued.range.start, Unapplied::Entry(on_applied)));
-        Ok(QueuedWrite { queued: Some(queued) })
+        Ok(QueuedWrite {
+            queued: Some(queued),
+            abandoned: self.inner.abandoned.get(),
+        })
     }
 
     /// Offset after the last applied WAL entry: every entry below it is
@@ -631,6 +665,7 @@ impl Store {
     /// The second half of [`Store::write`]: returns once the queued batch
     /// is durable and visible (applied: below the apply limit too).
     pub async fn wait_written(&self, queued: QueuedWrite) -> Result<()> {
+        let abandoned = queued.abandoned;
         if let Some(queued) = queued.queued {
             self.inner.wal.wait_enqueued(&queued).await?;
             self.apply_durable();
@@ -638,12 +673,41 @@ impl Store {
             if self.applied_end() <= offset {
                 self.inner
                     .applied
-                    .wait(|| (self.applied_end() > offset || self.inner.failed.borrow().is_some()).then_some(()))
+                    .wait(|| {
+                        (self.applied_end() > offset
+                            || self.inner.failed.borrow().is_some()
+                            || self.inner.abandoned.get() != abandoned)
+                            .then_some(())
+                    })
                     .await;
                 self.check_failed()?;
+                if self.applied_end() <= offset {
+                    return Err(Error::Unavailable(format!(
+                        "store {}: the write at offset {offset} was not applied before this replica stopped                          leading its task group; its outcome is unknown (the new leader may still apply it)",
+                        self.inner.dir.display()
+                    )));
+                }
             }
         }
         Ok(())
+    }
+
+    /// Asks `gate` before every batch or entry of the store's own
+    /// ([`Store::enqueue`], [`Store::enqueue_entry`]) takes its WAL offset,
+    /// at that very moment: it answers the epoch to write it in, or
+    /// refuses it and nothing is queued. Replication's "only the leader
+    /// writes" check; [`Store::enqueue_replicated`] is not gated.
+    pub fn set_append_gate(&self, gate: AppendGate) {
+        *self.inner.append_gate.borrow_mut() = Some(GateSlot(gate));
+    }
+
+    /// Ends the wait of every write queued so far and not yet applied with
+    /// an error saying its outcome is unknown (the replica stopped
+    /// leading: a new leader may apply the entry or cut it). The entries
+    /// stay in the WAL and are applied if the limit reaches them.
+    pub fn abandon_unapplied(&self) {
+        self.inner.abandoned.set(self.inner.abandoned.get() + 1);
+        self.inner.applied.wake_all();
     }
 
     /// Entries at or past `limit` stay unapplied once durable (not
@@ -719,7 +783,10 @@ impl Store {
             }
             unapplied.push_back((queued.range.start + i as u64, entry));
         }
-        Ok(QueuedWrite { queued: Some(queued) })
+        Ok(QueuedWrite {
+            queued: Some(queued),
+            abandoned: self.inner.abandoned.get(),
+        })
     }
 
     /// Cuts the WAL at `to` (a follower's tail that diverges from its

@@ -55,6 +55,7 @@
 //!   leadership of an earlier process can pass for a later one.
 
 mod controller;
+pub mod driver;
 mod replica;
 
 pub use controller::{elect, hand_off, Candidate};
