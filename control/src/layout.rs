@@ -275,6 +275,23 @@ pub struct ReplicaPlace {
     pub worker: u32,
 }
 
+/// `.../groups/<tg>/live/<r>`, ephemeral: replica `r` is up in one
+/// incarnation, with what an election needs to know of it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct ReplicaRegistration {
+    pub replica: u32,
+    /// From [`Layout::next_incarnation`]: strictly increasing per replica.
+    pub incarnation: u64,
+    /// Its data was lost and it has not yet written itself into the OSR:
+    /// never elected meanwhile.
+    pub lost_data: bool,
+    /// The epoch of its last entry and its durable log end (the longest
+    /// intact log is elected).
+    pub last_epoch: u32,
+    pub log_end: u64,
+}
+
 impl GroupNode {
     /// A new task group: no leader yet, every replica in sync (all empty).
     pub fn new(replicas: Vec<ReplicaPlace>) -> GroupNode {
@@ -295,6 +312,14 @@ pub fn groups(m: &str, n: u32) -> String {
 
 pub fn group(m: &str, n: u32, tg: u32) -> String {
     format!("{}/groups/{tg}", instance(m, n))
+}
+
+pub fn group_live(m: &str, n: u32, tg: u32) -> String {
+    format!("{}/live", group(m, n, tg))
+}
+
+pub fn group_incarnation(m: &str, n: u32, tg: u32, r: u32) -> String {
+    format!("{}/incarnations/{r}", group(m, n, tg))
 }
 
 pub fn supervisor(id: &str) -> String {
@@ -584,6 +609,78 @@ impl<'a> Layout<'a> {
     /// (`MetaError::BadVersion`). Returns the new version.
     pub fn set_group(&self, m: &str, n: u32, tg: u32, node: &GroupNode, version: i32) -> Result<i32> {
         self.set(&group(m, n, tg), node, Some(version))
+    }
+
+    /// The next incarnation of replica `r` of task group `tg`: a counter
+    /// in the metastore raised by compare-and-set, so incarnations
+    /// strictly increase across restarts, whoever restarts the replica.
+    pub fn next_incarnation(&self, m: &str, n: u32, tg: u32, r: u32) -> Result<u64> {
+        let path = group_incarnation(m, n, tg, r);
+        loop {
+            match self.read::<u64>(&path)? {
+                None => {
+                    self.meta.create_all(&format!("{}/incarnations", group(m, n, tg)))?;
+                    match self.create(&path, &1u64, NodeKind::Persistent) {
+                        Ok(()) => return Ok(1),
+                        Err(LayoutError::Meta(MetaError::NodeExists(_))) => continue,
+                        Err(e) => return Err(e),
+                    }
+                }
+                Some((last, version)) => match self.set(&path, &(last + 1), Some(version)) {
+                    Ok(_) => return Ok(last + 1),
+                    Err(LayoutError::Meta(MetaError::BadVersion(_))) => continue,
+                    Err(e) => return Err(e),
+                },
+            }
+        }
+    }
+
+    /// Registers a live replica (ephemeral: it goes with the session). A
+    /// node of an earlier incarnation of the same replica whose session
+    /// has not expired yet is removed first: that process is gone.
+    pub fn register_replica(&self, m: &str, n: u32, tg: u32, registration: &ReplicaRegistration) -> Result<()> {
+        let dir = group_live(m, n, tg);
+        self.meta.create_all(&dir)?;
+        let path = format!("{dir}/{}", registration.replica);
+        loop {
+            match self.create(&path, registration, NodeKind::Ephemeral) {
+                Err(LayoutError::Meta(MetaError::NodeExists(_))) => match self.read::<ReplicaRegistration>(&path)? {
+                    Some((old, version)) if old.incarnation < registration.incarnation => {
+                        match self.meta.delete(&path, Some(version)) {
+                            Ok(()) | Err(MetaError::NoNode(_)) | Err(MetaError::BadVersion(_)) => continue,
+                            Err(e) => return Err(e.into()),
+                        }
+                    }
+                    Some(_) => {
+                        return Err(LayoutError::Meta(MetaError::NodeExists(format!(
+                            "{path} (an incarnation as new as {} is registered)",
+                            registration.incarnation
+                        ))))
+                    }
+                    None => continue,
+                },
+                other => return other,
+            }
+        }
+    }
+
+    /// Updates this replica's registration (its own ephemeral node).
+    pub fn update_replica(&self, m: &str, n: u32, tg: u32, registration: &ReplicaRegistration) -> Result<()> {
+        let path = format!("{}/{}", group_live(m, n, tg), registration.replica);
+        self.set(&path, registration, None).map(|_| ())
+    }
+
+    /// The replicas of task group `tg` that are up, by replica.
+    pub fn live_replicas(&self, m: &str, n: u32, tg: u32) -> Result<Vec<ReplicaRegistration>> {
+        let dir = group_live(m, n, tg);
+        let mut out = Vec::new();
+        for child in or_empty(self.meta.children(&dir))? {
+            if let Some(r) = self.value::<ReplicaRegistration>(&format!("{dir}/{child}"))? {
+                out.push(r);
+            }
+        }
+        out.sort_by_key(|r| r.replica);
+        Ok(out)
     }
 
     /// Every worker registered for instance `n` of `m`, by index; only

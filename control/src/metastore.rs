@@ -81,6 +81,9 @@ impl Watch {
     }
 }
 
+/// A node's data and version, as read.
+pub type NodeData = (Vec<u8>, i32);
+
 /// Cluster metadata storage.
 pub trait Metastore: Send + Sync {
     /// Creates `path` with `data`; its parent must exist.
@@ -101,6 +104,9 @@ pub trait Metastore: Send + Sync {
     fn children(&self, path: &str) -> Result<Vec<String>>;
     /// Children of `path`, and a watch that fires when they change.
     fn watch_children(&self, path: &str) -> Result<(Vec<String>, Watch)>;
+    /// Data and version of `path` (`None`: it does not exist), and a watch
+    /// that fires when it is created, changed or deleted.
+    fn watch_data(&self, path: &str) -> Result<(Option<NodeData>, Watch)>;
     /// Changes each time the metastore had to open a new session.
     fn session_epoch(&self) -> u64;
     /// The session that owns ephemeral node `path` (`None`: it does not
@@ -382,6 +388,17 @@ impl Metastore for ZkMetastore {
         })
     }
 
+    fn watch_data(&self, path: &str) -> Result<(Option<NodeData>, Watch)> {
+        self.run(path, |c| match smol::block_on(c.get_and_watch_data(path)) {
+            Ok((data, stat, w)) => Ok((Some((data, stat.version)), Watch(WatchKind::Zk(w)))),
+            // Gone: watch for its creation instead.
+            Err(zk::Error::NoNode) => {
+                smol::block_on(c.check_and_watch_stat(path)).map(|(_, w)| (None, Watch(WatchKind::Zk(w))))
+            }
+            Err(e) => Err(e),
+        })
+    }
+
     fn session_epoch(&self) -> u64 {
         self.epoch.load(Ordering::SeqCst)
     }
@@ -422,6 +439,7 @@ struct MemStore {
     nodes: std::collections::BTreeMap<String, MemNode>,
     next_session: u64,
     watches: std::collections::HashMap<String, Vec<std::sync::mpsc::Sender<()>>>,
+    data_watches: std::collections::HashMap<String, Vec<std::sync::mpsc::Sender<()>>>,
 }
 
 impl std::fmt::Debug for MemMetastore {
@@ -468,8 +486,17 @@ impl MemStore {
             .collect()
     }
 
-    /// Fires the child watches of `path`'s parent.
+    /// Fires the data watches of `path`.
+    fn data_changed(&mut self, path: &str) {
+        for tx in self.data_watches.remove(path).unwrap_or_default() {
+            let _ = tx.send(());
+        }
+    }
+
+    /// Fires the data watches of `path` (created or deleted) and the child
+    /// watches of its parent.
     fn changed(&mut self, path: &str) {
+        self.data_changed(path);
         if let Some(parent) = parent_of(path) {
             for tx in self.watches.remove(parent).unwrap_or_default() {
                 let _ = tx.send(());
@@ -495,6 +522,7 @@ impl MemMetastore {
                 nodes,
                 next_session: 2,
                 watches: Default::default(),
+                data_watches: Default::default(),
             })),
             session: std::sync::Arc::new(AtomicU64::new(1)),
             epoch: std::sync::Arc::new(AtomicU64::new(0)),
@@ -604,7 +632,9 @@ impl Metastore for MemMetastore {
         }
         n.data = data.to_vec();
         n.version += 1;
-        Ok(n.version)
+        let version = n.version;
+        s.data_changed(path);
+        Ok(version)
     }
 
     fn delete(&self, path: &str, version: Option<i32>) -> Result<()> {
@@ -653,6 +683,15 @@ impl Metastore for MemMetastore {
         let (tx, rx) = std::sync::mpsc::channel();
         self.lock().watches.entry(path.to_string()).or_default().push(tx);
         Ok((children, Watch(WatchKind::Memory(rx))))
+    }
+
+    fn watch_data(&self, path: &str) -> Result<(Option<NodeData>, Watch)> {
+        check_path(path)?;
+        let mut s = self.lock();
+        let data = s.nodes.get(path).map(|n| (n.data.clone(), n.version));
+        let (tx, rx) = std::sync::mpsc::channel();
+        s.data_watches.entry(path.to_string()).or_default().push(tx);
+        Ok((data, Watch(WatchKind::Memory(rx))))
     }
 
     fn session_epoch(&self) -> u64 {

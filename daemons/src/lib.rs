@@ -9,6 +9,7 @@
 //! server belong to the Conductor here.
 
 pub mod conductor;
+pub mod replication;
 pub mod supervisor;
 pub mod worker;
 
