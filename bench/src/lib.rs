@@ -14,6 +14,7 @@ pub mod procstat;
 pub mod raw;
 pub mod redis;
 pub mod remote;
+pub mod replication;
 pub mod report;
 pub mod results;
 pub mod tcp;

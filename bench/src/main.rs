@@ -43,6 +43,16 @@ enum Command {
         #[arg(long)]
         dir: Option<PathBuf>,
     },
+    /// Runs only the replicated-writes benchmark (in one process: the
+    /// store alone, then RF 1 and RF 3 through the replication driver) and
+    /// prints its JSON.
+    Replication {
+        #[arg(long)]
+        quick: bool,
+        /// Directory for benchmark data (default target/rama-bench-data).
+        #[arg(long)]
+        dir: Option<PathBuf>,
+    },
     /// Prints the markdown report (BENCHMARKS.md) of a results file.
     Report {
         /// A results file written by `rama-bench run`.
@@ -128,6 +138,38 @@ fn wordcount_only(quick: bool, dir: Option<&Path>) -> BenchResult<()> {
     let outcome = wordcount::run(&wordcount_plan(quick), &data);
     let _ = std::fs::remove_dir_all(&data);
     println!("{}", serde_json::to_string_pretty(&outcome?)?);
+    Ok(())
+}
+
+/// Writers and writes per writer of the replicated-writes benchmark.
+fn replication_plan(quick: bool) -> (usize, u64) {
+    let writers = std::env::var("RAMA_BENCH_REPLICATION_WRITERS")
+        .ok()
+        .and_then(|w| w.parse().ok());
+    if quick {
+        (writers.unwrap_or(8), 200)
+    } else {
+        (writers.unwrap_or(64), 2_000)
+    }
+}
+
+fn replication_only(quick: bool, dir: Option<&Path>) -> BenchResult<()> {
+    let parent = dir.map_or_else(|| PathBuf::from("target/rama-bench-data"), Path::to_path_buf);
+    let data = parent.join(format!("replication-{}", std::process::id()));
+    std::fs::create_dir_all(&data)?;
+    machine::check_real_disk(&data)?;
+    let (writers, per_writer) = replication_plan(quick);
+    let outcome = rama_bench::replication::run(&data, writers, per_writer);
+    let _ = std::fs::remove_dir_all(&data);
+    let result = outcome?;
+    eprintln!(
+        "plain {}; rf1 {}; rf3 {} ({:.2}x of plain)",
+        report::brief(&result.plain.throughput),
+        report::brief(&result.rf1.throughput),
+        report::brief(&result.rf3.throughput),
+        result.ratio()
+    );
+    println!("{}", serde_json::to_string_pretty(&result)?);
     Ok(())
 }
 
@@ -220,6 +262,10 @@ fn run_all(args: &StorageArgs, data: &Path, started: Instant, started_unix: u64)
     );
     eprintln!("10. rama bench: the example workloads in-process, and a capacity sweep");
     let harness = rama_bench::harness::record_runs(data, args.quick)?;
+    eprintln!("11. Replicated store writes in one process: the store alone, RF 1 and RF 3 through the driver");
+    let (writers, per_writer) = replication_plan(args.quick);
+    let replication = rama_bench::replication::run(data, writers, per_writer)?;
+    eprintln!("  rf3 {:.2}x of the store alone", replication.ratio());
     machine.load_end = machine::load_average();
 
     Ok(Results {
@@ -237,6 +283,7 @@ fn run_all(args: &StorageArgs, data: &Path, started: Instant, started_unix: u64)
         redis_wordcount,
         tcp: Some(tcp),
         harness: Some(harness),
+        replication: Some(replication),
     })
 }
 
@@ -275,6 +322,7 @@ fn main() -> ExitCode {
         Command::Run(args) => storage(args),
         Command::Wordcount { quick, dir } => wordcount_only(*quick, dir.as_deref()),
         Command::Remote { quick, dir } => remote_only(*quick, dir.as_deref()),
+        Command::Replication { quick, dir } => replication_only(*quick, dir.as_deref()),
         Command::Report { results } => report(results),
     };
     match outcome {

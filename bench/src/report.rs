@@ -125,6 +125,11 @@ pub fn targets(r: &Results) -> Vec<Target> {
         measured: w.latency.p50_us,
         goal: Goal::MicrosAtMost(2_000.0),
     }))
+    .chain(r.replication.iter().map(|x| Target {
+        name: "replicated writes in one process: RF 3 writes/s vs the store alone",
+        measured: x.ratio(),
+        goal: Goal::RatioAtLeast(0.6),
+    }))
     .chain(r.harness.iter().map(|h| Target {
         name: "appends (`rama bench --sweep`): highest rate with p99 within 10 ms over the closed-loop maximum",
         measured: h.sweep.max_sustainable_per_sec / h.sweep.closed_loop_max_per_sec.max(1.0),
@@ -784,7 +789,44 @@ pub fn markdown(r: &Results) -> String {
     redis_wordcount_section(&mut out, r);
     tcp_section(&mut out, r);
     harness_section(&mut out, r);
+    replication_section(&mut out, r);
     out
+}
+
+fn replication_section(out: &mut String, r: &Results) {
+    let Some(x) = &r.replication else {
+        return;
+    };
+    let _ = writeln!(
+        out,
+        "## 11. Replicated store writes, in one process
+
+         The replication driver over real stores on this disk (`engine::replication::local`: each replica on          a task thread of its own, messages over in-process channels, no network): {} tasks on the leader's          thread each write one {}-byte batch at a time and wait until it is applied ({} writes in all). RF 3          has min-ISR 2: a write is acknowledged once the leader and a follower hold it durably. The store          alone is what a task group with RF 1 writes to today. The cluster benchmark of issue 13 (appends          end to end, RF 3 against RF 1) is not built yet; this isolates the protocol's cost from the          network's. `rama-bench replication` runs it alone.
+",
+        x.writers,
+        x.value_bytes,
+        int(x.writes as f64)
+    );
+    let _ = writeln!(
+        out,
+        "| run | writes/s | mean | p50 | p90 | p99 | p99.9 | max | vs the store alone |\n\
+         |---|---:|---:|---:|---:|---:|---:|---:|---:|"
+    );
+    let plain = x.plain.throughput.ops_per_sec;
+    latency_row(out, "the store alone (`Store::write`)", &x.plain, "1.00x");
+    latency_row(
+        out,
+        "RF 1 through the driver",
+        &x.rf1,
+        &ratio(x.rf1.throughput.ops_per_sec / plain),
+    );
+    latency_row(
+        out,
+        "RF 3, min-ISR 2",
+        &x.rf3,
+        &ratio(x.rf3.throughput.ops_per_sec / plain),
+    );
+    let _ = writeln!(out);
 }
 
 fn tcp_section(out: &mut String, r: &Results) {

@@ -53,6 +53,9 @@ pub struct Results {
     /// `rama bench` workloads and a sweep (absent in older runs).
     #[serde(default)]
     pub harness: Option<crate::harness::Record>,
+    /// Replicated store writes in one process (absent in older runs).
+    #[serde(default)]
+    pub replication: Option<crate::replication::ReplicatedWrites>,
 }
 
 /// `ops` operations moving `bytes` payload bytes in `seconds`.

@@ -10,17 +10,25 @@ use std::task::{Poll, Waker};
 #[derive(Debug, Default)]
 pub(crate) struct Waiters {
     wakers: RefCell<Vec<Waker>>,
+    /// Bumped by every [`Waiters::wake_all`]: a waiter registers once per
+    /// round (O(1), however many wait), not once per poll.
+    round: std::cell::Cell<u64>,
 }
 
 impl Waiters {
     /// Waits until `ready` returns `Some`, re-checking after every wake.
     pub(crate) fn wait<'a, T>(&'a self, mut ready: impl FnMut() -> Option<T> + 'a) -> impl Future<Output = T> + 'a {
+        let mut registered: Option<(u64, Waker)> = None;
         std::future::poll_fn(move |cx| match ready() {
             Some(v) => Poll::Ready(v),
             None => {
-                let mut wakers = self.wakers.borrow_mut();
-                if !wakers.iter().any(|w| w.will_wake(cx.waker())) {
-                    wakers.push(cx.waker().clone());
+                let round = self.round.get();
+                let current = registered
+                    .as_ref()
+                    .is_some_and(|(r, w)| *r == round && w.will_wake(cx.waker()));
+                if !current {
+                    self.wakers.borrow_mut().push(cx.waker().clone());
+                    registered = Some((round, cx.waker().clone()));
                 }
                 Poll::Pending
             }
@@ -28,8 +36,56 @@ impl Waiters {
     }
 
     pub(crate) fn wake_all(&self) {
+        self.round.set(self.round.get() + 1);
         let wakers = std::mem::take(&mut *self.wakers.borrow_mut());
         wakers.into_iter().for_each(Waker::wake);
+    }
+}
+
+/// Futures each waiting for a position (an offset) to pass its own: the
+/// owner wakes only those it passed ([`OffsetWaiters::wake_through`]), so
+/// a thousand writers waiting for the applied offset cost one wake each,
+/// not a thousand per advance.
+#[derive(Debug, Default)]
+pub(crate) struct OffsetWaiters {
+    wakers: RefCell<std::collections::BTreeMap<u64, Vec<Waker>>>,
+}
+
+impl OffsetWaiters {
+    /// Waits until `ready` returns `Some`; re-checked when the position
+    /// passes `offset` and on [`OffsetWaiters::wake_all`].
+    pub(crate) fn wait<'a, T>(
+        &'a self,
+        offset: u64,
+        mut ready: impl FnMut() -> Option<T> + 'a,
+    ) -> impl Future<Output = T> + 'a {
+        std::future::poll_fn(move |cx| match ready() {
+            Some(v) => Poll::Ready(v),
+            None => {
+                let mut wakers = self.wakers.borrow_mut();
+                let list = wakers.entry(offset).or_default();
+                if !list.iter().any(|w| w.will_wake(cx.waker())) {
+                    list.push(cx.waker().clone());
+                }
+                Poll::Pending
+            }
+        })
+    }
+
+    /// Wakes the waiters of offsets below `end`.
+    pub(crate) fn wake_through(&self, end: u64) {
+        let passed = {
+            let mut wakers = self.wakers.borrow_mut();
+            let rest = wakers.split_off(&end);
+            std::mem::replace(&mut *wakers, rest)
+        };
+        passed.into_values().flatten().for_each(Waker::wake);
+    }
+
+    /// Wakes every waiter (a failure: each re-checks).
+    pub(crate) fn wake_all(&self) {
+        let all = std::mem::take(&mut *self.wakers.borrow_mut());
+        all.into_values().flatten().for_each(Waker::wake);
     }
 }
 

@@ -43,7 +43,7 @@ use self::merge::{Merge, Source};
 use self::table::{Table, TableOptions, TableWriter};
 use crate::error::{Error, Result};
 use crate::log::{Log, LogConfig};
-use crate::sync::Waiters;
+use crate::sync::{OffsetWaiters, Waiters};
 
 /// The kind byte of a WAL record holding a [`WriteBatch`]; other kinds
 /// belong to the WAL's owner.
@@ -224,7 +224,7 @@ struct Inner {
     /// have an unknown outcome.
     abandoned: Cell<u64>,
     /// Woken when entries are applied.
-    applied: Waiters,
+    applied: OffsetWaiters,
     /// The WAL is never trimmed at or past this offset (its owner's
     /// entries below it are kept elsewhere); `u64::MAX` for a store that
     /// owns its WAL alone.
@@ -443,7 +443,7 @@ impl Store {
                 entry_hook: RefCell::new(None),
                 append_gate: RefCell::new(None),
                 abandoned: Cell::new(0),
-                applied: Waiters::default(),
+                applied: OffsetWaiters::default(),
                 trim_floor: Cell::new(u64::MAX),
                 entry_bytes: Cell::new(0),
                 wal_generation: Cell::new(0),
@@ -673,7 +673,7 @@ impl Store {
             if self.applied_end() <= offset {
                 self.inner
                     .applied
-                    .wait(|| {
+                    .wait(offset, || {
                         (self.applied_end() > offset
                             || self.inner.failed.borrow().is_some()
                             || self.inner.abandoned.get() != abandoned)
@@ -834,7 +834,7 @@ impl Store {
         drop(mem);
         drop(unapplied);
         if moved {
-            self.inner.applied.wake_all();
+            self.inner.applied.wake_through(self.applied_end());
         }
         if full && self.inner.imm.borrow().is_none() {
             self.start_flush();

@@ -201,6 +201,10 @@ impl Driver {
         self.inner.inbox.clone()
     }
 
+    pub fn member(&self) -> super::Member {
+        self.inner.core.borrow().member()
+    }
+
     pub fn is_leader(&self) -> bool {
         self.inner.core.borrow().is_leader()
     }

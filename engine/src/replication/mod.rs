@@ -56,6 +56,7 @@
 
 mod controller;
 pub mod driver;
+pub mod local;
 mod replica;
 
 pub use controller::{elect, hand_off, Candidate};

@@ -1,0 +1,279 @@
+//! Replicas of one task group in one process, each on a task thread of its
+//! own over a real store: an in-memory metastore node (versioned
+//! compare-and-set, watches), channels for the replicas' messages, and the
+//! Conductor's election done on request. For tests and benchmarks of the
+//! driver; a cluster runs the same driver over its peer links and
+//! ZooKeeper.
+
+use std::future::Future;
+use std::path::PathBuf;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+
+use super::driver::{recover, CasOutcome, Driver, DriverSettings, GroupMetastore};
+use super::{elect, Candidate, GroupState, Input, Member, Message, Replica, ReplicaId, Settings};
+use crate::error::{Error, Result};
+use crate::executor::ExecutorConfig;
+use crate::lsm::{LsmConfig, Store};
+
+/// The group's metastore node and the replicas' inboxes.
+#[derive(Debug)]
+pub struct LocalGroup {
+    state: Mutex<GroupState>,
+    inboxes: Mutex<Vec<Option<flume::Sender<Input>>>>,
+    cut: Vec<AtomicBool>,
+}
+
+impl LocalGroup {
+    /// A group of `rf` replicas, no leader yet.
+    pub fn new(rf: u32) -> Arc<LocalGroup> {
+        Arc::new(LocalGroup {
+            state: Mutex::new(GroupState::new(0..rf)),
+            inboxes: Mutex::new(vec![None; rf as usize]),
+            cut: (0..rf).map(|_| AtomicBool::new(false)).collect(),
+        })
+    }
+
+    pub fn state(&self) -> GroupState {
+        self.state.lock().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
+    /// Compare-and-set of the node; every replica's driver is told the new
+    /// state (a watch).
+    pub fn cas(&self, expected: u64, mut state: GroupState) -> CasOutcome {
+        let mut current = self.state.lock().unwrap_or_else(|p| p.into_inner());
+        if current.version != expected {
+            return CasOutcome::Failed;
+        }
+        state.version = expected + 1;
+        *current = state.clone();
+        for tx in self.inboxes.lock().unwrap_or_else(|p| p.into_inner()).iter().flatten() {
+            let _ = tx.try_send(Input::Group(state.clone()));
+        }
+        CasOutcome::Written(state)
+    }
+
+    /// Cuts replica `id`'s outgoing messages (it still hears the others
+    /// and the metastore), or heals the cut.
+    pub fn cut(&self, id: ReplicaId, cut: bool) {
+        self.cut[id as usize].store(cut, Ordering::SeqCst);
+    }
+
+    /// The Conductor: elects among `live` when the named leader is not one
+    /// of them. Returns the new state if it changed.
+    pub fn elect(&self, live: &[&LocalReplica]) -> Option<GroupState> {
+        let candidates: Vec<Candidate> = live
+            .iter()
+            .map(|r| {
+                let s = r.status();
+                Candidate {
+                    member: s.member,
+                    lost_data: false,
+                    last_epoch: s.last_epoch,
+                    log_end: s.log_end,
+                }
+            })
+            .collect();
+        let current = self.state();
+        let next = elect(&current, &candidates)?;
+        match self.cas(current.version, next) {
+            CasOutcome::Written(state) => Some(state),
+            _ => None,
+        }
+    }
+
+    fn attach(&self, id: ReplicaId, inbox: flume::Sender<Input>) {
+        self.inboxes.lock().unwrap_or_else(|p| p.into_inner())[id as usize] = Some(inbox.clone());
+        let _ = inbox.try_send(Input::Group(self.state()));
+    }
+
+    fn detach(&self, id: ReplicaId) {
+        self.inboxes.lock().unwrap_or_else(|p| p.into_inner())[id as usize] = None;
+    }
+
+    fn send(&self, from: ReplicaId, to: ReplicaId, message: Message) {
+        if self.cut[from as usize].load(Ordering::SeqCst) {
+            return;
+        }
+        let tx = self
+            .inboxes
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(to as usize)
+            .cloned()
+            .flatten();
+        if let Some(tx) = tx {
+            let _ = tx.try_send(Input::Message { from, message });
+        }
+    }
+}
+
+struct Client(Arc<LocalGroup>);
+
+impl GroupMetastore for Client {
+    fn cas(&self, expected_version: u64, state: GroupState) -> Pin<Box<dyn Future<Output = CasOutcome> + '_>> {
+        let outcome = self.0.cas(expected_version, state);
+        Box::pin(async move { outcome })
+    }
+}
+
+/// What a replica says of itself.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct LocalStatus {
+    pub member: Member,
+    pub leader: bool,
+    pub serving: bool,
+    pub last_epoch: u32,
+    pub log_end: u64,
+    pub applied: u64,
+}
+
+type Job = Box<dyn FnOnce(Store, Driver) -> Pin<Box<dyn Future<Output = ()>>> + Send>;
+
+/// One replica on a task thread of its own.
+pub struct LocalReplica {
+    id: ReplicaId,
+    jobs: Option<flume::Sender<Job>>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl std::fmt::Debug for LocalReplica {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("LocalReplica")
+            .field("id", &self.id)
+            .finish_non_exhaustive()
+    }
+}
+
+impl LocalReplica {
+    /// Starts replica `id` of `group` in incarnation `incarnation` over
+    /// the store in `dir` (opened applying nothing past its tables: the
+    /// core learns the applied offset from the leader).
+    pub fn start(
+        group: Arc<LocalGroup>,
+        id: ReplicaId,
+        incarnation: u64,
+        dir: PathBuf,
+        lsm: LsmConfig,
+        settings: Settings,
+    ) -> Result<LocalReplica> {
+        let (jobs, rx) = flume::bounded::<Job>(1024);
+        let (ready_tx, ready) = flume::bounded::<Result<()>>(1);
+        let thread = std::thread::Builder::new()
+            .name(format!("replica-{id}"))
+            .spawn(move || {
+                let failed = ready_tx.clone();
+                let ran = ExecutorConfig::default().block_on(async move {
+                    let opened = async {
+                        let (store, _) = Store::open_limited(&dir, lsm, 0).await?;
+                        let recovered = recover(&store, false).await?;
+                        Ok::<_, Error>((store, recovered))
+                    }
+                    .await;
+                    let (store, recovered) = match opened {
+                        Ok(v) => v,
+                        Err(e) => {
+                            let _ = ready_tx.send(Err(e));
+                            return;
+                        }
+                    };
+                    let core = Replica::new(id, incarnation, settings, recovered);
+                    let sender = group.clone();
+                    let driver = Driver::new(
+                        store.clone(),
+                        core,
+                        Box::new(move |to, message| sender.send(id, to, message)),
+                        Box::new(Client(group.clone())),
+                        Box::new(|_| {}),
+                        DriverSettings::default(),
+                    );
+                    group.attach(id, driver.inbox());
+                    let running = glommio::spawn_local({
+                        let driver = driver.clone();
+                        async move { driver.run().await }
+                    })
+                    .detach();
+                    let _ = ready_tx.send(Ok(()));
+                    while let Ok(job) = rx.recv_async().await {
+                        glommio::spawn_local(job(store.clone(), driver.clone())).detach();
+                    }
+                    // Killed: no clean close (what is durable stays).
+                    group.detach(id);
+                    driver.stop();
+                    running.cancel();
+                });
+                if let Err(e) = ran {
+                    let _ = failed.send(Err(e));
+                }
+            })
+            .map_err(|e| Error::Executor(format!("cannot start replica {id}'s thread: {e}")))?;
+        ready
+            .recv()
+            .map_err(|_| Error::Executor(format!("replica {id}'s thread ended while starting")))??;
+        Ok(LocalReplica {
+            id,
+            jobs: Some(jobs),
+            thread: Some(thread),
+        })
+    }
+
+    pub fn id(&self) -> ReplicaId {
+        self.id
+    }
+
+    /// Runs `f` on the replica's thread with its store and driver; returns
+    /// its answer.
+    pub fn on<T, F, Fut>(&self, f: F) -> T
+    where
+        T: Send + 'static,
+        F: FnOnce(Store, Driver) -> Fut + Send + 'static,
+        Fut: Future<Output = T> + 'static,
+    {
+        let (tx, rx) = flume::bounded(1);
+        let job: Job = Box::new(move |store, driver| {
+            Box::pin(async move {
+                let _ = tx.send(f(store, driver).await);
+            })
+        });
+        self.jobs
+            .as_ref()
+            .expect("running")
+            .send(job)
+            .expect("the replica's thread takes jobs");
+        rx.recv().expect("the replica answers")
+    }
+
+    pub fn status(&self) -> LocalStatus {
+        self.on(|_, driver| async move {
+            let (last_epoch, log_end) = driver.log_state();
+            let member = driver.member();
+            LocalStatus {
+                member,
+                leader: driver.is_leader(),
+                serving: driver.serving(),
+                last_epoch,
+                log_end,
+                applied: driver.applied(),
+            }
+        })
+    }
+
+    /// Ends the replica as a kill would: what is durable stays, nothing is
+    /// closed cleanly.
+    pub fn kill(mut self) {
+        self.jobs = None;
+        if let Some(thread) = self.thread.take() {
+            let _ = thread.join();
+        }
+    }
+}
+
+impl Drop for LocalReplica {
+    fn drop(&mut self) {
+        self.jobs = None;
+        if let Some(thread) = self.thread.take() {
+            let _ = thread.join();
+        }
+    }
+}
