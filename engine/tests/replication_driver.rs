@@ -53,11 +53,16 @@ fn serving_leader(replicas: &[Option<LocalReplica>]) -> Option<usize> {
 
 /// Starts a write of `key` on the replica; the receiver gets its outcome.
 fn write(replica: &LocalReplica, key: String) -> flume::Receiver<Result<(), String>> {
+    let value = format!("value of {key}");
+    write_value(replica, key, value)
+}
+
+fn write_value(replica: &LocalReplica, key: String, value: String) -> flume::Receiver<Result<(), String>> {
     let (tx, rx) = flume::bounded(1);
     replica.on(move |store, _| async move {
         glommio::spawn_local(async move {
             let mut batch = WriteBatch::new();
-            batch.put(key.as_bytes(), format!("value of {key}").as_bytes());
+            batch.put(key.as_bytes(), value.as_bytes());
             let _ = tx.send(store.write(batch).await.map_err(|e| e.to_string()));
         })
         .detach();
@@ -172,6 +177,97 @@ fn writes_survive_a_failover_and_a_diverged_leader_rejoins() {
     for other in &wals[1..] {
         assert_eq!(other[..applied as usize], wals[0][..applied as usize]);
     }
+    for replica in replicas.into_iter().flatten() {
+        replica.kill();
+    }
+}
+
+mod common;
+
+/// A leader whose disk fills: its log fails a write and loses what was
+/// queued, so the driver stops the replica (it must not go on in its
+/// epoch with entries the core counted and the log does not hold);
+/// nothing unapplied is acknowledged, another replica is elected, and the
+/// old one, restarted with room, rejoins.
+#[test]
+fn a_leader_whose_log_fails_a_write_stops_and_the_group_goes_on() {
+    let mount = common::Tmpfs::mount("6m");
+    let dir = tempfile::tempdir().unwrap();
+    let group = LocalGroup::new(3);
+    // A memtable that never fills here, small WAL segments: the log itself
+    // runs out of room (a segment roll fails), not a table flush (which
+    // the store retries while writes wait).
+    let lsm = LsmConfig {
+        memtable_bytes_max: 64 << 20,
+        ..common::small_store_config()
+    };
+    let place = |id: u32| {
+        if id == 0 {
+            mount.path().join("r0")
+        } else {
+            dir.path().join(format!("r{id}"))
+        }
+    };
+    let start_at = |id: u32, incarnation: u64| {
+        LocalReplica::start(group.clone(), id, incarnation, place(id), lsm.clone(), settings()).unwrap()
+    };
+    let mut replicas: Vec<Option<LocalReplica>> = (0..3).map(|id| Some(start_at(id, 1))).collect();
+    group.elect(&live(&replicas)).expect("a first leader");
+    eventually("replica 0 to serve", || replicas[0].as_ref().unwrap().status().serving);
+    for i in 0..50 {
+        let ack = write(replicas[0].as_ref().unwrap(), format!("k{i:04}"));
+        assert_eq!(ack.recv_timeout(Duration::from_secs(60)).unwrap(), Ok(()));
+    }
+    // Fill the leader's device, then keep writing until its log fails.
+    let ballast = mount.path().join("ballast");
+    {
+        use std::io::Write;
+        let mut f = std::fs::File::create(&ballast).unwrap();
+        while f.write_all(&[1u8; 4096]).is_ok() {}
+    }
+    let mut outcomes = Vec::new();
+    let mut i = 50;
+    eventually("the leader's log to fail a write", || {
+        let leader = replicas[0].as_ref().unwrap();
+        if leader.failure().is_some() {
+            return true;
+        }
+        for _ in 0..20 {
+            outcomes.push((i, write_value(leader, format!("k{i:05}"), "x".repeat(2000))));
+            i += 1;
+        }
+        false
+    });
+    let failure = replicas[0].as_ref().unwrap().failure().unwrap();
+    assert!(failure.contains("lost queued writes"), "{failure}");
+    replicas[0].take().unwrap().kill();
+    std::fs::remove_file(&ballast).unwrap();
+
+    // What was acknowledged is on the followers; another leads and writes.
+    group.elect(&live(&replicas)).expect("a new leader");
+    let mut next = None;
+    eventually("a new serving leader", || {
+        next = serving_leader(&replicas);
+        next.is_some()
+    });
+    let next = replicas[next.unwrap()].as_ref().unwrap();
+    for (i, outcome) in outcomes {
+        if let Ok(Ok(())) = outcome.try_recv() {
+            let key = format!("k{i:05}");
+            assert!(
+                get(next, &key).is_some(),
+                "acknowledged {key} is missing after failover"
+            );
+        }
+    }
+    assert!(get(next, "k0049").is_some());
+    let ack = write(next, "after".into());
+    assert_eq!(ack.recv_timeout(Duration::from_secs(60)).unwrap(), Ok(()));
+    replicas[0] = Some(start_at(0, 2));
+    eventually("the restarted replica to catch up", || {
+        get(replicas[0].as_ref().unwrap(), "after").is_some()
+    });
+    assert!(replicas[0].as_ref().unwrap().failure().is_none());
     for replica in replicas.into_iter().flatten() {
         replica.kill();
     }

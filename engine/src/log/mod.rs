@@ -692,12 +692,13 @@ impl Log {
 
     /// [`Log::enqueue_with`] that asks `gate` first, at the moment the
     /// record would take its offset (nothing else runs in between): the
-    /// gate gets the offset and answers the epoch to write the record in,
-    /// or refuses it (nothing is queued). Replication's leader check.
+    /// gate gets the placement (offset, writer generation) and answers the
+    /// epoch to write the record in, or refuses it (nothing is queued). It
+    /// must not use this log. Replication's leader check.
     pub async fn enqueue_gated(
         &self,
         len: usize,
-        gate: Option<&dyn Fn(u64) -> Result<u32>>,
+        gate: Option<&dyn Fn(Placed) -> Result<u32>>,
         fill: impl FnOnce(&mut [u8], Placed),
     ) -> Result<Enqueued> {
         let config = &self.shared.config;
@@ -705,15 +706,15 @@ impl Log {
         self.wait_space(format::record_bytes(len)).await?;
         let mut s = self.shared.state.borrow_mut();
         self.check_usable(&s)?;
-        if let Some(gate) = gate {
-            s.epoch = gate(s.next_offset)?;
-        }
         let start = s.next_offset;
         let placed = Placed {
             offset: start,
             generation: s.generation,
             durable_end: s.durable_end,
         };
+        if let Some(gate) = gate {
+            s.epoch = gate(placed)?;
+        }
         s.reserve_with(config, len, |b| fill(b, placed));
         Ok(self.enqueued(s, start))
     }

@@ -55,8 +55,9 @@ pub const KIND_BATCH: u8 = 0;
 pub type EntryHook = Box<dyn Fn(u64, &[u8])>;
 
 /// Asked before a write of the store's own takes its WAL offset: gets
-/// the offset, answers the epoch to write it in or refuses it.
-pub type AppendGate = Rc<dyn Fn(u64) -> Result<u32>>;
+/// the placement (offset, writer generation), answers the epoch to write
+/// it in or refuses it. It must not use the store.
+pub type AppendGate = Rc<dyn Fn(crate::log::Placed) -> Result<u32>>;
 
 struct HookSlot(EntryHook);
 

@@ -150,6 +150,10 @@ struct Inner {
     stopped: Cell<bool>,
     /// A tick for the gate's appends is queued and not yet taken.
     poked: Cell<bool>,
+    /// The WAL's writer generation the core's log was built on: a failed
+    /// write loses queued entries and a later record takes their offsets,
+    /// so a change means the replica must start over.
+    generation: u64,
 }
 
 impl Driver {
@@ -167,6 +171,7 @@ impl Driver {
     ) -> Driver {
         let (inbox, inbox_rx) = flume::bounded(settings.inbox_max);
         store.set_apply_limit(core.applied());
+        let generation = store.generation();
         let durable = core.durable_end();
         let driver = Driver {
             inner: Rc::new(Inner {
@@ -184,14 +189,15 @@ impl Driver {
                 wake: Waiters::default(),
                 stopped: Cell::new(false),
                 poked: Cell::new(false),
+                generation,
             }),
         };
         let gate = Rc::downgrade(&driver.inner);
-        driver.inner.store.set_append_gate(Rc::new(move |offset| {
+        driver.inner.store.set_append_gate(Rc::new(move |placed| {
             let inner = gate
                 .upgrade()
                 .ok_or_else(|| Error::Unavailable("the task group's replica has stopped".into()))?;
-            inner.gate(offset)
+            inner.gate(placed)
         }));
         driver
     }
@@ -287,6 +293,7 @@ impl Driver {
             let Ok(input) = inner.inbox_rx.recv_async().await else {
                 return Ok(());
             };
+            inner.check_generation()?;
             inner.poked.set(false);
             let durable = inner.store.wal().end_offset();
             let mut actions = Vec::new();
@@ -308,8 +315,29 @@ impl Inner {
         self.started.elapsed().as_millis() as u64
     }
 
-    /// The append gate: the core places the record (or refuses it).
-    fn gate(&self, offset: Offset) -> Result<u32> {
+    /// Fails once the WAL lost queued entries (a failed write): the core
+    /// counted them, and a leader that went on in its epoch could give
+    /// two entries one (epoch, offset). The owner restarts the replica (a
+    /// new incarnation, elected again if it should be).
+    fn check_generation(&self) -> Result<()> {
+        self.check_generation_is(self.store.generation())
+    }
+
+    fn check_generation_is(&self, generation: u64) -> Result<()> {
+        if generation != self.generation {
+            self.stopped.set(true);
+            return Err(Error::Unavailable(
+                "the task group log lost queued writes in a failed write; its replica restarts".into(),
+            ));
+        }
+        Ok(())
+    }
+
+    /// The append gate: the core places the record (or refuses it). Runs
+    /// inside the WAL's placement step: it must not touch the WAL.
+    fn gate(&self, placed: crate::log::Placed) -> Result<u32> {
+        self.check_generation_is(placed.generation)?;
+        let offset = placed.offset;
         let mut core = self.core.borrow_mut();
         let (epoch, at) = core
             .append()

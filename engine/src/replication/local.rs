@@ -134,6 +134,8 @@ type Job = Box<dyn FnOnce(Store, Driver) -> Pin<Box<dyn Future<Output = ()>>> + 
 /// One replica on a task thread of its own.
 pub struct LocalReplica {
     id: ReplicaId,
+    /// Why the driver stopped by itself, if it did.
+    failure: Arc<Mutex<Option<String>>>,
     jobs: Option<flume::Sender<Job>>,
     thread: Option<std::thread::JoinHandle<()>>,
 }
@@ -160,6 +162,8 @@ impl LocalReplica {
     ) -> Result<LocalReplica> {
         let (jobs, rx) = flume::bounded::<Job>(1024);
         let (ready_tx, ready) = flume::bounded::<Result<()>>(1);
+        let failure = Arc::new(Mutex::new(None));
+        let failed_with = failure.clone();
         let thread = std::thread::Builder::new()
             .name(format!("replica-{id}"))
             .spawn(move || {
@@ -191,7 +195,14 @@ impl LocalReplica {
                     group.attach(id, driver.inbox());
                     let running = glommio::spawn_local({
                         let driver = driver.clone();
-                        async move { driver.run().await }
+                        let group = group.clone();
+                        async move {
+                            if let Err(e) = driver.run().await {
+                                // Stopped by itself: no longer a member anyone hears.
+                                group.detach(id);
+                                *failed_with.lock().unwrap_or_else(|p| p.into_inner()) = Some(e.to_string());
+                            }
+                        }
                     })
                     .detach();
                     let _ = ready_tx.send(Ok(()));
@@ -213,6 +224,7 @@ impl LocalReplica {
             .map_err(|_| Error::Executor(format!("replica {id}'s thread ended while starting")))??;
         Ok(LocalReplica {
             id,
+            failure,
             jobs: Some(jobs),
             thread: Some(thread),
         })
@@ -220,6 +232,12 @@ impl LocalReplica {
 
     pub fn id(&self) -> ReplicaId {
         self.id
+    }
+
+    /// Why the replica's driver stopped by itself (its log failed a write,
+    /// or a rule would break), if it did: it must be started again.
+    pub fn failure(&self) -> Option<String> {
+        self.failure.lock().unwrap_or_else(|p| p.into_inner()).clone()
     }
 
     /// Runs `f` on the replica's thread with its store and driver; returns

@@ -161,6 +161,11 @@ pub enum Message {
         /// its data since has written a newer version itself, so nothing
         /// its earlier process held can vouch for it.
         seen_version: u64,
+        /// The follower's applied offset: a fetch at the leader's log end
+        /// waits there for new entries only when the follower already
+        /// applied all it could (else the answer carrying the leader's
+        /// applied offset, once lost, would never come again).
+        applied: Offset,
     },
     /// Leader to follower: entries from `from` (possibly none), and the
     /// leader's applied offset.

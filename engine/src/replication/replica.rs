@@ -448,8 +448,9 @@ impl Replica {
                 from: offset,
                 last_epoch,
                 seen_version,
+                applied,
                 ..
-            } => self.on_fetch(from, (incarnation, fetch_id, seen_version), offset, last_epoch),
+            } => self.on_fetch(from, (incarnation, fetch_id, seen_version), offset, last_epoch, applied),
             Message::Entries {
                 fetch_id,
                 from: offset,
@@ -522,6 +523,7 @@ impl Replica {
                 from,
                 last_epoch,
                 seen_version,
+                applied: self.applied,
             },
         });
     }
@@ -609,6 +611,7 @@ impl Replica {
         (incarnation, fetch_id, seen_version): (Incarnation, u64, u64),
         offset: Offset,
         last_epoch: Epoch,
+        follower_applied: Offset,
     ) {
         let Role::Leader(leading) = &mut self.role else { return };
         let Some(progress) = leading.followers.get_mut(&from) else {
@@ -658,7 +661,7 @@ impl Replica {
         }
         progress.prev_fetch_end = self.log_end;
         progress.prev_fetch_at = self.now;
-        if offset < self.log_end {
+        if offset < self.log_end || follower_applied < self.applied.min(offset) {
             let answer = self.entries_from(from, fetch_id, offset);
             self.out.push(answer);
         } else {
