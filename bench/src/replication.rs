@@ -33,8 +33,8 @@ pub struct ReplicatedWrites {
     pub plain: LatencyRun,
     /// One replica through the driver (min-ISR 1).
     pub rf1: LatencyRun,
-    /// Three replicas, min-ISR 2 (the leader and one follower hold each
-    /// write before it is acknowledged; all three keep up).
+    /// Three replicas, min-ISR 2: each write is acknowledged once every
+    /// ISR member (all three, while they keep up) holds it.
     pub rf3: LatencyRun,
 }
 

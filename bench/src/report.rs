@@ -799,10 +799,14 @@ fn replication_section(out: &mut String, r: &Results) {
     };
     let _ = writeln!(
         out,
-        "## 11. Replicated store writes, in one process
-
-         The replication driver over real stores on this disk (`engine::replication::local`: each replica on          a task thread of its own, messages over in-process channels, no network): {} tasks on the leader's          thread each write one {}-byte batch at a time and wait until it is applied ({} writes in all). RF 3          has min-ISR 2: a write is acknowledged once the leader and a follower hold it durably. The store          alone is what a task group with RF 1 writes to today. The cluster benchmark of issue 13 (appends          end to end, RF 3 against RF 1) is not built yet; this isolates the protocol's cost from the          network's. `rama-bench replication` runs it alone.
-",
+        "## 11. Replicated store writes, in one process\n\n\
+         The replication driver over real stores on this disk (`engine::replication::local`: each replica on \
+         a task thread of its own, messages over in-process channels, no network): {} tasks on the leader's \
+         thread each write one {}-byte batch at a time and wait until it is applied ({} writes in all). RF 3 \
+         has min-ISR 2: a write is acknowledged once every ISR member (all three, while they keep up) holds \
+         it durably. The store alone is what a task group with RF 1 writes to today. The cluster benchmark of issue 13 (appends end \
+         to end, RF 3 against RF 1) is not built yet; this isolates the protocol's cost from the network's. \
+         `rama-bench replication` runs it alone.\n",
         x.writers,
         x.value_bytes,
         int(x.writes as f64)
