@@ -236,21 +236,6 @@ impl Driver {
         (core.history().last_epoch(), core.durable_end())
     }
 
-    /// Why an append would be refused now, if it would.
-    pub fn refusal(&self) -> Option<String> {
-        let core = self.inner.core.borrow();
-        if !core.is_leader() {
-            return Some(
-                super::Refused::NotLeader {
-                    leader: core.leader(),
-                    epoch: core.epoch(),
-                }
-                .to_string(),
-            );
-        }
-        core.stalled().map(|r| r.to_string())
-    }
-
     /// Runs until [`Driver::stop`] or a failure the replica cannot go on
     /// from (a write of the log failed, or a broken rule): the owner then
     /// reopens the task thread.

@@ -279,11 +279,8 @@ impl LocalReplica {
 
     /// Ends the replica as a kill would: what is durable stays, nothing is
     /// closed cleanly.
-    pub fn kill(mut self) {
-        self.jobs = None;
-        if let Some(thread) = self.thread.take() {
-            let _ = thread.join();
-        }
+    pub fn kill(self) {
+        drop(self);
     }
 }
 
