@@ -35,6 +35,12 @@ impl Waiters {
         })
     }
 
+    /// Waits for the next [`Waiters::wake_all`].
+    pub(crate) fn next_wake(&self) -> impl Future<Output = ()> + '_ {
+        let start = self.round.get();
+        self.wait(move || (self.round.get() != start).then_some(()))
+    }
+
     pub(crate) fn wake_all(&self) {
         self.round.set(self.round.get() + 1);
         let wakers = std::mem::take(&mut *self.wakers.borrow_mut());

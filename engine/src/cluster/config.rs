@@ -43,6 +43,62 @@ pub struct ModuleConfig {
     pub log: LogConfig,
     /// PState stores (key, value and batch limits, memtable size, WAL).
     pub lsm: LsmConfig,
+    /// Replicas of every task group (see [`ReplicationConfig`]).
+    pub replication: ReplicationConfig,
+}
+
+/// How a module's task groups are replicated.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ReplicationConfig {
+    /// Replicas of every task group (`--replicationFactor`), 1 to 9; 1
+    /// runs the task group alone, without the replication protocol.
+    pub factor: u32,
+    /// `replication.min.isr`: entries are applied only while at least this
+    /// many replicas are in sync. `None`: factor - 1; clamped to 1..=factor.
+    pub min_isr: Option<u32>,
+    /// `replication.max.time.lag.millis`: an in-sync follower that has not
+    /// caught up with the leader's log for this long leaves the ISR (if
+    /// the ISR stays at min-ISR or above). 10 s by default: long enough
+    /// for a loaded machine's fsync stalls and garbage-free pauses, short
+    /// enough that a dead follower stalls appends for 10 s at most.
+    pub max_lag: std::time::Duration,
+    /// A fetch unanswered for this long is sent again.
+    pub fetch_timeout: std::time::Duration,
+    /// Entries of the task group log a leader keeps below its applied
+    /// offset for followers that lag or are down; one that falls further
+    /// behind needs the task group's files (far-horizon catch-up).
+    pub retained_entries: u64,
+}
+
+impl Default for ReplicationConfig {
+    fn default() -> Self {
+        ReplicationConfig {
+            factor: 1,
+            min_isr: None,
+            max_lag: std::time::Duration::from_secs(10),
+            fetch_timeout: std::time::Duration::from_secs(1),
+            retained_entries: 1_000_000,
+        }
+    }
+}
+
+impl ReplicationConfig {
+    /// The min-ISR in effect: as set, or factor - 1, within 1..=factor.
+    pub fn min_isr(&self) -> u32 {
+        self.min_isr
+            .unwrap_or(self.factor.saturating_sub(1))
+            .clamp(1, self.factor.max(1))
+    }
+
+    /// The replication core's settings.
+    pub fn settings(&self) -> crate::replication::Settings {
+        crate::replication::Settings {
+            min_isr: self.min_isr() as usize,
+            max_lag_ms: self.max_lag.as_millis() as u64,
+            fetch_timeout_ms: self.fetch_timeout.as_millis() as u64,
+            ..crate::replication::Settings::default()
+        }
+    }
 }
 
 impl Default for ModuleConfig {
@@ -61,6 +117,7 @@ impl Default for ModuleConfig {
             replog_entry_bytes_max: 256 << 20,
             log: LogConfig::default(),
             lsm: LsmConfig::default(),
+            replication: ReplicationConfig::default(),
         }
     }
 }
@@ -138,6 +195,28 @@ impl ModuleConfig {
                     self.channel_capacity, self.client_inflight, self.stage_inflight
                 ),
                 reason: "channels hold at least 16 messages and at least one request is served at a time",
+            });
+        }
+        let r = &self.replication;
+        if !(1..=9).contains(&r.factor) {
+            return Err(Error::Config {
+                key: "replicationFactor",
+                value: r.factor.to_string(),
+                reason: "a task group has 1 to 9 replicas",
+            });
+        }
+        if r.min_isr.is_some_and(|m| m == 0 || m > r.factor) {
+            return Err(Error::Config {
+                key: "replication.min.isr",
+                value: format!("{:?} (replication factor {})", r.min_isr, r.factor),
+                reason: "min-ISR is from 1 to the replication factor",
+            });
+        }
+        if r.max_lag < std::time::Duration::from_millis(100) || r.fetch_timeout < std::time::Duration::from_millis(10) {
+            return Err(Error::Config {
+                key: "replication.max.time.lag.millis",
+                value: format!("{:?} (fetch timeout {:?})", r.max_lag, r.fetch_timeout),
+                reason: "the lag bound is at least 100 ms and the fetch timeout at least 10 ms",
             });
         }
         self.log.validate()?;

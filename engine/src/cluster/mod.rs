@@ -30,11 +30,12 @@ pub mod connection;
 mod dataflow;
 mod gate;
 mod launched;
-pub use config::ModuleConfig;
+pub use config::{ModuleConfig, ReplicationConfig};
 mod messages;
 mod microbatch;
 pub mod peer;
 mod proxy;
+mod replicated;
 mod replog;
 mod serve;
 mod stream;
@@ -63,6 +64,9 @@ use self::thread::ThreadLinks;
 use crate::error::{Error, Result};
 use crate::executor::ExecutorConfig;
 use crate::module::{Module, ModuleDef, TopologyKind};
+use crate::replication::driver::ReplicaStatus;
+use crate::replication::local::LocalGroup;
+use crate::replication::GroupState;
 use crate::runtime::placement::{Parallelism, Placement};
 
 /// How long an append waits before it returns.
@@ -109,8 +113,38 @@ pub struct InProcessCluster {
     dir: PathBuf,
     threads: ThreadOptions,
     config: ModuleConfig,
-    modules: Vec<(Arc<ModuleRuntime>, Vec<TaskThreadHandle>)>,
+    modules: Vec<Launched>,
     fault: Option<FaultHook>,
+}
+
+/// A module running here: its runtime, its task threads (or, replicated,
+/// its task groups' replicas).
+struct Launched {
+    rt: Arc<ModuleRuntime>,
+    handles: Vec<TaskThreadHandle>,
+    groups: Vec<ReplicatedGroup>,
+}
+
+/// The replicas of one task thread of a replicated module, in this
+/// process: the group's metastore node and each replica's OS thread.
+struct ReplicatedGroup {
+    thread: u32,
+    group: Arc<LocalGroup>,
+    inbox: thread::ThreadInbox,
+    replicas: Vec<Option<RunningReplica>>,
+}
+
+struct RunningReplica {
+    commands: flume::Sender<replicated::Command>,
+    handle: TaskThreadHandle,
+}
+
+/// A replicated task group as its metastore node and its replicas' own
+/// reports say (`None`: the replica is not running).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TaskGroupStatus {
+    pub state: GroupState,
+    pub replicas: Vec<Option<ReplicaStatus>>,
 }
 
 impl std::fmt::Debug for InProcessCluster {
@@ -119,7 +153,7 @@ impl std::fmt::Debug for InProcessCluster {
             .field("dir", &self.dir)
             .field(
                 "modules",
-                &self.modules.iter().map(|(m, _)| &m.def.name).collect::<Vec<_>>(),
+                &self.modules.iter().map(|m| &m.rt.def.name).collect::<Vec<_>>(),
             )
             .finish_non_exhaustive()
     }
@@ -169,7 +203,7 @@ impl InProcessCluster {
     }
 
     fn module_of_last(&self) -> &Arc<ModuleRuntime> {
-        &self.modules.last().expect("just launched").0
+        &self.modules.last().expect("just launched").rt
     }
 
     /// Starts this process's part of `def` spread over `part.workers`
@@ -213,7 +247,7 @@ impl InProcessCluster {
                 "worker {worker} does not exist (workers: {workers})"
             )));
         }
-        if self.modules.iter().any(|(m, _)| m.def.name == def.name) {
+        if self.modules.iter().any(|m| m.rt.def.name == def.name) {
             return Err(Error::Schema(format!("module {} is already running", def.name)));
         }
         let placement = Placement::new(parallelism);
@@ -222,7 +256,30 @@ impl InProcessCluster {
             .filter(|&t| placement.worker_of_thread[placement.thread_of_task[t as usize] as usize] == worker)
             .collect();
         let module_dir = self.dir.join(&def.name);
-        let (depot_ids, pstate_ids) = open_catalog(&def, &module_dir, &local_threads)?;
+        let rf = self.config.replication.factor;
+        if rf > 1 && part.is_some() {
+            return Err(Error::Schema(format!(
+                "module {}: replication factor {rf} across worker processes is not built yet; replicas of a \
+                 module's task groups run in one process only",
+                def.name
+            )));
+        }
+        let replica_dirs: Vec<PathBuf> = if rf > 1 {
+            (0..rf).map(|r| replica_dir(&module_dir, r)).collect()
+        } else {
+            vec![module_dir.clone()]
+        };
+        let (depot_ids, pstate_ids) = open_catalog(&def, &replica_dirs[0], &local_threads)?;
+        for dir in &replica_dirs[1..] {
+            if open_catalog(&def, dir, &local_threads)? != (depot_ids.clone(), pstate_ids.clone()) {
+                return Err(Error::Corrupt {
+                    path: dir.clone(),
+                    offset: 0,
+                    position: 0,
+                    reason: "the replicas' catalogs give the module's depots and PStates different ids".into(),
+                });
+            }
+        }
         let levels = def
             .topologies
             .iter()
@@ -283,10 +340,13 @@ impl InProcessCluster {
             config,
         });
         let mut handles = Vec::new();
+        let mut groups = Vec::new();
+        let mut first_replica_error = None;
         let local_count = local_threads.len();
         // Each thread reports once its storage is open, so a launch either
         // returns with every task ready or with the first error.
         let (ready_tx, ready_rx) = flume::bounded::<Result<()>>(local_count.max(1));
+        let unreplicated = if rf > 1 { 0 } else { local_count };
         let mut bridge_error = None;
         for (thread, inbox) in (0..threads).zip(inboxes) {
             if !local_threads.contains(&thread) {
@@ -311,9 +371,8 @@ impl InProcessCluster {
                 }
                 continue;
             }
-            let (rt, dir, ready) = (rt.clone(), module_dir.clone(), ready_tx.clone());
             let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
-            let pin = self.threads.pin.unwrap_or(local_count <= cpus);
+            let pin = self.threads.pin.unwrap_or(local_count * rf as usize <= cpus);
             let executor = ExecutorConfig {
                 name: format!("{}-task-thread-{thread}", rt.def.name),
                 // Several modules' threads share the process's locked memory.
@@ -322,6 +381,27 @@ impl InProcessCluster {
                 spin_before_park: self.threads.spin_before_park,
                 ..ExecutorConfig::default()
             };
+            if rf > 1 {
+                let group = LocalGroup::new(rf);
+                let mut replicas = Vec::new();
+                for r in 0..rf {
+                    match start_replica(&rt, thread, r, &replica_dirs[r as usize], &inbox, &group, &executor) {
+                        Ok(running) => replicas.push(Some(running)),
+                        Err(e) => {
+                            first_replica_error.get_or_insert(e);
+                            replicas.push(None);
+                        }
+                    }
+                }
+                groups.push(ReplicatedGroup {
+                    thread,
+                    group,
+                    inbox,
+                    replicas,
+                });
+                continue;
+            }
+            let (rt, dir, ready) = (rt.clone(), module_dir.clone(), ready_tx.clone());
             handles.push(std::thread::spawn(move || {
                 executor.block_on(async move {
                     let th = match thread::open(rt, thread, &dir).await {
@@ -346,8 +426,8 @@ impl InProcessCluster {
             }));
         }
         drop(ready_tx);
-        let mut first_error = bridge_error;
-        for _ in 0..local_count {
+        let mut first_error = bridge_error.or(first_replica_error);
+        for _ in 0..unreplicated {
             match ready_rx.recv() {
                 Ok(Ok(())) => {}
                 Ok(Err(e)) => {
@@ -360,19 +440,104 @@ impl InProcessCluster {
         }
         if let Some(e) = first_error {
             // Nothing is left running after a failed launch.
-            let _ = stop(rt, handles);
+            let _ = stop(rt, handles, groups);
             return Err(e);
         }
-        self.modules.push((rt, handles));
+        self.modules.push(Launched { rt, handles, groups });
         Ok(())
     }
 
     fn module(&self, name: &str) -> Result<&Arc<ModuleRuntime>> {
         self.modules
             .iter()
-            .map(|(m, _)| m)
+            .map(|m| &m.rt)
             .find(|m| m.def.name == name)
             .ok_or_else(|| Error::Schema(format!("no module named {name} is running")))
+    }
+
+    fn group_mut(&mut self, module: &str, thread: u32) -> Result<(&Arc<ModuleRuntime>, &mut ReplicatedGroup)> {
+        let launched = self
+            .modules
+            .iter_mut()
+            .find(|m| m.rt.def.name == module)
+            .ok_or_else(|| Error::Schema(format!("no module named {module} is running")))?;
+        let group = launched.groups.iter_mut().find(|g| g.thread == thread).ok_or_else(|| {
+            Error::Schema(format!(
+                "module {module} has no replicated task group {thread} here (replication factor {}, {} task \
+                     threads)",
+                launched.rt.config.replication.factor,
+                launched.rt.links.len()
+            ))
+        })?;
+        Ok((&launched.rt, group))
+    }
+
+    /// Task group `thread` of replicated module `module`: its metastore
+    /// node and its replicas' reports.
+    pub fn task_group(&mut self, module: &str, thread: u32) -> Result<TaskGroupStatus> {
+        let (_, g) = self.group_mut(module, thread)?;
+        Ok(TaskGroupStatus {
+            state: g.group.state(),
+            replicas: g.group.statuses(),
+        })
+    }
+
+    /// The directory of replica `replica` of `module` (its task groups'
+    /// storage is inside, one `tg-N` per task thread).
+    pub fn replica_dir(&self, module: &str, replica: u32) -> PathBuf {
+        replica_dir(&self.dir.join(module), replica)
+    }
+
+    /// Ends replica `replica` of task group `thread` as a kill -9 of its
+    /// node would: nothing is closed cleanly; another replica is elected
+    /// if it led.
+    pub fn kill_replica(&mut self, module: &str, thread: u32, replica: u32) -> Result<()> {
+        let (_, g) = self.group_mut(module, thread)?;
+        let running = g
+            .replicas
+            .get_mut(replica as usize)
+            .and_then(Option::take)
+            .ok_or_else(|| Error::Schema(format!("replica {replica} of task group {thread} is not running")))?;
+        let _ = running.commands.send(replicated::Command::Kill);
+        running
+            .handle
+            .join()
+            .map_err(|_| Error::Executor(format!("replica {replica} of task group {thread} panicked")))?
+    }
+
+    /// Starts replica `replica` of task group `thread` again (after
+    /// [`InProcessCluster::kill_replica`]): it rejoins as a follower and
+    /// catches up.
+    pub fn start_replica(&mut self, module: &str, thread: u32, replica: u32) -> Result<()> {
+        let dir = self.replica_dir(module, replica);
+        let pin = self.threads.pin == Some(true);
+        let spin = self.threads.spin_before_park;
+        let (rt, g) = self.group_mut(module, thread)?;
+        match g.replicas.get(replica as usize) {
+            Some(None) => {}
+            Some(Some(_)) => {
+                return Err(Error::Schema(format!(
+                    "replica {replica} of task group {thread} is running already"
+                )))
+            }
+            None => {
+                return Err(Error::Schema(format!(
+                    "task group {thread} has no replica {replica} (replication factor {})",
+                    g.replicas.len()
+                )))
+            }
+        }
+        let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
+        let executor = ExecutorConfig {
+            name: format!("{}-task-thread-{thread}", rt.def.name),
+            io_memory_bytes: 512 << 10,
+            pin_to_cpu: pin.then_some(thread as usize % cpus),
+            spin_before_park: spin,
+            ..ExecutorConfig::default()
+        };
+        let running = start_replica(rt, thread, replica, &dir, &g.inbox, &g.group, &executor)?;
+        g.replicas[replica as usize] = Some(running);
+        Ok(())
     }
 
     /// Hands a client connection of `module` to one of its task threads
@@ -502,10 +667,10 @@ impl InProcessCluster {
         let i = self
             .modules
             .iter()
-            .position(|(m, _)| m.def.name == module)
+            .position(|m| m.rt.def.name == module)
             .ok_or_else(|| Error::Schema(format!("no module named {module} is running")))?;
-        let (rt, handles) = self.modules.remove(i);
-        stop(rt, handles)?;
+        let Launched { rt, handles, groups } = self.modules.remove(i);
+        stop(rt, handles, groups)?;
         let dir = self.dir.join(module);
         match std::fs::remove_dir_all(&dir) {
             Ok(()) => Ok(()),
@@ -518,8 +683,8 @@ impl InProcessCluster {
     /// disk for a later launch over the same directory.
     pub fn shutdown(self) -> Result<()> {
         let mut first = None;
-        for (rt, handles) in self.modules {
-            if let Err(e) = stop(rt, handles) {
+        for Launched { rt, handles, groups } in self.modules {
+            if let Err(e) = stop(rt, handles, groups) {
                 first.get_or_insert(e);
             }
         }
@@ -541,9 +706,84 @@ impl ClusterClient for InProcessCluster {
     }
 }
 
-/// Stops a module's task threads and waits for them; the first error a
-/// thread reports (closing its storage, or a panic) is returned.
-fn stop(rt: Arc<ModuleRuntime>, handles: Vec<TaskThreadHandle>) -> Result<()> {
+/// The directory of replica `r` of a replicated module in this process.
+fn replica_dir(module_dir: &Path, r: u32) -> PathBuf {
+    module_dir.join(format!("replica-{r}"))
+}
+
+/// Starts replica `r` of task thread `thread` on an OS thread of its
+/// own; returns once its storage is open (or with the error opening it).
+fn start_replica(
+    rt: &Arc<ModuleRuntime>,
+    thread: u32,
+    r: u32,
+    dir: &Path,
+    inbox: &thread::ThreadInbox,
+    group: &Arc<LocalGroup>,
+    executor: &ExecutorConfig,
+) -> Result<RunningReplica> {
+    let (commands, commands_rx) = flume::bounded(16);
+    let (ready, ready_rx) = flume::bounded(1);
+    let start = replicated::ReplicaStart {
+        rt: rt.clone(),
+        thread,
+        id: r,
+        dir: dir.to_path_buf(),
+        inbox: inbox.clone(),
+        host: group.seat(r),
+        executor: ExecutorConfig {
+            name: format!("{}-r{r}", executor.name),
+            ..executor.clone()
+        },
+    };
+    let handle = std::thread::Builder::new()
+        .name(format!("{}-tg{thread}-r{r}", rt.def.name))
+        .spawn(move || replicated::run(start, commands_rx, ready))
+        .map_err(|e| Error::Executor(format!("cannot start replica {r} of task group {thread}: {e}")))?;
+    match ready_rx.recv() {
+        Ok(Ok(())) => Ok(RunningReplica { commands, handle }),
+        Ok(Err(e)) => {
+            let _ = handle.join();
+            Err(e)
+        }
+        Err(_) => {
+            let ended = handle.join();
+            Err(match ended {
+                Ok(Err(e)) => e,
+                _ => Error::Executor(format!("replica {r} of task group {thread} ended while starting")),
+            })
+        }
+    }
+}
+
+/// Stops a module's task threads (or its task groups' replicas) and waits
+/// for them; the first error a thread reports (closing its storage, or a
+/// panic) is returned.
+fn stop(rt: Arc<ModuleRuntime>, handles: Vec<TaskThreadHandle>, groups: Vec<ReplicatedGroup>) -> Result<()> {
+    if !groups.is_empty() {
+        // No replica that takes over from here starts processing again.
+        rt.processing.store(false, Ordering::Release);
+        let running: Vec<RunningReplica> = groups.into_iter().flat_map(|g| g.replicas).flatten().collect();
+        let quiesced: Vec<_> = running
+            .iter()
+            .filter_map(|r| {
+                let (tx, rx) = flume::bounded(1);
+                r.commands
+                    .send(replicated::Command::Quiesce { reply: tx })
+                    .ok()
+                    .map(|()| rx)
+            })
+            .collect();
+        for rx in quiesced {
+            let _ = rx.recv();
+        }
+        for r in &running {
+            let _ = r.commands.send(replicated::Command::Shutdown);
+        }
+        let mut handles = handles;
+        handles.extend(running.into_iter().map(|r| r.handle));
+        return stop_threads(rt, handles);
+    }
     // First let every thread finish the stream batches and microbatch it is
     // running (they need the other threads), so nothing is half done.
     let local: Vec<&ThreadLinks> = (0..rt.links.len())
@@ -565,6 +805,12 @@ fn stop(rt: Arc<ModuleRuntime>, handles: Vec<TaskThreadHandle>) -> Result<()> {
         let _ = link.client.send(Request::Shutdown);
     }
     drop(local);
+    stop_threads(rt, handles)
+}
+
+/// Waits for the threads of a module told to stop, then ends the waits of
+/// requests left unanswered and stops the bridges.
+fn stop_threads(rt: Arc<ModuleRuntime>, handles: Vec<TaskThreadHandle>) -> Result<()> {
     let stop_signal = rt.stopped.clone();
     rt.bridges_stop.store(true, Ordering::Release);
     let bridges = std::mem::take(&mut *rt.bridges.lock().expect("bridges"));

@@ -26,6 +26,7 @@
 //!
 //! [`ModuleConfig::checkpoint_interval`]: super::config::ModuleConfig::checkpoint_interval
 
+use std::cell::Cell;
 use std::path::Path;
 use std::rc::Rc;
 
@@ -80,7 +81,7 @@ impl AppendEntry<'_> {
 
 /// Writes the depot appends the replog holds past what the partitions
 /// hold into them, up to the store's applied end (a replica opened with
-/// an apply limit leaves what lies past it to the entry hook, once
+/// an apply limit leaves what lies past it to [`materialize`], once
 /// applied), syncs the partitions, and lets the store trim the replog
 /// below that end. Returns the records written.
 pub(super) async fn replay(
@@ -91,7 +92,29 @@ pub(super) async fn replay(
     tg: &Path,
 ) -> Result<u64> {
     let wal = store.wal();
-    let (mut next, end) = (wal.start_offset(), store.applied_end().min(wal.end_offset()));
+    let end = store.applied_end().min(wal.end_offset());
+    let written = materialize(rt, store, tasks, logs, tg, wal.start_offset(), end).await?;
+    for log in logs.iter().flatten().flatten() {
+        log.sync().await?;
+    }
+    store.set_trim_floor(end)?;
+    Ok(written)
+}
+
+/// Writes the depot appends of the replog's entries `[from, end)` into
+/// their partitions; those a partition already holds (by partition
+/// offset) are skipped. Returns the records written.
+pub(super) async fn materialize(
+    rt: &ModuleRuntime,
+    store: &Store,
+    tasks: &[u32],
+    logs: &[Vec<Option<Log>>],
+    tg: &Path,
+    from: u64,
+    end: u64,
+) -> Result<u64> {
+    let wal = store.wal();
+    let mut next = from;
     let mut written = 0;
     while next < end {
         for r in wal.read(next, end, 4 << 20).await? {
@@ -149,10 +172,6 @@ pub(super) async fn replay(
             written += 1;
         }
     }
-    for log in logs.iter().flatten().flatten() {
-        log.sync().await?;
-    }
-    store.set_trim_floor(end)?;
     Ok(written)
 }
 
@@ -163,17 +182,35 @@ pub(super) async fn replay(
 /// bytes of appends past the tables (bounding the replog and the replay
 /// at the next open).
 pub(super) async fn checkpoint(th: &TaskThread) -> Result<()> {
-    let applied = th.store.applied_end();
-    if applied > th.trim_floor.get() {
-        for log in th.logs.iter().flatten().flatten() {
+    checkpoint_below(
+        th.rt.config.replog_entry_bytes_max,
+        &th.store,
+        &th.logs,
+        &th.trim_floor,
+        th.store.applied_end(),
+    )
+    .await
+}
+
+/// A checkpoint that lets the replog be trimmed below `floor` at most
+/// (every append below it is in its partition).
+pub(super) async fn checkpoint_below(
+    entry_bytes_max: u64,
+    store: &Store,
+    logs: &[Vec<Option<Log>>],
+    trim_floor: &Cell<u64>,
+    floor: u64,
+) -> Result<()> {
+    if floor > trim_floor.get() {
+        for log in logs.iter().flatten().flatten() {
             log.sync().await?;
         }
-        th.store.set_trim_floor(applied)?;
-        th.trim_floor.set(applied);
+        store.set_trim_floor(floor)?;
+        trim_floor.set(floor);
     }
-    th.store.checkpoint_if_idle()?;
-    if th.store.entry_bytes() > th.rt.config.replog_entry_bytes_max {
-        th.store.flush().await?;
+    store.checkpoint_if_idle()?;
+    if store.entry_bytes() > entry_bytes_max {
+        store.flush().await?;
     }
     Ok(())
 }

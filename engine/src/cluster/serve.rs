@@ -23,6 +23,45 @@ use crate::value::{archived, Value};
 /// consumers (and the microbatch coordinators if it owns task 0), then
 /// closes its storage.
 pub(crate) async fn run(th: Rc<TaskThread>, inbox: ThreadInbox) -> Result<()> {
+    let client = inbox.client.clone();
+    serve_until(th.clone(), inbox, std::future::pending(), Ended::Stopped).await;
+    let closed = async {
+        for depot in &th.logs {
+            for log in depot.iter().flatten() {
+                log.close().await?;
+            }
+        }
+        th.store.close().await
+    }
+    .await;
+    // Requests that arrived after the last one taken are dropped (their
+    // callers get `Closed`), and later sends fail at once.
+    drop(client.drain());
+    drop(client);
+    closed
+}
+
+/// Why [`serve_until`] ended: what records waiting for their processing
+/// are told.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Ended {
+    /// The module stopped (its checkpoints run here).
+    Stopped,
+    /// The task group's replica stopped leading (its owner runs the
+    /// checkpoints).
+    SteppedDown,
+}
+
+/// Serves a thread's channels until `Shutdown` comes or `stop` is ready,
+/// then quiesces it: its stream consumers and microbatch coordinators
+/// stop after the batch each is running, and the `Ack` appenders still
+/// waiting are answered. The storage stays open.
+pub(crate) async fn serve_until(
+    th: Rc<TaskThread>,
+    inbox: ThreadInbox,
+    stop: impl std::future::Future<Output = ()>,
+    ended: Ended,
+) {
     let ThreadInbox {
         client,
         internal,
@@ -84,10 +123,18 @@ pub(crate) async fn run(th: Rc<TaskThread>, inbox: ThreadInbox) -> Result<()> {
         }
     }
     th.workers.borrow_mut().extend(workers);
-    let checkpoints = glommio::spawn_local(super::replog::checkpoints(th.clone())).detach();
+    let checkpoints =
+        (ended == Ended::Stopped).then(|| glommio::spawn_local(super::replog::checkpoints(th.clone())).detach());
     // Client requests until shutdown.
     let permits = Rc::new(Semaphore::new(th.rt.config.client_inflight));
-    while let Ok(request) = client.recv_async().await {
+    let mut stop = std::pin::pin!(stop);
+    loop {
+        let next = futures_lite::future::or(async { client.recv_async().await.ok() }, async {
+            (&mut stop).await;
+            None
+        })
+        .await;
+        let Some(request) = next else { break };
         if matches!(request, Request::Shutdown) {
             break;
         }
@@ -118,24 +165,25 @@ pub(crate) async fn run(th: Rc<TaskThread>, inbox: ThreadInbox) -> Result<()> {
     // stopped, e.g. a topology append) get an answer rather than none.
     for (_, waiting) in th.acks.borrow_mut().drain() {
         for (offset, w) in waiting {
-            let _ = w.reply.send(Err(Error::Closed(format!(
-                "module {} stopped before record {offset} was processed; it is durable and is processed \
-                 after a restart",
-                th.rt.def.name
-            ))));
+            let why = match ended {
+                Ended::Stopped => format!(
+                    "module {} stopped before record {offset} was processed; it is durable and is processed \
+                     after a restart",
+                    th.rt.def.name
+                ),
+                Ended::SteppedDown => format!(
+                    "the leader of task group {} of module {} stepped down before record {offset} was \
+                     processed; it is durable and the new leader processes it",
+                    th.thread, th.rt.def.name
+                ),
+            };
+            let _ = w.reply.send(Err(Error::Closed(why)));
         }
     }
-    checkpoints.cancel();
-    let _ = checkpoints.await;
-    let closed = async {
-        for depot in &th.logs {
-            for log in depot.iter().flatten() {
-                log.close().await?;
-            }
-        }
-        th.store.close().await
+    if let Some(checkpoints) = checkpoints {
+        checkpoints.cancel();
+        let _ = checkpoints.await;
     }
-    .await;
     // The serve loops hold `th`, and `th.rt` holds senders of their own
     // channels, so they never end by themselves: cancel them, or this
     // thread's state (memtables, caches, logs) would outlive the cluster.
@@ -143,11 +191,6 @@ pub(crate) async fn run(th: Rc<TaskThread>, inbox: ThreadInbox) -> Result<()> {
         l.cancel();
         let _ = l.await;
     }
-    // Requests that arrived after the last one taken are dropped (their
-    // callers get `Closed`), and later sends fail at once.
-    drop(client.drain());
-    drop(client);
-    closed
 }
 
 /// Stops the stream consumers and microbatch coordinators after the batch

@@ -42,7 +42,9 @@ pub(crate) struct ThreadLinks {
     pub stages: Vec<flume::Sender<StageMsg>>,
 }
 
-/// The receiving ends, moved into the thread.
+/// The receiving ends, moved into the thread (the replicas of a
+/// replicated thread share them; only the serving leader takes).
+#[derive(Clone)]
 pub(crate) struct ThreadInbox {
     pub client: flume::Receiver<Request>,
     pub internal: flume::Receiver<Request>,
@@ -155,7 +157,7 @@ pub(crate) struct TaskThread {
     pub tasks: Vec<u32>,
     /// The replog (the store's WAL) may be trimmed below this: every
     /// append below it is synced in its partition.
-    pub(super) trim_floor: Cell<u64>,
+    pub(super) trim_floor: Rc<Cell<u64>>,
     /// `logs[depot][i]`: the partition of `tasks[i]` (`None`: a global
     /// depot's partition lives on task 0 only).
     pub(super) logs: Vec<Vec<Option<Log>>>,
@@ -290,9 +292,39 @@ pub(super) fn partition_dir(tg: &Path, depot: u16, task: u32) -> std::path::Path
     tg.join(format!("depot-{depot}")).join(format!("task-{task}"))
 }
 
+/// A task group's storage: its store (whose WAL is the task group log)
+/// and its depot partitions, as opened from its directory. Clones share
+/// them.
+#[derive(Clone)]
+pub(crate) struct Storage {
+    pub store: Store,
+    /// `logs[depot][i]`: the partition of the group's task `i` (see
+    /// [`TaskThread::logs`]).
+    pub(super) logs: Vec<Vec<Option<Log>>>,
+    /// The replog may be trimmed below this (see [`TaskThread::trim_floor`]).
+    pub(super) trim_floor: Rc<Cell<u64>>,
+    pub(super) tasks: Vec<u32>,
+    pub(super) dir: std::path::PathBuf,
+}
+
+impl Storage {
+    /// Closes the partitions, then the store.
+    pub(super) async fn close(&self) -> Result<()> {
+        for depot in &self.logs {
+            for log in depot.iter().flatten() {
+                log.close().await?;
+            }
+        }
+        self.store.close().await
+    }
+}
+
 /// Opens the thread's storage in its task group's directory under the
-/// module's directory `dir`.
-pub(crate) async fn open(rt: Arc<ModuleRuntime>, thread: u32, dir: &Path) -> Result<Rc<TaskThread>> {
+/// module's directory `dir`, applying the task group log below
+/// `apply_limit` (`u64::MAX`: all of it; a replica opens with 0, which
+/// applies what the tables hold and leaves the rest to its leader's word),
+/// and writes the depot appends applied into their partitions.
+pub(crate) async fn open_storage(rt: &ModuleRuntime, thread: u32, dir: &Path, apply_limit: u64) -> Result<Storage> {
     let tasks = rt.placement.tasks_of_thread(thread);
     let def = &rt.def;
     let tg = super::launched::task_group_dir(dir, thread);
@@ -303,14 +335,13 @@ pub(crate) async fn open(rt: Arc<ModuleRuntime>, thread: u32, dir: &Path) -> Res
     lsm.wal.record_bytes_max = lsm.wal.record_bytes_max.max(entry_max as u32);
     lsm.wal.pending_bytes_max = lsm.wal.pending_bytes_max.max(2 * entry_max + 64);
     lsm.wal.segment_bytes_max = lsm.wal.segment_bytes_max.max(2 * entry_max as u64 + 64);
-    let (store, _) = Store::open(tg.join("pstates"), lsm).await?;
+    let (store, _) = Store::open_limited(tg.join("pstates"), lsm, apply_limit).await?;
     let partition_config = crate::log::LogConfig {
         sync: false,
         prewrite_bytes: 0,
         ..rt.config.log.clone()
     };
     let mut logs = Vec::new();
-    let mut appended = Vec::new();
     for (d, depot) in def.depots.iter().enumerate() {
         let mut per_task = Vec::new();
         for &task in &tasks {
@@ -323,7 +354,36 @@ pub(crate) async fn open(rt: Arc<ModuleRuntime>, thread: u32, dir: &Path) -> Res
         }
         logs.push(per_task);
     }
-    super::replog::replay(&rt, &store, &tasks, &logs, &tg).await?;
+    super::replog::replay(rt, &store, &tasks, &logs, &tg).await?;
+    let trim_floor = Rc::new(Cell::new(store.wal().end_offset().min(store.applied_end())));
+    Ok(Storage {
+        store,
+        logs,
+        trim_floor,
+        tasks,
+        dir: tg,
+    })
+}
+
+/// Opens the thread's storage in its task group's directory under the
+/// module's directory `dir`.
+pub(crate) async fn open(rt: Arc<ModuleRuntime>, thread: u32, dir: &Path) -> Result<Rc<TaskThread>> {
+    let storage = open_storage(&rt, thread, dir, u64::MAX).await?;
+    assemble(rt, thread, &storage)
+}
+
+/// The task thread over `storage`, every entry of whose log below its
+/// applied end is in its partitions.
+pub(crate) fn assemble(rt: Arc<ModuleRuntime>, thread: u32, storage: &Storage) -> Result<Rc<TaskThread>> {
+    let Storage {
+        store,
+        logs,
+        trim_floor,
+        tasks,
+        dir: tg,
+    } = storage.clone();
+    let def = &rt.def;
+    let mut appended = Vec::new();
     for per_task in &logs {
         appended.push(
             per_task
@@ -337,7 +397,6 @@ pub(crate) async fn open(rt: Arc<ModuleRuntime>, thread: u32, dir: &Path) -> Res
                 .collect(),
         );
     }
-    let trim_floor = store.wal().end_offset();
     check_stream_offsets(&rt, &store, &tasks, &logs, &tg)?;
     let mut pstates = Vec::new();
     for &t in &tasks {
@@ -359,7 +418,7 @@ pub(crate) async fn open(rt: Arc<ModuleRuntime>, thread: u32, dir: &Path) -> Res
         thread,
         store,
         tasks,
-        trim_floor: Cell::new(trim_floor),
+        trim_floor,
         logs,
         appended,
         pstates,

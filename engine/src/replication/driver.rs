@@ -71,6 +71,58 @@ pub enum Event {
     Fatal { reason: String },
 }
 
+/// What a replica says of itself: for elections (its registration) and
+/// for status.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ReplicaStatus {
+    pub member: super::Member,
+    pub leader: bool,
+    pub serving: bool,
+    /// Its data was lost and the metastore does not say so yet: never
+    /// elected meanwhile.
+    pub lost_data: bool,
+    pub epoch: Epoch,
+    pub last_epoch: Epoch,
+    pub log_end: Offset,
+    pub applied: Offset,
+    /// Why appends are refused while it leads (below min-ISR), if they are.
+    pub stalled: Option<String>,
+}
+
+impl ReplicaStatus {
+    /// As a candidate of an election.
+    pub fn candidate(&self) -> super::Candidate {
+        super::Candidate {
+            member: self.member,
+            lost_data: self.lost_data,
+            last_epoch: self.last_epoch,
+            log_end: self.log_end,
+        }
+    }
+}
+
+/// Where a replica of a task group lives: its peers, its metastore node
+/// and its registration. One per replica; its incarnations come and go
+/// (a task thread restarts its replica after a failure or a step-down).
+pub trait ReplicaHost: Send + Sync {
+    /// Starts a new incarnation (strictly greater than any before):
+    /// registers it as live, and from now on delivers the group's
+    /// metastore node (read now, then watched) and peers' messages to
+    /// `inbox`. `lost_data`: its directory was found empty; the host
+    /// says whether the group had data before (then the replica lost it).
+    fn begin(&self, inbox: flume::Sender<Input>, fresh: bool) -> Result<(super::Incarnation, bool)>;
+    /// What the replica says of itself now (elections read it).
+    fn report(&self, status: ReplicaStatus);
+    /// Hands a message to replica `to` (it may be dropped: the protocol
+    /// resends).
+    fn send(&self, to: ReplicaId, message: Message);
+    /// The group's metastore node as the driver writes it (made on the
+    /// replica's thread).
+    fn metastore(&self) -> Box<dyn GroupMetastore>;
+    /// Ends the incarnation: it is no longer live.
+    fn end(&self);
+}
+
 /// Driver settings.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct DriverSettings {
@@ -209,6 +261,32 @@ impl Driver {
 
     pub fn member(&self) -> super::Member {
         self.inner.core.borrow().member()
+    }
+
+    pub fn status(&self) -> ReplicaStatus {
+        let core = self.inner.core.borrow();
+        ReplicaStatus {
+            member: core.member(),
+            leader: core.is_leader(),
+            serving: core.serving(),
+            lost_data: core.lost_data(),
+            epoch: core.epoch(),
+            last_epoch: core.history().last_epoch(),
+            log_end: core.durable_end(),
+            applied: core.applied(),
+            stalled: core.stalled().map(|r| r.to_string()),
+        }
+    }
+
+    /// The lowest offset a follower still needs (see
+    /// [`Replica::retain_from`]).
+    pub fn retain_from(&self) -> Option<Offset> {
+        self.inner.core.borrow().retain_from()
+    }
+
+    /// The group's node as this replica last read it.
+    pub fn group(&self) -> Option<GroupState> {
+        self.inner.core.borrow().group().cloned()
     }
 
     pub fn is_leader(&self) -> bool {

@@ -11,8 +11,8 @@ use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 
-use super::driver::{recover, CasOutcome, Driver, DriverSettings, GroupMetastore};
-use super::{elect, Candidate, GroupState, Input, Member, Message, Replica, ReplicaId, Settings};
+use super::driver::{recover, CasOutcome, Driver, DriverSettings, GroupMetastore, ReplicaHost, ReplicaStatus};
+use super::{elect, Candidate, GroupState, Input, Message, Replica, ReplicaId, Settings};
 use crate::error::{Error, Result};
 use crate::executor::ExecutorConfig;
 use crate::lsm::{LsmConfig, Store};
@@ -23,6 +23,10 @@ pub struct LocalGroup {
     state: Mutex<GroupState>,
     inboxes: Mutex<Vec<Option<flume::Sender<Input>>>>,
     cut: Vec<AtomicBool>,
+    /// What each live replica last reported (for elections).
+    statuses: Mutex<Vec<Option<ReplicaStatus>>>,
+    /// The last incarnation of each replica.
+    incarnations: Mutex<Vec<u64>>,
 }
 
 impl LocalGroup {
@@ -32,7 +36,37 @@ impl LocalGroup {
             state: Mutex::new(GroupState::new(0..rf)),
             inboxes: Mutex::new(vec![None; rf as usize]),
             cut: (0..rf).map(|_| AtomicBool::new(false)).collect(),
+            statuses: Mutex::new(vec![None; rf as usize]),
+            incarnations: Mutex::new(vec![0; rf as usize]),
         })
+    }
+
+    /// The seat of replica `id`: its host when it runs on a task thread
+    /// of an in-process cluster.
+    pub fn seat(self: &Arc<Self>, id: ReplicaId) -> Arc<dyn ReplicaHost> {
+        Arc::new(LocalSeat {
+            group: self.clone(),
+            id,
+        })
+    }
+
+    /// What the live replicas last reported, by id.
+    pub fn statuses(&self) -> Vec<Option<ReplicaStatus>> {
+        self.statuses.lock().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
+    /// The Conductor over the replicas' reports: elects among the live
+    /// ones when the named leader is not live.
+    pub fn elect_reported(&self) -> Option<GroupState> {
+        let candidates: Vec<Candidate> = self
+            .statuses
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .iter()
+            .flatten()
+            .map(ReplicaStatus::candidate)
+            .collect();
+        self.elect_among(&candidates)
     }
 
     pub fn state(&self) -> GroupState {
@@ -63,20 +97,13 @@ impl LocalGroup {
     /// The Conductor: elects among `live` when the named leader is not one
     /// of them. Returns the new state if it changed.
     pub fn elect(&self, live: &[&LocalReplica]) -> Option<GroupState> {
-        let candidates: Vec<Candidate> = live
-            .iter()
-            .map(|r| {
-                let s = r.status();
-                Candidate {
-                    member: s.member,
-                    lost_data: false,
-                    last_epoch: s.last_epoch,
-                    log_end: s.log_end,
-                }
-            })
-            .collect();
+        let candidates: Vec<Candidate> = live.iter().map(|r| r.status().candidate()).collect();
+        self.elect_among(&candidates)
+    }
+
+    fn elect_among(&self, candidates: &[Candidate]) -> Option<GroupState> {
         let current = self.state();
-        let next = elect(&current, &candidates)?;
+        let next = elect(&current, candidates)?;
         match self.cas(current.version, next) {
             CasOutcome::Written(state) => Some(state),
             _ => None,
@@ -109,6 +136,46 @@ impl LocalGroup {
     }
 }
 
+/// A replica's place in a [`LocalGroup`].
+struct LocalSeat {
+    group: Arc<LocalGroup>,
+    id: ReplicaId,
+}
+
+impl ReplicaHost for LocalSeat {
+    fn begin(&self, inbox: flume::Sender<Input>, fresh: bool) -> Result<(u64, bool)> {
+        let incarnation = {
+            let mut i = self.group.incarnations.lock().unwrap_or_else(|p| p.into_inner());
+            i[self.id as usize] += 1;
+            i[self.id as usize]
+        };
+        // An empty directory of a group that already had a leader: the
+        // data it held is gone.
+        let lost = fresh && self.group.state().epoch > 0;
+        self.group.attach(self.id, inbox);
+        Ok((incarnation, lost))
+    }
+
+    fn report(&self, status: ReplicaStatus) {
+        self.group.statuses.lock().unwrap_or_else(|p| p.into_inner())[self.id as usize] = Some(status);
+        self.group.elect_reported();
+    }
+
+    fn send(&self, to: ReplicaId, message: Message) {
+        self.group.send(self.id, to, message);
+    }
+
+    fn metastore(&self) -> Box<dyn GroupMetastore> {
+        Box::new(Client(self.group.clone()))
+    }
+
+    fn end(&self) {
+        self.group.detach(self.id);
+        self.group.statuses.lock().unwrap_or_else(|p| p.into_inner())[self.id as usize] = None;
+        self.group.elect_reported();
+    }
+}
+
 struct Client(Arc<LocalGroup>);
 
 impl GroupMetastore for Client {
@@ -119,15 +186,7 @@ impl GroupMetastore for Client {
 }
 
 /// What a replica says of itself.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct LocalStatus {
-    pub member: Member,
-    pub leader: bool,
-    pub serving: bool,
-    pub last_epoch: u32,
-    pub log_end: u64,
-    pub applied: u64,
-}
+pub type LocalStatus = ReplicaStatus;
 
 type Job = Box<dyn FnOnce(Store, Driver) -> Pin<Box<dyn Future<Output = ()>>> + Send>;
 
@@ -263,18 +322,7 @@ impl LocalReplica {
     }
 
     pub fn status(&self) -> LocalStatus {
-        self.on(|_, driver| async move {
-            let (last_epoch, log_end) = driver.log_state();
-            let member = driver.member();
-            LocalStatus {
-                member,
-                leader: driver.is_leader(),
-                serving: driver.serving(),
-                last_epoch,
-                log_end,
-                applied: driver.applied(),
-            }
-        })
+        self.on(|_, driver| async move { driver.status() })
     }
 
     /// Ends the replica as a kill would: what is durable stays, nothing is

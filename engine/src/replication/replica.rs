@@ -235,6 +235,26 @@ impl Replica {
     pub fn leader(&self) -> Option<ReplicaId> {
         self.group.as_ref().and_then(|g| g.leader).map(|m| m.id)
     }
+    /// The lowest offset a follower heard from in this epoch still needs
+    /// from the local log (at most the applied offset); `None` when this
+    /// replica does not lead or heard from no follower. The owner keeps
+    /// its log from there when it trims (within its own bound).
+    pub fn retain_from(&self) -> Option<Offset> {
+        let Role::Leader(leading) = &self.role else { return None };
+        leading
+            .followers
+            .values()
+            .filter_map(|p| p.held)
+            .min()
+            .map(|held| held.min(self.applied))
+    }
+
+    /// The ISR and OSR as this replica last read them, and whether it
+    /// could not take appends now (below min-ISR).
+    pub fn group(&self) -> Option<&GroupState> {
+        self.group.as_ref()
+    }
+
     /// Why appends would be refused now, if they would.
     pub fn stalled(&self) -> Option<Refused> {
         let Role::Leader(leading) = &self.role else { return None };
