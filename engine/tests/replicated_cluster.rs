@@ -135,8 +135,10 @@ fn check_counts(cluster: &InProcessCluster, acked: &BTreeMap<String, i64>, unkno
 
 /// Every record of every partition of task group `thread`, as replica
 /// `r`'s files hold them (read after the cluster stopped).
-fn partitions(cluster: &InProcessCluster, r: u32, thread: u32) -> BTreeMap<String, Vec<Vec<u8>>> {
-    let tg = cluster.replica_dir(NAME, r).join(format!("tg-{thread}/depot-0"));
+fn partitions(dir: &std::path::Path, r: u32, thread: u32) -> BTreeMap<String, Vec<Vec<u8>>> {
+    let tg = InProcessCluster::new(dir)
+        .replica_dir(NAME, r)
+        .join(format!("tg-{thread}/depot-0"));
     let mut out = BTreeMap::new();
     for entry in std::fs::read_dir(&tg).unwrap() {
         let path = entry.unwrap().path();
@@ -178,20 +180,15 @@ fn a_replicated_module_acknowledges_in_sync_appends_and_its_replicas_agree() {
 
     // Every replica holds the same partitions, record for record.
     for thread in 0..THREADS {
-        let first = partitions(&cluster_dir_reader(dir.path()), 0, thread);
+        let first = partitions(dir.path(), 0, thread);
         let total: usize = first.values().map(Vec::len).sum();
         assert!(total > 0);
         for r in 1..3 {
             assert_eq!(
-                partitions(&cluster_dir_reader(dir.path()), r, thread),
+                partitions(dir.path(), r, thread),
                 first,
                 "replica {r} of task group {thread}"
             );
         }
     }
-}
-
-/// A cluster over `dir` used only for its paths.
-fn cluster_dir_reader(dir: &std::path::Path) -> InProcessCluster {
-    InProcessCluster::new(dir)
 }

@@ -371,16 +371,7 @@ impl InProcessCluster {
                 }
                 continue;
             }
-            let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
-            let pin = self.threads.pin.unwrap_or(local_count * rf as usize <= cpus);
-            let executor = ExecutorConfig {
-                name: format!("{}-task-thread-{thread}", rt.def.name),
-                // Several modules' threads share the process's locked memory.
-                io_memory_bytes: 512 << 10,
-                pin_to_cpu: pin.then_some(thread as usize % cpus),
-                spin_before_park: self.threads.spin_before_park,
-                ..ExecutorConfig::default()
-            };
+            let executor = self.executor(&rt.def.name, thread, local_count * rf as usize);
             if rf > 1 {
                 let group = LocalGroup::new(rf);
                 let mut replicas = Vec::new();
@@ -447,6 +438,22 @@ impl InProcessCluster {
         Ok(())
     }
 
+    /// The executor of task thread `thread` of `module`, one of `count`
+    /// executors this process runs for it (pinned, unless told otherwise,
+    /// only when they do not outnumber the CPUs).
+    fn executor(&self, module: &str, thread: u32, count: usize) -> ExecutorConfig {
+        let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
+        let pin = self.threads.pin.unwrap_or(count <= cpus);
+        ExecutorConfig {
+            name: format!("{module}-task-thread-{thread}"),
+            // Several modules' threads share the process's locked memory.
+            io_memory_bytes: 512 << 10,
+            pin_to_cpu: pin.then_some(thread as usize % cpus),
+            spin_before_park: self.threads.spin_before_park,
+            ..ExecutorConfig::default()
+        }
+    }
+
     fn module(&self, name: &str) -> Result<&Arc<ModuleRuntime>> {
         self.modules
             .iter()
@@ -510,8 +517,8 @@ impl InProcessCluster {
     /// catches up.
     pub fn start_replica(&mut self, module: &str, thread: u32, replica: u32) -> Result<()> {
         let dir = self.replica_dir(module, replica);
-        let pin = self.threads.pin == Some(true);
-        let spin = self.threads.spin_before_park;
+        // Restarted alone: pinned only if asked to be.
+        let executor = self.executor(module, thread, usize::MAX);
         let (rt, g) = self.group_mut(module, thread)?;
         match g.replicas.get(replica as usize) {
             Some(None) => {}
@@ -527,14 +534,6 @@ impl InProcessCluster {
                 )))
             }
         }
-        let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
-        let executor = ExecutorConfig {
-            name: format!("{}-task-thread-{thread}", rt.def.name),
-            io_memory_bytes: 512 << 10,
-            pin_to_cpu: pin.then_some(thread as usize % cpus),
-            spin_before_park: spin,
-            ..ExecutorConfig::default()
-        };
         let running = start_replica(rt, thread, replica, &dir, &g.inbox, &g.group, &executor)?;
         g.replicas[replica as usize] = Some(running);
         Ok(())
