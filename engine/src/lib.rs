@@ -13,6 +13,7 @@
 pub mod cluster;
 pub mod error;
 pub mod executor;
+pub mod fsutil;
 pub mod hash;
 pub mod log;
 pub mod lsm;

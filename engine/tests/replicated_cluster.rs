@@ -1,11 +1,9 @@
 //! A replicated module in one process: every task thread runs as three
 //! replicas (min-ISR 2), each over its own copy of the task group's
-//! storage. Appends are acknowledged once in sync, a restart finds
-//! everything, and every replica ends with the same depot partitions.
-//!
-//! Not here yet: failover through the cluster (a killed leader is
-//! replaced at the replication level, but appends after it hang; see
-//! the closing note of 2026-12-07).
+//! storage. Appends are acknowledged once in sync; a killed leader is
+//! replaced in a new epoch and appends go on; killed replicas rejoin and
+//! catch up; a restart finds everything and goes on from the epochs it
+//! left; every replica ends with the same depot partitions.
 
 use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
@@ -168,12 +166,45 @@ fn a_replicated_module_acknowledges_in_sync_appends_and_its_replicas_agree() {
     check_counts(&cluster, &acked, &unknown);
     assert!(unknown.is_empty(), "no failure yet, yet outcomes unknown: {unknown:?}");
 
-    // A restart of the whole module finds everything again.
+    // Kill the leader of task group 0: another replica leads in a new
+    // epoch and appends go on.
+    let before = cluster.task_group(NAME, 0).unwrap().state;
+    let old = before.leader.expect("task group 0 has a leader").id;
+    cluster.kill_replica(NAME, 0, old).unwrap();
+    append_words(&cluster, 200..400, &mut acked, &mut unknown);
+    let after = cluster.task_group(NAME, 0).unwrap().state;
+    assert!(after.epoch > before.epoch, "{before:?} -> {after:?}");
+    assert_ne!(after.leader.map(|m| m.id), Some(old), "{after:?}");
+    // Kill a follower of task group 1: its leader goes on with the other.
+    let s1 = cluster.task_group(NAME, 1).unwrap().state;
+    let follower = (0..3).find(|r| Some(*r) != s1.leader.map(|m| m.id)).unwrap();
+    cluster.kill_replica(NAME, 1, follower).unwrap();
+    append_words(&cluster, 400..500, &mut acked, &mut unknown);
+    // Both come back, catch up and rejoin the ISR.
+    cluster.start_replica(NAME, 0, old).unwrap();
+    cluster.start_replica(NAME, 1, follower).unwrap();
+    append_words(&cluster, 500..600, &mut acked, &mut unknown);
+    wait_groups(&mut cluster, "every replica back in sync after the kills", all_in_sync);
+    check_counts(&cluster, &acked, &unknown);
+
+    // A restart of the whole module finds everything again, and no epoch
+    // is used twice (the group's state is kept as a metastore keeps it).
+    let epochs: Vec<u32> = (0..THREADS)
+        .map(|t| cluster.task_group(NAME, t).unwrap().state.epoch)
+        .collect();
     cluster.shutdown().unwrap();
     let mut cluster = InProcessCluster::new(dir.path());
     cluster.set_module_config(config());
     cluster.launch(module(), TASKS, THREADS).unwrap();
     wait_groups(&mut cluster, "every replica in sync after a restart", all_in_sync);
+    for t in 0..THREADS {
+        let epoch = cluster.task_group(NAME, t).unwrap().state.epoch;
+        assert!(
+            epoch > epochs[t as usize],
+            "task group {t}: epoch {epoch} after {}",
+            epochs[t as usize]
+        );
+    }
     check_counts(&cluster, &acked, &unknown);
     cluster.shutdown().unwrap();
     assert_eq!(engine::cluster::live_task_threads(), 0);

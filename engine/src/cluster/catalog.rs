@@ -25,7 +25,6 @@
 //! ```
 
 use std::collections::BTreeMap;
-use std::io::Write;
 use std::path::{Path, PathBuf};
 
 use crate::error::{Error, Result};
@@ -139,17 +138,7 @@ impl Catalog {
     /// Writes the catalog to `path` durably: a temporary file, fsync,
     /// rename, fsync of the directory.
     pub fn store(&self, path: &Path) -> Result<()> {
-        let dir = path.parent().unwrap_or(Path::new("."));
-        std::fs::create_dir_all(dir).map_err(|e| Error::io("create_dir_all", dir, e))?;
-        let tmp = path.with_extension("tmp");
-        let mut f = std::fs::File::create(&tmp).map_err(|e| Error::io("create", &tmp, e))?;
-        f.write_all(self.encode().as_bytes())
-            .and_then(|()| f.sync_all())
-            .map_err(|e| Error::io("write", &tmp, e))?;
-        std::fs::rename(&tmp, path).map_err(|e| Error::io("rename", path, e))?;
-        std::fs::File::open(dir)
-            .and_then(|d| d.sync_all())
-            .map_err(|e| Error::io("fsync", dir, e))
+        crate::fsutil::write_durably(path, self.encode().as_bytes())
     }
 
     /// This catalog with ids for every name in `depots` and `pstates`

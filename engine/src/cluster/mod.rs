@@ -373,7 +373,13 @@ impl InProcessCluster {
             }
             let executor = self.executor(&rt.def.name, thread, local_count * rf as usize);
             if rf > 1 {
-                let group = LocalGroup::new(rf);
+                let group = match LocalGroup::durable(rf, module_dir.join(format!("group-{thread}.json"))) {
+                    Ok(g) => g,
+                    Err(e) => {
+                        first_replica_error.get_or_insert(e);
+                        continue;
+                    }
+                };
                 let mut replicas = Vec::new();
                 for r in 0..rf {
                     match start_replica(&rt, thread, r, &replica_dirs[r as usize], &inbox, &group, &executor) {

@@ -320,8 +320,13 @@ async fn incarnation(
             }
             Some(Some(Command::Shutdown)) | None => break Next::Exit(Ok(())),
             Some(Some(Command::Kill)) => {
+                // Nothing is closed cleanly; the task thread only stops
+                // (its tasks would otherwise outlive the executor).
                 host.end();
                 driver.stop();
+                if let Some(l) = leading {
+                    l.stop().await;
+                }
                 return Next::Exit(Ok(()));
             }
         }

@@ -27,6 +27,16 @@ pub struct LocalGroup {
     statuses: Mutex<Vec<Option<ReplicaStatus>>>,
     /// The last incarnation of each replica.
     incarnations: Mutex<Vec<u64>>,
+    /// Where the node and the incarnations are kept across restarts of
+    /// the process (none: in memory only).
+    file: Option<PathBuf>,
+}
+
+/// What a durable [`LocalGroup`] keeps in its file.
+#[derive(serde::Serialize, serde::Deserialize)]
+struct Kept {
+    state: GroupState,
+    incarnations: Vec<u64>,
 }
 
 impl LocalGroup {
@@ -38,7 +48,62 @@ impl LocalGroup {
             cut: (0..rf).map(|_| AtomicBool::new(false)).collect(),
             statuses: Mutex::new(vec![None; rf as usize]),
             incarnations: Mutex::new(vec![0; rf as usize]),
+            file: None,
         })
+    }
+
+    /// A group of `rf` replicas whose metastore node and incarnations are
+    /// kept in `file` (fsynced on every change), as ZooKeeper keeps them
+    /// for a cluster: a process restarted over the same directory goes on
+    /// from the epoch and ISR it left, never reusing an epoch or an
+    /// incarnation. A missing file is a new group.
+    pub fn durable(rf: u32, file: PathBuf) -> Result<Arc<LocalGroup>> {
+        let kept = match std::fs::read(&file) {
+            Ok(bytes) => {
+                let corrupt = |reason: String| Error::Corrupt {
+                    path: file.clone(),
+                    offset: 0,
+                    position: 0,
+                    reason,
+                };
+                let kept: Kept =
+                    serde_json::from_slice(&bytes).map_err(|e| corrupt(format!("task group state: {e}")))?;
+                let members = kept.state.replicas().count();
+                if members != rf as usize || kept.incarnations.len() != rf as usize {
+                    return Err(Error::Schema(format!(
+                        "task group state {} has {members} replicas, the module's replication factor is {rf} \
+                         (changing it is not supported)",
+                        file.display()
+                    )));
+                }
+                Some(kept)
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => None,
+            Err(e) => return Err(Error::io("read", &file, e)),
+        };
+        let (state, incarnations) = match kept {
+            Some(k) => (k.state, k.incarnations),
+            None => (GroupState::new(0..rf), vec![0; rf as usize]),
+        };
+        Ok(Arc::new(LocalGroup {
+            state: Mutex::new(state),
+            inboxes: Mutex::new(vec![None; rf as usize]),
+            cut: (0..rf).map(|_| AtomicBool::new(false)).collect(),
+            statuses: Mutex::new(vec![None; rf as usize]),
+            incarnations: Mutex::new(incarnations),
+            file: Some(file),
+        }))
+    }
+
+    /// Writes the node and incarnations to the group's file, if it has one.
+    fn keep(&self, state: &GroupState, incarnations: &[u64]) -> Result<()> {
+        let Some(file) = &self.file else { return Ok(()) };
+        let kept = Kept {
+            state: state.clone(),
+            incarnations: incarnations.to_vec(),
+        };
+        let bytes = serde_json::to_vec(&kept).expect("a task group state serializes");
+        crate::fsutil::write_durably(file, &bytes)
     }
 
     /// The seat of replica `id`: its host when it runs on a task thread
@@ -81,6 +146,12 @@ impl LocalGroup {
             return CasOutcome::Failed;
         }
         state.version = expected + 1;
+        let incarnations = self.incarnations.lock().unwrap_or_else(|p| p.into_inner()).clone();
+        if let Err(e) = self.keep(&state, &incarnations) {
+            // Not durable, not written: the writer asks again.
+            tracing::warn!("task group state not written: {e}");
+            return CasOutcome::Unknown;
+        }
         *current = state.clone();
         for tx in self.inboxes.lock().unwrap_or_else(|p| p.into_inner()).iter().flatten() {
             let _ = tx.try_send(Input::Group(state.clone()));
@@ -145,8 +216,12 @@ struct LocalSeat {
 impl ReplicaHost for LocalSeat {
     fn begin(&self, inbox: flume::Sender<Input>, fresh: bool) -> Result<(u64, bool)> {
         let incarnation = {
+            let state = self.group.state.lock().unwrap_or_else(|p| p.into_inner());
             let mut i = self.group.incarnations.lock().unwrap_or_else(|p| p.into_inner());
-            i[self.id as usize] += 1;
+            let mut next = i.clone();
+            next[self.id as usize] += 1;
+            self.group.keep(&state, &next)?;
+            *i = next;
             i[self.id as usize]
         };
         // An empty directory of a group that already had a leader: the

@@ -74,14 +74,14 @@ pub type ReplicaId = u32;
 pub type Incarnation = u64;
 
 /// A replica in one incarnation.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, serde::Serialize, serde::Deserialize)]
 pub struct Member {
     pub id: ReplicaId,
     pub incarnation: Incarnation,
 }
 
 /// The metastore node of one task group.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct GroupState {
     /// The metastore's version of the node (the compare-and-set token).
     pub version: u64,
