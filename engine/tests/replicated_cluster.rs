@@ -5,40 +5,24 @@
 //! catch up; a restart finds everything and goes on from the epochs it
 //! left; every replica ends with the same depot partitions.
 
+mod common;
+
 use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
 use engine::cluster::config::ModuleConfig;
 use engine::cluster::{AckLevel, InProcessCluster, ReplicationConfig, TaskGroupStatus};
 use engine::log::{Log, LogConfig};
-use engine::module::{stage, ModuleBuilder, ModuleDef, Partitioner};
-use engine::pstate::{Nav, Op, PStateSchema, ValueSchema};
-use engine::value::{Kind, Value};
+use engine::module::ModuleDef;
+use engine::pstate::Nav;
+use engine::value::Value;
 
 const TASKS: u32 = 4;
 const THREADS: u32 = 2;
 const NAME: &str = "Replicated";
 
 fn module() -> ModuleDef {
-    ModuleBuilder::new(NAME)
-        .depot("*words", Partitioner::hash_by(|r| r.clone()))
-        .pstate(
-            "$$counts",
-            PStateSchema::new(ValueSchema::Scalar(Kind::Str), ValueSchema::Scalar(Kind::Int)),
-        )
-        .stream(
-            "count",
-            ["*words"],
-            vec![stage(|ctx, word| {
-                ctx.transform(
-                    "$$counts",
-                    &[Nav::Key(word)],
-                    Op::update(|n| Value::Int(n.as_int().unwrap_or(0) + 1)),
-                )
-            })],
-        )
-        .build()
-        .unwrap()
+    common::word_count(NAME)
 }
 
 fn config() -> ModuleConfig {

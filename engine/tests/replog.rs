@@ -21,34 +21,16 @@ use std::time::{Duration, Instant};
 use engine::cluster::config::ModuleConfig;
 use engine::cluster::{AckLevel, InProcessCluster};
 use engine::log::{Log, LogConfig};
-use engine::module::{stage, ModuleBuilder, ModuleDef, Partitioner};
-use engine::pstate::{Nav, Op, PStateSchema, ValueSchema};
-use engine::value::{Kind, Value};
+use engine::module::ModuleDef;
+use engine::pstate::Nav;
+use engine::value::Value;
 
 const TASKS: u32 = 4;
 const THREADS: u32 = 2;
 const CHILD_ENV: &str = "RAMA_REPLOG_CHILD";
 
 fn module() -> ModuleDef {
-    ModuleBuilder::new("Replog")
-        .depot("*words", Partitioner::hash_by(|r| r.clone()))
-        .pstate(
-            "$$counts",
-            PStateSchema::new(ValueSchema::Scalar(Kind::Str), ValueSchema::Scalar(Kind::Int)),
-        )
-        .stream(
-            "count",
-            ["*words"],
-            vec![stage(|ctx, word| {
-                ctx.transform(
-                    "$$counts",
-                    &[Nav::Key(word)],
-                    Op::update(|n| Value::Int(n.as_int().unwrap_or(0) + 1)),
-                )
-            })],
-        )
-        .build()
-        .unwrap()
+    common::word_count("Replog")
 }
 
 /// Small segments and frequent checkpoints, so trimming happens in a test.

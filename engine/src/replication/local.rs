@@ -42,13 +42,17 @@ struct Kept {
 impl LocalGroup {
     /// A group of `rf` replicas, no leader yet.
     pub fn new(rf: u32) -> Arc<LocalGroup> {
+        LocalGroup::with(rf, GroupState::new(0..rf), vec![0; rf as usize], None)
+    }
+
+    fn with(rf: u32, state: GroupState, incarnations: Vec<u64>, file: Option<PathBuf>) -> Arc<LocalGroup> {
         Arc::new(LocalGroup {
-            state: Mutex::new(GroupState::new(0..rf)),
+            state: Mutex::new(state),
             inboxes: Mutex::new(vec![None; rf as usize]),
             cut: (0..rf).map(|_| AtomicBool::new(false)).collect(),
             statuses: Mutex::new(vec![None; rf as usize]),
-            incarnations: Mutex::new(vec![0; rf as usize]),
-            file: None,
+            incarnations: Mutex::new(incarnations),
+            file,
         })
     }
 
@@ -85,14 +89,7 @@ impl LocalGroup {
             Some(k) => (k.state, k.incarnations),
             None => (GroupState::new(0..rf), vec![0; rf as usize]),
         };
-        Ok(Arc::new(LocalGroup {
-            state: Mutex::new(state),
-            inboxes: Mutex::new(vec![None; rf as usize]),
-            cut: (0..rf).map(|_| AtomicBool::new(false)).collect(),
-            statuses: Mutex::new(vec![None; rf as usize]),
-            incarnations: Mutex::new(incarnations),
-            file: Some(file),
-        }))
+        Ok(LocalGroup::with(rf, state, incarnations, Some(file)))
     }
 
     /// Writes the node and incarnations to the group's file, if it has one.

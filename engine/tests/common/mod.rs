@@ -135,3 +135,30 @@ pub async fn until_healed<T, E: std::fmt::Display, F: std::future::Future<Output
         }
     }
 }
+
+/// A word-count module named `name`: depot `*words` (hashed by the
+/// word), stream topology `count` adding one to `$$counts[word]`.
+pub fn word_count(name: &str) -> engine::module::ModuleDef {
+    use engine::module::{stage, ModuleBuilder, Partitioner};
+    use engine::pstate::{Nav, Op, PStateSchema, ValueSchema};
+    use engine::value::{Kind, Value};
+    ModuleBuilder::new(name)
+        .depot("*words", Partitioner::hash_by(|r| r.clone()))
+        .pstate(
+            "$$counts",
+            PStateSchema::new(ValueSchema::Scalar(Kind::Str), ValueSchema::Scalar(Kind::Int)),
+        )
+        .stream(
+            "count",
+            ["*words"],
+            vec![stage(|ctx, word| {
+                ctx.transform(
+                    "$$counts",
+                    &[Nav::Key(word)],
+                    Op::update(|n| Value::Int(n.as_int().unwrap_or(0) + 1)),
+                )
+            })],
+        )
+        .build()
+        .unwrap()
+}
