@@ -125,8 +125,12 @@ fn deploy_serve_survive_crashes_and_destroy() {
         (shape("8", "2", "4"), "at most threads (2), got 4"),
         (shape("256", "256", "200"), "not enough Supervisor ports"),
         (
-            [shape("8", "2", "1"), vec!["--replicationFactor", "2"]].concat(),
-            "replication is not implemented yet",
+            [shape("8", "2", "1"), vec!["--replicationFactor", "4"]].concat(),
+            "--replicationFactor 4 needs 4 Supervisors",
+        ),
+        (
+            [shape("8", "2", "1"), vec!["--replicationFactor", "10"]].concat(),
+            "a task group has 1 to 9 replicas",
         ),
     ] {
         let out = deploy(&args);

@@ -170,6 +170,15 @@ pub struct Assignment {
     pub worker: u32,
     #[serde(default)]
     pub config: Json,
+    /// Replicas of each task group: worker processes `r * workers + w`
+    /// run replica `r` of worker `w`'s task groups (`worker` is the
+    /// process index).
+    #[serde(default = "one")]
+    pub replication_factor: u32,
+}
+
+fn one() -> u32 {
+    1
 }
 
 impl Assignment {
@@ -185,6 +194,7 @@ impl Assignment {
             workers: spec.workers,
             worker,
             config: spec.config.clone(),
+            replication_factor: spec.replication_factor,
         }
     }
 
@@ -203,8 +213,13 @@ pub struct WorkerRegistration {
     pub address: String,
     pub tasks: u32,
     pub threads: u32,
+    /// Workers of the module (with replication: processes per replica).
     pub workers: u32,
     pub instance: u32,
+    /// Replicas of each task group; `worker` is the process index
+    /// (`replica * workers + logical worker`).
+    #[serde(default = "one")]
+    pub replication_factor: u32,
     /// The incarnation it was started for (none: started without a
     /// Supervisor, outside any deploy).
     #[serde(default)]
@@ -664,6 +679,19 @@ impl<'a> Layout<'a> {
         }
     }
 
+    /// Removes replica `r`'s registration if it is still incarnation
+    /// `incarnation`'s (the replica stopped; a later one's stays).
+    pub fn unregister_replica(&self, m: &str, n: u32, tg: u32, r: u32, incarnation: u64) -> Result<()> {
+        let path = format!("{}/{r}", group_live(m, n, tg));
+        match self.read::<ReplicaRegistration>(&path)? {
+            Some((old, version)) if old.incarnation == incarnation => match self.meta.delete(&path, Some(version)) {
+                Ok(()) | Err(MetaError::NoNode(_)) | Err(MetaError::BadVersion(_)) => Ok(()),
+                Err(e) => Err(e.into()),
+            },
+            _ => Ok(()),
+        }
+    }
+
     /// Updates this replica's registration (its own ephemeral node).
     pub fn update_replica(&self, m: &str, n: u32, tg: u32, registration: &ReplicaRegistration) -> Result<()> {
         let path = format!("{}/{}", group_live(m, n, tg), registration.replica);
@@ -1023,6 +1051,7 @@ mod tests {
                 threads: 2,
                 workers: 2,
                 instance: 0,
+                replication_factor: 1,
                 incarnation: Some(inc.into()),
                 engine_version: "x".into(),
                 depots: Vec::new(),
@@ -1067,6 +1096,7 @@ mod tests {
             workers: 2,
             worker: w,
             config: Json::Null,
+            replication_factor: 1,
         };
         l.assign("s1", &a("M", 0, 0)).unwrap();
         l.assign("s2", &a("M", 0, 1)).unwrap();

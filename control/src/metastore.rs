@@ -171,6 +171,11 @@ fn persistent() -> zk::CreateOptions<'static> {
 }
 
 impl ZkMetastore {
+    /// The session timeout it asks ZooKeeper for.
+    pub fn session_timeout(&self) -> Duration {
+        self.session_timeout
+    }
+
     /// Connects to `hosts` on `port` under `root` (created if missing, with
     /// an ACL that lets only `credentials` in), authenticated with
     /// `credentials`, retrying with backoff for up to `wait`; then a clear

@@ -25,7 +25,7 @@ use control::layout::{
     self, valid_module_name, Assignment, InstanceSpec, InstanceState, Layout, LayoutError, ModuleState,
 };
 use control::metastore::{MetaError, Metastore, NodeKind, ZkMetastore};
-use engine::runtime::placement::Parallelism;
+use engine::runtime::placement::{Parallelism, Placement};
 use engine::value::{archived, Value};
 use net::manager::connect_metastore;
 use serde_json::Value as Json;
@@ -113,6 +113,30 @@ fn summary(r: &AdminRequest) -> (bool, String) {
         AdminRequest::Workers { module, append } => (false, format!("workers of {module} (append: {append})")),
         AdminRequest::Destroy { module } => (true, format!("destroy of {module}")),
     }
+}
+
+/// The Supervisor of each of the `workers * rf` processes of a replicated
+/// instance (process `r * workers + w` is replica `r` of worker `w`):
+/// every worker's replicas on different Supervisors, each process on the
+/// Supervisor with the most free ports left among those its worker does
+/// not use yet. `None` when the free ports cannot.
+fn plan(slots: &[(String, u64)], workers: u32, rf: u32) -> Option<Vec<String>> {
+    let mut free: Vec<(String, u64)> = slots.to_vec();
+    let mut places = vec![String::new(); (workers * rf) as usize];
+    for w in 0..workers {
+        let mut used: Vec<usize> = Vec::new();
+        for r in 0..rf {
+            let (i, _) = free
+                .iter()
+                .enumerate()
+                .filter(|(i, (_, n))| *n > 0 && !used.contains(i))
+                .max_by_key(|(i, (_, n))| (*n, std::cmp::Reverse(*i)))?;
+            free[i].1 -= 1;
+            used.push(i);
+            places[(r * workers + w) as usize] = free[i].0.clone();
+        }
+    }
+    Some(places)
 }
 
 /// Workers of `module` already assigned to Supervisor `s`.
@@ -360,10 +384,8 @@ impl Conductor {
         engine_config
             .validate()
             .map_err(|e| format!("worker.child.opts: {e}"))?;
-        if rf != 1 {
-            return Err(format!(
-                "--replicationFactor {rf}: replication is not implemented yet; only 1 is accepted"
-            ));
+        if !(1..=9).contains(&rf) {
+            return Err(format!("--replicationFactor {rf}: a task group has 1 to 9 replicas"));
         }
         if self.state(module)?.is_some() {
             return Err(format!("module {module} is already deployed"));
@@ -385,11 +407,28 @@ impl Conductor {
             slots.push((s.clone(), range.saturating_sub(used)));
         }
         let free: u64 = slots.iter().map(|(_, n)| n).sum();
-        if free < u64::from(workers) {
+        let processes = u64::from(workers) * u64::from(rf);
+        if free < processes {
             return Err(format!(
-                "not enough Supervisor ports: {workers} workers need {workers} ports, {free} are free on {} \
-                 Supervisors (supervisor.port.range); start more Supervisors or widen their ranges",
+                "not enough Supervisor ports: {workers} workers with replication factor {rf} need {processes} \
+                 ports, {free} are free on {} Supervisors (supervisor.port.range); start more Supervisors or \
+                 widen their ranges",
                 slots.len()
+            ));
+        }
+        // Two replicas of a task group never share a node: each worker's
+        // RF processes go to RF different Supervisors.
+        let able = slots.iter().filter(|(_, n)| *n > 0).count() as u32;
+        if rf > able {
+            return Err(format!(
+                "--replicationFactor {rf} needs {rf} Supervisors with free ports (the replicas of a task group \
+                 run on different nodes); {able} can take workers now"
+            ));
+        }
+        if rf > 1 && plan(&slots, workers, rf).is_none() {
+            return Err(format!(
+                "the Supervisors' free ports cannot place {workers} workers with {rf} replicas each on \
+                 different Supervisors; start more Supervisors or widen their port ranges"
             ));
         }
         Ok(Shape {
@@ -462,6 +501,9 @@ impl Conductor {
             Err(e) => return Err(layout_err(e)),
         }
         let launched = (|| -> Result<(), String> {
+            if rf > 1 {
+                return self.place_replicated(&spec, &slots);
+            }
             // The dev scheduler: each worker to the Supervisor with the
             // fewest assignments.
             for w in 0..workers {
@@ -493,6 +535,73 @@ impl Conductor {
             .expect("launching")
             .insert(module.to_string(), Instant::now());
         Ok(Value::map([("state", Value::from("launching"))]))
+    }
+
+    /// Places the `workers * rf` processes of a replicated instance (each
+    /// worker's replicas on different Supervisors), makes each task
+    /// group's node (where its replicas run; no leader yet: the election
+    /// pass names one once they register), then assigns the processes.
+    fn place_replicated(&self, spec: &InstanceSpec, slots: &[(String, u64)]) -> Result<(), String> {
+        let (workers, rf) = (spec.workers, spec.replication_factor);
+        let places = plan(slots, workers, rf).ok_or("not enough Supervisors to place the replicas apart")?;
+        let l = self.layout();
+        let placement = Placement::new(Parallelism::new(spec.tasks, spec.threads, workers).map_err(|e| e.to_string())?);
+        for thread in 0..spec.threads {
+            let w = placement.worker_of_thread[thread as usize];
+            let replicas = (0..rf)
+                .map(|r| {
+                    let process = r * workers + w;
+                    layout::ReplicaPlace {
+                        supervisor: places[process as usize].clone(),
+                        worker: process,
+                    }
+                })
+                .collect();
+            l.create_group(&spec.module, spec.instance, thread, &layout::GroupNode::new(replicas))
+                .map_err(layout_err)?;
+        }
+        for (process, supervisor) in places.iter().enumerate() {
+            l.assign(supervisor, &Assignment::of(spec, process as u32))
+                .map_err(layout_err)?;
+        }
+        Ok(())
+    }
+
+    /// One election pass over the task groups of every replicated module
+    /// instance: a group whose leader's registration is gone gets a new
+    /// leader (or none, fenced, until an in-sync replica returns).
+    fn elect(&self) -> Result<(), String> {
+        let l = self.layout();
+        for module in l.modules().map_err(layout_err)? {
+            for n in l.instances(&module).map_err(layout_err)? {
+                for group in l.groups(&module, n).map_err(layout_err)? {
+                    let id = crate::replication::GroupId {
+                        module: module.clone(),
+                        instance: n,
+                        group,
+                    };
+                    if let Some(next) = crate::replication::elect_group(&l, &id).map_err(layout_err)? {
+                        match next.leader {
+                            Some(m) => tracing::info!(
+                                "module {module} instance {n} task group {group}: replica {} leads epoch {} \
+                                 (in sync: {:?}, out of sync: {:?})",
+                                m.id,
+                                next.epoch,
+                                next.isr,
+                                next.osr
+                            ),
+                            None => tracing::warn!(
+                                "module {module} instance {n} task group {group}: no in-sync replica is up; \
+                                 no leader in epoch {} until one returns (in sync: {:?})",
+                                next.epoch,
+                                next.isr
+                            ),
+                        }
+                    }
+                }
+            }
+        }
+        Ok(())
     }
 
     /// `moduleStatus`: the module's state, its instances (state, whether
@@ -699,12 +808,13 @@ impl Conductor {
                     .filter(|r| r.incarnation.as_deref() == Some(spec.incarnation.as_str()))
                     .count();
                 let ist = l.instance_state(&module, n).map_err(layout_err)?;
-                if ist == Some(InstanceState::Launching) && registered >= spec.workers as usize {
+                let processes = (spec.workers * spec.replication_factor.max(1)) as usize;
+                if ist == Some(InstanceState::Launching) && registered >= processes {
                     l.set_instance_state(&module, n, InstanceState::Running)
                         .map_err(layout_err)?;
                     tracing::info!("module {module} instance {n} is running (every worker registered)");
                 }
-                let running = ist == Some(InstanceState::Running) || registered >= spec.workers as usize;
+                let running = ist == Some(InstanceState::Running) || registered >= processes;
                 if targets.is_some_and(|t| t.read == n) && running {
                     target_running = true;
                 }
@@ -871,7 +981,14 @@ pub fn run(config: &Config, stop: &AtomicBool) -> Result<(), String> {
         if let Err(e) = conductor.progress() {
             tracing::warn!("{e}");
         }
-        std::thread::sleep(Duration::from_millis(300));
+        // Elections more often than the rest: a task group without a
+        // leader takes no appends.
+        for _ in 0..3 {
+            if let Err(e) = conductor.elect() {
+                tracing::warn!("election pass: {e}");
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
     }
     drop(server);
     tracing::info!("stopped");

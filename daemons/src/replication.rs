@@ -28,7 +28,8 @@ use std::time::{Duration, Instant};
 
 use control::layout::{self, GroupLeader, GroupNode, Layout, LayoutError, ReplicaPlace, ReplicaRegistration};
 use control::metastore::{MetaError, Metastore};
-use engine::replication::driver::{CasOutcome, GroupMetastore};
+use engine::cluster::peer::ReplicaSender;
+use engine::replication::driver::{CasOutcome, GroupMetastore, ReplicaHost, ReplicaStatus};
 use engine::replication::{elect, Candidate, GroupState, Input, Member};
 
 /// Where a task group is: module, instance, task group.
@@ -347,6 +348,252 @@ impl GroupMetastore for GroupCas {
             }
             rx.recv_async().await.unwrap_or(CasOutcome::Unknown)
         })
+    }
+}
+
+/// A worker's replica of one task group, as its driver sees it
+/// ([`ReplicaHost`]): registration, group node and compare-and-sets
+/// through a [`GroupLink`] per incarnation, messages to the other
+/// replicas over the peer links.
+pub struct WorkerReplica {
+    meta: Arc<dyn Metastore>,
+    id: GroupId,
+    replica: u32,
+    session_timeout: Duration,
+    report: Arc<Mutex<ReplicaReport>>,
+    status: Mutex<Option<ReplicaStatus>>,
+    link: Mutex<Option<(GroupLink, u64)>>,
+    /// The process of each replica of the group.
+    places: Vec<u32>,
+    sender: ReplicaSender,
+}
+
+impl std::fmt::Debug for WorkerReplica {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("WorkerReplica")
+            .field("id", &self.id)
+            .field("replica", &self.replica)
+            .finish_non_exhaustive()
+    }
+}
+
+fn unavailable(e: LayoutError) -> engine::Error {
+    engine::Error::Unavailable(format!("the metastore: {e}"))
+}
+
+impl WorkerReplica {
+    /// Replica `replica` of group `id`, whose node (made at deploy) says
+    /// where every replica runs.
+    pub fn new(
+        meta: Arc<dyn Metastore>,
+        id: GroupId,
+        replica: u32,
+        session_timeout: Duration,
+        sender: ReplicaSender,
+    ) -> engine::Result<WorkerReplica> {
+        let (node, _) = Layout::new(&*meta)
+            .group(&id.module, id.instance, id.group)
+            .map_err(unavailable)?
+            .ok_or_else(|| {
+                engine::Error::Schema(format!(
+                    "task group {} of module {} instance {} has no replication node (deploy makes it)",
+                    id.group, id.module, id.instance
+                ))
+            })?;
+        if replica as usize >= node.replicas.len() {
+            return Err(engine::Error::Schema(format!(
+                "task group {} of module {} has {} replicas, not a replica {replica}",
+                id.group,
+                id.module,
+                node.replicas.len()
+            )));
+        }
+        Ok(WorkerReplica {
+            meta,
+            id,
+            replica,
+            session_timeout,
+            report: Arc::default(),
+            status: Mutex::new(None),
+            link: Mutex::new(None),
+            places: node.replicas.iter().map(|p| p.worker).collect(),
+            sender,
+        })
+    }
+
+    /// What the replica last said of itself.
+    pub fn status(&self) -> Option<ReplicaStatus> {
+        self.status.lock().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
+    fn end_link(&self) {
+        let ended = self.link.lock().unwrap_or_else(|p| p.into_inner()).take();
+        if let Some((link, incarnation)) = ended {
+            drop(link);
+            let _ = Layout::new(&*self.meta).unregister_replica(
+                &self.id.module,
+                self.id.instance,
+                self.id.group,
+                self.replica,
+                incarnation,
+            );
+        }
+    }
+}
+
+impl ReplicaHost for WorkerReplica {
+    fn begin(&self, inbox: flume::Sender<Input>, fresh: bool) -> engine::Result<(u64, bool)> {
+        self.end_link();
+        // An empty directory of a replica that ran before (its
+        // incarnation counter exists): it may have held entries it no
+        // longer has.
+        let ran_before = Layout::new(&*self.meta)
+            .read::<u64>(&layout::group_incarnation(
+                &self.id.module,
+                self.id.instance,
+                self.id.group,
+                self.replica,
+            ))
+            .map_err(unavailable)?
+            .is_some();
+        let lost = fresh && ran_before;
+        self.report.lock().unwrap_or_else(|p| p.into_inner()).lost_data = lost;
+        let (link, incarnation) = GroupLink::start(
+            self.meta.clone(),
+            self.id.clone(),
+            self.replica,
+            self.session_timeout,
+            self.report.clone(),
+            inbox,
+        )
+        .map_err(unavailable)?;
+        *self.link.lock().unwrap_or_else(|p| p.into_inner()) = Some((link, incarnation));
+        Ok((incarnation, lost))
+    }
+
+    fn report(&self, status: ReplicaStatus) {
+        {
+            let mut r = self.report.lock().unwrap_or_else(|p| p.into_inner());
+            r.lost_data = status.lost_data;
+            r.last_epoch = status.last_epoch;
+            r.log_end = status.log_end;
+        }
+        *self.status.lock().unwrap_or_else(|p| p.into_inner()) = Some(status);
+    }
+
+    fn send(&self, to: u32, message: engine::replication::Message) {
+        if let Some(&process) = self.places.get(to as usize) {
+            self.sender.send(process, self.id.group, self.replica, to, message);
+        }
+    }
+
+    fn metastore(&self) -> Box<dyn GroupMetastore> {
+        match self.link.lock().unwrap_or_else(|p| p.into_inner()).as_ref() {
+            Some((link, _)) => Box::new(link.metastore()),
+            None => Box::new(NoLink),
+        }
+    }
+
+    fn end(&self) {
+        self.end_link();
+    }
+}
+
+/// The compare-and-sets of a replica without a link (never begun): the
+/// outcome is unknown, so the driver asks again.
+struct NoLink;
+
+impl GroupMetastore for NoLink {
+    fn cas(&self, _: u64, _: GroupState) -> Pin<Box<dyn std::future::Future<Output = CasOutcome> + '_>> {
+        Box::pin(async { CasOutcome::Unknown })
+    }
+}
+
+/// Where the leaders of a module instance's task groups run, read from
+/// their group nodes (again when a sender says an answer was wrong).
+pub struct GroupLeaders {
+    meta: Arc<dyn Metastore>,
+    module: String,
+    instance: u32,
+    known: Mutex<Vec<KnownLeader>>,
+}
+
+impl std::fmt::Debug for GroupLeaders {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("GroupLeaders")
+            .field("module", &self.module)
+            .field("instance", &self.instance)
+            .finish_non_exhaustive()
+    }
+}
+
+#[derive(Debug, Clone, Copy)]
+struct KnownLeader {
+    process: Option<u32>,
+    read_at: Option<Instant>,
+    stale: bool,
+}
+
+/// A stale leader is read again at most this often per task group.
+const LEADER_REREAD: Duration = Duration::from_millis(25);
+
+impl GroupLeaders {
+    pub fn new(meta: Arc<dyn Metastore>, module: &str, instance: u32, threads: u32) -> GroupLeaders {
+        GroupLeaders {
+            meta,
+            module: module.to_string(),
+            instance,
+            known: Mutex::new(
+                (0..threads)
+                    .map(|_| KnownLeader {
+                        process: None,
+                        read_at: None,
+                        stale: true,
+                    })
+                    .collect(),
+            ),
+        }
+    }
+
+    fn read(&self, thread: u32) -> Option<u32> {
+        let (node, _) = Layout::new(&*self.meta)
+            .group(&self.module, self.instance, thread)
+            .ok()
+            .flatten()?;
+        let leader = node.leader?;
+        node.replicas.get(leader.replica as usize).map(|p| p.worker)
+    }
+}
+
+impl engine::cluster::peer::Leaders for GroupLeaders {
+    fn leader(&self, thread: u32) -> Option<u32> {
+        let known = {
+            let known = self.known.lock().unwrap_or_else(|p| p.into_inner());
+            *known.get(thread as usize)?
+        };
+        let fresh = known.read_at.is_some_and(|t| t.elapsed() < LEADER_REREAD);
+        if !known.stale || fresh {
+            return known.process;
+        }
+        let process = self.read(thread);
+        let mut all = self.known.lock().unwrap_or_else(|p| p.into_inner());
+        all[thread as usize] = KnownLeader {
+            process,
+            read_at: Some(Instant::now()),
+            stale: process.is_none(),
+        };
+        process
+    }
+
+    fn stale(&self, thread: u32) {
+        if let Some(k) = self
+            .known
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get_mut(thread as usize)
+        {
+            k.stale = true;
+        }
     }
 }
 

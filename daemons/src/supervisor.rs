@@ -332,6 +332,11 @@ impl Supervisor {
             .args(["--id", &spec.worker.to_string()])
             .args(["--workers", &spec.workers.to_string()])
             .args(["--instance", &spec.instance.to_string()])
+            .args(if spec.replication_factor > 1 {
+                vec!["--replicationFactor".to_string(), spec.replication_factor.to_string()]
+            } else {
+                Vec::new()
+            })
             // Its fence: it serves only while this assignment names this
             // incarnation.
             .args(["--incarnation", &spec.incarnation])

@@ -161,6 +161,9 @@ fn run_command(modules: &[fn() -> Result<ModuleDef>], args: &[String]) -> std::r
                     "--register" if cmd == "worker" => register = Some(std::path::PathBuf::from(value)),
                     "--id" if cmd == "worker" => id = number()?,
                     "--workers" if cmd == "worker" => workers = number()?,
+                    "--replicationFactor" if cmd == "worker" => {
+                        engine_config.replication.factor = number()?;
+                    }
                     "--log" if cmd == "worker" => log = Some(std::path::PathBuf::from(value)),
                     "--secretFile" if cmd == "worker" => secret_file = Some(std::path::PathBuf::from(value)),
                     "--instance" if cmd == "worker" => instance = number()?,
@@ -209,11 +212,14 @@ fn run_command(modules: &[fn() -> Result<ModuleDef>], args: &[String]) -> std::r
                 if incarnation.is_some() != assignment.is_some() {
                     return Err(Failure::Usage("--incarnation and --assignment go together".into()));
                 }
-                if workers > 1 && register.is_none() {
+                if (workers > 1 || engine_config.replication.factor > 1) && register.is_none() {
                     return Err(Failure::Usage(
-                        "--workers above 1 needs --register (workers find each other through the metastore)".into(),
+                        "--workers or --replicationFactor above 1 needs --register (workers find each other \
+                         through the metastore)"
+                            .into(),
                     ));
                 }
+                engine_config.validate()?;
                 worker(
                     def,
                     &dir,
@@ -398,6 +404,7 @@ fn worker(def: ModuleDef, dir: &str, shape: Shape, (host, port): (&str, u16), me
     net::transport::raise_open_file_limit();
     let mut cluster = InProcessCluster::new(dir);
     cluster.set_thread_options(threading);
+    let rf = engine_config.replication.factor.max(1);
     cluster.set_module_config(engine_config);
     let config = register
         .map(|(path, _)| net::manager::load_config(Some(path), &[]))
@@ -433,8 +440,9 @@ fn worker(def: ModuleDef, dir: &str, shape: Shape, (host, port): (&str, u16), me
     };
     let connect =
         |config: &control::config::Config| net::manager::connect_metastore(config, control::config::Side::Internal);
-    let peers = match (&config, workers) {
-        (Some(config), w) if w > 1 => Some(std::sync::Arc::new(net::peers::NetPeers::new(
+    let processes = workers * rf;
+    let peers = match (&config, processes) {
+        (Some(config), p) if p > 1 => Some(std::sync::Arc::new(net::peers::NetPeers::new(
             &name,
             connect(config)?,
             secret.clone(),
@@ -444,19 +452,39 @@ fn worker(def: ModuleDef, dir: &str, shape: Shape, (host, port): (&str, u16), me
         _ => None,
     };
     let me = register.map_or(0, |(_, id)| id);
+    if me >= processes {
+        return Err(Error::Schema(format!(
+            "worker {me} does not exist: the module has {processes} worker processes ({workers} workers, \
+             replication factor {rf})"
+        )));
+    }
     let routes = depot_routes(&def);
-    let launched = match &peers {
-        Some(p) => cluster.launch_worker(
-            def,
-            tasks,
-            threads,
-            engine::cluster::peer::WorkerPart {
-                workers,
-                worker: me,
-                peers: p.clone(),
-            },
-        ),
-        None => cluster.launch(def, tasks, threads),
+    let launched = match (&peers, &config) {
+        (Some(p), Some(config)) => {
+            let replication = if rf > 1 {
+                Some(replica_part(
+                    config,
+                    &name,
+                    instance,
+                    threads,
+                    (me / workers, p.clone()),
+                )?)
+            } else {
+                None
+            };
+            cluster.launch_worker(
+                def,
+                tasks,
+                threads,
+                engine::cluster::peer::WorkerPart {
+                    workers,
+                    worker: me % workers,
+                    peers: p.clone(),
+                    replication,
+                },
+            )
+        }
+        _ => cluster.launch(def, tasks, threads),
     };
     // Storage that does not open (damaged data, say) keeps this worker's
     // task groups down: the reason goes to the metastore, where
@@ -486,6 +514,7 @@ fn worker(def: ModuleDef, dir: &str, shape: Shape, (host, port): (&str, u16), me
                 threads,
                 workers,
                 instance,
+                replication_factor: rf,
                 incarnation: incarnation.clone(),
                 engine_version: engine::VERSION.to_string(),
                 depots: routes,
@@ -511,7 +540,7 @@ fn worker(def: ModuleDef, dir: &str, shape: Shape, (host, port): (&str, u16), me
     if let Some(p) = &peers {
         // Topologies start once every other worker serves the module, so a
         // fresh launch does not begin with batches that cannot be sent.
-        for w in (0..workers).filter(|&w| w != me) {
+        for w in (0..processes).filter(|&w| w != me) {
             if p.wait_for(w, stopping).is_err() {
                 break;
             }
@@ -554,6 +583,50 @@ fn worker(def: ModuleDef, dir: &str, shape: Shape, (host, port): (&str, u16), me
             }
         }
     }
+}
+
+/// This process's part of a replicated module: replica `replica` of its
+/// worker's task groups, linked to their group nodes through a metastore
+/// session of its own (shared by its replicas), and the leaders of every
+/// task group, read from their nodes.
+fn replica_part(
+    config: &control::config::Config,
+    module: &str,
+    instance: u32,
+    threads: u32,
+    (replica, peers): (u32, std::sync::Arc<net::peers::NetPeers>),
+) -> Result<engine::cluster::peer::ReplicaPart> {
+    use std::sync::Arc;
+    let meta = net::manager::connect_metastore(config, control::config::Side::Internal)?;
+    let session_timeout = meta.session_timeout();
+    let meta: Arc<dyn control::metastore::Metastore> = Arc::new(meta);
+    let peers: Arc<dyn engine::cluster::peer::Peers> = peers;
+    let sender = engine::cluster::peer::ReplicaSender::start(module, peers)?;
+    let leaders = Arc::new(crate::replication::GroupLeaders::new(
+        meta.clone(),
+        module,
+        instance,
+        threads,
+    ));
+    let module = module.to_string();
+    Ok(engine::cluster::peer::ReplicaPart {
+        replica,
+        hosts: Arc::new(move |thread| {
+            let host = crate::replication::WorkerReplica::new(
+                meta.clone(),
+                crate::replication::GroupId {
+                    module: module.clone(),
+                    instance,
+                    group: thread,
+                },
+                replica,
+                session_timeout,
+                sender.clone(),
+            )?;
+            Ok(Arc::new(host) as Arc<dyn engine::replication::driver::ReplicaHost>)
+        }),
+        leaders,
+    })
 }
 
 fn serve(

@@ -74,6 +74,12 @@ pub enum Error {
     #[error("{0}")]
     Unavailable(String),
 
+    /// The replica asked does not lead its task group (it is a follower,
+    /// or stepped down): nothing was taken, so the request may be sent
+    /// again to the leader.
+    #[error("{0}")]
+    NotLeader(String),
+
     /// The glommio executor could not be started.
     #[error("cannot start the task thread executor: {0}")]
     Executor(String),
@@ -105,10 +111,11 @@ pub enum ErrorCode {
     Topology = 9,
     Unavailable = 10,
     Executor = 11,
+    NotLeader = 12,
 }
 
 impl ErrorCode {
-    const ALL: [ErrorCode; 12] = [
+    const ALL: [ErrorCode; 13] = [
         ErrorCode::Other,
         ErrorCode::Io,
         ErrorCode::Poisoned,
@@ -121,6 +128,7 @@ impl ErrorCode {
         ErrorCode::Topology,
         ErrorCode::Unavailable,
         ErrorCode::Executor,
+        ErrorCode::NotLeader,
     ];
 
     /// The code numbered `n` (unknown numbers are `Other`).
@@ -146,6 +154,7 @@ impl ErrorCode {
             ErrorCode::Topology => "topology",
             ErrorCode::Unavailable => "unavailable",
             ErrorCode::Executor => "executor",
+            ErrorCode::NotLeader => "not-leader",
         }
     }
 
@@ -181,6 +190,7 @@ impl Error {
             Error::Topology(_) => ErrorCode::Topology,
             Error::Unavailable(_) => ErrorCode::Unavailable,
             Error::Executor(_) => ErrorCode::Executor,
+            Error::NotLeader(_) => ErrorCode::NotLeader,
             Error::Remote { code, .. } => *code,
         }
     }
@@ -194,6 +204,7 @@ impl Error {
             ErrorCode::Schema => Error::Schema(message),
             ErrorCode::Topology => Error::Topology(message),
             ErrorCode::Unavailable => Error::Unavailable(message),
+            ErrorCode::NotLeader => Error::NotLeader(message),
             code => Error::Remote { code, message },
         }
     }

@@ -126,6 +126,15 @@ pub enum PeerMessage {
         task: u32,
         items: Vec<u8>,
     },
+    /// A replication message for replica `to` of task thread `thread`'s
+    /// group, from replica `from` (one way: the answer only says it was
+    /// taken; the protocol resends what is lost).
+    Replica {
+        thread: u32,
+        from: u32,
+        to: u32,
+        message: crate::replication::Message,
+    },
 }
 
 /// What a microbatch coordinator asks a task thread.

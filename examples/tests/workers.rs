@@ -59,6 +59,7 @@ impl Workers {
                         workers,
                         worker: w,
                         peers: Arc::new(peers),
+                        replication: None,
                     },
                 )
                 .unwrap();

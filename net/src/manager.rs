@@ -104,6 +104,7 @@ pub fn worker_to_value(w: &WorkerInfo) -> Value {
         ("tasks", Value::Int(i64::from(w.tasks))),
         ("threads", Value::Int(i64::from(w.threads))),
         ("workers", Value::Int(i64::from(w.workers))),
+        ("replicationFactor", Value::Int(i64::from(w.replication_factor))),
         (
             "depots",
             Value::List(
@@ -146,6 +147,7 @@ fn worker_from_value(v: &Value) -> Option<WorkerInfo> {
         threads: int("threads")?,
         workers: int("workers")?,
         instance: int("instance").unwrap_or(0),
+        replication_factor: int("replicationFactor").unwrap_or(1),
         incarnation: m
             .get(&Value::from("incarnation"))
             .and_then(Value::as_str)
@@ -210,7 +212,7 @@ const REGISTRATION_WAIT: Duration = Duration::from_secs(5);
 /// Whether `workers` are workers 0..n of one module instance.
 fn complete(workers: &[WorkerInfo]) -> bool {
     workers.first().is_some_and(|first| {
-        workers.len() == first.workers.max(1) as usize
+        workers.len() == (first.workers.max(1) * first.replication_factor.max(1)) as usize
             && workers
                 .iter()
                 .enumerate()
@@ -464,7 +466,8 @@ impl Inner {
             ))
         })?;
         let want = first.workers.max(1);
-        if workers.len() != want as usize || workers.iter().enumerate().any(|(i, w)| w.worker != i as u32) {
+        let processes = want * first.replication_factor.max(1);
+        if workers.len() != processes as usize || workers.iter().enumerate().any(|(i, w)| w.worker != i as u32) {
             return Err(Error::Closed(format!(
                 "module {module} has {} of its {want} workers registered (it is launching, or a worker is \
                  restarting); try again",
@@ -477,7 +480,9 @@ impl Inner {
         // One connection per task thread, served by that thread.
         let mut threads: Vec<Option<RemoteCluster>> = vec![None; placement.parallelism.threads as usize];
         let mut clusters = Vec::new();
-        for w in &workers {
+        // With replication, the first replica's processes stand for their
+        // workers (each forwards a request to its task group's leader).
+        for w in workers.iter().filter(|w| w.worker < want) {
             let mine = placement.threads_of_worker(w.worker);
             for &t in &mine {
                 threads[t as usize] = Some(self.connection(&w.address, t)?);
@@ -734,6 +739,7 @@ mod tests {
             tasks: 4,
             threads: 2,
             workers: 2,
+            replication_factor: 1,
             instance: n,
             incarnation: Some(incarnation.into()),
             engine_version: engine::VERSION.into(),
@@ -796,6 +802,7 @@ mod tests {
             workers: 1,
             worker: 0,
             config: serde_json::Value::Null,
+            replication_factor: 1,
         };
         l.assign("s1", &a).unwrap();
         let fence = Fence {

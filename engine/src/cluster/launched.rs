@@ -171,6 +171,40 @@ pub(crate) struct ModuleRuntime {
     pub(super) pstate_ids: Vec<u16>,
     /// Limits and queue sizes of the module's task threads.
     pub(super) config: ModuleConfig,
+    /// A replicated module spread over processes: this process's replicas.
+    pub(super) replica: Option<ProcessReplicas>,
+}
+
+/// The replicas a process of a replicated module runs: replica `replica`
+/// of each task group of its worker.
+pub(crate) struct ProcessReplicas {
+    pub replica: u32,
+    pub factor: u32,
+    /// Per task thread: this process's replica serves it (leads and
+    /// applied what it held). Peers' messages for the thread are taken
+    /// only then; the bridges take the thread's channels otherwise.
+    pub serving: Vec<Arc<AtomicBool>>,
+    /// Per task thread: the inbox of the replica's current incarnation.
+    pub mailboxes: Vec<Mutex<Option<flume::Sender<crate::replication::Input>>>>,
+}
+
+impl ProcessReplicas {
+    pub(crate) fn new(replica: u32, factor: u32, threads: u32) -> ProcessReplicas {
+        ProcessReplicas {
+            replica,
+            factor,
+            serving: (0..threads).map(|_| Arc::default()).collect(),
+            mailboxes: (0..threads).map(|_| Mutex::new(None)).collect(),
+        }
+    }
+
+    /// Hands a peer's message to the replica of `thread` (dropped when it
+    /// has no incarnation now or its inbox is full).
+    pub(crate) fn deliver(&self, thread: usize, input: crate::replication::Input) {
+        if let Some(inbox) = self.mailboxes[thread].lock().expect("mailbox").as_ref() {
+            let _ = inbox.try_send(input);
+        }
+    }
 }
 
 impl std::fmt::Debug for ModuleRuntime {
@@ -191,6 +225,20 @@ impl ModuleRuntime {
 
     pub(super) fn is_local(&self, thread: usize) -> bool {
         self.placement.worker_of_thread[thread] == self.worker
+    }
+
+    /// Whether a request for local thread `thread` is taken here: always,
+    /// unless the module is replicated and this process's replica does
+    /// not serve the thread now ([`Error::NotLeader`]: the sender finds
+    /// the leader and sends it there).
+    pub(super) fn takes(&self, thread: usize) -> Result<()> {
+        match &self.replica {
+            Some(r) if !r.serving[thread].load(Ordering::Acquire) => Err(Error::NotLeader(format!(
+                "replica {} of task group {thread} of module {} does not lead it now",
+                r.replica, self.def.name
+            ))),
+            _ => Ok(()),
+        }
     }
 
     /// One task thread of every other worker: where a commit closes the

@@ -129,7 +129,9 @@ struct Launched {
 /// process: the group's metastore node and each replica's OS thread.
 struct ReplicatedGroup {
     thread: u32,
-    group: Arc<LocalGroup>,
+    /// In one process: the group's metastore node (a worker's is in the
+    /// cluster's metastore).
+    group: Option<Arc<LocalGroup>>,
     inbox: thread::ThreadInbox,
     replicas: Vec<Option<RunningReplica>>,
 }
@@ -257,14 +259,17 @@ impl InProcessCluster {
             .collect();
         let module_dir = self.dir.join(&def.name);
         let rf = self.config.replication.factor;
-        if rf > 1 && part.is_some() {
+        let replication = part.as_ref().and_then(|p| p.replication.clone());
+        if part.is_some() && (rf > 1) != replication.is_some() {
             return Err(Error::Schema(format!(
-                "module {}: replication factor {rf} across worker processes is not built yet; replicas of a \
-                 module's task groups run in one process only",
-                def.name
+                "module {}: a worker of a module with replication factor {rf} needs {} replica part",
+                def.name,
+                if rf > 1 { "a" } else { "no" }
             )));
         }
-        let replica_dirs: Vec<PathBuf> = if rf > 1 {
+        // In one process every replica is here, each in a directory of
+        // its own; a worker process runs one replica in the module's.
+        let replica_dirs: Vec<PathBuf> = if rf > 1 && replication.is_none() {
             (0..rf).map(|r| replica_dir(&module_dir, r)).collect()
         } else {
             vec![module_dir.clone()]
@@ -338,6 +343,9 @@ impl InProcessCluster {
             depot_ids,
             pstate_ids,
             config,
+            replica: replication
+                .as_ref()
+                .map(|r| launched::ProcessReplicas::new(r.replica, rf, threads)),
         });
         let mut handles = Vec::new();
         let mut groups = Vec::new();
@@ -348,7 +356,64 @@ impl InProcessCluster {
         let (ready_tx, ready_rx) = flume::bounded::<Result<()>>(local_count.max(1));
         let unreplicated = if rf > 1 { 0 } else { local_count };
         let mut bridge_error = None;
+        let router = match (&part, &replication) {
+            (Some(part), Some(r)) => Some(peer::Router::start(
+                &rt.def.name,
+                part.peers.clone(),
+                r.leaders.clone(),
+            )?),
+            _ => None,
+        };
         for (thread, inbox) in (0..threads).zip(inboxes) {
+            if let (Some(router), Some(part), Some(r)) = (&router, &part, &replication) {
+                // Every thread's channels lead to its group's leader; a
+                // local thread's only while this process's replica does
+                // not serve it.
+                let local = local_threads.contains(&thread);
+                let paused = rt
+                    .replica
+                    .as_ref()
+                    .filter(|_| local)
+                    .map(|p| p.serving[thread as usize].clone());
+                match peer::bridge(
+                    inbox.clone(),
+                    &rt.def.name,
+                    peer::Bounds {
+                        depots: rt.def.depots.len(),
+                        tasks: rt.placement.parallelism.tasks,
+                    },
+                    thread,
+                    peer::Route::Leader(router.clone()),
+                    paused,
+                    &part.peers,
+                    &rt.bridges_stop,
+                ) {
+                    Ok(h) => rt.bridges.lock().expect("bridges").extend(h),
+                    Err(e) => {
+                        bridge_error.get_or_insert(e);
+                    }
+                }
+                if !local {
+                    continue;
+                }
+                let executor = self.executor(&rt.def.name, thread, local_count);
+                let mut replicas: Vec<Option<RunningReplica>> = (0..rf).map(|_| None).collect();
+                let started = (r.hosts)(thread)
+                    .and_then(|host| start_replica(&rt, thread, r.replica, &module_dir, &inbox, host, &executor));
+                match started {
+                    Ok(running) => replicas[r.replica as usize] = Some(running),
+                    Err(e) => {
+                        first_replica_error.get_or_insert(e);
+                    }
+                }
+                groups.push(ReplicatedGroup {
+                    thread,
+                    group: None,
+                    inbox,
+                    replicas,
+                });
+                continue;
+            }
             if !local_threads.contains(&thread) {
                 let part = part.as_ref().expect("remote threads only with a worker part");
                 let w = rt.placement.worker_of_thread[thread as usize];
@@ -360,7 +425,8 @@ impl InProcessCluster {
                         tasks: rt.placement.parallelism.tasks,
                     },
                     thread,
-                    w,
+                    peer::Route::Worker(w),
+                    None,
                     &part.peers,
                     &rt.bridges_stop,
                 ) {
@@ -382,7 +448,15 @@ impl InProcessCluster {
                 };
                 let mut replicas = Vec::new();
                 for r in 0..rf {
-                    match start_replica(&rt, thread, r, &replica_dirs[r as usize], &inbox, &group, &executor) {
+                    match start_replica(
+                        &rt,
+                        thread,
+                        r,
+                        &replica_dirs[r as usize],
+                        &inbox,
+                        group.seat(r),
+                        &executor,
+                    ) {
                         Ok(running) => replicas.push(Some(running)),
                         Err(e) => {
                             first_replica_error.get_or_insert(e);
@@ -392,7 +466,7 @@ impl InProcessCluster {
                 }
                 groups.push(ReplicatedGroup {
                     thread,
-                    group,
+                    group: Some(group),
                     inbox,
                     replicas,
                 });
@@ -489,9 +563,14 @@ impl InProcessCluster {
     /// node and its replicas' reports.
     pub fn task_group(&mut self, module: &str, thread: u32) -> Result<TaskGroupStatus> {
         let (_, g) = self.group_mut(module, thread)?;
+        let group = g.group.as_ref().ok_or_else(|| {
+            Error::Schema(format!(
+                "task group {thread} of module {module} keeps its state in the cluster's metastore"
+            ))
+        })?;
         Ok(TaskGroupStatus {
-            state: g.group.state(),
-            replicas: g.group.statuses(),
+            state: group.state(),
+            replicas: group.statuses(),
         })
     }
 
@@ -540,7 +619,12 @@ impl InProcessCluster {
                 )))
             }
         }
-        let running = start_replica(rt, thread, replica, &dir, &g.inbox, &g.group, &executor)?;
+        let group = g.group.as_ref().ok_or_else(|| {
+            Error::Schema(format!(
+                "task group {thread} of module {module} runs its replicas in worker processes"
+            ))
+        })?;
+        let running = start_replica(rt, thread, replica, &dir, &g.inbox, group.seat(replica), &executor)?;
         g.replicas[replica as usize] = Some(running);
         Ok(())
     }
@@ -559,6 +643,11 @@ impl InProcessCluster {
         let Ok(rt) = self.module(module) else {
             return Err(Box::new(conn));
         };
+        if rt.replica.is_some() {
+            // Which replica serves a thread changes: the connection is
+            // served by the server, which routes each request.
+            return Err(Box::new(conn));
+        }
         let local = rt.placement.threads_of_worker(rt.worker);
         if local.is_empty() {
             return Err(Box::new(conn));
@@ -724,7 +813,7 @@ fn start_replica(
     r: u32,
     dir: &Path,
     inbox: &thread::ThreadInbox,
-    group: &Arc<LocalGroup>,
+    host: Arc<dyn crate::replication::driver::ReplicaHost>,
     executor: &ExecutorConfig,
 ) -> Result<RunningReplica> {
     let (commands, commands_rx) = flume::bounded(16);
@@ -735,7 +824,7 @@ fn start_replica(
         id: r,
         dir: dir.to_path_buf(),
         inbox: inbox.clone(),
-        host: group.seat(r),
+        host,
         executor: ExecutorConfig {
             name: format!("{}-r{r}", executor.name),
             ..executor.clone()

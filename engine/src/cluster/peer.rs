@@ -51,6 +51,9 @@ pub const LANE_INTERNAL: u32 = 1;
 pub const LANE_CONTROL: u32 = 2;
 /// Lane of stage level `s` (stage `s >= 1`) is `LANE_STAGES + s - 1`.
 pub const LANE_STAGES: u32 = 3;
+/// Lane of replication messages between the replicas of task groups
+/// (above every stage lane: a module has far fewer stage levels).
+pub const LANE_REPLICATION: u32 = 250;
 
 /// How this process takes part in a module spread over workers.
 #[derive(Clone)]
@@ -58,7 +61,44 @@ pub struct WorkerPart {
     pub workers: u32,
     /// This worker's index (`0..workers`).
     pub worker: u32,
+    /// Reaches the other processes of the module: worker `w` itself when
+    /// the module is not replicated, else process `r * workers + w` for
+    /// replica `r` of worker `w`'s task groups.
     pub peers: Arc<dyn Peers>,
+    /// With a replication factor above 1: which replica of worker
+    /// `worker`'s task groups this process runs, and where their leaders are.
+    pub replication: Option<ReplicaPart>,
+}
+
+/// Where a process of a replicated module finds the leaders of the
+/// module's task groups.
+pub trait Leaders: Send + Sync + 'static {
+    /// The process (peer index) of the leader of task thread `thread`'s
+    /// group as last known; `None` when it has none now.
+    fn leader(&self, thread: u32) -> Option<u32>;
+    /// The last answer was wrong (not the leader, or unreachable): look
+    /// again before the next.
+    fn stale(&self, thread: u32);
+}
+
+impl std::fmt::Debug for ReplicaPart {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ReplicaPart")
+            .field("replica", &self.replica)
+            .finish_non_exhaustive()
+    }
+}
+
+/// A process's part of a replicated module: one replica of each task
+/// group of its worker.
+#[derive(Clone)]
+pub struct ReplicaPart {
+    /// This process runs replica `replica` (`0..factor`).
+    pub replica: u32,
+    /// The host of this process's replica of task thread `thread`'s group
+    /// (its metastore node, registration and peers).
+    pub hosts: Arc<dyn Fn(u32) -> Result<Arc<dyn crate::replication::driver::ReplicaHost>> + Send + Sync>,
+    pub leaders: Arc<dyn Leaders>,
 }
 
 impl std::fmt::Debug for WorkerPart {
@@ -66,6 +106,7 @@ impl std::fmt::Debug for WorkerPart {
         f.debug_struct("WorkerPart")
             .field("workers", &self.workers)
             .field("worker", &self.worker)
+            .field("replica", &self.replication.as_ref().map(|r| r.replica))
             .finish_non_exhaustive()
     }
 }
@@ -331,14 +372,24 @@ fn encode_stage(m: StageMsg) -> (Vec<u8>, Done) {
     (archived::encode(&msg), done)
 }
 
-/// Carries one lane of a remote thread's links to its worker until `stop`.
+/// Carries one lane of a remote thread's links to its worker until `stop`;
+/// while `paused` says so it takes nothing (the local replica serves the
+/// lane's channel itself).
 fn bridge_lane<M: Send + 'static>(
     rx: flume::Receiver<M>,
     name: String,
     stop: Arc<AtomicBool>,
+    paused: Option<Arc<AtomicBool>>,
     forward: impl Fn(M) + Send + 'static,
 ) -> std::io::Result<std::thread::JoinHandle<()>> {
     std::thread::Builder::new().name(name).spawn(move || loop {
+        if paused.as_ref().is_some_and(|p| p.load(Ordering::Acquire)) {
+            if stop.load(Ordering::Acquire) {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(2));
+            continue;
+        }
         match rx.recv_timeout(Duration::from_millis(100)) {
             Ok(m) => forward(m),
             Err(flume::RecvTimeoutError::Timeout) if !stop.load(Ordering::Acquire) => {}
@@ -347,13 +398,148 @@ fn bridge_lane<M: Send + 'static>(
     })
 }
 
-/// Starts the bridges of remote task thread `thread` (on worker `worker`).
+/// Where a bridge sends a thread's messages: to its worker, or (a
+/// replicated module) to the process of its group's leader, found again
+/// and sent again while that process answers "not the leader" (nothing
+/// was taken there) or the group has no leader, for up to
+/// [`ROUTE_PATIENCE`].
+#[derive(Clone)]
+pub(crate) enum Route {
+    Worker(u32),
+    Leader(Arc<Router>),
+}
+
+/// How long a message to a replicated task group waits for its group to
+/// have a leader that takes it (an election after a lost leader takes
+/// about the metastore's session timeout).
+pub const ROUTE_PATIENCE: Duration = Duration::from_secs(15);
+
+/// Routes messages to the leaders of a replicated module's task groups.
+pub(crate) struct Router {
+    module: String,
+    peers: Arc<dyn Peers>,
+    leaders: Arc<dyn Leaders>,
+    retries: flume::Sender<Retry>,
+}
+
+struct Retry {
+    at: std::time::Instant,
+    deadline: std::time::Instant,
+    thread: u32,
+    lane: u32,
+    bytes: Vec<u8>,
+    done: Done,
+}
+
+/// Messages waiting to be sent again, at most this many (beyond it they
+/// are answered as unavailable).
+const RETRIES_MAX: usize = 4096;
+
+impl Router {
+    /// A router with its retry thread (which ends once the router is gone).
+    pub(crate) fn start(module: &str, peers: Arc<dyn Peers>, leaders: Arc<dyn Leaders>) -> Result<Arc<Router>> {
+        let (retries, due) = flume::bounded::<Retry>(RETRIES_MAX);
+        let router = Arc::new(Router {
+            module: module.to_string(),
+            peers,
+            leaders,
+            retries,
+        });
+        let weak = Arc::downgrade(&router);
+        std::thread::Builder::new()
+            .name(format!("{module}-route-retry"))
+            .spawn(move || {
+                // In order of arrival; each waits only for its own time, so
+                // a later one waits at most as long as the one before it.
+                while let Ok(r) = due.recv() {
+                    let wait = r.at.saturating_duration_since(std::time::Instant::now());
+                    std::thread::sleep(wait);
+                    match weak.upgrade() {
+                        Some(router) => router.send(r.thread, r.lane, r.bytes, r.done, r.deadline),
+                        None => (r.done)(Err(Error::Closed("the module stopped on this worker".into()))),
+                    }
+                }
+            })
+            .map_err(|e| Error::Executor(format!("starting the route retry thread: {e}")))?;
+        Ok(router)
+    }
+
+    fn later(&self, thread: u32, lane: u32, bytes: Vec<u8>, done: Done, deadline: std::time::Instant, why: Error) {
+        let now = std::time::Instant::now();
+        if now >= deadline {
+            return done(Err(why));
+        }
+        let retry = Retry {
+            at: now + Duration::from_millis(50),
+            deadline,
+            thread,
+            lane,
+            bytes,
+            done,
+        };
+        if let Err(flume::TrySendError::Full(r) | flume::TrySendError::Disconnected(r)) = self.retries.try_send(retry) {
+            (r.done)(Err(why));
+        }
+    }
+
+    fn send(self: &Arc<Self>, thread: u32, lane: u32, bytes: Vec<u8>, done: Done, deadline: std::time::Instant) {
+        let Some(process) = self.leaders.leader(thread) else {
+            self.leaders.stale(thread);
+            let why = Error::Unavailable(format!(
+                "task group {thread} of module {} has no leader now (an election is due)",
+                self.module
+            ));
+            return self.later(thread, lane, bytes, done, deadline, why);
+        };
+        let again = bytes.clone();
+        let router = self.clone();
+        self.peers.send(
+            process,
+            lane,
+            bytes,
+            Box::new(move |answer| match answer {
+                Ok(b) if is_not_leader(&b) => {
+                    router.leaders.stale(thread);
+                    let why = peer_payload(Ok(b)).err().unwrap_or_else(|| {
+                        Error::NotLeader(format!("process {process} does not lead task group {thread}"))
+                    });
+                    router.later(thread, lane, again, done, deadline, why);
+                }
+                Ok(b) => done(Ok(b)),
+                Err(e) => {
+                    router.leaders.stale(thread);
+                    done(Err(e))
+                }
+            }),
+        );
+    }
+}
+
+/// Whether an answer says "not the leader".
+fn is_not_leader(answer: &[u8]) -> bool {
+    matches!(wire::decode_answer(answer), Ok(Err(e)) if e.code() == crate::error::ErrorCode::NotLeader)
+}
+
+impl Route {
+    fn send(&self, peers: &Arc<dyn Peers>, thread: u32, lane: u32, bytes: Vec<u8>, done: Done) {
+        match self {
+            Route::Worker(w) => peers.send(*w, lane, bytes, done),
+            Route::Leader(router) => router.send(thread, lane, bytes, done, std::time::Instant::now() + ROUTE_PATIENCE),
+        }
+    }
+}
+
+/// Starts the bridges of task thread `thread`: to its worker, or to its
+/// group's leader. `paused`: while set, the bridges take nothing (this
+/// process's replica of the thread serves its channels).
+#[allow(clippy::too_many_arguments)]
 pub(crate) fn bridge(
     inbox: ThreadInbox,
     module: &str,
     bounds: Bounds,
     thread: u32,
-    worker: u32,
+    route: Route,
+    paused: Option<Arc<AtomicBool>>,
     peers: &Arc<dyn Peers>,
     stop: &Arc<AtomicBool>,
 ) -> Result<Vec<std::thread::JoinHandle<()>>> {
@@ -361,38 +547,90 @@ pub(crate) fn bridge(
     let mut handles = Vec::new();
     let name = |lane: u32| format!("{module}-bridge-t{thread}-l{lane}");
     for (lane, rx) in [(LANE_CLIENT, inbox.client), (LANE_INTERNAL, inbox.internal)] {
-        let peers = peers.clone();
+        let (peers, route) = (peers.clone(), route.clone());
         handles.push(
-            bridge_lane(rx, name(lane), stop.clone(), move |r| {
+            bridge_lane(rx, name(lane), stop.clone(), paused.clone(), move |r| {
                 if let Some((bytes, done)) = encode_request(r) {
-                    peers.send(worker, lane, bytes, done);
+                    route.send(&peers, thread, lane, bytes, done);
                 }
             })
             .map_err(spawn_err)?,
         );
     }
     {
-        let peers = peers.clone();
+        let (peers, route) = (peers.clone(), route.clone());
         handles.push(
-            bridge_lane(inbox.control, name(LANE_CONTROL), stop.clone(), move |c| {
-                let (bytes, done) = encode_control(c, thread, bounds);
-                peers.send(worker, LANE_CONTROL, bytes, done);
-            })
+            bridge_lane(
+                inbox.control,
+                name(LANE_CONTROL),
+                stop.clone(),
+                paused.clone(),
+                move |c| {
+                    let (bytes, done) = encode_control(c, thread, bounds);
+                    route.send(&peers, thread, LANE_CONTROL, bytes, done);
+                },
+            )
             .map_err(spawn_err)?,
         );
     }
     for (level, rx) in inbox.stages.into_iter().enumerate() {
-        let peers = peers.clone();
+        let (peers, route) = (peers.clone(), route.clone());
         let lane = LANE_STAGES + level as u32;
         handles.push(
-            bridge_lane(rx, name(lane), stop.clone(), move |m| {
+            bridge_lane(rx, name(lane), stop.clone(), paused.clone(), move |m| {
                 let (bytes, done) = encode_stage(m);
-                peers.send(worker, lane, bytes, done);
+                route.send(&peers, thread, lane, bytes, done);
             })
             .map_err(spawn_err)?,
         );
     }
     Ok(handles)
+}
+
+/// Sends replication messages of a process's replicas to the processes
+/// of other replicas, from a thread of its own (a replica's driver never
+/// waits for the network; a full queue drops the message, which the
+/// protocol sends again).
+#[derive(Clone)]
+pub struct ReplicaSender {
+    queue: flume::Sender<(u32, Vec<u8>)>,
+}
+
+impl std::fmt::Debug for ReplicaSender {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ReplicaSender").finish_non_exhaustive()
+    }
+}
+
+/// Replication messages queued for sending in a process, at most.
+const REPLICA_QUEUE_MAX: usize = 4096;
+
+impl ReplicaSender {
+    /// Starts the sending thread (it ends when the last sender is dropped).
+    pub fn start(module: &str, peers: Arc<dyn Peers>) -> Result<ReplicaSender> {
+        let (queue, rx) = flume::bounded::<(u32, Vec<u8>)>(REPLICA_QUEUE_MAX);
+        std::thread::Builder::new()
+            .name(format!("{module}-replica-send"))
+            .spawn(move || {
+                while let Ok((process, bytes)) = rx.recv() {
+                    peers.send(process, LANE_REPLICATION, bytes, Box::new(|_| {}));
+                }
+            })
+            .map_err(|e| Error::Executor(format!("starting the replica sender: {e}")))?;
+        Ok(ReplicaSender { queue })
+    }
+
+    /// Queues `message` from replica `from` to replica `to` of task thread
+    /// `thread`'s group, which runs in process `process`.
+    pub fn send(&self, process: u32, thread: u32, from: u32, to: u32, message: crate::replication::Message) {
+        let bytes = archived::encode(&PeerMessage::Replica {
+            thread,
+            from,
+            to,
+            message,
+        });
+        let _ = self.queue.try_send((process, bytes));
+    }
 }
 
 /// The message a worker sends to see that another worker serves the
@@ -470,6 +708,7 @@ fn decode_serve(rt: &Arc<ModuleRuntime>, lane: u32, message: &[u8]) -> Result<An
                 rt.def.name
             )));
         }
+        rt.takes(thread)?;
         Ok(thread)
     };
     let def = &rt.def;
@@ -587,6 +826,7 @@ fn decode_serve(rt: &Arc<ModuleRuntime>, lane: u32, message: &[u8]) -> Result<An
                     def.name
                 )));
             }
+            rt.takes(thread)?;
             let topology = |t: &rkyv::Archived<u32>| index(t.to_native(), def.topologies.len(), "topology");
             let control = |make: Box<dyn FnOnce(Reply<()>) -> Control>| -> Answer {
                 let (tx, rx) = flume::bounded::<Result<()>>(1);
@@ -728,6 +968,35 @@ fn decode_serve(rt: &Arc<ModuleRuntime>, lane: u32, message: &[u8]) -> Result<An
                 .await;
                 wire::encode_answer(completion.map(Payload::Completion).ok_or_else(|| rt.closed()))
             }))
+        }
+        (
+            LANE_REPLICATION,
+            ArchivedPeerMessage::Replica {
+                thread,
+                from,
+                to,
+                message,
+            },
+        ) => {
+            let thread = thread.to_native() as usize;
+            let (from, to) = (from.to_native(), to.to_native());
+            let Some(replicas) = &rt.replica else {
+                return Err(bad("the module is not replicated here"));
+            };
+            if thread >= rt.links.len() || !rt.is_local(thread) || to != replicas.replica {
+                return Err(Error::Unavailable(format!(
+                    "replica {to} of task thread {thread} of module {} is not in this process",
+                    def.name
+                )));
+            }
+            if from >= replicas.factor || from == to {
+                return Err(bad(format!("a replication message from replica {from}")));
+            }
+            let message = owned::<crate::replication::Message>(message)?;
+            // Taken or dropped at once (a full or missing inbox drops it:
+            // the protocol sends again); the answer only says it arrived.
+            replicas.deliver(thread, crate::replication::Input::Message { from, message });
+            Ok(ready(Ok(Payload::Done)))
         }
         (lane, _) => Err(bad(format!("a message of this kind does not travel on lane {lane}"))),
     }

@@ -142,12 +142,22 @@ async fn incarnation(
     // The host's inbox forwards to the driver's, made once the host gave
     // the incarnation.
     let (forward, forwarded) = flume::bounded(DriverSettings::default().inbox_max);
+    // In a worker process, peers' messages for this replica arrive through
+    // the module's runtime.
+    let mailbox = rt
+        .replica
+        .as_ref()
+        .map(|p| (&p.mailboxes[thread as usize], forward.clone()));
     let opened = async {
         let storage = open_storage(&rt, thread, dir, 0).await?;
         let (incarnation, lost) = host.begin(forward, fresh)?;
         Ok::<_, Error>((storage, incarnation, lost))
     }
     .await;
+    if let (Ok(_), Some((slot, inbox))) = (&opened, mailbox) {
+        *slot.lock().expect("mailbox") = Some(inbox);
+    }
+    let serving_flag = rt.replica.as_ref().map(|p| p.serving[thread as usize].clone());
     let (storage, incarnation, lost) = match opened {
         Ok(v) => v,
         Err(e) => {
@@ -291,7 +301,7 @@ async fn incarnation(
                 match assemble(rt.clone(), thread, &storage) {
                     Ok(th) => {
                         serving.set(true);
-                        leading = Some(Leading::start(th, start.inbox.clone()));
+                        leading = Some(Leading::start(th, start.inbox.clone(), serving_flag.clone()));
                     }
                     Err(e) => {
                         tracing::warn!(
@@ -322,6 +332,9 @@ async fn incarnation(
             Some(Some(Command::Kill)) => {
                 // Nothing is closed cleanly; the task thread only stops
                 // (its tasks would otherwise outlive the executor).
+                if let Some(p) = &rt.replica {
+                    *p.mailboxes[thread as usize].lock().expect("mailbox") = None;
+                }
                 host.end();
                 driver.stop();
                 if let Some(l) = leading {
@@ -332,6 +345,9 @@ async fn incarnation(
         }
     };
     // Another replica may lead from here on.
+    if let Some(p) = &rt.replica {
+        *p.mailboxes[thread as usize].lock().expect("mailbox") = None;
+    }
     host.end();
     if let Some(l) = leading {
         l.stop().await;
@@ -352,10 +368,16 @@ struct Leading {
     stop: Rc<Waiters>,
     stopped: Rc<Cell<bool>>,
     serving: glommio::task::JoinHandle<()>,
+    /// In a worker process: set while it serves (peers' messages for the
+    /// thread are taken only then).
+    flag: Option<Arc<std::sync::atomic::AtomicBool>>,
 }
 
 impl Leading {
-    fn start(th: Rc<TaskThread>, inbox: ThreadInbox) -> Leading {
+    fn start(th: Rc<TaskThread>, inbox: ThreadInbox, flag: Option<Arc<std::sync::atomic::AtomicBool>>) -> Leading {
+        if let Some(f) = &flag {
+            f.store(true, std::sync::atomic::Ordering::Release);
+        }
         let stop = Rc::new(Waiters::default());
         let stopped = Rc::new(Cell::new(false));
         let serving = {
@@ -374,10 +396,14 @@ impl Leading {
             stop,
             stopped,
             serving,
+            flag,
         }
     }
 
     async fn stop(self) {
+        if let Some(f) = &self.flag {
+            f.store(false, std::sync::atomic::Ordering::Release);
+        }
         self.stopped.set(true);
         self.stop.wake_all();
         let _ = self.serving.await;

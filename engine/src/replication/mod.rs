@@ -132,15 +132,16 @@ impl GroupState {
 
 /// One entry of a task group's log. `data` is opaque here (in a worker:
 /// the replog frame's bytes).
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq, rkyv::Archive, rkyv::Serialize, rkyv::Deserialize)]
 pub struct Entry {
     pub epoch: Epoch,
     pub offset: Offset,
     pub data: Vec<u8>,
 }
 
-/// Messages between the replicas of one task group.
-#[derive(Clone, Debug, PartialEq, Eq)]
+/// Messages between the replicas of one task group (between workers:
+/// archived with rkyv inside `wire::PeerMessage::Replica`).
+#[derive(Clone, Debug, PartialEq, Eq, rkyv::Archive, rkyv::Serialize, rkyv::Deserialize)]
 pub enum Message {
     /// Follower to leader: "send me entries from `from`; the entry before
     /// it is of `last_epoch`". Sent only when everything below `from` is

@@ -1,0 +1,196 @@
+//! Replication across real processes on loopback: ZooKeeper, a Conductor
+//! and three Supervisors (127.0.0.1, 127.0.0.2, 127.0.0.3). WordCountModule
+//! with replication factor 3 (one worker, so three worker processes, one
+//! per Supervisor): appends acknowledged through the remote client, the
+//! leader of a task group killed with SIGKILL under load, a new leader in
+//! a higher epoch, appends acknowledged again, the killed replica back in
+//! sync after its Supervisor restarts it, and every acknowledged sentence
+//! counted.
+
+use std::collections::BTreeMap;
+use std::time::{Duration, Instant};
+
+mod common;
+
+use common::{eventually, examples_artifact, free_port, text, DumpLogsOnFailure, KillWorkers, Node};
+use control::config::Side;
+use control::layout::{GroupNode, Layout};
+use engine::cluster::AckLevel;
+use engine::pstate::Nav;
+use engine::value::Value;
+use net::manager::ClusterManager;
+
+const MODULE: &str = "WordCountModule";
+
+fn words(i: u64) -> String {
+    const WORDS: &[&str] = &["alpha", "beta", "gamma", "delta", "epsilon", "zeta", "eta", "theta"];
+    (0..3)
+        .map(|k| WORDS[((i * 7 + k * 3) % WORDS.len() as u64) as usize])
+        .collect::<Vec<_>>()
+        .join(" ")
+}
+
+/// The group node of task group `tg`.
+fn group(meta: &dyn control::metastore::Metastore, tg: u32) -> Option<GroupNode> {
+    Layout::new(meta).group(MODULE, 0, tg).ok()?.map(|(node, _)| node)
+}
+
+#[test]
+fn a_killed_leader_is_replaced_and_nothing_acknowledged_is_lost() {
+    let root = tempfile::tempdir().unwrap();
+    let _kill_workers = KillWorkers(root.path().to_path_buf());
+    let _logs = DumpLogsOnFailure(root.path().to_path_buf());
+    let (zk, cport) = (free_port(), free_port());
+    let zk_node = Node::new(root.path(), "zk", zk, cport, "");
+    let conductor = Node::new(root.path(), "conductor", zk, cport, "");
+    let base = free_port().max(20000) / 2 + 20000;
+    let nodes: Vec<Node> = (1..=3u16)
+        .map(|i| {
+            let first = base + i * 1000;
+            Node::new(
+                root.path(),
+                &format!("s{i}"),
+                zk,
+                cport,
+                &format!(
+                    "supervisor.host: \"127.0.0.{i}\"\nsupervisor.port.range: [{first}, {}]\n",
+                    first + 50
+                ),
+            )
+        })
+        .collect();
+    let _zk = zk_node.daemon("devZookeeper", "ZooKeeper running");
+    let _conductor = conductor.daemon("conductor", "admin API on");
+    let _sups: Vec<_> = nodes.iter().map(|n| n.daemon("supervisor", "supervisor ")).collect();
+    let jar = examples_artifact();
+    let deploy = |rf: &str| {
+        conductor.rama(&[
+            "deploy",
+            "--action",
+            "launch",
+            "--jar",
+            jar.to_str().unwrap(),
+            "--module",
+            MODULE,
+            "--tasks",
+            "4",
+            "--threads",
+            "2",
+            "--workers",
+            "1",
+            "--replicationFactor",
+            rf,
+        ])
+    };
+    // Four replicas cannot be placed apart on three Supervisors.
+    let out = deploy("4");
+    assert_eq!(out.status.code(), Some(1), "{}", text(&out));
+    assert!(text(&out).contains("needs 4 Supervisors"), "{}", text(&out));
+    let out = deploy("3");
+    assert!(out.status.success(), "{}", text(&out));
+    assert!(text(&out).contains("[:running]"), "{}", text(&out));
+    // One worker process on each Supervisor.
+    for n in &nodes {
+        assert!(n.worker_pid().is_some(), "a Supervisor has no replica");
+    }
+    let config = net::manager::load_config(Some(&conductor.dir.join("rama.yaml")), &[]).unwrap();
+    let meta = net::manager::connect_metastore(&config, Side::Internal).unwrap();
+    eventually("a leader for every task group", || {
+        (0..2).all(|tg| group(&meta, tg).is_some_and(|g| g.leader.is_some()))
+    });
+
+    let manager = ClusterManager::open_with(Some(&conductor.dir.join("rama.yaml")), &[], Side::External).unwrap();
+    let depot = manager.depot(MODULE, "*sentences").unwrap();
+    let mut expected: BTreeMap<String, i64> = BTreeMap::new();
+    let mut acked = 0u64;
+    let append = |i: u64, expected: &mut BTreeMap<String, i64>| -> bool {
+        let text = words(i);
+        match depot.append(&Value::from(text.as_str()), AckLevel::Ack) {
+            Ok(_) => {
+                for w in text.split(' ') {
+                    *expected.entry(w.to_string()).or_insert(0) += 1;
+                }
+                true
+            }
+            Err(e) => {
+                eprintln!("append {i}: {e}");
+                false
+            }
+        }
+    };
+    for i in 0..300 {
+        assert!(append(i, &mut expected), "append {i} before any fault");
+        acked += 1;
+    }
+    let counts = manager.pstate(MODULE, "$$wordCounts").unwrap();
+    let count_of = |w: &str| match counts.select_one(&[Nav::key(w)]) {
+        Ok(Value::Int(n)) => Some(n),
+        Ok(Value::Nil) => Some(0),
+        _ => None,
+    };
+    let all_counted = |expected: &BTreeMap<String, i64>| expected.iter().all(|(w, c)| count_of(w) == Some(*c));
+    eventually("the first 300 sentences counted", || all_counted(&expected));
+
+    // kill -9 the leader of task group 0's process.
+    let before = group(&meta, 0).unwrap();
+    let (leader, epoch) = (before.leader.unwrap().replica, before.epoch);
+    // The leader's process, and its node by the address it registered.
+    let process = before.replicas[leader as usize].worker;
+    let (registration, _) = Layout::new(&meta)
+        .read::<control::layout::WorkerRegistration>(&control::layout::worker(MODULE, 0, process))
+        .unwrap()
+        .expect("the leader's registration");
+    let host = registration.address.split(':').next().unwrap().to_string();
+    let node = (1..=3)
+        .position(|i| host == format!("127.0.0.{i}"))
+        .expect("the leader's node");
+    let pid = nodes[node].worker_pid().expect("the leader's pid");
+    let killed_at = Instant::now();
+    // SAFETY: kills a worker this test's cluster started.
+    unsafe { libc::kill(pid as i32, libc::SIGKILL) };
+    // A new leader in a higher epoch (the restarted replica itself may
+    // lead again, in a new incarnation, if its log is the longest).
+    eventually("a new leader of task group 0", || {
+        group(&meta, 0).is_some_and(|g| g.leader.is_some() && g.epoch > epoch)
+    });
+    // Appends go on: the first acknowledged one after the kill ends the
+    // failover. Appends whose outcome the client cannot know are not
+    // counted on either side (they may or may not be in).
+    let mut unknown = Vec::new();
+    let mut first_ok = None;
+    let mut i = 300;
+    while acked < 600 {
+        assert!(killed_at.elapsed() < Duration::from_secs(120), "appends did not resume");
+        if append(i, &mut expected) {
+            acked += 1;
+            first_ok.get_or_insert(killed_at.elapsed());
+        } else {
+            unknown.push(i);
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        i += 1;
+    }
+    eprintln!(
+        "failover: first acknowledged append {:?} after the kill; {} appends failed meanwhile",
+        first_ok.unwrap(),
+        unknown.len()
+    );
+    // Every acknowledged sentence is counted; failed ones may add at most
+    // their own words.
+    eventually("every acknowledged sentence counted", || {
+        expected.iter().all(|(w, c)| {
+            let extra = unknown
+                .iter()
+                .map(|&u| words(u).split(' ').filter(|x| x == w).count() as i64)
+                .sum::<i64>();
+            count_of(w).is_some_and(|n| n >= *c && n <= c + extra)
+        })
+    });
+    // The killed replica is restarted by its Supervisor and returns to the
+    // ISR of every group.
+    eventually("all three replicas in sync again", || {
+        (0..2).all(|tg| group(&meta, tg).is_some_and(|g| g.isr.len() == 3))
+    });
+    let out = conductor.rama(&["destroy", MODULE]);
+    assert!(out.status.success(), "{}", text(&out));
+}
