@@ -93,6 +93,19 @@ fn a_killed_leader_is_replaced_and_nothing_acknowledged_is_lost() {
     for n in &nodes {
         assert!(n.worker_pid().is_some(), "a Supervisor has no replica");
     }
+    // The status commands show the replicas.
+    let status = text(&conductor.rama(&["moduleStatus", MODULE]));
+    assert!(
+        status.contains("3 of 3 workers registered, 4 tasks on 2 threads, replication factor 3"),
+        "{status}"
+    );
+    eventually("taskGroupsStatus showing a leader and three replicas in sync", || {
+        let groups = text(&conductor.rama(&["taskGroupsStatus", MODULE]));
+        groups.matches("leader replica").count() == 2
+            && groups.matches("in sync [0, 1, 2], out of sync [] (min-ISR 2)").count() == 2
+            && groups.matches(": leader, process").count() == 2
+            && groups.matches(": in sync, process").count() == 4
+    });
     let config = net::manager::load_config(Some(&conductor.dir.join("rama.yaml")), &[]).unwrap();
     let meta = net::manager::connect_metastore(&config, Side::Internal).unwrap();
     eventually("a leader for every task group", || {
@@ -191,6 +204,77 @@ fn a_killed_leader_is_replaced_and_nothing_acknowledged_is_lost() {
     eventually("all three replicas in sync again", || {
         (0..2).all(|tg| group(&meta, tg).is_some_and(|g| g.isr.len() == 3))
     });
+    // SIGSTOP the leader of task group 1 past its session timeout: it
+    // loses its lease and is replaced; once it runs again (SIGCONT) it
+    // acknowledges nothing of its old epoch and rejoins as a follower.
+    let before = group(&meta, 1).unwrap();
+    let (leader, epoch) = (before.leader.unwrap().replica, before.epoch);
+    let process = before.replicas[leader as usize].worker;
+    let (registration, _) = Layout::new(&meta)
+        .read::<control::layout::WorkerRegistration>(&control::layout::worker(MODULE, 0, process))
+        .unwrap()
+        .expect("the leader's registration");
+    let host = registration.address.split(':').next().unwrap().to_string();
+    let node = (1..=3)
+        .position(|i| host == format!("127.0.0.{i}"))
+        .expect("the leader's node");
+    let paused = nodes[node].worker_pid().expect("the leader's pid");
+    let paused_at = Instant::now();
+    // SAFETY: pauses a worker this test's cluster started (resumed below,
+    // and killed by KillWorkers whatever happens).
+    unsafe { libc::kill(paused as i32, libc::SIGSTOP) };
+    eventually("a new leader of task group 1 while the old one is paused", || {
+        group(&meta, 1).is_some_and(|g| g.leader.is_some_and(|l| l.replica != leader) && g.epoch > epoch)
+    });
+    let elected = paused_at.elapsed();
+    // A client made now reaches the module through a process that runs
+    // (a paused one does not finish the handshake).
+    let manager2 = ClusterManager::open_with(Some(&conductor.dir.join("rama.yaml")), &[], Side::External).unwrap();
+    let depot2 = manager2.depot(MODULE, "*sentences").unwrap();
+    let mut first_ok = None;
+    while acked < 700 {
+        assert!(paused_at.elapsed() < Duration::from_secs(120), "appends did not resume");
+        let text = words(i);
+        match depot2.append(&Value::from(text.as_str()), AckLevel::Ack) {
+            Ok(_) => {
+                for w in text.split(' ') {
+                    *expected.entry(w.to_string()).or_insert(0) += 1;
+                }
+                acked += 1;
+                first_ok.get_or_insert(paused_at.elapsed());
+            }
+            Err(e) => {
+                eprintln!("append {i} while paused: {e}");
+                unknown.push(i);
+                std::thread::sleep(Duration::from_millis(50));
+            }
+        }
+        i += 1;
+    }
+    eprintln!(
+        "pause: new leader elected {elected:?} after SIGSTOP, first acknowledged append {:?} after it",
+        first_ok.unwrap()
+    );
+    // SAFETY: resumes the worker paused above.
+    unsafe { libc::kill(paused as i32, libc::SIGCONT) };
+    eventually("the paused replica back in sync", || {
+        (0..2).all(|tg| group(&meta, tg).is_some_and(|g| g.isr.len() == 3))
+    });
+    let counts2 = manager2.pstate(MODULE, "$$wordCounts").unwrap();
+    eventually("every acknowledged sentence counted after the pause", || {
+        expected.iter().all(|(w, c)| {
+            let extra = unknown
+                .iter()
+                .map(|&u| words(u).split(' ').filter(|x| x == w).count() as i64)
+                .sum::<i64>();
+            match counts2.select_one(&[Nav::key(w.as_str())]) {
+                Ok(Value::Int(n)) => n >= *c && n <= c + extra,
+                _ => false,
+            }
+        })
+    });
+    let groups = text(&conductor.rama(&["taskGroupsStatus", MODULE]));
+    eprintln!("{groups}");
     let out = conductor.rama(&["destroy", MODULE]);
     assert!(out.status.success(), "{}", text(&out));
 }

@@ -777,20 +777,31 @@ fn main() -> ExitCode {
                         if field(i, "append") == Value::Bool(true) {
                             roles.push("append target");
                         }
+                        let rf = field(i, "replicationFactor").as_int().unwrap_or(1);
                         println!(
-                            "instance {}: {}, {} of {} workers registered, {} tasks on {} threads{}",
+                            "instance {}: {}, {} of {} workers registered, {} tasks on {} threads{}{}",
                             field(i, "instance").as_int().unwrap_or(-1),
                             field(i, "state").as_str().unwrap_or("?"),
                             field(i, "registered").as_int().unwrap_or(0),
                             field(i, "workers").as_int().unwrap_or(0),
                             field(i, "tasks").as_int().unwrap_or(0),
                             field(i, "threads").as_int().unwrap_or(0),
+                            if rf > 1 {
+                                format!(", replication factor {rf}")
+                            } else {
+                                String::new()
+                            },
                             if roles.is_empty() {
                                 String::new()
                             } else {
                                 format!(" ({})", roles.join(", "))
                             }
                         );
+                        if let Value::List(stalled) = field(i, "stalled") {
+                            for why in stalled.iter().filter_map(Value::as_str) {
+                                println!("  {why}");
+                            }
+                        }
                     }
                 }
                 // Workers whose storage did not open keep their task
@@ -835,6 +846,61 @@ fn main() -> ExitCode {
                             .join(", "),
                         _ => String::new(),
                     };
+                    if let Value::List(replicas) = f("replicas") {
+                        let list = |v: Value| match v {
+                            Value::List(l) => format!(
+                                "[{}]",
+                                l.iter()
+                                    .map(|x| x.as_int().unwrap_or(0).to_string())
+                                    .collect::<Vec<_>>()
+                                    .join(", ")
+                            ),
+                            _ => "[]".into(),
+                        };
+                        let leader = match f("leader").as_int() {
+                            Some(r) => format!("leader replica {r}"),
+                            None => "no leader".into(),
+                        };
+                        println!(
+                            "task group {}: tasks [{tasks}] on worker {}, epoch {}, {leader}, in sync {}, out of sync \
+                             {} (min-ISR {})",
+                            f("taskGroup").as_int().unwrap_or(0),
+                            f("worker").as_int().unwrap_or(0),
+                            f("epoch").as_int().unwrap_or(0),
+                            list(f("isr")),
+                            list(f("osr")),
+                            f("minIsr").as_int().unwrap_or(1),
+                        );
+                        for r in &replicas {
+                            let rf = |k: &str| {
+                                r.as_map()
+                                    .and_then(|m| m.get(&Value::from(k)))
+                                    .cloned()
+                                    .unwrap_or(Value::Nil)
+                            };
+                            let at = match rf("address") {
+                                Value::Str(a) => format!(" at {a}"),
+                                _ => String::new(),
+                            };
+                            let progress = match (rf("logEnd").as_int(), rf("applied").as_int(), rf("lag").as_int()) {
+                                (Some(e), Some(a), Some(l)) => format!(", log end {e}, applied {a}, lag {l}"),
+                                (Some(e), Some(a), None) => format!(", log end {e}, applied {a}"),
+                                _ => String::new(),
+                            };
+                            let down = match rf("down") {
+                                Value::Str(why) => format!(" (down: {why})"),
+                                _ => String::new(),
+                            };
+                            println!(
+                                "  replica {}: {}, process {}{at} (supervisor {}){progress}{down}",
+                                rf("replica").as_int().unwrap_or(0),
+                                rf("state").as_str().unwrap_or("?"),
+                                rf("process").as_int().unwrap_or(0),
+                                rf("supervisor").as_str().unwrap_or("?"),
+                            );
+                        }
+                        continue;
+                    }
                     let at = match (f("address"), f("supervisor"), f("down")) {
                         (_, _, Value::Str(why)) => format!("down: {why}"),
                         (Value::Str(a), Value::Str(s), _) => format!("at {a} (supervisor {s})"),

@@ -65,6 +65,7 @@ const DEFAULTS: &[(&str, &str)] = &[
     ("cluster.ui.port", "8888"),
     ("conductor.child.opts", "\"--memoryLimitMb 1024\""),
     ("supervisor.child.opts", "\"--memoryLimitMb 512\""),
+    ("replication.session.timeout.millis", "2000"),
 ];
 
 /// Known keys without a fixed default: the cluster's hosts (required
@@ -80,6 +81,7 @@ const RANGES: &[(&str, u64, u64)] = &[
     ("module.tasks.max", 1, 1 << 20),
     ("module.threads.max", 1, 1 << 16),
     ("conductor.artifact.max.bytes", 1 << 20, 1 << 40),
+    ("replication.session.timeout.millis", 1000, 60000),
 ];
 
 /// The loaded configuration.

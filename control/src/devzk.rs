@@ -82,9 +82,10 @@ pub fn ruok(host: &str, port: u16) -> bool {
 fn zoo_cfg(data: &Path, host: &str, port: u16) -> String {
     format!(
         "# Written by rama devZookeeper.\n\
-         tickTime=2000\n\
-         initLimit=10\n\
-         syncLimit=5\n\
+         tickTime=500\n\
+         initLimit=40\n\
+         syncLimit=20\n\
+         maxSessionTimeout=60000\n\
          dataDir={}\n\
          clientPort={port}\n\
          clientPortAddress={host}\n\

@@ -305,6 +305,10 @@ pub struct ReplicaRegistration {
     /// intact log is elected).
     pub last_epoch: u32,
     pub log_end: u64,
+    /// Its applied offset (for status: a follower's lag is the leader's
+    /// log end minus its own); updated about every second.
+    #[serde(default)]
+    pub applied: u64,
 }
 
 impl GroupNode {

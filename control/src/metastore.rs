@@ -187,13 +187,25 @@ impl ZkMetastore {
         credentials: &Credentials,
         wait: Duration,
     ) -> Result<ZkMetastore> {
+        Self::connect_with_session(hosts, port, root, credentials, wait, Duration::from_secs(10))
+    }
+
+    /// [`ZkMetastore::connect`] asking for sessions of `session_timeout`
+    /// (ZooKeeper keeps it within 2 to 20 of its `tickTime`s).
+    pub fn connect_with_session(
+        hosts: &[String],
+        port: u16,
+        root: &str,
+        credentials: &Credentials,
+        wait: Duration,
+        session_timeout: Duration,
+    ) -> Result<ZkMetastore> {
         let servers = hosts
             .iter()
             .map(|h| format!("{h}:{port}"))
             .collect::<Vec<_>>()
             .join(",");
         let root = format!("/{}", root.trim_matches('/'));
-        let session_timeout = Duration::from_secs(10);
         let client = Self::open(&servers, &root, credentials, session_timeout, wait)?;
         Ok(ZkMetastore {
             servers,

@@ -115,6 +115,102 @@ fn summary(r: &AdminRequest) -> (bool, String) {
     }
 }
 
+/// The min-ISR of an instance: `replication.min.isr` among its worker
+/// options, else the replication factor less one (at least 1).
+fn min_isr_of(spec: &InstanceSpec) -> u32 {
+    let opts = control::worker_config::WorkerConfig::from_json(&spec.config).unwrap_or_default();
+    let mut config = engine::cluster::ModuleConfig::default();
+    config.replication.factor = spec.replication_factor.max(1);
+    for pair in opts.opts.chunks(2) {
+        if let [flag, value] = pair {
+            let _ = config.set_option(flag, value);
+        }
+    }
+    config.replication.min_isr()
+}
+
+fn offset(o: u64) -> Value {
+    Value::Int(i64::try_from(o).unwrap_or(i64::MAX))
+}
+
+/// `taskGroupsStatus` of one replicated task group: its epoch, leader,
+/// ISR and OSR from its node, and per replica where it runs (process,
+/// address, Supervisor), whether it is up (its registration), its log
+/// end, applied offset and lag behind the leader's log end.
+fn replication_status(
+    l: &Layout<'_>,
+    spec: &InstanceSpec,
+    thread: u32,
+    address_of: &HashMap<u32, String>,
+    down: &HashMap<u32, String>,
+) -> Result<Value, String> {
+    let (module, n) = (spec.module.as_str(), spec.instance);
+    let Some((node, _)) = l.group(module, n, thread).map_err(layout_err)? else {
+        return Ok(Value::map([
+            ("taskGroup", Value::from(thread)),
+            ("down", Value::from("it has no replication node")),
+        ]));
+    };
+    let live = l.live_replicas(module, n, thread).map_err(layout_err)?;
+    let leader_end = node
+        .leader
+        .and_then(|m| {
+            live.iter()
+                .find(|r| r.replica == m.replica && r.incarnation == m.incarnation)
+        })
+        .map(|r| r.log_end);
+    let replicas = node
+        .replicas
+        .iter()
+        .enumerate()
+        .map(|(r, place)| {
+            let r = r as u32;
+            let reg = live.iter().find(|x| x.replica == r);
+            let state = if node
+                .leader
+                .is_some_and(|m| m.replica == r && reg.is_some_and(|x| x.incarnation == m.incarnation))
+            {
+                "leader"
+            } else if reg.is_none() {
+                "down"
+            } else if node.isr.contains(&r) {
+                "in sync"
+            } else {
+                "out of sync"
+            };
+            Value::map([
+                ("replica", Value::from(r)),
+                ("process", Value::from(place.worker)),
+                ("supervisor", Value::from(place.supervisor.as_str())),
+                (
+                    "address",
+                    address_of.get(&place.worker).cloned().map_or(Value::Nil, Value::from),
+                ),
+                ("state", Value::from(state)),
+                ("down", down.get(&place.worker).cloned().map_or(Value::Nil, Value::from)),
+                ("logEnd", reg.map_or(Value::Nil, |x| offset(x.log_end))),
+                ("applied", reg.map_or(Value::Nil, |x| offset(x.applied))),
+                (
+                    "lag",
+                    match (leader_end, reg) {
+                        (Some(end), Some(x)) => offset(end.saturating_sub(x.log_end)),
+                        _ => Value::Nil,
+                    },
+                ),
+            ])
+        })
+        .collect();
+    Ok(Value::map([
+        ("taskGroup", Value::from(thread)),
+        ("epoch", Value::from(node.epoch)),
+        ("leader", node.leader.map_or(Value::Nil, |m| Value::from(m.replica))),
+        ("isr", Value::List(node.isr.iter().map(|&r| Value::from(r)).collect())),
+        ("osr", Value::List(node.osr.iter().map(|&r| Value::from(r)).collect())),
+        ("minIsr", Value::from(min_isr_of(spec))),
+        ("replicas", Value::List(replicas)),
+    ]))
+}
+
 /// The Supervisor of each of the `workers * rf` processes of a replicated
 /// instance (process `r * workers + w` is replica `r` of worker `w`):
 /// every worker's replicas on different Supervisors, each process on the
@@ -624,13 +720,41 @@ impl Conductor {
                 .registrations(module, n, Some(&spec.incarnation))
                 .map_err(layout_err)?
                 .len();
+            // Replicated task groups that take no appends now.
+            let mut stalled = Vec::new();
+            if spec.replication_factor > 1 {
+                let min_isr = min_isr_of(&spec);
+                for tg in l.groups(module, n).map_err(layout_err)? {
+                    let Some((node, _)) = l.group(module, n, tg).map_err(layout_err)? else {
+                        continue;
+                    };
+                    if node.leader.is_none() {
+                        stalled.push(Value::from(format!(
+                            "task group {tg} has no leader (epoch {}; in sync: {:?}): it waits for an in-sync \
+                             replica to return",
+                            node.epoch, node.isr
+                        )));
+                    } else if (node.isr.len() as u32) < min_isr {
+                        stalled.push(Value::from(format!(
+                            "task group {tg} is stalled below min-ISR: in sync {:?}, {} of the {min_isr} needed; \
+                             appends fail until a replica catches up",
+                            node.isr,
+                            node.isr.len()
+                        )));
+                    }
+                }
+            }
             instances.push(Value::map([
+                ("replicationFactor", Value::from(spec.replication_factor)),
+                ("stalled", Value::List(stalled)),
                 ("instance", Value::from(n)),
                 ("state", st.map_or(Value::Nil, |s| Value::from(s.name()))),
                 ("read", Value::Bool(targets.is_some_and(|t| t.read == n))),
                 ("append", Value::Bool(targets.is_some_and(|t| t.append == n))),
                 ("registered", Value::from(registered as u32)),
-                ("workers", Value::from(spec.workers)),
+                // Worker processes: with replication, one per replica of
+                // each worker.
+                ("workers", Value::from(spec.workers * spec.replication_factor.max(1))),
                 ("tasks", Value::from(spec.tasks)),
                 ("threads", Value::from(spec.threads)),
             ]));
@@ -706,6 +830,18 @@ impl Conductor {
         for thread in 0..placement.parallelism.threads {
             let worker = placement.worker_of_thread[thread as usize];
             let address = address_of.get(&worker).cloned();
+            if spec.replication_factor > 1 {
+                let mut g = replication_status(&l, &spec, thread, &address_of, &down)?;
+                if let Value::Map(m) = &mut g {
+                    m.insert(
+                        Value::from("tasks"),
+                        Value::List(placement.tasks_of_thread(thread).into_iter().map(Value::from).collect()),
+                    );
+                    m.insert(Value::from("worker"), Value::from(worker));
+                }
+                groups.push(g);
+                continue;
+            }
             groups.push(Value::map([
                 ("down", down.get(&worker).cloned().map_or(Value::Nil, Value::from)),
                 ("taskGroup", Value::from(thread)),

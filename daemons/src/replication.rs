@@ -139,7 +139,12 @@ pub struct ReplicaReport {
     pub lost_data: bool,
     pub last_epoch: u32,
     pub log_end: u64,
+    pub applied: u64,
 }
+
+/// How often a replica's registration is brought up to date (its log end
+/// and applied offset, for elections and status) while it changes.
+const REPORT_EVERY: Duration = Duration::from_secs(1);
 
 impl GroupLink {
     /// Registers replica `replica` of group `id` (a new incarnation) and
@@ -222,6 +227,17 @@ impl Drop for GroupLink {
     }
 }
 
+fn registration(replica: u32, incarnation: u64, r: &ReplicaReport) -> ReplicaRegistration {
+    ReplicaRegistration {
+        replica,
+        incarnation,
+        lost_data: r.lost_data,
+        last_epoch: r.last_epoch,
+        log_end: r.log_end,
+        applied: r.applied,
+    }
+}
+
 fn register(layout: &Layout<'_>, id: &GroupId, replica: u32, report: &Mutex<ReplicaReport>) -> layout::Result<u64> {
     let incarnation = layout.next_incarnation(&id.module, id.instance, id.group, replica)?;
     let r = *report.lock().unwrap_or_else(|p| p.into_inner());
@@ -229,13 +245,7 @@ fn register(layout: &Layout<'_>, id: &GroupId, replica: u32, report: &Mutex<Repl
         &id.module,
         id.instance,
         id.group,
-        &ReplicaRegistration {
-            replica,
-            incarnation,
-            lost_data: r.lost_data,
-            last_epoch: r.last_epoch,
-            log_end: r.log_end,
-        },
+        &registration(replica, incarnation, &r),
     )?;
     Ok(incarnation)
 }
@@ -260,11 +270,30 @@ fn watch(
     let mut lease_lost = false;
     let mut epoch = meta.session_epoch();
     let mut sent = None;
+    // The incarnation registered now (the first one registered in
+    // `start`), what its registration says, and when it was written.
+    let mut current = layout
+        .live_replicas(&id.module, id.instance, id.group)
+        .ok()
+        .and_then(|live| live.into_iter().find(|r| r.replica == replica));
+    let mut reported_at = Instant::now();
     while !stop.load(Ordering::SeqCst) {
+        if reported_at.elapsed() >= REPORT_EVERY {
+            reported_at = Instant::now();
+            let now = *report.lock().unwrap_or_else(|p| p.into_inner());
+            if let Some(reg) = current.as_mut() {
+                let next = registration(replica, reg.incarnation, &now);
+                if next != *reg && layout.update_replica(&id.module, id.instance, id.group, &next).is_ok() {
+                    *reg = next;
+                }
+            }
+        }
         if lease_lost || meta.session_epoch() != epoch {
             // A new session, or the lease given up: a new incarnation.
             match register(&layout, id, replica, report) {
                 Ok(incarnation) => {
+                    let now = *report.lock().unwrap_or_else(|p| p.into_inner());
+                    current = Some(registration(replica, incarnation, &now));
                     epoch = meta.session_epoch();
                     if !lease_lost {
                         let _ = inbox.send(Input::SessionLost);
@@ -477,6 +506,7 @@ impl ReplicaHost for WorkerReplica {
             r.lost_data = status.lost_data;
             r.last_epoch = status.last_epoch;
             r.log_end = status.log_end;
+            r.applied = status.applied;
         }
         *self.status.lock().unwrap_or_else(|p| p.into_inner()) = Some(status);
     }
@@ -536,6 +566,8 @@ struct KnownLeader {
 
 /// A stale leader is read again at most this often per task group.
 const LEADER_REREAD: Duration = Duration::from_millis(25);
+/// A known leader is read again this often.
+const LEADER_MAX_AGE: Duration = Duration::from_millis(250);
 
 impl GroupLeaders {
     pub fn new(meta: Arc<dyn Metastore>, module: &str, instance: u32, threads: u32) -> GroupLeaders {
@@ -571,8 +603,11 @@ impl engine::cluster::peer::Leaders for GroupLeaders {
             let known = self.known.lock().unwrap_or_else(|p| p.into_inner());
             *known.get(thread as usize)?
         };
-        let fresh = known.read_at.is_some_and(|t| t.elapsed() < LEADER_REREAD);
-        if !known.stale || fresh {
+        let age = known.read_at.map(|t| t.elapsed());
+        // Read again when told it was wrong (at most every
+        // LEADER_REREAD), and anyway every LEADER_MAX_AGE: a leader that
+        // was paused answers nothing, so no one would tell.
+        if age.is_some_and(|a| a < LEADER_REREAD || (!known.stale && a < LEADER_MAX_AGE)) {
             return known.process;
         }
         let process = self.read(thread);
@@ -627,6 +662,7 @@ mod tests {
             lost_data: false,
             last_epoch: 1,
             log_end,
+            applied: 0,
         });
         register(&Layout::new(meta), &group(), replica, &report).unwrap()
     }

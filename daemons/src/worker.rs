@@ -597,7 +597,7 @@ fn replica_part(
     (replica, peers): (u32, std::sync::Arc<net::peers::NetPeers>),
 ) -> Result<engine::cluster::peer::ReplicaPart> {
     use std::sync::Arc;
-    let meta = net::manager::connect_metastore(config, control::config::Side::Internal)?;
+    let meta = net::manager::connect_replication_metastore(config)?;
     let session_timeout = meta.session_timeout();
     let meta: Arc<dyn control::metastore::Metastore> = Arc::new(meta);
     let peers: Arc<dyn engine::cluster::peer::Peers> = peers;

@@ -63,6 +63,36 @@ pub fn connect_metastore(config: &Config, side: Side) -> Result<ZkMetastore> {
     ZkMetastore::connect(&hosts, port, &root, &metastore_credentials(&load_secret(config)?), wait).map_err(meta_error)
 }
 
+/// A metastore session for the replicas of a worker's task groups: its
+/// timeout is `replication.session.timeout.millis` (a replica that loses
+/// it stops leading after two thirds of it, and a dead leader's session
+/// expires after it: the larger part of a failover).
+pub fn connect_replication_metastore(config: &Config) -> Result<ZkMetastore> {
+    let side = control::config::Side::Internal;
+    let hosts = config
+        .hosts("zookeeper.servers", side)
+        .map_err(|e| Error::Schema(e.to_string()))?;
+    let port = config
+        .port("zookeeper.port")
+        .map_err(|e| Error::Schema(e.to_string()))?;
+    let root = config
+        .string("zookeeper.root")
+        .map_err(|e| Error::Schema(e.to_string()))?;
+    let wait = config.connect_timeout().map_err(|e| Error::Schema(e.to_string()))?;
+    let session = config
+        .count("replication.session.timeout.millis")
+        .map_err(|e| Error::Schema(e.to_string()))?;
+    ZkMetastore::connect_with_session(
+        &hosts,
+        port,
+        &root,
+        &metastore_credentials(&load_secret(config)?),
+        wait,
+        std::time::Duration::from_millis(session),
+    )
+    .map_err(meta_error)
+}
+
 /// The cluster's metastore credentials: user `rama`, a password derived
 /// from the cluster secret (so the secret file is the one thing to copy
 /// to every node).
@@ -466,11 +496,21 @@ impl Inner {
             ))
         })?;
         let want = first.workers.max(1);
-        let processes = want * first.replication_factor.max(1);
-        if workers.len() != processes as usize || workers.iter().enumerate().any(|(i, w)| w.worker != i as u32) {
+        let rf = first.replication_factor.max(1);
+        let processes = want * rf;
+        // Unreplicated, every worker is needed; replicated, one process
+        // of each worker will do (each forwards to its task groups'
+        // leaders), while the others restart.
+        let usable = if rf == 1 {
+            workers.len() == processes as usize && workers.iter().enumerate().all(|(i, w)| w.worker == i as u32)
+        } else {
+            workers.iter().all(|w| w.worker < processes)
+                && (0..want).all(|l| workers.iter().any(|w| w.worker % want == l))
+        };
+        if !usable {
             return Err(Error::Closed(format!(
-                "module {module} has {} of its {want} workers registered (it is launching, or a worker is \
-                 restarting); try again",
+                "module {module} has {} of its {processes} worker processes registered (it is launching, or a \
+                 worker is restarting); try again",
                 workers.len()
             )));
         }
@@ -480,16 +520,41 @@ impl Inner {
         // One connection per task thread, served by that thread.
         let mut threads: Vec<Option<RemoteCluster>> = vec![None; placement.parallelism.threads as usize];
         let mut clusters = Vec::new();
-        // With replication, the first replica's processes stand for their
-        // workers (each forwards a request to its task group's leader).
-        for w in workers.iter().filter(|w| w.worker < want) {
-            let mine = placement.threads_of_worker(w.worker);
-            for &t in &mine {
-                threads[t as usize] = Some(self.connection(&w.address, t)?);
+        for logical in 0..want {
+            // With replication, any process of the worker serves its
+            // threads: the first one that answers (the others' replicas
+            // may be down).
+            let candidates: Vec<&WorkerInfo> = workers.iter().filter(|w| w.worker % want == logical).collect();
+            let mine = placement.threads_of_worker(logical);
+            let mut last_error = None;
+            let mut connected = None;
+            for w in &candidates {
+                let tried = (|| -> Result<Vec<RemoteCluster>> {
+                    match mine.is_empty() {
+                        true => Ok(vec![self.connection(&w.address, 0)?]),
+                        false => mine.iter().map(|&t| self.connection(&w.address, t)).collect(),
+                    }
+                })();
+                match tried {
+                    Ok(c) => {
+                        connected = Some(c);
+                        break;
+                    }
+                    Err(e) => last_error = Some(e),
+                }
             }
-            match mine.first() {
-                Some(&t) => clusters.push(threads[t as usize].clone().expect("connected above")),
-                None => clusters.push(self.connection(&w.address, 0)?),
+            let conns = match (connected, last_error) {
+                (Some(c), _) => c,
+                (None, Some(e)) => return Err(e),
+                (None, None) => {
+                    return Err(Error::Closed(format!(
+                        "module {module}: worker {logical} has no process"
+                    )))
+                }
+            };
+            clusters.push(conns[0].clone());
+            for (&t, c) in mine.iter().zip(conns) {
+                threads[t as usize] = Some(c);
             }
         }
         let threads = threads
