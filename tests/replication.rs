@@ -35,43 +35,70 @@ fn group(meta: &dyn control::metastore::Metastore, tg: u32) -> Option<GroupNode>
     Layout::new(meta).group(MODULE, 0, tg).ok()?.map(|(node, _)| node)
 }
 
-#[test]
-fn a_killed_leader_is_replaced_and_nothing_acknowledged_is_lost() {
-    let root = tempfile::tempdir().unwrap();
-    let _kill_workers = KillWorkers(root.path().to_path_buf());
-    let _logs = DumpLogsOnFailure(root.path().to_path_buf());
-    let (zk, cport) = (free_port(), free_port());
-    let zk_node = Node::new(root.path(), "zk", zk, cport, "");
-    let conductor = Node::new(root.path(), "conductor", zk, cport, "");
-    let base = free_port().max(20000) / 2 + 20000;
-    let nodes: Vec<Node> = (1..=3u16)
-        .map(|i| {
-            let first = base + i * 1000;
-            Node::new(
-                root.path(),
-                &format!("s{i}"),
-                zk,
-                cport,
-                &format!(
-                    "supervisor.host: \"127.0.0.{i}\"\nsupervisor.port.range: [{first}, {}]\n",
-                    first + 50
-                ),
-            )
-        })
-        .collect();
-    let _zk = zk_node.daemon("devZookeeper", "ZooKeeper running");
-    let _conductor = conductor.daemon("conductor", "admin API on");
-    let _sups: Vec<_> = nodes.iter().map(|n| n.daemon("supervisor", "supervisor ")).collect();
-    let jar = examples_artifact();
-    let deploy = |rf: &str| {
-        conductor.rama(&[
+/// ZooKeeper, a Conductor and three Supervisors on 127.0.0.1-3, and the
+/// guards that stop them and their workers.
+struct Cluster {
+    conductor: Node,
+    nodes: Vec<Node>,
+    // Dropped in order: Supervisors, Conductor, ZooKeeper; then workers
+    // killed and the logs shown if the test failed.
+    _sups: Vec<(common::Daemon, std::io::BufReader<std::process::ChildStdout>)>,
+    _conductor: (common::Daemon, std::io::BufReader<std::process::ChildStdout>),
+    _zk: (common::Daemon, std::io::BufReader<std::process::ChildStdout>),
+    _kill_workers: KillWorkers,
+    _logs: DumpLogsOnFailure,
+    _root: tempfile::TempDir,
+}
+
+impl Cluster {
+    fn start() -> Cluster {
+        let root = tempfile::tempdir().unwrap();
+        let kill_workers = KillWorkers(root.path().to_path_buf());
+        let logs = DumpLogsOnFailure(root.path().to_path_buf());
+        let (zk, cport) = (free_port(), free_port());
+        let zk_node = Node::new(root.path(), "zk", zk, cport, "");
+        let conductor = Node::new(root.path(), "conductor", zk, cport, "");
+        let base = free_port().max(20000) / 2 + 20000;
+        let nodes: Vec<Node> = (1..=3u16)
+            .map(|i| {
+                let first = base + i * 1000;
+                Node::new(
+                    root.path(),
+                    &format!("s{i}"),
+                    zk,
+                    cport,
+                    &format!(
+                        "supervisor.host: \"127.0.0.{i}\"\nsupervisor.port.range: [{first}, {}]\n",
+                        first + 50
+                    ),
+                )
+            })
+            .collect();
+        let zk_daemon = zk_node.daemon("devZookeeper", "ZooKeeper running");
+        let conductor_daemon = conductor.daemon("conductor", "admin API on");
+        let sups = nodes.iter().map(|n| n.daemon("supervisor", "supervisor ")).collect();
+        Cluster {
+            conductor,
+            nodes,
+            _sups: sups,
+            _conductor: conductor_daemon,
+            _zk: zk_daemon,
+            _kill_workers: kill_workers,
+            _logs: logs,
+            _root: root,
+        }
+    }
+
+    fn deploy(&self, module: &str, rf: &str) -> std::process::Output {
+        let jar = examples_artifact();
+        self.conductor.rama(&[
             "deploy",
             "--action",
             "launch",
             "--jar",
             jar.to_str().unwrap(),
             "--module",
-            MODULE,
+            module,
             "--tasks",
             "4",
             "--threads",
@@ -81,7 +108,52 @@ fn a_killed_leader_is_replaced_and_nothing_acknowledged_is_lost() {
             "--replicationFactor",
             rf,
         ])
-    };
+    }
+
+    fn metastore(&self) -> control::metastore::ZkMetastore {
+        let config = net::manager::load_config(Some(&self.conductor.dir.join("rama.yaml")), &[]).unwrap();
+        net::manager::connect_metastore(&config, Side::Internal).unwrap()
+    }
+
+    fn manager(&self) -> ClusterManager {
+        ClusterManager::open_with(Some(&self.conductor.dir.join("rama.yaml")), &[], Side::External).unwrap()
+    }
+
+    /// The pid of the worker process that leads task group `tg` of
+    /// `module` now, and the group's epoch.
+    fn leader_pid(&self, meta: &dyn control::metastore::Metastore, module: &str, tg: u32) -> (u32, u32, u32) {
+        let (node, _) = Layout::new(meta).group(module, 0, tg).unwrap().unwrap();
+        let leader = node.leader.expect("a leader").replica;
+        let process = node.replicas[leader as usize].worker;
+        let (registration, _) = Layout::new(meta)
+            .read::<control::layout::WorkerRegistration>(&control::layout::worker(module, 0, process))
+            .unwrap()
+            .expect("the leader's registration");
+        let host = registration.address.split(':').next().unwrap().to_string();
+        let i = (1..=3)
+            .position(|i| host == format!("127.0.0.{i}"))
+            .expect("the leader's node");
+        let pid = worker_pid_of(&self.nodes[i], module).expect("the leader's pid");
+        (pid, leader, node.epoch)
+    }
+}
+
+/// The pid of `module`'s worker on `node` (its Supervisor's pid file).
+fn worker_pid_of(node: &Node, module: &str) -> Option<u32> {
+    let dir = node.dir.join("data/supervisor/workers");
+    std::fs::read_dir(dir).ok()?.flatten().find_map(|e| {
+        let name = e.file_name().to_string_lossy().into_owned();
+        (name.ends_with(".pid") && name.contains(module))
+            .then(|| std::fs::read_to_string(e.path()).ok()?.trim().parse().ok())
+            .flatten()
+    })
+}
+
+#[test]
+fn a_killed_leader_is_replaced_and_nothing_acknowledged_is_lost() {
+    let cluster = Cluster::start();
+    let (conductor, nodes) = (&cluster.conductor, &cluster.nodes);
+    let deploy = |rf: &str| cluster.deploy(MODULE, rf);
     // Four replicas cannot be placed apart on three Supervisors.
     let out = deploy("4");
     assert_eq!(out.status.code(), Some(1), "{}", text(&out));
@@ -90,7 +162,7 @@ fn a_killed_leader_is_replaced_and_nothing_acknowledged_is_lost() {
     assert!(out.status.success(), "{}", text(&out));
     assert!(text(&out).contains("[:running]"), "{}", text(&out));
     // One worker process on each Supervisor.
-    for n in &nodes {
+    for n in nodes {
         assert!(n.worker_pid().is_some(), "a Supervisor has no replica");
     }
     // The status commands show the replicas.
@@ -106,13 +178,12 @@ fn a_killed_leader_is_replaced_and_nothing_acknowledged_is_lost() {
             && groups.matches(": leader, process").count() == 2
             && groups.matches(": in sync, process").count() == 4
     });
-    let config = net::manager::load_config(Some(&conductor.dir.join("rama.yaml")), &[]).unwrap();
-    let meta = net::manager::connect_metastore(&config, Side::Internal).unwrap();
+    let meta = cluster.metastore();
     eventually("a leader for every task group", || {
         (0..2).all(|tg| group(&meta, tg).is_some_and(|g| g.leader.is_some()))
     });
 
-    let manager = ClusterManager::open_with(Some(&conductor.dir.join("rama.yaml")), &[], Side::External).unwrap();
+    let manager = cluster.manager();
     let depot = manager.depot(MODULE, "*sentences").unwrap();
     let mut expected: BTreeMap<String, i64> = BTreeMap::new();
     let mut acked = 0u64;
@@ -145,19 +216,7 @@ fn a_killed_leader_is_replaced_and_nothing_acknowledged_is_lost() {
     eventually("the first 300 sentences counted", || all_counted(&expected));
 
     // kill -9 the leader of task group 0's process.
-    let before = group(&meta, 0).unwrap();
-    let (leader, epoch) = (before.leader.unwrap().replica, before.epoch);
-    // The leader's process, and its node by the address it registered.
-    let process = before.replicas[leader as usize].worker;
-    let (registration, _) = Layout::new(&meta)
-        .read::<control::layout::WorkerRegistration>(&control::layout::worker(MODULE, 0, process))
-        .unwrap()
-        .expect("the leader's registration");
-    let host = registration.address.split(':').next().unwrap().to_string();
-    let node = (1..=3)
-        .position(|i| host == format!("127.0.0.{i}"))
-        .expect("the leader's node");
-    let pid = nodes[node].worker_pid().expect("the leader's pid");
+    let (pid, _, epoch) = cluster.leader_pid(&meta, MODULE, 0);
     let killed_at = Instant::now();
     // SAFETY: kills a worker this test's cluster started.
     unsafe { libc::kill(pid as i32, libc::SIGKILL) };
@@ -207,18 +266,7 @@ fn a_killed_leader_is_replaced_and_nothing_acknowledged_is_lost() {
     // SIGSTOP the leader of task group 1 past its session timeout: it
     // loses its lease and is replaced; once it runs again (SIGCONT) it
     // acknowledges nothing of its old epoch and rejoins as a follower.
-    let before = group(&meta, 1).unwrap();
-    let (leader, epoch) = (before.leader.unwrap().replica, before.epoch);
-    let process = before.replicas[leader as usize].worker;
-    let (registration, _) = Layout::new(&meta)
-        .read::<control::layout::WorkerRegistration>(&control::layout::worker(MODULE, 0, process))
-        .unwrap()
-        .expect("the leader's registration");
-    let host = registration.address.split(':').next().unwrap().to_string();
-    let node = (1..=3)
-        .position(|i| host == format!("127.0.0.{i}"))
-        .expect("the leader's node");
-    let paused = nodes[node].worker_pid().expect("the leader's pid");
+    let (paused, leader, epoch) = cluster.leader_pid(&meta, MODULE, 1);
     let paused_at = Instant::now();
     // SAFETY: pauses a worker this test's cluster started (resumed below,
     // and killed by KillWorkers whatever happens).
@@ -229,7 +277,7 @@ fn a_killed_leader_is_replaced_and_nothing_acknowledged_is_lost() {
     let elected = paused_at.elapsed();
     // A client made now reaches the module through a process that runs
     // (a paused one does not finish the handshake).
-    let manager2 = ClusterManager::open_with(Some(&conductor.dir.join("rama.yaml")), &[], Side::External).unwrap();
+    let manager2 = cluster.manager();
     let depot2 = manager2.depot(MODULE, "*sentences").unwrap();
     let mut first_ok = None;
     while acked < 700 {
@@ -277,4 +325,105 @@ fn a_killed_leader_is_replaced_and_nothing_acknowledged_is_lost() {
     eprintln!("{groups}");
     let out = conductor.rama(&["destroy", MODULE]);
     assert!(out.status.success(), "{}", text(&out));
+}
+
+/// BankTransferModule with replication factor 3: transfers keep running
+/// (microbatches, exactly-once across task groups) while the leader of
+/// each task group in turn is killed with SIGKILL; afterwards the total
+/// of all balances is exactly the deposits and every replica is in sync.
+#[test]
+fn microbatches_stay_exactly_once_across_failovers() {
+    const BANK: &str = "BankTransferModule";
+    let cluster = Cluster::start();
+    let out = cluster.deploy(BANK, "3");
+    assert!(out.status.success(), "{}", text(&out));
+    let meta = cluster.metastore();
+    eventually("a leader for every task group", || {
+        (0..2).all(|tg| {
+            Layout::new(&meta)
+                .group(BANK, 0, tg)
+                .ok()
+                .flatten()
+                .is_some_and(|(g, _)| g.leader.is_some())
+        })
+    });
+    let manager = cluster.manager();
+    let deposits = manager.depot(BANK, "*deposits").unwrap();
+    let accounts: Vec<String> = (0..16).map(|a| format!("acct{a}")).collect();
+    for a in &accounts {
+        let record = Value::map([("account", Value::from(a.as_str())), ("amount", Value::Int(1000))]);
+        deposits.append(&record, AckLevel::Ack).unwrap();
+    }
+    let total = 1000 * accounts.len() as i64;
+    let funds = manager.query(BANK, "totalFunds").unwrap();
+    eventually("the deposits processed", || {
+        funds.invoke(&Value::Nil).ok() == Some(Value::Int(total))
+    });
+
+    let stop = std::sync::atomic::AtomicBool::new(false);
+    std::thread::scope(|s| {
+        s.spawn(|| {
+            let transfers = manager.depot(BANK, "*transfers").unwrap();
+            let mut id = 0i64;
+            while !stop.load(std::sync::atomic::Ordering::SeqCst) {
+                id += 1;
+                let (from, to) = (&accounts[(id % 16) as usize], &accounts[((id * 7 + 3) % 16) as usize]);
+                let record = Value::map([
+                    ("id", Value::Int(id)),
+                    ("from", Value::from(from.as_str())),
+                    ("to", Value::from(to.as_str())),
+                    ("amount", Value::Int(1 + id % 40)),
+                ]);
+                // Failures while a leader is replaced are expected: a
+                // transfer either happens whole or not at all.
+                let _ = transfers.append(&record, AckLevel::AppendAck);
+            }
+        });
+        for tg in 0..2 {
+            std::thread::sleep(Duration::from_secs(2));
+            let (pid, _, epoch) = cluster.leader_pid(&meta, BANK, tg);
+            // SAFETY: kills a worker this test's cluster started.
+            unsafe { libc::kill(pid as i32, libc::SIGKILL) };
+            eventually("a new leader", || {
+                Layout::new(&meta)
+                    .group(BANK, 0, tg)
+                    .ok()
+                    .flatten()
+                    .is_some_and(|(g, _)| g.leader.is_some() && g.epoch > epoch)
+            });
+        }
+        std::thread::sleep(Duration::from_secs(2));
+        stop.store(true, std::sync::atomic::Ordering::SeqCst);
+    });
+    eventually("every replica in sync again", || {
+        (0..2).all(|tg| {
+            Layout::new(&meta)
+                .group(BANK, 0, tg)
+                .ok()
+                .flatten()
+                .is_some_and(|(g, _)| g.isr.len() == 3 && g.leader.is_some())
+        })
+    });
+    // Money is neither made nor lost, through any number of failovers.
+    let funds = cluster.manager().query(BANK, "totalFunds").unwrap();
+    let mut last = None;
+    eventually("the total stable at the deposits", || {
+        let now = funds.invoke(&Value::Nil).ok();
+        let stable = now.is_some() && now == last;
+        last = now;
+        stable
+    });
+    assert_eq!(last, Some(Value::Int(total)), "the bank's total after failovers");
+    let balances = cluster.manager().pstate(BANK, "$$funds").unwrap();
+    let sum: i64 = accounts
+        .iter()
+        .map(|a| {
+            balances
+                .select_one(&[Nav::key(a.as_str())])
+                .unwrap()
+                .as_int()
+                .unwrap_or(0)
+        })
+        .sum();
+    assert_eq!(sum, total, "the balances one by one");
 }
