@@ -321,6 +321,49 @@ fn a_killed_leader_is_replaced_and_nothing_acknowledged_is_lost() {
             }
         })
     });
+    // Wipe a follower's data directory (paused, wiped, killed: its
+    // Supervisor starts it again on an empty directory). It says it lost
+    // its data, is never elected meanwhile, catches up from the leader's
+    // log and returns to the ISR holding what the others hold.
+    let (node, _) = Layout::new(&meta).group(MODULE, 0, 0).unwrap().unwrap();
+    let leader = node.leader.unwrap().replica;
+    let follower = (0..3).find(|r| *r != leader).unwrap();
+    let process = node.replicas[follower as usize].worker;
+    let (registration, _) = Layout::new(&meta)
+        .read::<control::layout::WorkerRegistration>(&control::layout::worker(MODULE, 0, process))
+        .unwrap()
+        .unwrap();
+    let host = registration.address.split(':').next().unwrap().to_string();
+    let at = (1..=3).position(|i| host == format!("127.0.0.{i}")).unwrap();
+    let wiped = worker_pid_of(&nodes[at], MODULE).unwrap();
+    let data = nodes[at].dir.join("data/supervisor/data").join(MODULE);
+    // SAFETY: signals a worker this test's cluster started.
+    unsafe { libc::kill(wiped as i32, libc::SIGSTOP) };
+    std::fs::remove_dir_all(&data).unwrap();
+    // SAFETY: as above.
+    unsafe { libc::kill(wiped as i32, libc::SIGKILL) };
+    eventually("the wiped replica restarted", || {
+        worker_pid_of(&nodes[at], MODULE).is_some_and(|p| p != wiped)
+    });
+    eventually("the wiped replica back in sync with the same log", || {
+        (0..2).all(|tg| {
+            let Some(g) = group(&meta, tg) else { return false };
+            let live = Layout::new(&meta).live_replicas(MODULE, 0, tg).unwrap_or_default();
+            g.isr.len() == 3 && live.len() == 3 && live.iter().all(|r| r.log_end == live[0].log_end && r.log_end > 0)
+        })
+    });
+    eventually("the counts unchanged after the wipe", || {
+        expected.iter().all(|(w, c)| {
+            let extra = unknown
+                .iter()
+                .map(|&u| words(u).split(' ').filter(|x| x == w).count() as i64)
+                .sum::<i64>();
+            match counts2.select_one(&[Nav::key(w.as_str())]) {
+                Ok(Value::Int(n)) => n >= *c && n <= c + extra,
+                _ => false,
+            }
+        })
+    });
     let groups = text(&conductor.rama(&["taskGroupsStatus", MODULE]));
     eprintln!("{groups}");
     let out = conductor.rama(&["destroy", MODULE]);
