@@ -42,6 +42,9 @@ pub struct DevOptions {
     pub tasks: u32,
     pub threads: u32,
     pub workers: u32,
+    /// Above 1: as many Supervisors (on 127.0.0.1, 127.0.0.2, ...), so
+    /// the replicas of each task group run on different ones.
+    pub replication_factor: u32,
     pub config_overrides: Option<PathBuf>,
 }
 
@@ -153,12 +156,12 @@ fn quote(s: &str) -> String {
 }
 
 /// Kills, when dropped, the worker processes this dev cluster's
-/// Supervisor recorded under `data` (however `rama dev` ends).
-struct WorkersGuard(PathBuf);
+/// Supervisors recorded under their local.dirs (however `rama dev` ends).
+struct WorkersGuard(Vec<PathBuf>);
 
 impl Drop for WorkersGuard {
     fn drop(&mut self) {
-        kill_workers(&self.0);
+        self.0.iter().for_each(|d| kill_workers(d));
     }
 }
 
@@ -236,12 +239,45 @@ pub fn run(base: &Config, options: &DevOptions, stop: &AtomicBool) -> Result<(),
         net::auth::Secret::create(&secret, false).map_err(|e| e.to_string())?;
     }
     say!("rama dev: data and configuration in {}", dir.display());
-    let _workers = WorkersGuard(data.clone());
+    // One Supervisor, or one per replica: each its own node on a loopback
+    // address of its own, with its own local.dir and a share of the ports.
+    let rf = options.replication_factor.max(1);
+    let mut supervisors = vec![(config.clone(), data.clone())];
+    if rf > 1 {
+        supervisors.clear();
+        let span = (u32::from(last) - u32::from(first) + 1) / rf;
+        for i in 1..=rf {
+            let node = dir.join(format!("supervisor-{i}"));
+            std::fs::create_dir_all(&node).map_err(|e| format!("creating {}: {e}", node.display()))?;
+            let from = u32::from(first) + (i - 1) * span;
+            let node_config = node.join("rama.yaml");
+            let node_data = data.join(format!("supervisor-{i}"));
+            std::fs::write(
+                &node_config,
+                format!(
+                    "# Written by `rama dev`: Supervisor {i} of {rf}.\n\
+                     zookeeper.servers: [\"127.0.0.1\"]\nzookeeper.port: {zk}\n\
+                     conductor.host: \"127.0.0.1\"\nconductor.port: {conductor_port}\n\
+                     supervisor.host: \"127.0.0.{i}\"\nsupervisor.port.range: [{from}, {}]\n\
+                     local.dir: {:?}\ncluster.secret.file: {:?}\n",
+                    from + span - 1,
+                    node_data.display().to_string(),
+                    secret.display().to_string()
+                ),
+            )
+            .map_err(|e| format!("writing {}: {e}", node_config.display()))?;
+            supervisors.push((node_config, node_data));
+        }
+    }
+    let worker_dirs: Vec<PathBuf> = supervisors.iter().map(|(_, d)| d.clone()).collect();
+    let _workers = WorkersGuard(worker_dirs.clone());
     let result = (|| -> Result<Vec<Daemon>, String> {
         let mut daemons = vec![start("zookeeper", &config, &["devZookeeper"], "ZooKeeper running")?];
         daemons.push(start("conductor", &config, &["conductor"], "admin API on")?);
-        daemons.push(start("supervisor", &config, &["supervisor"], "supervisor ")?);
-        let shape = [options.tasks, options.threads, options.workers].map(|n| n.to_string());
+        for (node_config, _) in &supervisors {
+            daemons.push(start("supervisor", node_config, &["supervisor"], "supervisor ")?);
+        }
+        let shape = [options.tasks, options.threads, options.workers, rf].map(|n| n.to_string());
         let overrides = options
             .config_overrides
             .as_ref()
@@ -271,6 +307,8 @@ pub fn run(base: &Config, options: &DevOptions, stop: &AtomicBool) -> Result<(),
                 &shape[1],
                 "--workers",
                 &shape[2],
+                "--replicationFactor",
+                &shape[3],
             ]
             .into_iter()
             .chain(extra)
@@ -288,7 +326,7 @@ pub fn run(base: &Config, options: &DevOptions, stop: &AtomicBool) -> Result<(),
     let mut daemons = match result {
         Ok(d) => d,
         Err(e) => {
-            kill_workers(&data);
+            worker_dirs.iter().for_each(|d| kill_workers(d));
             if temporary {
                 let _ = std::fs::remove_dir_all(&dir);
             }
@@ -338,7 +376,7 @@ pub fn run(base: &Config, options: &DevOptions, stop: &AtomicBool) -> Result<(),
         ),
         Err(e) => say!("rama dev: destroy: {e}"),
     }
-    kill_workers(&data);
+    worker_dirs.iter().for_each(|d| kill_workers(d));
     // Supervisor, Conductor, then ZooKeeper.
     while let Some(mut d) = daemons.pop() {
         d.stop();

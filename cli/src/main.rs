@@ -75,6 +75,10 @@ enum Cmd {
         threads: u32,
         #[arg(long, default_value_t = 1)]
         workers: u32,
+        /// Replicas of each task group; above 1 it starts as many
+        /// Supervisors (127.0.0.1, 127.0.0.2, ...), each replica on its own.
+        #[arg(long = "replicationFactor", default_value_t = 1)]
+        replication_factor: u32,
         /// Worker configurations for the module (see deploy).
         #[arg(long = "configOverrides")]
         config_overrides: Option<PathBuf>,
@@ -729,6 +733,7 @@ fn main() -> ExitCode {
                 tasks,
                 threads,
                 workers,
+                replication_factor,
                 config_overrides,
             } => {
                 catch_signals();
@@ -740,6 +745,7 @@ fn main() -> ExitCode {
                     tasks: *tasks,
                     threads: *threads,
                     workers: *workers,
+                    replication_factor: *replication_factor,
                 };
                 Ok(dev::run(&config, &options, &STOP)?)
             }
