@@ -6,6 +6,7 @@
 
 pub mod baseline;
 pub mod depot;
+pub mod failover;
 pub mod harness;
 pub mod keys;
 pub mod lsm;

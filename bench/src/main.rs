@@ -53,6 +53,15 @@ enum Command {
         #[arg(long)]
         dir: Option<PathBuf>,
     },
+    /// Runs only the replication benchmark through a real cluster
+    /// (WordCount with RF 1 and RF 3, then failovers) and prints its JSON.
+    Failover {
+        #[arg(long)]
+        quick: bool,
+        /// Directory for benchmark data (default target/rama-bench-data).
+        #[arg(long)]
+        dir: Option<PathBuf>,
+    },
     /// Prints the markdown report (BENCHMARKS.md) of a results file.
     Report {
         /// A results file written by `rama-bench run`.
@@ -119,6 +128,16 @@ fn wordcount_plan(quick: bool) -> wordcount::Plan {
             .unwrap_or(1024),
         latency_seconds: if quick { 1.0 } else { 10.0 },
     }
+}
+
+fn failover_only(quick: bool, dir: Option<&Path>) -> BenchResult<()> {
+    let parent = dir.map_or_else(|| PathBuf::from("target/rama-bench-data"), Path::to_path_buf);
+    let data = parent.join(format!("failover-{}", std::process::id()));
+    std::fs::create_dir_all(&data)?;
+    let outcome = rama_bench::failover::run(&wordcount_plan(quick), &data, quick);
+    let _ = std::fs::remove_dir_all(&data);
+    println!("{}", serde_json::to_string_pretty(&outcome?)?);
+    Ok(())
 }
 
 fn remote_only(quick: bool, dir: Option<&Path>) -> BenchResult<()> {
@@ -266,6 +285,14 @@ fn run_all(args: &StorageArgs, data: &Path, started: Instant, started_unix: u64)
     let (writers, per_writer) = replication_plan(args.quick);
     let replication = rama_bench::replication::run(data, writers, per_writer)?;
     eprintln!("  rf3 {:.2}x of the store alone", replication.ratio());
+    eprintln!("12. Replication through a real cluster: WordCount RF 1 and RF 3 (rama dev), failovers");
+    let replicated_cluster = rama_bench::failover::run(&wordcount_plan(args.quick), data, args.quick)?;
+    eprintln!(
+        "  rf3 {:.2}x of rf1; failover p50 {:.2} s, max {:.2} s",
+        replicated_cluster.ratio(),
+        replicated_cluster.failovers.p50_seconds,
+        replicated_cluster.failovers.max_seconds
+    );
     machine.load_end = machine::load_average();
 
     Ok(Results {
@@ -284,6 +311,7 @@ fn run_all(args: &StorageArgs, data: &Path, started: Instant, started_unix: u64)
         tcp: Some(tcp),
         harness: Some(harness),
         replication: Some(replication),
+        replicated_cluster: Some(replicated_cluster),
     })
 }
 
@@ -323,6 +351,7 @@ fn main() -> ExitCode {
         Command::Wordcount { quick, dir } => wordcount_only(*quick, dir.as_deref()),
         Command::Remote { quick, dir } => remote_only(*quick, dir.as_deref()),
         Command::Replication { quick, dir } => replication_only(*quick, dir.as_deref()),
+        Command::Failover { quick, dir } => failover_only(*quick, dir.as_deref()),
         Command::Report { results } => report(results),
     };
     match outcome {

@@ -150,7 +150,7 @@ fn launch_bank(config: &Path) -> BenchResult<()> {
 
 /// A child process stopped by its process id when dropped: `signal`, then
 /// SIGKILL after a grace period.
-struct Stopped {
+pub(crate) struct Stopped {
     child: Child,
     signal: i32,
 }
@@ -161,7 +161,7 @@ impl Drop for Stopped {
     }
 }
 
-fn beside_me(name: &str) -> BenchResult<PathBuf> {
+pub(crate) fn beside_me(name: &str) -> BenchResult<PathBuf> {
     let path = std::env::current_exe()?.with_file_name(name);
     ensure(path.is_file(), || {
         format!(
@@ -172,9 +172,10 @@ fn beside_me(name: &str) -> BenchResult<PathBuf> {
     Ok(path)
 }
 
-/// `rama dev` under `dir` with WordCountModule on `tasks`/`threads`; returns
-/// once it is running, with the path of its rama.yaml.
-fn start_cluster(dir: &Path, plan: &wordcount::Plan) -> BenchResult<(Stopped, PathBuf)> {
+/// `rama dev` under `dir` with WordCountModule on `tasks`/`threads` (and
+/// `extra` arguments of `rama dev`); returns once it is running, with the
+/// path of its rama.yaml.
+pub(crate) fn start_cluster(dir: &Path, plan: &wordcount::Plan, extra: &[&str]) -> BenchResult<(Stopped, PathBuf)> {
     std::fs::create_dir_all(dir)?;
     let dir = &dir.canonicalize()?;
     let mut command = Command::new(beside_me("rama")?);
@@ -191,6 +192,7 @@ fn start_cluster(dir: &Path, plan: &wordcount::Plan) -> BenchResult<(Stopped, Pa
             "--threads",
             &plan.threads.to_string(),
         ])
+        .args(extra)
         .args(
             std::env::var("RAMA_BENCH_OVERRIDES")
                 .map(|p| vec!["--configOverrides".to_string(), p])
@@ -340,7 +342,7 @@ pub fn redis_gets(dir: &Path, connections: usize, ops: u64, keys: usize) -> Benc
 pub fn run(plan: &wordcount::Plan, data: &Path, quick: bool) -> BenchResult<Remote> {
     let dir = data.join("remote");
     let outcome = (|| -> BenchResult<Remote> {
-        let (cluster, config) = start_cluster(&dir, plan)?;
+        let (cluster, config) = start_cluster(&dir, plan, &[])?;
         let manager = ClusterManager::open_with(Some(&config), &[], Side::External)?;
         let target = wordcount::Target::of(&manager)?;
         eprintln!("  WordCount through the remote client");

@@ -130,6 +130,16 @@ pub fn targets(r: &Results) -> Vec<Target> {
         measured: x.ratio(),
         goal: Goal::RatioAtLeast(0.6),
     }))
+    .chain(r.replicated_cluster.iter().map(|x| Target {
+        name: "WordCount through a cluster: RF 3 word increments/s vs RF 1",
+        measured: x.ratio(),
+        goal: Goal::RatioAtLeast(0.6),
+    }))
+    .chain(r.replicated_cluster.iter().map(|x| Target {
+        name: "failover: kill -9 of a leader to the first acknowledged append to its task group, max",
+        measured: x.failovers.max_seconds * 1e6,
+        goal: Goal::MicrosAtMost(3_000_000.0),
+    }))
     .chain(r.harness.iter().map(|h| Target {
         name: "appends (`rama bench --sweep`): highest rate with p99 within 10 ms over the closed-loop maximum",
         measured: h.sweep.max_sustainable_per_sec / h.sweep.closed_loop_max_per_sec.max(1.0),
@@ -790,7 +800,50 @@ pub fn markdown(r: &Results) -> String {
     tcp_section(&mut out, r);
     harness_section(&mut out, r);
     replication_section(&mut out, r);
+    replicated_cluster_section(&mut out, r);
     out
+}
+
+fn replicated_cluster_section(out: &mut String, r: &Results) {
+    let Some(x) = &r.replicated_cluster else {
+        return;
+    };
+    let _ = writeln!(
+        out,
+        "## 12. Replication through a cluster: WordCount with RF 3 against RF 1, failover\n\n\
+         {}. The plan of section 6 (`Ack` appends, {} client threads with {} in flight each, then an open loop at \
+         half the maximum), every count checked against the reference. `rama-bench failover` runs it alone.\n\n\
+         | run | word increments/s | sentences/s | Ack p50 at 50% | Ack p99 at 50% | vs RF 1 |\n\
+         |---|---:|---:|---:|---:|---:|",
+        x.setup, x.rf1.clients, x.rf1.window
+    );
+    for (name, w) in [("RF 1", &x.rf1), ("RF 3, min-ISR 2", &x.rf3)] {
+        let _ = writeln!(
+            out,
+            "| {name} | {} | {} | {} | {} | {} |",
+            int(w.max.ops_per_sec),
+            int(w.max_sentences_per_sec),
+            micros(w.latency.p50_us),
+            micros(w.latency.p99_us),
+            ratio(w.max.ops_per_sec / x.rf1.max.ops_per_sec)
+        );
+    }
+    let f = &x.failovers;
+    let _ = writeln!(
+        out,
+        "\nFailover: {}. Over {} kills: p50 {:.2} s, max {:.2} s (each: {}); {} appends failed meanwhile \
+         (reported to the client, not retried).\n",
+        f.setup,
+        f.seconds.len(),
+        f.p50_seconds,
+        f.max_seconds,
+        f.seconds
+            .iter()
+            .map(|s| format!("{s:.2} s"))
+            .collect::<Vec<_>>()
+            .join(", "),
+        f.failed_appends
+    );
 }
 
 fn replication_section(out: &mut String, r: &Results) {

@@ -56,6 +56,10 @@ pub struct Results {
     /// Replicated store writes in one process (absent in older runs).
     #[serde(default)]
     pub replication: Option<crate::replication::ReplicatedWrites>,
+    /// WordCount with RF 1 and RF 3 through a real cluster, and failover
+    /// times (absent in older runs).
+    #[serde(default)]
+    pub replicated_cluster: Option<crate::failover::ReplicatedCluster>,
 }
 
 /// `ops` operations moving `bytes` payload bytes in `seconds`.
