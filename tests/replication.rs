@@ -30,6 +30,19 @@ fn words(i: u64) -> String {
         .join(" ")
 }
 
+/// Whether every word's count is at least what the acknowledged
+/// sentences add up to, and at most that plus the words of the sentences
+/// whose appends failed (their outcome is unknown).
+fn counted(expected: &BTreeMap<String, i64>, unknown: &[u64], count_of: impl Fn(&str) -> Option<i64>) -> bool {
+    expected.iter().all(|(w, c)| {
+        let extra = unknown
+            .iter()
+            .map(|&u| words(u).split(' ').filter(|x| x == w).count() as i64)
+            .sum::<i64>();
+        count_of(w).is_some_and(|n| n >= *c && n <= c + extra)
+    })
+}
+
 /// The group node of task group `tg`.
 fn group(meta: &dyn control::metastore::Metastore, tg: u32) -> Option<GroupNode> {
     Layout::new(meta).group(MODULE, 0, tg).ok()?.map(|(node, _)| node)
@@ -250,13 +263,7 @@ fn a_killed_leader_is_replaced_and_nothing_acknowledged_is_lost() {
     // Every acknowledged sentence is counted; failed ones may add at most
     // their own words.
     eventually("every acknowledged sentence counted", || {
-        expected.iter().all(|(w, c)| {
-            let extra = unknown
-                .iter()
-                .map(|&u| words(u).split(' ').filter(|x| x == w).count() as i64)
-                .sum::<i64>();
-            count_of(w).is_some_and(|n| n >= *c && n <= c + extra)
-        })
+        counted(&expected, &unknown, |w| count_of(w))
     });
     // The killed replica is restarted by its Supervisor and returns to the
     // ISR of every group.
@@ -310,15 +317,9 @@ fn a_killed_leader_is_replaced_and_nothing_acknowledged_is_lost() {
     });
     let counts2 = manager2.pstate(MODULE, "$$wordCounts").unwrap();
     eventually("every acknowledged sentence counted after the pause", || {
-        expected.iter().all(|(w, c)| {
-            let extra = unknown
-                .iter()
-                .map(|&u| words(u).split(' ').filter(|x| x == w).count() as i64)
-                .sum::<i64>();
-            match counts2.select_one(&[Nav::key(w.as_str())]) {
-                Ok(Value::Int(n)) => n >= *c && n <= c + extra,
-                _ => false,
-            }
+        counted(&expected, &unknown, |w| match counts2.select_one(&[Nav::key(w)]) {
+            Ok(Value::Int(n)) => Some(n),
+            _ => None,
         })
     });
     // Wipe a follower's data directory (paused, wiped, killed: its
@@ -353,15 +354,9 @@ fn a_killed_leader_is_replaced_and_nothing_acknowledged_is_lost() {
         })
     });
     eventually("the counts unchanged after the wipe", || {
-        expected.iter().all(|(w, c)| {
-            let extra = unknown
-                .iter()
-                .map(|&u| words(u).split(' ').filter(|x| x == w).count() as i64)
-                .sum::<i64>();
-            match counts2.select_one(&[Nav::key(w.as_str())]) {
-                Ok(Value::Int(n)) => n >= *c && n <= c + extra,
-                _ => false,
-            }
+        counted(&expected, &unknown, |w| match counts2.select_one(&[Nav::key(w)]) {
+            Ok(Value::Int(n)) => Some(n),
+            _ => None,
         })
     });
     let groups = text(&conductor.rama(&["taskGroupsStatus", MODULE]));

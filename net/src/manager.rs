@@ -50,6 +50,10 @@ pub enum Target {
 
 /// Connects to the metastore `config` names.
 pub fn connect_metastore(config: &Config, side: Side) -> Result<ZkMetastore> {
+    connect_metastore_with(config, side, std::time::Duration::from_secs(10))
+}
+
+fn connect_metastore_with(config: &Config, side: Side, session: std::time::Duration) -> Result<ZkMetastore> {
     let hosts = config
         .hosts("zookeeper.servers", side)
         .map_err(|e| Error::Schema(e.to_string()))?;
@@ -60,7 +64,8 @@ pub fn connect_metastore(config: &Config, side: Side) -> Result<ZkMetastore> {
         .string("zookeeper.root")
         .map_err(|e| Error::Schema(e.to_string()))?;
     let wait = config.connect_timeout().map_err(|e| Error::Schema(e.to_string()))?;
-    ZkMetastore::connect(&hosts, port, &root, &metastore_credentials(&load_secret(config)?), wait).map_err(meta_error)
+    let credentials = metastore_credentials(&load_secret(config)?);
+    ZkMetastore::connect_with_session(&hosts, port, &root, &credentials, wait, session).map_err(meta_error)
 }
 
 /// A metastore session for the replicas of a worker's task groups: its
@@ -68,29 +73,10 @@ pub fn connect_metastore(config: &Config, side: Side) -> Result<ZkMetastore> {
 /// it stops leading after two thirds of it, and a dead leader's session
 /// expires after it: the larger part of a failover).
 pub fn connect_replication_metastore(config: &Config) -> Result<ZkMetastore> {
-    let side = control::config::Side::Internal;
-    let hosts = config
-        .hosts("zookeeper.servers", side)
-        .map_err(|e| Error::Schema(e.to_string()))?;
-    let port = config
-        .port("zookeeper.port")
-        .map_err(|e| Error::Schema(e.to_string()))?;
-    let root = config
-        .string("zookeeper.root")
-        .map_err(|e| Error::Schema(e.to_string()))?;
-    let wait = config.connect_timeout().map_err(|e| Error::Schema(e.to_string()))?;
     let session = config
         .count("replication.session.timeout.millis")
         .map_err(|e| Error::Schema(e.to_string()))?;
-    ZkMetastore::connect_with_session(
-        &hosts,
-        port,
-        &root,
-        &metastore_credentials(&load_secret(config)?),
-        wait,
-        std::time::Duration::from_millis(session),
-    )
-    .map_err(meta_error)
+    connect_metastore_with(config, Side::Internal, std::time::Duration::from_millis(session))
 }
 
 /// The cluster's metastore credentials: user `rama`, a password derived
