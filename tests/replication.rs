@@ -137,18 +137,23 @@ impl Cluster {
     fn leader_pid(&self, meta: &dyn control::metastore::Metastore, module: &str, tg: u32) -> (u32, u32, u32) {
         let (node, _) = Layout::new(meta).group(module, 0, tg).unwrap().unwrap();
         let leader = node.leader.expect("a leader").replica;
-        let process = node.replicas[leader as usize].worker;
-        let (registration, _) = Layout::new(meta)
-            .read::<control::layout::WorkerRegistration>(&control::layout::worker(module, 0, process))
-            .unwrap()
-            .expect("the leader's registration");
-        let host = registration.address.split(':').next().unwrap().to_string();
-        let i = (1..=3)
-            .position(|i| host == format!("127.0.0.{i}"))
-            .expect("the leader's node");
+        let i = node_of(meta, module, node.replicas[leader as usize].worker);
         let pid = worker_pid_of(&self.nodes[i], module).expect("the leader's pid");
         (pid, leader, node.epoch)
     }
+}
+
+/// Which of the three nodes (0-2: 127.0.0.1-3) runs worker process
+/// `process` of `module`, by the address it registered.
+fn node_of(meta: &dyn control::metastore::Metastore, module: &str, process: u32) -> usize {
+    let (registration, _) = Layout::new(meta)
+        .read::<control::layout::WorkerRegistration>(&control::layout::worker(module, 0, process))
+        .unwrap()
+        .expect("the process's registration");
+    let host = registration.address.split(':').next().unwrap().to_string();
+    (1..=3)
+        .position(|i| host == format!("127.0.0.{i}"))
+        .expect("a node of the cluster")
 }
 
 /// The pid of `module`'s worker on `node` (its Supervisor's pid file).
@@ -329,13 +334,7 @@ fn a_killed_leader_is_replaced_and_nothing_acknowledged_is_lost() {
     let (node, _) = Layout::new(&meta).group(MODULE, 0, 0).unwrap().unwrap();
     let leader = node.leader.unwrap().replica;
     let follower = (0..3).find(|r| *r != leader).unwrap();
-    let process = node.replicas[follower as usize].worker;
-    let (registration, _) = Layout::new(&meta)
-        .read::<control::layout::WorkerRegistration>(&control::layout::worker(MODULE, 0, process))
-        .unwrap()
-        .unwrap();
-    let host = registration.address.split(':').next().unwrap().to_string();
-    let at = (1..=3).position(|i| host == format!("127.0.0.{i}")).unwrap();
+    let at = node_of(&meta, MODULE, node.replicas[follower as usize].worker);
     let wiped = worker_pid_of(&nodes[at], MODULE).unwrap();
     let data = nodes[at].dir.join("data/supervisor/data").join(MODULE);
     // SAFETY: signals a worker this test's cluster started.
